@@ -1,0 +1,47 @@
+"""One error tree for the whole project.
+
+Every error's ``str()`` is the single line a user sees: it names the step and the
+object, key or path involved. The CLI prints it and exits non-zero; it never shows a
+traceback for a TenantSyncError.
+"""
+
+
+class TenantSyncError(Exception):
+    """Base of every error tenantsync raises on purpose."""
+
+
+class LTXError(TenantSyncError):
+    """An LTX file is malformed: bad header, frame, index or trailer."""
+
+
+class ChecksumMismatch(LTXError):
+    """An LTX file's stored checksum does not match its content."""
+
+
+class WALError(TenantSyncError):
+    """A SQLite WAL file cannot be parsed (bad magic, header checksum, page size)."""
+
+
+class DatabaseError(TenantSyncError):
+    """A local database cannot be replicated: not SQLite, not WAL-capable, unreadable."""
+
+
+class StorageError(TenantSyncError):
+    """Object storage failed; the message names the backend and the key."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist. Every backend maps its own not-found to this."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the key exists (write-if-absent) or its etag changed
+    or it is missing (write-if-match). The caller re-reads and decides; never retried blindly."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend could not be reached or answered with a transient error; safe to retry."""
+
+
+class RestoreError(TenantSyncError):
+    """A restore cannot produce a verified database (no files, gap in TXIDs, target outside)."""
