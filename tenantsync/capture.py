@@ -1,0 +1,498 @@
+"""Capture: turn a live SQLite database's committed WAL frames into L0 LTX files.
+
+One call, :meth:`Capture.sync_once`, does a whole pass over persisted state: read the
+WAL past the position, keep only committed transactions, write one L0 file at the next
+TXID, advance the position. Nothing runs between calls, so a few workers can serve
+thousands of databases; the CLI loop and the fleet jobs both just call it.
+
+Why a read transaction is held between passes (the one resource an *active* database
+costs): while any connection of ours holds a read mark, SQLite cannot copy WAL frames past
+that mark into the main file, so nobody can checkpoint and reset the WAL under frames we
+have not read yet. The mark is only moved inside :meth:`checkpoint`, under a write-lock
+barrier, after every committed frame has been shipped. :meth:`release` (idle databases)
+checkpoints everything, records the main file's stat, and closes all handles; the next
+pass proves continuity from that stat instead of from a held lock (see ``position.py``).
+When continuity cannot be proved (the WAL was reset, truncated or replaced by someone
+else, the file was swapped), the pass writes a full-page L0 at the next TXID, never a gap.
+
+Nothing is added to the user's schema: the barrier is ``BEGIN IMMEDIATE`` on our own
+connection, not a write to a helper table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import struct
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Callable
+
+from . import wal as walmod
+from .errors import DatabaseError, PreconditionFailed, TenantSyncError
+from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, encode_file, lock_pgno
+from .position import DBStat, Position
+from .replica import Replica
+
+log = logging.getLogger(__name__)
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# Litestream's defaults: PASSIVE past 1000 WAL pages, TRUNCATE past 121359.
+DEFAULT_CHECKPOINT_PAGES = 1000
+DEFAULT_TRUNCATE_PAGES = 121359
+# Full-page files above this size spill from memory to a temporary file.
+SPOOL_BYTES = 64 << 20
+READ_CHUNK = 4 << 20
+
+
+class ReplicaConflict(TenantSyncError):
+    """Another writer created the TXID we were about to write; our position is stale."""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one pass shipped. ``txid`` is None when there was nothing new."""
+
+    txid: int | None
+    pages: int = 0
+    size: int = 0
+    full_reason: str | None = None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _connect(path: str, timeout: float) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout, check_same_thread=False)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    return conn
+
+
+class Capture:
+    """Replication state of one database file, advanced one pass at a time."""
+
+    def __init__(
+        self,
+        db_path: str,
+        replica: Replica,
+        *,
+        position: Position | None = None,
+        checkpoint_pages: int = DEFAULT_CHECKPOINT_PAGES,
+        truncate_pages: int = DEFAULT_TRUNCATE_PAGES,
+        busy_timeout: float = 5.0,
+        on_position: Callable[[Position], None] | None = None,
+    ):
+        self.path = os.path.abspath(db_path)
+        self.wal_path = self.path + "-wal"
+        self.replica = replica
+        self.position = position
+        self.on_position = on_position
+        # A position handed in (state file, catalogue) is checked against the replica once.
+        self._position_known = False
+        self.checkpoint_pages = checkpoint_pages
+        self.truncate_pages = truncate_pages
+        self.busy_timeout = busy_timeout
+        self._fd: int | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reading = False
+        self._replaced = False
+        # True while our read mark has been held without a gap since ``position`` was set.
+        self._held_since_position = False
+
+    # -- public passes -------------------------------------------------------
+
+    def sync_once(self) -> SyncResult:
+        """Ship every transaction committed since the position as one L0 file."""
+        if not self._open():
+            return SyncResult(None)
+        result = self._ship()
+        frames = self._wal_frames()
+        if frames >= self.truncate_pages:
+            result = self._merge(result, self.checkpoint(truncate=True))
+        elif frames >= self.checkpoint_pages:
+            result = self._merge(result, self.checkpoint())
+        return result
+
+    def checkpoint(self, truncate: bool = False) -> SyncResult:
+        """Copy the WAL into the main file without ever losing an unshipped frame.
+
+        Under ``BEGIN IMMEDIATE`` no commit can happen: ship the tail, drop our read
+        mark, checkpoint everything, take the mark again, then let writers go. If the
+        application holds the write lock we skip this round rather than wait.
+        """
+        if not self._open():
+            return SyncResult(None)
+        writer = self._writer_conn()
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            log.debug("%s: checkpoint skipped, write lock busy: %s", self.path, e)
+            return SyncResult(None)
+        try:
+            result = self._ship()
+            self._end_read()
+            self._passive_checkpoint()
+            if not truncate:
+                self._begin_read()
+        finally:
+            writer.execute("ROLLBACK")
+        if truncate:
+            # A commit slipping in between ROLLBACK and the truncate is copied into the
+            # main file by it, which changes the file's stat: the next pass sees that and
+            # ships a full-page file instead of missing the commit.
+            self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self._begin_read()
+        return result
+
+    def release(self) -> SyncResult:
+        """Ship everything, checkpoint it, and close every handle (the tenant went idle)."""
+        if not self._open():
+            return SyncResult(None)
+        result = self.checkpoint()
+        self.close()
+        return result
+
+    def close(self) -> None:
+        """Drop connections and the file handle; the position stays valid."""
+        self._reading = False
+        self._held_since_position = False
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.close()
+        self._reader = self._writer = None
+        if self._fd is not None:
+            # Closed only after the SQLite connections: closing any descriptor of the file
+            # drops this process's POSIX locks on it, including SQLite's.
+            os.close(self._fd)
+            self._fd = None
+
+    # -- opening and locks ---------------------------------------------------
+
+    def _open(self) -> bool:
+        """Open handles and the read mark; False if the file is empty (nothing yet)."""
+        if self._fd is not None and self._same_file():
+            if not self._reading:
+                self._begin_read()
+            return True
+        if self._fd is not None:
+            log.info("%s: database file was replaced; reopening", self.path)
+            self.close()
+            self._replaced = True
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise DatabaseError(f"{self.path}: cannot open database: {e.strerror}") from e
+        head = os.pread(fd, 100, 0)
+        if not head:
+            os.close(fd)
+            return False
+        if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+            os.close(fd)
+            raise DatabaseError(f"{self.path}: not a SQLite database")
+        self._fd = fd
+        try:
+            self._reader = _connect(self.path, self.busy_timeout)
+            mode = self._reader.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.Error as e:
+            self.close()
+            raise DatabaseError(f"{self.path}: cannot open database: {e}") from e
+        if mode.lower() != "wal":
+            self.close()
+            raise DatabaseError(f"{self.path}: cannot switch to WAL mode (journal_mode is {mode})")
+        self._begin_read()
+        return True
+
+    def _same_file(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            raise DatabaseError(f"{self.path}: database file disappeared") from None
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        if self._writer is None:
+            self._writer = _connect(self.path, 0.05)
+        return self._writer
+
+    def _begin_read(self) -> None:
+        self._reader.execute("BEGIN")
+        self._reader.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._reading = True
+
+    def _end_read(self) -> None:
+        if self._reading:
+            self._reader.execute("COMMIT")
+        self._reading = False
+        self._held_since_position = False
+
+    def _passive_checkpoint(self) -> None:
+        busy, frames, copied = self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        pos = self.position
+        if pos is None:
+            return
+        frame_size = walmod.FRAME_HEADER_SIZE + pos.page_size
+        at_end = pos.wal_offset in (0, walmod.WAL_HEADER_SIZE + frames * frame_size)
+        if busy == 0 and frames == copied and at_end:
+            self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.of(self.path)))
+            self._held_since_position = True
+
+    # -- the pass -------------------------------------------------------------
+
+    def _resolve_position(self) -> Position | None:
+        """Our position, checked once against the replica, else rebuilt from it."""
+        if self._position_known:
+            return self.position
+        if self.position is None or self.replica.max_txid() != self.position.txid:
+            self.position = position_from_replica(self.replica)
+        self._position_known = True
+        self._held_since_position = False
+        return self.position
+
+    def _set_position(self, position: Position) -> None:
+        self.position = position
+        if self.on_position is not None:
+            self.on_position(position)
+
+    def _ship(self) -> SyncResult:
+        pos = self._resolve_position()
+        header, wal_size = self._wal_header()
+        if pos is None:
+            return self._ship_full(None, header, wal_size, "new replica")
+        if self._replaced:
+            self._replaced = False
+            return self._ship_full(pos, header, wal_size, "database file replaced")
+        cont = self._continuation(pos, header, wal_size)
+        if isinstance(cont, str):
+            return self._ship_full(pos, header, wal_size, cont)
+        if cont is None:
+            return SyncResult(None)
+        start, checksum = cont
+        return self._ship_incremental(pos, header, wal_size, start, checksum)
+
+    def _wal_header(self) -> tuple[walmod.WALHeader | None, int]:
+        try:
+            with open(self.wal_path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(walmod.WAL_HEADER_SIZE)
+        except FileNotFoundError:
+            return None, 0
+        if size < walmod.WAL_HEADER_SIZE:
+            return None, 0
+        return walmod.WALHeader.parse(head, name=self.wal_path), size
+
+    def _read_wal(self, start: int, end: int) -> bytes:
+        with open(self.wal_path, "rb") as f:
+            return os.pread(f.fileno(), end - start, start)
+
+    def _continuation(self, pos: Position, header, wal_size: int):
+        """Where incremental capture may resume, None if nothing can be new, or why not."""
+        if pos.wal_offset == 0 and not pos.backfilled:
+            return "position not from a WAL (replica compacted or written elsewhere)"
+        if header is None:
+            if self._backfill_still_holds(pos):
+                return None
+            return "WAL truncated by another process"
+        if header.page_size != pos.page_size:
+            return f"page size changed from {pos.page_size} to {header.page_size}"
+        if (header.salt1, header.salt2) != (pos.salt1, pos.salt2):
+            if self._backfill_still_holds(pos):
+                return walmod.WAL_HEADER_SIZE, (header.checksum1, header.checksum2)
+            return "WAL restarted by another process"
+        if wal_size < pos.wal_offset:
+            return "WAL shorter than the position (truncated or replaced)"
+        checksum = self._checksum_at(pos, header)
+        if checksum is None:
+            return "WAL frames at the position do not match the last shipped file"
+        return pos.wal_offset, checksum
+
+    def _backfill_still_holds(self, pos: Position) -> bool:
+        """True if every frame up to the position is in the main file and nothing since was."""
+        if not pos.backfilled:
+            return False
+        return self._held_since_position or DBStat.of(self.path) == pos.db_stat
+
+    def _checksum_at(self, pos: Position, header) -> tuple[int, int] | None:
+        """The cumulative checksum at the position, proving the WAL is the one we read."""
+        head_sum = (header.checksum1, header.checksum2)
+        if pos.wal_offset == walmod.WAL_HEADER_SIZE:
+            return head_sum
+        frame_size = walmod.FRAME_HEADER_SIZE + pos.page_size
+        if pos.checksum is not None:
+            frame = self._read_wal(pos.wal_offset - frame_size, pos.wal_offset - frame_size + 24)
+            salt1, salt2, sum1, sum2 = struct.unpack(">4I", frame[8:24])
+            if (salt1, salt2) == (pos.salt1, pos.salt2) and (sum1, sum2) == pos.checksum:
+                return pos.checksum
+            return None
+
+        data = self._read_wal(walmod.WAL_HEADER_SIZE, pos.wal_offset)
+        scan = walmod.scan(data, header, walmod.WAL_HEADER_SIZE, head_sum)
+        return scan.checksum if scan.end_offset == pos.wal_offset else None
+
+    def _ship_incremental(self, pos, header, wal_size, start, checksum) -> SyncResult:
+        data = self._read_wal(start, wal_size) if wal_size > start else b""
+        scan = walmod.scan(data, header, start, checksum)
+        if scan.end_offset == start:
+            if pos.checksum is None and start == pos.wal_offset:
+                self._set_position(pos.advanced(checksum=checksum))
+            return SyncResult(None)
+        lock = lock_pgno(pos.page_size)
+        pages = [(p, scan.pages[p]) for p in sorted(scan.pages) if p <= scan.commit and p != lock]
+        hdr = Header(
+            flags=HEADER_FLAG_NO_CHECKSUM,
+            page_size=header.page_size,
+            commit=scan.commit,
+            min_txid=pos.txid + 1,
+            max_txid=pos.txid + 1,
+            timestamp=_now_ms(),
+            wal_offset=start,
+            wal_size=scan.end_offset - start,
+            wal_salt1=header.salt1,
+            wal_salt2=header.salt2,
+        )
+        blob = encode_file(hdr, pages)
+        self._upload(hdr, blob, len(blob))
+        self._set_position(Position(
+            txid=hdr.max_txid,
+            page_size=hdr.page_size,
+            commit=hdr.commit,
+            salt1=header.salt1,
+            salt2=header.salt2,
+            wal_offset=scan.end_offset,
+            checksum=scan.checksum,
+        ))
+        self._held_since_position = self._reading
+        return SyncResult(hdr.max_txid, len(pages), len(blob))
+
+    def _ship_full(self, pos, header, wal_size, reason) -> SyncResult:
+        """Write every page of the current database state at the next TXID."""
+        log.info("%s: writing full-page L0 (%s)", self.path, reason)
+        scan = None
+        if header is not None:
+            data = self._read_wal(walmod.WAL_HEADER_SIZE, wal_size)
+            scan = walmod.scan(data, header, walmod.WAL_HEADER_SIZE, (header.checksum1, header.checksum2))
+        page_size = header.page_size if header else self._reader.execute("PRAGMA page_size").fetchone()[0]
+        if pos is not None and pos.page_size != page_size:
+            raise DatabaseError(
+                f"{self.path}: page size changed from {pos.page_size} to {page_size}; "
+                f"replicate it to a new replica path"
+            )
+        if scan is not None and scan.commit is not None:
+            commit = scan.commit
+        else:
+            commit = self._reader.execute("PRAGMA page_count").fetchone()[0]
+        wal_pages = scan.pages if scan is not None else {}
+        in_wal = scan is not None and scan.end_offset > walmod.WAL_HEADER_SIZE
+        txid = 1 if pos is None else pos.txid + 1
+        hdr = Header(
+            flags=HEADER_FLAG_NO_CHECKSUM,
+            page_size=page_size,
+            commit=commit,
+            min_txid=txid,
+            max_txid=txid,
+            timestamp=_now_ms(),
+            wal_offset=walmod.WAL_HEADER_SIZE if in_wal else 0,
+            wal_size=scan.end_offset - walmod.WAL_HEADER_SIZE if in_wal else 0,
+            wal_salt1=header.salt1 if in_wal else 0,
+            wal_salt2=header.salt2 if in_wal else 0,
+        )
+        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+            enc = Encoder(spool, hdr)
+            for pgno, page in self._all_pages(page_size, commit, wal_pages):
+                enc.add_page(pgno, page)
+            enc.close()
+            size = spool.tell()
+            spool.seek(0)
+            self._upload(hdr, spool, size)
+        if in_wal:
+            self._set_position(Position(
+                txid=txid,
+                page_size=page_size,
+                commit=commit,
+                salt1=header.salt1,
+                salt2=header.salt2,
+                wal_offset=scan.end_offset,
+                checksum=scan.checksum,
+            ))
+        else:
+            # Everything is in the main file, and our read mark stops anyone copying
+            # new frames into it: the stat taken now anchors the next pass.
+            self._set_position(Position(
+                txid=txid,
+                page_size=page_size,
+                commit=commit,
+                salt1=header.salt1 if header else 0,
+                salt2=header.salt2 if header else 0,
+                wal_offset=walmod.WAL_HEADER_SIZE,
+                backfilled=True,
+                db_stat=DBStat.of(self.path),
+            ))
+        self._held_since_position = self._reading
+        return SyncResult(txid, commit, size, reason)
+
+    def _all_pages(self, page_size: int, commit: int, wal_pages: dict):
+        """Pages 1..commit: the WAL's newest committed image, else the main file's.
+
+        Reading the main file while the application runs is safe: our read mark keeps
+        every frame newer than it out of the main file, and every older frame that could
+        be copied in is overlaid from the WAL anyway.
+        """
+        lock = lock_pgno(page_size)
+        per_chunk = max(1, READ_CHUNK // page_size)
+        for first in range(1, commit + 1, per_chunk):
+            last = min(commit, first + per_chunk - 1)
+            chunk = os.pread(self._fd, (last - first + 1) * page_size, (first - 1) * page_size)
+            view = memoryview(chunk)
+            for pgno in range(first, last + 1):
+                if pgno == lock:
+                    continue
+                page = wal_pages.get(pgno)
+                if page is None:
+                    off = (pgno - first) * page_size
+                    page = view[off : off + page_size]
+                    if len(page) != page_size:
+                        raise DatabaseError(f"{self.path}: page {pgno} is beyond the end of the file")
+                yield pgno, page
+
+    def _upload(self, hdr: Header, data, size: int) -> None:
+        try:
+            self.replica.write(0, hdr, data, size)
+        except PreconditionFailed as e:
+            self._position_known = False
+            raise ReplicaConflict(
+                f"{self.replica}: txid {hdr.max_txid:016x} already exists; another process "
+                f"is replicating this database"
+            ) from e
+
+    def _wal_frames(self) -> int:
+        pos = self.position
+        if pos is None or pos.wal_offset <= walmod.WAL_HEADER_SIZE or pos.backfilled:
+            return 0
+        return (pos.wal_offset - walmod.WAL_HEADER_SIZE) // (walmod.FRAME_HEADER_SIZE + pos.page_size)
+
+    @staticmethod
+    def _merge(first: SyncResult, second: SyncResult) -> SyncResult:
+        return second if second.txid is not None else first
+
+
+def position_from_replica(replica: Replica) -> Position | None:
+    """Rebuild the position from the newest L0 header (Litestream keeps it there too)."""
+    files = replica.all_files()
+    newest = max((f[-1] for f in files.values() if f), key=lambda i: i.max_txid, default=None)
+    if newest is None:
+        return None
+    hdr = replica.read_header(newest)
+    if newest.level != 0 or hdr.wal_offset == 0:
+        return Position(txid=hdr.max_txid, page_size=hdr.page_size, commit=hdr.commit)
+    return Position(
+        txid=hdr.max_txid,
+        page_size=hdr.page_size,
+        commit=hdr.commit,
+        salt1=hdr.wal_salt1,
+        salt2=hdr.wal_salt2,
+        wal_offset=hdr.wal_offset + hdr.wal_size,
+    )

@@ -1,0 +1,181 @@
+"""The ``tenantsync`` command line: thin wrappers over the core calls.
+
+Every TenantSyncError becomes one line on stderr and exit status 1; a traceback means
+a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from datetime import datetime, timezone
+
+import click
+
+from .errors import StorageUnavailable, TenantSyncError
+from .replica import Replica
+from .storage import open_storage
+
+log = logging.getLogger("tenantsync")
+
+
+def parse_txid(text: str) -> int:
+    """Accept decimal or the 16-hex-digit form Litestream prints."""
+    t = text.strip().lower()
+    try:
+        if t.startswith("0x"):
+            value = int(t, 16)
+        elif len(t) == 16:
+            value = int(t, 16)
+        else:
+            value = int(t, 10)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a TXID (decimal or 16 hex digits)") from None
+    if value < 1:
+        raise click.BadParameter("TXIDs start at 1")
+    return value
+
+
+def parse_timestamp(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an RFC 3339 timestamp") from None
+    if t.tzinfo is None:
+        raise click.BadParameter(f"{text!r} has no time zone (add Z or +00:00)")
+    return t.astimezone(timezone.utc)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Continuous replication of SQLite databases to object storage."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("db_path", type=click.Path(dir_okay=False))
+@click.option("--replica", "replica_url", required=True, help="file:///dir or s3://bucket/path?endpoint=…")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between passes when no WAL event arrives.")
+@click.option("--debounce", default=0.05, show_default=True, help="Seconds to gather WAL events into one pass.")
+def replicate(db_path: str, replica_url: str, interval: float, debounce: float) -> None:
+    """Replicate DB_PATH continuously until Ctrl-C or SIGTERM (then ship what is committed)."""
+    from .replicate import run
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run(db_path, Replica(open_storage(replica_url)), stop, interval=interval, debounce=debounce, report=_report)
+
+
+def _report(result) -> None:
+    full = f" full={result.full_reason!r}" if result.full_reason else ""
+    click.echo(f"shipped txid={result.txid:016x} pages={result.pages} bytes={result.size}{full}")
+    sys.stdout.flush()
+
+
+@cli.command()
+@click.option("--replica", "replica_url", required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--txid", type=str, default=None, help="Restore to this TXID (decimal or 16 hex digits).")
+@click.option("--timestamp", type=str, default=None, help="Restore to the last state before this RFC 3339 time.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def restore(replica_url: str, output: str, txid: str | None, timestamp: str | None, force: bool) -> None:
+    """Restore a database from a replica into OUTPUT."""
+    from .restore import restore as do_restore
+
+    if txid is not None and timestamp is not None:
+        raise click.UsageError("--txid and --timestamp are exclusive")
+    result = do_restore(
+        Replica(open_storage(replica_url)),
+        output,
+        txid=parse_txid(txid) if txid else None,
+        timestamp=parse_timestamp(timestamp) if timestamp else None,
+        force=force,
+    )
+    click.echo(f"restored {output} txid={result.txid:016x} files={result.files} pages={result.pages}")
+
+
+@cli.group()
+def ltx() -> None:
+    """Inspect LTX files and replicas."""
+
+
+@ltx.command("dump")
+@click.argument("source")
+def ltx_dump(source: str) -> None:
+    """Print an LTX file's header, pages and checksums (a path or an object URL)."""
+    from .ltx import Decoder
+
+    data, name = _read_source(source)
+    dec = Decoder(data, name=name)
+    h = dec.header
+    ts = datetime.fromtimestamp(h.timestamp / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+    click.echo(f"file:        {name} ({len(data)} bytes)")
+    click.echo(f"flags:       0x{h.flags:08x}{' (no checksum)' if h.no_checksum else ''}")
+    click.echo(f"page size:   {h.page_size}")
+    click.echo(f"commit:      {h.commit}")
+    click.echo(f"txid:        {h.min_txid:016x}-{h.max_txid:016x}{' (snapshot)' if h.is_snapshot else ''}")
+    click.echo(f"timestamp:   {ts}")
+    click.echo(f"wal:         offset={h.wal_offset} size={h.wal_size} salt={h.wal_salt1:08x}{h.wal_salt2:08x}")
+    click.echo(f"pre-apply:   {h.pre_apply_checksum:016x}")
+    count = 0
+    for pgno, _ in dec.pages():
+        count += 1
+        click.echo(f"page {pgno}")
+    trailer = dec.close()
+    click.echo(f"pages:       {count}")
+    click.echo(f"post-apply:  {trailer.post_apply_checksum:016x}")
+    click.echo(f"checksum:    {trailer.file_checksum:016x} (verified)")
+
+
+@ltx.command("ls")
+@click.option("--replica", "replica_url", required=True)
+def ltx_ls(replica_url: str) -> None:
+    """List a replica's LTX files per level with TXID ranges, sizes and times."""
+    replica = Replica(open_storage(replica_url))
+    click.echo(f"{'level':>5}  {'min_txid':16}  {'max_txid':16}  {'size':>10}  created")
+    for level, files in replica.all_files().items():
+        for f in files:
+            created = f.created_at.isoformat(timespec="milliseconds")
+            click.echo(f"{level:>5}  {f.min_txid:016x}  {f.max_txid:016x}  {f.size:>10}  {created}")
+
+
+def _read_source(source: str) -> tuple[bytes, str]:
+    if "://" not in source:
+        try:
+            with open(source, "rb") as f:
+                return f.read(), source
+        except OSError as e:
+            raise TenantSyncError(f"{source}: cannot read: {e.strerror}") from e
+    base, _, query = source.partition("?")
+    parent, _, key = base.rpartition("/")
+    storage = open_storage(parent + ("?" + query if query else ""))
+    return storage.read(key), source
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except StorageUnavailable as e:
+        click.echo(f"tenantsync: error: {e}", err=True)
+        sys.exit(3)
+    except TenantSyncError as e:
+        click.echo(f"tenantsync: error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        click.echo(f"tenantsync: error: {e.filename or ''}: {e.strerror}", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

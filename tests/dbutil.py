@@ -1,0 +1,34 @@
+"""Helpers for tests that drive real SQLite databases like an application would."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+
+
+def app_db(path, page_size: int = 4096) -> sqlite3.Connection:
+    """An application connection in WAL mode with SQLite's default autocheckpoint."""
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute(f"PRAGMA page_size={page_size}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB)")
+    return conn
+
+
+def write_rows(conn: sqlite3.Connection, n: int, size: int = 100) -> None:
+    """One transaction inserting ``n`` rows of ``size`` random bytes."""
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO t(v) VALUES (randomblob(?))", [(size,)] * n)
+    conn.execute("COMMIT")
+
+
+def dump(path: str) -> list:
+    """The logical content of a database: every table's rows in rowid order."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return [(t, conn.execute(f'SELECT * FROM "{t}" ORDER BY rowid').fetchall()) for t in tables]
+    finally:
+        conn.close()

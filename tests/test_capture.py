@@ -1,0 +1,184 @@
+"""Capture passes against real SQLite files and a real file:// replica."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+from tenantsync.capture import Capture
+from tenantsync.errors import DatabaseError
+from tenantsync.replica import Replica
+from tenantsync.restore import restore
+from tenantsync.storage import open_storage
+
+from .dbutil import app_db, dump, write_rows
+
+
+@pytest.fixture
+def replica(tmp_path):
+    return Replica(open_storage(f"file://{tmp_path}/replica"))
+
+
+def restored(replica, tmp_path, name="out.db", **target):
+    out = tmp_path / name
+    restore(replica, str(out), force=True, **target)
+    return dump(str(out))
+
+
+def test_first_pass_writes_a_snapshot_at_txid_1(tmp_path, replica):
+    conn = app_db(tmp_path / "a.db")
+    write_rows(conn, 50)
+    cap = Capture(str(tmp_path / "a.db"), replica)
+    result = cap.sync_once()
+    assert result.txid == 1 and result.full_reason == "new replica"
+    assert [f.name for f in replica.files(0)] == ["0000000000000001-0000000000000001.ltx"]
+    assert restored(replica, tmp_path) == dump(str(tmp_path / "a.db"))
+
+
+def test_each_pass_ships_only_new_commits_at_the_next_txid(tmp_path, replica):
+    conn = app_db(tmp_path / "a.db")
+    write_rows(conn, 10)
+    cap = Capture(str(tmp_path / "a.db"), replica)
+    cap.sync_once()
+    states = {1: dump(str(tmp_path / "a.db"))}
+    for txid in range(2, 6):
+        write_rows(conn, 3)
+        result = cap.sync_once()
+        assert result.txid == txid and result.full_reason is None
+        assert result.pages < 10
+        states[txid] = dump(str(tmp_path / "a.db"))
+    assert cap.sync_once().txid is None
+    for txid, expected in states.items():
+        assert restored(replica, tmp_path, txid=txid) == expected
+
+
+def test_own_checkpoints_never_force_a_full_page_file(tmp_path, replica):
+    conn = app_db(tmp_path / "a.db")
+    cap = Capture(str(tmp_path / "a.db"), replica, checkpoint_pages=20, truncate_pages=60)
+    cap.sync_once()
+    for _ in range(40):
+        write_rows(conn, 20, size=900)
+        result = cap.sync_once()
+        assert result.full_reason is None
+    assert os.path.getsize(str(tmp_path / "a.db") + "-wal") < 70 * 4200
+    assert restored(replica, tmp_path) == dump(str(tmp_path / "a.db"))
+
+
+def test_release_then_resume_continues_without_a_full_upload(tmp_path, replica):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 30)
+    saved = []
+    cap = Capture(db, replica, on_position=saved.append)
+    cap.sync_once()
+    cap.release()
+    write_rows(conn, 5)
+    again = Capture(db, replica, position=saved[-1])
+    result = again.sync_once()
+    assert result.txid == 2 and result.full_reason is None
+    assert restored(replica, tmp_path) == dump(db)
+
+
+def test_restart_after_kill_resumes_from_the_replica_position(tmp_path, replica):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 30)
+    Capture(db, replica).sync_once()  # never closed: as if the process died
+    write_rows(conn, 5)
+    result = Capture(db, replica).sync_once()
+    assert result.txid == 2 and result.full_reason is None
+    assert restored(replica, tmp_path) == dump(db)
+
+
+def test_wal_reset_by_the_application_writes_a_full_page_file(tmp_path, replica):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 30)
+    cap = Capture(db, replica)
+    cap.sync_once()
+    cap.close()  # nobody holds a read mark now
+    write_rows(conn, 5)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # those 5 rows never reach our WAL reader
+    write_rows(conn, 5)
+    result = Capture(db, replica).sync_once()
+    assert result.txid == 2 and result.full_reason
+    assert restored(replica, tmp_path) == dump(db)
+
+
+def test_replaced_file_is_detected_and_written_in_full(tmp_path, replica):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 30)
+    cap = Capture(db, replica)
+    cap.sync_once()
+    conn.close()
+    other = app_db(tmp_path / "b.db")
+    write_rows(other, 7)
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    other.close()
+    os.remove(db + "-wal")  # what a careful operator swapping files does
+    os.replace(str(tmp_path / "b.db"), db)
+    result = cap.sync_once()
+    assert result.txid == 2 and result.full_reason
+    assert restored(replica, tmp_path) == dump(db)
+
+
+def test_replication_after_a_restore_continues_the_txid_sequence(tmp_path, replica):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 30)
+    cap = Capture(db, replica)
+    cap.sync_once()
+    write_rows(conn, 3)
+    cap.sync_once()
+    cap.close()
+    conn.close()
+    os.remove(db)
+    os.remove(db + "-wal") if os.path.exists(db + "-wal") else None
+    restore(replica, db)
+    conn = app_db(db)
+    write_rows(conn, 4)
+    result = Capture(db, replica).sync_once()
+    assert result.txid == 3
+    assert [f.max_txid for f in replica.files(0)] == [1, 2, 3]
+    assert restored(replica, tmp_path) == dump(db)
+
+
+def test_schema_is_left_untouched(tmp_path, replica):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 3)
+    Capture(db, replica).sync_once()
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert names == {"t"}
+
+
+def test_a_file_that_is_not_sqlite_is_refused_with_its_path(tmp_path, replica):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"hello, this is not a database" * 10)
+    with pytest.raises(DatabaseError, match="notes.db: not a SQLite database"):
+        Capture(str(path), replica).sync_once()
+    assert replica.files(0) == []
+
+
+def test_an_empty_file_is_not_an_error_and_ships_nothing(tmp_path, replica):
+    path = tmp_path / "new.db"
+    path.write_bytes(b"")
+    assert Capture(str(path), replica).sync_once().txid is None
+
+
+def test_shrinking_database_is_restored_at_its_new_size(tmp_path, replica):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 200, size=2000)
+    cap = Capture(db, replica)
+    cap.sync_once()
+    conn.execute("DELETE FROM t")
+    conn.execute("VACUUM")
+    cap.sync_once()
+    out = tmp_path / "out.db"
+    restore(replica, str(out))
+    assert os.path.getsize(out) == sqlite3.connect(db).execute("PRAGMA page_count").fetchone()[0] * 4096
+    assert dump(str(out)) == dump(db)
