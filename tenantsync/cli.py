@@ -99,6 +99,33 @@ def restore(replica_url: str, output: str, txid: str | None, timestamp: str | No
     click.echo(f"restored {output} txid={result.txid:016x} files={result.files} pages={result.pages}")
 
 
+@cli.command()
+@click.option("--replica", "replica_url", required=True)
+@click.option("--level", type=int, default=None, help="Only this level (1..3, or 9 for a snapshot).")
+@click.option("--force", is_flag=True, help="Compact now even if the level's interval has not elapsed.")
+def compact(replica_url: str, level: int | None, force: bool) -> None:
+    """Merge LTX files into the next level (and snapshot) once; storage only."""
+    from .compactor import Levels
+    from .compactor import compact as do_compact
+
+    levels = Levels()
+    replica = Replica(open_storage(replica_url))
+    for lvl in [level] if level is not None else [*sorted(levels.intervals), 9]:
+        info = do_compact(replica, lvl, levels, force=force or level is not None)
+        if info is not None:
+            click.echo(f"level {lvl}: wrote {info.name} ({info.size} bytes)")
+
+
+@cli.command()
+@click.option("--replica", "replica_url", required=True)
+def retain(replica_url: str) -> None:
+    """Delete files no restore inside the retention window needs; storage only."""
+    from .compactor import retain as do_retain
+
+    deleted = do_retain(Replica(open_storage(replica_url)))
+    click.echo(f"deleted {len(deleted)} files")
+
+
 @cli.group()
 def ltx() -> None:
     """Inspect LTX files and replicas."""
