@@ -45,3 +45,14 @@ class StorageUnavailable(StorageError):
 
 class RestoreError(TenantSyncError):
     """A restore cannot produce a verified database (no files, gap in TXIDs, target outside)."""
+
+
+class LeaseHeld(TenantSyncError):
+    """Another owner holds the replica's lease, or took it over from us: the message
+    names the replica, the holder and when its lease expires (also as attributes, for
+    scheduling the retry: ``owner`` a str, ``expires_at`` a UTC datetime; None when unknown)."""
+
+    def __init__(self, message: str, owner: str | None = None, expires_at=None):
+        super().__init__(message)
+        self.owner = owner
+        self.expires_at = expires_at
