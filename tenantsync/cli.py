@@ -7,6 +7,7 @@ a bug.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,9 +33,9 @@ def parse_txid(text: str) -> int:
         else:
             value = int(t, 10)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a TXID (decimal or 16 hex digits)") from None
+        raise click.BadParameter(f"{text!r} is not a TXID (decimal or 16 hex digits)", param_hint="'--txid'") from None
     if value < 1:
-        raise click.BadParameter("TXIDs start at 1")
+        raise click.BadParameter("TXIDs start at 1", param_hint="'--txid'")
     return value
 
 
@@ -42,9 +43,9 @@ def parse_timestamp(text: str) -> datetime:
     try:
         t = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not an RFC 3339 timestamp") from None
+        raise click.BadParameter(f"{text!r} is not an RFC 3339 timestamp", param_hint="'--timestamp'") from None
     if t.tzinfo is None:
-        raise click.BadParameter(f"{text!r} has no time zone (add Z or +00:00)")
+        raise click.BadParameter(f"{text!r} has no time zone (add Z or +00:00)", param_hint="'--timestamp'")
     return t.astimezone(timezone.utc)
 
 
@@ -97,6 +98,148 @@ def restore(replica_url: str, output: str, txid: str | None, timestamp: str | No
         force=force,
     )
     click.echo(f"restored {output} txid={result.txid:016x} files={result.files} pages={result.pages}")
+
+
+def fleet_options(f):
+    """Options shared by every command that works on the fleet."""
+    for opt in reversed([
+        click.option("--replica", "replica_url", default=None, help="Replica root URL; each tenant lives under NAME/."),
+        click.option("--config", "config_path", default=None,
+                     help="tenantsync.yml (default: $TENANTSYNC_CONFIG or ./tenantsync.yml)."),
+        click.option("--broker", default=None, help="redis://… to run jobs on Celery workers instead of in-process."),
+        click.option("--catalogue", default=None, help="SQLAlchemy URL of the catalogue (default: SQLite in ~/.local/state)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def load_config(config_path, replica_url=None, broker=None, catalogue=None, globs=(), need_replica=True):
+    from . import config as configmod
+
+    cfg = configmod.load(config_path).with_overrides(
+        replica=replica_url, broker=broker, catalogue=catalogue, globs=tuple(globs)
+    )
+    if need_replica and not cfg.replica:
+        raise click.UsageError("no replica: give --replica URL or 'replica:' in tenantsync.yml")
+    return cfg
+
+
+def _run_fleet(cfg, http=None) -> None:
+    if not cfg.globs:
+        raise click.UsageError("no databases to watch: give a GLOB or 'globs:' in tenantsync.yml")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def report(line: str) -> None:
+        click.echo(f"tenantsync: {line}", err=True)
+
+    if cfg.broker:
+        from scheduler.fleet_watch import run as run_celery  # imports Celery, only in this mode
+
+        run_celery(cfg, stop, report=report, http=http)
+    else:
+        from scheduler.embedded import run as run_embedded
+
+        run_embedded(cfg, stop, report=report, on_result=_report_job, http=http)
+
+
+@cli.command()
+@click.argument("globs", nargs=-1)
+@fleet_options
+def watch(globs, replica_url, config_path, broker, catalogue) -> None:
+    """Replicate every database matching GLOBS (e.g. '/data/*.db') until Ctrl-C or SIGTERM."""
+    _run_fleet(load_config(config_path, replica_url, broker, catalogue, globs))
+
+
+@cli.command()
+@click.argument("globs", nargs=-1)
+@fleet_options
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT of the HTTP API.")
+def serve(globs, replica_url, config_path, broker, catalogue, listen) -> None:
+    """Like watch, plus the HTTP API: POST /tenants/NAME/hydrate, GET /tenants/NAME, GET /healthz."""
+    host, _, port = listen.rpartition(":")
+    _run_fleet(load_config(config_path, replica_url, broker, catalogue, globs), http=(host or "127.0.0.1", int(port)))
+
+
+@cli.command()
+@fleet_options
+@click.option("--state", type=click.Choice(["active", "idle", "archiving", "archived", "hydrating", "error"]))
+@click.option("--json", "as_json", is_flag=True)
+def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None:
+    """List tenants: name, state, size, TXID, lag, last write, lease holder."""
+    import json as jsonmod
+
+    from .catalogue import Catalogue
+    from .server import tenant_json
+
+    cfg = load_config(config_path, replica_url, broker, catalogue, need_replica=False)
+    records = Catalogue(cfg.catalogue).list(state=state)
+    now = datetime.now(timezone.utc)
+    rows = []
+    for r in records:
+        size = sum(os.path.getsize(p) for p in (r.path, r.path + "-wal") if os.path.exists(p))
+        lag = (r.last_write_at - r.last_sync_at).total_seconds() if r.last_write_at and r.last_sync_at else None
+        rows.append(tenant_json(r, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
+                                idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None))
+    if as_json:
+        click.echo(jsonmod.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':30} {'state':9} {'size':>10} {'txid':16} {'lag':>6} {'last write':25} lease")
+    for row in rows:
+        lag = f"{row['lag_seconds']:.1f}" if row["lag_seconds"] is not None else "-"
+        click.echo(f"{row['name']:30} {row['state']:9} {row['local_bytes']:>10} {row['txid']:16} {lag:>6} "
+                   f"{row['last_write_at'] or '-':25} {row['lease_holder'] or '-'}")
+
+
+def _ondemand(cfg):
+    from .fleet import Fleet
+    from .ondemand import OnDemand
+
+    return OnDemand(Fleet(cfg))
+
+
+@cli.command()
+@click.argument("name")
+@fleet_options
+@click.option("--txid", type=str, default=None)
+def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
+    """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    result = _ondemand(cfg).hydrate(name, txid=parse_txid(txid) if txid else None)
+    click.echo(result.path)
+
+
+@cli.command()
+@click.argument("name")
+@fleet_options
+def archive(name, replica_url, config_path, broker, catalogue) -> None:
+    """Ship, snapshot and verify tenant NAME, then remove its local files."""
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    result = _ondemand(cfg).archive(name)
+    click.echo(f"archived {name} txid={result['txid']:016x} freed={result.get('freed', 0)}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("new_name")
+@fleet_options
+@click.option("--txid", type=str, default=None)
+@click.option("--timestamp", type=str, default=None)
+def fork(name, new_name, replica_url, config_path, broker, catalogue, txid, timestamp) -> None:
+    """Create tenant NEW_NAME from NAME's state at a TXID or time (default: latest)."""
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    result = _ondemand(cfg).hydrate(
+        new_name, source=name, txid=parse_txid(txid) if txid else None,
+        timestamp=parse_timestamp(timestamp) if timestamp else None,
+    )
+    click.echo(result.path)
+
+
+def _report_job(job: str, result: dict) -> None:
+    if job == "sync" and result.get("txid"):
+        full = f" full={result['full']!r}" if result.get("full") else ""
+        click.echo(f"synced {result['tenant']} txid={result['txid']:016x} pages={result['pages']}{full}")
 
 
 @cli.command()
@@ -189,6 +332,10 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as e:
+        hint = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+        click.echo(f"tenantsync: error: {hint}{e.format_message()}", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

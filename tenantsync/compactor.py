@@ -46,7 +46,7 @@ class Levels:
         return level - 1
 
 
-def _aligned(now: datetime, interval: timedelta) -> datetime:
+def aligned(now: datetime, interval: timedelta) -> datetime:
     """``now`` truncated to a multiple of ``interval`` since the epoch (Go's Time.Truncate)."""
     step = interval.total_seconds()
     return datetime.fromtimestamp((now.timestamp() // step) * step, tz=timezone.utc)
@@ -54,7 +54,7 @@ def _aligned(now: datetime, interval: timedelta) -> datetime:
 
 def is_due(newest: LTXInfo | None, interval: timedelta, now: datetime) -> bool:
     """Litestream's rule: compact once per aligned interval, after the previous output."""
-    return newest is None or newest.created_at <= _aligned(now, interval)
+    return newest is None or newest.created_at <= aligned(now, interval)
 
 
 def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool = False) -> LTXInfo:
@@ -64,7 +64,7 @@ def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool
     checksum, last input's max TXID, commit and timestamp, NoChecksum, no WAL fields.
     Pages above the final commit are dropped. Inputs are verified before anything is written.
     """
-    decoders = [Decoder(replica.read(info), name=f"{replica}/{info.key}") for info in inputs]
+    decoders = [replica.decoder(info, replica.read(info)) for info in inputs]
     first, last = decoders[0].header, decoders[-1].header
     for prev, cur in zip(decoders, decoders[1:]):
         if cur.header.page_size != first.page_size:

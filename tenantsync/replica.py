@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from . import layout
 from .errors import LTXError
-from .ltx import HEADER_SIZE, Header
+from .ltx import HEADER_SIZE, Decoder, Header
 from .storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,22 @@ class Replica:
     def read(self, info: LTXInfo) -> bytes:
         return self.storage.read(info.key)
 
+    def url(self, info: LTXInfo) -> str:
+        return self.storage.object_url(info.key)
+
+    def decoder(self, info: LTXInfo, data: bytes) -> Decoder:
+        """A decoder for ``data``, refusing a file whose header disagrees with its name:
+        a valid file stored under another TXID's key would otherwise restore wrong data."""
+        dec = Decoder(data, name=self.url(info))
+        _check_name(self.url(info), info, dec.header)
+        return dec
+
     def read_header(self, info: LTXInfo) -> Header:
         if info.size < HEADER_SIZE:
-            raise LTXError(f"ltx file {self.storage}/{info.key}: {info.size} bytes is shorter than a header")
-        return Header.decode(self.storage.read(info.key, 0, HEADER_SIZE), name=f"{self.storage}/{info.key}")
+            raise LTXError(f"{self.url(info)}: {info.size} bytes is shorter than an LTX header")
+        header = Header.decode(self.storage.read(info.key, 0, HEADER_SIZE), name=self.url(info))
+        _check_name(self.url(info), info, header)
+        return header
 
     def write(self, level: int, header: Header, data: bytes | BinaryIO, size: int) -> LTXInfo:
         """Create the file for ``header``'s TXID range; never overwrites.
@@ -94,3 +106,11 @@ class Replica:
         """Highest TXID stored at any level (0 for an empty replica)."""
         return max((files[-1].max_txid for files in self.all_files().values() if files), default=0)
 
+
+
+def _check_name(url: str, info: LTXInfo, header: Header) -> None:
+    if (header.min_txid, header.max_txid) != (info.min_txid, info.max_txid):
+        raise LTXError(
+            f"{url}: header holds TXIDs {header.min_txid:016x}-{header.max_txid:016x}, "
+            f"not the {info.min_txid:016x}-{info.max_txid:016x} its name says"
+        )

@@ -19,7 +19,6 @@ from datetime import datetime, timedelta
 
 from . import layout
 from .errors import RestoreError
-from .ltx import Decoder
 from .replica import LEVELS, LTXInfo, Replica
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,8 @@ class RestoreResult:
     files: int
     pages: int
     size: int
+    page_size: int
+    commit: int
 
 
 def plan(replica: Replica, txid: int | None = None, timestamp: datetime | None = None) -> list[LTXInfo]:
@@ -144,7 +145,7 @@ def restore(
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tenantsync-restore-{os.getpid()}")
     try:
-        pages, size = _apply(replica, infos, tmp)
+        pages, size, page_size, commit = _apply(replica, infos, tmp)
         _integrity_check(tmp, output)
         for suffix in ("-wal", "-shm"):
             # A stale WAL beside the new file would be replayed over it by SQLite.
@@ -155,32 +156,33 @@ def restore(
         _remove(tmp)
         raise
     log.info("restored %s to txid %016x from %d files", output, infos[-1].max_txid, len(infos))
-    return RestoreResult(infos[-1].max_txid, len(infos), pages, size)
+    return RestoreResult(infos[-1].max_txid, len(infos), pages, size, page_size, commit)
 
 
-def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int]:
+def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int, int, int]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     page_size = None
-    pages = total = 0
+    pages = total = commit = 0
     try:
         with ThreadPoolExecutor(PREFETCH) as pool:
             blobs = [pool.submit(replica.read, info) for info in infos]
             for info, blob in zip(infos, blobs):
                 data = blob.result()
                 total += len(data)
-                name = f"{replica}/{info.key}"
-                dec = Decoder(data, name=name)
+                name = replica.url(info)
+                dec = replica.decoder(info, data)
                 if page_size is None:
                     page_size = dec.header.page_size
                 elif dec.header.page_size != page_size:
                     raise RestoreError(f"{name}: page size {dec.header.page_size} differs from {page_size}")
                 pages += _write_pages(fd, dec.pages(), page_size)
                 dec.close()
-                os.ftruncate(fd, dec.header.commit * page_size)
+                commit = dec.header.commit
+                os.ftruncate(fd, commit * page_size)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return pages, total
+    return pages, total, page_size, commit
 
 
 def _write_pages(fd: int, pages, page_size: int) -> int:

@@ -122,6 +122,12 @@ class Storage(abc.ABC):
     def __str__(self) -> str:
         return self.url
 
+    def object_url(self, key: str) -> str:
+        """The URL of one object, for messages: the key goes before any query string,
+        so the text can be pasted into ``tenantsync ltx dump``."""
+        base, sep, query = self.url.partition("?")
+        return f"{base.rstrip('/')}/{key}{sep}{query}"
+
 
 def check_key(key: str) -> str:
     """Return ``key`` if it is a safe relative key, else raise StorageError naming it.

@@ -1,0 +1,75 @@
+"""Where sync requests go: in-process threads (embedded) or Celery queues (fleet).
+
+Both dispatchers keep at most one sync per tenant queued or running. A request for a
+tenant that already has one marks it *dirty* instead; when the running sync ends it
+runs once more if it was marked. So a hot tenant costs one job at a time, and a write
+that lands during a sync is never left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol
+
+from tenantsync.errors import TenantSyncError
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher(Protocol):
+    def request_sync(self, name: str) -> bool:
+        """Ask for a sync of ``name``; False if one was already pending (now marked dirty)."""
+
+    def submit(self, job: str, name: str, **kwargs) -> None:
+        """Run a storage-only or maintenance job for ``name`` (compact, snapshot, retain)."""
+
+    def close(self) -> None: ...
+
+
+class InProcessDispatcher:
+    """The embedded mode: the same job functions on a small thread pool."""
+
+    def __init__(self, jobs: dict[str, Callable[..., dict]], workers: int = 4,
+                 on_result: Callable[[str, dict], None] | None = None):
+        self.jobs = jobs
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="tenantsync-job")
+        self.on_result = on_result or (lambda job, result: None)
+        self._pending: set[str] = set()
+        self._dirty: set[str] = set()
+        self._lock = threading.Lock()
+
+    def request_sync(self, name: str) -> bool:
+        with self._lock:
+            if name in self._pending:
+                self._dirty.add(name)
+                return False
+            self._pending.add(name)
+        self.pool.submit(self._run_sync, name)
+        return True
+
+    def _run_sync(self, name: str) -> None:
+        while True:
+            self._run("sync", name)
+            with self._lock:
+                if name not in self._dirty:
+                    self._pending.discard(name)
+                    return
+                self._dirty.discard(name)
+
+    def submit(self, job: str, name: str, **kwargs) -> None:
+        self.pool.submit(self._run, job, name, **kwargs)
+
+    def _run(self, job: str, name: str, **kwargs) -> None:
+        try:
+            self.on_result(job, self.jobs[job](name, **kwargs))
+        except Exception as e:  # one tenant's failure must not stop the others
+            log.error("%s %s failed: %s", job, name, e, exc_info=not isinstance(e, TenantSyncError))
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._pending
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

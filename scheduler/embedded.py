@@ -1,0 +1,61 @@
+"""The embedded default: watcher, jobs and schedules in one process, no broker.
+
+The jobs are the same ``Fleet`` calls the Celery tasks make; only the dispatcher
+differs. On stop, every active tenant is synced and released (checkpointed under the
+barrier, position saved), so a restart resumes without uploading databases again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from tenantsync.catalogue import Catalogue
+from tenantsync.config import Config
+from tenantsync.fleet import Fleet
+from tenantsync.ondemand import OnDemand
+from tenantsync.server import serve
+
+from .dispatch import InProcessDispatcher
+from .schedule import Schedule
+from .watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+RELEASE_EVERY = 5.0
+
+
+def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
+        on_result: Callable[[str, dict], None] | None = None, http: tuple[str, int] | None = None) -> None:
+    """Watch, replicate and schedule until ``stop``; with ``http``, also serve the API."""
+    catalogue = Catalogue(config.catalogue)
+    fleet = Fleet(config, catalogue)
+    ondemand = OnDemand(fleet)
+    jobs = {"sync": fleet.sync, "compact": fleet.compact, "snapshot": fleet.snapshot, "retain": fleet.retain,
+            "archive": ondemand.archive}
+    dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result)
+    server = None
+    if http is not None:
+        server = serve(ondemand, *http)
+        threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
+    watcher = Watcher(config, catalogue, dispatcher, report=report)
+    schedule = Schedule(config, catalogue, dispatcher)
+    last_release = time.monotonic()
+
+    def tick() -> None:
+        nonlocal last_release
+        schedule.tick()
+        if time.monotonic() - last_release > RELEASE_EVERY:
+            last_release = time.monotonic()
+            dispatcher.pool.submit(fleet.release_idle)
+
+    try:
+        watcher.run(stop, tick)
+    finally:
+        if server is not None:
+            server.shutdown()
+        dispatcher.close()
+        fleet.release_idle(0)
+        fleet.close()

@@ -1,0 +1,32 @@
+"""The watcher in fleet mode: events become Celery jobs on this host's queue."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from tenantsync.catalogue import Catalogue
+from tenantsync.config import Config
+from tenantsync.server import serve
+
+from .queue import CeleryDispatcher, CeleryOnDemand
+from .watcher import Watcher
+
+
+def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
+        http: tuple[str, int] | None = None) -> None:
+    from workers.app import make_app
+
+    app = make_app(config)
+    dispatcher = CeleryDispatcher(app, config.host)
+    catalogue = Catalogue(config.catalogue)
+    server = None
+    if http is not None:
+        server = serve(CeleryOnDemand(dispatcher, catalogue), *http)
+        threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
+    try:
+        Watcher(config, catalogue, dispatcher, report=report).run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+        dispatcher.close()

@@ -1,0 +1,93 @@
+"""The Celery-mode dispatcher: jobs onto queues, one pending sync per tenant across hosts.
+
+Dedupe lives in Redis so every watcher and worker sees it: ``SET NX`` on a per-tenant
+*pending* key admits one sync; later requests set a *dirty* key instead. The sync task
+calls :func:`finish_sync` when it is done, which clears *pending* first and then, if
+*dirty* was set meanwhile, requests one more sync. A request that slips between the two
+steps finds *pending* clear and enqueues itself, so no write is ever left unsynced.
+Keys expire, so a worker killed mid-job cannot wedge a tenant; the periodic catch-up
+check re-requests anything that lags.
+"""
+
+from __future__ import annotations
+
+import redis
+from celery import Celery
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+PENDING_TTL = 300
+# A broker restart must neither kill the watcher nor fail a sync that is done: each Redis
+# call is retried on connection errors, with backoff, for about half a minute.
+REDIS_RETRIES = 20
+
+
+def _keys(name: str) -> tuple[str, str]:
+    return f"tenantsync:sync:pending:{name}", f"tenantsync:sync:dirty:{name}"
+
+
+class CeleryDispatcher:
+    def __init__(self, app: Celery, host: str, redis_url: str | None = None):
+        from workers.app import STORAGE_QUEUE, host_queue
+
+        self.app = app
+        self.host_queue = host_queue(host)
+        self.storage_queue = STORAGE_QUEUE
+        self.redis = redis.Redis.from_url(
+            redis_url or app.conf.broker_url,
+            retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), REDIS_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+
+    def request_sync(self, name: str) -> bool:
+        pending, dirty = _keys(name)
+        if self.redis.set(pending, 1, nx=True, ex=PENDING_TTL):
+            self.app.send_task("tenantsync.sync", args=[name], queue=self.host_queue)
+            return True
+        self.redis.set(dirty, 1, ex=PENDING_TTL)
+        return False
+
+    def submit(self, job: str, name: str, **kwargs) -> None:
+        """Storage-only jobs go to the shared queue; jobs on local files to this host's."""
+        from workers.app import HOST_JOBS
+
+        task = f"tenantsync.{job}"
+        queue = self.host_queue if task in HOST_JOBS else self.storage_queue
+        self.app.send_task(task, args=[name], kwargs=kwargs, queue=queue)
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def finish_sync(dispatcher: CeleryDispatcher, name: str) -> None:
+    pending, dirty = _keys(name)
+    dispatcher.redis.delete(pending)
+    if dispatcher.redis.getdel(dirty):
+        dispatcher.request_sync(name)
+
+
+class CeleryOnDemand:
+    """Hydration and archival as Celery jobs on this host's queue, for ``serve`` in fleet mode.
+
+    The HTTP API waits for the job's result, so callers see the same answers as in
+    embedded mode; the worker's OnDemand coalesces concurrent calls for one tenant.
+    """
+
+    def __init__(self, dispatcher: CeleryDispatcher, catalogue, timeout: float = 300.0):
+        self.dispatcher = dispatcher
+        self.catalogue = catalogue
+        self.timeout = timeout
+
+    def hydrate(self, name: str, *, txid: int | None = None, timestamp=None):
+        from tenantsync.ondemand import Hydrated
+
+        if timestamp is not None:
+            raise ValueError("timestamp hydration runs in embedded mode or with `tenantsync fork`")
+        job = self.dispatcher.app.send_task("tenantsync.hydrate", args=[name], kwargs={"txid": txid},
+                                            queue=self.dispatcher.host_queue)
+        r = job.get(timeout=self.timeout)
+        return Hydrated(name, r["path"], r["txid"], r["restored"])
+
+    def archive(self, name: str) -> dict:
+        job = self.dispatcher.app.send_task("tenantsync.archive", args=[name], queue=self.dispatcher.host_queue)
+        return job.get(timeout=self.timeout)

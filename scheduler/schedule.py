@@ -1,0 +1,116 @@
+"""Periodic decisions: which tenants need compaction, snapshots, retention or a catch-up sync.
+
+One policy serves both modes: the embedded runner calls :meth:`Schedule.tick` from the
+watcher loop, and Celery beat runs it as the ``tenantsync.plan`` task. Only tenants
+whose replica changed since the job last ran are touched, so idle tenants cost nothing.
+Runs are aligned to the wall clock like Litestream's (every 30 s at :00 and :30, …).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timedelta, timezone
+
+from tenantsync import layout
+from tenantsync.catalogue import Catalogue, TenantState
+from tenantsync.compactor import aligned
+from tenantsync.config import Config
+
+from .dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_EVERY = timedelta(seconds=15)
+CATCH_UP_AFTER = timedelta(seconds=5)
+ARCHIVE_EVERY = timedelta(minutes=1)
+LOCAL_STATES = (TenantState.active, TenantState.idle)
+
+
+def archive_every(config: Config) -> timedelta:
+    """Check once a minute, or twice per ``archive-after`` when that is shorter."""
+    shortest = min((after for _, after in config.archive_after), default=ARCHIVE_EVERY)
+    return max(timedelta(seconds=1), min(ARCHIVE_EVERY, shortest / 2))
+
+
+def local_bytes(path: str) -> int:
+    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+
+
+def archival_candidates(config: Config, tenants: list, now: datetime) -> list[str]:
+    """Tenants idle past their glob's ``archive-after``, then, while local tenants exceed
+    ``max-local-bytes``, the least recently written of the rest (oldest first)."""
+    local = [t for t in tenants if t.state in LOCAL_STATES]
+    chosen = []
+    for t in local:
+        after = config.archive_after_for(t.path)
+        last = t.last_write_at or t.last_sync_at
+        if after is not None and last is not None and last < now - after:
+            chosen.append(t.name)
+    if config.max_local_bytes:
+        sizes = {t.name: local_bytes(t.path) for t in local}
+        total = sum(size for name, size in sizes.items() if name not in chosen)
+        epoch = datetime.min.replace(tzinfo=timezone.utc)
+        for t in sorted(local, key=lambda t: t.last_write_at or t.last_sync_at or epoch):
+            if total <= config.max_local_bytes:
+                break
+            if t.name not in chosen and t.state == TenantState.idle:
+                chosen.append(t.name)
+                total -= sizes[t.name]
+    return chosen
+
+
+class Schedule:
+    def __init__(self, config: Config, catalogue: Catalogue, dispatcher: Dispatcher):
+        self.config = config
+        self.catalogue = catalogue
+        self.dispatcher = dispatcher
+        levels = config.levels
+        self.every = {level: interval for level, interval in levels.intervals.items()}
+        self.every[layout.SNAPSHOT_LEVEL] = levels.snapshot_interval
+        self.every["retain"] = levels.l0_retention
+        self.every["catch-up"] = CATCH_UP_EVERY
+        if config.archive_after or config.max_local_bytes:
+            self.every["archive"] = archive_every(config)
+        self._last_run: dict = {}
+
+    def tick(self, now: datetime | None = None) -> int:
+        """Run every plan whose interval boundary passed since its last run (embedded)."""
+        now = now or datetime.now(timezone.utc)
+        return sum(self.run(key, now) for key, every in self.every.items() if self._due(key, every, now))
+
+    def run(self, key, now: datetime | None = None) -> int:
+        """Enqueue one plan's jobs now: a level number, 9 (snapshots), "retain" or "catch-up".
+
+        Only tenants synced within the last two intervals are touched: everything they
+        wrote since the previous run is then covered, and idle tenants cost nothing.
+        """
+        now = now or datetime.now(timezone.utc)
+        self._last_run[key] = now
+        if key == "catch-up":
+            return sum(self.dispatcher.request_sync(t.name) for t in self.catalogue.lagging(now, CATCH_UP_AFTER))
+        if key == "archive":
+            names = archival_candidates(self.config, self.catalogue.list(host=self.config.host), now)
+            for name in names:
+                self.dispatcher.submit("archive", name)
+            return len(names)
+        since = now - 2 * self.every[key]
+        count = 0
+        for t in self.catalogue.list():
+            if t.last_sync_at is None or t.last_sync_at < since:
+                continue
+            if key == "retain":
+                self.dispatcher.submit("retain", t.name)
+            elif key == layout.SNAPSHOT_LEVEL:
+                self.dispatcher.submit("snapshot", t.name)
+            else:
+                self.dispatcher.submit("compact", t.name, level=key)
+            count += 1
+        return count
+
+    def _due(self, key, every: timedelta, now: datetime) -> bool:
+        last = self._last_run.get(key)
+        if last is None:
+            self._last_run[key] = now  # first boundary after start, not at start
+            return False
+        return aligned(last, every) < aligned(now, every)

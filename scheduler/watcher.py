@@ -1,0 +1,144 @@
+"""The watcher: finds tenant databases and turns their WAL writes into sync requests.
+
+It decides *what* to sync and *when*; the work happens in jobs. inotify (watchfiles,
+one watch per directory, not per tenant) reports each commit's ``-wal`` write; a slow
+rescan of the globs catches anything an event missed. Files that are not SQLite, and
+names that would escape the replica prefix, are reported once and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import watchfiles
+
+from tenantsync import tenants
+from tenantsync.capture import SQLITE_MAGIC
+from tenantsync.catalogue import Catalogue
+from tenantsync.config import Config
+
+from .dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+class Watcher:
+    def __init__(self, config: Config, catalogue: Catalogue, dispatcher: Dispatcher,
+                 report: Callable[[str], None] | None = None):
+        self.config = config
+        self.catalogue = catalogue
+        self.dispatcher = dispatcher
+        self.patterns = [tenants.Pattern.parse(g) for g in config.globs]
+        self.report = report or (lambda line: log.warning("%s", line))
+        self.known: dict[str, str] = {}  # path -> tenant name
+        self._reported: set[str] = set()
+        self._last_rescan = 0.0
+
+    def rescan(self) -> list[str]:
+        """Register every matching database; request a first sync for new ones."""
+        found, problems = tenants.scan(self.patterns)
+        for path, problem in problems.items():
+            self._report_once(path, f"skipping {path}: {problem}")
+        fresh = []
+        for name, path in found.items():
+            if self.known.get(path) == name:
+                continue
+            problem = _not_sqlite(path)
+            if problem == "empty":
+                continue  # not written yet; the first write's event brings it back
+            if problem:
+                self._report_once(path, f"skipping {path}: {problem}")
+                continue
+            fresh.append((name, path))
+        if fresh:
+            self.catalogue.discover_many(fresh, self.config.host)
+            for name, path in fresh:
+                self.known[path] = name
+                self.dispatcher.request_sync(name)
+        gone = set(self.known) - set(found.values())
+        for path in gone:
+            log.info("tenant %s: %s disappeared", self.known[path], path)
+            del self.known[path]
+        self._last_rescan = time.monotonic()
+        return [name for name, _ in fresh]
+
+    def handle(self, changes) -> None:
+        """Map one batch of file events to sync requests (one per tenant per batch).
+
+        Only a *modified* ``-wal`` is a write: commits append to it. Opening and closing
+        connections adds and deletes the ``-wal`` and checkpoints modify the main file;
+        our own jobs do both, and counting them as writes would wake idle tenants forever.
+        """
+        touched: set[str] = set()
+        rescan = False
+        for change, path in changes:
+            if path.endswith("-wal"):
+                name = self.known.get(path[: -len("-wal")])
+                if name is not None and change == watchfiles.Change.modified:
+                    touched.add(name)
+            elif tenants.is_side_file(path) or not any(p.matches(path) for p in self.patterns):
+                continue
+            elif path not in self.known or change == watchfiles.Change.deleted:
+                rescan = True
+        now = datetime.now(timezone.utc)
+        for name in touched:
+            self.catalogue.record_write(name, now)
+            self.dispatcher.request_sync(name)
+        if rescan:
+            self.rescan()
+
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+        """Watch until ``stop`` is set; ``tick`` runs about once a second (schedules)."""
+        self.rescan()
+        roots = sorted({p.base for p in self.patterns})
+        debounce_ms = max(1, int(self.config.debounce.total_seconds() * 1000))
+        for changes in watchfiles.watch(
+            *roots,
+            watch_filter=self._interesting,
+            debounce=debounce_ms,
+            step=max(1, debounce_ms // 4),
+            rust_timeout=1000,
+            yield_on_timeout=True,
+            stop_event=stop,
+            raise_interrupt=False,
+        ):
+            if changes:
+                self.handle(changes)
+            if time.monotonic() - self._last_rescan > self.config.rescan_interval.total_seconds():
+                self.rescan()
+            if tick is not None:
+                tick()
+
+    def _interesting(self, change, path: str) -> bool:
+        if path.endswith("-wal"):
+            return True
+        return not tenants.is_side_file(path) and any(p.matches(path) for p in self.patterns)
+
+    def _report_once(self, path: str, line: str) -> None:
+        if path not in self._reported:
+            self._reported.add(path)
+            self.report(line)
+
+
+def _not_sqlite(path: str) -> str | None:
+    """Why ``path`` cannot be a tenant database, or None.
+
+    Closing a descriptor drops this process's POSIX locks on that inode, and in embedded
+    mode the jobs share this process. This only runs for paths not yet known, and a
+    Capture exists only for known paths, so no SQLite connection of ours is on the inode.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    if not head:
+        return "empty"
+    if head != SQLITE_MAGIC:
+        return "not a SQLite database"
+    return None
+

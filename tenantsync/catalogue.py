@@ -1,0 +1,705 @@
+"""The tenant catalogue: one row per tenant database, in SQLite or PostgreSQL.
+
+Embedded mode keeps it in a SQLite file beside the host's state (``sqlite:///PATH``);
+fleet mode shares one PostgreSQL database between several hosts
+(``postgresql+psycopg://USER@HOST/DB``; a bare ``postgresql://`` means psycopg 3 too).
+Each row holds what a job needs to pick a tenant up in any process: its path and
+owning host, its lifecycle state, the capture position and the times of its last write,
+sync, compaction and snapshot, so schedulers only look at tenants that changed.
+
+Rules the whole module keeps:
+
+- Every method is one short transaction on its own connection, so a ``Catalogue`` is
+  safe to share between threads, and several processes (or hosts) can use one database.
+- Results are frozen ``TenantRecord`` dataclasses, never live ORM objects: nothing is
+  lazy-loaded, nothing expires, a record can be kept or passed to another thread.
+- Datetimes are timezone-aware on the way in (a naive one is refused: ``ValueError``)
+  and come back in UTC; SQLite stores them as UTC text of a fixed format, so they
+  compare correctly in SQL.
+- State changes that two processes may race for go through ``transition()``, a single
+  ``UPDATE … WHERE state IN (…)``: exactly one of them wins.
+- The schema is created and upgraded by the Alembic migrations in
+  ``tenantsync/migrations`` when a ``Catalogue`` is opened, under a lock, so many
+  processes may open a fresh database at once. No ``alembic.ini`` is needed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from .errors import TenantSyncError
+
+__all__ = [
+    "Catalogue",
+    "CatalogueError",
+    "Tenant",
+    "TenantRecord",
+    "TenantState",
+    "UnknownTenant",
+    "alembic_config",
+]
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+# Our own version table, so a PostgreSQL database shared with an application that uses
+# Alembic itself does not mix the two histories.
+VERSION_TABLE = "tenantsync_alembic_version"
+# Key of the PostgreSQL advisory lock held while migrating (any fixed 63-bit number;
+# this one is the ASCII of "tsyncmig").
+_MIGRATE_LOCK_KEY = 0x7473796E636D6967
+# Alembic's ``context`` and ``op`` are process-global proxies: two upgrades running at
+# once in one process (two Catalogues opened by two threads) would share them.
+_MIGRATE_GUARD = threading.Lock()
+# Tenants per statement in discover_many (bounds the memory of one statement).
+_BULK_ROWS = 5000
+
+
+class CatalogueError(TenantSyncError):
+    """The catalogue cannot be opened or used (bad URL, failed migration)."""
+
+
+class UnknownTenant(CatalogueError, KeyError):
+    """A ``record_*`` call named a tenant the catalogue does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown tenant"
+
+
+class TenantState(str, enum.Enum):
+    """Where a tenant is in its lifecycle. Stored as the lower-case value."""
+
+    active = "active"
+    """The local database is being replicated: it was written and synced recently.
+
+    Entered: from ``idle`` or ``error`` by the first successful ``record_sync()``; from
+    ``hydrating`` once the restored database is in place (``transition``).
+    Left: for ``idle`` when the scheduler finds it quiet (``idle_since()``), for
+    ``archiving`` when it is retired, for ``error`` on a failure (``record_error()``).
+    """
+
+    idle = "idle"
+    """Known and local, but not written lately: it holds no file descriptor, connection
+    or worker; only this row.
+
+    Entered: on discovery (``discover()`` inserts every new tenant as idle); from
+    ``active`` when the scheduler finds it quiet.
+    Left: for ``active`` on its next successful sync; for ``archiving`` when retired.
+    """
+
+    archiving = "archiving"
+    """A final sync and snapshot are being shipped before the local file is removed.
+
+    Entered: from ``active`` or ``idle`` (``transition`` with ``expected``), by exactly
+    one process.
+    Left: for ``archived`` once the snapshot is stored and the local file is gone; for
+    ``error`` if shipping fails (the local file is then kept).
+    """
+
+    archived = "archived"
+    """Only the replica holds the database; no local file. ``archived_txid`` records the
+    TXID the replica ends at, which a later hydration must reach.
+
+    Entered: from ``archiving`` (``transition`` sets ``archived_txid`` to ``txid``).
+    Left: for ``hydrating`` when the tenant is needed again, by exactly one process
+    (compare-and-set: two processes racing from archived to hydrating cannot both win).
+    """
+
+    hydrating = "hydrating"
+    """The database is being restored from the replica to its local path.
+
+    Entered: from ``archived`` (``transition`` with ``expected={archived}``).
+    Left: for ``active`` (or ``idle``) once restored and verified; for ``error`` if the
+    restore fails, after which an operator or retry moves it back to ``archived``.
+    """
+
+    error = "error"
+    """The last operation on the tenant failed; ``last_error`` says why.
+
+    Entered: from any state by ``record_error()``.
+    Left: for ``active`` by the next successful ``record_sync()`` (which clears
+    ``last_error``), or by an explicit ``transition``.
+    """
+
+
+CompactionField = Literal["last_compact_at", "last_snapshot_at"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime, what: str = "datetime") -> datetime:
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what}: expected a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        raise ValueError(f"{what}: naive datetime {value.isoformat()}; pass a timezone-aware one")
+    return value.astimezone(timezone.utc)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """A timezone-aware datetime stored as UTC.
+
+    PostgreSQL: ``timestamptz``. SQLite: SQLAlchemy's fixed-format text
+    (``YYYY-MM-DD HH:MM:SS.ffffff``) of the UTC time, which sorts and compares as time.
+    Naive datetimes are refused rather than guessed at.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        value = _utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Tenant(Base):
+    """One tenant database. The schema is created by migration 0001, not by this class:
+    a change here needs a new migration in ``tenantsync/migrations/versions``."""
+
+    __tablename__ = "tenants"
+    __table_args__ = (
+        sa.Index("ix_tenants_host_state", "host", "state"),
+        sa.Index("ix_tenants_last_write_at", "last_write_at"),
+    )
+
+    name: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    path: Mapped[str] = mapped_column(sa.Text)
+    host: Mapped[str] = mapped_column(sa.String(255))
+    state: Mapped[TenantState] = mapped_column(
+        sa.Enum(
+            TenantState,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+            validate_strings=True,
+        ),
+        default=TenantState.idle,
+    )
+    generation: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    txid: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    position: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON(none_as_null=True))
+    last_write_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_sync_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_compact_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_snapshot_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_holder: Mapped[str | None] = mapped_column(sa.String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    bytes_stored: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    archived_txid: Mapped[int | None] = mapped_column(sa.BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
+
+    def __repr__(self) -> str:
+        return f"<Tenant {self.name!r} {self.state.value} txid={self.txid}>"
+
+
+TENANTS: sa.Table = Tenant.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    """A detached, immutable snapshot of one ``tenants`` row."""
+
+    name: str
+    path: str
+    host: str
+    state: TenantState
+    generation: int
+    txid: int
+    position: dict[str, Any] | None
+    last_write_at: datetime | None
+    last_sync_at: datetime | None
+    last_compact_at: datetime | None
+    last_snapshot_at: datetime | None
+    lease_holder: str | None
+    lease_expires_at: datetime | None
+    bytes_stored: int
+    last_error: str | None
+    archived_txid: int | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, tenant: Tenant) -> "TenantRecord":
+        return cls(**{f: getattr(tenant, f) for f in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))
+# Catalogue._select builds records from rows positionally.
+assert tuple(TENANTS.c.keys()) == _RECORD_FIELDS, "TenantRecord fields must follow the table's columns"
+
+
+def alembic_config(url: str | URL | None = None):
+    """An Alembic ``Config`` built in code: ``script_location`` is the package's
+    migrations directory, so no ``alembic.ini`` is needed.
+
+    ``Catalogue`` passes its open connection in ``config.attributes["connection"]``.
+    For a developer writing the next migration (autogenerate compares against the
+    models here)::
+
+        from alembic import command
+        from tenantsync.catalogue import alembic_config
+        command.upgrade(alembic_config("sqlite:///scratch.db"), "head")
+        command.revision(alembic_config("sqlite:///scratch.db"), "add x", autogenerate=True,
+                         rev_id="0002")
+
+    then edit the generated file by hand: migrations are reviewed code.
+    """
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", MIGRATIONS_DIR.replace("%", "%%"))
+    cfg.set_main_option("version_table", VERSION_TABLE)
+    if url is not None:
+        rendered = url.render_as_string(hide_password=False) if isinstance(url, URL) else url
+        cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return cfg
+
+
+def _normalise_url(url: str | URL) -> URL:
+    try:
+        u = make_url(url)
+    except sa.exc.ArgumentError as e:
+        raise CatalogueError(f"catalogue URL {url!r}: {e}") from None
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    if u.get_backend_name() not in ("sqlite", "postgresql"):
+        raise CatalogueError(
+            f"catalogue URL {u.render_as_string(hide_password=True)}: "
+            "expected sqlite:///PATH or postgresql+psycopg://…"
+        )
+    return u
+
+
+def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
+    catalogue = ref()
+    if catalogue is not None:
+        catalogue.engine.dispose(close=False)
+
+
+class Catalogue:
+    """The tenant catalogue at ``url``: ``sqlite:///PATH`` (embedded) or
+    ``postgresql+psycopg://…`` (fleet). Opening it creates or upgrades the schema.
+
+    ``busy_timeout`` (SQLite only) is how long a write waits for another process's
+    write to finish before failing. ``migrate=False`` skips the schema upgrade (for a
+    tool that must not change the schema). Extra keyword arguments go to
+    ``create_engine``. One object serves every thread of a process; a forked child
+    drops the inherited connections and opens its own.
+    """
+
+    def __init__(self, url: str | URL, *, busy_timeout: float = 30.0, migrate: bool = True, **engine_kwargs: Any):
+        self.url = _normalise_url(url)
+        self.dialect = self.url.get_backend_name()
+        self.engine = self._create_engine(busy_timeout, engine_kwargs)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # A forked child (Celery prefork) must not reuse the parent's pooled connections:
+        # it forgets them without closing them, and opens its own.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_pool(ref))
+        if migrate:
+            try:
+                self._migrate()
+            except Exception:
+                self.engine.dispose()
+                raise
+
+    def __repr__(self) -> str:
+        return f"Catalogue({self.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        """Close every pooled connection. The object is unusable afterwards."""
+        self.engine.dispose()
+
+    def __enter__(self) -> "Catalogue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- engine and schema ------------------------------------------------------
+
+    def _create_engine(self, busy_timeout: float, kwargs: dict[str, Any]) -> Engine:
+        if self.dialect == "postgresql":
+            kwargs.setdefault("pool_pre_ping", True)
+            return sa.create_engine(self.url, **kwargs)
+
+        database = self.url.database or ""
+        memory = database in ("", ":memory:") or database.startswith("file::memory:")
+        if memory:
+            # One shared connection, or every pooled connection would see its own empty DB.
+            kwargs.setdefault("poolclass", StaticPool)
+            kwargs.setdefault("connect_args", {"check_same_thread": False})
+        else:
+            parent = os.path.dirname(os.path.abspath(database))
+            os.makedirs(parent, exist_ok=True)
+        engine = sa.create_engine(self.url, **kwargs)
+        timeout_ms = int(busy_timeout * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not the sqlite3 module, emit BEGIN (see _on_begin).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(f"PRAGMA busy_timeout = {timeout_ms}")  # first: the next one may wait
+                if not memory:
+                    cur.execute("PRAGMA journal_mode = WAL")
+                    # WAL + NORMAL cannot corrupt; a power loss may lose the last commits,
+                    # which the next sync pass records again.
+                    cur.execute("PRAGMA synchronous = NORMAL")
+            finally:
+                cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            # Writers take the write lock up front (BEGIN IMMEDIATE), so a transaction
+            # never has to upgrade a read lock, which SQLite refuses with SQLITE_BUSY
+            # instead of waiting; busy_timeout then queues writers. Readers stay deferred.
+            mode = conn.get_execution_options().get("tenantsync_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    def _migrate(self) -> None:
+        """``alembic upgrade head``, safe when many processes open a fresh database at once.
+
+        Fast path: the schema is at head, nothing is locked. Otherwise the upgrade runs in
+        one transaction that first takes a lock every migrating process needs: on
+        PostgreSQL a transaction-scoped advisory lock (``pg_advisory_xact_lock``, released
+        at commit or rollback, even if the process dies); on SQLite the database write
+        lock (``BEGIN IMMEDIATE``). The loser waits, then finds the schema at head and does
+        nothing. Both dialects have transactional DDL, so a failed upgrade leaves nothing.
+        Within one process a lock also serialises upgrades, as Alembic's ``context`` is
+        global.
+        """
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        cfg = alembic_config()
+        heads = set(ScriptDirectory.from_config(cfg).get_heads())
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_heads()
+            conn.rollback()
+            if set(current) == heads:
+                return
+            if self.dialect == "sqlite":
+                conn.execution_options(tenantsync_begin="IMMEDIATE")
+            try:
+                with _MIGRATE_GUARD, conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATE_LOCK_KEY)))
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+            except sa.exc.SQLAlchemyError as e:
+                raise CatalogueError(f"{self!r}: migrating the schema failed: {e}") from e
+
+    # -- transactions -----------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, write: bool) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            if write and self.dialect == "sqlite":
+                session.connection(execution_options={"tenantsync_begin": "IMMEDIATE"})
+            yield session
+
+    def _insert(self):
+        insert = pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert
+        return insert(TENANTS)
+
+    def _update(self, name: str, values: dict[str, Any]) -> None:
+        """Update one tenant's row; raise UnknownTenant if there is none."""
+        with self._tx(write=True) as s:
+            result = s.execute(sa.update(TENANTS).where(TENANTS.c.name == name).values(**values))
+            if result.rowcount == 0:
+                raise UnknownTenant(f"catalogue: no tenant named {name!r}")
+
+    # -- discovery --------------------------------------------------------------
+
+    @staticmethod
+    def _on_conflict(stmt):
+        """… ON CONFLICT (name) DO UPDATE path/host WHERE either changed.
+
+        A new tenant is inserted idle; an existing one keeps its state, TXID, position
+        and times, and its row is only written when its path or host differ."""
+        ex = stmt.excluded
+        return stmt.on_conflict_do_update(
+            index_elements=[TENANTS.c.name],
+            set_={"path": ex.path, "host": ex.host, "updated_at": ex.updated_at},
+            where=sa.or_(TENANTS.c.path != ex.path, TENANTS.c.host != ex.host),
+        )
+
+    @staticmethod
+    def _new_row(name: str, path: str, host: str, now: datetime) -> dict[str, Any]:
+        return {
+            "name": name,
+            "path": path,
+            "host": host,
+            "state": TenantState.idle,
+            "generation": 0,
+            "txid": 0,
+            "bytes_stored": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def discover(self, name: str, path: str, host: str) -> TenantRecord:
+        """Register tenant ``name`` at ``path`` on ``host``; idempotent.
+
+        Missing: inserted with state idle. Present: path and host are updated if they
+        changed; state, TXID, position and every time are left as they are."""
+        with self._tx(write=True) as s:
+            s.execute(self._on_conflict(self._insert()), self._new_row(name, path, host, _now()))
+            tenant = s.get(Tenant, name)
+            assert tenant is not None  # just upserted in this transaction
+            return TenantRecord.of(tenant)
+
+    def discover_many(self, items: Iterable[tuple[str, str]], host: str) -> int:
+        """``discover()`` for many ``(name, path)`` pairs on ``host``, in one transaction
+        of ``INSERT … ON CONFLICT`` statements (same rule as ``discover``).
+
+        SQLite: one statement executed for every row (SQLAlchemy batches them into
+        multi-row INSERTs). PostgreSQL: ``INSERT … SELECT FROM unnest(names, paths)``,
+        two array parameters per statement, which spares the driver from parsing
+        thousands of placeholders.
+
+        Returns how many rows were written: tenants inserted plus tenants whose path or
+        host changed (0 when everything was already known as given). A name given twice
+        takes its last path. Rows are written in name order, so two hosts discovering
+        overlapping sets at once cannot deadlock on PostgreSQL."""
+        now = _now()
+        latest = dict(items)
+        names = sorted(latest)  # one lock order for every writer (see above)
+        written = 0
+        with self._tx(write=True) as s:
+            for i in range(0, len(names), _BULK_ROWS):
+                chunk = names[i : i + _BULK_ROWS]
+                if self.dialect == "postgresql":
+                    stmt, params = self._unnest_upsert(host, now), {
+                        "names": chunk,
+                        "paths": [latest[n] for n in chunk],
+                    }
+                else:
+                    stmt = self._on_conflict(self._insert())
+                    params = [self._new_row(n, latest[n], host, now) for n in chunk]
+                # Counted by RETURNING on both paths (a batched executemany reports rowcount -1).
+                written += len(s.execute(stmt.returning(TENANTS.c.name), params).all())
+        return written
+
+    def _unnest_upsert(self, host: str, now: datetime):
+        c = TENANTS.c
+        src = (
+            sa.func.unnest(
+                sa.bindparam("names", type_=pg_dialect.ARRAY(sa.Text)),
+                sa.bindparam("paths", type_=pg_dialect.ARRAY(sa.Text)),
+            )
+            .table_valued("name", "path")
+            .render_derived(name="src")
+        )
+        row = self._new_row("", "", host, now)
+        columns = builtins.list(row)
+        select = sa.select(
+            src.c.name,
+            src.c.path,
+            *(sa.literal(row[k], c[k].type) for k in columns[2:]),
+        )
+        return self._on_conflict(pg_dialect.insert(TENANTS).from_select(columns, select))
+
+    # -- reads ------------------------------------------------------------------
+
+    def get(self, name: str) -> TenantRecord | None:
+        with self._tx(write=False) as s:
+            tenant = s.get(Tenant, name)
+            return TenantRecord.of(tenant) if tenant is not None else None
+
+    def _select(self, stmt: sa.Select) -> builtins.list[TenantRecord]:
+        # Plain rows, not ORM objects: three times faster for 10,000 tenants.
+        with self._tx(write=False) as s:
+            return [TenantRecord(*row) for row in s.execute(stmt)]
+
+    def list(self, state: TenantState | None = None, host: str | None = None) -> builtins.list[TenantRecord]:
+        """Tenants by name, optionally only those in ``state`` and/or on ``host``."""
+        stmt = sa.select(*TENANTS.c).order_by(Tenant.name)
+        if state is not None:
+            stmt = stmt.where(Tenant.state == TenantState(state))
+        if host is not None:
+            stmt = stmt.where(Tenant.host == host)
+        return self._select(stmt)
+
+    def count_by_state(self) -> dict[str, int]:
+        """``{state value: tenants}``, with every state present (0 when none)."""
+        counts = {s.value: 0 for s in TenantState}
+        with self._tx(write=False) as s:
+            for state, n in s.execute(sa.select(Tenant.state, sa.func.count()).group_by(Tenant.state)):
+                counts[TenantState(state).value] = n
+        return counts
+
+    def lagging(self, now: datetime, older_than: timedelta, host: str | None = None) -> builtins.list[TenantRecord]:
+        """Tenants written since their last sync (or never synced) whose last write is
+        more than ``older_than`` before ``now``: writes a watcher's event should have
+        shipped by now. Oldest write first."""
+        stmt = (
+            sa.select(*TENANTS.c)
+            .where(
+                Tenant.last_write_at < _utc(now, "now") - older_than,
+                sa.or_(Tenant.last_sync_at.is_(None), Tenant.last_write_at > Tenant.last_sync_at),
+            )
+            .order_by(Tenant.last_write_at, Tenant.name)
+        )
+        if host is not None:
+            stmt = stmt.where(Tenant.host == host)
+        return self._select(stmt)
+
+    def idle_since(self, before: datetime, host: str | None = None) -> builtins.list[TenantRecord]:
+        """Active tenants not written since ``before``: candidates for idle.
+
+        A tenant with no recorded write counts from its last sync, so a tenant synced
+        once and never written still goes idle."""
+        quiet = sa.func.coalesce(Tenant.last_write_at, Tenant.last_sync_at)
+        stmt = (
+            sa.select(*TENANTS.c)
+            .where(Tenant.state == TenantState.active, quiet < _utc(before, "before"))
+            .order_by(quiet, Tenant.name)
+        )
+        if host is not None:
+            stmt = stmt.where(Tenant.host == host)
+        return self._select(stmt)
+
+    def needing_compaction(
+        self,
+        since_field: CompactionField = "last_compact_at",
+        limit: int | None = None,
+        host: str | None = None,
+    ) -> builtins.list[TenantRecord]:
+        """Tenants synced since their last compaction (``since_field="last_compact_at"``)
+        or snapshot (``"last_snapshot_at"``), never-compacted ones first, then the longest
+        waiting; at most ``limit``. Tenants never synced have nothing to compact."""
+        if since_field not in ("last_compact_at", "last_snapshot_at"):
+            raise ValueError(f"needing_compaction: since_field must be last_compact_at or last_snapshot_at, "
+                             f"not {since_field!r}")
+        done = getattr(Tenant, since_field)
+        stmt = (
+            sa.select(*TENANTS.c)
+            .where(Tenant.last_sync_at.is_not(None), sa.or_(done.is_(None), Tenant.last_sync_at > done))
+            .order_by(done.asc().nulls_first(), Tenant.last_sync_at, Tenant.name)
+        )
+        if host is not None:
+            stmt = stmt.where(Tenant.host == host)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._select(stmt)
+
+    # -- writes -----------------------------------------------------------------
+
+    def record_sync(
+        self,
+        name: str,
+        *,
+        txid: int,
+        position: dict[str, Any] | None,
+        at: datetime,
+        bytes_added: int = 0,
+    ) -> None:
+        """A sync pass shipped up to ``txid``: store it with the capture ``position``,
+        add ``bytes_added`` to ``bytes_stored``, clear ``last_error``, and move an idle or
+        errored tenant to active (other states are left to ``transition``).
+
+        The TXID and position never move backwards: two processes of one host may both
+        sync a tenant, and the slower one must not overwrite the newer position."""
+        c = TENANTS.c
+        newer = sa.or_(c.txid.is_(None), c.txid <= txid)
+        self._update(
+            name,
+            {
+                "txid": sa.case((newer, sa.literal(txid, c.txid.type)), else_=c.txid),
+                "position": sa.case((newer, sa.literal(position, c.position.type)), else_=c.position),
+                "last_sync_at": _utc(at, "at"),
+                "bytes_stored": c.bytes_stored + bytes_added,
+                "last_error": None,
+                "state": sa.case(
+                    (c.state.in_([TenantState.idle, TenantState.error]), sa.literal(TenantState.active, c.state.type)),
+                    else_=c.state,
+                ),
+            },
+        )
+
+    def record_write(self, name: str, at: datetime) -> None:
+        """The tenant's database was written at ``at``. Only moves ``last_write_at``
+        forward, so events handled out of order cannot make a tenant look older."""
+        at = _utc(at, "at")
+        col = TENANTS.c.last_write_at
+        later = sa.case((sa.or_(col.is_(None), col < at), sa.literal(at, col.type)), else_=col)
+        self._update(name, {"last_write_at": later})
+
+    def record_error(self, name: str, message: str) -> None:
+        """An operation failed: state error, ``last_error`` = ``message``."""
+        self._update(name, {"state": TenantState.error, "last_error": message})
+
+    def record_lease(self, name: str, holder: str | None, expires_at: datetime | None, generation: int) -> None:
+        """Mirror of the tenant's lease (the lease itself lives in object storage)."""
+        self._update(
+            name,
+            {
+                "lease_holder": holder,
+                "lease_expires_at": None if expires_at is None else _utc(expires_at, "expires_at"),
+                "generation": generation,
+            },
+        )
+
+    def record_compaction(self, name: str, at: datetime) -> None:
+        self._update(name, {"last_compact_at": _utc(at, "at")})
+
+    def record_snapshot(self, name: str, at: datetime) -> None:
+        self._update(name, {"last_snapshot_at": _utc(at, "at")})
+
+    def transition(self, name: str, to: TenantState, *, expected: set[TenantState] | None = None) -> bool:
+        """Move tenant ``name`` to state ``to`` if its state is one of ``expected`` (any
+        state when None), in a single ``UPDATE … WHERE name = … AND state IN (…)``.
+
+        True if this call moved it; False if the tenant is missing or was in another
+        state: of several processes racing for the same move, exactly one gets True.
+        Moving to archived also sets ``archived_txid`` to the tenant's ``txid``."""
+        to = TenantState(to)
+        values: dict[str, Any] = {"state": to}
+        if to is TenantState.archived:
+            values["archived_txid"] = TENANTS.c.txid
+        stmt = sa.update(TENANTS).where(TENANTS.c.name == name).values(**values)
+        if expected is not None:
+            allowed = sorted({TenantState(s) for s in expected}, key=lambda s: s.value)
+            if not allowed:
+                return False
+            stmt = stmt.where(TENANTS.c.state.in_(allowed))
+        with self._tx(write=True) as s:
+            return s.execute(stmt).rowcount == 1

@@ -1,0 +1,163 @@
+"""Configuration: ``tenantsync.yml`` with environment overrides.
+
+Keys follow Litestream's spelling where they mean the same thing (``l0-retention``,
+``snapshot.interval``, ``snapshot.retention``, ``levels[].interval``). Every key has a
+``TENANTSYNC_…`` environment override so containers need no file. With no ``broker``
+the fleet runs embedded: jobs in-process, SQLite catalogue, nothing else to install.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+from .compactor import Levels
+from .errors import TenantSyncError
+
+
+class ConfigError(TenantSyncError):
+    """The configuration file or an override is invalid; the message names the key."""
+
+
+DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".local", "state", "tenantsync")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value, key: str) -> timedelta:
+    """Go-style durations as Litestream's config uses them: ``50ms``, ``30s``, ``5m``, ``24h``."""
+    if isinstance(value, (int, float)):
+        return timedelta(seconds=value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: {value!r} is not a duration (like 50ms, 30s, 5m, 24h)")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a watcher or worker needs; defaults make the embedded mode work."""
+
+    replica: str = ""
+    globs: tuple[str, ...] = ()
+    broker: str | None = None
+    catalogue: str = f"sqlite:///{DEFAULT_STATE_DIR}/catalogue.db"
+    host: str = field(default_factory=socket.gethostname)
+    debounce: timedelta = timedelta(milliseconds=50)
+    idle_after: timedelta = timedelta(seconds=30)
+    rescan_interval: timedelta = timedelta(seconds=60)
+    lease_ttl: timedelta = timedelta(seconds=30)
+    workers: int = 4
+    levels: Levels = field(default_factory=Levels)
+    # (glob, idle time after which its tenants are archived); first matching glob wins.
+    archive_after: tuple[tuple[str, timedelta], ...] = ()
+    # Archive least recently written idle tenants while local tenants exceed this.
+    max_local_bytes: int | None = None
+
+    def archive_after_for(self, path: str) -> timedelta | None:
+        from fnmatch import fnmatchcase
+
+        for pattern, after in self.archive_after:
+            if fnmatchcase(path, os.path.abspath(pattern)):
+                return after
+        return None
+
+    def with_overrides(self, **changes) -> "Config":
+        return replace(self, **{k: v for k, v in changes.items() if v not in (None, ())})
+
+
+_ENV = {
+    "TENANTSYNC_REPLICA": "replica",
+    "TENANTSYNC_BROKER": "broker",
+    "TENANTSYNC_CATALOGUE": "catalogue",
+    "TENANTSYNC_HOST": "host",
+    "TENANTSYNC_GLOBS": "globs",
+    "TENANTSYNC_DEBOUNCE": "debounce",
+    "TENANTSYNC_IDLE_AFTER": "idle-after",
+    "TENANTSYNC_WORKERS": "workers",
+}
+
+
+def load(path: str | None = None, env: dict | None = None) -> Config:
+    """Read ``path`` (or ``$TENANTSYNC_CONFIG``, or ``./tenantsync.yml`` if present), then env."""
+    env = os.environ if env is None else env
+    path = path or env.get("TENANTSYNC_CONFIG") or ("tenantsync.yml" if os.path.exists("tenantsync.yml") else None)
+    raw: dict = {}
+    if path:
+        import yaml
+
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(os.path.expandvars(f.read())) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for var, key in _ENV.items():
+        if var in env:
+            raw[key] = env[var].split(",") if key == "globs" else env[var]
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    known = {"replica", "globs", "broker", "catalogue", "host", "debounce", "idle-after", "rescan-interval",
+             "lease-ttl", "workers", "levels", "snapshot", "l0-retention", "retention", "archive-after",
+             "max-local-bytes"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+    cfg = Config()
+    levels = cfg.levels
+    if "levels" in raw:
+        intervals = {}
+        for item in raw["levels"]:
+            level = int(item["level"])
+            if not 1 <= level <= 8:
+                raise ConfigError(f"levels: level {level} must be between 1 and 8")
+            intervals[level] = parse_duration(item["interval"], f"levels[{level}].interval")
+        levels = replace(levels, intervals=intervals)
+    snap = raw.get("snapshot") or {}
+    if "interval" in snap:
+        levels = replace(levels, snapshot_interval=parse_duration(snap["interval"], "snapshot.interval"))
+    if "retention" in snap or "retention" in raw:
+        value = snap.get("retention", raw.get("retention"))
+        levels = replace(levels, retention=parse_duration(value, "snapshot.retention"))
+    if "l0-retention" in raw:
+        levels = replace(levels, l0_retention=parse_duration(raw["l0-retention"], "l0-retention"))
+    globs = raw.get("globs", ())
+    globs = [globs] if isinstance(globs, str) else list(globs)
+    patterns, archive_after = [], []
+    for item in globs:
+        # A glob is a string, or {path: GLOB, archive-after: 7d} for its own archival delay.
+        if isinstance(item, dict):
+            if "path" not in item:
+                raise ConfigError(f"globs: entry {item!r} has no 'path'")
+            patterns.append(item["path"])
+            after = item.get("archive-after", raw.get("archive-after"))
+        else:
+            patterns.append(item)
+            after = raw.get("archive-after")
+        if after is not None:
+            archive_after.append((patterns[-1], parse_duration(after, f"archive-after of {patterns[-1]}")))
+    return replace(
+        cfg,
+        replica=raw.get("replica", cfg.replica),
+        globs=tuple(patterns),
+        archive_after=tuple(archive_after),
+        max_local_bytes=int(raw["max-local-bytes"]) if raw.get("max-local-bytes") else None,
+        broker=raw.get("broker") or None,
+        catalogue=raw.get("catalogue", cfg.catalogue),
+        host=str(raw.get("host", cfg.host)),
+        debounce=parse_duration(raw.get("debounce", "50ms"), "debounce"),
+        idle_after=parse_duration(raw.get("idle-after", "30s"), "idle-after"),
+        rescan_interval=parse_duration(raw.get("rescan-interval", "60s"), "rescan-interval"),
+        lease_ttl=parse_duration(raw.get("lease-ttl", "30s"), "lease-ttl"),
+        workers=int(raw.get("workers", cfg.workers)),
+        levels=levels,
+    )

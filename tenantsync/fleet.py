@@ -1,0 +1,200 @@
+"""The fleet's core calls: sync, compact, snapshot and retain one tenant by name.
+
+Jobs (Celery tasks or the embedded runner) call these and nothing else. A ``Fleet`` is
+per process: it caches a ``Capture`` only for tenants written recently (each holds one
+file descriptor and two SQLite connections, for the read mark — see capture.py) and
+releases them after ``idle_after``, so an idle tenant costs a catalogue row and nothing
+in memory. The catalogue holds each tenant's position, so any process on the host can
+pick a tenant up where another left it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from . import compactor
+from .capture import Capture, ReplicaConflict
+from .catalogue import Catalogue, TenantState
+from .config import Config
+from .errors import DatabaseError, LeaseHeld
+from .lease import Lease, Leaser
+from .position import Position
+from .replica import Replica
+from .storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class _Active:
+    capture: Capture
+    leaser: Leaser
+    lease: Lease | None
+    last_used: float
+
+
+class Fleet:
+    """Replication of many tenants from one process, one call per job."""
+
+    def __init__(self, config: Config, catalogue: Catalogue | None = None):
+        self.config = config
+        self.catalogue = catalogue or Catalogue(config.catalogue)
+        self.storage = open_storage(config.replica)
+        # The lease belongs to the host: every process of one host may sync its tenants
+        # (write-if-absent fences their TXIDs); other hosts are kept out.
+        self.owner = config.host
+        self._active: dict[str, _Active] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def replica(self, name: str) -> Replica:
+        """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL."""
+        return Replica(self.storage.child(name))
+
+    def tenant_lock(self, name: str) -> threading.RLock:
+        """Held by every job on one tenant in this process, so they never interleave."""
+        with self._guard:
+            return self._locks.setdefault(name, threading.RLock())
+
+    def default_path(self, name: str) -> str:
+        """Where a tenant the host has never seen goes: under the first glob's base."""
+        from .tenants import Pattern, check_name
+
+        if not self.config.globs:
+            raise DatabaseError(f"tenant {name}: no local path known and no globs configured")
+        return os.path.join(Pattern.parse(self.config.globs[0]).base, check_name(name))
+
+    # -- jobs -------------------------------------------------------------------
+
+    def sync(self, name: str, *, archiving: bool = False) -> dict:
+        """Ship what tenant ``name`` committed since its position; idempotent.
+
+        Tenants being archived or hydrated are skipped (those jobs sync themselves,
+        passing ``archiving=True`` under the tenant's lock).
+        """
+        with self.tenant_lock(name):
+            active = self._activate(name, archiving)
+            if active is None:
+                return {"tenant": name, "skipped": "not replicable now"}
+            try:
+                self._hold_lease(name, active)
+                result = active.capture.sync_once()
+            except LeaseHeld as e:
+                log.warning("%s", e)
+                return {"tenant": name, "skipped": str(e)}
+            except ReplicaConflict as e:
+                log.warning("%s: %s", name, e)
+                return {"tenant": name, "skipped": "conflict"}
+            except DatabaseError as e:
+                self._drop(name)
+                self.catalogue.record_error(name, str(e))
+                raise
+            active.last_used = time.monotonic()
+            pos = active.capture.position
+            self.catalogue.record_sync(
+                name,
+                txid=pos.txid if pos else 0,
+                position=pos.to_dict() if pos else None,
+                at=_now(),
+                bytes_added=result.size,
+            )
+            return {"tenant": name, "txid": result.txid, "pages": result.pages, "bytes": result.size,
+                    "full": result.full_reason}
+
+    def release_idle(self, idle_after: float | None = None) -> list[str]:
+        """Checkpoint and close tenants not synced for ``idle_after`` seconds."""
+        limit = self.config.idle_after.total_seconds() if idle_after is None else idle_after
+        cutoff = time.monotonic() - limit
+        with self._guard:
+            idle = [n for n, a in self._active.items() if a.last_used < cutoff]
+        return [name for name in idle if self.release(name, unused_since=cutoff)]
+
+    def release(self, name: str, unused_since: float | None = None) -> bool:
+        """Checkpoint, close and give up the lease of one tenant; it then costs nothing.
+
+        With ``unused_since``, only if it was not synced after that (monotonic) time.
+        """
+        with self.tenant_lock(name):
+            with self._guard:
+                active = self._active.get(name)
+            if active is None or (unused_since is not None and active.last_used >= unused_since):
+                return False
+            try:
+                active.capture.release()
+                pos = active.capture.position
+                if pos is not None:
+                    self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(), at=_now())
+                    self.catalogue.transition(name, TenantState.idle, expected={TenantState.active})
+                if active.lease is not None:
+                    active.leaser.release(active.lease)
+            finally:
+                self._drop(name)
+            return True
+
+    def compact(self, name: str, level: int, force: bool = False) -> dict:
+        info = compactor.compact(self.replica(name), level, self.config.levels, force=force)
+        self.catalogue.record_compaction(name, _now())
+        return {"tenant": name, "level": level, "file": info.name if info else None}
+
+    def snapshot(self, name: str, force: bool = False) -> dict:
+        info = compactor.snapshot(self.replica(name), self.config.levels, force=force)
+        self.catalogue.record_snapshot(name, _now())
+        return {"tenant": name, "file": info.name if info else None}
+
+    def retain(self, name: str) -> dict:
+        deleted = compactor.retain(self.replica(name), self.config.levels)
+        return {"tenant": name, "deleted": len(deleted)}
+
+    def close(self) -> None:
+        with self._guard:
+            names = list(self._active)
+        for name in names:
+            with self.tenant_lock(name):
+                self._drop(name)
+
+    # -- internals --------------------------------------------------------------
+
+    def _activate(self, name: str, archiving: bool = False) -> _Active | None:
+        with self._guard:
+            active = self._active.get(name)
+        if active is not None:
+            return active
+        record = self.catalogue.get(name)
+        if record is None or record.state in (TenantState.archived, TenantState.hydrating):
+            return None
+        if record.state == TenantState.archiving and not archiving:
+            return None
+        position = Position.from_dict(record.position) if record.position else None
+        capture = Capture(record.path, self.replica(name), position=position)
+        leaser = Leaser(self.storage.child(name), owner=self.owner, ttl=self.config.lease_ttl)
+        active = _Active(capture, leaser, None, time.monotonic())
+        with self._guard:
+            self._active[name] = active
+        return active
+
+    def _hold_lease(self, name: str, active: _Active) -> None:
+        """Take or renew the tenant's lease; a lease half-way to expiry is renewed."""
+        lease = active.lease
+        if lease is not None and _now() < lease.expires_at - active.leaser.ttl / 2:
+            return
+        try:
+            active.lease = active.leaser.renew(lease) if lease is not None else active.leaser.acquire()
+        except LeaseHeld:
+            active.lease = None
+            raise
+        self.catalogue.record_lease(name, self.owner, active.lease.expires_at, active.lease.generation)
+
+    def _drop(self, name: str) -> None:
+        with self._guard:
+            active = self._active.pop(name, None)
+        if active is not None:
+            active.capture.close()

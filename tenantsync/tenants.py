@@ -1,0 +1,88 @@
+"""Tenant discovery: which files a glob names, and the tenant name each one gets.
+
+A tenant's name is its path relative to the glob's fixed base directory
+(``/data/*.db`` → ``acme.db``; ``/data/*/app.db`` → ``acme/app.db``). The name is also
+the tenant's replica prefix under the replica URL, so it must never escape that
+prefix: every segment is checked here, once, before anything is written.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import TenantSyncError
+
+log = logging.getLogger(__name__)
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SIDE_SUFFIXES = ("-wal", "-shm", "-journal", "-tenantsync.json")
+
+
+class BadTenantName(TenantSyncError):
+    """A discovered file's name cannot be used as a replica prefix."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One watch glob split into its fixed base directory and its wildcard part."""
+
+    glob: str
+    base: str
+
+    @classmethod
+    def parse(cls, pattern: str) -> "Pattern":
+        pattern = os.path.abspath(pattern)
+        parts = pattern.split(os.sep)
+        fixed = []
+        for part in parts[:-1]:
+            if globmod.has_magic(part):
+                break
+            fixed.append(part)
+        return cls(pattern, os.sep.join(fixed) or os.sep)
+
+    def matches(self, path: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        return fnmatchcase(path, self.glob)
+
+    def name_of(self, path: str) -> str:
+        return check_name(os.path.relpath(path, self.base))
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if every segment is a safe object-key segment, else raise."""
+    segments = name.split(os.sep)
+    if len(name) > 255 or not all(_SEGMENT.match(s) for s in segments):
+        raise BadTenantName(
+            f"tenant name {name!r} is not allowed (segments of letters, digits, '.', '_', '-', "
+            f"not starting with a punctuation mark, at most 255 characters)"
+        )
+    return "/".join(segments)
+
+
+def is_side_file(path: str) -> bool:
+    return path.endswith(SIDE_SUFFIXES) or os.path.basename(path).startswith(".")
+
+
+def scan(patterns: list[Pattern]) -> tuple[dict[str, str], dict[str, str]]:
+    """Every matching database now: ({name: path}, {path: problem}) for what was skipped."""
+    found: dict[str, str] = {}
+    problems: dict[str, str] = {}
+    for pattern in patterns:
+        for path in globmod.iglob(pattern.glob):
+            if is_side_file(path) or not os.path.isfile(path):
+                continue
+            try:
+                name = pattern.name_of(path)
+            except BadTenantName as e:
+                problems[path] = str(e)
+                continue
+            if name in found and found[name] != path:
+                problems[path] = f"tenant name {name!r} is already used by {found[name]}"
+                continue
+            found[name] = path
+    return found, problems

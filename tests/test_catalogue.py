@@ -1,0 +1,565 @@
+"""The tenant catalogue, the same suite on SQLite and on a real PostgreSQL server.
+
+The PostgreSQL server is started once per session by ``postgres_server`` (below) from
+Debian's binaries; without them the PostgreSQL parametrisations are skipped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from tenantsync.catalogue import (
+    VERSION_TABLE,
+    Catalogue,
+    CatalogueError,
+    TenantRecord,
+    TenantState,
+    UnknownTenant,
+)
+
+UTC = timezone.utc
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+S = TenantState
+
+# -- a PostgreSQL server for the session ----------------------------------------------
+
+PG_APT_PACKAGES = "postgresql-15 (or the `postgresql` metapackage, which pulls it in)"
+
+
+def _pg_bindir() -> str | None:
+    """Where initdb and postgres are: $TENANTSYNC_PG_BIN, Debian's 15, any Debian
+    version, then PATH."""
+    candidates = [os.environ.get("TENANTSYNC_PG_BIN"), "/usr/lib/postgresql/15/bin"]
+    if os.path.isdir("/usr/lib/postgresql"):
+        versions = sorted(os.listdir("/usr/lib/postgresql"), key=lambda v: int(v) if v.isdigit() else 0, reverse=True)
+        candidates += [f"/usr/lib/postgresql/{v}/bin" for v in versions]
+    on_path = shutil.which("initdb")
+    candidates.append(os.path.dirname(on_path) if on_path else None)
+    for d in candidates:
+        if d and all(os.access(os.path.join(d, exe), os.X_OK) for exe in ("initdb", "postgres")):
+            return d
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on 127.0.0.1:<free port>; yields the URL of its
+    ``postgres`` superuser (trust authentication, no password), stopped at the end.
+
+    Binaries: Debian's ``/usr/lib/postgresql/15/bin`` (apt package ``postgresql-15``),
+    or any ``/usr/lib/postgresql/N/bin``, or ``$TENANTSYNC_PG_BIN``; none found: skip.
+
+    Running as root: postgres refuses to run as root, so initdb and postgres run as an
+    unprivileged user, the ``postgres`` account if it exists (the Debian package creates
+    it), else ``nobody``. The switch is done by ``subprocess`` itself (``user=``,
+    ``group=``, ``extra_groups=[]``: setuid/setgid in the child before exec), which needs
+    no su/runuser/sudo, PAM or login shell. The data directory lives under a fresh
+    ``tempfile.mkdtemp()`` directory (in /tmp, world-traversable, unlike pytest's
+    per-user 0700 tmp root, and short, as a Unix socket path must be under 108 bytes)
+    that is chowned to that user. The server listens on 127.0.0.1 only, with its Unix
+    socket in that directory; durability is off (fsync, full_page_writes) for speed.
+    """
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip(f"PostgreSQL server binaries not found (initdb, postgres); apt-get install {PG_APT_PACKAGES}")
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg not installed (pip install 'psycopg[binary]'; it is in the test extra)")
+
+    run_as: dict = {}
+    base = tempfile.mkdtemp(prefix="tspg-")
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pw = pwd.getpwnam("nobody")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    data = os.path.join(base, "data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(LC_ALL="C", LANG="C", HOME=base)
+    proc = None
+    try:
+        init = subprocess.run(
+            [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
+             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+            cwd=base, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, **run_as,
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
+        port = _free_port()
+        log_path = os.path.join(base, "postgres.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [os.path.join(bindir, "postgres"), "-D", data, "-k", base, "-p", str(port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off", "-c", "max_connections=300"],
+                cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, **run_as,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                                connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(log_path, errors="replace") as f:
+                        raise RuntimeError(f"postgres did not start:\n{f.read()[-3000:]}") from None
+                time.sleep(0.1)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # "fast" shutdown: end sessions, stop
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_database(postgres_server):
+    """URL of a fresh, empty database on the session's server; dropped afterwards."""
+    import psycopg
+
+    name = f"cat_{uuid.uuid4().hex[:12]}"
+    admin = postgres_server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_server}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """A fresh catalogue URL per backend (the SQLite file's directory does not exist yet)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state/catalogue.db"
+    return request.getfixturevalue("pg_database")
+
+
+@pytest.fixture
+def cat(url):
+    c = Catalogue(url)
+    yield c
+    c.close()
+
+
+# -- schema and migrations --------------------------------------------------------------
+
+
+def test_migrations_create_schema_and_reopen_is_idempotent(url):
+    c = Catalogue(url)
+    c.discover("a", "/srv/a.db", "h1")
+    insp = sa.inspect(c.engine)
+    assert {"tenants", VERSION_TABLE} <= set(insp.get_table_names())
+    assert {ix["name"] for ix in insp.get_indexes("tenants")} >= {"ix_tenants_host_state", "ix_tenants_last_write_at"}
+    cols = {col["name"] for col in insp.get_columns("tenants")}
+    assert cols == set(TenantRecord.__dataclass_fields__)
+    c.close()
+
+    for _ in range(2):  # reopening migrates nothing and keeps the data
+        c = Catalogue(url)
+        with c.engine.connect() as conn:
+            versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+        assert versions == ["0001"]
+        assert c.get("a").path == "/srv/a.db"
+        c.close()
+
+
+def test_models_match_the_migration(cat):
+    """Autogenerate finds nothing to do: the hand-written migration and the models agree."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from tenantsync.catalogue import Base
+
+    with cat.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})
+        diffs = compare_metadata(ctx, Base.metadata)
+    assert diffs == []
+
+
+def _open_concurrently(url: str, index: int, start, results) -> None:
+    """Child process: once every process is ready, open the catalogue and use it."""
+    try:
+        # Import what opening imports first, so the processes reach the database together.
+        import alembic.command  # noqa: F401
+        import alembic.runtime.migration  # noqa: F401
+        import alembic.script  # noqa: F401
+
+        if url.startswith("postgresql"):
+            import psycopg  # noqa: F401
+        start.wait(60)
+        with Catalogue(url) as c:
+            c.discover(f"p{index}", f"/srv/p{index}.db", f"host{index}")
+            c.record_sync(f"p{index}", txid=index + 1, position=None, at=T0)
+        results.put((index, None))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((index, traceback.format_exc()))
+
+
+def test_concurrent_opens_of_a_fresh_database_all_succeed(url):
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded pytest process
+    start, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_open_concurrently, args=(url, i, start, results)) for i in range(4)]
+    for p in procs:
+        p.start()
+    outcomes = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert {i: err for i, err in outcomes.items() if err} == {}
+    assert all(p.exitcode == 0 for p in procs)
+    with Catalogue(url) as c:
+        assert [t.name for t in c.list()] == ["p0", "p1", "p2", "p3"]
+        assert [t.txid for t in c.list()] == [1, 2, 3, 4]
+        with c.engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT count(*) FROM {VERSION_TABLE}")).scalar() == 1
+
+
+def _backend_pid(cat: Catalogue) -> int | None:
+    """The PostgreSQL server process behind the connection the pool hands out."""
+    if cat.dialect != "postgresql":
+        return None
+    with cat.engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+
+def _use_inherited(cat: Catalogue, results) -> None:
+    try:
+        cat.record_write("a", T0)
+        results.put((cat.get("a").last_write_at, _backend_pid(cat)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((traceback.format_exc(), None))
+
+
+def test_forked_child_opens_its_own_connections(cat):
+    """A Catalogue made before a fork (Celery prefork) works in the child and, after it,
+    still in the parent: the child never touches the parent's pooled connections (on
+    PostgreSQL: the child talks to another server process)."""
+    cat.discover("a", "/a", "h")
+    parent_backend = _backend_pid(cat)  # the pool now holds this open connection
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_use_inherited, args=(cat, results))
+    child.start()
+    got, child_backend = results.get(timeout=60)
+    child.join(30)
+    assert got == T0 and child.exitcode == 0
+    if parent_backend is not None:
+        assert child_backend != parent_backend
+        assert _backend_pid(cat) == parent_backend  # the parent's connection is intact
+    cat.record_sync("a", txid=1, position=None, at=T0)
+    assert cat.get("a").last_write_at == T0
+
+
+def test_sqlite_uses_wal_and_creates_parent_directories(tmp_path):
+    path = tmp_path / "a" / "b" / "cat.db"
+    with Catalogue(f"sqlite:///{path}") as c:
+        with c.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    assert path.exists()
+
+
+def test_in_memory_sqlite_works():
+    with Catalogue("sqlite://") as c:
+        c.discover("a", "/a", "h")
+        assert c.get("a").state is S.idle
+
+
+def test_bad_url_is_a_catalogue_error():
+    with pytest.raises(CatalogueError, match="expected sqlite"):
+        Catalogue("mysql://u@127.0.0.1/x")
+    with pytest.raises(CatalogueError):
+        Catalogue("not a url")
+
+
+# -- discovery --------------------------------------------------------------------------
+
+
+def test_discover_inserts_idle_and_is_idempotent(cat):
+    t = cat.discover("acme", "/srv/acme.db", "h1")
+    assert (t.name, t.path, t.host, t.state, t.txid, t.generation, t.bytes_stored) == \
+        ("acme", "/srv/acme.db", "h1", S.idle, 0, 0, 0)
+    assert t.position is None and t.last_sync_at is None and t.archived_txid is None
+    assert t.created_at.tzinfo is UTC and t.created_at == t.updated_at
+
+    cat.record_sync("acme", txid=7, position={"txid": 7, "wal_offset": 4096}, at=T0, bytes_added=100)
+    before = cat.get("acme")
+    again = cat.discover("acme", "/srv/acme.db", "h1")
+    assert again == before  # nothing written, not even updated_at
+
+    moved = cat.discover("acme", "/data/acme.db", "h2")
+    assert (moved.path, moved.host) == ("/data/acme.db", "h2")
+    assert (moved.state, moved.txid, moved.position, moved.bytes_stored) == \
+        (S.active, 7, {"txid": 7, "wal_offset": 4096}, 100)
+    assert moved.created_at == before.created_at and moved.updated_at > before.updated_at
+
+
+def test_discover_many_10k(cat, capsys):
+    items = [(f"tenant-{i:05d}", f"/srv/tenants/{i:05d}.db") for i in range(10_000)]
+    cat.discover("tenant-00042", "/srv/tenants/00042.db", "h1")
+    cat.record_sync("tenant-00042", txid=9, position={"k": 1}, at=T0)
+
+    started = time.perf_counter()
+    written = cat.discover_many(items, "h1")
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    assert cat.discover_many(items, "h1") == 0  # all known: nothing written
+    second = time.perf_counter() - started
+    with capsys.disabled():
+        print(f"\n[{cat.dialect}] discover_many 10,000 new: {first:.3f}s; all known: {second:.3f}s")
+
+    assert written == 9_999
+    assert cat.count_by_state() == {"active": 1, "idle": 9_999, "archiving": 0, "archived": 0,
+                                    "hydrating": 0, "error": 0}
+    kept = cat.get("tenant-00042")
+    assert (kept.state, kept.txid, kept.position) == (S.active, 9, {"k": 1})
+    listed = cat.list(host="h1")
+    assert [t.name for t in listed] == [name for name, _ in items]
+
+    # Moved tenants (new path or host) are updated, the rest untouched; duplicates: last wins.
+    moved = [("tenant-00001", "/new/1.db"), ("tenant-00002", "/new/2.db"), ("tenant-00002", "/new/2b.db")]
+    assert cat.discover_many(moved, "h1") == 2
+    assert cat.get("tenant-00002").path == "/new/2b.db"
+    assert cat.discover_many(items[:3], "h2") == 3
+    assert [t.name for t in cat.list(host="h2")] == ["tenant-00000", "tenant-00001", "tenant-00002"]
+    assert cat.get("tenant-00001").path == "/srv/tenants/00001.db"
+    assert cat.discover_many([], "h1") == 0
+
+
+# -- state transitions ------------------------------------------------------------------
+
+
+def test_transition_compare_and_set(cat):
+    cat.discover("a", "/a", "h")
+    assert cat.transition("a", S.archiving, expected={S.active, S.idle})
+    assert not cat.transition("a", S.archiving, expected={S.active, S.idle})  # already moved
+    assert cat.get("a").state is S.archiving
+    assert not cat.transition("a", S.archived, expected=set())
+    assert not cat.transition("missing", S.active)
+    assert cat.transition("a", S.idle)  # expected=None: from any state
+    assert cat.transition("a", "active", expected={"idle"})  # plain values are accepted
+    assert cat.get("a").state is S.active
+
+
+def test_transition_to_archived_records_archived_txid(cat):
+    cat.discover("a", "/a", "h")
+    cat.record_sync("a", txid=41, position=None, at=T0)
+    assert cat.transition("a", S.archiving, expected={S.active})
+    assert cat.transition("a", S.archived, expected={S.archiving})
+    t = cat.get("a")
+    assert (t.state, t.txid, t.archived_txid) == (S.archived, 41, 41)
+    assert cat.transition("a", S.hydrating, expected={S.archived})
+    assert cat.get("a").archived_txid == 41  # kept: hydration must reach it
+
+
+def _race_to_hydrate(cat: Catalogue, barrier: threading.Barrier, wins: list, errors: list) -> None:
+    try:
+        barrier.wait(10)
+        wins.append(cat.transition("a", S.hydrating, expected={S.archived}))
+    except BaseException as e:  # noqa: BLE001 - asserted on by the test
+        errors.append(e)
+
+
+def test_archived_to_hydrating_race_has_one_winner(cat):
+    """8 threads race archived → hydrating, 5 rounds: exactly one wins each round."""
+    cat.discover("a", "/a", "h")
+    for _ in range(5):
+        assert cat.transition("a", S.archived)
+        barrier = threading.Barrier(8)
+        wins: list[bool] = []
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=_race_to_hydrate, args=(cat, barrier, wins, errors)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert sorted(wins) == [False] * 7 + [True]
+        assert cat.get("a").state is S.hydrating
+
+
+# -- records ----------------------------------------------------------------------------
+
+
+def test_record_sync(cat):
+    cat.discover("a", "/a", "h")
+    cat.record_sync("a", txid=3, position={"txid": 3, "checksum": [1, 2]}, at=T0, bytes_added=4096)
+    t = cat.get("a")
+    assert (t.state, t.txid, t.position, t.last_sync_at, t.bytes_stored) == \
+        (S.active, 3, {"txid": 3, "checksum": [1, 2]}, T0, 4096)
+
+    cat.record_error("a", "disk I/O error")
+    t = cat.get("a")
+    assert (t.state, t.last_error) == (S.error, "disk I/O error")
+    cat.record_sync("a", txid=4, position=None, at=T0 + timedelta(seconds=1), bytes_added=100)
+    t = cat.get("a")
+    assert (t.state, t.last_error, t.txid, t.position, t.bytes_stored) == (S.active, None, 4, None, 4196)
+
+    # States owned by transition() are left alone.
+    assert cat.transition("a", S.archiving, expected={S.active})
+    cat.record_sync("a", txid=5, position=None, at=T0 + timedelta(seconds=2))
+    t = cat.get("a")
+    assert (t.state, t.txid, t.bytes_stored) == (S.archiving, 5, 4196)
+
+    with pytest.raises(UnknownTenant, match="missing"):
+        cat.record_sync("missing", txid=1, position=None, at=T0)
+    with pytest.raises(KeyError):  # UnknownTenant is a KeyError too
+        cat.record_write("missing", T0)
+
+
+def test_record_write_only_moves_forward(cat):
+    cat.discover("a", "/a", "h")
+    cat.record_write("a", T0)
+    cat.record_write("a", T0 - timedelta(seconds=5))  # late event
+    assert cat.get("a").last_write_at == T0
+    cat.record_write("a", T0 + timedelta(microseconds=1))
+    assert cat.get("a").last_write_at == T0 + timedelta(microseconds=1)
+
+
+def test_record_lease_compaction_snapshot(cat):
+    cat.discover("a", "/a", "h")
+    cat.record_lease("a", "h:worker-1", T0 + timedelta(seconds=30), 3)
+    cat.record_compaction("a", T0 + timedelta(seconds=1))
+    cat.record_snapshot("a", T0 + timedelta(seconds=2))
+    t = cat.get("a")
+    assert (t.lease_holder, t.lease_expires_at, t.generation) == ("h:worker-1", T0 + timedelta(seconds=30), 3)
+    assert (t.last_compact_at, t.last_snapshot_at) == (T0 + timedelta(seconds=1), T0 + timedelta(seconds=2))
+    cat.record_lease("a", None, None, 4)
+    t = cat.get("a")
+    assert (t.lease_holder, t.lease_expires_at, t.generation) == (None, None, 4)
+
+
+def test_datetimes_are_utc_and_naive_ones_are_refused(cat):
+    cat.discover("a", "/a", "h")
+    paris = timezone(timedelta(hours=1))
+    at = datetime(2026, 1, 1, 13, 0, 0, 123456, tzinfo=paris)
+    cat.record_sync("a", txid=1, position=None, at=at)
+    got = cat.get("a").last_sync_at
+    assert got == at and got.tzinfo is UTC and got.hour == 12 and got.microsecond == 123456
+    with pytest.raises(ValueError, match="naive"):
+        cat.record_write("a", datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="naive"):
+        cat.idle_since(datetime(2026, 1, 1))
+
+
+def test_records_are_detached_snapshots(url):
+    c = Catalogue(url)
+    c.discover("a", "/a", "h")
+    t = c.get("a")
+    listed = c.list()
+    c.close()  # no session, no connection: the records still work
+    assert isinstance(t, TenantRecord) and t.name == "a" and listed[0].state is S.idle
+    with pytest.raises(AttributeError):
+        t.state = S.active  # frozen
+
+
+def test_get_list_and_count_by_state(cat):
+    assert cat.get("nope") is None
+    assert cat.list() == []
+    assert cat.count_by_state() == {s.value: 0 for s in S}
+    cat.discover_many([("c", "/c"), ("a", "/a")], "h1")
+    cat.discover("b", "/b", "h2")
+    cat.record_sync("b", txid=1, position=None, at=T0)
+    cat.record_error("c", "boom")
+    assert [t.name for t in cat.list()] == ["a", "b", "c"]
+    assert [t.name for t in cat.list(state=S.idle)] == ["a"]
+    assert [t.name for t in cat.list(host="h1")] == ["a", "c"]
+    assert [t.name for t in cat.list(state=S.active, host="h1")] == []
+    assert [t.name for t in cat.list(state=S.active, host="h2")] == ["b"]
+    assert cat.count_by_state() == {"active": 1, "idle": 1, "archiving": 0, "archived": 0, "hydrating": 0, "error": 1}
+
+
+# -- scheduler queries ------------------------------------------------------------------
+
+
+def test_lagging(cat):
+    now = T0 + timedelta(minutes=10)
+    for name in ("never-written", "synced-after", "lag-old", "lag-new", "never-synced", "caught-up"):
+        cat.discover(name, f"/{name}", "h")
+    cat.record_sync("never-written", txid=1, position=None, at=T0)
+    cat.record_write("synced-after", T0)
+    cat.record_sync("synced-after", txid=1, position=None, at=T0 + timedelta(seconds=1))
+    cat.record_sync("lag-old", txid=1, position=None, at=T0)
+    cat.record_write("lag-old", T0 + timedelta(minutes=1))
+    cat.record_sync("lag-new", txid=1, position=None, at=T0)
+    cat.record_write("lag-new", now - timedelta(seconds=5))  # too recent: a sync is on its way
+    cat.record_write("never-synced", T0 + timedelta(minutes=2))
+    cat.record_write("caught-up", T0)
+    cat.record_sync("caught-up", txid=1, position=None, at=T0)  # synced at the write's time
+
+    assert [t.name for t in cat.lagging(now, timedelta(seconds=30))] == ["lag-old", "never-synced"]
+    assert [t.name for t in cat.lagging(now, timedelta(seconds=1))] == ["lag-old", "never-synced", "lag-new"]
+    assert [t.name for t in cat.lagging(now, timedelta(minutes=8, seconds=30))] == ["lag-old"]
+    assert cat.lagging(now, timedelta(seconds=1), host="other") == []
+
+
+def test_idle_since(cat):
+    before = T0 + timedelta(minutes=5)
+    for name, host in (("quiet", "h1"), ("busy", "h1"), ("other-host", "h2"), ("idle", "h1"),
+                       ("synced-only", "h1"), ("errored", "h1")):
+        cat.discover(name, f"/{name}", host)
+    for name in ("quiet", "busy", "other-host", "errored"):
+        cat.record_sync(name, txid=1, position=None, at=T0)
+    cat.record_write("quiet", T0 + timedelta(minutes=1))
+    cat.record_write("busy", T0 + timedelta(minutes=6))
+    cat.record_write("other-host", T0)
+    cat.record_write("idle", T0)  # idle already, not active
+    cat.record_sync("synced-only", txid=1, position=None, at=T0 + timedelta(minutes=2))  # never written
+    cat.record_write("errored", T0)
+    cat.record_error("errored", "x")
+
+    assert [t.name for t in cat.idle_since(before)] == ["other-host", "quiet", "synced-only"]
+    assert [t.name for t in cat.idle_since(before, host="h1")] == ["quiet", "synced-only"]
+    assert cat.idle_since(T0) == []
+
+
+def test_needing_compaction(cat):
+    for name in ("never-synced", "new", "compacted-since", "changed", "changed-earlier"):
+        cat.discover(name, f"/{name}", "h")
+    cat.record_sync("new", txid=1, position=None, at=T0 + timedelta(minutes=3))  # never compacted
+    cat.record_sync("compacted-since", txid=1, position=None, at=T0)
+    cat.record_compaction("compacted-since", T0 + timedelta(minutes=1))
+    cat.record_snapshot("compacted-since", T0 + timedelta(minutes=1))
+    cat.record_compaction("changed", T0)
+    cat.record_sync("changed", txid=2, position=None, at=T0 + timedelta(minutes=2))
+    cat.record_compaction("changed-earlier", T0)
+    cat.record_sync("changed-earlier", txid=2, position=None, at=T0 + timedelta(minutes=1))
+    cat.record_snapshot("changed", T0 + timedelta(minutes=5))
+
+    assert [t.name for t in cat.needing_compaction("last_compact_at")] == ["new", "changed-earlier", "changed"]
+    assert [t.name for t in cat.needing_compaction("last_compact_at", limit=2)] == ["new", "changed-earlier"]
+    assert [t.name for t in cat.needing_compaction("last_snapshot_at")] == ["changed-earlier", "new"]
+    assert [t.name for t in cat.needing_compaction()] == ["new", "changed-earlier", "changed"]
+    assert cat.needing_compaction(host="elsewhere") == []
+    cat.record_compaction("new", T0 + timedelta(minutes=4))
+    assert "new" not in [t.name for t in cat.needing_compaction()]
+    with pytest.raises(ValueError):
+        cat.needing_compaction("created_at")  # type: ignore[arg-type]

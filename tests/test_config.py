@@ -1,0 +1,43 @@
+"""tenantsync.yml and its environment overrides."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from tenantsync.config import ConfigError, load
+
+
+def test_file_keys_and_env_overrides(tmp_path):
+    path = tmp_path / "tenantsync.yml"
+    path.write_text(
+        "replica: file:///r\nglobs: ['/data/*.db']\nidle-after: 2m\n"
+        "levels:\n  - level: 1\n    interval: 10s\nsnapshot:\n  interval: 1h\n  retention: 48h\nl0-retention: 1m\n"
+    )
+    cfg = load(str(path), env={"TENANTSYNC_BROKER": "redis://127.0.0.1:1/0"})
+    assert cfg.replica == "file:///r" and cfg.globs == ("/data/*.db",)
+    assert cfg.broker == "redis://127.0.0.1:1/0"
+    assert cfg.idle_after == timedelta(minutes=2)
+    assert cfg.levels.intervals == {1: timedelta(seconds=10)}
+    assert cfg.levels.snapshot_interval == timedelta(hours=1)
+    assert cfg.levels.retention == timedelta(hours=48)
+    assert cfg.levels.l0_retention == timedelta(minutes=1)
+
+
+def test_defaults_are_the_embedded_mode():
+    cfg = load(None, env={})
+    assert cfg.broker is None and cfg.catalogue.startswith("sqlite:///")
+    assert cfg.levels.intervals[1] == timedelta(seconds=30)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("idle-after: soon\n", "idle-after: 'soon' is not a duration"),
+    ("colour: blue\n", "unknown config key"),
+    ("- a\n", "expected a mapping"),
+])
+def test_bad_config_names_the_key(tmp_path, text, message):
+    path = tmp_path / "tenantsync.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(str(path), env={})

@@ -1,0 +1,142 @@
+"""The embedded fleet: one process watching a glob, jobs in-process, SQLite catalogue."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from scheduler import embedded
+from tenantsync.catalogue import Catalogue
+from tenantsync.config import Config
+from tenantsync.replica import Replica
+from tenantsync.restore import restore
+from tenantsync.storage import open_storage
+
+from .dbutil import app_db, dump, write_rows
+
+
+def fleet_config(tmp_path, url, **kw) -> Config:
+    return Config(
+        replica=url,
+        globs=(f"{tmp_path}/data/*.db",),
+        catalogue=f"sqlite:///{tmp_path}/catalogue.db",
+        host="test-host",
+        idle_after=timedelta(seconds=kw.pop("idle_after", 2)),
+        **kw,
+    )
+
+
+def wait_for(predicate, timeout=30.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def assert_replicas_match(tmp_path, url, paths):
+    storage = open_storage(url)
+    for name, path in paths.items():
+        out = tmp_path / "restored" / name
+        restore(Replica(storage.child(name)), str(out), force=True)
+        assert dump(str(out)) == dump(path), name
+
+
+@pytest.fixture
+def running(tmp_path, file_url):
+    """Start the embedded fleet in a thread; yields (config, results list); stops it after."""
+    (tmp_path / "data").mkdir()
+    started = {}
+
+    def start(**kw):
+        cfg = fleet_config(tmp_path, file_url, **kw)
+        stop = threading.Event()
+        results, problems = [], []
+        thread = threading.Thread(
+            target=embedded.run, args=(cfg, stop),
+            kwargs=dict(report=problems.append, on_result=lambda job, r: results.append((job, r))),
+            daemon=True,
+        )
+        thread.start()
+        started.update(stop=stop, thread=thread)
+        return cfg, results, problems
+
+    yield start
+    if started:
+        started["stop"].set()
+        started["thread"].join(30)
+
+
+def test_every_tenant_written_at_random_is_replicated(tmp_path, file_url, running):
+    paths, conns = {}, {}
+    for i in range(30):
+        name = f"t{i:03d}.db"
+        paths[name] = str(tmp_path / "data" / name)
+        conns[name] = app_db(paths[name])
+        write_rows(conns[name], 5)
+    cfg, results, problems = running()
+    rng = random.Random(7)
+    for _ in range(200):
+        write_rows(conns[rng.choice(list(conns))], rng.randint(1, 5))
+        time.sleep(0.005)
+    catalogue = Catalogue(cfg.catalogue)
+
+    def caught_up():
+        return all((t.txid or 0) > 0 and t.last_sync_at and (t.last_write_at is None or t.last_sync_at >= t.last_write_at)
+                   for t in catalogue.list())
+
+    assert wait_for(caught_up, 30)
+    time.sleep(0.5)
+    assert_replicas_match(tmp_path, file_url, paths)
+    assert problems == []
+
+
+def test_non_sqlite_files_and_bad_names_are_reported_once_and_skipped(tmp_path, file_url, running):
+    good = str(tmp_path / "data" / "good.db")
+    write_rows(app_db(good), 3)
+    (tmp_path / "data" / "notes.db").write_text("not a database" * 20)
+    (tmp_path / "data" / "bad name.db").write_bytes(open(good, "rb").read())
+    cfg, results, problems = running()
+    catalogue = Catalogue(cfg.catalogue)
+    assert wait_for(lambda: any(t.name == "good.db" and t.txid for t in catalogue.list()))
+    (tmp_path / "data" / "notes.db").write_text("still not a database" * 20)
+    time.sleep(1.5)
+    assert sorted(problems) == sorted([
+        f"skipping {tmp_path}/data/bad name.db: tenant name 'bad name.db' is not allowed "
+        "(segments of letters, digits, '.', '_', '-', not starting with a punctuation mark, at most 255 characters)",
+        f"skipping {tmp_path}/data/notes.db: not a SQLite database",
+    ])
+    assert [t.name for t in catalogue.list()] == ["good.db"]
+
+
+def test_new_databases_are_picked_up_as_they_appear(tmp_path, file_url, running):
+    cfg, results, problems = running()
+    time.sleep(0.3)
+    path = str(tmp_path / "data" / "late.db")
+    conn = app_db(path)
+    write_rows(conn, 4)
+    catalogue = Catalogue(cfg.catalogue)
+    assert wait_for(lambda: any(t.name == "late.db" and t.txid for t in catalogue.list()), 10)
+    write_rows(conn, 4)
+    assert wait_for(lambda: catalogue.get("late.db").txid >= 2, 10)
+    assert_replicas_match(tmp_path, file_url, {"late.db": path})
+
+
+def test_idle_tenants_are_released_and_resume_without_a_full_upload(tmp_path, file_url, running):
+    path = str(tmp_path / "data" / "a.db")
+    conn = app_db(path)
+    write_rows(conn, 10)
+    cfg, results, problems = running(idle_after=0.5)
+    catalogue = Catalogue(cfg.catalogue)
+    assert wait_for(lambda: (catalogue.get("a.db") or None) and catalogue.get("a.db").txid == 1)
+    assert wait_for(lambda: (catalogue.get("a.db").position or {}).get("backfilled"), 15)
+    write_rows(conn, 3)
+    assert wait_for(lambda: catalogue.get("a.db").txid == 2, 10)
+    syncs = [r for job, r in results if job == "sync" and r.get("txid") == 2]
+    assert syncs and syncs[0]["full"] is None
+    assert_replicas_match(tmp_path, file_url, {"a.db": path})

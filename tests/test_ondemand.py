@@ -1,0 +1,110 @@
+"""Archival of idle tenants and hydration on demand, with real files and processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import pytest
+
+from tenantsync.catalogue import Catalogue, TenantState
+from tenantsync.config import Config
+from tenantsync.errors import RestoreError
+from tenantsync.fleet import Fleet
+from tenantsync.ondemand import ArchiveAborted, OnDemand
+
+from .dbutil import app_db, dump, write_rows
+
+
+@pytest.fixture
+def fleet(tmp_path, storage_url):
+    (tmp_path / "data").mkdir()
+    cfg = Config(replica=storage_url, globs=(f"{tmp_path}/data/*.db",),
+                 catalogue=f"sqlite:///{tmp_path}/cat.db", host="h1", idle_after=timedelta(seconds=1))
+    f = Fleet(cfg, Catalogue(cfg.catalogue))
+    yield f
+    f.close()
+
+
+def tenant(fleet, tmp_path, name="acme.db", rows=20):
+    path = str(tmp_path / "data" / name)
+    conn = app_db(path)
+    write_rows(conn, rows)
+    fleet.catalogue.discover(name, path, "h1")
+    fleet.sync(name)
+    return path, conn
+
+
+def test_archive_then_hydrate_round_trip_without_reupload(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)
+    write_rows(conn, 5)
+    fleet.sync(name := "acme.db")
+    expected = dump(path)
+    conn.close()
+    od = OnDemand(fleet)
+    result = od.archive(name)
+    assert result["archived"] and not any(os.path.exists(path + s) for s in ("", "-wal", "-shm"))
+    assert fleet.catalogue.get(name).state == TenantState.archived
+    hydrated = od.hydrate(name)
+    assert hydrated.restored and dump(path) == expected
+    assert fleet.catalogue.get(name).state == TenantState.active
+    conn = app_db(path)
+    write_rows(conn, 3)
+    out = fleet.sync(name)
+    assert out["txid"] == hydrated.txid + 1 and out["full"] is None  # no second upload
+
+
+def test_archival_is_abandoned_while_another_process_has_the_file_open(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)
+    conn.close()
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import sqlite3,sys; c=sqlite3.connect({path!r}); c.execute('select 1'); "
+                               "print('ready', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(ArchiveAborted, match="is open by pid"):
+            OnDemand(fleet).archive("acme.db")
+        assert os.path.exists(path)
+        assert fleet.catalogue.get("acme.db").state != TenantState.archived
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_concurrent_hydrations_of_one_tenant_share_one_restore(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)
+    conn.close()
+    od = OnDemand(fleet)
+    od.archive("acme.db")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(od.hydrate("acme.db"))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and len({r.path for r in results}) == 1
+    assert len({id(r) for r in results if r.restored}) == 1  # one restore, its result shared
+
+
+def test_failed_hydration_leaves_no_file_and_records_why(tmp_path, fleet):
+    fleet.catalogue.discover("ghost.db", str(tmp_path / "data" / "ghost.db"), "h1")
+    fleet.catalogue.transition("ghost.db", TenantState.archived)
+    with pytest.raises(RestoreError, match="no LTX files"):
+        OnDemand(fleet).hydrate("ghost.db")
+    assert not os.path.exists(tmp_path / "data" / "ghost.db")
+    assert "no LTX files" in fleet.catalogue.get("ghost.db").last_error
+
+
+def test_fork_restores_another_tenant_state_under_a_new_name(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)
+    first = dump(path)
+    txid = fleet.catalogue.get("acme.db").txid
+    write_rows(conn, 9)
+    fleet.sync("acme.db")
+    forked = OnDemand(fleet).hydrate("acme-copy.db", source="acme.db", txid=txid)
+    assert dump(forked.path) == first
+    assert fleet.sync("acme-copy.db")["txid"] == 1  # its own replica starts with a snapshot

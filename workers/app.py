@@ -1,0 +1,50 @@
+"""The Celery application: broker from the tenantsync config, settings that lose nothing.
+
+Settings (measured in shared/stack-notes.md): ``acks_late`` + ``reject_on_worker_lost``
+so a SIGKILLed worker's task is redelivered, not lost; a short ``visibility_timeout``
+with a fast unacked restore so redelivery takes seconds, not an hour (every task is
+idempotent, so a duplicate is harmless); prefetch 1 so one slow tenant does not hold
+others back; task events on so Flower shows every job with its tenant argument.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tenantsync import config as configmod
+
+HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.restore", "tenantsync.hydrate",
+             "tenantsync.release_idle"}
+STORAGE_QUEUE = "storage"
+
+
+def host_queue(host: str) -> str:
+    """Jobs touching a host's local files go to that host's own queue."""
+    return f"host.{host}"
+
+
+def make_app(config: configmod.Config) -> Celery:
+    broker = config.broker or "redis://127.0.0.1:6379/0"
+    app = Celery("tenantsync", broker=broker, include=["workers.tasks"])
+    app.conf.update(
+        result_backend=broker if broker.startswith("redis") else None,
+        result_expires=3600,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": 120,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=STORAGE_QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+app = make_app(configmod.load())

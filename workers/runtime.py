@@ -1,0 +1,69 @@
+"""Per-process singletons for the tasks: one Fleet and one dispatcher per worker process.
+
+Host-queue workers run with ``--pool threads`` so every job for the host's tenants
+shares one Fleet (and its cache of active captures and leases).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+from celery.signals import worker_ready
+
+from tenantsync import config as configmod
+from tenantsync.fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+RELEASE_EVERY = 5.0
+
+_build_lock = threading.RLock()
+
+
+def singleton(fn):
+    """Build ``fn()`` once per process, even when several pool threads ask at once.
+
+    (``functools.cache`` does not lock: the pool's first jobs each built their own Fleet,
+    each with its own lease owner and captures, which then fought over the same tenants.)
+    """
+    built = []
+
+    @functools.wraps(fn)
+    def get():
+        if not built:
+            with _build_lock:
+                if not built:
+                    built.append(fn())
+        return built[0]
+
+    return get
+
+
+@singleton
+def fleet() -> Fleet:
+    return Fleet(configmod.load())
+
+
+@singleton
+def dispatcher():
+    from scheduler.queue import CeleryDispatcher
+
+    from .app import app
+
+    return CeleryDispatcher(app, fleet().config.host)
+
+
+@worker_ready.connect
+def _start_idle_release(**_):
+    """One thread per worker (not per tenant) closes tenants that went idle."""
+
+    def loop(stop=threading.Event()):
+        while not stop.wait(RELEASE_EVERY):
+            try:
+                fleet().release_idle()
+            except Exception:  # noqa: BLE001 - one failed release must not end the loop
+                log.exception("releasing idle tenants failed; retrying in %.0f s", RELEASE_EVERY)
+
+    threading.Thread(target=loop, name="tenantsync-release-idle", daemon=True).start()
