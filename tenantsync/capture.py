@@ -119,7 +119,7 @@ class Capture:
             result = self._merge(result, self.checkpoint())
         return result
 
-    def checkpoint(self, truncate: bool = False) -> SyncResult:
+    def checkpoint(self, truncate: bool = False, wait: float = 0.05) -> SyncResult:
         """Copy the WAL into the main file without ever losing an unshipped frame.
 
         Under ``BEGIN IMMEDIATE`` no commit can happen: ship the tail, drop our read
@@ -129,11 +129,14 @@ class Capture:
         if not self._open():
             return SyncResult(None)
         writer = self._writer_conn()
+        writer.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
         try:
             writer.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            log.debug("%s: checkpoint skipped, write lock busy: %s", self.path, e)
-            return SyncResult(None)
+            # Shipping needs no write lock (our read mark protects unshipped frames);
+            # only the checkpoint waits for a round where the application is not writing.
+            log.info("%s: checkpoint skipped, the application holds the write lock: %s", self.path, e)
+            return self._ship()
         try:
             result = self._ship()
             self._end_read()
@@ -154,7 +157,7 @@ class Capture:
         """Ship everything, checkpoint it, and close every handle (the tenant went idle)."""
         if not self._open():
             return SyncResult(None)
-        result = self.checkpoint()
+        result = self.checkpoint(wait=min(1.0, self.busy_timeout))
         self.close()
         return result
 
@@ -395,10 +398,12 @@ class Capture:
             min_txid=txid,
             max_txid=txid,
             timestamp=_now_ms(),
-            wal_offset=walmod.WAL_HEADER_SIZE if in_wal else 0,
+            # (32, 0) with no committed frames: "start of a WAL, nothing yet", the position
+            # Litestream (and position_from_replica) can continue from; (0, 0) stops it.
+            wal_offset=walmod.WAL_HEADER_SIZE,
             wal_size=scan.end_offset - walmod.WAL_HEADER_SIZE if in_wal else 0,
-            wal_salt1=header.salt1 if in_wal else 0,
-            wal_salt2=header.salt2 if in_wal else 0,
+            wal_salt1=header.salt1 if header else 0,
+            wal_salt2=header.salt2 if header else 0,
         )
         with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
             enc = Encoder(spool, hdr)
