@@ -108,3 +108,46 @@ def test_fork_restores_another_tenant_state_under_a_new_name(tmp_path, fleet):
     forked = OnDemand(fleet).hydrate("acme-copy.db", source="acme.db", txid=txid)
     assert dump(forked.path) == first
     assert fleet.sync("acme-copy.db")["txid"] == 1  # its own replica starts with a snapshot
+
+
+WRITER = r"""
+import sqlite3, sys, time, urllib.parse
+path, n = sys.argv[1], int(sys.argv[2])
+uri = "file:" + urllib.parse.quote(path) + "?mode=rw"   # never create a new, empty database
+for i in range(n):
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
+        conn.execute("INSERT INTO t(v) VALUES (?)", (f"w{i}",))
+        conn.close()
+    except sqlite3.OperationalError as e:
+        print("stopped", i, e, flush=True)
+        break
+    print("committed", i, flush=True)
+    time.sleep(0.002)
+"""
+
+
+def test_a_write_during_archival_is_never_lost(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)
+    conn.close()
+    od = OnDemand(fleet)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, path, "400"], stdout=subprocess.PIPE, text=True)
+    first = writer.stdout.readline()  # archive only once the writer is really writing
+    assert first.startswith("committed")
+    outcomes = []
+    while writer.poll() is None and not outcomes[-1:] == ["archived"]:
+        try:
+            od.archive("acme.db")
+            outcomes.append("archived")
+        except ArchiveAborted:
+            outcomes.append("aborted")
+            fleet.sync("acme.db")
+    out, _ = writer.communicate()
+    committed = {f"w{line.split()[1]}" for line in (first + out).splitlines() if line.startswith("committed")}
+    assert len(committed) > 1 and outcomes
+    if os.path.exists(path):  # the archival never won: everything is still local
+        fleet.sync("acme.db")
+        od.archive("acme.db")
+    od.hydrate("acme.db")
+    rows = {v for _, v in dump(path)[0][1] if isinstance(v, str)}
+    assert committed <= rows, f"lost {sorted(committed - rows)[:5]} after {outcomes.count('aborted')} aborted archivals"
