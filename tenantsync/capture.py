@@ -46,6 +46,8 @@ DEFAULT_TRUNCATE_PAGES = 121359
 # Full-page files above this size spill from memory to a temporary file.
 SPOOL_BYTES = 64 << 20
 READ_CHUNK = 4 << 20
+# WAL bytes read per step of an incremental pass (about 1000 frames of 4 KiB).
+WAL_CHUNK = 4 << 20
 
 
 class ReplicaConflict(TenantSyncError):
@@ -60,6 +62,22 @@ class SyncResult:
     pages: int = 0
     size: int = 0
     full_reason: str | None = None
+
+
+@dataclass
+class _Pending:
+    """An L0 file encoded but not yet uploaded, and the position it will establish."""
+
+    header: Header
+    data: object  # bytes, or a spooled temporary file positioned at 0
+    size: int
+    position: Position
+    pages: int
+    full_reason: str | None = None
+
+    def close(self) -> None:
+        if hasattr(self.data, "close"):
+            self.data.close()
 
 
 def _now_ms() -> int:
@@ -122,35 +140,42 @@ class Capture:
     def checkpoint(self, truncate: bool = False, wait: float = 0.05) -> SyncResult:
         """Copy the WAL into the main file without ever losing an unshipped frame.
 
-        Under ``BEGIN IMMEDIATE`` no commit can happen: ship the tail, drop our read
-        mark, checkpoint everything, take the mark again, then let writers go. If the
-        application holds the write lock we skip this round rather than wait.
+        Ship first, while the application keeps writing. Then, under ``BEGIN IMMEDIATE``
+        (no commit can land), only *read* the few commits that arrived meanwhile, drop our
+        read mark, checkpoint, and take the mark again; the application waits for that
+        and nothing else. The tail is uploaded after the barrier: if the upload fails,
+        the position has not moved, and the next pass either re-reads those frames or,
+        if the WAL restarted, writes a full-page file. If the application holds the
+        write lock we skip the checkpoint this round rather than wait.
         """
         if not self._open():
             return SyncResult(None)
+        result = self._ship()
         writer = self._writer_conn()
         writer.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
         try:
             writer.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            # Shipping needs no write lock (our read mark protects unshipped frames);
-            # only the checkpoint waits for a round where the application is not writing.
             log.info("%s: checkpoint skipped, the application holds the write lock: %s", self.path, e)
-            return self._ship()
+            return result
         try:
-            result = self._ship()
+            tail = self._prepare()
             self._end_read()
-            self._passive_checkpoint()
+            backfill = self._passive_checkpoint()
             if not truncate:
                 self._begin_read()
         finally:
             writer.execute("ROLLBACK")
+        if tail is not None:
+            result = self._commit(tail)
+        self._mark_backfilled(backfill)
         if truncate:
             # A commit slipping in between ROLLBACK and the truncate is copied into the
             # main file by it, which changes the file's stat: the next pass sees that and
             # ships a full-page file instead of missing the commit.
             self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self._begin_read()
+            self._held_since_position = False
         return result
 
     def release(self) -> SyncResult:
@@ -233,16 +258,23 @@ class Capture:
         self._reading = False
         self._held_since_position = False
 
-    def _passive_checkpoint(self) -> None:
+    def _passive_checkpoint(self) -> tuple[int, DBStat | None] | None:
+        """Checkpoint under the barrier; (WAL end offset, main-file stat) if every frame
+        was copied, else None. The stat is taken before any writer can run again."""
         busy, frames, copied = self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy != 0 or frames != copied or self.position is None:
+            return None
+        frame_size = walmod.FRAME_HEADER_SIZE + self.position.page_size
+        return walmod.WAL_HEADER_SIZE + frames * frame_size, DBStat.of(self.path)
+
+    def _mark_backfilled(self, backfill) -> None:
         pos = self.position
-        if pos is None:
+        if backfill is None or pos is None:
             return
-        frame_size = walmod.FRAME_HEADER_SIZE + pos.page_size
-        at_end = pos.wal_offset in (0, walmod.WAL_HEADER_SIZE + frames * frame_size)
-        if busy == 0 and frames == copied and at_end:
-            self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.of(self.path)))
-            self._held_since_position = True
+        end, stat = backfill
+        if pos.wal_offset in (0, end):
+            self._set_position(pos.advanced(backfilled=True, db_stat=stat))
+            self._held_since_position = self._reading
 
     # -- the pass -------------------------------------------------------------
 
@@ -262,20 +294,35 @@ class Capture:
             self.on_position(position)
 
     def _ship(self) -> SyncResult:
+        pending = self._prepare()
+        return SyncResult(None) if pending is None else self._commit(pending)
+
+    def _prepare(self) -> _Pending | None:
+        """Read and encode what is new since the position; None if nothing is."""
         pos = self._resolve_position()
         header, wal_size = self._wal_header()
         if pos is None:
-            return self._ship_full(None, header, wal_size, "new replica")
+            return self._prepare_full(None, header, wal_size, "new replica")
         if self._replaced:
             self._replaced = False
-            return self._ship_full(pos, header, wal_size, "database file replaced")
+            return self._prepare_full(pos, header, wal_size, "database file replaced")
         cont = self._continuation(pos, header, wal_size)
         if isinstance(cont, str):
-            return self._ship_full(pos, header, wal_size, cont)
+            return self._prepare_full(pos, header, wal_size, cont)
         if cont is None:
-            return SyncResult(None)
+            return None
         start, checksum = cont
-        return self._ship_incremental(pos, header, wal_size, start, checksum)
+        return self._prepare_incremental(pos, header, wal_size, start, checksum)
+
+    def _commit(self, pending: _Pending) -> SyncResult:
+        """Upload, then advance the position: never the other way round."""
+        try:
+            self._upload(pending.header, pending.data, pending.size)
+        finally:
+            pending.close()
+        self._set_position(pending.position)
+        self._held_since_position = self._reading
+        return SyncResult(pending.header.max_txid, pending.pages, pending.size, pending.full_reason)
 
     def _wal_header(self) -> tuple[walmod.WALHeader | None, int]:
         try:
@@ -336,42 +383,59 @@ class Capture:
         scan = walmod.scan(data, header, walmod.WAL_HEADER_SIZE, head_sum)
         return scan.checksum if scan.end_offset == pos.wal_offset else None
 
-    def _ship_incremental(self, pos, header, wal_size, start, checksum) -> SyncResult:
-        data = self._read_wal(start, wal_size) if wal_size > start else b""
-        scan = walmod.scan(data, header, start, checksum)
-        if scan.end_offset == start:
+    def _scan_from(self, header, wal_size: int, start: int, checksum) -> tuple[int, tuple, int | None, dict]:
+        """Committed frames from ``start``, read in chunks that stop at the first frame
+        that does not verify: after a WAL restart the file's tail holds the previous
+        generation's frames, and reading (and checksumming) them every pass is waste."""
+        offset, commit, pages, chunk = start, None, {}, WAL_CHUNK
+        while offset < wal_size:
+            data = self._read_wal(offset, min(wal_size, offset + chunk))
+            scan = walmod.scan(data, header, offset, checksum)
+            if scan.end_offset == offset:
+                if scan.stopped_reason is None or scan.stopped_reason.startswith("partial"):
+                    if offset + len(data) < wal_size:
+                        chunk *= 2  # one transaction larger than the chunk
+                        continue
+                break
+            pages.update(scan.pages)
+            offset, checksum, commit = scan.end_offset, scan.checksum, scan.commit
+            if scan.stopped_reason is not None and not scan.stopped_reason.startswith("partial"):
+                break
+        return offset, checksum, commit, pages
+
+    def _prepare_incremental(self, pos, header, wal_size, start, checksum) -> _Pending | None:
+        end, end_sum, commit, wal_pages = self._scan_from(header, wal_size, start, checksum)
+        if end == start:
             if pos.checksum is None and start == pos.wal_offset:
                 self._set_position(pos.advanced(checksum=checksum))
-            return SyncResult(None)
+            return None
         lock = lock_pgno(pos.page_size)
-        pages = [(p, scan.pages[p]) for p in sorted(scan.pages) if p <= scan.commit and p != lock]
+        pages = [(p, wal_pages[p]) for p in sorted(wal_pages) if p <= commit and p != lock]
         hdr = Header(
             flags=HEADER_FLAG_NO_CHECKSUM,
             page_size=header.page_size,
-            commit=scan.commit,
+            commit=commit,
             min_txid=pos.txid + 1,
             max_txid=pos.txid + 1,
             timestamp=_now_ms(),
             wal_offset=start,
-            wal_size=scan.end_offset - start,
+            wal_size=end - start,
             wal_salt1=header.salt1,
             wal_salt2=header.salt2,
         )
         blob = encode_file(hdr, pages)
-        self._upload(hdr, blob, len(blob))
-        self._set_position(Position(
+        position = Position(
             txid=hdr.max_txid,
             page_size=hdr.page_size,
             commit=hdr.commit,
             salt1=header.salt1,
             salt2=header.salt2,
-            wal_offset=scan.end_offset,
-            checksum=scan.checksum,
-        ))
-        self._held_since_position = self._reading
-        return SyncResult(hdr.max_txid, len(pages), len(blob))
+            wal_offset=end,
+            checksum=end_sum,
+        )
+        return _Pending(hdr, blob, len(blob), position, len(pages))
 
-    def _ship_full(self, pos, header, wal_size, reason) -> SyncResult:
+    def _prepare_full(self, pos, header, wal_size, reason) -> _Pending:
         """Write every page of the current database state at the next TXID."""
         log.info("%s: writing full-page L0 (%s)", self.path, reason)
         scan = None
@@ -405,16 +469,19 @@ class Capture:
             wal_salt1=header.salt1 if header else 0,
             wal_salt2=header.salt2 if header else 0,
         )
-        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+        spool = tempfile.SpooledTemporaryFile(SPOOL_BYTES)
+        try:
             enc = Encoder(spool, hdr)
             for pgno, page in self._all_pages(page_size, commit, wal_pages):
                 enc.add_page(pgno, page)
             enc.close()
             size = spool.tell()
             spool.seek(0)
-            self._upload(hdr, spool, size)
+        except BaseException:
+            spool.close()
+            raise
         if in_wal:
-            self._set_position(Position(
+            position = Position(
                 txid=txid,
                 page_size=page_size,
                 commit=commit,
@@ -422,11 +489,11 @@ class Capture:
                 salt2=header.salt2,
                 wal_offset=scan.end_offset,
                 checksum=scan.checksum,
-            ))
+            )
         else:
             # Everything is in the main file, and our read mark stops anyone copying
             # new frames into it: the stat taken now anchors the next pass.
-            self._set_position(Position(
+            position = Position(
                 txid=txid,
                 page_size=page_size,
                 commit=commit,
@@ -435,9 +502,8 @@ class Capture:
                 wal_offset=walmod.WAL_HEADER_SIZE,
                 backfilled=True,
                 db_stat=DBStat.of(self.path),
-            ))
-        self._held_since_position = self._reading
-        return SyncResult(txid, commit, size, reason)
+            )
+        return _Pending(hdr, spool, size, position, commit, reason)
 
     def _all_pages(self, page_size: int, commit: int, wal_pages: dict):
         """Pages 1..commit: the WAL's newest committed image, else the main file's.

@@ -3,7 +3,7 @@
 The plan follows Litestream's: the newest snapshot at or before the target, then, from
 any level, the file that extends the contiguous TXID range furthest without passing the
 target. Every file's checksum is verified as it is applied to a temporary file next to the
-output; the result must pass ``PRAGMA integrity_check`` before it is renamed into place, so
+output; the result must pass ``PRAGMA quick_check`` before it is renamed into place, so
 the output path only ever holds a complete, verified database.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections import deque
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ def restore(
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tenantsync-restore-{os.getpid()}")
     try:
         pages, size, page_size, commit = _apply(replica, infos, tmp)
-        _integrity_check(tmp, output)
+        _structure_check(tmp, output)
         for suffix in ("-wal", "-shm"):
             # A stale WAL beside the new file would be replayed over it by SQLite.
             _remove(output + suffix)
@@ -165,9 +166,13 @@ def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int,
     pages = total = commit = 0
     try:
         with ThreadPoolExecutor(PREFETCH) as pool:
-            blobs = [pool.submit(replica.read, info) for info in infos]
-            for info, blob in zip(infos, blobs):
-                data = blob.result()
+            # At most PREFETCH files in flight or waiting: memory stays bounded however
+            # long the plan is.
+            ahead = deque(pool.submit(replica.read, info) for info in infos[:PREFETCH])
+            for i, info in enumerate(infos):
+                data = ahead.popleft().result()
+                if i + PREFETCH < len(infos):
+                    ahead.append(pool.submit(replica.read, infos[i + PREFETCH]))
                 total += len(data)
                 name = replica.url(info)
                 dec = replica.decoder(info, data)
@@ -204,18 +209,20 @@ def _write_pages(fd: int, pages, page_size: int) -> int:
     return count
 
 
-def _integrity_check(path: str, output: str) -> None:
+def _structure_check(path: str, output: str) -> None:
     uri = "file:" + urllib.parse.quote(path) + "?immutable=1"
     try:
         conn = sqlite3.connect(uri, uri=True)
         try:
-            rows = conn.execute("PRAGMA integrity_check").fetchall()
+            # Every page already matched its file checksum; quick_check adds the b-tree
+            # structure at a fraction of integrity_check's cost (no index cross-checks).
+            rows = conn.execute("PRAGMA quick_check").fetchall()
         finally:
             conn.close()
     except sqlite3.DatabaseError as e:
         raise RestoreError(f"{output}: restored database is not readable: {e}") from e
     if rows != [("ok",)]:
-        raise RestoreError(f"{output}: restored database failed integrity_check: {rows[0][0]}")
+        raise RestoreError(f"{output}: restored database failed quick_check: {rows[0][0]}")
 
 
 def _remove(path: str) -> None:
