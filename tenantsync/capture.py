@@ -137,6 +137,36 @@ class Capture:
             result = self._merge(result, self.checkpoint())
         return result
 
+    def has_news(self) -> bool:
+        """Whether a pass could ship anything, judged without opening SQLite.
+
+        For an idle tenant: opening a connection, taking the barrier and closing all
+        touch the ``-wal`` file, so a watcher seeing those as writes would wake the
+        tenant forever. This reads two small headers instead: the WAL's, and the frame
+        header where the next commit would be. A false positive only costs a pass.
+        """
+        pos = self.position
+        if pos is None or self._fd is not None:
+            return True
+        try:
+            header, wal_size = self._wal_header()
+        except TenantSyncError:
+            return True
+        if header is None:
+            return not self._backfill_still_holds(pos)
+        if (header.salt1, header.salt2) != (pos.salt1, pos.salt2):
+            if not self._backfill_still_holds(pos):
+                return True
+            offset = walmod.WAL_HEADER_SIZE
+        else:
+            offset = pos.wal_offset
+        if wal_size < offset:
+            return True
+        frame = self._read_wal(offset, offset + walmod.FRAME_HEADER_SIZE)
+        if len(frame) < walmod.FRAME_HEADER_SIZE:
+            return False
+        return struct.unpack(">II", frame[8:16]) == (header.salt1, header.salt2)
+
     def checkpoint(self, truncate: bool = False, wait: float = 0.05) -> SyncResult:
         """Copy the WAL into the main file without ever losing an unshipped frame.
 

@@ -655,6 +655,14 @@ class Catalogue:
             },
         )
 
+    def record_caught_up(self, name: str, at: datetime) -> None:
+        """A pass found nothing to ship at ``at``: the replica is current. Only
+        ``last_sync_at`` moves (forward); state and position stay as they are."""
+        c = TENANTS.c
+        at = _utc(at, "at")
+        self._update(name, {"last_sync_at": sa.case((sa.or_(c.last_sync_at.is_(None), c.last_sync_at < at),
+                                                     sa.literal(at, c.last_sync_at.type)), else_=c.last_sync_at)})
+
     def record_write(self, name: str, at: datetime) -> None:
         """The tenant's database was written at ``at``. Only moves ``last_write_at``
         forward, so events handled out of order cannot make a tenant look older."""

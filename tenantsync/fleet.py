@@ -21,7 +21,7 @@ from . import compactor
 from .capture import Capture, ReplicaConflict
 from .catalogue import Catalogue, TenantState
 from .config import Config
-from .errors import DatabaseError, LeaseHeld
+from .errors import DatabaseError, LeaseHeld, StorageError
 from .lease import Lease, Leaser
 from .position import Position
 from .replica import Replica
@@ -78,6 +78,9 @@ class Fleet:
     def sync(self, name: str, *, archiving: bool = False) -> dict:
         """Ship what tenant ``name`` committed since its position; idempotent.
 
+        A result with ``"retry": True`` shipped nothing because another process holds
+        the lease or wrote the next TXID first: the caller should try again shortly.
+
         Tenants being archived or hydrated are skipped (those jobs sync themselves,
         passing ``archiving=True`` under the tenant's lock).
         """
@@ -85,15 +88,19 @@ class Fleet:
             active = self._activate(name, archiving)
             if active is None:
                 return {"tenant": name, "skipped": "not replicable now"}
+            if not active.capture.has_news():
+                self._drop(name)  # stays idle: nothing opened, no lease taken
+                self.catalogue.record_caught_up(name, _now())
+                return {"tenant": name, "txid": None, "skipped": "nothing new"}
             try:
                 self._hold_lease(name, active)
                 result = active.capture.sync_once()
             except LeaseHeld as e:
                 log.warning("%s", e)
-                return {"tenant": name, "skipped": str(e)}
+                return {"tenant": name, "skipped": str(e), "retry": True}
             except ReplicaConflict as e:
                 log.warning("%s: %s", name, e)
-                return {"tenant": name, "skipped": "conflict"}
+                return {"tenant": name, "skipped": "conflict", "retry": True}
             except DatabaseError as e:
                 self._drop(name)
                 self.catalogue.record_error(name, str(e))
@@ -129,6 +136,9 @@ class Fleet:
             if active is None or (unused_since is not None and active.last_used >= unused_since):
                 return False
             try:
+                # Ship the tail only while we still hold the lease; without it (another
+                # process or host moved on) just close: its position is not ours to record.
+                self._hold_lease(name, active)
                 active.capture.release()
                 pos = active.capture.position
                 if pos is not None:
@@ -136,6 +146,10 @@ class Fleet:
                     self.catalogue.transition(name, TenantState.idle, expected={TenantState.active})
                 if active.lease is not None:
                     active.leaser.release(active.lease)
+            except (LeaseHeld, ReplicaConflict) as e:
+                log.info("%s: closed without a final pass: %s", name, e)
+            except StorageError as e:
+                log.warning("%s: final pass failed, closing anyway (next pass resumes): %s", name, e)
             finally:
                 self._drop(name)
             return True

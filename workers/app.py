@@ -29,6 +29,9 @@ def make_app(config: configmod.Config) -> Celery:
     app.conf.update(
         result_backend=broker if broker.startswith("redis") else None,
         result_expires=3600,
+        # A job that ends while Redis restarts waits to store its result instead of being
+        # reported as failed (its work is done).
+        result_backend_always_retry=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

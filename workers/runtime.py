@@ -55,6 +55,15 @@ def dispatcher():
     return CeleryDispatcher(app, fleet().config.host)
 
 
+@singleton
+def ondemand():
+    """Hydration and archival jobs (tasks.py imports this): one per process, so concurrent
+    hydrations of one tenant are coalesced."""
+    from tenantsync.ondemand import OnDemand
+
+    return OnDemand(fleet())
+
+
 @worker_ready.connect
 def _start_idle_release(**_):
     """One thread per worker (not per tenant) closes tenants that went idle."""

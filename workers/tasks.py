@@ -24,8 +24,6 @@ RETRY = dict(autoretry_for=(StorageUnavailable,), retry_backoff=1, retry_backoff
 # CONTENDED_DELAY seconds; a dead holder's lease expires after lease-ttl (30 s).
 CONTENDED_DELAY = 1.0
 CONTENDED_RETRIES = 120
-# Skips that no retry can change (the tenant is unknown, archived or being hydrated).
-FINAL_SKIPS = {"unknown tenant", "not replicable now"}
 
 
 @app.task(name="tenantsync.sync", bind=True, **RETRY)
@@ -35,8 +33,7 @@ def sync(self, name: str) -> dict:
     retrying = False
     try:
         result = fleet().sync(name)
-        skipped = result.get("skipped")
-        if skipped is not None and skipped not in FINAL_SKIPS and self.request.retries < CONTENDED_RETRIES:
+        if result.get("retry") and self.request.retries < CONTENDED_RETRIES:
             retrying = True  # the tenant stays pending (its writes only mark it dirty) until the retry runs
             raise self.retry(countdown=CONTENDED_DELAY * (0.5 + random.random()), max_retries=CONTENDED_RETRIES)
         return result
