@@ -39,7 +39,7 @@ from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
 
-from .dbutil import app_db, dump, write_rows
+from .dbutil import app_db, dump, wait_for, write_rows
 
 HOST = "fleet-test"
 BIN = os.path.dirname(sys.executable)
@@ -73,14 +73,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def wait_for(predicate, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 # -- child processes, each in its own process group ---------------------------------

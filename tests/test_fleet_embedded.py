@@ -16,7 +16,7 @@ from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
 
-from .dbutil import app_db, dump, write_rows
+from .dbutil import app_db, dump, wait_for, write_rows
 
 
 def fleet_config(tmp_path, url, **kw) -> Config:
@@ -29,14 +29,6 @@ def fleet_config(tmp_path, url, **kw) -> Config:
         **kw,
     )
 
-
-def wait_for(predicate, timeout=30.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def assert_replicas_match(tmp_path, url, paths):

@@ -20,7 +20,7 @@ from tenantsync.client import Client
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 
-from .dbutil import app_db, dump, write_rows
+from .dbutil import app_db, dump, wait_for, write_rows
 
 TENANTS = int(os.environ.get("TENANTSYNC_SERVE_TENANTS", "40"))
 
@@ -39,14 +39,6 @@ def call(url, method="GET", body=None):
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
