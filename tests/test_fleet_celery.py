@@ -518,7 +518,7 @@ def http_json(url: str):
         return json.loads(r.read())
 
 
-def test_flower_lists_sync_task_for_tenant(tmp_path, redis_server, children):
+def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server, children):
     if shutil.which("celery", path=BIN) is None:
         pytest.skip("celery not installed")
     config_path = write_config(tmp_path, redis_server.url)
@@ -564,10 +564,26 @@ def test_flower_lists_sync_task_for_tenant(tmp_path, redis_server, children):
 
         assert dispatcher.request_sync(name)
         assert wait_for(listed, 20, 0.3), f"{http_json(f'{base}/api/tasks')}\n{flower.tail()}\n{worker.tail()}"
+        sync_task = dict(found)
+        # The application's call in fleet mode: archive the tenant, then hydrate it as a job
+        # on the host queue, and find that hydrate job, with its tenant, in Flower.
+        from scheduler.queue import CeleryOnDemand
+
+        ondemand = CeleryOnDemand(dispatcher, catalogue, timeout=60)
+        ondemand.archive(name)
+        assert not os.path.exists(path)
+        hydrated = ondemand.hydrate(name)
+        assert hydrated.restored and os.path.exists(path)
+
+        def hydrate_listed():
+            tasks = http_json(f"{base}/api/tasks?taskname=tenantsync.hydrate")
+            return any(name in (t.get("args") or "") and t.get("state") == "SUCCESS" for t in tasks.values())
+
+        assert wait_for(hydrate_listed, 20, 0.3), http_json(f"{base}/api/tasks")
     finally:
         dispatcher.close()
         app.close()
-    assert found["name"] == "tenantsync.sync"
-    assert found["worker"].startswith("w1@")
-    assert "'txid': 1" in found["result"], found
-    assert catalogue.get(name).txid == 1
+    assert sync_task["name"] == "tenantsync.sync"
+    assert sync_task["worker"].startswith("w1@")
+    assert "'txid': 1" in sync_task["result"], sync_task
+    assert catalogue.get(name).state.value == "active"
