@@ -17,6 +17,9 @@ from tenantsync.errors import TenantSyncError
 
 log = logging.getLogger(__name__)
 
+# Jobs the schedule offers again on every run until they have finished: at most one per tenant.
+ONCE_JOBS = {"archive"}
+
 
 class Dispatcher(Protocol):
     def request_sync(self, name: str) -> bool:
@@ -38,6 +41,7 @@ class InProcessDispatcher:
         self.on_result = on_result or (lambda job, result: None)
         self._pending: set[str] = set()
         self._dirty: set[str] = set()
+        self._once: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
     def request_sync(self, name: str) -> bool:
@@ -59,7 +63,19 @@ class InProcessDispatcher:
                 self._dirty.discard(name)
 
     def submit(self, job: str, name: str, **kwargs) -> None:
-        self.pool.submit(self._run, job, name, **kwargs)
+        with self._lock:
+            if (job, name) in self._once:
+                return  # an archive already queued or running for this tenant
+            if job in ONCE_JOBS:
+                self._once.add((job, name))
+        self.pool.submit(self._run_once, job, name, **kwargs)
+
+    def _run_once(self, job: str, name: str, **kwargs) -> None:
+        try:
+            self._run(job, name, **kwargs)
+        finally:
+            with self._lock:
+                self._once.discard((job, name))
 
     def _run(self, job: str, name: str, **kwargs) -> None:
         try:

@@ -62,7 +62,14 @@ def retain(name: str) -> dict:
 
 @app.task(name="tenantsync.archive")
 def archive(name: str) -> dict:
-    return ondemand().archive(name)
+    from tenantsync.ondemand import ArchiveAborted
+
+    try:
+        return ondemand().archive(name)
+    except ArchiveAborted as e:  # the tenant is in use: a normal outcome, not a failure
+        return {"tenant": name, "archived": False, "skipped": str(e)}
+    finally:
+        dispatcher().finish("archive", name)
 
 
 @app.task(name="tenantsync.hydrate", **RETRY)
