@@ -69,7 +69,7 @@ def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool
     for prev, cur in zip(decoders, decoders[1:]):
         if cur.header.page_size != first.page_size:
             raise LTXError(f"{replica}: cannot merge page sizes {first.page_size} and {cur.header.page_size}")
-        if cur.header.min_txid != prev.header.max_txid + 1:
+        if cur.header.min_txid > prev.header.max_txid + 1:  # overlaps are fine: the later file wins
             raise LTXError(
                 f"{replica}: cannot merge non-contiguous files "
                 f"{prev.header.max_txid:016x} -> {cur.header.min_txid:016x}"
@@ -181,11 +181,16 @@ def retain(replica: Replica, levels: Levels = Levels(), *, now: datetime | None 
     old = [i for i, s in enumerate(snaps) if s.created_at < cutoff]
     keep_from = old[-1] if old else 0
     doomed = snaps[:keep_from]
-    floor = snaps[keep_from].max_txid if snaps else 0
+    floor = snaps[keep_from].max_txid if old else 0
     for level in range(1, layout.SNAPSHOT_LEVEL):
-        doomed += [i for i in files[level][:-1] if i.max_txid < floor]
-    compacted = files[1][-1].max_txid if files[1] else 0
+        # Inputs the next level has not merged yet stay, or its compaction would stall.
+        merged = files[level + 1][-1].max_txid if level < levels.max_level and files[level + 1] else None
+        doomed += [i for i in files[level][:-1]
+                   if i.max_txid < floor and (merged is None or i.max_txid <= merged)]
     l0_cutoff = now - levels.l0_retention
+    # Only an L1 file that is itself older than the grace period makes L0 files redundant:
+    # a newer one would take the in-between states with them.
+    compacted = max((i.max_txid for i in files[1] if i.created_at < l0_cutoff), default=0)
     doomed += [i for i in files[0][:-1] if i.max_txid <= compacted and i.created_at < l0_cutoff]
     if doomed:
         replica.delete(doomed)

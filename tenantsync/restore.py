@@ -80,11 +80,28 @@ def plan(replica: Replica, txid: int | None = None, timestamp: datetime | None =
         raise RestoreError(_unavailable(replica, files, txid, timestamp))
     if txid is not None and current < txid:
         raise RestoreError(_unavailable(replica, files, txid, timestamp))
+    newest = max(i.max_txid for level in files.values() for i in level)
+    if timestamp is not None and current < newest:
+        _check_exact(replica, files, current, before)
     if txid is None and timestamp is None:
-        newest = max(i.max_txid for level in files.values() for i in level)
         if current < newest:
             raise RestoreError(f"{replica}: TXIDs are not contiguous: have up to {current:016x}, newest is {newest:016x}")
     return chosen
+
+
+def _check_exact(replica: Replica, files, current: int, before) -> None:
+    """A time target is met only if the next transaction provably happened at or after
+    it: its own L0 file says when. If it survives only inside a compacted file that ends
+    after the target, the state at that time cannot be rebuilt; say so instead of
+    silently returning an older one."""
+    after = next((i for i in files[0] if i.min_txid == current + 1), None)
+    if after is not None and not before(after):
+        return
+    raise RestoreError(
+        f"{replica}: no exact state just before {before.timestamp.isoformat()}: the transactions after "
+        f"{current:016x} survive only in compacted files that end after it; restore to that TXID or give "
+        f"a time covered by L0 files (newer than the L0 retention)"
+    )
 
 
 def _better(current: LTXInfo, candidate: LTXInfo) -> bool:
