@@ -61,7 +61,17 @@ class Replica:
         return out
 
     def all_files(self) -> dict[int, list[LTXInfo]]:
-        return {level: self.files(level) for level in LEVELS}
+        """Every level's files from ONE listing of the replica (not one LIST per level:
+        a hydration from S3 spent 79 % of its time in ten LIST requests)."""
+        out: dict[int, list[LTXInfo]] = {level: [] for level in LEVELS}
+        for obj in self.storage.list(""):
+            parsed = layout.parse_ltx_key(self.storage.kind, obj.key)
+            if parsed is not None and parsed[0] in out:
+                level, lo, hi = parsed
+                out[level].append(LTXInfo(level, lo, hi, obj.size, obj.modified, obj.key))
+        for files in out.values():
+            files.sort(key=lambda i: (i.min_txid, i.max_txid))
+        return out
 
     def read(self, info: LTXInfo) -> bytes:
         return self.storage.read(info.key)
