@@ -487,8 +487,12 @@ def run_crash_rounds(tmp_path: Path, url: str, rounds: int) -> dict:
             time.sleep(krng.uniform(0.05, 1.5))
             writer.check()
             assert rep.alive(), f"{ctx} round {rnd}: replicator exited before the kill: {rep.describe()}"
-            committed = writer.committed
             rep.kill()
+            # Read after the kill: the replicator may ship (and print) a transaction the
+            # writer committed after any earlier reading; nothing it shipped can be newer
+            # than what the writer counts once the replicator is dead.
+            time.sleep(0.05)
+            committed = writer.committed
             rep.check_clean()
             kills.append((rnd, rep.shipped[-1].txid if rep.shipped else None, committed))
             time.sleep(krng.uniform(0.0, 0.3))  # the application goes on while nobody replicates
