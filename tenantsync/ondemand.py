@@ -45,7 +45,10 @@ class Hydrated:
 
 
 def open_by_others(paths: list[str]) -> list[int]:
-    """PIDs of other processes holding any of ``paths`` open (Linux /proc scan)."""
+    """PIDs of processes holding any of ``paths`` open (Linux /proc scan).
+
+    This process is included: archival closes its own handles first, so a descriptor
+    found here belongs to the application (embedded mode runs inside it)."""
     targets = set()
     for p in paths:
         try:
@@ -53,10 +56,8 @@ def open_by_others(paths: list[str]) -> list[int]:
             targets.add((st.st_dev, st.st_ino))
         except FileNotFoundError:
             pass
-    me, found = os.getpid(), []
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) == me:
-            continue
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:

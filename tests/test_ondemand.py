@@ -151,3 +151,11 @@ def test_a_write_during_archival_is_never_lost(tmp_path, fleet):
     od.hydrate("acme.db")
     rows = {v for _, v in dump(path)[0][1] if isinstance(v, str)}
     assert committed <= rows, f"lost {sorted(committed - rows)[:5]} after {outcomes.count('aborted')} aborted archivals"
+
+
+def test_archival_is_abandoned_while_the_application_in_this_process_has_it_open(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)  # embedded mode: the application shares our process
+    with pytest.raises(ArchiveAborted, match="is open by pid"):
+        OnDemand(fleet).archive("acme.db")
+    write_rows(conn, 2)  # the application's connection still works on the real file
+    assert os.path.exists(path) and fleet.catalogue.get("acme.db").state != TenantState.archived
