@@ -559,7 +559,13 @@ class Capture:
                         raise DatabaseError(f"{self.path}: page {pgno} is beyond the end of the file")
                 yield pgno, page
 
+    # Called right before every upload; raises (e.g. LeaseHeld) if this process may no
+    # longer write the replica. The fleet sets it to its lease check.
+    fence: Callable[[], None] | None = None
+
     def _upload(self, hdr: Header, data, size: int) -> None:
+        if self.fence is not None:
+            self.fence()
         try:
             self.replica.write(0, hdr, data, size)
         except PreconditionFailed as e:

@@ -207,6 +207,14 @@ class Fleet:
             raise
         self.catalogue.record_lease(name, self.owner, active.lease.expires_at, active.lease.generation)
 
+        def fence(active=active, lease=active.lease):
+            # Checked again right before the upload: a process paused after the check above
+            # must not write once its lease may have passed to another host.
+            if active.lease is not lease or not active.leaser.held(lease):
+                raise LeaseHeld(f"{name}: lease generation {lease.generation} no longer held")
+
+        active.capture.fence = fence
+
     def _drop(self, name: str) -> None:
         with self._guard:
             active = self._active.pop(name, None)
