@@ -78,7 +78,10 @@ class Watcher:
         for change, path in changes:
             if path.endswith("-wal"):
                 name = self.known.get(path[: -len("-wal")])
-                if name is not None and change == watchfiles.Change.modified:
+                # An *added* -wal is a write too: after the last connection closes SQLite
+                # deletes the WAL and the next commit recreates it (reported as added only).
+                # Wake-ups from our own opens are filtered by Capture.has_news.
+                if name is not None and change in (watchfiles.Change.modified, watchfiles.Change.added):
                     touched.add(name)
             elif tenants.is_side_file(path) or not any(p.matches(path) for p in self.patterns):
                 continue
