@@ -9,6 +9,8 @@ are released). Each round, at a random moment, one of:
 - kill: SIGKILL a watcher, start it again;
 - pause: SIGSTOP a watcher for longer than the TTL (sometimes killing and restarting the
   other one meanwhile), then SIGCONT;
+- pause-mid-sync: the same, the instant the watcher holding more leases logs a lease
+  acquire or renew (a sync job between its lease check and its upload);
 - restart: SIGTERM a watcher (a deploy: it ships, checkpoints and releases every tenant
   it has open, then exits) while the other is briefly frozen with unshipped commits,
   and start it again;
@@ -50,7 +52,7 @@ the margin between the check and the write landing), which only fencing in the s
 could close. It is reported, and fails only with TENANTSYNC_LEASE_STRICT=1. A file built
 *after* the SIGCONT on an expired lease fails: a check right before the upload stops it.
 
-Knobs (environment): TENANTSYNC_LEASE_ROUNDS (default 4 on file://, 2 on S3),
+Knobs (environment): TENANTSYNC_LEASE_ROUNDS (default 4 on file://, 3 on S3),
 TENANTSYNC_LEASE_SEED (repeats the random choices, not the timing),
 TENANTSYNC_LEASE_RESTORE_EVERY, TENANTSYNC_LEASE_STRICT. Each run leaves report.txt
 (problems, events, every tenant's lease history) beside the watchers' logs in tmp_path.
@@ -87,7 +89,7 @@ from tenantsync.storage import open_storage
 TENANTS = 10
 TTL = 3.0
 IDLE_AFTER = 2.0
-# Chaos rounds per backend: one pause-both, then restart, kill, pause, restart, ...
+# Chaos rounds per backend: one pause-both, then restart, pause-mid-sync, kill, pause, ...
 DEFAULT_ROUNDS = {"file": 4, "seaweed": 3}
 ROUNDS = int(os.environ.get("TENANTSYNC_LEASE_ROUNDS", "0"))  # 0: DEFAULT_ROUNDS
 # tenantsync.restore.restore runs at every TXID that is a multiple of this (and wherever
@@ -101,6 +103,7 @@ SETTLE_TIMEOUT = 45.0
 # Slack for comparing clocks read by different processes on this machine (ctime is
 # jiffy-granular and lags the real time by up to one tick).
 CLOCK_SLACK = 0.05
+JIFFY = 0.01  # the most a file's ctime lags the wall clock
 
 # Runs first in every watcher (PYTHONPATH) and only observes: every successful
 # Replica.write and Leaser.acquire/renew/release is appended to a file of the process's
@@ -579,7 +582,8 @@ class L0:
     info: object  # the LTXInfo
     header: object
     pages: list  # [(pgno, bytes)], checksum verified
-    landed: float | None = None  # wall time the file appeared in the replica
+    landed: float | None = None  # wall time the file appeared in the replica (at the latest)
+    called: float | None = None  # when its writer called Replica.write (it landed after)
     writer: Instance | None = None
 
     @property
@@ -602,9 +606,9 @@ class Findings:
 
 
 def read_logs(instances: list[Instance]):
-    """From every process's write log: (tenant, txid) -> [(log time, writer)] of the L0
-    files, and tenant -> [Version] of the lease writes."""
-    writes: dict[tuple[str, int], list[tuple[float, Instance]]] = {}
+    """From every process's write log: (tenant, txid) -> [(returned, called, writer)] of
+    the L0 files, and tenant -> [Version] of the lease writes."""
+    writes: dict[tuple[str, int], list[tuple[float, float, Instance]]] = {}
     leases: dict[str, list[Version]] = {}
     for inst in instances:
         if not os.path.exists(inst.write_log):
@@ -615,7 +619,8 @@ def read_logs(instances: list[Instance]):
                 if m := WROTE.match(line):
                     name = re.search(r"/replica/([^/?]+)", m.group("url")).group(1)
                     if m.group("level") == "0":
-                        writes.setdefault((name, int(m.group("min"))), []).append((float(m.group("t")), inst))
+                        entry = (float(m.group("t")), float(m.group("called")), inst)
+                        writes.setdefault((name, int(m.group("min"))), []).append(entry)
                 elif m := LEASED.match(line):
                     name = re.search(r"/replica/([^/?]+)", m.group("url")).group(1)
                     release = m.group("op") == "release"
@@ -642,9 +647,9 @@ def collect_l0(storage, name: str, writes, kind: str, findings: Findings) -> tup
         f = L0(info.min_txid if info.min_txid == info.max_txid else -info.min_txid, info, dec.header, pages)
         logged = writes.get((name, info.min_txid), [])
         if len(logged) > 1:
-            findings.fail(f"{name}: txid {info.min_txid} logged as written by {[i.label for _, i in logged]}")
+            findings.fail(f"{name}: txid {info.min_txid} logged as written by {[e[-1].label for e in logged]}")
         if logged:
-            f.landed, f.writer = logged[0]
+            f.landed, f.called, f.writer = logged[0]
         if kind == "s3":
             # The log line comes after the response (a writer frozen after the PUT landed
             # logs it late); LastModified, to the second, bounds the landing too.
@@ -705,7 +710,7 @@ def paused_in_flight(f: L0, versions: list[Version]) -> tuple[float, float] | No
     after the writer's last lease write before it landed, SIGCONT at most 1 s before it
     landed. Such a write passed its lease check before the pause and landed after it;
     the caller then looks at when the file was built (its LTX timestamp)."""
-    own = [v.written for v in versions if v.owner == f.writer.host and v.written <= f.landed + CLOCK_SLACK]
+    own = [v.written for v in versions if v.owner == f.writer.host and v.written <= f.called]
     last_lease = max(own, default=f.writer.started)
     for stop, cont in f.writer.pauses:
         if cont is not None and stop >= last_lease - CLOCK_SLACK and 0 <= f.landed - cont <= 1.0 + CLOCK_SLACK:
@@ -713,7 +718,8 @@ def paused_in_flight(f: L0, versions: list[Version]) -> tuple[float, float] | No
     return None
 
 
-def check_leases(name: str, files: list[L0], versions: list[Version], instances, findings: Findings) -> None:
+def check_leases(name: str, files: list[L0], versions: list[Version], instances, kind: str,
+                 findings: Findings) -> None:
     """4: every L0 file landed while its writer's host held the tenant's lease."""
     killed = [i for i in instances if i.killed]
     synced = {i.label: i.synced() for i in instances}
@@ -725,10 +731,16 @@ def check_leases(name: str, files: list[L0], versions: list[Version], instances,
                 findings.fail(f"{name}: txid {f.txid} is in no write log (landed {f.landed:.3f}), "
                               f"and no watcher was killed just then")
             continue
-        at_landing = [holder_at(versions, f.landed + d) for d in (-CLOCK_SLACK, 0.0, CLOCK_SLACK)]
-        if any(v is not None and v.owner == f.writer.host for v in at_landing):
+        # It landed between the call and ``landed`` (file://: the ctime, which lags the
+        # clock by up to a tick). The writer's host must hold the lease at some moment of
+        # that interval; the holder changes only at a version's write or expiry.
+        lo = f.called
+        hi = max(lo, f.landed + (JIFFY if kind == "file" else 0.0))
+        moments = {lo, hi} | {t for v in versions for t in (v.written, v.expires) if t is not None and lo < t < hi}
+        in_force = [holder_at(versions, t) for t in sorted(moments)]
+        if any(v is not None and v.owner == f.writer.host for v in in_force):
             continue
-        other = next((v for v in at_landing if v is not None), None)
+        other = next((v for v in in_force if v is not None), None)
         what = "WHILE THE LEASE WAS HELD BY " + other.owner if other is not None else "while nobody held the lease"
         line = (f"{name}: txid {f.txid}{' (full-page)' if f.full else ''} by {f.writer.label} "
                 f"landed {what} (its LTX timestamp: {f.header.timestamp / 1000 - f.landed:+.2f}s) "
@@ -743,7 +755,7 @@ def check_leases(name: str, files: list[L0], versions: list[Version], instances,
             line += f" and not paused: the sync outlived its lease ({no_fence})"
         elif pause is not None:
             line += f" -- SIGSTOP {pause[0] - f.landed:+.2f}s .. SIGCONT {pause[1] - f.landed:+.2f}s"
-            if f.header.timestamp / 1000 > pause[1] - CLOCK_SLACK:
+            if f.header.timestamp / 1000 > (pause[0] + pause[1]) / 2:  # (nothing is built while stopped)
                 # Built after the SIGCONT, with an expired lease: a check right before the
                 # upload would have stopped it.
                 line += f"; the file was built after the SIGCONT ({no_fence})"
@@ -849,7 +861,7 @@ def verify(tmp_path, storage, kind, app, names, poller, instances, findings: Fin
             continue
         versions = lease_timeline(leases.get(name, []), poller.versions[name], instances, findings, name)
         findings.timelines[name] = versions
-        check_leases(name, files, versions, instances, findings)
+        check_leases(name, files, versions, instances, kind, findings)
         totals["full"] += check_full_pages(name, files, versions, findings)
         started = time.monotonic()
         totals["restores"] += check_chain(tmp_path, storage, name, files, app, findings)
@@ -900,7 +912,7 @@ def test_two_watchers_never_both_write_a_replica(tmp_path, replica_url):
         app_thread.start()
         time.sleep(2.0)
 
-        # -- chaos: SIGKILL + restart, or SIGSTOP past the TTL + SIGCONT -------------------------
+        # -- chaos: SIGKILL, SIGTERM, SIGSTOP past the TTL (see the module doc) -------------------
         kinds = ["restart", "pause-mid-sync", "kill", "pause"]
         actions = ["pause-both"] + [kinds[i % len(kinds)] for i in range(rounds - 1)]
         rng.shuffle(actions)
@@ -921,7 +933,7 @@ def test_two_watchers_never_both_write_a_replica(tmp_path, replica_url):
                 # it has open, then exits) and start again, while the other host is briefly
                 # frozen (well within its lease) with commits it has not shipped yet.
                 for h in hosts:
-                    time.sleep(max(0.0, h.current.started + 3.0 - time.time()))
+                    time.sleep(max(0.0, h.current.started + 3.0 - time.time()) if h.current else 0.0)
                 other.pause()
                 time.sleep(rng.uniform(0.2, 0.4))
                 code = victim.terminate()
@@ -943,7 +955,7 @@ def test_two_watchers_never_both_write_a_replica(tmp_path, replica_url):
                 # has not shipped yet: only the lease holder may ship them. (Both must be up
                 # for a while first, past their imports and first syncs.)
                 for h in hosts:
-                    time.sleep(max(0.0, h.current.started + 3.0 - time.time()))
+                    time.sleep(max(0.0, h.current.started + 3.0 - time.time()) if h.current else 0.0)
                 victim.pause()
                 time.sleep(max(TTL, RELEASE_EVERY) + rng.uniform(0.2, 0.8))
                 other.pause()
