@@ -9,7 +9,10 @@ Why a read transaction is held between passes (the one resource an *active* data
 costs): while any connection of ours holds a read mark, SQLite cannot copy WAL frames past
 that mark into the main file, so nobody can checkpoint and reset the WAL under frames we
 have not read yet. The mark is only moved inside :meth:`checkpoint`, under a write-lock
-barrier, after every committed frame has been shipped. :meth:`release` (idle databases)
+barrier, after every committed frame has been read. The new mark is SQLite's read-lock 0
+when every frame is then in the main file: it lets the application's next write restart
+the WAL (the frames it overwrites are ones we have read) while stopping any further copy
+into the main file until our mark moves again. :meth:`release` (idle databases)
 checkpoints everything, records the main file's stat, and closes all handles; the next
 pass proves continuity from that stat instead of from a held lock (see ``position.py``).
 When continuity cannot be proved (the WAL was reset, truncated or replaced by someone
@@ -116,6 +119,11 @@ class Capture:
         self.truncate_pages = truncate_pages
         self.busy_timeout = busy_timeout
         self._fd: int | None = None
+        # The -shm file, opened once after SQLite has it open and closed after SQLite's
+        # connections: closing any descriptor of a file drops all of this process's
+        # POSIX locks on it, and SQLite's read marks are such locks on the -shm file.
+        self._shm_fd: int | None = None
+        # ``_reader`` holds the read mark; ``_writer`` takes the write-lock barrier.
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._reading = False
@@ -172,30 +180,28 @@ class Capture:
 
         Ship first, while the application keeps writing. Then, under ``BEGIN IMMEDIATE``
         (no commit can land), only *read* the few commits that arrived meanwhile, drop our
-        read mark, checkpoint, and take the mark again; the application waits for that
-        and nothing else. The tail is uploaded after the barrier: if the upload fails,
-        the position has not moved, and the next pass either re-reads those frames or,
-        if the WAL restarted, writes a full-page file. If the application holds the
-        write lock we skip the checkpoint this round rather than wait.
+        read mark, checkpoint, and take the mark again (read-lock 0 if the WAL is fully
+        copied, so the application's next write restarts the WAL); the application waits
+        for that and nothing else. The tail is uploaded after the barrier: if the upload fails, the position has not
+        moved, and the next pass either re-reads those frames or, if the WAL restarted,
+        writes a full-page file. If the application holds the write lock for all of
+        ``wait`` we skip the checkpoint this round rather than stall it.
         """
         if not self._open():
             return SyncResult(None)
         result = self._ship()
-        writer = self._writer_conn()
-        writer.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
-        try:
-            writer.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            log.info("%s: checkpoint skipped, the application holds the write lock: %s", self.path, e)
+        barrier = self._take_barrier(wait)
+        if barrier is None:
+            log.info("%s: checkpoint skipped, the application held the write lock for %.3f s", self.path, wait)
             return result
         try:
             tail = self._prepare()
             self._end_read()
-            backfill = self._passive_checkpoint()
+            backfill = self._passive_checkpoint(wait)
             if not truncate:
                 self._begin_read()
         finally:
-            writer.execute("ROLLBACK")
+            barrier.execute("ROLLBACK")
         if tail is not None:
             result = self._commit(tail)
         self._mark_backfilled(backfill)
@@ -224,11 +230,12 @@ class Capture:
             if conn is not None:
                 conn.close()
         self._reader = self._writer = None
-        if self._fd is not None:
-            # Closed only after the SQLite connections: closing any descriptor of the file
-            # drops this process's POSIX locks on it, including SQLite's.
-            os.close(self._fd)
-            self._fd = None
+        # Closed only after the SQLite connections: closing any descriptor of a file
+        # drops this process's POSIX locks on it, including SQLite's.
+        for fd in (self._fd, self._shm_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._shm_fd = None
 
     # -- opening and locks ---------------------------------------------------
 
@@ -274,13 +281,14 @@ class Capture:
 
     def _writer_conn(self) -> sqlite3.Connection:
         if self._writer is None:
-            self._writer = _connect(self.path, 0.05)
+            self._writer = _connect(self.path, 0)
         return self._writer
 
     def _begin_read(self) -> None:
         self._reader.execute("BEGIN")
         self._reader.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         self._reading = True
+        self._note_backfilled()
 
     def _end_read(self) -> None:
         if self._reading:
@@ -288,21 +296,54 @@ class Capture:
         self._reading = False
         self._held_since_position = False
 
-    def _passive_checkpoint(self) -> tuple[int, DBStat | None] | None:
-        """Checkpoint under the barrier; (WAL end offset, main-file stat) if every frame
-        was copied, else None. The stat is taken before any writer can run again."""
-        busy, frames, copied = self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if busy != 0 or frames != copied or self.position is None:
+    def _take_barrier(self, wait: float) -> sqlite3.Connection | None:
+        """``BEGIN IMMEDIATE`` on the spare connection, or None after ``wait`` seconds.
+
+        Retried in a loop rather than through SQLite's busy handler: that sleeps 1, 2,
+        5, 10 ms between tries and almost never lands in the microseconds between two
+        transactions of a busy writer, so the barrier would wait long or be skipped.
+        """
+        conn = self._writer_conn()
+        deadline = time.monotonic() + wait
+        spin_until = time.monotonic() + min(wait, 0.005)
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return conn
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    return None
+                if time.monotonic() >= spin_until:
+                    time.sleep(0.0005)
+
+    def _passive_checkpoint(self, wait: float) -> tuple[tuple[int, int], int, DBStat] | None:
+        """Checkpoint under the barrier; (WAL salts, end offset, main-file stat) if every
+        frame is in the main file, else None. The stat is taken before any writer can run again.
+
+        The application's autocheckpoint may hold the checkpoint lock when we arrive (it
+        runs right after a commit, outside the write lock); SQLite does not wait for that
+        lock, so we retry until it is free or ``wait`` has passed.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            busy, frames, _ = self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not (busy and frames == -1) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.0002)
+        # Judged from the wal-index, not from this checkpoint's result: the application's
+        # own checkpoint may have copied the frames, and under the barrier nothing moves.
+        index, pos = self._wal_index(), self.position
+        if index is None or pos is None or index[3] != index[2]:
             return None
-        frame_size = walmod.FRAME_HEADER_SIZE + self.position.page_size
-        return walmod.WAL_HEADER_SIZE + frames * frame_size, DBStat.of(self.path)
+        frame_size = walmod.FRAME_HEADER_SIZE + pos.page_size
+        return index[:2], walmod.WAL_HEADER_SIZE + index[2] * frame_size, DBStat.of(self.path)
 
     def _mark_backfilled(self, backfill) -> None:
         pos = self.position
         if backfill is None or pos is None:
             return
-        end, stat = backfill
-        if pos.wal_offset in (0, end):
+        salts, end, stat = backfill
+        if pos.wal_offset == 0 or (pos.wal_offset == end and (pos.salt1, pos.salt2) == salts):
             self._set_position(pos.advanced(backfilled=True, db_stat=stat))
             self._held_since_position = self._reading
 
@@ -365,6 +406,49 @@ class Capture:
             return None, 0
         return walmod.WALHeader.parse(head, name=self.wal_path), size
 
+    def _wal_index(self) -> tuple[int, int, int, int] | None:
+        """(salt1, salt2, last frame, frames copied to the main file) from SQLite's
+        wal-index header in the ``-shm`` file (https://www.sqlite.org/walformat.html,
+        "The WAL-Index Header"), or None if it cannot be read consistently.
+
+        Read without SQLite's locks, so only trusted where no writer can move it past
+        what matters: as a bound on how much WAL to read (every frame is still verified
+        by its checksum), and in :meth:`_note_backfilled` while a read mark is held.
+        """
+        if self._shm_fd is None:
+            if self._reader is None:
+                return None
+            try:
+                self._shm_fd = os.open(self.path + "-shm", os.O_RDONLY)
+            except OSError:
+                return None
+        head = os.pread(self._shm_fd, 100, 0)
+        if len(head) < 100 or head[:48] != head[48:96]:
+            return None  # mid-update: SQLite writes the two copies one after the other
+        version, _, _, is_init, _, _, max_frame = struct.unpack_from("=IIIBBHI", head)
+        if version != 3007000 or not is_init:
+            return None
+        salt1, salt2 = struct.unpack_from(">II", head, 32)
+        (backfill,) = struct.unpack_from("=I", head, 96)
+        return salt1, salt2, max_frame, backfill
+
+    def _note_backfilled(self) -> None:
+        """Right after taking a read mark: if every frame up to the position is in the
+        main file and the WAL ends there, say so.
+
+        Then our new mark may be read-lock 0, which lets the application's next write
+        restart the WAL; the next pass must know that nothing was lost, not write a
+        full-page file. No frame can be copied into the main file while we hold a mark
+        at or before the end, so the stat taken now stays true until the mark moves.
+        """
+        pos, index = self.position, self._wal_index()
+        if pos is None or pos.backfilled or index is None or pos.wal_offset <= walmod.WAL_HEADER_SIZE:
+            return
+        salt1, salt2, max_frame, backfill = index
+        end = walmod.WAL_HEADER_SIZE + max_frame * (walmod.FRAME_HEADER_SIZE + pos.page_size)
+        if (salt1, salt2) == (pos.salt1, pos.salt2) and backfill == max_frame and pos.wal_offset == end:
+            self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.of(self.path)))
+
     def _read_wal(self, start: int, end: int) -> bytes:
         with open(self.wal_path, "rb") as f:
             return os.pread(f.fileno(), end - start, start)
@@ -417,7 +501,14 @@ class Capture:
         """Committed frames from ``start``, read in chunks that stop at the first frame
         that does not verify: after a WAL restart the file's tail holds the previous
         generation's frames, and reading (and checksumming) them every pass is waste."""
-        offset, commit, pages, chunk = start, None, {}, WAL_CHUNK
+        frame_size = walmod.FRAME_HEADER_SIZE + header.page_size
+        index = self._wal_index()
+        hint = None
+        if index is not None and index[:2] == (header.salt1, header.salt2):
+            hint = walmod.WAL_HEADER_SIZE + index[2] * frame_size
+        # One frame past SQLite's idea of the end: enough to see the tail stop verifying.
+        chunk = hint - start + frame_size if hint is not None and hint >= start else WAL_CHUNK
+        offset, commit, pages = start, None, {}
         while offset < wal_size:
             data = self._read_wal(offset, min(wal_size, offset + chunk))
             scan = walmod.scan(data, header, offset, checksum)
@@ -429,6 +520,7 @@ class Capture:
                 break
             pages.update(scan.pages)
             offset, checksum, commit = scan.end_offset, scan.checksum, scan.commit
+            chunk = max(chunk, WAL_CHUNK)
             if scan.stopped_reason is not None and not scan.stopped_reason.startswith("partial"):
                 break
         return offset, checksum, commit, pages
