@@ -32,12 +32,19 @@ class Dispatcher(Protocol):
 
 
 class InProcessDispatcher:
-    """The embedded mode: the same job functions on a small thread pool."""
+    """The embedded mode: the same job functions on two small thread pools.
+
+    Syncs get their own pool: a compaction or archive of a big tenant can take seconds,
+    and behind it every commit on the host would wait (replication lag is what users
+    see). Maintenance jobs share ``maintenance_workers`` threads and queue among
+    themselves.
+    """
 
     def __init__(self, jobs: dict[str, Callable[..., dict]], workers: int = 4,
-                 on_result: Callable[[str, dict], None] | None = None):
+                 on_result: Callable[[str, dict], None] | None = None, maintenance_workers: int = 1):
         self.jobs = jobs
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="tenantsync-job")
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="tenantsync-sync")
+        self.maintenance = ThreadPoolExecutor(maintenance_workers, thread_name_prefix="tenantsync-job")
         self.on_result = on_result or (lambda job, result: None)
         self._pending: set[str] = set()
         self._dirty: set[str] = set()
@@ -68,7 +75,7 @@ class InProcessDispatcher:
                 return  # an archive already queued or running for this tenant
             if job in ONCE_JOBS:
                 self._once.add((job, name))
-        self.pool.submit(self._run_once, job, name, **kwargs)
+        self.maintenance.submit(self._run_once, job, name, **kwargs)
 
     def _run_once(self, job: str, name: str, **kwargs) -> None:
         try:
@@ -89,3 +96,4 @@ class InProcessDispatcher:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.maintenance.shutdown(wait=True)

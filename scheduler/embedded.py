@@ -49,7 +49,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         schedule.tick()
         if time.monotonic() - last_release > RELEASE_EVERY:
             last_release = time.monotonic()
-            dispatcher.pool.submit(fleet.release_idle)
+            dispatcher.maintenance.submit(fleet.release_idle)
 
     try:
         watcher.run(stop, tick)
