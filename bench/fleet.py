@@ -646,10 +646,11 @@ class RedisMode(Tenantsync):
                         break
             except OSError:
                 time.sleep(0.02)
-        for i in (1, 2):  # the README's host-queue worker, twice
+        # The README's deployment: one host-queue worker (threads), one storage worker.
+        for i, queue, threads in ((1, f"host.{HOST}", self.a.worker_threads), (2, "storage", 2)):
             self.workers.append(self.child(f"worker{i}", [
-                os.path.join(BIN, "celery"), "-A", "workers", "worker", "-Q", f"host.{HOST},storage",
-                "--pool", "threads", "-c", str(self.a.worker_threads), "--without-gossip", "--without-mingle",
+                os.path.join(BIN, "celery"), "-A", "workers", "worker", "-Q", queue,
+                "--pool", "threads", "-c", str(threads), "--without-gossip", "--without-mingle",
                 "-n", f"w{i}@%h", "--loglevel", "WARNING",
             ]))
         # A worker consuming its queues blocks in BRPOP on them: wait for both.

@@ -89,8 +89,9 @@ class Watcher:
                 rescan = True
         now = datetime.now(timezone.utc)
         for name in touched:
-            self.catalogue.record_write(name, now)
             self.dispatcher.request_sync(name)
+        # After the requests, in one transaction: the jobs need not wait for this.
+        self.catalogue.record_writes(touched, now)
         if rescan:
             self.rescan()
 

@@ -252,7 +252,7 @@ def _backend_pid(cat: Catalogue) -> int | None:
 
 def _use_inherited(cat: Catalogue, results) -> None:
     try:
-        cat.record_write("a", T0)
+        cat.record_writes(["a"], T0)
         results.put((cat.get("a").last_write_at, _backend_pid(cat)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((traceback.format_exc(), None))
@@ -431,16 +431,26 @@ def test_record_sync(cat):
 
     with pytest.raises(UnknownTenant, match="missing"):
         cat.record_sync("missing", txid=1, position=None, at=T0)
-    with pytest.raises(KeyError):  # UnknownTenant is a KeyError too
-        cat.record_write("missing", T0)
+    cat.record_writes(["missing"], T0)  # a vanished file's late event: ignored
+    assert cat.get("missing") is None
+
+
+def test_record_writes_in_one_batch(cat):
+    names = [f"t{i:04d}" for i in range(1200)]  # more than one chunk of parameters
+    cat.discover_many([(n, f"/{n}") for n in names], "h")
+    cat.record_writes(names[:700] + ["not-a-tenant"], T0)
+    cat.record_writes(names[600:], T0 + timedelta(seconds=1))
+    got = {n: cat.get(n).last_write_at for n in names}
+    assert all(got[n] == T0 for n in names[:600])
+    assert all(got[n] == T0 + timedelta(seconds=1) for n in names[600:])
 
 
 def test_record_write_only_moves_forward(cat):
     cat.discover("a", "/a", "h")
-    cat.record_write("a", T0)
-    cat.record_write("a", T0 - timedelta(seconds=5))  # late event
+    cat.record_writes(["a"], T0)
+    cat.record_writes(["a"], T0 - timedelta(seconds=5))  # late event
     assert cat.get("a").last_write_at == T0
-    cat.record_write("a", T0 + timedelta(microseconds=1))
+    cat.record_writes(["a"], T0 + timedelta(microseconds=1))
     assert cat.get("a").last_write_at == T0 + timedelta(microseconds=1)
 
 
@@ -465,7 +475,7 @@ def test_datetimes_are_utc_and_naive_ones_are_refused(cat):
     got = cat.get("a").last_sync_at
     assert got == at and got.tzinfo is UTC and got.hour == 12 and got.microsecond == 123456
     with pytest.raises(ValueError, match="naive"):
-        cat.record_write("a", datetime(2026, 1, 1))
+        cat.record_writes(["a"], datetime(2026, 1, 1))
     with pytest.raises(ValueError, match="naive"):
         cat.idle_since(datetime(2026, 1, 1))
 
@@ -505,14 +515,14 @@ def test_lagging(cat):
     for name in ("never-written", "synced-after", "lag-old", "lag-new", "never-synced", "caught-up"):
         cat.discover(name, f"/{name}", "h")
     cat.record_sync("never-written", txid=1, position=None, at=T0)
-    cat.record_write("synced-after", T0)
+    cat.record_writes(["synced-after"], T0)
     cat.record_sync("synced-after", txid=1, position=None, at=T0 + timedelta(seconds=1))
     cat.record_sync("lag-old", txid=1, position=None, at=T0)
-    cat.record_write("lag-old", T0 + timedelta(minutes=1))
+    cat.record_writes(["lag-old"], T0 + timedelta(minutes=1))
     cat.record_sync("lag-new", txid=1, position=None, at=T0)
-    cat.record_write("lag-new", now - timedelta(seconds=5))  # too recent: a sync is on its way
-    cat.record_write("never-synced", T0 + timedelta(minutes=2))
-    cat.record_write("caught-up", T0)
+    cat.record_writes(["lag-new"], now - timedelta(seconds=5))  # too recent: a sync is on its way
+    cat.record_writes(["never-synced"], T0 + timedelta(minutes=2))
+    cat.record_writes(["caught-up"], T0)
     cat.record_sync("caught-up", txid=1, position=None, at=T0)  # synced at the write's time
 
     assert [t.name for t in cat.lagging(now, timedelta(seconds=30))] == ["lag-old", "never-synced"]
@@ -528,12 +538,12 @@ def test_idle_since(cat):
         cat.discover(name, f"/{name}", host)
     for name in ("quiet", "busy", "other-host", "errored"):
         cat.record_sync(name, txid=1, position=None, at=T0)
-    cat.record_write("quiet", T0 + timedelta(minutes=1))
-    cat.record_write("busy", T0 + timedelta(minutes=6))
-    cat.record_write("other-host", T0)
-    cat.record_write("idle", T0)  # idle already, not active
+    cat.record_writes(["quiet"], T0 + timedelta(minutes=1))
+    cat.record_writes(["busy"], T0 + timedelta(minutes=6))
+    cat.record_writes(["other-host"], T0)
+    cat.record_writes(["idle"], T0)  # idle already, not active
     cat.record_sync("synced-only", txid=1, position=None, at=T0 + timedelta(minutes=2))  # never written
-    cat.record_write("errored", T0)
+    cat.record_writes(["errored"], T0)
     cat.record_error("errored", "x")
 
     assert [t.name for t in cat.idle_since(before)] == ["other-host", "quiet", "synced-only"]
