@@ -640,10 +640,12 @@ class Catalogue:
         position: dict[str, Any] | None,
         at: datetime,
         bytes_added: int = 0,
+        lease: tuple[str | None, datetime | None, int] | None = None,
     ) -> None:
         """A sync pass shipped up to ``txid``: store it with the capture ``position``,
         add ``bytes_added`` to ``bytes_stored``, clear ``last_error``, and move an idle or
-        errored tenant to active (other states are left to ``transition``).
+        errored tenant to active (other states are left to ``transition``). ``lease``
+        (holder, expiry, generation) also does :meth:`record_lease` in the same write.
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""
@@ -651,7 +653,8 @@ class Catalogue:
         newer = sa.or_(c.txid.is_(None), c.txid <= txid)
         self._update(
             name,
-            {
+            (self._lease_values(*lease) if lease is not None else {})
+            | {
                 "txid": sa.case((newer, sa.literal(txid, c.txid.type)), else_=c.txid),
                 "position": sa.case((newer, sa.literal(position, c.position.type)), else_=c.position),
                 "last_sync_at": _utc(at, "at"),
@@ -693,14 +696,15 @@ class Catalogue:
 
     def record_lease(self, name: str, holder: str | None, expires_at: datetime | None, generation: int) -> None:
         """Mirror of the tenant's lease (the lease itself lives in object storage)."""
-        self._update(
-            name,
-            {
-                "lease_holder": holder,
-                "lease_expires_at": None if expires_at is None else _utc(expires_at, "expires_at"),
-                "generation": generation,
-            },
-        )
+        self._update(name, self._lease_values(holder, expires_at, generation))
+
+    @staticmethod
+    def _lease_values(holder: str | None, expires_at: datetime | None, generation: int) -> dict[str, Any]:
+        return {
+            "lease_holder": holder,
+            "lease_expires_at": None if expires_at is None else _utc(expires_at, "expires_at"),
+            "generation": generation,
+        }
 
     def record_compaction(self, name: str, at: datetime) -> None:
         self._update(name, {"last_compact_at": _utc(at, "at")})

@@ -40,6 +40,15 @@ class _Active:
     leaser: Leaser
     lease: Lease | None
     last_used: float
+    # A lease taken or renewed but not yet mirrored in the catalogue (the next
+    # record_sync writes it, saving a transaction per acquire).
+    lease_unrecorded: bool = False
+
+    def lease_mirror(self) -> tuple[str, object, int] | None:
+        if not self.lease_unrecorded or self.lease is None:
+            return None
+        self.lease_unrecorded = False
+        return self.lease.owner, self.lease.expires_at, self.lease.generation
 
 
 class Fleet:
@@ -113,6 +122,7 @@ class Fleet:
                 position=pos.to_dict() if pos else None,
                 at=_now(),
                 bytes_added=result.size,
+                lease=active.lease_mirror(),
             )
             return {"tenant": name, "txid": result.txid, "pages": result.pages, "bytes": result.size,
                     "full": result.full_reason}
@@ -142,10 +152,12 @@ class Fleet:
                 active.capture.release()
                 pos = active.capture.position
                 if pos is not None:
-                    self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(), at=_now())
+                    self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(), at=_now(),
+                                               lease=active.lease_mirror())
                     self.catalogue.transition(name, TenantState.idle, expected={TenantState.active})
                 if active.lease is not None:
                     active.leaser.release(active.lease)
+                    self.catalogue.record_lease(name, None, None, active.lease.generation)
             except (LeaseHeld, ReplicaConflict) as e:
                 log.info("%s: closed without a final pass: %s", name, e)
             except StorageError as e:
@@ -205,7 +217,7 @@ class Fleet:
         except LeaseHeld:
             active.lease = None
             raise
-        self.catalogue.record_lease(name, self.owner, active.lease.expires_at, active.lease.generation)
+        active.lease_unrecorded = True
 
         def fence(active=active, lease=active.lease):
             # Checked again right before the upload: a process paused after the check above

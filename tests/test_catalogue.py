@@ -465,6 +465,12 @@ def test_record_lease_compaction_snapshot(cat):
     cat.record_lease("a", None, None, 4)
     t = cat.get("a")
     assert (t.lease_holder, t.lease_expires_at, t.generation) == (None, None, 4)
+    # A sync records a newly taken lease in the same write.
+    cat.record_sync("a", txid=7, position=None, at=T0, lease=("h:worker-2", T0 + timedelta(seconds=60), 5))
+    t = cat.get("a")
+    assert (t.txid, t.lease_holder, t.lease_expires_at, t.generation) == (7, "h:worker-2", T0 + timedelta(seconds=60), 5)
+    cat.record_sync("a", txid=8, position=None, at=T0)  # without one: the mirror stays
+    assert (cat.get("a").txid, cat.get("a").lease_holder) == (8, "h:worker-2")
 
 
 def test_datetimes_are_utc_and_naive_ones_are_refused(cat):
