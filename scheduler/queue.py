@@ -4,7 +4,9 @@ Dedupe lives in Redis so every watcher and worker sees it: ``SET NX`` on a per-t
 *pending* key admits one sync; later requests set a *dirty* key instead. The sync task
 calls :func:`finish_sync` when it is done, which clears *pending* first and then, if
 *dirty* was set meanwhile, requests one more sync. A request that slips between the two
-steps finds *pending* clear and enqueues itself, so no write is ever left unsynced.
+steps finds *pending* clear and enqueues itself, so no write is ever left unsynced. Before
+that, the task takes the *dirty* mark itself (:func:`take_dirty`) a few times and syncs
+again at once: a write during a sync then waits for one pass, not for the whole queue.
 Keys expire, so a worker killed mid-job cannot wedge a tenant; the periodic catch-up
 check re-requests anything that lags.
 """
@@ -68,6 +70,12 @@ class CeleryDispatcher:
 
     def close(self) -> None:
         self.redis.close()
+
+
+def take_dirty(dispatcher: CeleryDispatcher, name: str) -> bool:
+    """Whether a write arrived during the running sync (and clear the mark): the task
+    then syncs again itself instead of queueing behind every other tenant's job."""
+    return bool(dispatcher.redis.getdel(_keys(name)[1]))
 
 
 def finish_sync(dispatcher: CeleryDispatcher, name: str) -> None:

@@ -9,6 +9,7 @@ names that would escape the replica prefix, are reported once and skipped.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
@@ -78,10 +79,14 @@ class Watcher:
         for change, path in changes:
             if path.endswith("-wal"):
                 name = self.known.get(path[: -len("-wal")])
-                # An *added* -wal is a write too: after the last connection closes SQLite
-                # deletes the WAL and the next commit recreates it (reported as added only).
-                # Wake-ups from our own opens are filtered by Capture.has_news.
-                if name is not None and change in (watchfiles.Change.modified, watchfiles.Change.added):
+                # An *added* -wal is a write too unless it is empty: after the last
+                # connection closes SQLite deletes the WAL and the next commit recreates it
+                # (reported as added only; if that connection closed again within the
+                # debounce, the file is gone and the commit is in the main file). An empty
+                # one is only a connection opening, such as every sync job's own: counting
+                # those would sync each tenant twice.
+                if name is not None and (change == watchfiles.Change.modified
+                                         or change == watchfiles.Change.added and _has_frames(path)):
                     touched.add(name)
             elif tenants.is_side_file(path) or not any(p.matches(path) for p in self.patterns):
                 continue
@@ -126,6 +131,15 @@ class Watcher:
         if path not in self._reported:
             self._reported.add(path)
             self.report(line)
+
+
+def _has_frames(wal_path: str) -> bool:
+    try:
+        return os.path.getsize(wal_path) > 0
+    except FileNotFoundError:
+        return True  # created and deleted again: maybe a commit, which has_news will tell
+    except OSError:
+        return True
 
 
 def _not_sqlite(path: str) -> str | None:

@@ -28,7 +28,9 @@ from __future__ import annotations
 import builtins
 import enum
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -302,6 +304,21 @@ def _normalise_url(url: str | URL) -> URL:
     return u
 
 
+def _switch_to_wal(cur: Any, timeout: float) -> None:
+    """``journal_mode=WAL`` unless it already is. Two connections opening a new
+    catalogue at once can both want the switch's exclusive lock while holding a shared
+    one; SQLite then fails one of them at once instead of calling the busy handler, so
+    it is retried here."""
+    deadline = time.monotonic() + timeout
+    while cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
     catalogue = ref()
     if catalogue is not None:
@@ -377,7 +394,7 @@ class Catalogue:
             try:
                 cur.execute(f"PRAGMA busy_timeout = {timeout_ms}")  # first: the next one may wait
                 if not memory:
-                    cur.execute("PRAGMA journal_mode = WAL")
+                    _switch_to_wal(cur, busy_timeout)
                     # WAL + NORMAL cannot corrupt; a power loss may lose the last commits,
                     # which the next sync pass records again.
                     cur.execute("PRAGMA synchronous = NORMAL")

@@ -132,3 +132,25 @@ def test_idle_tenants_are_released_and_resume_without_a_full_upload(tmp_path, fi
     syncs = [r for job, r in results if job == "sync" and r.get("txid") == 2]
     assert syncs and syncs[0]["full"] is None
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
+
+
+def test_a_commit_after_every_connection_closed_is_replicated(tmp_path, file_url, running):
+    """The last connection's close deletes the -wal; the next commit recreates it (an
+    *added* event, no *modified*), and a connection that commits and closes at once may
+    even delete it again before the watcher looks. Both are writes; an empty -wal (a
+    connection only opening, like a sync job's own) is not."""
+    path = str(tmp_path / "data" / "a.db")
+    conn = app_db(path)
+    write_rows(conn, 10)
+    conn.close()
+    cfg, results, problems = running(idle_after=0.3)
+    catalogue = Catalogue(cfg.catalogue)
+    assert wait_for(lambda: (catalogue.get("a.db") or None) and catalogue.get("a.db").txid == 1)
+    assert wait_for(lambda: (catalogue.get("a.db").position or {}).get("backfilled"), 15)
+    for expected in (2, 3):
+        time.sleep(1.0)  # released: no connection of ours either
+        conn = app_db(path)
+        write_rows(conn, 5)
+        conn.close()
+        assert wait_for(lambda: catalogue.get("a.db").txid == expected, 10), expected
+    assert_replicas_match(tmp_path, file_url, {"a.db": path})

@@ -26,13 +26,21 @@ CONTENDED_DELAY = 1.0
 CONTENDED_RETRIES = 120
 
 
-@app.task(name="tenantsync.sync", bind=True, **RETRY)
+# Passes one sync job may run for writes that arrived while it ran, before it hands the
+# tenant back to the queue (so one hot tenant cannot hold a thread for long).
+AGAIN_ROUNDS = 4
+
+
+@app.task(name="tenantsync.sync", bind=True, ignore_result=True, **RETRY)
 def sync(self, name: str) -> dict:
-    from scheduler.queue import finish_sync
+    from scheduler.queue import finish_sync, take_dirty
 
     retrying = False
     try:
         result = fleet().sync(name)
+        rounds = 0
+        while not result.get("retry") and rounds < AGAIN_ROUNDS and take_dirty(dispatcher(), name):
+            result, rounds = fleet().sync(name), rounds + 1
         if result.get("retry") and self.request.retries < CONTENDED_RETRIES:
             retrying = True  # the tenant stays pending (its writes only mark it dirty) until the retry runs
             raise self.retry(countdown=CONTENDED_DELAY * (0.5 + random.random()), max_retries=CONTENDED_RETRIES)
@@ -45,17 +53,17 @@ def sync(self, name: str) -> dict:
             finish_sync(dispatcher(), name)
 
 
-@app.task(name="tenantsync.compact", **RETRY)
+@app.task(name="tenantsync.compact", ignore_result=True, **RETRY)
 def compact(name: str, level: int = 1) -> dict:
     return fleet().compact(name, level)
 
 
-@app.task(name="tenantsync.snapshot", **RETRY)
+@app.task(name="tenantsync.snapshot", ignore_result=True, **RETRY)
 def snapshot(name: str) -> dict:
     return fleet().snapshot(name)
 
 
-@app.task(name="tenantsync.retain", **RETRY)
+@app.task(name="tenantsync.retain", ignore_result=True, **RETRY)
 def retain(name: str) -> dict:
     return fleet().retain(name)
 
@@ -78,7 +86,7 @@ def hydrate(name: str, txid: int | None = None) -> dict:
     return {"tenant": name, "path": result.path, "txid": result.txid, "restored": result.restored}
 
 
-@app.task(name="tenantsync.release_idle")
+@app.task(name="tenantsync.release_idle", ignore_result=True)
 def release_idle() -> list[str]:
     return fleet().release_idle()
 
