@@ -602,6 +602,7 @@ class Tenantsync(Setup):
         }
         if broker:
             raw["broker"] = broker
+            raw["host-workers"] = args.host_workers
         with open(self.config, "w") as f:
             json.dump(raw, f, indent=2)  # JSON is YAML
         self.env["TENANTSYNC_CONFIG"] = self.config
@@ -646,8 +647,12 @@ class RedisMode(Tenantsync):
                         break
             except OSError:
                 time.sleep(0.02)
-        # The README's deployment: one host-queue worker (threads), one storage worker.
-        for i, queue, threads in ((1, f"host.{HOST}", self.a.worker_threads), (2, "storage", 2)):
+        # The README's deployment: one worker process per host queue (threads; --host-workers
+        # of them, each tenant's jobs always on the same one), and one storage worker.
+        n = self.a.host_workers
+        queues = [f"host.{HOST}"] if n == 1 else [f"host.{HOST}.{k}" for k in range(n)]
+        plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)] + [(n + 1, "storage", 2)]
+        for i, queue, threads in plan:
             self.workers.append(self.child(f"worker{i}", [
                 os.path.join(BIN, "celery"), "-A", "workers", "worker", "-Q", queue,
                 "--pool", "threads", "-c", str(threads), "--without-gossip", "--without-mingle",
@@ -1180,7 +1185,9 @@ def main() -> None:
     p.add_argument("--always", action="store_true", help="run lag and jobs even if start-up did not finish")
     p.add_argument("--s3-tenants", type=int, default=None, help="tenants per tool on S3 (200; --quick 50)")
     p.add_argument("--s3-window", type=float, default=None, help="S3 counting window (60 s)")
-    p.add_argument("--worker-threads", type=int, default=4, help="-c of each Celery worker (Redis mode)")
+    p.add_argument("--worker-threads", type=int, default=4, help="-c of each host-queue worker (Redis mode)")
+    p.add_argument("--host-workers", type=int, default=2,
+                   help="host-queue worker processes (Redis mode; config host-workers)")
     p.add_argument("--nofile", type=int, default=None,
                    help="RLIMIT_NOFILE for the tools (default: inherited; this machine's hard limit is "
                         f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]})")

@@ -35,11 +35,11 @@ def _keys(name: str) -> tuple[str, str]:
 
 
 class CeleryDispatcher:
-    def __init__(self, app: Celery, host: str, redis_url: str | None = None):
-        from workers.app import STORAGE_QUEUE, host_queue
+    def __init__(self, app: Celery, host: str, redis_url: str | None = None, host_workers: int = 1):
+        from workers.app import STORAGE_QUEUE
 
         self.app = app
-        self.host_queue = host_queue(host)
+        self.host, self.host_workers = host, host_workers
         self.storage_queue = STORAGE_QUEUE
         self.redis = redis.Redis.from_url(
             redis_url or app.conf.broker_url,
@@ -47,10 +47,15 @@ class CeleryDispatcher:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
 
+    def host_queue(self, name: str) -> str:
+        from workers.app import host_queue
+
+        return host_queue(self.host, name, self.host_workers)
+
     def request_sync(self, name: str) -> bool:
         pending, dirty = _keys(name)
         if self.redis.set(pending, 1, nx=True, ex=PENDING_TTL):
-            self.app.send_task("tenantsync.sync", args=[name], queue=self.host_queue)
+            self.app.send_task("tenantsync.sync", args=[name], queue=self.host_queue(name))
             return True
         self.redis.set(dirty, 1, ex=PENDING_TTL)
         return False
@@ -62,7 +67,7 @@ class CeleryDispatcher:
         task = f"tenantsync.{job}"
         if job in ONCE_JOBS and not self.redis.set(once_key(job, name), 1, nx=True, ex=PENDING_TTL):
             return  # one is already queued or running: the schedule re-offers candidates every run
-        queue = self.host_queue if task in HOST_JOBS else self.storage_queue
+        queue = self.host_queue(name) if task in HOST_JOBS else self.storage_queue
         self.app.send_task(task, args=[name], kwargs=kwargs, queue=queue)
 
     def finish(self, job: str, name: str) -> None:
@@ -103,10 +108,10 @@ class CeleryOnDemand:
         if timestamp is not None:
             raise ValueError("timestamp hydration runs in embedded mode or with `tenantsync fork`")
         job = self.dispatcher.app.send_task("tenantsync.hydrate", args=[name], kwargs={"txid": txid},
-                                            queue=self.dispatcher.host_queue)
+                                            queue=self.dispatcher.host_queue(name))
         r = job.get(timeout=self.timeout)
         return Hydrated(name, r["path"], r["txid"], r["restored"])
 
     def archive(self, name: str) -> dict:
-        job = self.dispatcher.app.send_task("tenantsync.archive", args=[name], queue=self.dispatcher.host_queue)
+        job = self.dispatcher.app.send_task("tenantsync.archive", args=[name], queue=self.dispatcher.host_queue(name))
         return job.get(timeout=self.timeout)

@@ -52,6 +52,9 @@ class Config:
     rescan_interval: timedelta = timedelta(seconds=60)
     lease_ttl: timedelta = timedelta(seconds=30)
     workers: int = 4
+    # Celery mode: worker processes consuming this host's queues, host.<host>.<0..n-1>
+    # (1: the single queue host.<host>). Each tenant always goes to the same one.
+    host_workers: int = 1
     levels: Levels = field(default_factory=Levels)
     # (glob, idle time after which its tenants are archived); first matching glob wins.
     archive_after: tuple[tuple[str, timedelta], ...] = ()
@@ -79,6 +82,7 @@ _ENV = {
     "TENANTSYNC_DEBOUNCE": "debounce",
     "TENANTSYNC_IDLE_AFTER": "idle-after",
     "TENANTSYNC_WORKERS": "workers",
+    "TENANTSYNC_HOST_WORKERS": "host-workers",
 }
 
 
@@ -107,7 +111,7 @@ def load(path: str | None = None, env: dict | None = None) -> Config:
 
 def from_dict(raw: dict) -> Config:
     known = {"replica", "globs", "broker", "catalogue", "host", "debounce", "idle-after", "rescan-interval",
-             "lease-ttl", "workers", "levels", "snapshot", "l0-retention", "retention", "archive-after",
+             "lease-ttl", "workers", "host-workers", "levels", "snapshot", "l0-retention", "retention", "archive-after",
              "max-local-bytes"}
     unknown = set(raw) - known
     if unknown:
@@ -159,5 +163,16 @@ def from_dict(raw: dict) -> Config:
         rescan_interval=parse_duration(raw.get("rescan-interval", "60s"), "rescan-interval"),
         lease_ttl=parse_duration(raw.get("lease-ttl", "30s"), "lease-ttl"),
         workers=int(raw.get("workers", cfg.workers)),
+        host_workers=_positive(raw.get("host-workers", cfg.host_workers), "host-workers"),
         levels=levels,
     )
+
+
+def _positive(value, key: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    return number

@@ -35,9 +35,24 @@ def test_defaults_are_the_embedded_mode():
     ("idle-after: soon\n", "idle-after: 'soon' is not a duration"),
     ("colour: blue\n", "unknown config key"),
     ("- a\n", "expected a mapping"),
+    ("host-workers: 0\n", "host-workers: expected a positive integer, got 0"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "tenantsync.yml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load(str(path), env={})
+
+
+def test_host_workers_split_the_tenants_over_stable_queues():
+    from workers.app import host_queue
+
+    assert load(None, env={"TENANTSYNC_HOST_WORKERS": "3"}).host_workers == 3
+    assert host_queue("h", "a.db") == host_queue("h", "a.db", 1) == "host.h"
+    names = [f"t{i}.db" for i in range(300)]
+    queues = [host_queue("h", n, 3) for n in names]
+    assert set(queues) == {"host.h.0", "host.h.1", "host.h.2"}
+    assert all(queues.count(q) > 60 for q in set(queues))  # roughly even
+    # The same in every process: crc32, not Python's per-process salted hash.
+    assert queues == [host_queue("h", n, 3) for n in names]
+    assert host_queue("h", "t0.db", 3) == f"host.h.{__import__('zlib').crc32(b't0.db') % 3}"

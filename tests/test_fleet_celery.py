@@ -1,9 +1,9 @@
 """The fleet under Celery, with real processes: redis-server, two workers, the watcher.
 
 Topology (one host, as in production): the watcher (``tenantsync watch --config FILE``)
-turns WAL events into ``tenantsync.sync`` jobs on the host's queue; two worker processes
-(``celery -A workers worker -Q host.<host>,storage --pool threads …``) share that queue,
-one Fleet each. The test writes at random into many tenant databases, SIGKILLs one
+turns WAL events into ``tenantsync.sync`` jobs on the host's queues; two worker processes
+(``celery -A workers worker -Q host.<host>.<i>,storage --pool threads …``, config
+``host-workers: 2``) each own half of the tenants, one Fleet each, and share storage jobs. The test writes at random into many tenant databases, SIGKILLs one
 worker's whole process group mid-run and restarts it, restarts redis-server (persistence
 off, so every queued message, unacked message and dedupe key is lost), stops writing,
 waits for the catalogue to say every tenant is caught up, and then checks the truth:
@@ -52,10 +52,10 @@ RELEASE_EVERY = 5.0  # workers/runtime.py: how often a worker releases idle tena
 IDLE_WINDOW = 6.0  # how long the fleet is watched for jobs once everything is idle
 
 
-def worker_args(name: str, host: str = HOST) -> list[str]:
-    """The host-queue worker command line (as the README gives it)."""
+def worker_args(name: str, host: str = HOST, queue: str | None = None) -> list[str]:
+    """The host-queue worker command line (as the README gives it), also taking storage jobs."""
     return [
-        os.path.join(BIN, "celery"), "-A", "workers", "worker", "-Q", f"host.{host},storage",
+        os.path.join(BIN, "celery"), "-A", "workers", "worker", "-Q", f"{queue or f'host.{host}'},storage",
         "--pool", "threads", "-c", "4", "--without-gossip", "--without-mingle", "-n", f"{name}@%h",
         "--loglevel", "INFO",
     ]
@@ -254,7 +254,8 @@ def queue_lengths(redis_url: str) -> dict[str, int]:
 
     r = redis.Redis.from_url(redis_url)
     try:
-        return {q: r.llen(q) for q in (f"host.{HOST}", "storage")} | {"unacked": r.hlen("unacked")}
+        queues = [q.decode() for q in r.scan_iter(f"host.{HOST}*")] + ["storage"]
+        return {q: r.llen(q) for q in queues} | {"unacked": r.hlen("unacked")}
     finally:
         r.close()
 
@@ -380,7 +381,8 @@ def run_fleet(tmp_path, redis_server, spawn, tenants: int, kill_after_restart: b
               catch_up_timeout: float = CATCH_UP_TIMEOUT) -> None:
     timings = {}
     t0 = time.monotonic()
-    config_path = write_config(tmp_path, redis_server.url)
+    # Two host-queue workers, each tenant's jobs always on the same one (host-workers).
+    config_path = write_config(tmp_path, redis_server.url, **{"host-workers": 2})
     cfg = load_config(config_path, env={})
     env = child_env(config_path)
 
@@ -392,7 +394,7 @@ def run_fleet(tmp_path, redis_server, spawn, tenants: int, kill_after_restart: b
         write_rows(conn, 3)
         conn.close()
 
-    workers = {n: spawn(n, worker_args(n), env) for n in ("w1", "w2")}
+    workers = {n: spawn(n, worker_args(n, queue=f"host.{HOST}.{i}"), env) for i, n in enumerate(("w1", "w2"))}
     for w in workers.values():
         wait_worker_ready(w)
     watcher = spawn("watcher", watcher_args(config_path), env)

@@ -9,6 +9,8 @@ others back; task events on so Flower shows every job with its tenant argument.
 
 from __future__ import annotations
 
+import zlib
+
 from celery import Celery
 
 from tenantsync import config as configmod
@@ -18,9 +20,18 @@ HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.restore", "ten
 STORAGE_QUEUE = "storage"
 
 
-def host_queue(host: str) -> str:
-    """Jobs touching a host's local files go to that host's own queue."""
-    return f"host.{host}"
+def host_queue(host: str, name: str = "", host_workers: int = 1) -> str:
+    """Jobs touching a host's local files go to that host's own queue; with several
+    host-queue worker processes, to the one of tenant ``name`` (``host.<host>.<i>``).
+
+    A tenant's open capture, read mark and lease live in the process that synced it, so
+    all its jobs must reach that same process: two processes taking turns on one tenant
+    would hand its lease back and forth. A stable hash (not Python's salted ``hash``)
+    keeps the choice the same in every watcher and API process.
+    """
+    if host_workers <= 1:
+        return f"host.{host}"
+    return f"host.{host}.{zlib.crc32(name.encode()) % host_workers}"
 
 
 def make_app(config: configmod.Config) -> Celery:

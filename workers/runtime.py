@@ -52,7 +52,7 @@ def dispatcher():
 
     from .app import app
 
-    return CeleryDispatcher(app, fleet().config.host)
+    return CeleryDispatcher(app, fleet().config.host, host_workers=fleet().config.host_workers)
 
 
 @singleton
