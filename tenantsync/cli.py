@@ -66,6 +66,9 @@ def replicate(db_path: str, replica_url: str, interval: float, debounce: float) 
     """Replicate DB_PATH continuously until Ctrl-C or SIGTERM (then ship what is committed)."""
     from .replicate import run
 
+    from .fleet import raise_fd_limit
+
+    raise_fd_limit()  # one open tenant holds a few descriptors; thousands may be open
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from . import compactor
 from .capture import Capture, ReplicaConflict
 from .catalogue import Catalogue, TenantState
 from .config import Config
-from .errors import DatabaseError, LeaseHeld, StorageError
+from .errors import DatabaseError, LeaseHeld, StorageError, TenantSyncError
 from .lease import Lease, Leaser
 from .position import Position
 from .replica import Replica
@@ -32,6 +33,35 @@ log = logging.getLogger(__name__)
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# Descriptors one open tenant holds: the database and its -shm (capture.py), and two SQLite
+# connections with the database and -wal each. Some are kept for everything else.
+FDS_PER_TENANT = 6
+FDS_RESERVED = 256
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit; return the new soft
+    limit. Called by the long-running commands (watch, serve, workers), not by library
+    users, whose process limits are theirs to set."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def max_open_tenants() -> int:
+    """How many tenants may be open at once under this process's descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(8, (soft - FDS_RESERVED) // FDS_PER_TENANT)
 
 
 @dataclass
@@ -64,6 +94,9 @@ class Fleet:
         self._active: dict[str, _Active] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # Past this many open tenants the least recently synced one is released before
+        # another is opened: running out of descriptors would fail syncs at random.
+        self.max_open = max_open_tenants()
 
     def replica(self, name: str) -> Replica:
         """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL."""
@@ -205,7 +238,28 @@ class Fleet:
         active = _Active(capture, leaser, None, time.monotonic())
         with self._guard:
             self._active[name] = active
+            crowded = len(self._active) > self.max_open
+        if crowded:
+            self._release_least_recent(keep=name)
         return active
+
+    def _release_least_recent(self, keep: str) -> None:
+        """Release the least recently synced open tenant that no job is using now."""
+        with self._guard:
+            candidates = sorted((a.last_used, n) for n, a in self._active.items() if n != keep)
+        for _, name in candidates:
+            lock = self.tenant_lock(name)
+            if not lock.acquire(blocking=False):
+                continue  # a job is on it; try the next one
+            try:
+                if self.release(name):
+                    log.info("%s: released early, %d tenants open (limit %d)", name, len(self._active), self.max_open)
+                    return
+            except TenantSyncError as e:  # it is closed anyway; its next sync resumes
+                log.warning("%s: early release failed: %s", name, e)
+                return
+            finally:
+                lock.release()
 
     def _hold_lease(self, name: str, active: _Active) -> None:
         """Take or renew the tenant's lease; a lease half-way to expiry is renewed."""

@@ -154,3 +154,31 @@ def test_a_commit_after_every_connection_closed_is_replicated(tmp_path, file_url
         conn.close()
         assert wait_for(lambda: catalogue.get("a.db").txid == expected, 10), expected
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
+
+
+def test_open_tenants_are_capped_by_releasing_the_least_recent(tmp_path, file_url):
+    """Past ``max_open`` (derived from RLIMIT_NOFILE) the least recently synced tenant is
+    released before another opens; released tenants resume without a full upload."""
+    from tenantsync.fleet import Fleet
+
+    (tmp_path / "data").mkdir()
+    cfg = fleet_config(tmp_path, file_url)
+    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    fleet.max_open = 3
+    paths, conns = {}, {}
+    for i in range(8):
+        name = f"t{i}.db"
+        paths[name] = str(tmp_path / "data" / name)
+        conns[name] = app_db(paths[name])
+        write_rows(conns[name], 5)
+        fleet.catalogue.discover(name, paths[name], cfg.host)
+    for rnd in range(3):
+        for name in paths:
+            write_rows(conns[name], 2)
+            result = fleet.sync(name)
+            assert result["txid"] == rnd + 1, (name, result)
+            assert rnd == 0 or result["full"] is None, (name, result)  # resumed, not re-uploaded
+            assert len(fleet._active) <= 3
+    assert sorted(fleet._active) == ["t5.db", "t6.db", "t7.db"]
+    fleet.close()
+    assert_replicas_match(tmp_path, file_url, paths)

@@ -13,7 +13,7 @@ import threading
 from celery.signals import worker_ready
 
 from tenantsync import config as configmod
-from tenantsync.fleet import Fleet
+from tenantsync.fleet import Fleet, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def singleton(fn):
 
 @singleton
 def fleet() -> Fleet:
+    raise_fd_limit()  # one open tenant holds a few descriptors; thousands may be open
     return Fleet(configmod.load())
 
 
