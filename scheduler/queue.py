@@ -16,15 +16,15 @@ from __future__ import annotations
 import redis
 from celery import Celery
 
-from .dispatch import ONCE_JOBS
+from .dispatch import job_key
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 PENDING_TTL = 300
 
 
-def once_key(job: str, name: str) -> str:
-    return f"tenantsync:{job}:pending:{name}"
+def once_key(job: str, name: str, kwargs: dict | None = None) -> str:
+    return f"tenantsync:{job_key(job, name, kwargs or {})}:pending:{name}"
 # A broker restart must neither kill the watcher nor fail a sync that is done: each Redis
 # call is retried on connection errors, with backoff, for about half a minute.
 REDIS_RETRIES = 20
@@ -65,13 +65,14 @@ class CeleryDispatcher:
         from workers.app import HOST_JOBS
 
         task = f"tenantsync.{job}"
-        if job in ONCE_JOBS and not self.redis.set(once_key(job, name), 1, nx=True, ex=PENDING_TTL):
+        if not self.redis.set(once_key(job, name, kwargs), 1, nx=True, ex=PENDING_TTL):
             return  # one is already queued or running: the schedule re-offers candidates every run
         queue = self.host_queue(name) if task in HOST_JOBS else self.storage_queue
         self.app.send_task(task, args=[name], kwargs=kwargs, queue=queue)
 
-    def finish(self, job: str, name: str) -> None:
-        self.redis.delete(once_key(job, name))
+    def finish(self, job: str, name: str, **kwargs) -> None:
+        """The job submitted with these arguments has ended: the schedule may offer it again."""
+        self.redis.delete(once_key(job, name, kwargs))
 
     def close(self) -> None:
         self.redis.close()

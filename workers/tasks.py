@@ -55,17 +55,26 @@ def sync(self, name: str) -> dict:
 
 @app.task(name="tenantsync.compact", ignore_result=True, **RETRY)
 def compact(name: str, level: int = 1) -> dict:
-    return fleet().compact(name, level)
+    try:
+        return fleet().compact(name, level)
+    finally:
+        dispatcher().finish("compact", name, level=level)
 
 
 @app.task(name="tenantsync.snapshot", ignore_result=True, **RETRY)
 def snapshot(name: str) -> dict:
-    return fleet().snapshot(name)
+    try:
+        return fleet().snapshot(name)
+    finally:
+        dispatcher().finish("snapshot", name)
 
 
 @app.task(name="tenantsync.retain", ignore_result=True, **RETRY)
 def retain(name: str) -> dict:
-    return fleet().retain(name)
+    try:
+        return fleet().retain(name)
+    finally:
+        dispatcher().finish("retain", name)
 
 
 @app.task(name="tenantsync.archive")

@@ -1,0 +1,79 @@
+"""The embedded dispatcher: one pending sync per tenant, one queued maintenance job per
+(job, tenant, arguments), syncs never behind maintenance."""
+
+from __future__ import annotations
+
+import threading
+
+from scheduler.dispatch import InProcessDispatcher
+
+from .dbutil import wait_for
+
+
+def make(jobs, **kw):
+    results = []
+    d = InProcessDispatcher(jobs, on_result=lambda job, r: results.append((job, r)), **kw)
+    return d, results
+
+
+def test_a_maintenance_job_is_queued_once_until_it_has_run():
+    gate, started = threading.Event(), threading.Event()
+
+    def compact(name, level=1):
+        started.set()
+        gate.wait(10)
+        return {"tenant": name, "level": level}
+
+    d, results = make({"compact": compact})
+    try:
+        d.submit("compact", "a", level=1)
+        assert started.wait(5)
+        for _ in range(5):  # the schedule offers it again while it runs
+            d.submit("compact", "a", level=1)
+        d.submit("compact", "a", level=2)  # other arguments: another job
+        d.submit("compact", "b", level=1)  # another tenant
+        gate.set()
+        assert wait_for(lambda: len(results) == 3, 5)
+        assert sorted((r["tenant"], r["level"]) for _, r in results) == [("a", 1), ("a", 2), ("b", 1)]
+        d.submit("compact", "a", level=1)  # finished: may run again
+        assert wait_for(lambda: len(results) == 4, 5)
+    finally:
+        gate.set()
+        d.close()
+
+
+def test_syncs_do_not_wait_behind_maintenance():
+    gate = threading.Event()
+    d, results = make({"compact": lambda name, level=1: gate.wait(10) and {},
+                       "sync": lambda name: {"tenant": name}})
+    try:
+        for i in range(4):  # more long jobs than the maintenance pool has threads
+            d.submit("compact", f"t{i}", level=1)
+        d.request_sync("a")
+        assert wait_for(lambda: ("sync", {"tenant": "a"}) in results, 5)
+    finally:
+        gate.set()
+        d.close()
+
+
+def test_a_write_during_a_sync_runs_it_once_more():
+    gate, started = threading.Event(), threading.Event()
+    calls = []
+
+    def sync(name):
+        calls.append(name)
+        started.set()
+        gate.wait(10)
+        return {"tenant": name}
+
+    d, _ = make({"sync": sync})
+    try:
+        assert d.request_sync("a")
+        assert started.wait(5)
+        assert not d.request_sync("a") and not d.request_sync("a")  # marked dirty, not queued
+        gate.set()
+        assert wait_for(d.idle, 5)
+        assert calls == ["a", "a"]
+    finally:
+        gate.set()
+        d.close()
