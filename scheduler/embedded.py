@@ -7,9 +7,7 @@ barrier, position saved), so a restart resumes without uploading databases again
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from typing import Callable
 
 from tenantsync.catalogue import Catalogue
@@ -21,8 +19,6 @@ from tenantsync.server import serve
 from .dispatch import InProcessDispatcher
 from .schedule import Schedule
 from .watcher import Watcher
-
-log = logging.getLogger(__name__)
 
 RELEASE_EVERY = 5.0
 
@@ -42,18 +38,14 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
     watcher = Watcher(config, catalogue, dispatcher, report=report)
     schedule = Schedule(config, catalogue, dispatcher)
-    last_release = time.monotonic()
-
-    def tick() -> None:
-        nonlocal last_release
-        schedule.tick()
-        if time.monotonic() - last_release > RELEASE_EVERY:
-            last_release = time.monotonic()
-            dispatcher.maintenance.submit(fleet.release_idle)
-
+    # Its own thread: behind a long compaction queue, idle tenants would stay open.
+    releaser = threading.Thread(target=fleet.release_idle_every, args=(RELEASE_EVERY, stop),
+                                name="tenantsync-release-idle", daemon=True)
+    releaser.start()
     try:
-        watcher.run(stop, tick)
+        watcher.run(stop, schedule.tick)
     finally:
+        releaser.join()
         if server is not None:
             server.shutdown()
         dispatcher.close()

@@ -655,7 +655,7 @@ class Catalogue:
         *,
         txid: int,
         position: dict[str, Any] | None,
-        at: datetime,
+        at: datetime | None,
         bytes_added: int = 0,
         lease: tuple[str | None, datetime | None, int] | None = None,
     ) -> None:
@@ -663,6 +663,8 @@ class Catalogue:
         add ``bytes_added`` to ``bytes_stored``, clear ``last_error``, and move an idle or
         errored tenant to active (other states are left to ``transition``). ``lease``
         (holder, expiry, generation) also does :meth:`record_lease` in the same write.
+        ``at=None`` stores the position only (nothing was shipped): ``last_sync_at`` is what
+        the schedule picks tenants to compact by.
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""
@@ -674,7 +676,7 @@ class Catalogue:
             | {
                 "txid": sa.case((newer, sa.literal(txid, c.txid.type)), else_=c.txid),
                 "position": sa.case((newer, sa.literal(position, c.position.type)), else_=c.position),
-                "last_sync_at": _utc(at, "at"),
+                "last_sync_at": c.last_sync_at if at is None else _utc(at, "at"),
                 "bytes_stored": c.bytes_stored + bytes_added,
                 "last_error": None,
                 "state": sa.case(

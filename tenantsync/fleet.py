@@ -182,6 +182,15 @@ class Fleet:
             _return_freed_memory()
         return released
 
+    def release_idle_every(self, seconds: float, stop: threading.Event) -> None:
+        """Run :meth:`release_idle` every ``seconds`` until ``stop``: one thread per process
+        (not per tenant), and not behind other jobs, so the open tenants stay few."""
+        while not stop.wait(seconds):
+            try:
+                self.release_idle()
+            except Exception:  # noqa: BLE001 - one failed release must not end the loop
+                log.exception("releasing idle tenants failed; retrying in %.0f s", seconds)
+
     def release(self, name: str, unused_since: float | None = None) -> bool:
         """Checkpoint, close and give up the lease of one tenant; it then costs nothing.
 
@@ -196,11 +205,15 @@ class Fleet:
                 # Ship the tail only while we still hold the lease; without it (another
                 # process or host moved on) just close: its position is not ours to record.
                 self._hold_lease(name, active)
-                active.capture.release()
+                shipped = active.capture.release()
                 pos = active.capture.position
                 if pos is not None:
-                    self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(), at=_now(),
-                                               lease=active.lease_mirror())
+                    # The position (now with the main file's stat) is what lets the next
+                    # pass resume; last_sync_at moves only if this shipped something, else
+                    # every release would make the schedule compact the tenant again.
+                    self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(),
+                                               at=_now() if shipped.txid is not None else None,
+                                               bytes_added=shipped.size, lease=active.lease_mirror())
                     self.catalogue.transition(name, TenantState.idle, expected={TenantState.active})
                 if active.lease is not None:
                     active.leaser.release(active.lease)

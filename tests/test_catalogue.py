@@ -471,6 +471,10 @@ def test_record_lease_compaction_snapshot(cat):
     assert (t.txid, t.lease_holder, t.lease_expires_at, t.generation) == (7, "h:worker-2", T0 + timedelta(seconds=60), 5)
     cat.record_sync("a", txid=8, position=None, at=T0)  # without one: the mirror stays
     assert (cat.get("a").txid, cat.get("a").lease_holder) == (8, "h:worker-2")
+    # A release that shipped nothing stores its position but does not count as a sync.
+    cat.record_sync("a", txid=8, position={"txid": 8, "backfilled": True}, at=None)
+    t = cat.get("a")
+    assert (t.position, t.last_sync_at) == ({"txid": 8, "backfilled": True}, T0)
 
 
 def test_datetimes_are_utc_and_naive_ones_are_refused(cat):

@@ -7,15 +7,12 @@ shares one Fleet (and its cache of active captures and leases).
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 
 from celery.signals import worker_ready
 
 from tenantsync import config as configmod
 from tenantsync.fleet import Fleet, raise_fd_limit
-
-log = logging.getLogger(__name__)
 
 RELEASE_EVERY = 5.0
 
@@ -68,12 +65,5 @@ def ondemand():
 @worker_ready.connect
 def _start_idle_release(**_):
     """One thread per worker (not per tenant) closes tenants that went idle."""
-
-    def loop(stop=threading.Event()):
-        while not stop.wait(RELEASE_EVERY):
-            try:
-                fleet().release_idle()
-            except Exception:  # noqa: BLE001 - one failed release must not end the loop
-                log.exception("releasing idle tenants failed; retrying in %.0f s", RELEASE_EVERY)
-
-    threading.Thread(target=loop, name="tenantsync-release-idle", daemon=True).start()
+    threading.Thread(target=fleet().release_idle_every, args=(RELEASE_EVERY, threading.Event()),
+                     name="tenantsync-release-idle", daemon=True).start()
