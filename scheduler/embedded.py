@@ -49,5 +49,5 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         if server is not None:
             server.shutdown()
         dispatcher.close()
-        fleet.release_idle(0)
+        fleet.release_idle(0, keep_leases=False)  # a deploy: hand every lease over now
         fleet.close()

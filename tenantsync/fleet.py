@@ -108,6 +108,10 @@ class Fleet:
         # Past this many open tenants the least recently synced one is released before
         # another is opened: running out of descriptors would fail syncs at random.
         self.max_open = max_open_tenants()
+        # Leases of tenants released while idle, kept until they expire: a tenant that wakes
+        # up within the TTL needs no lease write at all, and one write (a renewal) later,
+        # instead of a release and a new acquisition (two conditional, fsynced writes).
+        self._kept_leases: dict[str, Lease] = {}
 
     def replica(self, name: str) -> Replica:
         """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL."""
@@ -171,13 +175,26 @@ class Fleet:
             return {"tenant": name, "txid": result.txid, "pages": result.pages, "bytes": result.size,
                     "full": result.full_reason}
 
-    def release_idle(self, idle_after: float | None = None) -> list[str]:
-        """Checkpoint and close tenants not synced for ``idle_after`` seconds."""
+    def release_idle(self, idle_after: float | None = None, keep_leases: bool = True) -> list[str]:
+        """Checkpoint and close tenants not synced for ``idle_after`` seconds; their leases
+        are kept until they expire unless ``keep_leases`` is false (shutting down)."""
         limit = self.config.idle_after.total_seconds() if idle_after is None else idle_after
         cutoff = time.monotonic() - limit
         with self._guard:
             idle = [n for n, a in self._active.items() if a.last_used < cutoff]
-        released = [name for name in idle if self.release(name, unused_since=cutoff)]
+        released = [name for name in idle if self.release(name, unused_since=cutoff, keep_lease=keep_leases)]
+        with self._guard:  # forget the kept leases that have expired; give up all when leaving
+            now = _now()
+            gone = {n: lease for n, lease in self._kept_leases.items() if not keep_leases or lease.expires_at <= now}
+            for name in gone:
+                del self._kept_leases[name]
+        if not keep_leases:
+            for name, lease in gone.items():
+                try:
+                    Leaser(self.storage.child(name), owner=self.owner, ttl=self.config.lease_ttl).release(lease)
+                    self.catalogue.record_lease(name, None, None, lease.generation)
+                except (LeaseHeld, StorageError) as e:
+                    log.info("%s: lease not released: %s", name, e)
         if released:
             _return_freed_memory()
         return released
@@ -191,10 +208,12 @@ class Fleet:
             except Exception:  # noqa: BLE001 - one failed release must not end the loop
                 log.exception("releasing idle tenants failed; retrying in %.0f s", seconds)
 
-    def release(self, name: str, unused_since: float | None = None) -> bool:
+    def release(self, name: str, unused_since: float | None = None, keep_lease: bool = False) -> bool:
         """Checkpoint, close and give up the lease of one tenant; it then costs nothing.
 
-        With ``unused_since``, only if it was not synced after that (monotonic) time.
+        With ``unused_since``, only if it was not synced after that (monotonic) time. With
+        ``keep_lease`` the lease is not given up but remembered until it expires (an idle
+        release: the tenant may wake up soon, and another host may take it after the TTL).
         """
         with self.tenant_lock(name):
             with self._guard:
@@ -215,7 +234,10 @@ class Fleet:
                                                at=_now() if shipped.txid is not None else None,
                                                bytes_added=shipped.size, lease=active.lease_mirror())
                     self.catalogue.transition(name, TenantState.idle, expected={TenantState.active})
-                if active.lease is not None:
+                if active.lease is not None and keep_lease:
+                    with self._guard:
+                        self._kept_leases[name] = active.lease
+                elif active.lease is not None:
                     active.leaser.release(active.lease)
                     self.catalogue.record_lease(name, None, None, active.lease.generation)
             except (LeaseHeld, ReplicaConflict) as e:
@@ -262,7 +284,9 @@ class Fleet:
         position = Position.from_dict(record.position) if record.position else None
         capture = Capture(record.path, self.replica(name), position=position)
         leaser = Leaser(self.storage.child(name), owner=self.owner, ttl=self.config.lease_ttl)
-        active = _Active(capture, leaser, None, time.monotonic())
+        with self._guard:
+            kept = self._kept_leases.pop(name, None)
+        active = _Active(capture, leaser, kept, time.monotonic())
         with self._guard:
             self._active[name] = active
             crowded = len(self._active) > self.max_open
@@ -279,7 +303,7 @@ class Fleet:
             if not lock.acquire(blocking=False):
                 continue  # a job is on it; try the next one
             try:
-                if self.release(name):
+                if self.release(name, keep_lease=True):
                     log.info("%s: released early, %d tenants open (limit %d)", name, len(self._active), self.max_open)
                     return
             except TenantSyncError as e:  # it is closed anyway; its next sync resumes
@@ -292,6 +316,8 @@ class Fleet:
         """Take or renew the tenant's lease; a lease half-way to expiry is renewed."""
         lease = active.lease
         if lease is not None and _now() < lease.expires_at - active.leaser.ttl / 2:
+            if active.capture.fence is None:  # a lease kept over an idle release
+                self._install_fence(name, active)
             return
         try:
             active.lease = active.leaser.renew(lease) if lease is not None else active.leaser.acquire()
@@ -299,7 +325,10 @@ class Fleet:
             active.lease = None
             raise
         active.lease_unrecorded = True
+        self._install_fence(name, active)
 
+    @staticmethod
+    def _install_fence(name: str, active: _Active) -> None:
         def fence(active=active, lease=active.lease):
             # Checked again right before the upload: a process paused after the check above
             # must not write once its lease may have passed to another host.

@@ -182,3 +182,38 @@ def test_open_tenants_are_capped_by_releasing_the_least_recent(tmp_path, file_ur
     assert sorted(fleet._active) == ["t5.db", "t6.db", "t7.db"]
     fleet.close()
     assert_replicas_match(tmp_path, file_url, paths)
+
+
+def test_an_idle_release_keeps_the_lease_until_it_expires(tmp_path, file_url):
+    """A tenant woken within the TTL after an idle release writes no lease at all; a
+    shutdown gives every lease up, kept ones included, so another host takes over at once."""
+    from datetime import datetime, timezone
+
+    from tenantsync.fleet import Fleet
+    from tenantsync.lease import Leaser
+
+    (tmp_path / "data").mkdir()
+    cfg = fleet_config(tmp_path, file_url, lease_ttl=timedelta(seconds=60))
+    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    path = str(tmp_path / "data" / "a.db")
+    conn = app_db(path)
+    write_rows(conn, 5)
+    fleet.catalogue.discover("a.db", path, cfg.host)
+    leaser = Leaser(fleet.storage.child("a.db"), owner="someone-else", ttl=cfg.lease_ttl)
+
+    assert fleet.sync("a.db")["txid"] == 1
+    taken = leaser.read()
+    assert fleet.release_idle(0) == ["a.db"] and "a.db" not in fleet._active
+    assert leaser.read() == taken  # not released, not rewritten
+    write_rows(conn, 2)
+    assert fleet.sync("a.db")["txid"] == 2  # woken: the kept lease, fenced as before
+    assert leaser.read() == taken
+    assert fleet.catalogue.get("a.db").lease_holder == cfg.host
+
+    fleet.release_idle(0)
+    fleet.release_idle(0, keep_leases=False)  # shutting down: the kept lease is given up too
+    released = leaser.read()
+    assert released.etag != taken.etag and released.expires_at < datetime.now(timezone.utc)
+    assert leaser.acquire().generation == taken.generation + 1  # another host, at once
+    fleet.close()
+    assert_replicas_match(tmp_path, file_url, {"a.db": path})
