@@ -17,6 +17,7 @@ from tenantsync.errors import TenantSyncError
 
 log = logging.getLogger(__name__)
 
+
 def job_key(job: str, name: str, kwargs: dict) -> str:
     """Identity of a maintenance job: at most one per (job, tenant, arguments) is queued or
     running. The schedule offers compactions every interval and archival candidates every

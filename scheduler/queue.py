@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import redis
 from celery import Celery
-
-from .dispatch import job_key
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from .dispatch import job_key
+
 PENDING_TTL = 300
+# A broker restart must neither kill the watcher nor fail a sync that is done: each Redis
+# call is retried on connection errors, with backoff, for about half a minute.
+REDIS_RETRIES = 20
 
 
 def once_key(job: str, name: str, kwargs: dict | None = None) -> str:
     return f"tenantsync:{job_key(job, name, kwargs or {})}:pending:{name}"
-# A broker restart must neither kill the watcher nor fail a sync that is done: each Redis
-# call is retried on connection errors, with backoff, for about half a minute.
-REDIS_RETRIES = 20
 
 
 def _keys(name: str) -> tuple[str, str]:

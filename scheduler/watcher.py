@@ -134,10 +134,10 @@ class Watcher:
 
 
 def _has_frames(wal_path: str) -> bool:
+    """False only for an empty -wal. One already gone again (created and deleted within
+    the debounce) may have held a commit: the sync's cheap has_news check will tell."""
     try:
         return os.path.getsize(wal_path) > 0
-    except FileNotFoundError:
-        return True  # created and deleted again: maybe a commit, which has_news will tell
     except OSError:
         return True
 

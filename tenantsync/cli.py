@@ -66,9 +66,6 @@ def replicate(db_path: str, replica_url: str, interval: float, debounce: float) 
     """Replicate DB_PATH continuously until Ctrl-C or SIGTERM (then ship what is committed)."""
     from .replicate import run
 
-    from .fleet import raise_fd_limit
-
-    raise_fd_limit()  # one open tenant holds a few descriptors; thousands may be open
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -130,6 +127,9 @@ def load_config(config_path, replica_url=None, broker=None, catalogue=None, glob
 def _run_fleet(cfg, http=None) -> None:
     if not cfg.globs:
         raise click.UsageError("no databases to watch: give a GLOB or 'globs:' in tenantsync.yml")
+    from .fleet import raise_fd_limit
+
+    raise_fd_limit()  # one open tenant holds a few descriptors; thousands may be open
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

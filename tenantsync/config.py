@@ -162,7 +162,7 @@ def from_dict(raw: dict) -> Config:
         idle_after=parse_duration(raw.get("idle-after", "30s"), "idle-after"),
         rescan_interval=parse_duration(raw.get("rescan-interval", "60s"), "rescan-interval"),
         lease_ttl=parse_duration(raw.get("lease-ttl", "30s"), "lease-ttl"),
-        workers=int(raw.get("workers", cfg.workers)),
+        workers=_positive(raw.get("workers", cfg.workers), "workers"),
         host_workers=_positive(raw.get("host-workers", cfg.host_workers), "host-workers"),
         levels=levels,
     )

@@ -117,6 +117,9 @@ class Fleet:
         """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL."""
         return Replica(self.storage.child(name))
 
+    def _leaser(self, name: str) -> Leaser:
+        return Leaser(self.storage.child(name), owner=self.owner, ttl=self.config.lease_ttl)
+
     def tenant_lock(self, name: str) -> threading.RLock:
         """Held by every job on one tenant in this process, so they never interleave."""
         with self._guard:
@@ -191,7 +194,7 @@ class Fleet:
         if not keep_leases:
             for name, lease in gone.items():
                 try:
-                    Leaser(self.storage.child(name), owner=self.owner, ttl=self.config.lease_ttl).release(lease)
+                    self._leaser(name).release(lease)
                     self.catalogue.record_lease(name, None, None, lease.generation)
                 except (LeaseHeld, StorageError) as e:
                     log.info("%s: lease not released: %s", name, e)
@@ -283,7 +286,7 @@ class Fleet:
             return None
         position = Position.from_dict(record.position) if record.position else None
         capture = Capture(record.path, self.replica(name), position=position)
-        leaser = Leaser(self.storage.child(name), owner=self.owner, ttl=self.config.lease_ttl)
+        leaser = self._leaser(name)
         with self._guard:
             kept = self._kept_leases.pop(name, None)
         active = _Active(capture, leaser, kept, time.monotonic())

@@ -48,23 +48,17 @@ class Replica:
         return str(self.storage)
 
     def files(self, level: int) -> list[LTXInfo]:
-        """Files of one level in TXID order (keys sort in TXID order by construction)."""
-        prefix = layout.ltx_level_prefix(self.storage.kind, level) + "/"
-        out = []
-        for obj in self.storage.list(prefix):
-            parsed = layout.parse_ltx_key(self.storage.kind, obj.key)
-            if parsed is None or parsed[0] != level:
-                continue
-            _, lo, hi = parsed
-            out.append(LTXInfo(level, lo, hi, obj.size, obj.modified, obj.key))
-        out.sort(key=lambda i: (i.min_txid, i.max_txid))
-        return out
+        """Files of one level in TXID order."""
+        return self._listed(layout.ltx_level_prefix(self.storage.kind, level) + "/", (level,))[level]
 
     def all_files(self) -> dict[int, list[LTXInfo]]:
         """Every level's files from ONE listing of the replica (not one LIST per level:
         a hydration from S3 spent 79 % of its time in ten LIST requests)."""
-        out: dict[int, list[LTXInfo]] = {level: [] for level in LEVELS}
-        for obj in self.storage.list(""):
+        return self._listed("", LEVELS)
+
+    def _listed(self, prefix: str, levels) -> dict[int, list[LTXInfo]]:
+        out: dict[int, list[LTXInfo]] = {level: [] for level in levels}
+        for obj in self.storage.list(prefix):
             parsed = layout.parse_ltx_key(self.storage.kind, obj.key)
             if parsed is not None and parsed[0] in out:
                 level, lo, hi = parsed

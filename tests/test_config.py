@@ -36,6 +36,7 @@ def test_defaults_are_the_embedded_mode():
     ("colour: blue\n", "unknown config key"),
     ("- a\n", "expected a mapping"),
     ("host-workers: 0\n", "host-workers: expected a positive integer, got 0"),
+    ("workers: many\n", "workers: expected a positive integer, got 'many'"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "tenantsync.yml"
