@@ -164,7 +164,11 @@ def restore(
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tenantsync-restore-{os.getpid()}")
     try:
         pages, size, page_size, commit = _apply(replica, infos, tmp)
-        _structure_check(tmp, output)
+        with ThreadPoolExecutor(1) as pool:
+            # The disk writes back while SQLite checks the b-trees from the page cache.
+            synced = pool.submit(_fsync_path, tmp)
+            _structure_check(tmp, output)
+            synced.result()
         for suffix in ("-wal", "-shm"):
             # A stale WAL beside the new file would be replayed over it by SQLite.
             _remove(output + suffix)
@@ -201,7 +205,6 @@ def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int,
                 dec.close()
                 commit = dec.header.commit
                 os.ftruncate(fd, commit * page_size)
-        os.fsync(fd)
     finally:
         os.close(fd)
     return pages, total, page_size, commit
@@ -240,6 +243,14 @@ def _structure_check(path: str, output: str) -> None:
         raise RestoreError(f"{output}: restored database is not readable: {e}") from e
     if rows != [("ok",)]:
         raise RestoreError(f"{output}: restored database failed quick_check: {rows[0][0]}")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: str) -> None:
