@@ -173,7 +173,7 @@ def restore(
             # A stale WAL beside the new file would be replayed over it by SQLite.
             _remove(output + suffix)
         os.replace(tmp, output)
-        _fsync_dir(directory)
+        _fsync_path(directory)
     except BaseException:
         _remove(tmp)
         raise
@@ -246,6 +246,7 @@ def _structure_check(path: str, output: str) -> None:
 
 
 def _fsync_path(path: str) -> None:
+    """fsync a file or a directory by name (any descriptor flushes the whole file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -258,12 +259,4 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
