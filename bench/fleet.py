@@ -744,9 +744,13 @@ class Bench:
         a = self.a
         res["load_before"] = wait_for_quiet_machine(a.max_load, a.max_wait)
         t0 = setup.start()
+        spies = self.spy(setup, f"n{len(names)}-startup", a.startup_timeout) if isinstance(setup, Tenantsync) else []
         log(f"  started (load {load()}); waiting for every tenant's first L0 (timeout {a.startup_timeout:.0f} s)")
         st = wait_replicated(setup.replica, names, setup.alive, t0, a.startup_timeout)
         st["load"] = load()
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+            spy.wait(60)
         res["startup"] = st
         st["logs"] = setup.log_counts()
         if st["seconds"] is not None:
@@ -762,7 +766,7 @@ class Bench:
         if self.wanted("idle"):
             log(f"  idle {a.settle:.0f} s, then measuring {a.idle_window:.0f} s")
             time.sleep(a.settle)
-            res["idle"] = self.measure_idle(setup)
+            res["idle"] = self.measure_idle(setup, len(names))
             i = res["idle"]
             log(f"  idle: cpu {i['cpu_pct']:.1f} % of a core, rss {i['rss'] / 2**20:.0f} MiB, {i['fds']} fds, "
                 f"{i['threads']} threads, {i['procs']} procs; load {i['load']}")
@@ -782,12 +786,30 @@ class Bench:
             res["jobs"] = self.measure_jobs(setup, names)
             res["jobs"]["logs"] = setup.log_counts()
 
-    def measure_idle(self, setup: Setup) -> dict:
+    def spy(self, setup: Setup, label: str, seconds: float) -> list:
+        """With --profile: py-spy (raw stacks) on every Python process of the tool."""
+        spies: list = []
+        if not self.a.profile:
+            return spies
+        os.makedirs(self.a.profile, exist_ok=True)
+        for pid in group_pids(setup.pgids()):
+            if "python" in os.readlink(f"/proc/{pid}/exe") or "celery" in proc_status(pid).get("Name", ""):
+                out = os.path.join(self.a.profile, f"{setup.kind}-{label}-{pid}.txt")
+                spies.append(subprocess.Popen(
+                    [shutil.which("py-spy") or os.path.join(BIN, "py-spy"), "record", "--nonblocking", "--idle",
+                     "--threads", "-r", "50", "-d", str(int(seconds)), "--format", "raw", "-o", out,
+                     "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return spies
+
+    def measure_idle(self, setup: Setup, n: int) -> dict:
         pg = setup.pgids()
         load0 = load()
+        spies = self.spy(setup, f"n{n}-idle", self.a.idle_window)
         c0, t = group_cpu(pg), time.monotonic()
         time.sleep(self.a.idle_window)
         c1, dt = group_cpu(pg), time.monotonic() - t
+        for spy in spies:
+            spy.wait(60)
         snap = group_snapshot(pg)
         return {"cpu_pct": 100 * cpu_delta(c0, c1) / dt, "window": dt, "load_start": load0, "load": load(), **snap}
 
@@ -803,16 +825,7 @@ class Bench:
             f"(inotify on {len(mon.wd)} dirs)")
         load0 = load()
         pg = setup.pgids()
-        spies = []
-        if a.profile:  # py-spy on every Python process of the tool, for the writer's duration
-            os.makedirs(a.profile, exist_ok=True)
-            for pid in group_pids(pg):
-                if "python" in os.readlink(f"/proc/{pid}/exe") or "celery" in proc_status(pid).get("Name", ""):
-                    out = os.path.join(a.profile, f"{setup.kind}-n{len(names)}-lag-{pid}.txt")
-                    spies.append(subprocess.Popen(
-                        [shutil.which("py-spy") or os.path.join(BIN, "py-spy"), "record", "--nonblocking", "--idle",
-                         "--threads", "-r", "50", "-d", str(int(a.lag_seconds)), "--format", "raw", "-o", out,
-                         "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        spies = self.spy(setup, f"n{len(names)}-lag", a.lag_seconds)
         c0, t = group_cpu(pg), time.monotonic()
         proc = subprocess.run([sys.executable, HERE, "_writer", setup.data, names_file, "--rate", str(a.rate),
                                "--seconds", str(a.lag_seconds), "--log", commit_log],

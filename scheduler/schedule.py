@@ -96,15 +96,13 @@ class Schedule:
             return len(names)
         since = now - 2 * self.every[key]
         count = 0
-        for t in self.catalogue.list():
-            if t.last_sync_at is None or t.last_sync_at < since:
-                continue
+        for name in self.catalogue.synced_since(since):
             if key == "retain":
-                self.dispatcher.submit("retain", t.name)
+                self.dispatcher.submit("retain", name)
             elif key == layout.SNAPSHOT_LEVEL:
-                self.dispatcher.submit("snapshot", t.name)
+                self.dispatcher.submit("snapshot", name)
             else:
-                self.dispatcher.submit("compact", t.name, level=key)
+                self.dispatcher.submit("compact", name, level=key)
             count += 1
         return count
 

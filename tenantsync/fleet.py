@@ -16,6 +16,7 @@ import os
 import resource
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -102,7 +103,8 @@ class Fleet:
         # The lease belongs to the host: every process of one host may sync its tenants
         # (write-if-absent fences their TXIDs); other hosts are kept out.
         self.owner = config.host
-        self._active: dict[str, _Active] = {}
+        # Least recently synced first: the descriptor cap releases from the front.
+        self._active: OrderedDict[str, _Active] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         # Past this many open tenants the least recently synced one is released before
@@ -165,7 +167,10 @@ class Fleet:
                 self._drop(name)
                 self.catalogue.record_error(name, str(e))
                 raise
-            active.last_used = time.monotonic()
+            with self._guard:
+                active.last_used = time.monotonic()
+                if name in self._active:
+                    self._active.move_to_end(name)
             pos = active.capture.position
             self.catalogue.record_sync(
                 name,
@@ -226,7 +231,10 @@ class Fleet:
             try:
                 # Ship the tail only while we still hold the lease; without it (another
                 # process or host moved on) just close: its position is not ours to record.
-                self._hold_lease(name, active)
+                # A lease still held is not renewed: the tail ships well inside its term,
+                # and an idle release keeps it only until it expires anyway.
+                if active.lease is None or not active.leaser.held(active.lease):
+                    self._hold_lease(name, active)
                 shipped = active.capture.release()
                 pos = active.capture.position
                 if pos is not None:
@@ -235,8 +243,7 @@ class Fleet:
                     # every release would make the schedule compact the tenant again.
                     self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(),
                                                at=_now() if shipped.txid is not None else None,
-                                               bytes_added=shipped.size, lease=active.lease_mirror())
-                    self.catalogue.transition(name, TenantState.idle, expected={TenantState.active})
+                                               bytes_added=shipped.size, lease=active.lease_mirror(), idle=True)
                 if active.lease is not None and keep_lease:
                     with self._guard:
                         self._kept_leases[name] = active.lease
@@ -253,12 +260,14 @@ class Fleet:
 
     def compact(self, name: str, level: int, force: bool = False) -> dict:
         info = compactor.compact(self.replica(name), level, self.config.levels, force=force)
-        self.catalogue.record_compaction(name, _now())
+        if info is not None:  # a pass with nothing to merge is not worth a catalogue write
+            self.catalogue.record_compaction(name, _now())
         return {"tenant": name, "level": level, "file": info.name if info else None}
 
     def snapshot(self, name: str, force: bool = False) -> dict:
         info = compactor.snapshot(self.replica(name), self.config.levels, force=force)
-        self.catalogue.record_snapshot(name, _now())
+        if info is not None:
+            self.catalogue.record_snapshot(name, _now())
         return {"tenant": name, "file": info.name if info else None}
 
     def retain(self, name: str) -> dict:
@@ -300,8 +309,8 @@ class Fleet:
     def _release_least_recent(self, keep: str) -> None:
         """Release the least recently synced open tenant that no job is using now."""
         with self._guard:
-            candidates = sorted((a.last_used, n) for n, a in self._active.items() if n != keep)
-        for _, name in candidates:
+            candidates = [n for n in self._active if n != keep]
+        for name in candidates:
             lock = self.tenant_lock(name)
             if not lock.acquire(blocking=False):
                 continue  # a job is on it; try the next one

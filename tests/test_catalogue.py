@@ -435,6 +435,19 @@ def test_record_sync(cat):
     assert cat.get("missing") is None
 
 
+def test_record_sync_of_a_release_goes_idle(cat):
+    for name in ("active", "errored", "archiving"):
+        cat.discover(name, f"/{name}", "h")
+        cat.record_sync(name, txid=1, position=None, at=T0)
+    cat.record_error("errored", "x")
+    assert cat.transition("archiving", S.archiving)
+    for name in ("active", "errored", "archiving"):
+        cat.record_sync(name, txid=2, position=None, at=None, idle=True)
+    states = {name: (cat.get(name).state, cat.get(name).txid, cat.get(name).last_sync_at)
+              for name in ("active", "errored", "archiving")}
+    assert states == {"active": (S.idle, 2, T0), "errored": (S.idle, 2, T0), "archiving": (S.archiving, 2, T0)}
+
+
 def test_record_writes_in_one_batch(cat):
     names = [f"t{i:04d}" for i in range(1200)]  # more than one chunk of parameters
     cat.discover_many([(n, f"/{n}") for n in names], "h")
@@ -561,25 +574,12 @@ def test_idle_since(cat):
     assert cat.idle_since(T0) == []
 
 
-def test_needing_compaction(cat):
-    for name in ("never-synced", "new", "compacted-since", "changed", "changed-earlier"):
+def test_synced_since(cat):
+    for name in ("never-synced", "old", "edge", "new"):
         cat.discover(name, f"/{name}", "h")
-    cat.record_sync("new", txid=1, position=None, at=T0 + timedelta(minutes=3))  # never compacted
-    cat.record_sync("compacted-since", txid=1, position=None, at=T0)
-    cat.record_compaction("compacted-since", T0 + timedelta(minutes=1))
-    cat.record_snapshot("compacted-since", T0 + timedelta(minutes=1))
-    cat.record_compaction("changed", T0)
-    cat.record_sync("changed", txid=2, position=None, at=T0 + timedelta(minutes=2))
-    cat.record_compaction("changed-earlier", T0)
-    cat.record_sync("changed-earlier", txid=2, position=None, at=T0 + timedelta(minutes=1))
-    cat.record_snapshot("changed", T0 + timedelta(minutes=5))
-
-    assert [t.name for t in cat.needing_compaction("last_compact_at")] == ["new", "changed-earlier", "changed"]
-    assert [t.name for t in cat.needing_compaction("last_compact_at", limit=2)] == ["new", "changed-earlier"]
-    assert [t.name for t in cat.needing_compaction("last_snapshot_at")] == ["changed-earlier", "new"]
-    assert [t.name for t in cat.needing_compaction()] == ["new", "changed-earlier", "changed"]
-    assert cat.needing_compaction(host="elsewhere") == []
-    cat.record_compaction("new", T0 + timedelta(minutes=4))
-    assert "new" not in [t.name for t in cat.needing_compaction()]
-    with pytest.raises(ValueError):
-        cat.needing_compaction("created_at")  # type: ignore[arg-type]
+    cat.record_sync("old", txid=1, position=None, at=T0)
+    cat.record_sync("edge", txid=1, position=None, at=T0 + timedelta(minutes=1))
+    cat.record_sync("new", txid=2, position=None, at=T0 + timedelta(minutes=2))
+    assert cat.synced_since(T0 + timedelta(minutes=1)) == ["edge", "new"]
+    assert cat.synced_since(T0) == ["edge", "new", "old"]
+    assert cat.synced_since(T0 + timedelta(minutes=3)) == []
