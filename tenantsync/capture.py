@@ -218,6 +218,11 @@ class Capture:
         """Ship everything, checkpoint it, and close every handle (the tenant went idle)."""
         if not self._open():
             return SyncResult(None)
+        if self._nothing_in_wal():
+            # Nothing to ship or copy: skip the barrier (a second connection, a write
+            # lock). A commit landing after this check stays in the WAL for the next pass.
+            self.close()
+            return SyncResult(None)
         result = self.checkpoint(wait=min(1.0, self.busy_timeout))
         self.close()
         return result
@@ -473,6 +478,17 @@ class Capture:
         if checksum is None:
             return "WAL frames at the position do not match the last shipped file"
         return pos.wal_offset, checksum
+
+    def _nothing_in_wal(self) -> bool:
+        """The WAL holds no frame and the main file is as shipped (a fresh tenant's
+        first release: its snapshot came from the main file)."""
+        pos = self.position
+        if pos is None or not self._backfill_still_holds(pos):
+            return False
+        try:
+            return os.path.getsize(self.wal_path) <= walmod.WAL_HEADER_SIZE
+        except FileNotFoundError:
+            return True
 
     def _backfill_still_holds(self, pos: Position) -> bool:
         """True if every frame up to the position is in the main file and nothing since was."""

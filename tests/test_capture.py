@@ -81,6 +81,25 @@ def test_release_then_resume_continues_without_a_full_upload(tmp_path, replica):
     assert restored(replica, tmp_path) == dump(db)
 
 
+def test_release_of_a_tenant_with_an_empty_wal_takes_no_barrier(tmp_path, replica, monkeypatch):
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 30)
+    conn.close()  # checkpoints and deletes the WAL: everything is in the main file
+    saved = []
+    cap = Capture(db, replica, on_position=saved.append)
+    assert cap.sync_once().full_reason == "new replica"
+    monkeypatch.setattr(cap, "_take_barrier", lambda wait: pytest.fail("took the checkpoint barrier"))
+    assert cap.release().txid is None
+    conn = app_db(db)
+    write_rows(conn, 5)
+    again = Capture(db, replica, position=saved[-1])
+    assert again.has_news()
+    result = again.sync_once()
+    assert result.txid == 2 and result.full_reason is None
+    assert restored(replica, tmp_path) == dump(db)
+
+
 def test_restart_after_kill_resumes_from_the_replica_position(tmp_path, replica):
     db = str(tmp_path / "a.db")
     conn = app_db(db)
