@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import enum
+import functools
 import os
 import sqlite3
 import threading
@@ -43,7 +44,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
 from .errors import TenantSyncError
@@ -251,14 +252,40 @@ class TenantRecord:
     created_at: datetime
     updated_at: datetime
 
-    @classmethod
-    def of(cls, tenant: Tenant) -> "TenantRecord":
-        return cls(**{f: getattr(tenant, f) for f in _RECORD_FIELDS})
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))
-# Catalogue._select builds records from rows positionally.
+# Records are built from rows positionally.
 assert tuple(TENANTS.c.keys()) == _RECORD_FIELDS, "TenantRecord fields must follow the table's columns"
+_BY_NAME = sa.select(*TENANTS.c).where(TENANTS.c.name == sa.bindparam("name"))
+
+
+@functools.cache
+def _sync_statement(with_at: bool, with_lease: bool, idle: bool) -> sa.Update:
+    """record_sync's UPDATE, built once per variant: building it per call (CASE clauses,
+    coercions) cost as much as executing it."""
+    c = TENANTS.c
+
+    def param(key: str, column: sa.Column) -> sa.BindParameter:
+        return sa.bindparam("b_" + key, type_=column.type)  # column names are reserved in SET
+
+    txid = param("txid", c.txid)
+    newer = sa.or_(c.txid.is_(None), c.txid <= txid)
+    moves = [TenantState.idle, TenantState.error, *([TenantState.active] if idle else [])]
+    values: dict[str, Any] = {
+        "txid": sa.case((newer, txid), else_=c.txid),
+        "position": sa.case((newer, param("position", c.position)), else_=c.position),
+        "last_sync_at": param("at", c.last_sync_at) if with_at else c.last_sync_at,
+        "bytes_stored": c.bytes_stored + param("bytes_added", c.bytes_stored),
+        "last_error": None,
+        "state": sa.case(
+            (c.state.in_(moves), sa.literal(TenantState.idle if idle else TenantState.active, c.state.type)),
+            else_=c.state,
+        ),
+    }
+    if with_lease:
+        values |= {k: param(k, c[k]) for k in ("lease_holder", "lease_expires_at", "generation")}
+    return sa.update(TENANTS).where(c.name == param("name", c.name)).values(values)
 
 
 def alembic_config(url: str | URL | None = None):
@@ -340,7 +367,6 @@ class Catalogue:
         self.url = _normalise_url(url)
         self.dialect = self.url.get_backend_name()
         self.engine = self._create_engine(busy_timeout, engine_kwargs)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._write_lock = threading.RLock()
         # A forked child (Celery prefork) must not reuse the parent's pooled connections:
         # it forgets them without closing them, and opens its own.
@@ -447,18 +473,21 @@ class Catalogue:
     # -- transactions -----------------------------------------------------------
 
     @contextmanager
-    def _tx(self, write: bool) -> Iterator[Session]:
+    def _tx(self, write: bool) -> Iterator[sa.Connection]:
+        # Core connections, not ORM sessions: a session's bookkeeping was a third of
+        # every sync's catalogue time, and no caller needs an identity map.
         if not (write and self.dialect == "sqlite"):
-            with self._sessions.begin() as session:
-                yield session
+            with self.engine.begin() as conn:
+                yield conn
             return
         # This process's writers queue on a lock first: waiting in SQLite's busy handler
         # sleeps 1, 2, 5, 10 ms ... between tries, so with a few job threads most of a
         # sync's time went to sleeping while the write lock was free (fleet benchmark F5).
         # The busy handler is then only for other processes.
-        with self._write_lock, self._sessions.begin() as session:
-            session.connection(execution_options={"tenantsync_begin": "IMMEDIATE"})
-            yield session
+        with self._write_lock, self.engine.connect() as conn:
+            conn.execution_options(tenantsync_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
 
     def _insert(self):
         insert = pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert
@@ -507,9 +536,7 @@ class Catalogue:
         changed; state, TXID, position and every time are left as they are."""
         with self._tx(write=True) as s:
             s.execute(self._on_conflict(self._insert()), self._new_row(name, path, host, _now()))
-            tenant = s.get(Tenant, name)
-            assert tenant is not None  # just upserted in this transaction
-            return TenantRecord.of(tenant)
+            return TenantRecord(*s.execute(_BY_NAME, {"name": name}).one())
 
     def discover_many(self, items: Iterable[tuple[str, str]], host: str) -> int:
         """``discover()`` for many ``(name, path)`` pairs on ``host``, in one transaction
@@ -566,8 +593,8 @@ class Catalogue:
 
     def get(self, name: str) -> TenantRecord | None:
         with self._tx(write=False) as s:
-            tenant = s.get(Tenant, name)
-            return TenantRecord.of(tenant) if tenant is not None else None
+            row = s.execute(_BY_NAME, {"name": name}).first()
+            return TenantRecord(*row) if row is not None else None
 
     def _select(self, stmt: sa.Select) -> builtins.list[TenantRecord]:
         # Plain rows, not ORM objects: three times faster for 10,000 tenants.
@@ -653,24 +680,15 @@ class Catalogue:
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""
-        c = TENANTS.c
-        newer = sa.or_(c.txid.is_(None), c.txid <= txid)
-        self._update(
-            name,
-            (self._lease_values(*lease) if lease is not None else {})
-            | {
-                "txid": sa.case((newer, sa.literal(txid, c.txid.type)), else_=c.txid),
-                "position": sa.case((newer, sa.literal(position, c.position.type)), else_=c.position),
-                "last_sync_at": c.last_sync_at if at is None else _utc(at, "at"),
-                "bytes_stored": c.bytes_stored + bytes_added,
-                "last_error": None,
-                "state": sa.case(
-                    (c.state.in_([TenantState.idle, TenantState.error, *([TenantState.active] if idle else [])]),
-                     sa.literal(TenantState.idle if idle else TenantState.active, c.state.type)),
-                    else_=c.state,
-                ),
-            },
-        )
+        values: dict[str, Any] = {"name": name, "txid": txid, "position": position, "bytes_added": bytes_added}
+        if at is not None:
+            values["at"] = _utc(at, "at")
+        if lease is not None:
+            values |= self._lease_values(*lease)
+        with self._tx(write=True) as s:
+            stmt = _sync_statement(at is not None, lease is not None, idle)
+            if s.execute(stmt, {"b_" + k: v for k, v in values.items()}).rowcount == 0:
+                raise UnknownTenant(f"catalogue: no tenant named {name!r}")
 
     def record_caught_up(self, name: str, at: datetime) -> None:
         """A pass found nothing to ship at ``at``: the replica is current. Only
