@@ -427,6 +427,8 @@ def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.
             continue
         by_tenant[name].append((t, rid))
     lags, missing = [], 0
+    start = min((t for _, _, t in commits), default=0.0)
+    buckets: dict[int, list] = collections.defaultdict(list)  # 5 s of commit time -> lags
     for name, items in by_tenant.items():
         items.sort()
         files = sorted(arrivals.get(name, []))
@@ -434,10 +436,12 @@ def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.
         for t, _rid in items:
             while j < len(files) and (files[j][0] < t or (files[j][1] is not None and files[j][1] + slack_ms < t * 1000)):
                 j += 1
+            lag = float("inf") if j == len(files) else files[j][0] - t
+            buckets[int((t - start) // 5)].append(lag)
             if j == len(files):
                 missing += 1
             else:
-                lags.append(files[j][0] - t)
+                lags.append(lag)
     lags.sort()
     # A commit never seen counts as slower than every seen one: a percentile that lands on
     # one is reported as None with "p99_unseen" set (the drain time bounds it from below).
@@ -451,7 +455,9 @@ def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.
 
     return {"commits": len(commits), "seen": len(lags), "missing": missing, "unwatched": unwatched,
             "p50": pct(50), "p90": pct(90), "p99": pct(99), "p99_unseen": bool(ranked) and pct(99) is None,
-            "max": lags[-1] if lags else None, "mean": statistics.fmean(lags) if lags else None}
+            "max": lags[-1] if lags else None, "mean": statistics.fmean(lags) if lags else None,
+            # When the slow commits were made: [start s, p50, max] per 5 s of the writer's run.
+            "by_5s": [[5 * k, round(statistics.median(v), 3), round(max(v), 3)] for k, v in sorted(buckets.items())]}
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.server import serve
 
-from .dispatch import InProcessDispatcher
+from .dispatch import InProcessDispatcher, StorageJobProcess
 from .schedule import Schedule
 from .watcher import Watcher
 
@@ -29,8 +29,8 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     catalogue = Catalogue(config.catalogue)
     fleet = Fleet(config, catalogue)
     ondemand = OnDemand(fleet)
-    jobs = {"sync": fleet.sync, "compact": fleet.compact, "snapshot": fleet.snapshot, "retain": fleet.retain,
-            "archive": ondemand.archive}
+    storage_jobs = StorageJobProcess(config)
+    jobs = {"sync": fleet.sync, "archive": ondemand.archive} | {j: storage_jobs.job(j) for j in StorageJobProcess.JOBS}
     dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result)
     server = None
     if http is not None:
@@ -49,5 +49,6 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         if server is not None:
             server.shutdown()
         dispatcher.close()
+        storage_jobs.close()
         fleet.release_idle(0, keep_leases=False)  # a deploy: hand every lease over now
         fleet.close()

@@ -127,9 +127,9 @@ def load_config(config_path, replica_url=None, broker=None, catalogue=None, glob
 def _run_fleet(cfg, http=None) -> None:
     if not cfg.globs:
         raise click.UsageError("no databases to watch: give a GLOB or 'globs:' in tenantsync.yml")
-    from .fleet import raise_fd_limit
+    from .fleet import prepare_process
 
-    raise_fd_limit()  # one open tenant holds a few descriptors; thousands may be open
+    prepare_process()  # descriptors for thousands of open tenants, a short switch interval
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -1,13 +1,24 @@
 """The embedded dispatcher: one pending sync per tenant, one queued maintenance job per
-(job, tenant, arguments), syncs never behind maintenance."""
+(job, tenant, arguments), syncs never behind maintenance, storage jobs in a child process."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import threading
 
-from scheduler.dispatch import InProcessDispatcher
+import pytest
 
-from .dbutil import wait_for
+from scheduler.dispatch import InProcessDispatcher, StorageJobProcess
+from tenantsync.capture import Capture
+from tenantsync.catalogue import Catalogue
+from tenantsync.config import Config
+from tenantsync.errors import TenantSyncError
+from tenantsync.replica import Replica
+from tenantsync.storage import open_storage
+
+from .dbutil import app_db, wait_for, write_rows
 
 
 def make(jobs, **kw):
@@ -77,3 +88,28 @@ def test_a_write_during_a_sync_runs_it_once_more():
     finally:
         gate.set()
         d.close()
+
+
+def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path):
+    url = f"file://{tmp_path}/replica"
+    conn = app_db(tmp_path / "a.db")
+    capture = Capture(str(tmp_path / "a.db"), Replica(open_storage(url).child("a.db")))
+    for _ in range(3):
+        write_rows(conn, 5)
+        capture.sync_once()
+    cfg = Config(replica=url, globs=(f"{tmp_path}/*.db",), catalogue=f"sqlite:///{tmp_path}/c.db", host="h")
+    Catalogue(cfg.catalogue).discover("a.db", str(tmp_path / "a.db"), "h")
+    jobs = StorageJobProcess(cfg)
+    try:
+        result = jobs.job("compact")("a.db", level=1, force=True)
+        assert result["file"] == "0000000000000001-0000000000000003.ltx"
+        (child,) = multiprocessing.active_children()
+        assert child.pid != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == os.getpriority(os.PRIO_PROCESS, 0) + jobs.NICE
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        with pytest.raises(TenantSyncError, match="storage-job process died"):
+            jobs.job("retain")("a.db")
+        assert jobs.job("compact")("a.db", level=1) == {"tenant": "a.db", "level": 1, "file": None}  # a new child
+    finally:
+        jobs.close()

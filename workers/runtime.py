@@ -12,7 +12,7 @@ import threading
 from celery.signals import worker_ready
 
 from tenantsync import config as configmod
-from tenantsync.fleet import Fleet, raise_fd_limit
+from tenantsync.fleet import Fleet, prepare_process
 
 RELEASE_EVERY = 5.0
 
@@ -40,7 +40,7 @@ def singleton(fn):
 
 @singleton
 def fleet() -> Fleet:
-    raise_fd_limit()  # one open tenant holds a few descriptors; thousands may be open
+    prepare_process()  # descriptors for thousands of open tenants, a short switch interval
     return Fleet(configmod.load())
 
 
