@@ -64,7 +64,7 @@ def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool
     checksum, last input's max TXID, commit and timestamp, NoChecksum, no WAL fields.
     Pages above the final commit are dropped. Inputs are verified before anything is written.
     """
-    decoders = [replica.decoder(info, replica.read(info)) for info in inputs]
+    decoders = [replica.decoder(info, replica.source(info)) for info in inputs]
     first, last = decoders[0].header, decoders[-1].header
     for prev, cur in zip(decoders, decoders[1:]):
         if cur.header.page_size != first.page_size:

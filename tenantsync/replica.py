@@ -8,6 +8,8 @@ replicas Litestream 0.5 wrote.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import BinaryIO
@@ -20,6 +22,11 @@ from .storage.base import Storage
 log = logging.getLogger(__name__)
 
 LEVELS = tuple(range(layout.SNAPSHOT_LEVEL + 1))
+
+# Files larger than this are decoded from ranged reads of BLOCK bytes, never held whole:
+# a 10 GB snapshot must not need 10 GB of memory to restore or compact.
+STREAM_ABOVE = 32 << 20
+BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,18 @@ class Replica:
     def read(self, info: LTXInfo) -> bytes:
         return self.storage.read(info.key)
 
+    def source(self, info: LTXInfo) -> bytes | "_BlockReader":
+        """What to decode ``info`` from: its bytes, or for a file above STREAM_ABOVE a
+        stream of ranged reads that fetches the next block while one is being decoded."""
+        if info.size <= STREAM_ABOVE:
+            return self.read(info)
+        return _BlockReader(self.storage, info.key, info.size)
+
     def url(self, info: LTXInfo) -> str:
         return self.storage.object_url(info.key)
 
-    def decoder(self, info: LTXInfo, data: bytes) -> Decoder:
-        """A decoder for ``data``, refusing a file whose header disagrees with its name:
+    def decoder(self, info: LTXInfo, data) -> Decoder:
+        """A decoder for ``data`` (bytes or a stream), refusing a file whose header disagrees with its name:
         a valid file stored under another TXID's key would otherwise restore wrong data."""
         dec = Decoder(data, name=self.url(info))
         _check_name(self.url(info), info, dec.header)
@@ -118,3 +132,45 @@ def _check_name(url: str, info: LTXInfo, header: Header) -> None:
             f"{url}: header holds TXIDs {header.min_txid:016x}-{header.max_txid:016x}, "
             f"not the {info.min_txid:016x}-{info.max_txid:016x} its name says"
         )
+
+
+_read_ahead: ThreadPoolExecutor | None = None
+_read_ahead_guard = threading.Lock()
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    global _read_ahead
+    with _read_ahead_guard:
+        if _read_ahead is None:
+            _read_ahead = ThreadPoolExecutor(4, thread_name_prefix="tenantsync-read-ahead")
+        return _read_ahead
+
+
+class _BlockReader:
+    """``read(n)`` over one object as BLOCK-sized ranged reads, one block ahead: memory
+    stays at two blocks, and on S3 the next GET overlaps the decoding of this block."""
+
+    def __init__(self, storage: Storage, key: str, size: int):
+        self.storage, self.key, self.size = storage, key, size
+        self.buf, self.pos = b"", 0
+        self.next_offset = 0
+        self.ahead: Future = self._fetch()
+
+    def _fetch(self) -> Future:
+        offset, self.next_offset = self.next_offset, min(self.size, self.next_offset + BLOCK)
+        if offset >= self.size:
+            done: Future = Future()
+            done.set_result(b"")
+            return done
+        return _reader_pool().submit(self.storage.read, self.key, offset, self.next_offset - offset)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos == len(self.buf):
+            self.buf, self.pos = self.ahead.result(), 0
+            if not self.buf:
+                return b""
+            self.ahead = self._fetch()
+        end = len(self.buf) if n < 0 else self.pos + n
+        out = self.buf[self.pos:end]
+        self.pos += len(out)
+        return out

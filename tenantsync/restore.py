@@ -189,12 +189,13 @@ def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int,
         with ThreadPoolExecutor(PREFETCH) as pool:
             # At most PREFETCH files in flight or waiting: memory stays bounded however
             # long the plan is.
-            ahead = deque(pool.submit(replica.read, info) for info in infos[:PREFETCH])
+            # Files above replica.STREAM_ABOVE come as streams of ranged reads, not bytes.
+            ahead = deque(pool.submit(replica.source, info) for info in infos[:PREFETCH])
             for i, info in enumerate(infos):
                 data = ahead.popleft().result()
                 if i + PREFETCH < len(infos):
-                    ahead.append(pool.submit(replica.read, infos[i + PREFETCH]))
-                total += len(data)
+                    ahead.append(pool.submit(replica.source, infos[i + PREFETCH]))
+                total += info.size
                 name = replica.url(info)
                 dec = replica.decoder(info, data)
                 if page_size is None:
