@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_EVERY = timedelta(seconds=15)
 CATCH_UP_AFTER = timedelta(seconds=5)
+# A tenant whose last sync failed is tried again this long after (each failure restarts it).
+RETRY_ERRORS_AFTER = timedelta(minutes=2)
 ARCHIVE_EVERY = timedelta(minutes=1)
 LOCAL_STATES = (TenantState.active, TenantState.idle)
 
@@ -88,7 +90,9 @@ class Schedule:
         now = now or datetime.now(timezone.utc)
         self._last_run[key] = now
         if key == "catch-up":
-            return sum(self.dispatcher.request_sync(t.name) for t in self.catalogue.lagging(now, CATCH_UP_AFTER))
+            names = [t.name for t in self.catalogue.lagging(now, CATCH_UP_AFTER)]
+            names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
+            return sum(self.dispatcher.request_sync(name) for name in dict.fromkeys(names))
         if key == "archive":
             names = archival_candidates(self.config, self.catalogue.list(host=self.config.host), now)
             for name in names:

@@ -634,6 +634,19 @@ class Catalogue:
             stmt = stmt.where(Tenant.host == host)
         return self._select(stmt)
 
+    def failing(self, before: datetime, host: str | None = None) -> builtins.list[str]:
+        """Names of tenants in state error whose row has not changed since ``before``: a
+        failed sync (a transient EMFILE, a locked file, a storage outage) is retried by the
+        catch-up schedule then, instead of waiting for the tenant's next write, which may
+        never come."""
+        stmt = (sa.select(Tenant.name)
+                .where(Tenant.state == TenantState.error, Tenant.updated_at < _utc(before, "before"))
+                .order_by(Tenant.updated_at, Tenant.name))
+        if host is not None:
+            stmt = stmt.where(Tenant.host == host)
+        with self._tx(write=False) as s:
+            return builtins.list(s.scalars(stmt))
+
     def idle_since(self, before: datetime, host: str | None = None) -> builtins.list[TenantRecord]:
         """Active tenants not written since ``before``: candidates for idle.
 

@@ -533,6 +533,20 @@ def test_get_list_and_count_by_state(cat):
 # -- scheduler queries ------------------------------------------------------------------
 
 
+def test_failing_tenants_are_found_once_their_error_is_old_enough(cat):
+    for name in ("ok", "failed", "elsewhere"):
+        cat.discover(name, f"/{name}", "other" if name == "elsewhere" else "h")
+    cat.record_sync("ok", txid=1, position=None, at=T0)
+    cat.record_error("failed", "too many open files")
+    cat.record_error("elsewhere", "x")
+    now = datetime.now(timezone.utc)
+    assert sorted(cat.failing(now + timedelta(seconds=1))) == ["elsewhere", "failed"]
+    assert cat.failing(now + timedelta(seconds=1), host="h") == ["failed"]
+    assert cat.failing(now - timedelta(minutes=1)) == []  # failed just now: not yet
+    cat.record_sync("failed", txid=1, position=None, at=now)  # a retry succeeded
+    assert cat.failing(now + timedelta(minutes=1), host="h") == []
+
+
 def test_lagging(cat):
     now = T0 + timedelta(minutes=10)
     for name in ("never-written", "synced-after", "lag-old", "lag-new", "never-synced", "caught-up"):

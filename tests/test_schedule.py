@@ -1,0 +1,54 @@
+"""The periodic plans' choice of tenants (real SQLite catalogue, recording dispatcher)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from scheduler import schedule as schedule_mod
+from scheduler.schedule import Schedule
+from tenantsync.catalogue import Catalogue
+from tenantsync.config import Config
+
+
+class Recorder:
+    def __init__(self):
+        self.syncs: list[str] = []
+        self.jobs: list[tuple] = []
+
+    def request_sync(self, name: str) -> bool:
+        self.syncs.append(name)
+        return True
+
+    def submit(self, job: str, name: str, **kwargs) -> None:
+        self.jobs.append((job, name, kwargs))
+
+
+def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path, monkeypatch):
+    cfg = Config(replica=f"file://{tmp_path}/r", globs=(f"{tmp_path}/*.db",),
+                 catalogue=f"sqlite:///{tmp_path}/c.db", host="h")
+    cat = Catalogue(cfg.catalogue)
+    for name in ("healthy", "failed-first-sync"):
+        cat.discover(name, f"{tmp_path}/{name}", "h")
+    cat.record_sync("healthy", txid=1, position=None, at=datetime.now(timezone.utc))
+    cat.record_error("failed-first-sync", "cannot open database: Too many open files")  # never written
+    rec = Recorder()
+    plans = Schedule(cfg, cat, rec)
+    now = datetime.now(timezone.utc)
+    plans.run("catch-up", now)
+    assert rec.syncs == []  # it failed just now
+    plans.run("catch-up", now + schedule_mod.RETRY_ERRORS_AFTER + timedelta(seconds=1))
+    assert rec.syncs == ["failed-first-sync"]
+
+
+def test_compaction_is_offered_only_to_tenants_synced_within_two_intervals(tmp_path):
+    cfg = Config(replica=f"file://{tmp_path}/r", globs=(f"{tmp_path}/*.db",),
+                 catalogue=f"sqlite:///{tmp_path}/c.db", host="h")
+    cat = Catalogue(cfg.catalogue)
+    now = datetime.now(timezone.utc)
+    for name, ago in (("recent", 10), ("two-intervals", 50), ("idle", 3600)):
+        cat.discover(name, f"{tmp_path}/{name}", "h")
+        cat.record_sync(name, txid=1, position=None, at=now - timedelta(seconds=ago))
+    cat.discover("never-synced", f"{tmp_path}/never", "h")
+    rec = Recorder()
+    assert Schedule(cfg, cat, rec).run(1, now) == 2  # L1 every 30 s: synced within 60 s
+    assert rec.jobs == [("compact", "recent", {"level": 1}), ("compact", "two-intervals", {"level": 1})]
