@@ -217,3 +217,27 @@ def test_an_idle_release_keeps_the_lease_until_it_expires(tmp_path, file_url):
     assert leaser.acquire().generation == taken.generation + 1  # another host, at once
     fleet.close()
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
+
+
+def test_compaction_runs_in_the_storage_job_process(tmp_path, file_url, running, monkeypatch):
+    from tenantsync.compactor import Levels
+    from tenantsync.fleet import Fleet
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("compaction ran in the watcher's process")
+
+    monkeypatch.setattr(Fleet, "compact", in_this_process)  # the spawned child imports its own
+
+    path = str(tmp_path / "data" / "a.db")
+    conn = app_db(path)
+    write_rows(conn, 5)
+    levels = Levels(intervals={1: timedelta(seconds=1), 2: timedelta(minutes=5), 3: timedelta(hours=1)})
+    cfg, results, problems = running(levels=levels)
+    for _ in range(3):
+        write_rows(conn, 3)
+        time.sleep(0.3)
+    replica = Replica(open_storage(file_url).child("a.db"))
+    assert wait_for(lambda: any(job == "compact" and r.get("file") for job, r in results), 20)
+    assert replica.files(1), "no level-1 file was written"
+    assert_replicas_match(tmp_path, file_url, {"a.db": path})
+    assert problems == []
