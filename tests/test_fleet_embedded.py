@@ -184,6 +184,36 @@ def test_open_tenants_are_capped_by_releasing_the_least_recent(tmp_path, file_ur
     assert_replicas_match(tmp_path, file_url, paths)
 
 
+def test_past_the_trim_mark_the_release_thread_releases_the_least_recent(tmp_path, file_url):
+    """Between ``trim_to`` and ``max_open`` syncs release nothing themselves; the release
+    thread brings the open tenants back to ``trim_to``, least recently synced first."""
+    from tenantsync.fleet import Fleet
+
+    (tmp_path / "data").mkdir()
+    cfg = fleet_config(tmp_path, file_url, idle_after=3600)
+    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    fleet.max_open, fleet.trim_to = 6, 3
+    names = [f"t{i}.db" for i in range(6)]
+    for name in names:
+        path = str(tmp_path / "data" / name)
+        write_rows(app_db(path), 5)
+        fleet.catalogue.discover(name, path, cfg.host)
+        fleet.sync(name)
+    assert sorted(fleet._active) == names  # no inline release below max_open
+    stop = threading.Event()
+    releaser = threading.Thread(target=fleet.release_idle_every, args=(3600, stop), daemon=True)
+    releaser.start()
+    try:
+        assert wait_for(lambda: len(fleet._active) == 3, 10)
+        assert sorted(fleet._active) == names[3:]
+    finally:
+        stop.set()
+        releaser.join(10)
+    states = {t.name: t.state.value for t in fleet.catalogue.list()}
+    assert states == {**{n: "idle" for n in names[:3]}, **{n: "active" for n in names[3:]}}
+    fleet.close()
+
+
 def test_an_idle_release_keeps_the_lease_until_it_expires(tmp_path, file_url):
     """A tenant woken within the TTL after an idle release writes no lease at all; a
     shutdown gives every lease up, kept ones included, so another host takes over at once."""
