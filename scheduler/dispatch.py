@@ -22,9 +22,9 @@ from tenantsync.errors import TenantSyncError
 log = logging.getLogger(__name__)
 
 
-def job_key(job: str, name: str, kwargs: dict) -> str:
-    """Identity of a maintenance job: at most one per (job, tenant, arguments) is queued or
-    running. The schedule offers compactions every interval and archival candidates every
+def job_key(job: str, kwargs: dict) -> str:
+    """A maintenance job's name with its arguments: at most one per (job, tenant, arguments)
+    is queued or running. The schedule offers compactions every interval and archival candidates every
     run; at 10,000 tenants a round of compactions outlasted the interval, and without this
     the queue only grew (the worker never went idle)."""
     return ":".join([job, *(f"{k}={kwargs[k]}" for k in sorted(kwargs))])
@@ -79,7 +79,7 @@ class InProcessDispatcher:
                 self._dirty.discard(name)
 
     def submit(self, job: str, name: str, **kwargs) -> None:
-        key = (job_key(job, name, kwargs), name)
+        key = (job_key(job, kwargs), name)
         with self._lock:
             if key in self._once:
                 return  # the same job is already queued or running for this tenant

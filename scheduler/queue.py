@@ -27,7 +27,7 @@ REDIS_RETRIES = 20
 
 
 def once_key(job: str, name: str, kwargs: dict | None = None) -> str:
-    return f"tenantsync:{job_key(job, name, kwargs or {})}:pending:{name}"
+    return f"tenantsync:{job_key(job, kwargs or {})}:pending:{name}"
 
 
 def _keys(name: str) -> tuple[str, str]:

@@ -140,8 +140,6 @@ class TenantState(str, enum.Enum):
     """
 
 
-
-
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -251,7 +249,6 @@ class TenantRecord:
     archived_txid: int | None
     created_at: datetime
     updated_at: datetime
-
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))
@@ -495,9 +492,11 @@ class Catalogue:
 
     def _update(self, name: str, values: dict[str, Any]) -> None:
         """Update one tenant's row; raise UnknownTenant if there is none."""
+        self._update_row(name, sa.update(TENANTS).where(TENANTS.c.name == name).values(**values))
+
+    def _update_row(self, name: str, stmt: sa.Update, params: dict[str, Any] | None = None) -> None:
         with self._tx(write=True) as s:
-            result = s.execute(sa.update(TENANTS).where(TENANTS.c.name == name).values(**values))
-            if result.rowcount == 0:
+            if s.execute(stmt, params or {}).rowcount == 0:
                 raise UnknownTenant(f"catalogue: no tenant named {name!r}")
 
     # -- discovery --------------------------------------------------------------
@@ -601,6 +600,10 @@ class Catalogue:
         with self._tx(write=False) as s:
             return [TenantRecord(*row) for row in s.execute(stmt)]
 
+    def _names(self, stmt: sa.Select) -> builtins.list[str]:
+        with self._tx(write=False) as s:
+            return builtins.list(s.scalars(stmt))
+
     def list(self, state: TenantState | None = None, host: str | None = None) -> builtins.list[TenantRecord]:
         """Tenants by name, optionally only those in ``state`` and/or on ``host``."""
         stmt = sa.select(*TENANTS.c).order_by(Tenant.name)
@@ -644,8 +647,7 @@ class Catalogue:
                 .order_by(Tenant.updated_at, Tenant.name))
         if host is not None:
             stmt = stmt.where(Tenant.host == host)
-        with self._tx(write=False) as s:
-            return builtins.list(s.scalars(stmt))
+        return self._names(stmt)
 
     def idle_since(self, before: datetime, host: str | None = None) -> builtins.list[TenantRecord]:
         """Active tenants not written since ``before``: candidates for idle.
@@ -666,9 +668,8 @@ class Catalogue:
         """Names of tenants synced at or after ``since``: the ones a periodic compaction,
         snapshot or retention pass can have work for. Filtered in SQL: a pass over an idle
         fleet of 10,000 reads no rows into Python."""
-        stmt = sa.select(Tenant.name).where(Tenant.last_sync_at >= _utc(since, "since")).order_by(Tenant.name)
-        with self._tx(write=False) as s:
-            return builtins.list(s.scalars(stmt))
+        return self._names(sa.select(Tenant.name).where(Tenant.last_sync_at >= _utc(since, "since"))
+                           .order_by(Tenant.name))
 
     # -- writes -----------------------------------------------------------------
 
@@ -698,10 +699,8 @@ class Catalogue:
             values["at"] = _utc(at, "at")
         if lease is not None:
             values |= self._lease_values(*lease)
-        with self._tx(write=True) as s:
-            stmt = _sync_statement(at is not None, lease is not None, idle)
-            if s.execute(stmt, {"b_" + k: v for k, v in values.items()}).rowcount == 0:
-                raise UnknownTenant(f"catalogue: no tenant named {name!r}")
+        self._update_row(name, _sync_statement(at is not None, lease is not None, idle),
+                         {"b_" + k: v for k, v in values.items()})
 
     def record_caught_up(self, name: str, at: datetime) -> None:
         """A pass found nothing to ship at ``at``: the replica is current. Only

@@ -31,6 +31,17 @@ def fleet_config(tmp_path, url, **kw) -> Config:
 
 
 
+def tenant_dbs(tmp_path, names, rows=5):
+    """Application databases under ``data/`` with ``rows`` rows each, connections kept
+    open as an application's would be: ({name: path}, {name: connection})."""
+    paths, conns = {}, {}
+    for name in names:
+        paths[name] = str(tmp_path / "data" / name)
+        conns[name] = app_db(paths[name])
+        write_rows(conns[name], rows)
+    return paths, conns
+
+
 def assert_replicas_match(tmp_path, url, paths):
     storage = open_storage(url)
     for name, path in paths.items():
@@ -65,12 +76,7 @@ def running(tmp_path, file_url):
 
 
 def test_every_tenant_written_at_random_is_replicated(tmp_path, file_url, running):
-    paths, conns = {}, {}
-    for i in range(30):
-        name = f"t{i:03d}.db"
-        paths[name] = str(tmp_path / "data" / name)
-        conns[name] = app_db(paths[name])
-        write_rows(conns[name], 5)
+    paths, conns = tenant_dbs(tmp_path, [f"t{i:03d}.db" for i in range(30)])
     cfg, results, problems = running()
     rng = random.Random(7)
     for _ in range(200):
@@ -165,13 +171,9 @@ def test_open_tenants_are_capped_by_releasing_the_least_recent(tmp_path, file_ur
     cfg = fleet_config(tmp_path, file_url)
     fleet = Fleet(cfg, Catalogue(cfg.catalogue))
     fleet.max_open = 3
-    paths, conns = {}, {}
-    for i in range(8):
-        name = f"t{i}.db"
-        paths[name] = str(tmp_path / "data" / name)
-        conns[name] = app_db(paths[name])
-        write_rows(conns[name], 5)
-        fleet.catalogue.discover(name, paths[name], cfg.host)
+    paths, conns = tenant_dbs(tmp_path, [f"t{i}.db" for i in range(8)])
+    for name, path in paths.items():
+        fleet.catalogue.discover(name, path, cfg.host)
     for rnd in range(3):
         for name in paths:
             write_rows(conns[name], 2)
@@ -194,10 +196,9 @@ def test_past_the_trim_mark_the_release_thread_releases_the_least_recent(tmp_pat
     fleet = Fleet(cfg, Catalogue(cfg.catalogue))
     fleet.max_open, fleet.trim_to = 6, 3
     names = [f"t{i}.db" for i in range(6)]
+    paths, _conns = tenant_dbs(tmp_path, names)
     for name in names:
-        path = str(tmp_path / "data" / name)
-        write_rows(app_db(path), 5)
-        fleet.catalogue.discover(name, path, cfg.host)
+        fleet.catalogue.discover(name, paths[name], cfg.host)
         fleet.sync(name)
     assert sorted(fleet._active) == names  # no inline release below max_open
     stop = threading.Event()

@@ -53,28 +53,28 @@ def sync(self, name: str) -> dict:
             finish_sync(dispatcher(), name)
 
 
+def _storage_job(job: str, name: str, **kwargs) -> dict:
+    """One storage job; whatever its outcome, the schedule may offer it again afterwards
+    (its once-key, set when it was submitted, is cleared)."""
+    try:
+        return getattr(fleet(), job)(name, **kwargs)
+    finally:
+        dispatcher().finish(job, name, **kwargs)
+
+
 @app.task(name="tenantsync.compact", ignore_result=True, **RETRY)
 def compact(name: str, level: int = 1) -> dict:
-    try:
-        return fleet().compact(name, level)
-    finally:
-        dispatcher().finish("compact", name, level=level)
+    return _storage_job("compact", name, level=level)
 
 
 @app.task(name="tenantsync.snapshot", ignore_result=True, **RETRY)
 def snapshot(name: str) -> dict:
-    try:
-        return fleet().snapshot(name)
-    finally:
-        dispatcher().finish("snapshot", name)
+    return _storage_job("snapshot", name)
 
 
 @app.task(name="tenantsync.retain", ignore_result=True, **RETRY)
 def retain(name: str) -> dict:
-    try:
-        return fleet().retain(name)
-    finally:
-        dispatcher().finish("retain", name)
+    return _storage_job("retain", name)
 
 
 @app.task(name="tenantsync.archive")
