@@ -9,14 +9,10 @@ that lands during a sync is never left behind.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import threading
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
-from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 
 log = logging.getLogger(__name__)
@@ -106,66 +102,3 @@ class InProcessDispatcher:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.maintenance.shutdown(wait=True)
-
-
-class StorageJobProcess:
-    """The embedded mode's storage-only jobs (compact, snapshot, retain) in a child process.
-
-    They read and write only the replica and the catalogue, and they are CPU work (decode,
-    merge, encode, list). In the watcher's process they shared one interpreter lock with
-    the syncs: at 10,000 tenants a round of compactions of the tenants woken in the last
-    minute pushed the median commit-to-replica lag from 0.1 s to seconds. A child runs them
-    on another core, niced so the replicating process wins when cores are short. The
-    dispatcher's maintenance thread just waits for each result, so deduplication and
-    ordering stay as they are. A child that dies is replaced at the next job.
-    """
-
-    JOBS = ("compact", "snapshot", "retain")
-    NICE = 10
-
-    def __init__(self, config: Config):
-        self.config = config
-        self._pool: ProcessPoolExecutor | None = None
-        self._guard = threading.Lock()
-
-    def job(self, job: str) -> Callable[..., dict]:
-        def run(name: str, **kwargs) -> dict:
-            pool = self._started()
-            try:
-                return pool.submit(_run_in_child, job, name, kwargs).result()
-            except BrokenProcessPool as e:
-                with self._guard:
-                    if self._pool is pool:
-                        self._pool = None
-                raise TenantSyncError(f"{job} {name}: the storage-job process died ({e}); it restarts") from e
-
-        return run
-
-    def _started(self) -> ProcessPoolExecutor:
-        with self._guard:
-            if self._pool is None:
-                # spawn, not fork: this process has threads (and their locks) by now.
-                self._pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"),
-                                                 initializer=_start_child, initargs=(self.config, self.NICE))
-            return self._pool
-
-    def close(self) -> None:
-        with self._guard:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-
-_child_fleet = None
-
-
-def _start_child(config: Config, nice: int) -> None:
-    global _child_fleet
-    from tenantsync.fleet import Fleet
-
-    os.nice(nice)
-    _child_fleet = Fleet(config)
-
-
-def _run_in_child(job: str, name: str, kwargs: dict) -> dict:
-    return getattr(_child_fleet, job)(name, **kwargs)

@@ -1,12 +1,16 @@
-"""The embedded default: watcher, jobs and schedules in one process, no broker.
+"""The embedded default: watcher, jobs and schedules without a broker.
 
 The jobs are the same ``Fleet`` calls the Celery tasks make; only the dispatcher
-differs. On stop, every active tenant is synced and released (checkpointed under the
-barrier, position saved), so a restart resumes without uploading databases again.
+differs. This process watches, schedules and syncs one shard of the tenants; with
+``host-workers`` N (default: one per CPU, up to 4) N-1 child processes sync the other
+shards, and one niced child runs the storage-only jobs (job_process.py says why). On
+stop, every active tenant is synced and released (checkpointed under the barrier,
+position saved), so a restart resumes without uploading databases again.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable
 
@@ -15,23 +19,45 @@ from tenantsync.config import Config
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.server import serve
+from tenantsync.tenants import shard
 
-from .dispatch import InProcessDispatcher, StorageJobProcess
+from .dispatch import InProcessDispatcher
+from .job_process import JobProcess, fleet_jobs
 from .schedule import Schedule
 from .watcher import Watcher
 
 RELEASE_EVERY = 5.0
+STORAGE_JOBS = ("compact", "snapshot", "retain")
+# Compaction is CPU work: niced, so the syncing processes win when cores are short.
+STORAGE_NICE = 10
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
-        on_result: Callable[[str, dict], None] | None = None, http: tuple[str, int] | None = None) -> None:
-    """Watch, replicate and schedule until ``stop``; with ``http``, also serve the API."""
+        on_result: Callable[[str, dict], None] | None = None, http: tuple[str, int] | None = None,
+        processes: int | None = None) -> None:
+    """Watch, replicate and schedule until ``stop``; with ``http``, also serve the API.
+
+    ``processes`` (default: ``host-workers`` if set, else 1) share the tenants' syncs. More
+    than one only where no application connection lives in this process, as in
+    ``tenantsync watch``: the watcher reads each new file's header, and closing that
+    descriptor drops the POSIX locks this process's connections hold on the file; a child
+    closing its own connection could then take the database as unused, checkpoint it and
+    delete the ``-wal`` under the application. With one process, SQLite's in-process lock
+    table still knows the application's connection.
+    """
+    processes = processes or config.host_workers or 1
     catalogue = Catalogue(config.catalogue)
     fleet = Fleet(config, catalogue)
     ondemand = OnDemand(fleet)
-    storage_jobs = StorageJobProcess(config)
-    jobs = {"sync": fleet.sync, "archive": ondemand.archive} | {j: storage_jobs.job(j) for j in StorageJobProcess.JOBS}
-    dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result)
+    storage = JobProcess("tenantsync-storage", fleet_jobs, (config, None), nice=STORAGE_NICE)
+    shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.workers)
+              for i in range(1, processes)]
+    for child in shards:
+        child.start()
+    jobs = {job: _on_shard(job, local, shards) for job, local in (("sync", fleet.sync), ("archive", ondemand.archive))}
+    jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
+    # Each process syncs on `workers` threads; here as many wait for the children's results.
+    dispatcher = InProcessDispatcher(jobs, workers=config.workers * (len(shards) + 1), on_result=on_result)
     server = None
     if http is not None:
         server = serve(ondemand, *http)
@@ -49,6 +75,16 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         if server is not None:
             server.shutdown()
         dispatcher.close()
-        storage_jobs.close()
+        for child in [storage, *shards]:
+            child.close()
         fleet.release_idle(0, keep_leases=False)  # a deploy: hand every lease over now
         fleet.close()
+
+
+def _on_shard(job: str, local: Callable[..., dict], shards: list[JobProcess]) -> Callable[..., dict]:
+    """``job`` for a tenant in the process of its shard: here (shard 0) or a child."""
+    def run_job(name: str, **kwargs) -> dict:
+        i = shard(name, len(shards) + 1)
+        return local(name, **kwargs) if i == 0 else shards[i - 1].run(job, name, **kwargs)
+
+    return run_job

@@ -18,7 +18,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     from workers.app import make_app
 
     app = make_app(config)
-    dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_workers)
+    dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
     catalogue = Catalogue(config.catalogue)
     server = None
     if http is not None:

@@ -144,7 +144,8 @@ def _run_fleet(cfg, http=None) -> None:
     else:
         from scheduler.embedded import run as run_embedded
 
-        run_embedded(cfg, stop, report=report, on_result=_report_job, http=http)
+        run_embedded(cfg, stop, report=report, on_result=_report_job, http=http,
+                     processes=cfg.host_processes(embedded=True))
 
 
 @cli.command()

@@ -23,6 +23,8 @@ class ConfigError(TenantSyncError):
 
 
 DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".local", "state", "tenantsync")
+# Embedded mode's default number of syncing processes is one per CPU, at most this many.
+MAX_DEFAULT_PROCESSES = 4
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -52,14 +54,25 @@ class Config:
     rescan_interval: timedelta = timedelta(seconds=60)
     lease_ttl: timedelta = timedelta(seconds=30)
     workers: int = 4
-    # Celery mode: worker processes consuming this host's queues, host.<host>.<0..n-1>
-    # (1: the single queue host.<host>). Each tenant always goes to the same one.
-    host_workers: int = 1
+    # Processes syncing this host's tenants, each tenant always in the same one (see
+    # host_processes); unset: the default of the mode.
+    host_workers: int | None = None
     levels: Levels = field(default_factory=Levels)
     # (glob, idle time after which its tenants are archived); first matching glob wins.
     archive_after: tuple[tuple[str, timedelta], ...] = ()
     # Archive least recently written idle tenants while local tenants exceed this.
     max_local_bytes: int | None = None
+
+    def host_processes(self, embedded: bool) -> int:
+        """How many processes share this host's tenants. With Celery, the worker processes
+        consuming ``host.<host>.<0..n-1>`` (1: the single queue ``host.<host>``), which the
+        operator starts, so 1 unless set. Embedded (``tenantsync watch``), the watcher's
+        process and n-1 children it starts: by default one per CPU, up to 4, as one
+        process's interpreter lock could not keep up with 10,000 tenants' wake-ups
+        (scheduler/job_process.py)."""
+        if self.host_workers is not None:
+            return self.host_workers
+        return min(os.cpu_count() or 1, MAX_DEFAULT_PROCESSES) if embedded else 1
 
     def archive_after_for(self, path: str) -> timedelta | None:
         from fnmatch import fnmatchcase
@@ -163,7 +176,7 @@ def from_dict(raw: dict) -> Config:
         rescan_interval=parse_duration(raw.get("rescan-interval", "60s"), "rescan-interval"),
         lease_ttl=parse_duration(raw.get("lease-ttl", "30s"), "lease-ttl"),
         workers=_positive(raw.get("workers", cfg.workers), "workers"),
-        host_workers=_positive(raw.get("host-workers", cfg.host_workers), "host-workers"),
+        host_workers=_positive(raw["host-workers"], "host-workers") if "host-workers" in raw else cfg.host_workers,
         levels=levels,
     )
 

@@ -12,6 +12,7 @@ import glob as globmod
 import logging
 import os
 import re
+import zlib
 from dataclasses import dataclass
 
 from .errors import TenantSyncError
@@ -20,6 +21,13 @@ log = logging.getLogger(__name__)
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal", "-tenantsync.json")
+
+
+def shard(name: str, shards: int) -> int:
+    """Which of ``shards`` processes serves tenant ``name``: all of a tenant's jobs must
+    reach the one process holding its open capture, read mark and lease. A stable hash
+    (crc32, not Python's per-process salted ``hash``) gives the same answer everywhere."""
+    return zlib.crc32(name.encode()) % shards if shards > 1 else 0
 
 
 class BadTenantName(TenantSyncError):

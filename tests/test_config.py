@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pytest
@@ -49,6 +50,10 @@ def test_host_workers_split_the_tenants_over_stable_queues():
     from workers.app import host_queue
 
     assert load(None, env={"TENANTSYNC_HOST_WORKERS": "3"}).host_workers == 3
+    assert load(None, env={"TENANTSYNC_HOST_WORKERS": "3"}).host_processes(embedded=True) == 3
+    unset = load(None, env={})
+    assert unset.host_workers is None and unset.host_processes(embedded=False) == 1  # one queue host.<host>
+    assert unset.host_processes(embedded=True) == min(os.cpu_count(), 4)  # tenantsync watch: one per CPU
     assert host_queue("h", "a.db") == host_queue("h", "a.db", 1) == "host.h"
     names = [f"t{i}.db" for i in range(300)]
     queues = [host_queue("h", n, 3) for n in names]

@@ -1,20 +1,21 @@
 """The embedded dispatcher: one pending sync per tenant, one queued maintenance job per
-(job, tenant, arguments), syncs never behind maintenance, storage jobs in a child process."""
+(job, tenant, arguments), syncs never behind maintenance; jobs in child processes."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
+import time
 
 import pytest
 
-from scheduler.dispatch import InProcessDispatcher, StorageJobProcess
+from scheduler.dispatch import InProcessDispatcher
+from scheduler.job_process import JobProcess, fleet_jobs
 from tenantsync.capture import Capture
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
-from tenantsync.errors import TenantSyncError
+from tenantsync.errors import DatabaseError, TenantSyncError
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
 
@@ -90,6 +91,27 @@ def test_a_write_during_a_sync_runs_it_once_more():
         d.close()
 
 
+def _test_jobs(marker: str):
+    """A child's jobs for the tests below (spawned children import this module)."""
+    def slow(name, seconds):
+        time.sleep(seconds)
+        return {"tenant": name}
+
+    def fail(name, picklable):
+        if picklable:
+            raise DatabaseError(f"{name}: cannot open database")
+        raise _Unpicklable(name)
+
+    jobs = {"pid": lambda name: {"pid": os.getpid()}, "slow": slow, "fail": fail}
+    return jobs, lambda: open(marker, "w").close()
+
+
+class _Unpicklable(Exception):
+    def __init__(self, name):
+        super().__init__(name)
+        self.lock = threading.Lock()
+
+
 def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path):
     url = f"file://{tmp_path}/replica"
     conn = app_db(tmp_path / "a.db")
@@ -99,18 +121,55 @@ def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path)
         capture.sync_once()
     cfg = Config(replica=url, globs=(f"{tmp_path}/*.db",), catalogue=f"sqlite:///{tmp_path}/c.db", host="h")
     Catalogue(cfg.catalogue).discover("a.db", str(tmp_path / "a.db"), "h")
-    jobs = StorageJobProcess(cfg)
-    others = {p.pid for p in multiprocessing.active_children()}  # left by other tests, if any
+    jobs = JobProcess("tenantsync-storage", fleet_jobs, (cfg, None), nice=10)
     try:
-        result = jobs.job("compact")("a.db", level=1, force=True)
+        result = jobs.run("compact", "a.db", level=1, force=True)
         assert result["file"] == "0000000000000001-0000000000000003.ltx"
-        (child,) = [p for p in multiprocessing.active_children() if p.pid not in others]
-        assert child.pid != os.getpid()
-        assert os.getpriority(os.PRIO_PROCESS, child.pid) == os.getpriority(os.PRIO_PROCESS, 0) + jobs.NICE
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(10)
-        with pytest.raises(TenantSyncError, match="storage-job process died"):
-            jobs.job("retain")("a.db")
-        assert jobs.job("compact")("a.db", level=1) == {"tenant": "a.db", "level": 1, "file": None}  # a new child
+        first = jobs.pid
+        assert first is not None and first != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, first) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: jobs.pid is None, 10)
+        assert jobs.run("compact", "a.db", level=1) == {"tenant": "a.db", "level": 1, "file": None}
+        assert jobs.pid not in (None, first)  # a new child
     finally:
         jobs.close()
+
+
+def test_a_child_dying_fails_its_jobs_in_flight_and_the_next_job_starts_another(tmp_path):
+    jobs = JobProcess("tenantsync-test", _test_jobs, (str(tmp_path / "closed"),), threads=2)
+    try:
+        first = jobs.run("pid", "a")["pid"]
+        errors = []
+        waiting = threading.Thread(target=lambda: errors.append(pytest.raises(TenantSyncError, jobs.run, "slow", "a", seconds=30)))
+        waiting.start()
+        time.sleep(0.5)  # the job is running in the child
+        os.kill(first, signal.SIGKILL)
+        waiting.join(15)
+        assert not waiting.is_alive() and "process died (exit code -9)" in str(errors[0].value)
+        assert jobs.run("pid", "a")["pid"] not in (first, os.getpid())
+        assert not (tmp_path / "closed").exists()  # killed: its close never ran
+    finally:
+        jobs.close()
+    assert (tmp_path / "closed").exists()  # the replacement closed in order
+
+
+def test_a_child_runs_jobs_concurrently_returns_their_errors_and_closes_in_order(tmp_path):
+    jobs = JobProcess("tenantsync-test", _test_jobs, (str(tmp_path / "closed"),), threads=4)
+    try:
+        with pytest.raises(DatabaseError, match="a: cannot open database"):
+            jobs.run("fail", "a", picklable=True)
+        with pytest.raises(TenantSyncError, match="_Unpicklable: b"):
+            jobs.run("fail", "b", picklable=False)
+        started = time.monotonic()
+        threads = [threading.Thread(target=jobs.run, args=("slow", f"t{i}"), kwargs={"seconds": 1}) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert time.monotonic() - started < 3  # four 1 s jobs side by side, not one after another
+        pid = jobs.pid
+    finally:
+        jobs.close()
+    assert (tmp_path / "closed").exists()  # the child's close ran
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -12,9 +14,11 @@ import pytest
 from scheduler import embedded
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
+from tenantsync.ondemand import open_by_others
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
+from tenantsync.tenants import shard
 
 from .dbutil import app_db, dump, wait_for, write_rows
 
@@ -56,13 +60,14 @@ def running(tmp_path, file_url):
     (tmp_path / "data").mkdir()
     started = {}
 
-    def start(**kw):
+    def start(processes=1, **kw):
         cfg = fleet_config(tmp_path, file_url, **kw)
         stop = threading.Event()
         results, problems = [], []
         thread = threading.Thread(
             target=embedded.run, args=(cfg, stop),
-            kwargs=dict(report=problems.append, on_result=lambda job, r: results.append((job, r))),
+            kwargs=dict(report=problems.append, on_result=lambda job, r: results.append((job, r)),
+                        processes=processes),
             daemon=True,
         )
         thread.start()
@@ -89,6 +94,42 @@ def test_every_tenant_written_at_random_is_replicated(tmp_path, file_url, runnin
                    for t in catalogue.list())
 
     assert wait_for(caught_up, 30)
+    time.sleep(0.5)
+    assert_replicas_match(tmp_path, file_url, paths)
+    assert problems == []
+
+
+def test_tenants_are_shared_by_processes_and_a_killed_one_is_replaced(tmp_path, file_url, running):
+    """With ``processes=2`` (``tenantsync watch`` on a 2-CPU host) half of the tenants are
+    synced by a child process; SIGKILL of that child loses nothing: its jobs in flight fail,
+    a new child takes the next ones, and catch-up ships what was written meanwhile."""
+    names = [f"t{i:03d}.db" for i in range(20)]
+    paths, conns = tenant_dbs(tmp_path, names)
+    for conn in conns.values():
+        conn.close()  # no application connection in this process while the watcher reads headers
+    cfg, results, problems = running(processes=2)
+    catalogue = Catalogue(cfg.catalogue)
+
+    def caught_up():
+        return all((t.txid or 0) > 0 and t.last_sync_at and (t.last_write_at is None or t.last_sync_at >= t.last_write_at)
+                   for t in catalogue.list()) and len(catalogue.list()) == len(names)
+
+    assert wait_for(caught_up, 30)
+    conns = {name: app_db(path) for name, path in paths.items()}
+    in_child = [n for n in names if shard(n, 2) == 1]
+    assert 0 < len(in_child) < len(names)
+    rng = random.Random(11)
+    for round_ in range(3):
+        for _ in range(60):
+            write_rows(conns[rng.choice(names)], rng.randint(1, 3))
+            time.sleep(0.005)
+        if round_ == 1:  # kill the child while tenants are open in it
+            holders = set()
+            assert wait_for(lambda: holders.update(open_by_others([paths[n] for n in in_child])) or
+                            holders - {os.getpid()}, 10)
+            (child,) = holders - {os.getpid()}
+            os.kill(child, signal.SIGKILL)
+    assert wait_for(caught_up, 60)
     time.sleep(0.5)
     assert_replicas_match(tmp_path, file_url, paths)
     assert problems == []

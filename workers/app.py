@@ -12,11 +12,10 @@ lag p99 2.53 s at 166 % CPU and 0.28 s at 122 % (bench/fleet.py --tenants 1000, 
 
 from __future__ import annotations
 
-import zlib
-
 from celery import Celery
 
 from tenantsync import config as configmod
+from tenantsync.tenants import shard
 
 HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.restore", "tenantsync.hydrate",
              "tenantsync.release_idle"}
@@ -27,14 +26,12 @@ def host_queue(host: str, name: str = "", host_workers: int = 1) -> str:
     """Jobs touching a host's local files go to that host's own queue; with several
     host-queue worker processes, to the one of tenant ``name`` (``host.<host>.<i>``).
 
-    A tenant's open capture, read mark and lease live in the process that synced it, so
-    all its jobs must reach that same process: two processes taking turns on one tenant
-    would hand its lease back and forth. A stable hash (not Python's salted ``hash``)
-    keeps the choice the same in every watcher and API process.
+    Two processes taking turns on one tenant would hand its lease back and forth, so the
+    queue is chosen by ``tenants.shard``, the same in every watcher and API process.
     """
     if host_workers <= 1:
         return f"host.{host}"
-    return f"host.{host}.{zlib.crc32(name.encode()) % host_workers}"
+    return f"host.{host}.{shard(name, host_workers)}"
 
 
 def make_app(config: configmod.Config) -> Celery:

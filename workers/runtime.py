@@ -50,7 +50,7 @@ def dispatcher():
 
     from .app import app
 
-    return CeleryDispatcher(app, fleet().config.host, host_workers=fleet().config.host_workers)
+    return CeleryDispatcher(app, fleet().config.host, host_workers=fleet().config.host_processes(embedded=False))
 
 
 @singleton

@@ -1,0 +1,213 @@
+"""Jobs in a child process: how the embedded mode uses more than one core.
+
+One Python process runs its jobs under one interpreter lock. At 10,000 tenants under 200
+commits/s, a wake-up (open, sync, later release) costs 3-7 ms of CPU, and one process of
+syncs and releases ran out of lock while the second core idled: lag grew to seconds. So the
+embedded mode runs the storage-only jobs in one niced child (compaction is CPU work that
+must not delay syncs), and with ``host-workers: N`` the tenants of N-1 of N shards (the same
+stable hash as the Celery host queues) in N-1 more children, each with its own ``Fleet``:
+a tenant's open capture, read mark and lease always live in the one process of its shard.
+
+The parent sends ``(id, job, tenant, kwargs)`` over a pipe; the child runs each on a small
+thread pool and answers ``(id, ok, result or error)``. A child that dies (SIGKILL, OOM)
+fails the jobs it had, and their tenants are synced again at their next write or by the
+catch-up schedule; the next job starts a new child. A child ignores SIGINT and SIGTERM, so a
+signal to the whole process group stops it in order: the parent stops its watcher, then
+closes each child, which releases its tenants (checkpointed, positions saved, leases handed
+over) and exits. If the parent dies, the child sees its pipe close and does the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+from tenantsync.config import Config
+from tenantsync.errors import TenantSyncError
+
+log = logging.getLogger(__name__)
+
+# What a child's start function returns: its jobs by name, and what to run when it closes.
+ChildJobs = tuple[dict[str, Callable[..., dict]], Callable[[], None]]
+
+
+class JobProcess:
+    """One child process running jobs; started at the first job, replaced if it dies."""
+
+    def __init__(self, name: str, start: Callable[..., ChildJobs], args: tuple = (), *,
+                 threads: int = 1, nice: int = 0):
+        self.name = name
+        self._spec = (start, args, threads, nice, logging.getLogger().level)
+        self._child: _Child | None = None
+        self._guard = threading.Lock()
+
+    def start(self) -> None:
+        """Start the child now (else at the first job): spawning takes about a second."""
+        self._started()
+
+    def run(self, job: str, tenant: str, **kwargs: Any) -> dict:
+        """Run ``job`` for ``tenant`` in the child and return its result; its exception is
+        raised here (a TenantSyncError if it cannot be sent back as it was)."""
+        return self._started().call(job, tenant, kwargs)
+
+    @property
+    def pid(self) -> int | None:
+        child = self._child
+        return child.process.pid if child is not None and child.alive else None
+
+    def _started(self) -> _Child:
+        with self._guard:
+            if self._child is None or not self._child.alive:
+                self._child = _Child(self.name, *self._spec)
+            return self._child
+
+    def close(self, timeout: float = 120.0) -> None:
+        with self._guard:
+            child, self._child = self._child, None
+        if child is not None:
+            child.close(timeout)
+
+
+class _Child:
+    def __init__(self, name: str, start: Callable[..., ChildJobs], args: tuple, threads: int, nice: int,
+                 log_level: int):
+        # spawn, not fork: the parent has threads (and their locks) by now.
+        ctx = multiprocessing.get_context("spawn")
+        self.name = name
+        self.conn, theirs = ctx.Pipe()
+        self.process = ctx.Process(target=_child_main, name=name, daemon=True,
+                                   args=(theirs, start, args, threads, nice, log_level))
+        self.process.start()
+        theirs.close()
+        self.alive = True
+        self._pending: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, name=f"{name}-results", daemon=True).start()
+
+    def call(self, job: str, tenant: str, kwargs: dict) -> dict:
+        future: Future = Future()
+        with self._lock:
+            if not self.alive:
+                raise TenantSyncError(f"{job} {tenant}: the {self.name} process has exited; it restarts")
+            i = next(self._ids)
+            self._pending[i] = future
+            try:
+                self.conn.send((i, job, tenant, kwargs))
+            except OSError:
+                pass  # it died: the reader fails this job with the others
+        return future.result()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                i, ok, value = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                future = self._pending.pop(i, None)
+            if future is not None:
+                future.set_result(value) if ok else future.set_exception(value)
+        self.process.join(5)
+        with self._lock:
+            self.alive = False
+            pending, self._pending = self._pending, {}
+        if pending:
+            log.error("the %s process died (exit code %s) with %d jobs; it restarts at the next job",
+                      self.name, self.process.exitcode, len(pending))
+        for future in pending.values():
+            future.set_exception(TenantSyncError(
+                f"the {self.name} process died (exit code {self.process.exitcode}); it restarts"))
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            log.error("the %s process did not stop in %.0f s; killing it", self.name, timeout)
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+
+
+def _portable(e: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a TenantSyncError naming it."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any unpicklable exception
+        return TenantSyncError(f"{type(e).__name__}: {e}")
+
+
+def _child_main(conn, start: Callable[..., ChildJobs], args: tuple, threads: int, nice: int,
+                log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    if nice:
+        os.nice(nice)
+    jobs, close = start(*args)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tenantsync-job")
+    send_lock = threading.Lock()
+
+    def answer(i: int, job: str, tenant: str, kwargs: dict) -> None:
+        try:
+            reply = (i, True, jobs[job](tenant, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+            reply = (i, False, _portable(e))
+        with send_lock:
+            try:
+                conn.send(reply)
+            except OSError:
+                pass  # the parent is gone; closing below
+
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            if message is None:
+                break
+            pool.submit(answer, *message)
+    finally:
+        pool.shutdown(wait=True)
+        close()
+
+
+def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
+    """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) or the
+    storage-only ones. With ``release_every``, it releases its idle tenants itself."""
+    from tenantsync.fleet import Fleet, prepare_process
+    from tenantsync.ondemand import OnDemand
+
+    prepare_process()
+    fleet = Fleet(config)
+    ondemand = OnDemand(fleet)
+    stop = threading.Event()
+    releaser = None
+    if release_every:
+        releaser = threading.Thread(target=fleet.release_idle_every, args=(release_every, stop),
+                                    name="tenantsync-release-idle", daemon=True)
+        releaser.start()
+
+    def close() -> None:
+        stop.set()
+        if releaser is not None:
+            releaser.join()
+        fleet.release_idle(0, keep_leases=False)  # a deploy: hand every lease over now
+        fleet.close()
+
+    jobs = {"sync": fleet.sync, "archive": ondemand.archive, "compact": fleet.compact,
+            "snapshot": fleet.snapshot, "retain": fleet.retain}
+    return jobs, close
