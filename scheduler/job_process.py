@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing
 import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from tenantsync.config import Config
@@ -78,14 +81,18 @@ class JobProcess:
 class _Child:
     def __init__(self, name: str, start: Callable[..., ChildJobs], args: tuple, threads: int, nice: int,
                  log_level: int):
-        # spawn, not fork: the parent has threads (and their locks) by now.
-        ctx = multiprocessing.get_context("spawn")
+        # A fresh interpreter (not fork: the parent has threads, and their locks, by now),
+        # started with subprocess rather than multiprocessing's spawn, which also starts a
+        # 13 MiB resource-tracker process this needs nothing from.
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.name = name
-        self.conn, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=_child_main, name=name, daemon=True,
-                                   args=(theirs, start, args, threads, nice, log_level))
-        self.process.start()
+        bootstrap = f"from {__name__} import child_main; child_main({theirs.fileno()})"
+        self.process = subprocess.Popen([sys.executable, "-c", bootstrap],
+                                        pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send((name, start, args, threads, nice, log_level))
         self.alive = True
         self._pending: dict[int, Future] = {}
         self._ids = itertools.count()
@@ -115,16 +122,18 @@ class _Child:
                 future = self._pending.pop(i, None)
             if future is not None:
                 future.set_result(value) if ok else future.set_exception(value)
-        self.process.join(5)
+        try:
+            code = self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
         with self._lock:
             self.alive = False
             pending, self._pending = self._pending, {}
         if pending:
             log.error("the %s process died (exit code %s) with %d jobs; it restarts at the next job",
-                      self.name, self.process.exitcode, len(pending))
+                      self.name, code, len(pending))
         for future in pending.values():
-            future.set_exception(TenantSyncError(
-                f"the {self.name} process died (exit code {self.process.exitcode}); it restarts"))
+            future.set_exception(TenantSyncError(f"the {self.name} process died (exit code {code}); it restarts"))
 
     def close(self, timeout: float) -> None:
         with self._lock:
@@ -132,11 +141,12 @@ class _Child:
                 self.conn.send(None)
             except OSError:
                 pass
-        self.process.join(timeout)
-        if self.process.is_alive():
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
             log.error("the %s process did not stop in %.0f s; killing it", self.name, timeout)
             self.process.kill()
-            self.process.join(5)
+            self.process.wait(5)
         self.conn.close()
 
 
@@ -149,11 +159,16 @@ def _portable(e: BaseException) -> BaseException:
         return TenantSyncError(f"{type(e).__name__}: {e}")
 
 
-def _child_main(conn, start: Callable[..., ChildJobs], args: tuple, threads: int, nice: int,
-                log_level: int) -> None:
+def child_main(fd: int) -> None:
+    """The child's side: read its spec, start its jobs, answer until told to close."""
+    conn = Connection(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    try:
+        name, start, args, threads, nice, log_level = conn.recv()
+    except (EOFError, OSError):
+        return  # the parent is gone already
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
     if nice:
         os.nice(nice)
     jobs, close = start(*args)
@@ -188,11 +203,13 @@ def _child_main(conn, start: Callable[..., ChildJobs], args: tuple, threads: int
 def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) or the
     storage-only ones. With ``release_every``, it releases its idle tenants itself."""
+    from tenantsync.catalogue import Catalogue
     from tenantsync.fleet import Fleet, prepare_process
     from tenantsync.ondemand import OnDemand
 
     prepare_process()
-    fleet = Fleet(config)
+    # The parent opened (and migrated) the catalogue already; no Alembic here (10 MiB).
+    fleet = Fleet(config, Catalogue(config.catalogue, migrate=False))
     ondemand = OnDemand(fleet)
     stop = threading.Event()
     releaser = None
@@ -211,3 +228,4 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     jobs = {"sync": fleet.sync, "archive": ondemand.archive, "compact": fleet.compact,
             "snapshot": fleet.snapshot, "retain": fleet.retain}
     return jobs, close
+
