@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 from tenantsync.errors import TenantSyncError
+from tenantsync.tenants import shard
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,22 @@ class Dispatcher(Protocol):
 
 
 class InProcessDispatcher:
-    """The embedded mode: the same job functions on two small thread pools.
+    """The embedded mode: the same job functions on small thread pools.
 
     Syncs get their own pool: a compaction or archive of a big tenant can take seconds,
     and behind it every commit on the host would wait (replication lag is what users
-    see). Maintenance jobs share ``maintenance_workers`` threads and queue among
-    themselves.
+    see). With ``shards`` > 1 (tenants split over processes, see embedded.py) each shard
+    gets ``workers`` sync threads of its own, so a busy shard's process cannot take every
+    thread from the others. Maintenance jobs share ``maintenance_workers`` threads and
+    queue among themselves.
     """
 
     def __init__(self, jobs: dict[str, Callable[..., dict]], workers: int = 4,
-                 on_result: Callable[[str, dict], None] | None = None, maintenance_workers: int = 1):
+                 on_result: Callable[[str, dict], None] | None = None, maintenance_workers: int = 1,
+                 shards: int = 1):
         self.jobs = jobs
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="tenantsync-sync")
+        self.shards = shards
+        self.pools = [ThreadPoolExecutor(workers, thread_name_prefix=f"tenantsync-sync{i}") for i in range(shards)]
         self.maintenance = ThreadPoolExecutor(maintenance_workers, thread_name_prefix="tenantsync-job")
         self.on_result = on_result or (lambda job, result: None)
         self._pending: set[str] = set()
@@ -62,7 +67,7 @@ class InProcessDispatcher:
                 self._dirty.add(name)
                 return False
             self._pending.add(name)
-        self.pool.submit(self._run_sync, name)
+        self.pools[shard(name, self.shards)].submit(self._run_sync, name)
         return True
 
     def _run_sync(self, name: str) -> None:
@@ -100,5 +105,6 @@ class InProcessDispatcher:
             return not self._pending
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        for pool in self.pools:
+            pool.shutdown(wait=True)
         self.maintenance.shutdown(wait=True)

@@ -56,8 +56,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         child.start()
     jobs = {job: _on_shard(job, local, shards) for job, local in (("sync", fleet.sync), ("archive", ondemand.archive))}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
-    # Each process syncs on `workers` threads; here as many wait for the children's results.
-    dispatcher = InProcessDispatcher(jobs, workers=config.workers * (len(shards) + 1), on_result=on_result)
+    dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result, shards=len(shards) + 1)
     server = None
     if http is not None:
         server = serve(ondemand, *http)

@@ -287,6 +287,51 @@ def test_sqlite_uses_wal_and_creates_parent_directories(tmp_path):
     assert path.exists()
 
 
+def _write_many(url: str, names: list[str], start, results) -> None:
+    try:
+        with Catalogue(url, migrate=False) as c:
+            start.wait(60)
+            begun = time.monotonic()
+            for i in range(300):
+                c.record_sync(names[i % len(names)], txid=i + 1, position=None, at=T0)
+            results.put((os.getpid(), time.monotonic() - begun, None))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((os.getpid(), None, traceback.format_exc()))
+
+
+def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
+    """Three processes writing at once all finish; each write holds the catalogue's
+    flock, and a lock held past the busy timeout is a clear error, not a hang."""
+    import fcntl
+
+    url = f"sqlite:///{tmp_path}/cat.db"
+    with Catalogue(url) as c:
+        for i in range(9):
+            c.discover(f"t{i}", f"/t{i}", "h")
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_write_many, args=(url, [f"t{j}" for j in range(i, 9, 3)], start, results))
+             for i in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [err for _, _, err in outcomes if err] == []
+    with Catalogue(url, busy_timeout=0.5) as c:
+        assert {t.txid for t in c.list()} == {298, 299, 300}  # the last write of each tenant
+        fd = os.open(f"{tmp_path}/cat.db.lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's writer, stuck
+        try:
+            begun = time.monotonic()
+            with pytest.raises(CatalogueError, match=r"cat.db.lock: another process has held the write lock for 0.5 s"):
+                c.record_writes(["t0"], T0)
+            assert time.monotonic() - begun < 5
+        finally:
+            os.close(fd)
+        c.record_writes(["t0"], T0)  # free again
+
+
 def test_in_memory_sqlite_works():
     with Catalogue("sqlite://") as c:
         c.discover("a", "/a", "h")

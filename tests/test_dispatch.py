@@ -16,6 +16,7 @@ from tenantsync.capture import Capture
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
 from tenantsync.errors import DatabaseError, TenantSyncError
+from tenantsync.tenants import shard
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
 
@@ -63,6 +64,22 @@ def test_syncs_do_not_wait_behind_maintenance():
             d.submit("compact", f"t{i}", level=1)
         d.request_sync("a")
         assert wait_for(lambda: ("sync", {"tenant": "a"}) in results, 5)
+    finally:
+        gate.set()
+        d.close()
+
+
+def test_a_slow_shard_does_not_hold_the_sync_threads_of_another():
+    gate = threading.Event()
+    slow = [f"s{i}" for i in range(40) if shard(f"s{i}", 2) == 1][:6]
+    fast = next(f"f{i}" for i in range(40) if shard(f"f{i}", 2) == 0)
+    d, results = make({"sync": lambda name: (name in slow and gate.wait(10)) or {"tenant": name}},
+                      workers=2, shards=2)
+    try:
+        for name in slow:  # more than shard 1's threads, all stuck in its process
+            d.request_sync(name)
+        d.request_sync(fast)
+        assert wait_for(lambda: ("sync", {"tenant": fast}) in results, 5)
     finally:
         gate.set()
         d.close()
