@@ -1,7 +1,8 @@
-"""Celery beat schedule: compaction per level, snapshots, retention, catch-up checks.
+"""Celery beat schedule: compaction per level, snapshots, retention (the storage plans).
 
 Start it with ``celery -A scheduler.beat beat``. Each entry runs ``tenantsync.plan``
-with one schedule key; the plan task enqueues jobs only for tenants that changed.
+with one schedule key; the plan task enqueues jobs only for tenants that changed. The
+host plans (catch-up, archival) run in each host's watcher (schedule.py says why).
 """
 
 from __future__ import annotations
@@ -10,22 +11,19 @@ from tenantsync import config as configmod
 from tenantsync import layout
 from workers.app import app
 
-from .schedule import CATCH_UP_EVERY, archive_every
+from .schedule import storage_plans
+
+
+def _entry_name(key) -> str:
+    if key == layout.SNAPSHOT_LEVEL:
+        return "snapshot"
+    return key if isinstance(key, str) else f"compact-level-{key}"
 
 
 def beat_schedule(config: configmod.Config) -> dict:
-    levels = config.levels
-    entries = {
-        f"compact-level-{level}": (interval, level) for level, interval in sorted(levels.intervals.items())
-    }
-    entries["snapshot"] = (levels.snapshot_interval, layout.SNAPSHOT_LEVEL)
-    entries["retain"] = (levels.l0_retention, "retain")
-    entries["catch-up"] = (CATCH_UP_EVERY, "catch-up")
-    if config.archive_after or config.max_local_bytes:
-        entries["archive"] = (archive_every(config), "archive")
     return {
-        name: {"task": "tenantsync.plan", "schedule": every.total_seconds(), "args": [key]}
-        for name, (every, key) in entries.items()
+        _entry_name(key): {"task": "tenantsync.plan", "schedule": every.total_seconds(), "args": [key]}
+        for key, every in storage_plans(config).items()
     }
 
 

@@ -1,4 +1,5 @@
-"""The watcher in fleet mode: events become Celery jobs on this host's queue."""
+"""The watcher in fleet mode: events become Celery jobs on this host's queue, and the
+host plans (catch-up, archival) of this host's tenants run from its loop."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tenantsync.config import Config
 from tenantsync.server import serve
 
 from .queue import CeleryDispatcher, CeleryOnDemand
+from .schedule import Schedule, host_plans
 from .watcher import Watcher
 
 
@@ -25,7 +27,8 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         server = serve(CeleryOnDemand(dispatcher, catalogue), *http)
         threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
     try:
-        Watcher(config, catalogue, dispatcher, report=report).run(stop)
+        schedule = Schedule(config, catalogue, dispatcher, host_plans(config))
+        Watcher(config, catalogue, dispatcher, report=report).run(stop, schedule.tick)
     finally:
         if server is not None:
             server.shutdown()

@@ -1,9 +1,13 @@
 """Periodic decisions: which tenants need compaction, snapshots, retention or a catch-up sync.
 
-One policy serves both modes: the embedded runner calls :meth:`Schedule.tick` from the
-watcher loop, and Celery beat runs it as the ``tenantsync.plan`` task. Only tenants
-whose replica changed since the job last ran are touched, so idle tenants cost nothing.
-Runs are aligned to the wall clock like Litestream's (every 30 s at :00 and :30, …).
+One policy serves both modes. Storage plans (compaction per level, snapshots, retention)
+only touch object storage, so in Celery mode beat runs them as the ``tenantsync.plan`` task
+on any worker, for the whole fleet. Host plans (catch-up, archival) are about one host's
+local files (a lagging or failed tenant can only be synced by its host, and the disk budget
+of ``max-local-bytes`` is per host), so each host's watcher runs them for its own tenants
+from its loop (:meth:`Schedule.tick`), in both modes. Only tenants whose replica changed
+since the job last ran are touched, so idle tenants cost nothing. Runs are aligned to the
+wall clock like Litestream's (every 30 s at :00 and :30, …).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ CATCH_UP_AFTER = timedelta(seconds=5)
 RETRY_ERRORS_AFTER = timedelta(minutes=2)
 ARCHIVE_EVERY = timedelta(minutes=1)
 LOCAL_STATES = (TenantState.active, TenantState.idle)
+HOST_PLANS = ("catch-up", "archive")
 
 
 def archive_every(config: Config) -> timedelta:
@@ -62,18 +67,31 @@ def archival_candidates(config: Config, tenants: list, now: datetime) -> list[st
     return chosen
 
 
+def storage_plans(config: Config) -> dict:
+    """The fleet-wide plans and their intervals: ``{level: every, 9: every, "retain": every}``."""
+    levels = config.levels
+    every = dict(levels.intervals)
+    every[layout.SNAPSHOT_LEVEL] = levels.snapshot_interval
+    every["retain"] = levels.l0_retention
+    return every
+
+
+def host_plans(config: Config) -> dict:
+    """This host's plans and their intervals: catch-up, and archival when configured."""
+    every = {"catch-up": CATCH_UP_EVERY}
+    if config.archive_after or config.max_local_bytes:
+        every["archive"] = archive_every(config)
+    return every
+
+
 class Schedule:
-    def __init__(self, config: Config, catalogue: Catalogue, dispatcher: Dispatcher):
+    """The plans in ``every`` (default: all; a Celery-mode watcher runs only its host's)."""
+
+    def __init__(self, config: Config, catalogue: Catalogue, dispatcher: Dispatcher, every: dict | None = None):
         self.config = config
         self.catalogue = catalogue
         self.dispatcher = dispatcher
-        levels = config.levels
-        self.every = {level: interval for level, interval in levels.intervals.items()}
-        self.every[layout.SNAPSHOT_LEVEL] = levels.snapshot_interval
-        self.every["retain"] = levels.l0_retention
-        self.every["catch-up"] = CATCH_UP_EVERY
-        if config.archive_after or config.max_local_bytes:
-            self.every["archive"] = archive_every(config)
+        self.every = every if every is not None else storage_plans(config) | host_plans(config)
         self._last_run: dict = {}
 
     def tick(self, now: datetime | None = None) -> int:
@@ -90,7 +108,7 @@ class Schedule:
         now = now or datetime.now(timezone.utc)
         self._last_run[key] = now
         if key == "catch-up":
-            names = [t.name for t in self.catalogue.lagging(now, CATCH_UP_AFTER)]
+            names = [t.name for t in self.catalogue.lagging(now, CATCH_UP_AFTER, host=self.config.host)]
             names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
             return sum(self.dispatcher.request_sync(name) for name in dict.fromkeys(names))
         if key == "archive":
@@ -98,7 +116,7 @@ class Schedule:
             for name in names:
                 self.dispatcher.submit("archive", name)
             return len(names)
-        since = now - 2 * self.every[key]
+        since = now - 2 * storage_plans(self.config)[key]
         count = 0
         for name in self.catalogue.synced_since(since):
             if key == "retain":

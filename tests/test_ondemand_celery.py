@@ -3,7 +3,7 @@ Celery beat and ``tenantsync serve`` (the watcher plus the HTTP API), replica on
 
 The config has ``archive-after: 3s`` and ``idle-after: 1s``. A quarter of the tenants
 keep being written by a writer thread (its own connections); the rest go idle and must be
-archived by beat's "archive" plan (catalogue state archived, local files gone). Then 50
+archived by the host's "archive" plan (run by `tenantsync serve`'s watcher) (catalogue state archived, local files gone). Then 50
 concurrent ``POST /tenants/NAME/hydrate`` calls for random tenants (archived ones, active
 ones, some the same tenant at once): every answer must be 200 with a path that exists and
 holds a complete database. At the end every tenant's content must equal what the test

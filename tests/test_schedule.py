@@ -52,3 +52,28 @@ def test_compaction_is_offered_only_to_tenants_synced_within_two_intervals(tmp_p
     rec = Recorder()
     assert Schedule(cfg, cat, rec).run(1, now) == 2  # L1 every 30 s: synced within 60 s
     assert rec.jobs == [("compact", "recent", {"level": 1}), ("compact", "two-intervals", {"level": 1})]
+
+
+def test_host_plans_touch_only_this_hosts_tenants_and_beat_runs_only_storage_plans(tmp_path):
+    """A lagging tenant of another host must not be synced from this host's queue (its
+    files are not here): catch-up and archival run in each host's watcher, for its own
+    tenants; beat (any worker, the whole fleet) runs compaction, snapshots, retention."""
+    from scheduler.beat import beat_schedule
+    from scheduler.schedule import host_plans, storage_plans
+
+    cfg = Config(replica=f"file://{tmp_path}/r", globs=(f"{tmp_path}/*.db",),
+                 catalogue=f"sqlite:///{tmp_path}/c.db", host="a", archive_after=((f"{tmp_path}/*.db", timedelta(days=7)),))
+    cat = Catalogue(cfg.catalogue)
+    now = datetime.now(timezone.utc)
+    for name, host in (("mine.db", "a"), ("theirs.db", "b")):
+        cat.discover(name, f"{tmp_path}/{name}", host)
+        cat.record_sync(name, txid=1, position=None, at=now - timedelta(minutes=1))
+        cat.record_writes([name], now - timedelta(seconds=30))  # written after its last sync
+    rec = Recorder()
+    watcher_plans = Schedule(cfg, cat, rec, host_plans(cfg))
+    assert set(watcher_plans.every) == {"catch-up", "archive"}
+    watcher_plans.run("catch-up", now)
+    assert rec.syncs == ["mine.db"]
+    assert sorted(e["args"][0] for e in beat_schedule(cfg).values() if isinstance(e["args"][0], str)) == ["retain"]
+    assert {e["args"][0] for e in beat_schedule(cfg).values()} == set(storage_plans(cfg))
+    assert "catch-up" not in storage_plans(cfg) and "archive" not in storage_plans(cfg)

@@ -108,7 +108,7 @@ def plan(key) -> int:
 
 @singleton
 def schedule():
-    from scheduler.schedule import Schedule
+    from scheduler.schedule import Schedule, storage_plans
 
     f = fleet()
-    return Schedule(f.config, f.catalogue, dispatcher())
+    return Schedule(f.config, f.catalogue, dispatcher(), storage_plans(f.config))
