@@ -175,6 +175,22 @@ class Capture:
             return False
         return struct.unpack(">II", frame[8:16]) == (header.salt1, header.salt2)
 
+    def shipped_all(self) -> bool:
+        """Whether the open database's WAL holds nothing past the position, judged from
+        the WAL header and size while our read mark has been held since the position: an
+        idle release then uploads nothing (so it needs no lease). False whenever unsure,
+        which only costs that lease write; a commit landing after this is shipped under
+        the fence, which refuses it without a held lease."""
+        pos = self.position
+        if pos is None or self._fd is None or not self._held_since_position:
+            return False
+        try:
+            header, size = self._wal_header()
+        except TenantSyncError:
+            return False
+        return header is not None and (header.salt1, header.salt2) == (pos.salt1, pos.salt2) \
+            and size <= pos.wal_offset
+
     def checkpoint(self, truncate: bool = False, wait: float = 0.05) -> SyncResult:
         """Copy the WAL into the main file without ever losing an unshipped frame.
 

@@ -291,6 +291,43 @@ def test_an_idle_release_keeps_the_lease_until_it_expires(tmp_path, file_url):
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
 
 
+def test_an_idle_release_with_nothing_to_ship_writes_no_lease(tmp_path, file_url):
+    """Releasing a tenant whose lease lapsed since its last sync: with nothing new in the
+    WAL it only checkpoints locally (no lease write); with a tail it takes the lease and
+    ships it first. Either way the next wake-up resumes without a full upload."""
+    from tenantsync.fleet import Fleet
+    from tenantsync.lease import Leaser
+
+    (tmp_path / "data").mkdir()
+    cfg = fleet_config(tmp_path, file_url, lease_ttl=timedelta(seconds=1))
+    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    path = str(tmp_path / "data" / "a.db")
+    conn = app_db(path)
+    write_rows(conn, 5)
+    fleet.catalogue.discover("a.db", path, cfg.host)
+    leaser = Leaser(fleet.storage.child("a.db"), owner="someone-else", ttl=cfg.lease_ttl)
+
+    assert fleet.sync("a.db")["txid"] == 1
+    taken = leaser.read()
+    time.sleep(1.2)  # the lease lapses
+    assert fleet.release_idle(0) == ["a.db"]
+    assert leaser.read() == taken  # no lease write for a release that ships nothing
+    record = fleet.catalogue.get("a.db")
+    assert record.state.value == "idle" and record.position["backfilled"]
+
+    write_rows(conn, 2)
+    woken = fleet.sync("a.db")
+    assert (woken["txid"], woken["full"]) == (2, None)  # resumed from the released position
+    taken = leaser.read()
+    write_rows(conn, 3)  # a tail the release must ship
+    time.sleep(1.2)
+    assert fleet.release_idle(0) == ["a.db"]
+    assert leaser.read().etag != taken.etag  # lease taken again to ship it
+    assert fleet.catalogue.get("a.db").txid == 3
+    fleet.close()
+    assert_replicas_match(tmp_path, file_url, {"a.db": path})
+
+
 def test_compaction_runs_in_the_storage_job_process(tmp_path, file_url, running, monkeypatch):
     from tenantsync.compactor import Levels
     from tenantsync.fleet import Fleet
