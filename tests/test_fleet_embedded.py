@@ -256,22 +256,28 @@ def test_past_the_trim_mark_the_release_thread_releases_the_least_recent(tmp_pat
     fleet.close()
 
 
-def test_an_idle_release_keeps_the_lease_until_it_expires(tmp_path, file_url):
-    """A tenant woken within the TTL after an idle release writes no lease at all; a
-    shutdown gives every lease up, kept ones included, so another host takes over at once."""
-    from datetime import datetime, timezone
-
+def one_tenant_fleet(tmp_path, file_url, lease_ttl: float):
+    """A Fleet in this process with tenant a.db (5 rows, its connection kept open) and a
+    Leaser of another owner to read the lease with: (config, fleet, path, conn, leaser)."""
     from tenantsync.fleet import Fleet
     from tenantsync.lease import Leaser
 
     (tmp_path / "data").mkdir()
-    cfg = fleet_config(tmp_path, file_url, lease_ttl=timedelta(seconds=60))
+    cfg = fleet_config(tmp_path, file_url, lease_ttl=timedelta(seconds=lease_ttl))
     fleet = Fleet(cfg, Catalogue(cfg.catalogue))
     path = str(tmp_path / "data" / "a.db")
     conn = app_db(path)
     write_rows(conn, 5)
     fleet.catalogue.discover("a.db", path, cfg.host)
-    leaser = Leaser(fleet.storage.child("a.db"), owner="someone-else", ttl=cfg.lease_ttl)
+    return cfg, fleet, path, conn, Leaser(fleet.storage.child("a.db"), owner="someone-else", ttl=cfg.lease_ttl)
+
+
+def test_an_idle_release_keeps_the_lease_until_it_expires(tmp_path, file_url):
+    """A tenant woken within the TTL after an idle release writes no lease at all; a
+    shutdown gives every lease up, kept ones included, so another host takes over at once."""
+    from datetime import datetime, timezone
+
+    cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=60)
 
     assert fleet.sync("a.db")["txid"] == 1
     taken = leaser.read()
@@ -295,17 +301,7 @@ def test_an_idle_release_with_nothing_to_ship_writes_no_lease(tmp_path, file_url
     """Releasing a tenant whose lease lapsed since its last sync: with nothing new in the
     WAL it only checkpoints locally (no lease write); with a tail it takes the lease and
     ships it first. Either way the next wake-up resumes without a full upload."""
-    from tenantsync.fleet import Fleet
-    from tenantsync.lease import Leaser
-
-    (tmp_path / "data").mkdir()
-    cfg = fleet_config(tmp_path, file_url, lease_ttl=timedelta(seconds=1))
-    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
-    path = str(tmp_path / "data" / "a.db")
-    conn = app_db(path)
-    write_rows(conn, 5)
-    fleet.catalogue.discover("a.db", path, cfg.host)
-    leaser = Leaser(fleet.storage.child("a.db"), owner="someone-else", ttl=cfg.lease_ttl)
+    cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=1)
 
     assert fleet.sync("a.db")["txid"] == 1
     taken = leaser.read()
