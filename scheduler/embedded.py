@@ -30,6 +30,8 @@ RELEASE_EVERY = 5.0
 STORAGE_JOBS = ("compact", "snapshot", "retain")
 # Compaction is CPU work: niced, so the syncing processes win when cores are short.
 STORAGE_NICE = 10
+# An idle fleet has no storage jobs: their child exits after this long without one.
+STORAGE_IDLE_CLOSE = 30.0
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
@@ -49,7 +51,8 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     catalogue = Catalogue(config.catalogue)
     fleet = Fleet(config, catalogue)
     ondemand = OnDemand(fleet)
-    storage = JobProcess("tenantsync-storage", fleet_jobs, (config, None), nice=STORAGE_NICE)
+    storage = JobProcess("tenantsync-storage", fleet_jobs, (config, None), nice=STORAGE_NICE,
+                         idle_close=STORAGE_IDLE_CLOSE)
     shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.workers)
               for i in range(1, processes)]
     for child in shards:

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -42,23 +43,44 @@ ChildJobs = tuple[dict[str, Callable[..., dict]], Callable[[], None]]
 
 
 class JobProcess:
-    """One child process running jobs; started at the first job, replaced if it dies."""
+    """One child process running jobs; started at the first job, replaced if it dies.
+
+    With ``idle_close``, a child that has had no job for that many seconds is closed (one
+    thread per JobProcess watches): the storage-job child of an idle fleet, 78 MiB at
+    10,000 tenants, then costs nothing until the next compaction round, which starts a new
+    one in about a second.
+    """
 
     def __init__(self, name: str, start: Callable[..., ChildJobs], args: tuple = (), *,
-                 threads: int = 1, nice: int = 0):
+                 threads: int = 1, nice: int = 0, idle_close: float | None = None):
         self.name = name
         self._spec = (start, args, threads, nice, logging.getLogger().level)
         self._child: _Child | None = None
         self._guard = threading.Lock()
+        self._busy = 0
+        self._last_used = time.monotonic()
+        self._closing = threading.Event()
+        if idle_close:
+            threading.Thread(target=self._close_when_idle, args=(idle_close,), name=f"{name}-idle",
+                             daemon=True).start()
 
     def start(self) -> None:
         """Start the child now (else at the first job): spawning takes about a second."""
-        self._started()
+        with self._guard:
+            self._started()
 
     def run(self, job: str, tenant: str, **kwargs: Any) -> dict:
         """Run ``job`` for ``tenant`` in the child and return its result; its exception is
         raised here (a TenantSyncError if it cannot be sent back as it was)."""
-        return self._started().call(job, tenant, kwargs)
+        with self._guard:
+            child = self._started()
+            self._busy += 1
+        try:
+            return child.call(job, tenant, kwargs)
+        finally:
+            with self._guard:
+                self._busy -= 1
+                self._last_used = time.monotonic()
 
     @property
     def pid(self) -> int | None:
@@ -66,12 +88,22 @@ class JobProcess:
         return child.process.pid if child is not None and child.alive else None
 
     def _started(self) -> _Child:
-        with self._guard:
-            if self._child is None or not self._child.alive:
-                self._child = _Child(self.name, *self._spec)
-            return self._child
+        if self._child is None or not self._child.alive:
+            self._child = _Child(self.name, *self._spec)
+        return self._child
+
+    def _close_when_idle(self, idle_close: float) -> None:
+        while not self._closing.wait(min(5.0, idle_close / 2)):
+            with self._guard:
+                child = self._child
+                if child is None or self._busy or time.monotonic() - self._last_used < idle_close:
+                    continue
+                self._child = None  # a job from now on starts a new child
+            log.info("the %s process had no job for %.0f s; closing it", self.name, idle_close)
+            child.close(120.0)
 
     def close(self, timeout: float = 120.0) -> None:
+        self._closing.set()
         with self._guard:
             child, self._child = self._child, None
         if child is not None:

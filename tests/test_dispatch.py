@@ -190,3 +190,16 @@ def test_a_child_runs_jobs_concurrently_returns_their_errors_and_closes_in_order
         jobs.close()
     assert (tmp_path / "closed").exists()  # the child's close ran
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_a_child_idle_for_idle_close_seconds_is_closed_and_the_next_job_starts_another(tmp_path):
+    jobs = JobProcess("tenantsync-test", _test_jobs, (str(tmp_path / "closed"),), idle_close=1.0)
+    try:
+        first = jobs.run("pid", "a")["pid"]
+        assert jobs.run("slow", "a", seconds=1.5) == {"tenant": "a"}  # busy: not closed meanwhile
+        assert jobs.pid == first
+        assert wait_for(lambda: jobs.pid is None, 10)  # idle: closed in order
+        assert (tmp_path / "closed").exists()
+        assert jobs.run("pid", "a")["pid"] not in (first, None)
+    finally:
+        jobs.close()
