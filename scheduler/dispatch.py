@@ -52,7 +52,6 @@ class InProcessDispatcher:
                  on_result: Callable[[str, dict], None] | None = None, maintenance_workers: int = 1,
                  shards: int = 1):
         self.jobs = jobs
-        self.shards = shards
         self.pools = [ThreadPoolExecutor(workers, thread_name_prefix=f"tenantsync-sync{i}") for i in range(shards)]
         self.maintenance = ThreadPoolExecutor(maintenance_workers, thread_name_prefix="tenantsync-job")
         self.on_result = on_result or (lambda job, result: None)
@@ -67,7 +66,7 @@ class InProcessDispatcher:
                 self._dirty.add(name)
                 return False
             self._pending.add(name)
-        self.pools[shard(name, self.shards)].submit(self._run_sync, name)
+        self.pools[shard(name, len(self.pools))].submit(self._run_sync, name)
         return True
 
     def _run_sync(self, name: str) -> None:

@@ -67,9 +67,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     watcher = Watcher(config, catalogue, dispatcher, report=report)
     schedule = Schedule(config, catalogue, dispatcher)
     # Its own thread: behind a long compaction queue, idle tenants would stay open.
-    releaser = threading.Thread(target=fleet.release_idle_every, args=(RELEASE_EVERY, stop),
-                                name="tenantsync-release-idle", daemon=True)
-    releaser.start()
+    releaser = fleet.start_releasing(RELEASE_EVERY, stop)
     try:
         watcher.run(stop, schedule.tick)
     finally:
@@ -79,8 +77,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         dispatcher.close()
         for child in [storage, *shards]:
             child.close()
-        fleet.release_idle(0, keep_leases=False)  # a deploy: hand every lease over now
-        fleet.close()
+        fleet.shutdown()
 
 
 def _on_shard(job: str, local: Callable[..., dict], shards: list[JobProcess]) -> Callable[..., dict]:

@@ -203,7 +203,11 @@ def child_main(fd: int) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
     if nice:
         os.nice(nice)
-    jobs, close = start(*args)
+    try:
+        jobs, close = start(*args)
+    except TenantSyncError as e:  # e.g. the catalogue cannot be opened: one line, exit 1
+        log.error("%s cannot start: %s", name, e)
+        sys.exit(1)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="tenantsync-job")
     send_lock = threading.Lock()
 
@@ -244,18 +248,13 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     fleet = Fleet(config, Catalogue(config.catalogue, migrate=False))
     ondemand = OnDemand(fleet)
     stop = threading.Event()
-    releaser = None
-    if release_every:
-        releaser = threading.Thread(target=fleet.release_idle_every, args=(release_every, stop),
-                                    name="tenantsync-release-idle", daemon=True)
-        releaser.start()
+    releaser = fleet.start_releasing(release_every, stop) if release_every else None
 
     def close() -> None:
         stop.set()
         if releaser is not None:
             releaser.join()
-        fleet.release_idle(0, keep_leases=False)  # a deploy: hand every lease over now
-        fleet.close()
+        fleet.shutdown()
 
     jobs = {"sync": fleet.sync, "archive": ondemand.archive, "compact": fleet.compact,
             "snapshot": fleet.snapshot, "retain": fleet.retain}

@@ -116,7 +116,7 @@ class Schedule:
             for name in names:
                 self.dispatcher.submit("archive", name)
             return len(names)
-        since = now - 2 * storage_plans(self.config)[key]
+        since = now - 2 * self.every[key]
         count = 0
         for name in self.catalogue.synced_since(since):
             if key == "retain":

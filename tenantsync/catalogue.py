@@ -377,7 +377,11 @@ class _WriterQueue:
         if self._depth > 1:
             return
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                self._depth -= 1
+                raise CatalogueError(f"catalogue {self.path}: cannot open the write lock: {e.strerror}") from e
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -240,6 +240,19 @@ class Fleet:
             except Exception:  # noqa: BLE001 - one failed release must not end the loop
                 log.exception("releasing idle tenants failed; retrying in %.0f s", seconds)
 
+    def start_releasing(self, seconds: float, stop: threading.Event) -> threading.Thread:
+        """Start this process's one release thread (:meth:`release_idle_every`)."""
+        thread = threading.Thread(target=self.release_idle_every, args=(seconds, stop),
+                                  name="tenantsync-release-idle", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self) -> None:
+        """Release every open tenant and give up every lease, kept ones included (a deploy:
+        the next process takes over at once), then close."""
+        self.release_idle(0, keep_leases=False)
+        self.close()
+
     def release(self, name: str, unused_since: float | None = None, keep_lease: bool = False) -> bool:
         """Checkpoint, close and give up the lease of one tenant; it then costs nothing.
 

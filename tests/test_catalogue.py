@@ -332,6 +332,13 @@ def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
         c.record_writes(["t0"], T0)  # free again
 
 
+def test_an_unusable_write_lock_file_is_one_clear_error(tmp_path):
+    (tmp_path / "cat.db.lock").mkdir()  # in the way of the lock file
+    with pytest.raises(CatalogueError, match=r"cat.db.lock: cannot open the write lock: Is a directory"):
+        with Catalogue(f"sqlite:///{tmp_path}/cat.db", migrate=False) as c:
+            c.record_writes(["a"], T0)
+
+
 def test_in_memory_sqlite_works():
     with Catalogue("sqlite://") as c:
         c.discover("a", "/a", "h")

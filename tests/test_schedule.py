@@ -10,6 +10,11 @@ from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
 
 
+def plans_config(tmp_path, host: str = "h", **kw) -> Config:
+    return Config(replica=f"file://{tmp_path}/r", globs=(f"{tmp_path}/*.db",),
+                  catalogue=f"sqlite:///{tmp_path}/c.db", host=host, **kw)
+
+
 class Recorder:
     def __init__(self):
         self.syncs: list[str] = []
@@ -23,9 +28,8 @@ class Recorder:
         self.jobs.append((job, name, kwargs))
 
 
-def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path, monkeypatch):
-    cfg = Config(replica=f"file://{tmp_path}/r", globs=(f"{tmp_path}/*.db",),
-                 catalogue=f"sqlite:///{tmp_path}/c.db", host="h")
+def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path):
+    cfg = plans_config(tmp_path)
     cat = Catalogue(cfg.catalogue)
     for name in ("healthy", "failed-first-sync"):
         cat.discover(name, f"{tmp_path}/{name}", "h")
@@ -41,8 +45,7 @@ def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path,
 
 
 def test_compaction_is_offered_only_to_tenants_synced_within_two_intervals(tmp_path):
-    cfg = Config(replica=f"file://{tmp_path}/r", globs=(f"{tmp_path}/*.db",),
-                 catalogue=f"sqlite:///{tmp_path}/c.db", host="h")
+    cfg = plans_config(tmp_path)
     cat = Catalogue(cfg.catalogue)
     now = datetime.now(timezone.utc)
     for name, ago in (("recent", 10), ("two-intervals", 50), ("idle", 3600)):
@@ -61,8 +64,7 @@ def test_host_plans_touch_only_this_hosts_tenants_and_beat_runs_only_storage_pla
     from scheduler.beat import beat_schedule
     from scheduler.schedule import host_plans, storage_plans
 
-    cfg = Config(replica=f"file://{tmp_path}/r", globs=(f"{tmp_path}/*.db",),
-                 catalogue=f"sqlite:///{tmp_path}/c.db", host="a", archive_after=((f"{tmp_path}/*.db", timedelta(days=7)),))
+    cfg = plans_config(tmp_path, host="a", archive_after=((f"{tmp_path}/*.db", timedelta(days=7)),))
     cat = Catalogue(cfg.catalogue)
     now = datetime.now(timezone.utc)
     for name, host in (("mine.db", "a"), ("theirs.db", "b")):

@@ -65,5 +65,4 @@ def ondemand():
 @worker_ready.connect
 def _start_idle_release(**_):
     """One thread per worker (not per tenant) closes tenants that went idle."""
-    threading.Thread(target=fleet().release_idle_every, args=(RELEASE_EVERY, threading.Event()),
-                     name="tenantsync-release-idle", daemon=True).start()
+    fleet().start_releasing(RELEASE_EVERY, threading.Event())
