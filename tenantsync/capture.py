@@ -12,7 +12,11 @@ have not read yet. The mark is only moved inside :meth:`checkpoint`, under a wri
 barrier, after every committed frame has been read. The new mark is SQLite's read-lock 0
 when every frame is then in the main file: it lets the application's next write restart
 the WAL (the frames it overwrites are ones we have read) while stopping any further copy
-into the main file until our mark moves again. :meth:`release` (idle databases)
+into the main file until our mark moves again. Between checkpoints the mark is also moved
+forward without a gap (:meth:`_rotate_mark`) once a pass has shipped well past it, for the
+application's sake: while we sit on read-lock 0 every one of its commits past its
+autocheckpoint threshold sorts the whole WAL index for a checkpoint that cannot run, and
+while we sit on an old mark our next barrier has every frame since to copy. :meth:`release` (idle databases)
 checkpoints everything, records the main file's stat, and closes all handles; the next
 pass proves continuity from that stat instead of from a held lock (see ``position.py``).
 When continuity cannot be proved (the WAL was reset, truncated or replaced by someone
@@ -46,6 +50,10 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 # Litestream's defaults: PASSIVE past 1000 WAL pages, TRUNCATE past 121359.
 DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_TRUNCATE_PAGES = 121359
+# Least time between two PASSIVE checkpoints of one database: each holds the application's
+# writes for a few milliseconds, so at thousands of commits a second a checkpoint after
+# every pass would cost it a large share of its throughput. TRUNCATE is not held back.
+CHECKPOINT_GAP = 0.25
 # Full-page files above this size spill from memory to a temporary file.
 SPOOL_BYTES = 64 << 20
 READ_CHUNK = 4 << 20
@@ -87,6 +95,12 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _read_snapshot(conn: sqlite3.Connection) -> None:
+    """Open a read transaction that holds a WAL read mark (a bare BEGIN takes none)."""
+    conn.execute("BEGIN")
+    conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+
+
 def _connect(path: str, timeout: float) -> sqlite3.Connection:
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout, check_same_thread=False)
@@ -106,6 +120,7 @@ class Capture:
         checkpoint_pages: int = DEFAULT_CHECKPOINT_PAGES,
         truncate_pages: int = DEFAULT_TRUNCATE_PAGES,
         busy_timeout: float = 5.0,
+        checkpoint_gap: float = CHECKPOINT_GAP,
         on_position: Callable[[Position], None] | None = None,
     ):
         self.path = os.path.abspath(db_path)
@@ -117,15 +132,27 @@ class Capture:
         self._position_known = False
         self.checkpoint_pages = checkpoint_pages
         self.truncate_pages = truncate_pages
+        self.checkpoint_gap = checkpoint_gap
+        self._next_checkpoint = 0.0
+        # Set by a pass that checkpointed a busy WAL: our mark is now read-lock 0, and a
+        # second pass a few milliseconds later (once the application has restarted the
+        # WAL) moves it to a real one; see :meth:`_rotate_mark`. A loop driven by file
+        # events should run that pass without waiting for the next event.
+        self.follow_up = False
         self.busy_timeout = busy_timeout
         self._fd: int | None = None
         # The -shm file, opened once after SQLite has it open and closed after SQLite's
         # connections: closing any descriptor of a file drops all of this process's
         # POSIX locks on it, and SQLite's read marks are such locks on the -shm file.
         self._shm_fd: int | None = None
-        # ``_reader`` holds the read mark; ``_writer`` takes the write-lock barrier.
+        # ``_reader`` holds the read mark; ``_spare`` takes the next one before ``_reader``
+        # lets go (see :meth:`_rotate_mark`); ``_writer`` takes the write-lock barrier.
         self._reader: sqlite3.Connection | None = None
+        self._spare: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
+        # (salt1, salt2, last frame) of the WAL read just after our mark was taken: an
+        # upper bound of the frame our mark pins in that WAL generation.
+        self._mark_bound: tuple[int, int, int] | None = None
         self._reading = False
         self._replaced = False
         # True while our read mark has been held without a gap since ``position`` was set.
@@ -135,14 +162,18 @@ class Capture:
 
     def sync_once(self) -> SyncResult:
         """Ship every transaction committed since the position as one L0 file."""
+        self.follow_up = False
         if not self._open():
             return SyncResult(None)
         result = self._ship()
         frames = self._wal_frames()
         if frames >= self.truncate_pages:
             result = self._merge(result, self.checkpoint(truncate=True))
-        elif frames >= self.checkpoint_pages:
+        elif frames >= self.checkpoint_pages and time.monotonic() >= self._next_checkpoint:
             result = self._merge(result, self.checkpoint())
+            self.follow_up = True
+        else:
+            self._rotate_mark()
         return result
 
     def has_news(self) -> bool:
@@ -206,6 +237,11 @@ class Capture:
         if not self._open():
             return SyncResult(None)
         result = self._ship()
+        if self._rotate_mark():
+            # Let SQLite copy what we have shipped while the application keeps writing,
+            # then ship again: the barrier is left with the last few milliseconds of both.
+            self._writer_conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            result = self._merge(result, self._ship())
         barrier = self._take_barrier(wait)
         if barrier is None:
             log.info("%s: checkpoint skipped, the application held the write lock for %.3f s", self.path, wait)
@@ -218,6 +254,7 @@ class Capture:
                 self._begin_read()
         finally:
             barrier.execute("ROLLBACK")
+        self._next_checkpoint = time.monotonic() + self.checkpoint_gap
         if tail is not None:
             result = self._commit(tail)
         self._mark_backfilled(backfill)
@@ -247,10 +284,11 @@ class Capture:
         """Drop connections and the file handle; the position stays valid."""
         self._reading = False
         self._held_since_position = False
-        for conn in (self._reader, self._writer):
+        for conn in (self._reader, self._spare, self._writer):
             if conn is not None:
                 conn.close()
-        self._reader = self._writer = None
+        self._reader = self._spare = self._writer = None
+        self._mark_bound = None
         # Closed only after the SQLite connections: closing any descriptor of a file
         # drops this process's POSIX locks on it, including SQLite's.
         for fd in (self._fd, self._shm_fd):
@@ -306,10 +344,50 @@ class Capture:
         return self._writer
 
     def _begin_read(self) -> None:
-        self._reader.execute("BEGIN")
-        self._reader.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        _read_snapshot(self._reader)
         self._reading = True
+        self._note_mark()
         self._note_backfilled()
+
+    def _note_mark(self) -> None:
+        index = self._wal_index()
+        self._mark_bound = None if index is None else index[:3]
+
+    def _rotate_mark(self) -> bool:
+        """Move our read mark to the WAL's end without a moment unpinned: the spare
+        connection takes the new mark before the reader drops the old one.
+
+        Only once the pass has shipped an eighth of the checkpoint threshold past the
+        mark (so a trickle of commits costs nothing), or any frame of a WAL the
+        application restarted while we held read-lock 0. The new mark is then never
+        read-lock 0 (which would let the WAL restart before :meth:`_note_backfilled` could
+        record it): the position is past the bound of the old mark, so the WAL holds
+        frames the old mark stopped anyone from copying into the main file.
+        """
+        pos, bound = self.position, self._mark_bound
+        if not self._reading or pos is None or pos.backfilled or bound is None:
+            return False
+        frames = self._wal_frames()
+        index = self._wal_index()
+        if index is None or index[:2] != (pos.salt1, pos.salt2):
+            return False
+        if bound[:2] == (pos.salt1, pos.salt2):
+            if frames - bound[2] < max(1, self.checkpoint_pages // 8):
+                return False
+        elif frames < 1:
+            # A WAL generation newer than the mark's can only have started while the mark
+            # was read-lock 0, which stops every copy: no frame of it is in the main
+            # file, so any frame of it makes the new mark a real one. Leave read-lock 0
+            # at once: past its autocheckpoint threshold every commit of the application
+            # would otherwise sort the whole WAL index for a checkpoint we block.
+            return False
+        if self._spare is None:
+            self._spare = _connect(self.path, self.busy_timeout)
+        _read_snapshot(self._spare)
+        self._reader.execute("COMMIT")
+        self._reader, self._spare = self._spare, self._reader
+        self._note_mark()
+        return True
 
     def _end_read(self) -> None:
         if self._reading:
@@ -534,19 +612,21 @@ class Capture:
         that does not verify: after a WAL restart the file's tail holds the previous
         generation's frames, and reading (and checksumming) them every pass is waste."""
         frame_size = walmod.FRAME_HEADER_SIZE + header.page_size
+        limit, chunk = wal_size, WAL_CHUNK
         index = self._wal_index()
-        hint = None
         if index is not None and index[:2] == (header.salt1, header.salt2):
-            hint = walmod.WAL_HEADER_SIZE + index[2] * frame_size
-        # One frame past SQLite's idea of the end: enough to see the tail stop verifying.
-        chunk = hint - start + frame_size if hint is not None and hint >= start else WAL_CHUNK
+            # SQLite's last committed frame as the pass begins. Reading on would chase
+            # the application's newer commits (the next pass's) or checksum the previous
+            # generation's frames that a restarted WAL still holds past its end.
+            limit = min(wal_size, walmod.WAL_HEADER_SIZE + index[2] * frame_size)
+            chunk = max(limit - start, frame_size)
         offset, commit, pages = start, None, {}
-        while offset < wal_size:
-            data = self._read_wal(offset, min(wal_size, offset + chunk))
+        while offset < limit:
+            data = self._read_wal(offset, min(limit, offset + chunk))
             scan = walmod.scan(data, header, offset, checksum)
             if scan.end_offset == offset:
                 if scan.stopped_reason is None or scan.stopped_reason.startswith("partial"):
-                    if offset + len(data) < wal_size:
+                    if offset + len(data) < limit:
                         chunk *= 2  # one transaction larger than the chunk
                         continue
                 break

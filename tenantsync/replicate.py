@@ -1,26 +1,32 @@
-"""The single-database replicator: a loop of sync passes driven by WAL file events.
+"""The single-database replicator: a loop of sync passes driven by file events.
 
-inotify (through watchfiles) wakes a pass within ``debounce`` of a commit; a timeout of
-``interval`` runs a pass anyway, so a missed event delays replication by at most that.
-Transient storage errors are logged and retried on the next pass; nothing is skipped
-because the position only advances after an upload succeeded.
+A change to the database or its WAL wakes a pass within ``debounce`` (one-shot inotify
+watches, see ``file_events.py``); a timeout of ``interval`` runs a pass anyway, so a missed
+event delays replication by at most that. Transient storage errors are logged and retried
+on the next pass; nothing is skipped because the position only advances after an upload
+succeeded.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 from typing import Callable
-
-import watchfiles
 
 from .capture import Capture, ReplicaConflict, SyncResult
 from .errors import StorageError
+from .file_events import FileEvents
 from .replica import Replica
 from .state import default_state_path, load_position, save_position
 
 log = logging.getLogger(__name__)
+
+# After a checkpoint of a busy WAL: long enough for the application to restart the WAL,
+# well short of the thousand commits after which our read-lock 0 starts to slow it.
+FOLLOW_UP = 0.005
+# Longest wait before ``stop`` is looked at again.
+STOP_CHECK = 0.1
 
 
 def run(
@@ -45,23 +51,31 @@ def run(
         position=load_position(state_path),
         on_position=lambda p: save_position(state_path, p),
     )
-    watched = {capture.path, capture.wal_path}
-    _pass(capture.sync_once, capture.path, report)
     try:
-        for _ in watchfiles.watch(
-            os.path.dirname(capture.path),
-            watch_filter=lambda _change, path: path in watched,
-            debounce=int(debounce * 1000),
-            step=max(1, int(debounce * 1000) // 4),
-            rust_timeout=int(interval * 1000),
-            yield_on_timeout=True,
-            stop_event=stop,
-            raise_interrupt=False,
-        ):
-            _pass(capture.sync_once, capture.path, report)
+        _pass(capture.sync_once, capture.path, report)
+        events = FileEvents(capture.path)
+        try:
+            _follow(capture, events, stop, interval, debounce, report)
+        finally:
+            events.close()
         _pass(capture.release, capture.path, report)
     finally:
         capture.close()
+
+
+def _follow(capture: Capture, events: FileEvents, stop: threading.Event, interval: float,
+            debounce: float, report: Callable[[SyncResult], None]) -> None:
+    """Run a pass on every change and at least every ``interval`` until ``stop``."""
+    due = time.monotonic() + interval
+    while not stop.is_set():
+        # Waits are cut into short slices so that ``stop`` is seen promptly.
+        changed = events.wait(min(STOP_CHECK, max(0.0, due - time.monotonic())), debounce)
+        if not changed and time.monotonic() < due:
+            continue
+        _pass(capture.sync_once, capture.path, report)
+        if capture.follow_up and not stop.wait(FOLLOW_UP):
+            _pass(capture.sync_once, capture.path, report)
+        due = time.monotonic() + interval
 
 
 def _pass(step: Callable[[], SyncResult], path: str, report: Callable[[SyncResult], None]) -> None:

@@ -201,3 +201,53 @@ def test_shrinking_database_is_restored_at_its_new_size(tmp_path, replica):
     restore(replica, str(out))
     assert os.path.getsize(out) == sqlite3.connect(db).execute("PRAGMA page_count").fetchone()[0] * 4096
     assert dump(str(out)) == dump(db)
+
+
+def _copied_frames(db: str) -> int:
+    """Frames SQLite has copied into the main file (the wal-index's nBackfill)."""
+    with open(db + "-shm", "rb") as f:
+        return int.from_bytes(f.read(100)[96:100], "little")
+
+
+def test_the_read_mark_moves_with_the_position_so_the_application_checkpoints_behind_us(tmp_path, replica):
+    # Between our checkpoints the application's own autocheckpoint copies what we have
+    # shipped: a mark left where it was taken would make it copy nothing, and our next
+    # barrier would have every frame since to copy while the application waits.
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    cap = Capture(db, replica, checkpoint_pages=40, checkpoint_gap=0)
+    write_rows(conn, 1)
+    cap.sync_once()
+    for _ in range(12):
+        write_rows(conn, 1)
+    shipped = cap.sync_once()
+    assert shipped.txid == 2 and not cap.follow_up
+    conn.execute("PRAGMA wal_autocheckpoint=2")
+    write_rows(conn, 1)  # its autocheckpoint copies up to our new mark
+    assert _copied_frames(db) == cap._wal_frames() > 10
+
+
+def test_after_a_checkpoint_the_first_pass_of_the_restarted_wal_leaves_read_lock_0(tmp_path, replica):
+    # Our checkpoint ends on read-lock 0 so that the application can restart the WAL, but
+    # read-lock 0 stops every copy: past its autocheckpoint threshold each of its commits
+    # would sort the whole WAL index for nothing. The next pass must take a real mark.
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    conn.execute("PRAGMA wal_autocheckpoint=2")
+    cap = Capture(db, replica, checkpoint_pages=40, checkpoint_gap=0)
+    cap.sync_once()
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    for _ in range(50):
+        write_rows(conn, 1)
+    cap.sync_once()
+    assert cap.follow_up
+    conn.execute("PRAGMA wal_autocheckpoint=2")
+    write_rows(conn, 1)  # restarts the WAL
+    write_rows(conn, 1)
+    assert _copied_frames(db) == 0
+    cap.sync_once()
+    write_rows(conn, 1)
+    assert _copied_frames(db) == cap._wal_frames() >= 2
+    assert cap.sync_once().full_reason is None
+    assert restored(replica, tmp_path) == dump(db)

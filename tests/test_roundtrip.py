@@ -254,6 +254,7 @@ def run_scenario(sc: Scenario, workdir: str, replica_url: str) -> None:
             position=position,
             checkpoint_pages=sc.checkpoint_pages,
             truncate_pages=sc.truncate_pages,
+            checkpoint_gap=0,  # every pass past the threshold checkpoints, whatever the timing
             on_position=positions.append,
         )
 
