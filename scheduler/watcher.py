@@ -1,8 +1,9 @@
 """The watcher: finds tenant databases and turns their WAL writes into sync requests.
 
-It decides *what* to sync and *when*; the work happens in jobs. inotify (watchfiles,
-one watch per directory, not per tenant) reports each commit's ``-wal`` write; a slow
-rescan of the globs catches anything an event missed. Files that are not SQLite, and
+It decides *what* to sync and *when*; the work happens in jobs. inotify reports a
+tenant's ``-wal`` writes (``tenant_events.py``: one-shot watches, so a busy tenant costs
+one event per batch, not one per write); a slow rescan of the globs catches anything an
+event missed. Files that are not SQLite, and
 names that would escape the replica prefix, are reported once and skipped.
 """
 
@@ -15,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-import watchfiles
+from watchfiles import Change
 
 from tenantsync import tenants
 from tenantsync.capture import SQLITE_MAGIC
@@ -23,8 +24,12 @@ from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
 
 from .dispatch import Dispatcher
+from .tenant_events import TenantEvents
 
 log = logging.getLogger(__name__)
+
+# Longest wait for events before ``stop`` is looked at again.
+STOP_CHECK = 0.1
 
 
 class Watcher:
@@ -38,6 +43,7 @@ class Watcher:
         self.known: dict[str, str] = {}  # path -> tenant name
         self._reported: set[str] = set()
         self._last_rescan = 0.0
+        self._events: TenantEvents | None = None
 
     def rescan(self) -> list[str]:
         """Register every matching database; request a first sync for new ones."""
@@ -59,6 +65,8 @@ class Watcher:
             self.catalogue.discover_many(fresh, self.config.host)
             for name, path in fresh:
                 self.known[path] = name
+                if self._events is not None:
+                    self._events.arm(path + "-wal")
                 self.dispatcher.request_sync(name)
         gone = set(self.known) - set(found.values())
         for path in gone:
@@ -85,12 +93,12 @@ class Watcher:
                 # debounce, the file is gone and the commit is in the main file). An empty
                 # one is only a connection opening, such as every sync job's own: counting
                 # those would sync each tenant twice.
-                if name is not None and (change == watchfiles.Change.modified
-                                         or change == watchfiles.Change.added and _has_frames(path)):
+                if name is not None and (change == Change.modified
+                                         or change == Change.added and _has_frames(path)):
                     touched.add(name)
             elif tenants.is_side_file(path) or not any(p.matches(path) for p in self.patterns):
                 continue
-            elif path not in self.known or change == watchfiles.Change.deleted:
+            elif path not in self.known or change == Change.deleted:
                 rescan = True
         now = datetime.now(timezone.utc)
         for name in touched:
@@ -102,25 +110,31 @@ class Watcher:
 
     def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
         """Watch until ``stop`` is set; ``tick`` runs about once a second (schedules)."""
-        self.rescan()
-        roots = sorted({p.base for p in self.patterns})
-        debounce_ms = max(1, int(self.config.debounce.total_seconds() * 1000))
-        for changes in watchfiles.watch(
-            *roots,
-            watch_filter=self._interesting,
-            debounce=debounce_ms,
-            step=max(1, debounce_ms // 4),
-            rust_timeout=1000,
-            yield_on_timeout=True,
-            stop_event=stop,
-            raise_interrupt=False,
-        ):
-            if changes:
-                self.handle(changes)
-            if time.monotonic() - self._last_rescan > self.config.rescan_interval.total_seconds():
-                self.rescan()
-            if tick is not None:
-                tick()
+        roots: dict[str, int] = {}
+        for p in self.patterns:
+            depth = os.path.relpath(p.glob, p.base).count(os.sep)
+            roots[p.base] = max(depth, roots.get(p.base, 0))
+        self._events = TenantEvents(roots)
+        try:
+            self.rescan()
+            debounce = self.config.debounce.total_seconds()
+            next_tick = time.monotonic()
+            while not stop.is_set():
+                # Short waits, so that ``stop`` is seen promptly.
+                changes = self._events.read(STOP_CHECK, debounce)
+                changes = {c for c in changes if self._interesting(*c)}
+                if changes:
+                    self.handle(changes)
+                if time.monotonic() < next_tick:
+                    continue
+                next_tick = time.monotonic() + 1.0
+                if time.monotonic() - self._last_rescan > self.config.rescan_interval.total_seconds():
+                    self.rescan()
+                if tick is not None:
+                    tick()
+        finally:
+            self._events.close()
+            self._events = None
 
     def _interesting(self, change, path: str) -> bool:
         if path.endswith("-wal"):

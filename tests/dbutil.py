@@ -43,3 +43,16 @@ def wait_for(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return False
+
+
+def modify_events_per_commits(inotify, conn: sqlite3.Connection, commits: int) -> int:
+    """inotify MODIFY events queued while ``conn`` makes ``commits`` commits, drained after
+    each one as a busy reader would (undrained, the kernel merges repeated events, which
+    would hide what each one cost the writer)."""
+    from inotify_simple import flags
+
+    queued = 0
+    for _ in range(commits):
+        write_rows(conn, 1)
+        queued += sum(1 for e in inotify.read(timeout=0) if e.mask & flags.MODIFY)
+    return queued
