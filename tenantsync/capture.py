@@ -211,9 +211,15 @@ class Capture:
         the WAL header and size while our read mark has been held since the position: an
         idle release then uploads nothing (so it needs no lease). False whenever unsure,
         which only costs that lease write; a commit landing after this is shipped under
-        the fence, which refuses it without a held lease."""
+        the fence, which refuses it without a held lease. Also true when the WAL holds no
+        frame and the main file is as shipped: a tenant whose first pass found no WAL (a
+        copied or freshly restored file) and was not written since."""
         pos = self.position
-        if pos is None or self._fd is None or not self._held_since_position:
+        if pos is None or self._fd is None:
+            return False
+        if self._nothing_in_wal():
+            return True
+        if not self._held_since_position:
             return False
         try:
             header, size = self._wal_header()

@@ -324,6 +324,26 @@ def test_an_idle_release_with_nothing_to_ship_writes_no_lease(tmp_path, file_url
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
 
 
+def test_an_idle_release_of_a_tenant_without_a_wal_writes_no_lease(tmp_path, file_url):
+    """A tenant copied in without a WAL (or restored) is shipped whole by its first pass;
+    its idle release then has nothing to ship and must not take a lease either (at start-up
+    that was one conditional, fsynced lease write per tenant, all in the first minute)."""
+    cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=1)
+    conn.close()  # the last connection: SQLite copies the WAL into the file and removes it
+    assert not os.path.exists(path + "-wal")
+    assert fleet.sync("a.db")["txid"] == 1
+    taken = leaser.read()
+    time.sleep(1.2)  # the lease lapses
+    assert fleet.release_idle(0) == ["a.db"]
+    assert leaser.read() == taken
+    conn = app_db(path)
+    write_rows(conn, 2)
+    woken = fleet.sync("a.db")
+    assert (woken["txid"], woken["full"]) == (2, None)
+    fleet.close()
+    assert_replicas_match(tmp_path, file_url, {"a.db": path})
+
+
 def test_compaction_runs_in_the_storage_job_process(tmp_path, file_url, running, monkeypatch):
     from tenantsync.compactor import Levels
     from tenantsync.fleet import Fleet
