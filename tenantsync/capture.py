@@ -231,13 +231,14 @@ class Capture:
     def checkpoint(self, truncate: bool = False, wait: float = 0.05) -> SyncResult:
         """Copy the WAL into the main file without ever losing an unshipped frame.
 
-        Ship first, while the application keeps writing. Then, under ``BEGIN IMMEDIATE``
-        (no commit can land), only *read* the few commits that arrived meanwhile, drop our
-        read mark, checkpoint, and take the mark again (read-lock 0 if the WAL is fully
+        Ship first, while the application keeps writing; if that moved our mark, let
+        SQLite copy up to it and ship again. Then, under ``BEGIN IMMEDIATE`` (no commit can
+        land), only *read* the few commits that arrived meanwhile, drop our read mark,
+        checkpoint what is left, and take the mark again (read-lock 0 if the WAL is fully
         copied, so the application's next write restarts the WAL); the application waits
-        for that and nothing else. The tail is uploaded after the barrier: if the upload fails, the position has not
-        moved, and the next pass either re-reads those frames or, if the WAL restarted,
-        writes a full-page file. If the application holds the write lock for all of
+        for that and nothing else. The tail is uploaded after the barrier: if the upload
+        fails, the position has not moved, and the next pass either re-reads those frames
+        or, if the WAL restarted, writes a full-page file. If the application holds the write lock for all of
         ``wait`` we skip the checkpoint this round rather than stall it.
         """
         if not self._open():
