@@ -79,3 +79,33 @@ def test_host_plans_touch_only_this_hosts_tenants_and_beat_runs_only_storage_pla
     assert sorted(e["args"][0] for e in beat_schedule(cfg).values() if isinstance(e["args"][0], str)) == ["retain"]
     assert {e["args"][0] for e in beat_schedule(cfg).values()} == set(storage_plans(cfg))
     assert "catch-up" not in storage_plans(cfg) and "archive" not in storage_plans(cfg)
+
+
+def test_over_the_disk_budget_the_least_recently_written_idle_tenants_are_archived_first(tmp_path):
+    """``max-local-bytes``: after the tenants idle past ``archive-after``, idle tenants go
+    oldest write first until the rest fit; an active tenant is never chosen for space."""
+    from types import SimpleNamespace
+
+    from tenantsync.catalogue import TenantState
+
+    now = datetime.now(timezone.utc)
+    cfg = plans_config(tmp_path, max_local_bytes=2500,
+                       archive_after=((f"{tmp_path}/cold-*.db", timedelta(days=7)),))
+
+    def tenant(name: str, size: int, written_ago: timedelta, state=TenantState.idle):
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        return SimpleNamespace(name=name, path=str(path), state=state, last_sync_at=None,
+                               last_write_at=now - written_ago)
+
+    tenants = [
+        tenant("cold-a.db", 5000, timedelta(days=8)),        # past archive-after
+        tenant("b.db", 1000, timedelta(hours=3)),
+        tenant("c.db", 1000, timedelta(hours=1)),
+        tenant("d.db", 1000, timedelta(hours=5), TenantState.active),  # oldest, but in use
+        tenant("e.db", 1000, timedelta(minutes=5)),
+        tenant("gone.db", 1000, timedelta(hours=9), TenantState.archived),  # not local
+    ]
+    # Without cold-a: b, c, d, e = 4000 bytes > 2500; b (3 h) then c (1 h) bring it to 2000.
+    assert schedule_mod.archival_candidates(cfg, tenants, now) == ["cold-a.db", "b.db", "c.db"]
+    assert schedule_mod.archival_candidates(plans_config(tmp_path), tenants, now) == []
