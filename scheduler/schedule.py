@@ -51,20 +51,28 @@ def archival_candidates(config: Config, tenants: list, now: datetime) -> list[st
     chosen = []
     for t in local:
         after = config.archive_after_for(t.path)
-        last = t.last_write_at or t.last_sync_at
+        last = _last_used(t)
         if after is not None and last is not None and last < now - after:
             chosen.append(t.name)
     if config.max_local_bytes:
         sizes = {t.name: local_bytes(t.path) for t in local}
         total = sum(size for name, size in sizes.items() if name not in chosen)
         epoch = datetime.min.replace(tzinfo=timezone.utc)
-        for t in sorted(local, key=lambda t: t.last_write_at or t.last_sync_at or epoch):
+        for t in sorted(local, key=lambda t: _last_used(t) or epoch):
             if total <= config.max_local_bytes:
                 break
             if t.name not in chosen and t.state == TenantState.idle:
                 chosen.append(t.name)
                 total -= sizes[t.name]
     return chosen
+
+
+def _last_used(tenant) -> datetime | None:
+    """The later of its last write and last sync. A hydration records a sync, not a write:
+    counted from its old last write, a tenant the application has just asked for would be
+    archived again at the next run of the plan."""
+    times = [t for t in (tenant.last_write_at, tenant.last_sync_at) if t is not None]
+    return max(times, default=None)
 
 
 def storage_plans(config: Config) -> dict:

@@ -1,69 +1,96 @@
-"""One-shot file events for the single-database replicator (tenantsync/file_events.py)."""
+"""The watcher's event source (scheduler/tenant_events.py): one-shot WAL watches and
+directory watches down to the depth where tenants live."""
 
 from __future__ import annotations
 
 import pytest
+from watchfiles import Change
 
-from tenantsync.file_events import FileEvents
+from scheduler.tenant_events import TenantEvents
 
 from .dbutil import app_db, modify_events_per_commits, write_rows
 
 
 @pytest.fixture
-def written(tmp_path):
-    """A database with one commit in its WAL, and the connection that made it."""
+def armed(tmp_path):
+    """A database with one commit, the connection that made it, and events watching its WAL."""
     db = str(tmp_path / "a.db")
     conn = app_db(db)
     write_rows(conn, 1)
-    return db, conn
+    events = TenantEvents({str(tmp_path): 0})
+    events.arm(db + "-wal")
+    yield db, conn, events
+    events.close()
 
 
-def test_a_commit_wakes_the_wait_and_a_burst_of_commits_wakes_it_once(written):
-    db, conn = written
-    events = FileEvents(db)
-    try:
-        assert not events.wait(0, 0)
-        for _ in range(100):
-            write_rows(conn, 1)
-        assert events.wait(1, 0)
-        # The watch fired once and was gone: the other commits queued nothing.
-        assert not events.wait(0, 0)
-        write_rows(conn, 1)
-        assert events.wait(1, 0)
-    finally:
-        events.close()
+def test_a_busy_tenant_queues_one_event_until_it_is_reported(armed):
+    db, conn, events = armed
+    assert modify_events_per_commits(events._inotify, conn, 20) == 1
 
 
-def test_the_wal_appearing_wakes_the_wait(tmp_path):
-    db = str(tmp_path / "a.db")
-    app_db(db).close()  # the last connection's close removes the -wal
-    events = FileEvents(db)
-    try:
-        assert not events.wait(0, 0)
-        write_rows(app_db(db), 1)
-        assert events.wait(1, 0)
-    finally:
-        events.close()
+def test_a_reported_write_is_watched_again(armed):
+    db, conn, events = armed
+    write_rows(conn, 1)
+    assert events.read(1, 0) == {(Change.modified, db + "-wal")}
+    assert events.read(0, 0) == set()
+    write_rows(conn, 1)
+    assert events.read(1, 0) == {(Change.modified, db + "-wal")}
 
 
-def test_other_files_in_the_directory_do_not_wake_it(tmp_path):
+def test_a_wal_created_and_deleted_is_reported_and_watched(tmp_path):
     db = str(tmp_path / "a.db")
     app_db(db).close()
-    events = FileEvents(db)
+    events = TenantEvents({str(tmp_path): 0})
     try:
-        assert not events.wait(0, 0)
-        (tmp_path / "b.db").write_bytes(b"x")
-        write_rows(app_db(str(tmp_path / "c.db")), 1)
-        assert not events.wait(0.2, 0)
+        conn = app_db(db)
+        write_rows(conn, 1)
+        assert (Change.added, db + "-wal") in events.read(1, 0)
+        write_rows(conn, 1)
+        assert events.read(1, 0) == {(Change.modified, db + "-wal")}
+        conn.close()
+        assert (Change.deleted, db + "-wal") in events.read(1, 0)
     finally:
         events.close()
 
 
-def test_between_two_waits_the_application_pays_for_one_event(written):
-    db, conn = written
-    events = FileEvents(db)
+def test_a_new_tenant_directory_is_watched_and_its_files_reported(tmp_path):
+    events = TenantEvents({str(tmp_path): 1})
     try:
-        assert not events.wait(0, 0)
-        assert modify_events_per_commits(events._inotify, conn, 20) == 1
+        (tmp_path / "acme").mkdir()
+        (tmp_path / "acme" / "early.db").write_bytes(b"")  # may land before the watch
+        changes = events.read(1, 0.05)
+        assert (Change.added, str(tmp_path / "acme" / "early.db")) in changes
+        write_rows(app_db(str(tmp_path / "acme" / "app.db")), 1)
+        changes = events.read(1, 0.05)
+        assert (Change.added, str(tmp_path / "acme" / "app.db")) in changes
+        assert (Change.added, str(tmp_path / "acme" / "app.db-wal")) in changes
     finally:
         events.close()
+
+
+def test_directories_deeper_than_tenants_live_are_not_watched(tmp_path):
+    (tmp_path / "acme" / "backups").mkdir(parents=True)
+    events = TenantEvents({str(tmp_path): 1})
+    try:
+        (tmp_path / "acme" / "backups" / "old.db").write_bytes(b"x")
+        assert events.read(0.2, 0) == set()
+    finally:
+        events.close()
+
+
+def test_past_the_kernel_watch_limit_a_wal_is_polled(armed, monkeypatch, caplog):
+    db, conn, events = armed
+    other = db.replace("a.db", "b.db")
+    other_conn = app_db(other)
+    write_rows(other_conn, 1)
+    events.read(0.2, 0)  # b.db and its side files appearing
+
+    def no_space(path, mask):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(events._inotify, "add_watch", no_space)
+    events.arm(other + "-wal")
+    assert "inotify watch limit reached" in caplog.text
+    write_rows(other_conn, 1)
+    assert events.read(0.2, 0) == {(Change.modified, other + "-wal")}
+    assert events.read(0.2, 0) == set()

@@ -92,11 +92,11 @@ def test_over_the_disk_budget_the_least_recently_written_idle_tenants_are_archiv
     cfg = plans_config(tmp_path, max_local_bytes=2500,
                        archive_after=((f"{tmp_path}/cold-*.db", timedelta(days=7)),))
 
-    def tenant(name: str, size: int, written_ago: timedelta, state=TenantState.idle):
+    def tenant(name: str, size: int, written_ago: timedelta, state=TenantState.idle, synced_ago=None):
         path = tmp_path / name
         path.write_bytes(b"x" * size)
-        return SimpleNamespace(name=name, path=str(path), state=state, last_sync_at=None,
-                               last_write_at=now - written_ago)
+        return SimpleNamespace(name=name, path=str(path), state=state, last_write_at=now - written_ago,
+                               last_sync_at=None if synced_ago is None else now - synced_ago)
 
     tenants = [
         tenant("cold-a.db", 5000, timedelta(days=8)),        # past archive-after
@@ -105,6 +105,8 @@ def test_over_the_disk_budget_the_least_recently_written_idle_tenants_are_archiv
         tenant("d.db", 1000, timedelta(hours=5), TenantState.active),  # oldest, but in use
         tenant("e.db", 1000, timedelta(minutes=5)),
         tenant("gone.db", 1000, timedelta(hours=9), TenantState.archived),  # not local
+        # Written 9 days ago but hydrated (a sync) a second ago: the application just asked for it.
+        tenant("cold-hydrated.db", 10, timedelta(days=9), TenantState.active, synced_ago=timedelta(seconds=1)),
     ]
     # Without cold-a: b, c, d, e = 4000 bytes > 2500; b (3 h) then c (1 h) bring it to 2000.
     assert schedule_mod.archival_candidates(cfg, tenants, now) == ["cold-a.db", "b.db", "c.db"]
