@@ -1,7 +1,7 @@
 """The watcher: finds tenant databases and turns their WAL writes into sync requests.
 
 It decides *what* to sync and *when*; the work happens in jobs. inotify reports a
-tenant's ``-wal`` writes (``tenant_events.py``: one-shot watches, so a busy tenant costs
+tenant's ``-wal`` writes (``tenantsync/file_events.py``: one-shot watches, so a busy tenant costs
 one event per batch, not one per write); a slow rescan of the globs catches anything an
 event missed. Files that are not SQLite, and
 names that would escape the replica prefix, are reported once and skipped.
@@ -22,9 +22,9 @@ from tenantsync import tenants
 from tenantsync.capture import SQLITE_MAGIC
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
+from tenantsync.file_events import FileEvents
 
 from .dispatch import Dispatcher
-from .tenant_events import TenantEvents
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Watcher:
         self.known: dict[str, str] = {}  # path -> tenant name
         self._reported: set[str] = set()
         self._last_rescan = 0.0
-        self._events: TenantEvents | None = None
+        self._events: FileEvents | None = None
 
     def rescan(self) -> list[str]:
         """Register every matching database; request a first sync for new ones."""
@@ -114,7 +114,7 @@ class Watcher:
         for p in self.patterns:
             depth = os.path.relpath(p.glob, p.base).count(os.sep)
             roots[p.base] = max(depth, roots.get(p.base, 0))
-        self._events = TenantEvents(roots)
+        self._events = FileEvents(roots)
         try:
             self.rescan()
             debounce = self.config.debounce.total_seconds()

@@ -8,17 +8,17 @@ thousands of databases; the CLI loop and the fleet jobs both just call it.
 Why a read transaction is held between passes (the one resource an *active* database
 costs): while any connection of ours holds a read mark, SQLite cannot copy WAL frames past
 that mark into the main file, so nobody can checkpoint and reset the WAL under frames we
-have not read yet. The mark is only moved inside :meth:`checkpoint`, under a write-lock
-barrier, after every committed frame has been read. The new mark is SQLite's read-lock 0
-when every frame is then in the main file: it lets the application's next write restart
-the WAL (the frames it overwrites are ones we have read) while stopping any further copy
-into the main file until our mark moves again. Between checkpoints the mark is also moved
-forward without a gap (:meth:`_rotate_mark`) once a pass has shipped well past it, for the
-application's sake: while we sit on read-lock 0 every one of its commits past its
-autocheckpoint threshold sorts the whole WAL index for a checkpoint that cannot run, and
-while we sit on an old mark our next barrier has every frame since to copy. :meth:`release` (idle databases)
-checkpoints everything, records the main file's stat, and closes all handles; the next
-pass proves continuity from that stat instead of from a held lock (see ``position.py``).
+have not read yet. A pass that has shipped well past the mark moves it forward without a
+gap (:meth:`_rotate_mark`: a second connection takes the new mark first), so the
+application's own autocheckpoint copies what we have shipped. Only :meth:`checkpoint`,
+under a write-lock barrier after every committed frame has been read, lets the mark become
+SQLite's read-lock 0 (every frame then in the main file): that lets the application's next
+write restart the WAL (the frames it overwrites are ones we have read) but stops every copy
+into the main file, and past its autocheckpoint threshold each application commit would
+sort the whole WAL index for a checkpoint that cannot run, so the first pass over the
+restarted WAL takes a real mark again. :meth:`release` (idle databases) checkpoints
+everything, records the main file's stat, and closes all handles; the next pass proves
+continuity from that stat instead of from a held lock (see ``position.py``).
 When continuity cannot be proved (the WAL was reset, truncated or replaced by someone
 else, the file was swapped), the pass writes a full-page L0 at the next TXID, never a gap.
 
@@ -238,8 +238,8 @@ class Capture:
         copied, so the application's next write restarts the WAL); the application waits
         for that and nothing else. The tail is uploaded after the barrier: if the upload
         fails, the position has not moved, and the next pass either re-reads those frames
-        or, if the WAL restarted, writes a full-page file. If the application holds the write lock for all of
-        ``wait`` we skip the checkpoint this round rather than stall it.
+        or, if the WAL restarted, writes a full-page file. If the application holds the
+        write lock for all of ``wait`` we skip the checkpoint this round rather than stall it.
         """
         if not self._open():
             return SyncResult(None)

@@ -1,11 +1,13 @@
-"""File events for the watcher, at no cost to the tenants' own writes.
+"""inotify for the replicators, at no cost to the applications' writes.
 
 A directory watch that includes IN_MODIFY (every watchfiles watch does) queues an inotify
-event for every write any tenant's application makes to its WAL; beside a single busy
-writer that alone cost it 25-30 % of its commits (docs/BENCHMARKS.md, run 5). Here the
-directories that can hold tenants are watched only for names created, moved and deleted,
-and each known tenant's ``-wal`` carries an IN_ONESHOT modify watch, set again once it has
-fired and been reported: a busy tenant costs one event per batch, an idle one nothing.
+event for every write an application makes to its WAL; beside a single busy writer that
+alone cost it 25-30 % of its commits (docs/BENCHMARKS.md, run 5). Here directories are
+watched only for names created, moved and deleted, and each watched ``-wal`` carries an
+IN_ONESHOT modify watch, set again as soon as its event has been read: a busy database
+costs one event per batch, an idle one nothing. The single-database CLI watches one
+directory and one WAL; the fleet's watcher every directory that can hold tenants (down to
+the glob's depth) and every known tenant's WAL.
 
 Batches come out as watchfiles-style ``(Change, path)`` pairs, so the watcher's rules for
 what counts as a write do not depend on where events come from.
@@ -20,6 +22,8 @@ import os
 from inotify_simple import INotify, flags
 from watchfiles import Change
 
+from .errors import TenantSyncError
+
 _DIRECTORY = (flags.CREATE | flags.MOVED_TO | flags.MOVED_FROM | flags.DELETE
               | flags.DELETE_SELF | flags.ONLYDIR)
 _WAL = flags.MODIFY | flags.ONESHOT
@@ -29,17 +33,22 @@ _GONE = flags.DELETE | flags.MOVED_FROM
 log = logging.getLogger(__name__)
 
 
-class TenantEvents:
-    """Events under each base directory, down to the depth where tenant files live."""
+class FileEvents:
+    """Events under each base directory, down to the depth where databases live."""
 
     def __init__(self, roots: dict[str, int]):
-        """``roots``: base directory → how many directory levels below it hold tenants
+        """``roots``: base directory → how many directory levels below it hold databases
         (``/data/*.db`` → 0, ``/data/*/app.db`` → 1)."""
-        self._inotify = INotify()
+        try:
+            self._inotify = INotify()
+        except OSError as e:
+            raise TenantSyncError(f"cannot start inotify: {e.strerror} (a limit is "
+                                  f"fs.inotify.max_user_instances)") from None
         self._dirs: dict[int, tuple[str, int]] = {}  # wd → (directory, levels left below it)
         self._wals: dict[int, str] = {}  # wd → -wal path with a one-shot watch
         # -wal paths past the kernel's watch limit, polled instead: path → (size, mtime_ns).
         self._polled: dict[str, tuple[int, int] | None] = {}
+        self._limit_logged = False
         for base, depth in roots.items():
             self._watch_tree(base, depth, None)
 
@@ -51,11 +60,7 @@ class TenantEvents:
         except (FileNotFoundError, NotADirectoryError):
             pass
         except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            if not self._polled:
-                log.error("inotify watch limit reached (fs.inotify.max_user_watches); the WALs of "
-                          "tenants past it are polled at every batch instead: raise the limit")
+            self._out_of_watches(e, wal_path)
             self._polled[wal_path] = _signature(wal_path)
 
     def read(self, timeout: float, debounce: float) -> set[tuple[Change, str]]:
@@ -85,6 +90,16 @@ class TenantEvents:
     def close(self) -> None:
         self._inotify.close()
 
+    def _out_of_watches(self, error: OSError, path: str) -> None:
+        """Past the kernel's watch limit: one error line, then WALs are polled at every
+        batch instead. Any other failure is one line naming the path."""
+        if error.errno != errno.ENOSPC:
+            raise TenantSyncError(f"{path}: cannot watch: {error.strerror}") from None
+        if not self._limit_logged:
+            self._limit_logged = True
+            log.error("inotify watch limit reached (fs.inotify.max_user_watches) at %s; WALs past "
+                      "it are polled at every batch instead: raise the limit", path)
+
     def _directory_event(self, event, changes: set) -> None:
         directory, below = self._dirs[event.wd]
         if event.mask & (flags.IGNORED | flags.DELETE_SELF):
@@ -109,6 +124,10 @@ class TenantEvents:
             self._dirs[self._inotify.add_watch(directory, _DIRECTORY)] = (directory, below)
             entries = list(os.scandir(directory))
         except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            # Without it, databases appearing here are found by the watcher's rescan.
+            self._out_of_watches(e, directory)
             return
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):

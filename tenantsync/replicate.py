@@ -10,6 +10,7 @@ succeeded.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -53,7 +54,8 @@ def run(
     )
     try:
         _pass(capture.sync_once, capture.path, report)
-        events = FileEvents(capture.path)
+        events = FileEvents({os.path.dirname(capture.path): 0})
+        events.arm(capture.wal_path)
         try:
             _follow(capture, events, stop, interval, debounce, report)
         finally:
@@ -69,13 +71,19 @@ def _follow(capture: Capture, events: FileEvents, stop: threading.Event, interva
     due = time.monotonic() + interval
     while not stop.is_set():
         # Waits are cut into short slices so that ``stop`` is seen promptly.
-        changed = events.wait(min(STOP_CHECK, max(0.0, due - time.monotonic())), debounce)
+        changed = _touches(events.read(min(STOP_CHECK, max(0.0, due - time.monotonic())), debounce),
+                           (capture.path, capture.wal_path))
         if not changed and time.monotonic() < due:
             continue
         _pass(capture.sync_once, capture.path, report)
         if capture.follow_up and not stop.wait(FOLLOW_UP):
             _pass(capture.sync_once, capture.path, report)
         due = time.monotonic() + interval
+
+
+def _touches(changes, paths) -> bool:
+    """Whether a batch of events concerns the database or its WAL (not its neighbours)."""
+    return any(path in paths for _, path in changes)
 
 
 def _pass(step: Callable[[], SyncResult], path: str, report: Callable[[SyncResult], None]) -> None:

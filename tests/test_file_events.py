@@ -1,12 +1,18 @@
-"""The watcher's event source (scheduler/tenant_events.py): one-shot WAL watches and
-directory watches down to the depth where tenants live."""
+"""The replicators' inotify (tenantsync/file_events.py): one-shot WAL watches and
+directory watches down to the depth where databases live."""
 
 from __future__ import annotations
+
+import errno
+import os
 
 import pytest
 from watchfiles import Change
 
-from scheduler.tenant_events import TenantEvents
+from tenantsync import file_events
+from tenantsync.errors import TenantSyncError
+from tenantsync.file_events import FileEvents
+from tenantsync.replicate import _touches
 
 from .dbutil import app_db, modify_events_per_commits, write_rows
 
@@ -17,7 +23,7 @@ def armed(tmp_path):
     db = str(tmp_path / "a.db")
     conn = app_db(db)
     write_rows(conn, 1)
-    events = TenantEvents({str(tmp_path): 0})
+    events = FileEvents({str(tmp_path): 0})
     events.arm(db + "-wal")
     yield db, conn, events
     events.close()
@@ -40,7 +46,7 @@ def test_a_reported_write_is_watched_again(armed):
 def test_a_wal_created_and_deleted_is_reported_and_watched(tmp_path):
     db = str(tmp_path / "a.db")
     app_db(db).close()
-    events = TenantEvents({str(tmp_path): 0})
+    events = FileEvents({str(tmp_path): 0})
     try:
         conn = app_db(db)
         write_rows(conn, 1)
@@ -54,7 +60,7 @@ def test_a_wal_created_and_deleted_is_reported_and_watched(tmp_path):
 
 
 def test_a_new_tenant_directory_is_watched_and_its_files_reported(tmp_path):
-    events = TenantEvents({str(tmp_path): 1})
+    events = FileEvents({str(tmp_path): 1})
     try:
         (tmp_path / "acme").mkdir()
         (tmp_path / "acme" / "early.db").write_bytes(b"")  # may land before the watch
@@ -70,7 +76,7 @@ def test_a_new_tenant_directory_is_watched_and_its_files_reported(tmp_path):
 
 def test_directories_deeper_than_tenants_live_are_not_watched(tmp_path):
     (tmp_path / "acme" / "backups").mkdir(parents=True)
-    events = TenantEvents({str(tmp_path): 1})
+    events = FileEvents({str(tmp_path): 1})
     try:
         (tmp_path / "acme" / "backups" / "old.db").write_bytes(b"x")
         assert events.read(0.2, 0) == set()
@@ -94,3 +100,38 @@ def test_past_the_kernel_watch_limit_a_wal_is_polled(armed, monkeypatch, caplog)
     write_rows(other_conn, 1)
     assert events.read(0.2, 0) == {(Change.modified, other + "-wal")}
     assert events.read(0.2, 0) == set()
+
+
+def test_the_single_database_loop_wakes_only_for_its_own_database(tmp_path):
+    db = str(tmp_path / "a.db")
+    app_db(db).close()
+    events = FileEvents({str(tmp_path): 0})
+    try:
+        events.arm(db + "-wal")
+        (tmp_path / "b.db").write_bytes(b"x")
+        write_rows(app_db(str(tmp_path / "c.db")), 1)
+        assert not _touches(events.read(0.2, 0), (db, db + "-wal"))
+        write_rows(app_db(db), 1)  # creates the WAL, then writes it
+        assert _touches(events.read(1, 0), (db, db + "-wal"))
+    finally:
+        events.close()
+
+
+def test_inotify_failures_are_one_line_naming_the_limit_or_the_path(tmp_path, monkeypatch):
+    def fail(err):
+        def raiser(*_args):
+            raise OSError(err, os.strerror(err))
+        return raiser
+
+    monkeypatch.setattr(file_events, "INotify", fail(errno.EMFILE))
+    with pytest.raises(TenantSyncError, match="cannot start inotify: .*max_user_instances"):
+        FileEvents({str(tmp_path): 0})
+    monkeypatch.undo()
+
+    events = FileEvents({})
+    try:
+        monkeypatch.setattr(events._inotify, "add_watch", fail(errno.EACCES))
+        with pytest.raises(TenantSyncError, match=f"{tmp_path}/a.db-wal: cannot watch: Permission denied"):
+            events.arm(str(tmp_path / "a.db-wal"))
+    finally:
+        events.close()
