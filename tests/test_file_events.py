@@ -135,3 +135,15 @@ def test_inotify_failures_are_one_line_naming_the_limit_or_the_path(tmp_path, mo
             events.arm(str(tmp_path / "a.db-wal"))
     finally:
         events.close()
+
+
+def test_a_batch_waits_the_debounce_even_when_events_were_already_queued(armed, monkeypatch):
+    # A busy WAL's re-armed watch has fired again by the next read; without the debounce
+    # every event would be a batch of its own (a pass per commit in the CLI).
+    db, conn, events = armed
+    write_rows(conn, 1)
+    slept = []
+    monkeypatch.setattr(file_events.time, "sleep", slept.append)
+    assert events.read(1, 0.05) == {(Change.modified, db + "-wal")}
+    assert slept == [0.05]
+    assert events.read(0, 0.05) == set() and slept == [0.05]
