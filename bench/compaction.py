@@ -334,9 +334,12 @@ def run_tenantsync(a, base: str, work: str) -> dict:
     res["levels_bytes"] = dir_bytes(rep_dir)
     res["chain"] = [(i.level, i.min_txid, i.max_txid, i.size) for i in plan(replica)]
     res["bytes_after_l0_retention"] = sum(v for k, v in res["levels_bytes"].items() if k != "0") + l0_after_retention(replica)
+    c0 = time.process_time()
     deleted = retain(replica, Levels(), now=datetime.now(timezone.utc) + timedelta(minutes=10))
+    res["retain_cpu_s"] = time.process_time() - c0  # L0 merged into per-second restore points
     res["retain_deleted"] = len(deleted)
     res["bytes_after_retain"] = sum(dir_bytes(rep_dir).values())
+    res["pitr_bytes"] = dir_bytes(rep_dir).get("8", 0)
     res["db"], res["replica_url"], res["l0_only_url"] = db, url, "file://" + l0_only
     log(f"  L1 {cpu[1]['cpu_s']:.2f}s CPU, L2 {cpu[2]['cpu_s']:.2f}s, L3 {cpu[3]['cpu_s']:.2f}s; chain {res['chain']}")
     return res
@@ -538,6 +541,9 @@ def report(a, res: dict) -> str:
          lambda r, _: f"{sum(r['levels_bytes'].values()) / MB:.1f} MB (" + ", ".join(
              f"L{k} {v / MB:.1f}" for k, v in sorted(r["levels_bytes"].items(), key=lambda kv: int(kv[0]))) + ")")
     both("replica bytes after L0 retention", lambda r, _: f"{r['bytes_after_l0_retention'] / MB:.1f} MB")
+    both("replica bytes after retention with per-second restore points (level 8)",
+         lambda r, t: f"{r['bytes_after_retain'] / MB:.1f} MB (level 8 {r['pitr_bytes'] / MB:.1f} MB, "
+                      f"{r['retain_cpu_s']:.2f} s CPU)" if t == "tenantsync" else "n/a (Litestream keeps none)")
 
     def cpu_gb(r, tool):
         if tool == "tenantsync":

@@ -97,7 +97,8 @@ def restore(replica_url: str, output: str, txid: str | None, timestamp: str | No
         timestamp=parse_timestamp(timestamp) if timestamp else None,
         force=force,
     )
-    click.echo(f"restored {output} txid={result.txid:016x} files={result.files} pages={result.pages}")
+    as_of = result.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    click.echo(f"restored {output} txid={result.txid:016x} as-of={as_of} files={result.files} pages={result.pages}")
 
 
 def fleet_options(f):

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from . import layout
 from .errors import LTXError, PreconditionFailed
-from .ltx import HEADER_FLAG_NO_CHECKSUM, Decoder, Encoder, Header
+from .ltx import HEADER_FLAG_NO_CHECKSUM, HEADER_SIZE, Decoder, Encoder, Header
 from .replica import LTXInfo, Replica
 from .restore import plan
 
@@ -37,6 +37,9 @@ class Levels:
     snapshot_interval: timedelta = timedelta(hours=24)
     retention: timedelta = timedelta(hours=24)
     l0_retention: timedelta = timedelta(minutes=5)
+    #: Keep one restore point per second for the whole retention window (level 8) when L0
+    #: files expire; off, a restore older than ``l0_retention`` only reaches L1 boundaries.
+    pitr_seconds: bool = True
 
     @property
     def max_level(self) -> int:
@@ -57,14 +60,17 @@ def is_due(newest: LTXInfo | None, interval: timedelta, now: datetime) -> bool:
     return newest is None or newest.created_at <= aligned(now, interval)
 
 
-def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool = False) -> LTXInfo:
+def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool = False,
+          sources: list | None = None) -> LTXInfo:
     """Merge contiguous files into one at ``level``; the newest image of each page wins.
 
     The header follows superfly/ltx's compactor: first input's min TXID and pre-apply
     checksum, last input's max TXID, commit and timestamp, NoChecksum, no WAL fields.
     Pages above the final commit are dropped. Inputs are verified before anything is written.
+    ``sources`` are the inputs' bytes when the caller has already read them.
     """
-    decoders = [replica.decoder(info, replica.source(info)) for info in inputs]
+    sources = sources or [replica.source(info) for info in inputs]
+    decoders = [replica.decoder(info, data) for info, data in zip(inputs, sources)]
     first, last = decoders[0].header, decoders[-1].header
     for prev, cur in zip(decoders, decoders[1:]):
         if cur.header.page_size != first.page_size:
@@ -171,8 +177,9 @@ def retain(replica: Replica, levels: Levels = Levels(), *, now: datetime | None 
 
     The newest snapshot older than the window is kept (it is where a restore to the
     window's first second starts); files wholly below it go. L0 files go once a level-1
-    file covers them and they are older than ``l0_retention``. The newest file of every
-    level always stays: capture rebuilds its position from the newest L0.
+    file covers them and they are older than ``l0_retention``, after their states have been
+    kept as per-second restore points (``pitr_seconds``). The newest file of every level
+    always stays: capture rebuilds its position from the newest L0.
     """
     now = now or datetime.now(timezone.utc)
     files = replica.all_files()
@@ -191,8 +198,43 @@ def retain(replica: Replica, levels: Levels = Levels(), *, now: datetime | None 
     # Only an L1 file that is itself older than the grace period makes L0 files redundant:
     # a newer one would take the in-between states with them.
     compacted = max((i.max_txid for i in files[1] if i.created_at < l0_cutoff), default=0)
-    doomed += [i for i in files[0][:-1] if i.max_txid <= compacted and i.created_at < l0_cutoff]
+    expiring = [i for i in files[0][:-1] if i.max_txid <= compacted and i.created_at < l0_cutoff]
+    if levels.pitr_seconds:
+        # Written before anything is deleted: a crash in between leaves both, and the
+        # next run skips what level 8 already holds.
+        _keep_seconds(replica, expiring, files, floor)
+    doomed += expiring
     if doomed:
         replica.delete(doomed)
         log.info("%s: retention deleted %d files", replica, len(doomed))
     return doomed
+
+
+def _keep_seconds(replica: Replica, expiring: list[LTXInfo], files: dict[int, list[LTXInfo]], floor: int) -> None:
+    """Merge expiring L0 files into one level-8 file per UTC second of their timestamps.
+
+    A group never crosses where a compacted file or snapshot ends, so a restore that
+    reaches that point continues with level-8 files without re-applying pages. Files below
+    the snapshot kept for the window (``floor``) are not worth keeping; each L0 file is
+    read once here.
+    """
+    done = max((i.max_txid for i in files[layout.PITR_LEVEL]), default=0)
+    ends = {i.max_txid for level, infos in files.items() if level not in (0, layout.PITR_LEVEL) for i in infos}
+    group: list[LTXInfo] = []
+    data: list = []
+    second = None
+    for info in expiring:
+        if info.min_txid <= done or info.max_txid < floor:
+            continue
+        source = replica.source(info)
+        header = Header.decode(source[:HEADER_SIZE], name=replica.url(info)) if isinstance(source, bytes) \
+            else replica.read_header(info)
+        if group and (header.timestamp // 1000 != second or group[-1].max_txid in ends
+                      or info.min_txid != group[-1].max_txid + 1):
+            merge(replica, group, layout.PITR_LEVEL, sources=data)
+            group, data = [], []
+        group.append(info)
+        data.append(source)
+        second = header.timestamp // 1000
+    if group:
+        merge(replica, group, layout.PITR_LEVEL, sources=data)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from .compactor import Levels
+from .layout import PITR_LEVEL
 from .errors import TenantSyncError
 
 
@@ -125,7 +126,7 @@ def load(path: str | None = None, env: dict | None = None) -> Config:
 def from_dict(raw: dict) -> Config:
     known = {"replica", "globs", "broker", "catalogue", "host", "debounce", "idle-after", "rescan-interval",
              "lease-ttl", "workers", "host-workers", "levels", "snapshot", "l0-retention", "retention", "archive-after",
-             "max-local-bytes"}
+             "max-local-bytes", "pitr-seconds"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
@@ -135,8 +136,9 @@ def from_dict(raw: dict) -> Config:
         intervals = {}
         for item in raw["levels"]:
             level = int(item["level"])
-            if not 1 <= level <= 8:
-                raise ConfigError(f"levels: level {level} must be between 1 and 8")
+            if not 1 <= level < PITR_LEVEL:
+                raise ConfigError(f"levels: level {level} must be between 1 and {PITR_LEVEL - 1} "
+                                  f"(level {PITR_LEVEL} holds the per-second restore points)")
             intervals[level] = parse_duration(item["interval"], f"levels[{level}].interval")
         levels = replace(levels, intervals=intervals)
     snap = raw.get("snapshot") or {}
@@ -147,6 +149,10 @@ def from_dict(raw: dict) -> Config:
         levels = replace(levels, retention=parse_duration(value, "snapshot.retention"))
     if "l0-retention" in raw:
         levels = replace(levels, l0_retention=parse_duration(raw["l0-retention"], "l0-retention"))
+    if "pitr-seconds" in raw:
+        if not isinstance(raw["pitr-seconds"], bool):
+            raise ConfigError(f"pitr-seconds: expected true or false, got {raw['pitr-seconds']!r}")
+        levels = replace(levels, pitr_seconds=raw["pitr-seconds"])
     globs = raw.get("globs", ())
     globs = [globs] if isinstance(globs, str) else list(globs)
     patterns, archive_after = [], []

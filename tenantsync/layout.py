@@ -17,8 +17,15 @@ from __future__ import annotations
 import re
 
 #: Level holding full snapshots (``min_txid == 1``); 0 is one file per sync pass and
-#: 1..8 are time-aligned compactions of the level below.
+#: 1..7 are time-aligned compactions of the level below.
 SNAPSHOT_LEVEL = 9
+
+#: Level of tenantsync's restore points: retention merges expiring L0 files into one file
+#: per UTC second (never across a level-1 boundary), so a restore to any second of the
+#: retention window stays exact after the L0 files are gone. Every file here holds only
+#: transactions of the second its header timestamp falls in. Litestream's restore plan
+#: reads levels 0..8 alike, so it restores from these files too.
+PITR_LEVEL = 8
 
 #: The lease object Litestream's S3 leaser uses (``<path>/lock.json``).
 LEASE_KEY = "lock.json"

@@ -16,7 +16,7 @@ from collections import deque
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from . import layout
 from .errors import RestoreError
@@ -40,6 +40,7 @@ class RestoreResult:
     size: int
     page_size: int
     commit: int
+    timestamp: datetime  # of the last transaction in the restored state (LTX header, ms)
 
 
 def plan(replica: Replica, txid: int | None = None, timestamp: datetime | None = None) -> list[LTXInfo]:
@@ -91,16 +92,20 @@ def plan(replica: Replica, txid: int | None = None, timestamp: datetime | None =
 
 def _check_exact(replica: Replica, files, current: int, before) -> None:
     """A time target is met only if the next transaction provably happened at or after
-    it: its own L0 file says when. If it survives only inside a compacted file that ends
-    after the target, the state at that time cannot be rebuilt; say so instead of
-    silently returning an older one."""
+    it, or (past the L0 retention) in the target's own second: an L0 file's timestamp is
+    its only transaction's time, and a level-8 file holds one second's transactions. If
+    the next transaction survives only inside a compacted file that ends after the
+    target, the state then cannot be rebuilt; say so instead of returning an older one."""
     after = next((i for i in files[0] if i.min_txid == current + 1), None)
     if after is not None and not before(after):
+        return
+    second = next((i for i in files[layout.PITR_LEVEL] if i.min_txid <= current + 1 <= i.max_txid), None)
+    if second is not None and before.second_of(second) >= int(before.timestamp.timestamp()):
         return
     raise RestoreError(
         f"{replica}: no exact state just before {before.timestamp.isoformat()}: the transactions after "
         f"{current:016x} survive only in compacted files that end after it; restore to that TXID or give "
-        f"a time covered by L0 files (newer than the L0 retention)"
+        f"a time covered by L0 files or per-second restore points"
     )
 
 
@@ -125,12 +130,18 @@ def _unavailable(replica, files, txid, timestamp) -> str:
 
 
 class _TimeFilter:
-    """Is a file's LTX timestamp strictly before the target? Reads headers only when unsure."""
+    """Is a file's LTX timestamp strictly before the target? Reads headers only when unsure.
+
+    On S3 a listing gives the upload time: an L0 file is uploaded within UPLOAD_SLACK of
+    its timestamp, but a compacted or level-8 file may be written long after the
+    transactions it holds, so for those only an upload before the target decides alone.
+    """
 
     def __init__(self, replica: Replica, timestamp: datetime | None):
         self.replica = replica
         self.timestamp = timestamp
         self.exact = replica.storage.kind == "file"  # mtime is set to the LTX timestamp
+        self._ms: dict[str, int] = {}
 
     def __call__(self, info: LTXInfo) -> bool:
         t = self.timestamp
@@ -140,10 +151,20 @@ class _TimeFilter:
             return info.created_at < t
         if info.created_at + timedelta(seconds=1) < t:
             return True
-        if info.created_at > t + UPLOAD_SLACK:
+        if info.level == 0 and info.created_at > t + UPLOAD_SLACK:
             return False
-        ms = self.replica.read_header(info).timestamp
-        return ms < int(t.timestamp() * 1000)
+        return self._header_ms(info) < int(t.timestamp() * 1000)
+
+    def second_of(self, info: LTXInfo) -> int:
+        """The UTC second (epoch) of a file's LTX timestamp."""
+        if self.exact:
+            return int(info.created_at.timestamp())
+        return self._header_ms(info) // 1000
+
+    def _header_ms(self, info: LTXInfo) -> int:
+        if info.key not in self._ms:
+            self._ms[info.key] = self.replica.read_header(info).timestamp
+        return self._ms[info.key]
 
 
 def restore(
@@ -163,7 +184,7 @@ def restore(
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tenantsync-restore-{os.getpid()}")
     try:
-        pages, size, page_size, commit = _apply(replica, infos, tmp)
+        pages, size, page_size, commit, ms = _apply(replica, infos, tmp)
         with ThreadPoolExecutor(1) as pool:
             # The disk writes back while SQLite checks the b-trees from the page cache.
             synced = pool.submit(_fsync_path, tmp)
@@ -178,13 +199,14 @@ def restore(
         _remove(tmp)
         raise
     log.info("restored %s to txid %016x from %d files", output, infos[-1].max_txid, len(infos))
-    return RestoreResult(infos[-1].max_txid, len(infos), pages, size, page_size, commit)
+    return RestoreResult(infos[-1].max_txid, len(infos), pages, size, page_size, commit,
+                         datetime.fromtimestamp(ms / 1000, timezone.utc))
 
 
-def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int, int, int]:
+def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int, int, int, int]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     page_size = None
-    pages = total = commit = 0
+    pages = total = commit = ms = 0
     try:
         with ThreadPoolExecutor(PREFETCH) as pool:
             # At most PREFETCH files in flight or waiting: memory stays bounded however
@@ -204,11 +226,11 @@ def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int,
                     raise RestoreError(f"{name}: page size {dec.header.page_size} differs from {page_size}")
                 pages += _write_pages(fd, dec.pages(), page_size)
                 dec.close()
-                commit = dec.header.commit
+                commit, ms = dec.header.commit, dec.header.timestamp
                 os.ftruncate(fd, commit * page_size)
     finally:
         os.close(fd)
-    return pages, total, page_size, commit
+    return pages, total, page_size, commit, ms
 
 
 def _write_pages(fd: int, pages, page_size: int) -> int:

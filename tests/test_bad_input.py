@@ -9,6 +9,7 @@ no temporary file in the output directory, nothing written to a replica.
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -519,6 +520,8 @@ def test_k_torn_wal_tail_ships_only_complete_transactions(tmp_path, file_url, ho
     out = tmp_path / "restored.db"
     restored = tenantsync("restore", "--replica", file_url, "-o", out, cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
+    assert re.fullmatch(rf"restored {re.escape(str(out))} txid=[0-9a-f]{{16}} as-of=\d{{4}}-\d\d-\d\dT[\d:.]+Z "
+                        r"files=\d+ pages=\d+\n", restored.stdout), restored.stdout
     assert dump(str(out)) == expected
     assert dump(str(db)) == expected  # and the database itself still holds what SQLite saw
 

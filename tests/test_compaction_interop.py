@@ -27,6 +27,7 @@ from tenantsync.capture import Capture
 from tenantsync.compactor import Levels, compact, retain, snapshot
 from tenantsync.errors import RestoreError
 from tenantsync.replica import Replica
+from tenantsync import restore as restore_module
 from tenantsync.restore import plan, restore
 from tenantsync.storage import open_storage
 
@@ -279,8 +280,10 @@ class History:
         self.times: dict[int, datetime] = {}
         self.ops: list[str] = []  # the compaction sequence, for failure messages
 
-    def run(self, passes: int, compact_every: float = 0.35, schedule: dict[int, tuple[int, ...]] | None = None) -> None:
-        """``schedule`` maps a pass to the levels compacted after it (instead of random ones)."""
+    def run(self, passes: int, compact_every: float = 0.35, schedule: dict[int, tuple[int, ...]] | None = None,
+            pause: tuple[float, float] = (0.003, 0.009)) -> None:
+        """``schedule`` maps a pass to the levels compacted after it (instead of random ones);
+        ``pause`` is the range of the random sleep after each pass."""
         schedule = schedule or {}
         rng, db = self.rng, self.db
         conn = app_db(db)
@@ -304,7 +307,7 @@ class History:
                         self.compact(level)
                 elif rng.random() < compact_every:
                     self.compact(rng.choice([1, 1, 1, 2, 2, 3, 9]))
-                time.sleep(rng.uniform(0.003, 0.009))  # distinct LTX timestamps (ms)
+                time.sleep(rng.uniform(*pause))  # distinct LTX timestamps (ms)
             self._ship(cap.release())
         finally:
             cap.close()
@@ -467,6 +470,63 @@ def test_point_in_time_restore_after_retention(tmp_path, file_url, seed):
     with pytest.raises(RestoreError):
         restore(replica, str(tmp_path / "gone.db"), txid=1)
     assert not (tmp_path / "gone.db").exists()
+
+
+SECOND_CASES = [("file", 51), ("file", 52), ("s3", 53)]
+
+
+@pytest.mark.parametrize("backend, seed", SECOND_CASES, ids=[f"{b}-{s}" for b, s in SECOND_CASES])
+def test_restore_to_any_second_after_the_l0_files_expired(tmp_path, request, monkeypatch, backend, seed):
+    """Default levels with every L0 file past its retention: the per-second restore points
+    (level 8) keep every second of the window restorable exactly, and any instant restores
+    a state the source had between the start of its second and the instant itself.
+
+    On S3 the listing's upload times of compacted and level-8 files are taken as "long
+    after the target" (no slack), as they are when retention runs minutes later."""
+    monkeypatch.setattr(restore_module, "UPLOAD_SLACK", timedelta(0))
+    url = request.getfixturevalue(f"{backend}_url")
+    h = _history(tmp_path, url, seed, passes=45, compact_every=0.25, pause=(0.02, 0.13))
+    h.compact(1)
+    replica, out = h.replica, tmp_path / "out.db"
+    retain(replica, Levels(l0_retention=timedelta(0)), now=datetime.now(timezone.utc) + timedelta(seconds=1))
+    files = replica.all_files()
+    assert len(files[0]) == 1 and files[8], f"seed {seed}: L0 not replaced by level 8\n{h.describe()}"
+    # Each level-8 file holds one second and ends no compacted file inside it.
+    ends = {f.max_txid for level in (1, 2, 3, 9) for f in files[level]}
+    for f in files[8]:
+        seconds = {int(h.times[x].timestamp()) for x in range(f.min_txid, f.max_txid + 1)}
+        assert len(seconds) == 1, f"seed {seed}: {f.name} spans seconds {sorted(seconds)}"
+        assert not ends & set(range(f.min_txid, f.max_txid)), f"{f.name} crosses a compacted file's end"
+
+    first, last = h.times[1], h.times[h.last]
+    seconds = [datetime.fromtimestamp(s, timezone.utc)
+               for s in range(int(first.timestamp()) + 1, int(last.timestamp()) + 2)]
+    assert len(seconds) >= 2, "the history should span seconds"
+    for t in seconds:
+        want = h.state_at(t)
+        result = restore(replica, str(out), timestamp=t, force=True)
+        assert result.txid == want and dump(str(out)) == h.states[want], (
+            f"seed {seed}: restore at {t.isoformat()} gave txid {result.txid}, the source was at {want}\n"
+            f"{h.describe()}")
+        assert result.timestamp == h.times[want] < t  # the time of the state it restored
+    for t in h.instants(15):
+        start = t.replace(microsecond=0)
+        try:
+            result = restore(replica, str(out), timestamp=t, force=True)
+        except RestoreError as e:  # only if the database did not exist when this second began
+            assert h.state_at(start) == 0 and "no restorable state before" in str(e), str(e)
+            continue
+        assert h.state_at(start) <= result.txid <= h.state_at(t), (
+            f"seed {seed}: restore at {t.isoformat()} gave txid {result.txid}, outside "
+            f"{h.state_at(start)}..{h.state_at(t)} (the source between {start.isoformat()} and then)\n{h.describe()}")
+        assert dump(str(out)) == h.states[result.txid]
+    if backend == "file":
+        t = seconds[len(seconds) // 2]
+        assert_same(litestream_restore(url, tmp_path / "ls-s.db", timestamp=t), h.states[h.state_at(t)],
+                    f"litestream -timestamp {t.isoformat()}\n{h.describe()}")
+    # A second run has nothing left to keep or delete.
+    assert retain(replica, Levels(l0_retention=timedelta(0)), now=datetime.now(timezone.utc)) == []
+    assert replica.all_files() == files
 
 
 def test_retention_keeps_compacted_history_when_no_snapshot_has_expired(tmp_path, file_url):

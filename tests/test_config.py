@@ -14,7 +14,7 @@ def test_file_keys_and_env_overrides(tmp_path):
     path = tmp_path / "tenantsync.yml"
     path.write_text(
         "replica: file:///r\nglobs: ['/data/*.db']\nidle-after: 2m\n"
-        "levels:\n  - level: 1\n    interval: 10s\nsnapshot:\n  interval: 1h\n  retention: 48h\nl0-retention: 1m\n"
+        "levels:\n  - level: 1\n    interval: 10s\nsnapshot:\n  interval: 1h\n  retention: 48h\nl0-retention: 1m\npitr-seconds: false\n"
     )
     cfg = load(str(path), env={"TENANTSYNC_BROKER": "redis://127.0.0.1:1/0"})
     assert cfg.replica == "file:///r" and cfg.globs == ("/data/*.db",)
@@ -24,12 +24,14 @@ def test_file_keys_and_env_overrides(tmp_path):
     assert cfg.levels.snapshot_interval == timedelta(hours=1)
     assert cfg.levels.retention == timedelta(hours=48)
     assert cfg.levels.l0_retention == timedelta(minutes=1)
+    assert cfg.levels.pitr_seconds is False
 
 
 def test_defaults_are_the_embedded_mode():
     cfg = load(None, env={})
     assert cfg.broker is None and cfg.catalogue.startswith("sqlite:///")
     assert cfg.levels.intervals[1] == timedelta(seconds=30)
+    assert cfg.levels.pitr_seconds is True
 
 
 @pytest.mark.parametrize("text, message", [
@@ -38,6 +40,8 @@ def test_defaults_are_the_embedded_mode():
     ("- a\n", "expected a mapping"),
     ("host-workers: 0\n", "host-workers: expected a positive integer, got 0"),
     ("workers: many\n", "workers: expected a positive integer, got 'many'"),
+    ("levels:\n  - {level: 8, interval: 1d}\n", "level 8 must be between 1 and 7 .level 8 holds the per-second"),
+    ("pitr-seconds: sometimes\n", "pitr-seconds: expected true or false, got 'sometimes'"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "tenantsync.yml"
