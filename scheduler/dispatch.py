@@ -31,6 +31,9 @@ class Dispatcher(Protocol):
     def request_sync(self, name: str) -> bool:
         """Ask for a sync of ``name``; False if one was already pending (now marked dirty)."""
 
+    def request_syncs(self, names) -> int:
+        """``request_sync`` for each of ``names`` (one watcher batch); how many were queued."""
+
     def submit(self, job: str, name: str, **kwargs) -> None:
         """Run a storage-only or maintenance job for ``name`` (compact, snapshot, retain)."""
 
@@ -68,6 +71,9 @@ class InProcessDispatcher:
             self._pending.add(name)
         self.pools[shard(name, len(self.pools))].submit(self._run_sync, name)
         return True
+
+    def request_syncs(self, names) -> int:
+        return sum(self.request_sync(name) for name in dict.fromkeys(names))
 
     def _run_sync(self, name: str) -> None:
         while True:

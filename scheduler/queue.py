@@ -1,9 +1,13 @@
 """The Celery-mode dispatcher: jobs onto queues, one pending sync per tenant across hosts.
 
 Dedupe lives in Redis so every watcher and worker sees it: ``SET NX`` on a per-tenant
-*pending* key admits one sync; later requests set a *dirty* key instead. The sync task
-calls :func:`finish_sync` when it is done, which clears *pending* first and then, if
-*dirty* was set meanwhile, requests one more sync. A request that slips between the two
+*pending* key admits one sync; later requests set a *dirty* key instead. Requests come in
+batches (one per watcher tick): the keys of a batch are set in one pipelined round trip
+and the admitted tenants go out as one ``tenantsync.sync`` message per host queue and
+SYNC_BATCH tenants, because Celery's own cost per message (publish, deliver, ack, trace)
+was most of a sync's cost at 200 writes/s. The sync task calls :func:`finish_syncs` when
+it is done, which clears *pending* first and then, if *dirty* was set meanwhile, requests
+one more sync. A request that slips between the two
 steps finds *pending* clear and enqueues itself, so no write is ever left unsynced. Before
 that, the task takes the *dirty* mark itself (:func:`take_dirty`) a few times and syncs
 again at once: a write during a sync then waits for one pass, not for the whole queue.
@@ -21,6 +25,9 @@ from redis.retry import Retry
 from .dispatch import job_key
 
 PENDING_TTL = 300
+# Tenants per sync message: enough that Celery's per-message cost is shared, few enough
+# that a burst (start-up: every tenant at once) is spread over every worker thread.
+SYNC_BATCH = 8
 # A broker restart must neither kill the watcher nor fail a sync that is done: each Redis
 # call is retried on connection errors, with backoff, for about half a minute.
 REDIS_RETRIES = 20
@@ -53,12 +60,30 @@ class CeleryDispatcher:
         return host_queue(self.host, name, self.host_workers)
 
     def request_sync(self, name: str) -> bool:
-        pending, dirty = _keys(name)
-        if self.redis.set(pending, 1, nx=True, ex=PENDING_TTL):
-            self.app.send_task("tenantsync.sync", args=[name], queue=self.host_queue(name))
-            return True
-        self.redis.set(dirty, 1, ex=PENDING_TTL)
-        return False
+        return self.request_syncs([name]) == 1
+
+    def request_syncs(self, names) -> int:
+        """Queue a sync for each tenant without one pending, mark the others dirty; how many
+        were queued."""
+        names = list(dict.fromkeys(names))
+        if not names:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.set(_keys(name)[0], 1, nx=True, ex=PENDING_TTL)
+        admitted = pipe.execute()
+        by_queue: dict[str, list[str]] = {}
+        for name, ok in zip(names, admitted):
+            if ok:
+                by_queue.setdefault(self.host_queue(name), []).append(name)
+            else:
+                pipe.set(_keys(name)[1], 1, ex=PENDING_TTL)
+        pipe.execute()
+        for queue, queued in by_queue.items():
+            for i in range(0, len(queued), SYNC_BATCH):
+                self.app.send_task("tenantsync.sync", args=[queued[i:i + SYNC_BATCH]], queue=queue,
+                                   ignore_result=True)
+        return sum(map(len, by_queue.values()))
 
     def submit(self, job: str, name: str, **kwargs) -> None:
         """Storage-only jobs go to the shared queue; jobs on local files to this host's."""
@@ -68,7 +93,7 @@ class CeleryDispatcher:
         if not self.redis.set(once_key(job, name, kwargs), 1, nx=True, ex=PENDING_TTL):
             return  # one is already queued or running: the schedule re-offers candidates every run
         queue = self.host_queue(name) if task in HOST_JOBS else self.storage_queue
-        self.app.send_task(task, args=[name], kwargs=kwargs, queue=queue)
+        self.app.send_task(task, args=[name], kwargs=kwargs, queue=queue, ignore_result=True)
 
     def finish(self, job: str, name: str, **kwargs) -> None:
         """The job submitted with these arguments has ended: the schedule may offer it again."""
@@ -84,11 +109,18 @@ def take_dirty(dispatcher: CeleryDispatcher, name: str) -> bool:
     return bool(dispatcher.redis.getdel(_keys(name)[1]))
 
 
-def finish_sync(dispatcher: CeleryDispatcher, name: str) -> None:
-    pending, dirty = _keys(name)
-    dispatcher.redis.delete(pending)
-    if dispatcher.redis.getdel(dirty):
-        dispatcher.request_sync(name)
+def finish_syncs(dispatcher: CeleryDispatcher, names: list[str]) -> None:
+    """The syncs of ``names`` have ended: clear *pending*, then sync again whoever was
+    marked dirty in between (two round trips for the whole batch)."""
+    if not names:
+        return
+    pipe = dispatcher.redis.pipeline(transaction=False)
+    for name in names:
+        pipe.delete(_keys(name)[0])
+    for name in names:
+        pipe.getdel(_keys(name)[1])
+    dirty = pipe.execute()[len(names):]
+    dispatcher.request_syncs([name for name, mark in zip(names, dirty) if mark])
 
 
 class CeleryOnDemand:

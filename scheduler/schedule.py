@@ -118,7 +118,7 @@ class Schedule:
         if key == "catch-up":
             names = [t.name for t in self.catalogue.lagging(now, CATCH_UP_AFTER, host=self.config.host)]
             names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
-            return sum(self.dispatcher.request_sync(name) for name in dict.fromkeys(names))
+            return self.dispatcher.request_syncs(names)
         if key == "archive":
             names = archival_candidates(self.config, self.catalogue.list(host=self.config.host), now)
             for name in names:

@@ -67,7 +67,7 @@ class Watcher:
                 self.known[path] = name
                 if self._events is not None:
                     self._events.arm(path + "-wal")
-                self.dispatcher.request_sync(name)
+            self.dispatcher.request_syncs(name for name, _ in fresh)
         gone = set(self.known) - set(found.values())
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
@@ -101,8 +101,7 @@ class Watcher:
             elif path not in self.known or change == Change.deleted:
                 rescan = True
         now = datetime.now(timezone.utc)
-        for name in touched:
-            self.dispatcher.request_sync(name)
+        self.dispatcher.request_syncs(touched)
         # After the requests, in one transaction: the jobs need not wait for this.
         self.catalogue.record_writes(touched, now)
         if rescan:

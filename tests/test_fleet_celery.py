@@ -512,6 +512,65 @@ def test_fleet_survives_worker_kills_and_redis_restart_soak(tmp_path, redis_serv
               kill_after_restart=True, catch_up_timeout=max(CATCH_UP_TIMEOUT, 200))
 
 
+# -- batched sync jobs ------------------------------------------------------------------
+
+
+def test_sync_requests_go_out_in_batches_and_a_broken_tenant_holds_back_no_other(tmp_path, redis_server, children):
+    """One watcher batch of 13 tenants is 2 messages on the host queue (SYNC_BATCH 8), a
+    second request while they are pending only marks them dirty; the worker syncs every
+    good tenant of a batch that also holds a file that is not a database, records that
+    tenant's error, clears every pending key and syncs the dirty ones once more."""
+    import redis
+
+    from scheduler.queue import SYNC_BATCH, CeleryDispatcher
+    from workers.app import make_app
+
+    host = "batch-test"
+    config_path = write_config(tmp_path, redis_server.url, host=host)
+    cfg = load_config(config_path, env={})
+    catalogue = Catalogue(cfg.catalogue)
+    good = [f"t{i:02d}.db" for i in range(12)]
+    for name in good:
+        write_rows(app_db(str(tmp_path / "data" / name)), 3)
+    (tmp_path / "data" / "broken.db").write_bytes(b"this is not a database, " * 300)
+    names = good[:6] + ["broken.db"] + good[6:]
+    for name in names:
+        catalogue.discover(name, str(tmp_path / "data" / name), host)
+
+    app = make_app(cfg)
+    dispatcher = CeleryDispatcher(app, host)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        assert dispatcher.request_syncs(names) == len(names)
+        assert r.llen(f"host.{host}") == -(-len(names) // SYNC_BATCH) == 2
+        assert dispatcher.request_syncs(names) == 0  # pending: marked dirty, nothing queued
+        assert r.llen(f"host.{host}") == 2
+        assert len(list(r.scan_iter("tenantsync:sync:dirty:*"))) == len(names)
+
+        worker = children("w1", worker_args("w1", host=host), child_env(config_path))
+        wait_worker_ready(worker)
+
+        def settled():
+            return (all((catalogue.get(n).txid or 0) >= 1 for n in good)
+                    and catalogue.get("broken.db").last_error is not None
+                    and not list(r.scan_iter("tenantsync:sync:*")) and r.llen(f"host.{host}") == 0)
+
+        assert wait_for(settled, 60, 0.2), (
+            f"{[(n, catalogue.get(n).txid, catalogue.get(n).last_error) for n in names]}\n"
+            f"{list(r.scan_iter('tenantsync:sync:*'))}\n{worker.tail()}")
+        log = worker.log()
+        assert "not a SQLite database" in catalogue.get("broken.db").last_error
+        assert log.count("sync broken.db failed") == 2, worker.tail()  # its batch, then its dirty re-run
+        for name in good:
+            restored = tmp_path / "restored" / name
+            restore(Replica(open_storage(cfg.replica).child(name)), str(restored))
+            assert dump(str(restored)) == dump(str(tmp_path / "data" / name))
+    finally:
+        r.close()
+        dispatcher.close()
+        app.close()
+
+
 # -- Flower ----------------------------------------------------------------------------
 
 

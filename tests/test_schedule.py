@@ -20,9 +20,10 @@ class Recorder:
         self.syncs: list[str] = []
         self.jobs: list[tuple] = []
 
-    def request_sync(self, name: str) -> bool:
-        self.syncs.append(name)
-        return True
+    def request_syncs(self, names) -> int:
+        names = list(names)
+        self.syncs.extend(names)
+        return len(names)
 
     def submit(self, job: str, name: str, **kwargs) -> None:
         self.jobs.append((job, name, kwargs))

@@ -20,9 +20,10 @@ class Recorder:
     def __init__(self):
         self.syncs: list[str] = []
 
-    def request_sync(self, name: str) -> bool:
-        self.syncs.append(name)
-        return True
+    def request_syncs(self, names) -> int:
+        names = list(names)
+        self.syncs.extend(names)
+        return len(names)
 
     def submit(self, job: str, name: str, **kwargs) -> None:
         raise AssertionError("the watcher only requests syncs")

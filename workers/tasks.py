@@ -8,12 +8,15 @@ exponential backoff; anything else is recorded and fails the job visibly in Flow
 
 from __future__ import annotations
 
+import logging
 import random
 
-from tenantsync.errors import StorageUnavailable
+from tenantsync.errors import StorageUnavailable, TenantSyncError
 
 from .app import app
 from .runtime import dispatcher, fleet, ondemand, singleton
+
+log = logging.getLogger(__name__)
 
 RETRY = dict(autoretry_for=(StorageUnavailable,), retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
              max_retries=20)
@@ -31,26 +34,56 @@ CONTENDED_RETRIES = 120
 AGAIN_ROUNDS = 4
 
 
-@app.task(name="tenantsync.sync", bind=True, ignore_result=True, **RETRY)
-def sync(self, name: str) -> dict:
-    from scheduler.queue import finish_sync, take_dirty
+@app.task(name="tenantsync.sync", bind=True, ignore_result=True)
+def sync(self, names: list[str] | str) -> dict:
+    """Sync a batch of this host's tenants (the dispatcher sends up to SYNC_BATCH at once).
 
-    retrying = False
+    Tenants whose lease is held elsewhere, or whose storage is unreachable, are sent
+    again by themselves (the others are done), after CONTENDED_DELAY or a backoff; until
+    then they stay pending, so their writes only mark them dirty.
+    """
+    from scheduler.queue import finish_syncs
+
+    names = [names] if isinstance(names, str) else list(names)
+    results: dict[str, dict] = {}
+    again: list[str] = []
+    unavailable = False
+    failed: list[Exception] = []
+    retrying: list[str] = []
     try:
-        result = fleet().sync(name)
-        rounds = 0
-        while not result.get("retry") and rounds < AGAIN_ROUNDS and take_dirty(dispatcher(), name):
-            result, rounds = fleet().sync(name), rounds + 1
-        if result.get("retry") and self.request.retries < CONTENDED_RETRIES:
-            retrying = True  # the tenant stays pending (its writes only mark it dirty) until the retry runs
-            raise self.retry(countdown=CONTENDED_DELAY * (0.5 + random.random()), max_retries=CONTENDED_RETRIES)
-        return result
-    except StorageUnavailable:
-        retrying = self.request.retries < self.max_retries  # else autoretry gives up: finish below
-        raise
+        for name in names:
+            try:
+                results[name] = _sync_one(name)
+            except StorageUnavailable as e:
+                results[name], unavailable = {"tenant": name, "error": str(e)}, True
+                again.append(name)
+            except Exception as e:  # recorded in the catalogue; the rest of the batch goes on
+                log.error("sync %s failed: %s", name, e, exc_info=not isinstance(e, TenantSyncError))
+                failed.append(e)
+            else:
+                if results[name].get("retry"):
+                    again.append(name)
+        limit = RETRY["max_retries"] if unavailable else CONTENDED_RETRIES
+        retrying = again if self.request.retries < limit else []
     finally:
-        if not retrying:
-            finish_sync(dispatcher(), name)
+        finish_syncs(dispatcher(), [n for n in names if n not in retrying])
+    if retrying:
+        delay = min(RETRY["retry_backoff_max"], 2 ** self.request.retries) if unavailable else CONTENDED_DELAY
+        raise self.retry(args=[retrying], countdown=delay * (0.5 + random.random()), max_retries=None)
+    if failed:
+        raise failed[0]  # the job shows as failed in Flower, with the first tenant's error
+    return results
+
+
+def _sync_one(name: str) -> dict:
+    """One tenant's sync, again at once while writes arrived during it (AGAIN_ROUNDS)."""
+    from scheduler.queue import take_dirty
+
+    result = fleet().sync(name)
+    rounds = 0
+    while not result.get("retry") and rounds < AGAIN_ROUNDS and take_dirty(dispatcher(), name):
+        result, rounds = fleet().sync(name), rounds + 1
+    return result
 
 
 def _storage_job(job: str, name: str, **kwargs) -> dict:
