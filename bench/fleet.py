@@ -657,7 +657,10 @@ class RedisMode(Tenantsync):
         # of them, each tenant's jobs always on the same one), and one storage worker.
         n = self.a.host_workers
         queues = [f"host.{HOST}"] if n == 1 else [f"host.{HOST}.{k}" for k in range(n)]
-        plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)] + [(n + 1, "storage", 2)]
+        if self.a.storage_on_host_workers:  # a small host: its workers also take the storage jobs
+            plan = [(i + 1, f"{q},storage", self.a.worker_threads) for i, q in enumerate(queues)]
+        else:
+            plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)] + [(n + 1, "storage", 2)]
         for i, queue, threads in plan:
             self.workers.append(self.child(f"worker{i}", [
                 os.path.join(BIN, "celery"), "-A", "workers", "worker", "-Q", queue,
@@ -1205,6 +1208,8 @@ def main() -> None:
     p.add_argument("--s3-tenants", type=int, default=None, help="tenants per tool on S3 (200; --quick 50)")
     p.add_argument("--s3-window", type=float, default=None, help="S3 counting window (60 s)")
     p.add_argument("--worker-threads", type=int, default=4, help="-c of each host-queue worker (Redis mode)")
+    p.add_argument("--storage-on-host-workers", action="store_true",
+                   help="Redis mode: no storage worker; the host-queue workers also take -Q storage")
     p.add_argument("--host-workers", type=int, default=2,
                    help="host-queue worker processes (Redis mode; config host-workers)")
     p.add_argument("--nofile", type=int, default=None,
