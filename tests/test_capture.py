@@ -203,10 +203,11 @@ def test_shrinking_database_is_restored_at_its_new_size(tmp_path, replica):
     assert dump(str(out)) == dump(db)
 
 
-def _copied_frames(db: str) -> int:
-    """Frames SQLite has copied into the main file (the wal-index's nBackfill)."""
-    with open(db + "-shm", "rb") as f:
-        return int.from_bytes(f.read(100)[96:100], "little")
+def _copied_frames(cap: Capture) -> int:
+    """Frames SQLite has copied into the main file (the wal-index's nBackfill), read
+    through the capture's own ``-shm`` descriptor: closing any other descriptor of the
+    file would drop this process's POSIX locks on it, SQLite's and ours."""
+    return cap._wal_index()[3]
 
 
 def test_the_read_mark_moves_with_the_position_so_the_application_checkpoints_behind_us(tmp_path, replica):
@@ -225,7 +226,7 @@ def test_the_read_mark_moves_with_the_position_so_the_application_checkpoints_be
     assert shipped.txid == 2 and not cap.follow_up
     conn.execute("PRAGMA wal_autocheckpoint=2")
     write_rows(conn, 1)  # its autocheckpoint copies up to our new mark
-    assert _copied_frames(db) == cap._wal_frames() > 10
+    assert _copied_frames(cap) == cap._wal_frames() > 10
 
 
 def test_after_a_checkpoint_the_first_pass_of_the_restarted_wal_leaves_read_lock_0(tmp_path, replica):
@@ -245,9 +246,51 @@ def test_after_a_checkpoint_the_first_pass_of_the_restarted_wal_leaves_read_lock
     conn.execute("PRAGMA wal_autocheckpoint=2")
     write_rows(conn, 1)  # restarts the WAL
     write_rows(conn, 1)
-    assert _copied_frames(db) == 0
+    assert _copied_frames(cap) == 0
     cap.sync_once()
     write_rows(conn, 1)
-    assert _copied_frames(db) == cap._wal_frames() >= 2
+    assert _copied_frames(cap) == cap._wal_frames() >= 2
     assert cap.sync_once().full_reason is None
+    assert restored(replica, tmp_path) == dump(db)
+
+
+def _checkpoint_from_another_process(db: str) -> tuple[int, int, int]:
+    """``PRAGMA wal_checkpoint(PASSIVE)`` as an application process would run it."""
+    import subprocess
+    import sys
+
+    code = "import sqlite3, sys; print(*sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(PASSIVE)').fetchone())"
+    proc = subprocess.run([sys.executable, "-c", code, db], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return tuple(map(int, proc.stdout.split()))
+
+
+def test_between_passes_other_processes_cannot_checkpoint(tmp_path, replica):
+    # Past its autocheckpoint threshold an application tries a checkpoint after every
+    # commit; while we hold SQLite's checkpoint lock that attempt is one failed lock
+    # (SQLITE_BUSY at once) instead of a wal-index scan. Our own checkpoint still copies
+    # the WAL, the lock is held again after it, and closing lets go of it.
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    write_rows(conn, 30)
+    cap = Capture(db, replica, checkpoint_pages=10_000, checkpoint_gap=0)
+    cap.sync_once()
+    assert _checkpoint_from_another_process(db) == (1, -1, -1)
+    write_rows(conn, 5)
+    cap.checkpoint()
+    assert cap.position.backfilled and _copied_frames(cap) > 0  # every frame is in the main file
+    write_rows(conn, 5)
+    cap.sync_once()
+    assert _checkpoint_from_another_process(db) == (1, -1, -1)
+    conn.close()  # before the capture's descriptors: closing one drops this process's locks
+    cap.close()
+    assert _checkpoint_from_another_process(db)[0] == 0
+    conn = app_db(db)
+    cap = Capture(db, replica, own_checkpoints=False)
+    write_rows(conn, 5)
+    cap.sync_once()
+    assert _checkpoint_from_another_process(db)[0] == 0
+    conn.close()
+    cap.close()
     assert restored(replica, tmp_path) == dump(db)
