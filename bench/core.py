@@ -673,7 +673,10 @@ class Bench:
         # What the machine allows right now: the same number of bytes written with 8 MiB
         # pwrites into a new file, then fsync (every restore does at least this).
         buf = os.urandom(8 << 20)
-        floor = os.path.join(d, "floor.bin")
+        out_dir = a.restore_out or d
+        os.makedirs(out_dir, exist_ok=True)
+        res["out_dir"] = out_dir
+        floor = os.path.join(out_dir, "floor.bin")
         fd = os.open(floor, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         t = time.monotonic()
         for off in range(0, res["db_bytes"], len(buf)):
@@ -688,7 +691,7 @@ class Bench:
                   ("tenantsync", "litestream"), ("litestream", "tenantsync")]
         for rep_i in range(a.restore_reps):
             for restorer, written in combos:
-                out = os.path.join(d, f"out-{restorer}-from-{written}.db")
+                out = os.path.join(out_dir, f"out-{restorer}-from-{written}.db")
                 load, psi = loadavg(), cpu_pressure()
                 r = self.restore(restorer, replicas[written], out)
                 r["load"], r["psi"] = load, psi
@@ -836,7 +839,7 @@ def report(res: dict) -> str:
 
         fl = r.get("write_floor_seconds")
         if fl:
-            add("machine floor: plain 8 MiB pwrites + fsync of the same size, no tool", "",
+            add(f"machine floor: plain 8 MiB pwrites + fsync of the same size into {r.get('out_dir', '?')}, no tool", "",
                 f"{fl:.2f} s = {size / 2**20 / fl:.0f} MiB/s", "", "")
 
         def best(key):
@@ -925,6 +928,8 @@ def main() -> None:
     p.add_argument("--quiet", type=float, help="seconds of no replica change that end Litestream's startup (5; quick 3)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip restoring after runs")
     p.add_argument("--workdir", help="scratch directory (default: new dir under $TMPDIR)")
+    p.add_argument("--restore-out", help="directory for restore outputs (e.g. /dev/shm/x: the tools "
+                                         "without the disk's write floor); default: in --workdir")
     p.add_argument("--keep", action="store_true", help="keep databases, replicas and logs")
     p.add_argument("--json", help="also write all raw results here")
     a = p.parse_args()
