@@ -26,6 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 
 from tenantsync.catalogue import Catalogue, TenantState
 from tenantsync.config import load as load_config
@@ -36,6 +37,7 @@ from tenantsync.storage import open_storage
 from .dbutil import app_db, dump, wait_for
 from .test_fleet_celery import (
     BIN,
+    HOST,
     child_env,
     children,  # noqa: F401 - fixture
     free_port,
@@ -46,6 +48,7 @@ from .test_fleet_celery import (
 )
 
 HYDRATIONS = 50
+HOST_QUEUE = f"host.{HOST}"
 ARCHIVE_TIMEOUT = float(os.environ.get("TENANTSYNC_ONDEMAND_ARCHIVE_TIMEOUT", "120"))
 SQLITE_SIDE = ("-wal", "-shm", "-journal")
 #: ERRORs that are the designed outcome, not bugs: archiving a tenant the writer holds open.
@@ -242,10 +245,21 @@ def run_ondemand(tmp_path, redis_server, s3_url, spawn, tenants: int,
     if notes:
         problems.append(f"{len(notes)} hydration answers were wrong: {notes[:10]}")
 
-    # Quiesce: no more archive plans, then let in-flight archivals/hydrations end.
+    # Quiesce: no more plans (storage plans run in beat, the archive plan in the watcher
+    # of `serve`), then let queued and running archivals and hydrations end.
     beat.stop()
-    wait_for(lambda: not any(s in (TenantState.archiving, TenantState.hydrating)
-                             for s in states(paths).values()), 60, 0.5)
+    server.stop()
+    broker = redis.Redis.from_url(redis_server.url)
+
+    def quiet():
+        return (not any(s in (TenantState.archiving, TenantState.hydrating) for s in states(paths).values())
+                and not any(broker.llen(q) for q in (HOST_QUEUE, "storage")) and not broker.hlen("unacked")
+                and not stray_files(data))
+
+    try:
+        wait_for(quiet, 60, 0.5)
+    finally:
+        broker.close()
 
     # Every tenant's content equals what was written: local file, else the replica.
     t_check = time.monotonic()
@@ -273,7 +287,7 @@ def run_ondemand(tmp_path, redis_server, s3_url, spawn, tenants: int,
     strays = stray_files(data)
     if strays:
         problems.append(f"temporary/partial files left in the data directory: {strays[:20]}")
-    died = [p.name for p in procs if p is not beat and not p.alive()]
+    died = [p.name for p in procs if p not in (beat, server) and not p.alive()]
     if died:
         problems.append(f"died: {died}")
     errors = [e for p in procs for e in unexpected_errors(p) if not any(x in e for x in EXPECTED_ERRORS)]
