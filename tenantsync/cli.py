@@ -16,8 +16,6 @@ from datetime import datetime, timezone
 import click
 
 from .errors import StorageUnavailable, TenantSyncError
-from .replica import Replica
-from .storage import open_storage
 
 log = logging.getLogger("tenantsync")
 
@@ -49,6 +47,15 @@ def parse_timestamp(text: str) -> datetime:
     return t.astimezone(timezone.utc)
 
 
+def _replica(url: str):
+    """The replica at ``url``. Imported here, not at the top: the LTX codec pulls in numpy,
+    and commands that never touch a replica (``--help``, ``tenants``) should start fast."""
+    from .replica import Replica
+    from .storage import open_storage
+
+    return Replica(open_storage(url))
+
+
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def cli(verbose: int) -> None:
@@ -69,7 +76,7 @@ def replicate(db_path: str, replica_url: str, interval: float, debounce: float) 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    run(db_path, Replica(open_storage(replica_url)), stop, interval=interval, debounce=debounce, report=_report)
+    run(db_path, _replica(replica_url), stop, interval=interval, debounce=debounce, report=_report)
 
 
 def _report(result) -> None:
@@ -91,7 +98,7 @@ def restore(replica_url: str, output: str, txid: str | None, timestamp: str | No
     if txid is not None and timestamp is not None:
         raise click.UsageError("--txid and --timestamp are exclusive")
     result = do_restore(
-        Replica(open_storage(replica_url)),
+        _replica(replica_url),
         output,
         txid=parse_txid(txid) if txid else None,
         timestamp=parse_timestamp(timestamp) if timestamp else None,
@@ -257,7 +264,7 @@ def compact(replica_url: str, level: int | None, force: bool) -> None:
     from .compactor import compact as do_compact
 
     levels = Levels()
-    replica = Replica(open_storage(replica_url))
+    replica = _replica(replica_url)
     for lvl in [level] if level is not None else [*sorted(levels.intervals), 9]:
         info = do_compact(replica, lvl, levels, force=force or level is not None)
         if info is not None:
@@ -270,7 +277,7 @@ def retain(replica_url: str) -> None:
     """Delete files no restore inside the retention window needs; storage only."""
     from .compactor import retain as do_retain
 
-    deleted = do_retain(Replica(open_storage(replica_url)))
+    deleted = do_retain(_replica(replica_url))
     click.echo(f"deleted {len(deleted)} files")
 
 
@@ -311,7 +318,7 @@ def ltx_dump(source: str) -> None:
 @click.option("--replica", "replica_url", required=True)
 def ltx_ls(replica_url: str) -> None:
     """List a replica's LTX files per level with TXID ranges, sizes and times."""
-    replica = Replica(open_storage(replica_url))
+    replica = _replica(replica_url)
     click.echo(f"{'level':>5}  {'min_txid':16}  {'max_txid':16}  {'size':>10}  created")
     for level, files in replica.all_files().items():
         for f in files:
@@ -328,6 +335,8 @@ def _read_source(source: str) -> tuple[bytes, str]:
             raise TenantSyncError(f"{source}: cannot read: {e.strerror}") from e
     base, _, query = source.partition("?")
     parent, _, key = base.rpartition("/")
+    from .storage import open_storage
+
     storage = open_storage(parent + ("?" + query if query else ""))
     return storage.read(key), source
 
