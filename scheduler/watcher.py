@@ -22,14 +22,11 @@ from tenantsync import tenants
 from tenantsync.capture import SQLITE_MAGIC
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
-from tenantsync.file_events import FileEvents
+from tenantsync.file_events import STOP_CHECK, FileEvents
 
 from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
-
-# Longest wait for events before ``stop`` is looked at again.
-STOP_CHECK = 0.1
 
 
 class Watcher:

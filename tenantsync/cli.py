@@ -254,16 +254,22 @@ def _report_job(job: str, result: dict) -> None:
         click.echo(f"synced {result['tenant']} txid={result['txid']:016x} pages={result['pages']}{full}")
 
 
+def _levels(config_path):
+    """Compaction levels and retention from tenantsync.yml (Litestream's defaults without one),
+    so the one-shot commands do what the fleet's schedule does."""
+    return load_config(config_path, need_replica=False).levels
+
+
 @cli.command()
 @click.option("--replica", "replica_url", required=True)
 @click.option("--level", type=int, default=None, help="Only this level (1..3, or 9 for a snapshot).")
 @click.option("--force", is_flag=True, help="Compact now even if the level's interval has not elapsed.")
-def compact(replica_url: str, level: int | None, force: bool) -> None:
+@click.option("--config", "config_path", default=None, help="tenantsync.yml for the levels (default as for watch).")
+def compact(replica_url: str, level: int | None, force: bool, config_path: str | None) -> None:
     """Merge LTX files into the next level (and snapshot) once; storage only."""
-    from .compactor import Levels
     from .compactor import compact as do_compact
 
-    levels = Levels()
+    levels = _levels(config_path)
     replica = _replica(replica_url)
     for lvl in [level] if level is not None else [*sorted(levels.intervals), 9]:
         info = do_compact(replica, lvl, levels, force=force or level is not None)
@@ -273,11 +279,13 @@ def compact(replica_url: str, level: int | None, force: bool) -> None:
 
 @cli.command()
 @click.option("--replica", "replica_url", required=True)
-def retain(replica_url: str) -> None:
+@click.option("--config", "config_path", default=None,
+              help="tenantsync.yml for retention, l0-retention, pitr-seconds (default as for watch).")
+def retain(replica_url: str, config_path: str | None) -> None:
     """Delete files no restore inside the retention window needs; storage only."""
     from .compactor import retain as do_retain
 
-    deleted = do_retain(_replica(replica_url))
+    deleted = do_retain(_replica(replica_url), _levels(config_path))
     click.echo(f"deleted {len(deleted)} files")
 
 

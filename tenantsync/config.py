@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from .compactor import Levels
-from .layout import PITR_LEVEL
 from .errors import TenantSyncError
+from .layout import PITR_LEVEL
 
 
 class ConfigError(TenantSyncError):
@@ -133,14 +133,7 @@ def from_dict(raw: dict) -> Config:
     cfg = Config()
     levels = cfg.levels
     if "levels" in raw:
-        intervals = {}
-        for item in raw["levels"]:
-            level = int(item["level"])
-            if not 1 <= level < PITR_LEVEL:
-                raise ConfigError(f"levels: level {level} must be between 1 and {PITR_LEVEL - 1} "
-                                  f"(level {PITR_LEVEL} holds the per-second restore points)")
-            intervals[level] = parse_duration(item["interval"], f"levels[{level}].interval")
-        levels = replace(levels, intervals=intervals)
+        levels = replace(levels, intervals=_level_intervals(raw["levels"]))
     snap = raw.get("snapshot") or {}
     if "interval" in snap:
         levels = replace(levels, snapshot_interval=parse_duration(snap["interval"], "snapshot.interval"))
@@ -185,6 +178,26 @@ def from_dict(raw: dict) -> Config:
         host_workers=_positive(raw["host-workers"], "host-workers") if "host-workers" in raw else cfg.host_workers,
         levels=levels,
     )
+
+
+def _level_intervals(items) -> dict[int, timedelta]:
+    """``levels:`` as a list of ``{level: N, interval: D}``, or Litestream's ``{interval: D}``
+    where the position gives the level (the first entry is level 1)."""
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ConfigError("levels: expected a list of {level: N, interval: DURATION}")
+    intervals = {}
+    for position, item in enumerate(items, 1):
+        try:
+            level = int(item.get("level", position))
+        except (TypeError, ValueError):
+            raise ConfigError(f"levels: level {item['level']!r} is not a number") from None
+        if not 1 <= level < PITR_LEVEL:
+            raise ConfigError(f"levels: level {level} must be between 1 and {PITR_LEVEL - 1} "
+                              f"(level {PITR_LEVEL} holds the per-second restore points)")
+        if "interval" not in item:
+            raise ConfigError(f"levels: level {level} has no interval")
+        intervals[level] = parse_duration(item["interval"], f"levels[{level}].interval")
+    return intervals
 
 
 def _positive(value, key: str) -> int:

@@ -33,6 +33,9 @@ _GONE = flags.DELETE | flags.MOVED_FROM
 
 log = logging.getLogger(__name__)
 
+# Longest wait of the loops that read these events before they look at their stop flag.
+STOP_CHECK = 0.1
+
 
 class FileEvents:
     """Events under each base directory, down to the depth where databases live."""

@@ -21,7 +21,7 @@ import re
 SNAPSHOT_LEVEL = 9
 
 #: Level of tenantsync's restore points: retention merges expiring L0 files into one file
-#: per UTC second (never across a level-1 boundary), so a restore to any second of the
+#: per UTC second (never across the end of a compacted file or snapshot), so a restore to any second of the
 #: retention window stays exact after the L0 files are gone. Every file here holds only
 #: transactions of the second its header timestamp falls in. Litestream's restore plan
 #: reads levels 0..8 alike, so it restores from these files too.

@@ -17,7 +17,7 @@ from typing import Callable
 
 from .capture import Capture, ReplicaConflict, SyncResult
 from .errors import StorageError
-from .file_events import FileEvents
+from .file_events import STOP_CHECK, FileEvents
 from .replica import Replica
 from .state import default_state_path, load_position, save_position
 
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 # After a checkpoint of a busy WAL: long enough for the application to restart the WAL,
 # well short of the thousand commits after which our read-lock 0 starts to slow it.
 FOLLOW_UP = 0.005
-# Longest wait before ``stop`` is looked at again.
-STOP_CHECK = 0.1
 
 
 def run(
@@ -53,10 +51,11 @@ def run(
         on_position=lambda p: save_position(state_path, p),
     )
     try:
-        _pass(capture.sync_once, capture.path, report)
+        # Watching before the first pass: a commit landing during it wakes the next one.
         events = FileEvents({os.path.dirname(capture.path): 0})
         events.arm(capture.wal_path)
         try:
+            _pass(capture.sync_once, capture.path, report)
             _follow(capture, events, stop, interval, debounce, report)
         finally:
             events.close()

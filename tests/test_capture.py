@@ -211,9 +211,10 @@ def _copied_frames(cap: Capture) -> int:
 
 
 def test_the_read_mark_moves_with_the_position_so_the_application_checkpoints_behind_us(tmp_path, replica):
-    # Between our checkpoints the application's own autocheckpoint copies what we have
-    # shipped: a mark left where it was taken would make it copy nothing, and our next
-    # barrier would have every frame since to copy while the application waits.
+    # A checkpoint between our barriers (our copy-ahead, or an application in this
+    # process) copies what we have shipped: a mark left where it was taken would let it
+    # copy nothing, and our next barrier would have every frame since to copy while the
+    # application waits.
     db = str(tmp_path / "a.db")
     conn = app_db(db)
     conn.execute("PRAGMA wal_autocheckpoint=0")

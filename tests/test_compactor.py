@@ -135,3 +135,20 @@ def test_large_files_are_streamed_in_blocks_by_restore_and_compaction(tmp_path, 
     reads.clear()
     assert restored(replica, tmp_path) == states[max(states)]
     assert reads and all(length is not None and length <= 1000 for _, _, length in reads)
+
+
+@pytest.mark.parametrize("pitr", [True, False])
+def test_the_one_shot_commands_follow_the_config(tmp_path, file_url, pitr):
+    """`tenantsync compact` and `retain` take levels and retention from tenantsync.yml, as
+    the fleet's schedule does: l0-retention 0s expires every L0 file at once, and
+    ``pitr-seconds`` decides whether their states are kept at level 8."""
+    from .test_interop import tenantsync_cli
+
+    replica, states = history(tmp_path, file_url, passes=6)
+    config = tmp_path / "tenantsync.yml"
+    config.write_text(f"l0-retention: 0s\npitr-seconds: {str(pitr).lower()}\n")
+    tenantsync_cli("compact", "--replica", file_url, "--level", "1", "--config", str(config))
+    out = tenantsync_cli("retain", "--replica", file_url, "--config", str(config)).stdout
+    assert out == "deleted 5 files\n"  # every L0 file but the newest
+    assert bool(replica.files(8)) is pitr
+    assert restored(replica, tmp_path) == states[max(states)]

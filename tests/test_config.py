@@ -42,12 +42,21 @@ def test_defaults_are_the_embedded_mode():
     ("workers: many\n", "workers: expected a positive integer, got 'many'"),
     ("levels:\n  - {level: 8, interval: 1d}\n", "level 8 must be between 1 and 7 .level 8 holds the per-second"),
     ("pitr-seconds: sometimes\n", "pitr-seconds: expected true or false, got 'sometimes'"),
+    ("levels: 5\n", "levels: expected a list of"),
+    ("levels:\n  - {level: one, interval: 30s}\n", "levels: level 'one' is not a number"),
+    ("levels:\n  - {level: 2}\n", "levels: level 2 has no interval"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "tenantsync.yml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load(str(path), env={})
+
+
+def test_levels_in_litestreams_form_take_their_level_from_their_position(tmp_path):
+    path = tmp_path / "tenantsync.yml"
+    path.write_text("levels:\n  - {interval: 10s}\n  - {interval: 1m}\n")
+    assert load(str(path), env={}).levels.intervals == {1: timedelta(seconds=10), 2: timedelta(minutes=1)}
 
 
 def test_host_workers_split_the_tenants_over_stable_queues():
