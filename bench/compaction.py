@@ -63,7 +63,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
 from tenantsync.capture import Capture  # noqa: E402
-from tenantsync.compactor import Levels, compact, retain  # noqa: E402
+from tenantsync.compactor import compact, retain  # noqa: E402
+from tenantsync.levels import Levels  # noqa: E402
 from tenantsync.replica import Replica  # noqa: E402
 from tenantsync.restore import plan, restore  # noqa: E402
 from tenantsync.storage import open_storage  # noqa: E402

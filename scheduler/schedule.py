@@ -18,8 +18,8 @@ from datetime import datetime, timedelta, timezone
 
 from tenantsync import layout
 from tenantsync.catalogue import Catalogue, TenantState
-from tenantsync.compactor import aligned
 from tenantsync.config import Config
+from tenantsync.levels import aligned
 
 from .dispatch import Dispatcher
 

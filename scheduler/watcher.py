@@ -19,10 +19,10 @@ from typing import Callable
 from watchfiles import Change
 
 from tenantsync import tenants
-from tenantsync.capture import SQLITE_MAGIC
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
 from tenantsync.file_events import STOP_CHECK, FileEvents
+from tenantsync.tenants import SQLITE_MAGIC
 
 from .dispatch import Dispatcher
 

@@ -45,10 +45,10 @@ from .errors import DatabaseError, PreconditionFailed, TenantSyncError
 from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, encode_file, lock_pgno
 from .position import DBStat, Position
 from .replica import Replica
+from .tenants import SQLITE_MAGIC
 
 log = logging.getLogger(__name__)
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 # Litestream's defaults: PASSIVE past 1000 WAL pages, TRUNCATE past 121359.
 DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_TRUNCATE_PAGES = 121359

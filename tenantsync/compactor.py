@@ -13,11 +13,11 @@ from __future__ import annotations
 import heapq
 import logging
 import tempfile
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from . import layout
 from .errors import LTXError, PreconditionFailed
+from .levels import Levels, aligned
 from .ltx import HEADER_FLAG_NO_CHECKSUM, HEADER_SIZE, Decoder, Encoder, Header
 from .replica import LTXInfo, Replica
 from .restore import plan
@@ -25,34 +25,6 @@ from .restore import plan
 log = logging.getLogger(__name__)
 
 SPOOL_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class Levels:
-    """Compaction intervals per level and retention; defaults are Litestream 0.5's."""
-
-    intervals: dict[int, timedelta] = field(
-        default_factory=lambda: {1: timedelta(seconds=30), 2: timedelta(minutes=5), 3: timedelta(hours=1)}
-    )
-    snapshot_interval: timedelta = timedelta(hours=24)
-    retention: timedelta = timedelta(hours=24)
-    l0_retention: timedelta = timedelta(minutes=5)
-    #: Keep one restore point per second for the whole retention window (level 8) when L0
-    #: files expire; off, a restore older than ``l0_retention`` only reaches L1 boundaries.
-    pitr_seconds: bool = True
-
-    @property
-    def max_level(self) -> int:
-        return max(self.intervals)
-
-    def source(self, level: int) -> int:
-        return level - 1
-
-
-def aligned(now: datetime, interval: timedelta) -> datetime:
-    """``now`` truncated to a multiple of ``interval`` since the epoch (Go's Time.Truncate)."""
-    step = interval.total_seconds()
-    return datetime.fromtimestamp((now.timestamp() // step) * step, tz=timezone.utc)
 
 
 def is_due(newest: LTXInfo | None, interval: timedelta, now: datetime) -> bool:

@@ -14,9 +14,9 @@ import socket
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
-from .compactor import Levels
 from .errors import TenantSyncError
 from .layout import PITR_LEVEL
+from .levels import Levels
 
 
 class ConfigError(TenantSyncError):

@@ -47,6 +47,10 @@ class RestoreError(TenantSyncError):
     """A restore cannot produce a verified database (no files, gap in TXIDs, target outside)."""
 
 
+class ArchiveAborted(TenantSyncError):
+    """The tenant was in use or changed during archival; its files were kept."""
+
+
 class LeaseHeld(TenantSyncError):
     """Another owner holds the replica's lease, or took it over from us: the message
     names the replica, the holder and when its lease expires (also as attributes, for

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 from . import compactor
 from .catalogue import TenantState
-from .errors import RestoreError, TenantSyncError
+from .errors import ArchiveAborted, RestoreError, TenantSyncError
 from .position import DBStat, Position
 from .restore import restore
 
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 SIDE_FILES = ("-wal", "-shm")
 COMPARE_CHUNK = 8 << 20
 WAIT_FOR_OTHER = 120.0
-
-
-class ArchiveAborted(TenantSyncError):
-    """The tenant was in use or changed during archival; its files were kept."""
 
 
 @dataclass(frozen=True)

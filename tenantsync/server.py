@@ -16,12 +16,15 @@ import json
 import logging
 import re
 from datetime import datetime
+from typing import TYPE_CHECKING
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 from .catalogue import TenantRecord
-from .errors import RestoreError, StorageError, TenantSyncError
-from .ondemand import ArchiveAborted, OnDemand
+from .errors import ArchiveAborted, RestoreError, StorageError, TenantSyncError
+
+if TYPE_CHECKING:  # the watcher serves this API without the restore code it never runs
+    from .ondemand import OnDemand
 
 log = logging.getLogger(__name__)
 

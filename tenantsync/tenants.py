@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal", "-tenantsync.json")
+# The first 16 bytes of every SQLite database file (https://www.sqlite.org/fileformat.html).
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def shard(name: str, shards: int) -> int:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -192,16 +193,34 @@ def test_migrations_create_schema_and_reopen_is_idempotent(url):
         c.close()
 
 
+def test_schema_head_is_the_newest_migration_and_reopening_skips_alembic(tmp_path):
+    """SCHEMA_HEAD names the migrations' head, so a process opening a catalogue already at
+    head never imports Alembic; a fresh one is still migrated."""
+    from alembic.script import ScriptDirectory
+
+    from tenantsync.catalogue import SCHEMA_HEAD, alembic_config
+
+    assert ScriptDirectory.from_config(alembic_config()).get_heads() == [SCHEMA_HEAD]
+    url = f"sqlite:///{tmp_path / 'cat.db'}"
+    probe = ("import sys; from tenantsync.catalogue import Catalogue; "
+             f"Catalogue({url!r}).discover('a', '/srv/a.db', 'h'); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'mako', 'sqlalchemy'}))")
+    first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    again = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert first.stdout.strip() == "['alembic', 'mako', 'sqlalchemy']"  # created the schema
+    assert again.stdout.strip() == "['sqlalchemy']"
+
+
 def test_models_match_the_migration(cat):
     """Autogenerate finds nothing to do: the hand-written migration and the models agree."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from tenantsync.catalogue import Base
+    from tenantsync.catalogue import METADATA
 
     with cat.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})
-        diffs = compare_metadata(ctx, Base.metadata)
+        diffs = compare_metadata(ctx, METADATA)
     assert diffs == []
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tenantsync.capture import Capture
-from tenantsync.compactor import Levels, compact, retain, snapshot
+from tenantsync.compactor import compact, retain, snapshot
+from tenantsync.levels import Levels
 from tenantsync.errors import RestoreError
 from tenantsync.replica import Replica
 from tenantsync import restore as restore_module

@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tenantsync.capture import Capture
-from tenantsync.compactor import Levels, compact, is_due, retain, snapshot
+from tenantsync.compactor import compact, is_due, retain, snapshot
+from tenantsync.levels import Levels
 from tenantsync.errors import RestoreError
 from tenantsync.ltx import HEADER_FLAG_NO_CHECKSUM, Decoder
 from tenantsync.replica import LTXInfo, Replica

@@ -345,7 +345,7 @@ def test_an_idle_release_of_a_tenant_without_a_wal_writes_no_lease(tmp_path, fil
 
 
 def test_compaction_runs_in_the_storage_job_process(tmp_path, file_url, running, monkeypatch):
-    from tenantsync.compactor import Levels
+    from tenantsync.levels import Levels
     from tenantsync.fleet import Fleet
 
     def in_this_process(*args, **kwargs):

@@ -14,7 +14,8 @@ from tenantsync.catalogue import Catalogue, TenantState
 from tenantsync.config import Config
 from tenantsync.errors import RestoreError
 from tenantsync.fleet import Fleet
-from tenantsync.ondemand import ArchiveAborted, OnDemand
+from tenantsync.errors import ArchiveAborted
+from tenantsync.ondemand import OnDemand
 
 from .dbutil import app_db, dump, write_rows
 

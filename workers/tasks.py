@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 
-from tenantsync.errors import StorageUnavailable, TenantSyncError
+from tenantsync.errors import ArchiveAborted, StorageUnavailable, TenantSyncError
 
 from .app import app
 from .runtime import dispatcher, fleet, ondemand, singleton
@@ -112,8 +112,6 @@ def retain(name: str) -> dict:
 
 @app.task(name="tenantsync.archive")
 def archive(name: str) -> dict:
-    from tenantsync.ondemand import ArchiveAborted
-
     try:
         return ondemand().archive(name)
     except ArchiveAborted as e:  # the tenant is in use: a normal outcome, not a failure

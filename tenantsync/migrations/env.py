@@ -15,10 +15,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from tenantsync.catalogue import VERSION_TABLE, Base
+from tenantsync.catalogue import METADATA, VERSION_TABLE
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = METADATA
 
 
 def _configure(**kwargs) -> None:
