@@ -662,11 +662,13 @@ class RedisMode(Tenantsync):
         else:
             plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)] + [(n + 1, "storage", 2)]
         for i, queue, threads in plan:
+            if self.a.worker_command == "celery":
+                command = [os.path.join(BIN, "celery"), "-A", "workers", "worker", "--pool", "threads",
+                           "--without-gossip", "--without-mingle"]
+            else:  # the README's launcher; the first worker may also run the watcher
+                command = [sys.executable, "-m", "workers"] + (["--watch"] if self.a.watch_in_worker and i == 1 else [])
             self.workers.append(self.child(f"worker{i}", [
-                os.path.join(BIN, "celery"), "-A", "workers", "worker", "-Q", queue,
-                "--pool", "threads", "-c", str(threads), "--without-gossip", "--without-mingle",
-                "-n", f"w{i}@%h", "--loglevel", "WARNING",
-            ]))
+                *command, "-Q", queue, "-c", str(threads), "-n", f"w{i}@%h", "--loglevel", "WARNING"]))
         # A worker consuming its queues blocks in BRPOP on them: wait for both.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and all(w.alive() for w in self.workers):
@@ -677,6 +679,8 @@ class RedisMode(Tenantsync):
             time.sleep(0.2)
         else:
             log(f"  workers not consuming after 60 s (alive: {[w.alive() for w in self.workers]})")
+        if self.a.watch_in_worker:
+            return self.workers[0].started  # its watcher started once the worker was ready
         return self.start_watcher()
 
 
@@ -791,7 +795,9 @@ class Bench:
             res["lag"]["logs"] = setup.log_counts()
         if not setup.alive():
             return
-        if self.wanted("jobs") and isinstance(setup, Tenantsync):
+        if self.wanted("jobs") and isinstance(setup, RedisMode) and self.a.watch_in_worker:
+            log("  skipping jobs: it restarts the watcher, which runs inside a worker here")
+        elif self.wanted("jobs") and isinstance(setup, Tenantsync):
             res["jobs"] = self.measure_jobs(setup, names)
             res["jobs"]["logs"] = setup.log_counts()
 
@@ -1210,6 +1216,10 @@ def main() -> None:
     p.add_argument("--worker-threads", type=int, default=4, help="-c of each host-queue worker (Redis mode)")
     p.add_argument("--storage-on-host-workers", action="store_true",
                    help="Redis mode: no storage worker; the host-queue workers also take -Q storage")
+    p.add_argument("--worker-command", choices=["module", "celery"], default="module",
+                   help="Redis mode: start workers with python -m workers (README) or celery -A workers worker")
+    p.add_argument("--watch-in-worker", action="store_true",
+                   help="Redis mode: no watcher process; the first worker runs it (python -m workers --watch)")
     p.add_argument("--host-workers", type=int, default=2,
                    help="host-queue worker processes (Redis mode; config host-workers)")
     p.add_argument("--nofile", type=int, default=None,

@@ -16,10 +16,12 @@ from .watcher import Watcher
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
-        http: tuple[str, int] | None = None) -> None:
+        http: tuple[str, int] | None = None, app=None) -> None:
+    """Watch until ``stop``; ``app`` is the Celery app to send with (a worker running the
+    watcher passes its own), else one is made from ``config``."""
     from workers.app import make_app
 
-    app = make_app(config)
+    app = app or make_app(config)
     dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
     catalogue = Catalogue(config.catalogue)
     server = None

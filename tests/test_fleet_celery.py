@@ -2,8 +2,7 @@
 
 Topology (one host, as in production): the watcher (``tenantsync watch --config FILE``)
 turns WAL events into ``tenantsync.sync`` jobs on the host's queues; two worker processes
-(``celery -A workers worker -Q host.<host>.<i>,storage --pool threads …``, config
-``host-workers: 2``) each own half of the tenants, one Fleet each, and share storage jobs. The test writes at random into many tenant databases, SIGKILLs one
+(``python -m workers --shard <i> --storage``, config ``host-workers: 2``) each own half of the tenants, one Fleet each, and share storage jobs. The test writes at random into many tenant databases, SIGKILLs one
 worker's whole process group mid-run and restarts it, restarts redis-server (persistence
 off, so every queued message, unacked message and dedupe key is lost), stops writing,
 waits for the catalogue to say every tenant is caught up, and then checks the truth:
@@ -59,6 +58,12 @@ def worker_args(name: str, host: str = HOST, queue: str | None = None) -> list[s
         "--pool", "threads", "-c", "4", "--without-gossip", "--without-mingle", "-n", f"{name}@%h",
         "--loglevel", "INFO",
     ]
+
+
+def module_worker_args(name: str, shard: int) -> list[str]:
+    """``python -m workers --shard K --storage`` (the README's launcher, config host-workers)."""
+    return [sys.executable, "-m", "workers", "--shard", str(shard), "--storage", "-c", "4", "-n", f"{name}@%h",
+            "--loglevel", "INFO"]
 
 
 def watcher_args(config_path) -> list[str]:
@@ -394,7 +399,7 @@ def run_fleet(tmp_path, redis_server, spawn, tenants: int, kill_after_restart: b
         write_rows(conn, 3)
         conn.close()
 
-    workers = {n: spawn(n, worker_args(n, queue=f"host.{HOST}.{i}"), env) for i, n in enumerate(("w1", "w2"))}
+    workers = {n: spawn(n, module_worker_args(n, i), env) for i, n in enumerate(("w1", "w2"))}
     for w in workers.values():
         wait_worker_ready(w)
     watcher = spawn("watcher", watcher_args(config_path), env)
@@ -569,6 +574,72 @@ def test_sync_requests_go_out_in_batches_and_a_broken_tenant_holds_back_no_other
         r.close()
         dispatcher.close()
         app.close()
+
+
+def test_one_worker_running_the_watcher_replicates_serves_and_stops_cleanly(tmp_path, redis_server, children):
+    """``python -m workers --storage --watch --listen``: the whole host in one process besides
+    Redis. Tenants present at start and one created later are replicated and restore to
+    their source; the HTTP API answers; SIGTERM stops the worker and its watcher (exit 0)."""
+    host = "solo-test"
+    config_path = write_config(tmp_path, redis_server.url, host=host)
+    cfg = load_config(config_path, env={})
+    paths = {f"t{i}.db": tmp_path / "data" / f"t{i}.db" for i in range(5)}
+    for path in list(paths.values())[:4]:
+        write_rows(app_db(str(path)), 3)
+    port = free_port()
+    worker = children("solo", [sys.executable, "-m", "workers", "--storage", "--watch", "--listen",
+                               f"127.0.0.1:{port}", "-c", "2", "-n", "solo@%h"], child_env(config_path))
+    wait_worker_ready(worker)
+    catalogue = Catalogue(cfg.catalogue)
+
+    def replicated(names):
+        return all((r := catalogue.get(n)) is not None and (r.txid or 0) >= 1 for n in names)
+
+    assert wait_for(lambda: replicated(list(paths)[:4]) or not worker.alive(), 30), worker.tail()
+    conn = app_db(str(paths["t4.db"]))  # a tenant created while it runs, written twice
+    write_rows(conn, 3)
+    write_rows(app_db(str(paths["t0.db"])), 2)
+    assert wait_for(lambda: replicated(paths) or not worker.alive(), 30), worker.tail()
+    assert http_json(f"http://127.0.0.1:{port}/healthz")
+    assert http_json(f"http://127.0.0.1:{port}/tenants/t4.db")["name"] == "t4.db"
+    for name, path in paths.items():
+        wait_for(lambda: restores_to(cfg, name, path, tmp_path), 20)
+        assert restores_to(cfg, name, path, tmp_path), name
+    worker.stop(30)
+    assert worker.proc.returncode == 0, worker.tail()
+    assert "Traceback" not in worker.log(), worker.tail()
+
+
+def restores_to(cfg, name: str, path, tmp_path) -> bool:
+    """The tenant's replica restores to exactly the content of its source now."""
+    restored = tmp_path / "restored" / f"{name}.{time.monotonic_ns()}"
+    restore(Replica(open_storage(cfg.replica).child(name)), str(restored))
+    return dump(str(restored)) == dump(str(path))
+
+
+def test_a_worker_takes_its_host_queue_before_the_storage_queue(tmp_path, redis_server):
+    """A worker on ``host.<host>,storage`` (a small host) polls its queues in that order,
+    so a sync never waits behind a backlog of compactions; round robin would alternate."""
+    from kombu import Consumer, Queue
+
+    from workers.app import make_app
+
+    app = make_app(load_config(write_config(tmp_path, redis_server.url, host="order"), env={}))
+    got = []
+    try:
+        with app.connection_for_write() as conn:
+            for queue in ("storage", "host.order"):
+                with conn.SimpleQueue(queue) as q:
+                    q.put({"queue": queue})
+                    q.put({"queue": queue})
+            queues = [Queue("host.order", routing_key="host.order"), Queue("storage", routing_key="storage")]
+            with Consumer(conn, queues, callbacks=[lambda body, msg: (got.append(body["queue"]), msg.ack())],
+                          accept=["json"]):
+                while len(got) < 4:
+                    conn.drain_events(timeout=5)
+    finally:
+        app.close()
+    assert got == ["host.order", "host.order", "storage", "storage"]
 
 
 # -- Flower ----------------------------------------------------------------------------

@@ -29,9 +29,12 @@ def host_queue(host: str, name: str = "", host_workers: int = 1) -> str:
     Two processes taking turns on one tenant would hand its lease back and forth, so the
     queue is chosen by ``tenants.shard``, the same in every watcher and API process.
     """
-    if host_workers <= 1:
-        return f"host.{host}"
-    return f"host.{host}.{shard(name, host_workers)}"
+    return shard_queue(host, shard(name, host_workers), host_workers)
+
+
+def shard_queue(host: str, index: int, host_workers: int) -> str:
+    """The host queue of worker process ``index`` of ``host_workers``."""
+    return f"host.{host}" if host_workers <= 1 else f"host.{host}.{index}"
 
 
 def make_app(config: configmod.Config) -> Celery:
@@ -50,6 +53,9 @@ def make_app(config: configmod.Config) -> Celery:
             "visibility_timeout": 120,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            # A worker taking several queues (``-Q host.<host>,storage`` on a small host) polls
+            # them in the order given, so syncs never wait behind a backlog of compactions.
+            "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=False,

@@ -1,0 +1,115 @@
+"""``python -m workers``: a Celery worker for this host's queues, without the ``celery`` command.
+
+The ``celery`` command imports every installed plugin before it reads its arguments
+(Flower's web stack, the REPL's prompt_toolkit), and a worker process keeps them: an idle
+worker started with ``celery -A workers worker`` is 91 MiB here, this one 75 MiB. Same app,
+same settings and tasks; host-queue workers need the threads pool (one process holds its
+tenants' open captures), so it is the only one offered.
+
+    python -m workers                    # this host's queue, host.<host>
+    python -m workers --shard 1          # host.<host>.1, with host-workers: N in the config
+    python -m workers --storage          # the storage queue too, after the host's own
+    python -m workers -Q storage -c 2    # only storage jobs
+    python -m workers --storage --watch  # and the watcher (instead of tenantsync watch)
+
+``--watch`` runs the host's watcher in this process, as ``celery worker -B`` runs beat: on a
+small host that is one Python process (about 80 MiB) fewer. Run it in one worker per host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from celery.utils.nodenames import default_nodename, host_format
+
+from tenantsync import config as configmod
+
+from .app import STORAGE_QUEUE, app, shard_queue
+
+log = logging.getLogger("workers")
+
+STOP_TIMEOUT = 10.0
+
+
+def queues(config: configmod.Config, shard: int | None, storage: bool) -> list[str]:
+    """This host's queue (``host.<host>``, or shard ``K`` of ``host.<host>.<0..N-1>``)."""
+    n = config.host_processes(embedded=False)
+    if n > 1 and shard is None:
+        raise SystemExit(f"workers: the config has host-workers: {n}; pass --shard K (0..{n - 1}), one worker each")
+    if shard is not None and not 0 <= shard < n:
+        raise SystemExit(f"workers: --shard {shard} is outside 0..{n - 1} (host-workers: {n})")
+    own = shard_queue(config.host, shard or 0, n)
+    return [own, STORAGE_QUEUE] if storage else [own]
+
+
+def watch_beside(config: configmod.Config, http: tuple[str, int] | None) -> None:
+    """Run the watcher on a thread of this worker from its start to its shutdown. If the
+    watcher fails, the worker stops too, so its supervisor restarts both: a worker left
+    running without it would replicate nothing new, silently."""
+    from celery.signals import worker_ready, worker_shutdown
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        from scheduler.fleet_watch import run
+
+        try:
+            run(config, stop, report=lambda line: log.warning("tenantsync: %s", line), http=http, app=app)
+        except BaseException:
+            log.exception("the watcher failed; stopping this worker")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="tenantsync-watcher", daemon=True)
+
+    def stop_watching(**_) -> None:
+        stop.set()
+        thread.join(STOP_TIMEOUT)  # it releases its inotify watches and HTTP port
+
+    worker_ready.connect(lambda **_: thread.start(), weak=False)
+    worker_shutdown.connect(stop_watching, weak=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split("\n\n")[0])
+    p.add_argument("-Q", "--queues", help="comma-separated queues, instead of this host's")
+    p.add_argument("--shard", type=int, help="which host.<host>.K queue (config host-workers > 1)")
+    p.add_argument("--storage", action="store_true", help="also take storage jobs (compact, snapshot, retain)")
+    p.add_argument("-c", "--concurrency", type=int, default=8, help="job threads (default 8)")
+    p.add_argument("-n", "--hostname", help="node name (default: the first queue @ this machine)")
+    p.add_argument("-l", "--loglevel", default="INFO")
+    p.add_argument("--watch", action="store_true", help="also run this host's watcher (tenantsync watch)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="with --watch: serve the HTTP API (tenantsync serve)")
+    a = p.parse_args(argv)
+    config = configmod.load()
+    if a.listen and not a.watch:
+        raise SystemExit("workers: --listen serves the watcher's HTTP API; it needs --watch")
+    if a.watch:
+        if not config.globs:
+            raise SystemExit("workers: --watch needs 'globs:' in tenantsync.yml (or TENANTSYNC_GLOBS)")
+        host, _, port = (a.listen or "").rpartition(":")
+        if a.listen and not port.isdigit():
+            raise SystemExit(f"workers: --listen {a.listen!r}: expected HOST:PORT")
+        watch_beside(config, (host or "127.0.0.1", int(port)) if a.listen else None)
+    names = [q for q in a.queues.split(",") if q] if a.queues else queues(config, a.shard, a.storage)
+    worker = app.Worker(
+        queues=names,
+        pool_cls="threads",
+        concurrency=a.concurrency,
+        hostname=host_format(default_nodename(a.hostname or f"{names[0]}@%h")),
+        loglevel=a.loglevel,
+        # Gossip and mingle let workers discover each other at start; these workers never
+        # need to, and their broadcasts would wake every worker for every peer's event.
+        without_gossip=True,
+        without_mingle=True,
+    )
+    worker.start()
+    return worker.exitcode or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
