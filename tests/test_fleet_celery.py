@@ -610,6 +610,22 @@ def test_one_worker_running_the_watcher_replicates_serves_and_stops_cleanly(tmp_
     assert "Traceback" not in worker.log(), worker.tail()
 
 
+@pytest.mark.parametrize("args, config, error", [
+    (["--shard", "3"], {}, "workers: --shard 3 is outside 0..0 (host-workers: 1)"),
+    ([], {"host-workers": 2}, "workers: the config has host-workers: 2; pass --shard K (0..1), one worker each"),
+    (["--listen", "127.0.0.1:8080"], {}, "workers: --listen serves the watcher's HTTP API; it needs --watch"),
+    (["--watch", "--listen", "nowhere"], {}, "workers: --listen 'nowhere': expected HOST:PORT"),
+])
+def test_the_worker_launcher_refuses_bad_arguments_in_one_line(tmp_path, args, config, error):
+    """A wrong shard or option is one line on stderr and a non-zero exit, before any broker
+    connection (the broker here does not exist)."""
+    config_path = write_config(tmp_path, "redis://127.0.0.1:9/0", **config)
+    done = subprocess.run([sys.executable, "-m", "workers", *args], env=child_env(config_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.strip() == error
+
+
 def restores_to(cfg, name: str, path, tmp_path) -> bool:
     """The tenant's replica restores to exactly the content of its source now."""
     restored = tmp_path / "restored" / f"{name}.{time.monotonic_ns()}"
