@@ -16,7 +16,7 @@ from typing import Callable
 
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
-from tenantsync.fleet import Fleet
+from tenantsync.fleet import Fleet, freeze_setup
 from tenantsync.ondemand import OnDemand
 from tenantsync.server import serve
 from tenantsync.tenants import shard
@@ -68,6 +68,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     schedule = Schedule(config, catalogue, dispatcher)
     # Its own thread: behind a long compaction queue, idle tenants would stay open.
     releaser = fleet.start_releasing(RELEASE_EVERY, stop)
+    freeze_setup()
     try:
         watcher.run(stop, schedule.tick)
     finally:

@@ -240,7 +240,7 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) or the
     storage-only ones. With ``release_every``, it releases its idle tenants itself."""
     from tenantsync.catalogue import Catalogue
-    from tenantsync.fleet import Fleet, prepare_process
+    from tenantsync.fleet import Fleet, freeze_setup, prepare_process
     from tenantsync.ondemand import OnDemand
 
     prepare_process()
@@ -249,6 +249,7 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     ondemand = OnDemand(fleet)
     stop = threading.Event()
     releaser = fleet.start_releasing(release_every, stop) if release_every else None
+    freeze_setup()
 
     def close() -> None:
         stop.set()

@@ -11,6 +11,7 @@ pick a tenant up where another left it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import resource
@@ -66,6 +67,15 @@ def prepare_process() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def freeze_setup() -> None:
+    """Take what exists now out of the garbage collector's generations (``gc.freeze``).
+    Called once a fleet process is set up: its modules, app and config live as long as the
+    process, and every full collection traversed them again: at 10,000 tenants 100,000 of a
+    worker's 170,000 tracked objects, in pauses of 0.1 s that stop every job thread."""
+    gc.collect()
+    gc.freeze()
 
 
 def _return_freed_memory() -> None:
@@ -408,3 +418,8 @@ class Fleet:
             active = self._active.pop(name, None)
         if active is not None:
             active.capture.close()
+            # The fence refers to ``active``, which holds the capture: without this the
+            # released tenant is a reference cycle that only the garbage collector frees.
+            # At 10,000 tenants those cycles made a full collection in a worker take
+            # 0.24-0.27 s, every thread stopped, while the lag test ran.
+            active.capture.fence = None

@@ -12,7 +12,7 @@ import threading
 from celery.signals import worker_ready
 
 from tenantsync import config as configmod
-from tenantsync.fleet import Fleet, prepare_process
+from tenantsync.fleet import Fleet, freeze_setup, prepare_process
 
 RELEASE_EVERY = 5.0
 
@@ -66,3 +66,4 @@ def ondemand():
 def _start_idle_release(**_):
     """One thread per worker (not per tenant) closes tenants that went idle."""
     fleet().start_releasing(RELEASE_EVERY, threading.Event())
+    freeze_setup()
