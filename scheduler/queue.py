@@ -2,13 +2,14 @@
 
 Dedupe lives in Redis so every watcher and worker sees it: ``SET NX`` on a per-tenant
 *pending* key admits one sync; later requests set a *dirty* key instead. Requests come in
-batches (one per watcher tick): the keys of a batch are set in one pipelined round trip
+batches (one per watcher tick): the keys of a batch are set in one round trip (a script)
 and the admitted tenants go out as one ``tenantsync.sync`` message per host queue and
 SYNC_BATCH tenants, because Celery's own cost per message (publish, deliver, ack, trace)
 was most of a sync's cost at 200 writes/s. The sync task calls :func:`finish_syncs` when
-it is done, which clears *pending* first and then, if *dirty* was set meanwhile, requests
-one more sync. A request that slips between the two
-steps finds *pending* clear and enqueues itself, so no write is ever left unsynced. Before
+it is done, which clears *pending* and takes *dirty*, and if it was set requests one more
+sync. Both steps are Lua scripts, atomic per tenant: as separate commands a request could
+fail its ``SET NX``, the job finish, and the request's dirty mark then wait for the catch-up
+check (a commit seen after 14 s at 10,000 tenants). So no write is ever left unsynced. Before
 that, the task takes the *dirty* mark itself (:func:`take_dirty`) a few times and syncs
 again at once: a write during a sync then waits for one pass, not for the whole queue.
 Keys expire, so a worker killed mid-job cannot wedge a tenant; the periodic catch-up
@@ -33,6 +34,30 @@ SYNC_BATCH = 8
 REDIS_RETRIES = 20
 
 
+# Per tenant (KEYS: pending, dirty, pending, dirty, ...): admit a sync, else mark it dirty.
+_REQUEST = """
+local admitted = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('SET', KEYS[i], 1, 'NX', 'EX', ARGV[1]) then
+    admitted[#admitted + 1] = 1
+  else
+    redis.call('SET', KEYS[i + 1], 1, 'EX', ARGV[1])
+    admitted[#admitted + 1] = 0
+  end
+end
+return admitted
+"""
+# Per tenant: the sync ended; clear pending and say whether a write came in meanwhile.
+_FINISH = """
+local dirty = {}
+for i = 1, #KEYS, 2 do
+  redis.call('DEL', KEYS[i])
+  dirty[#dirty + 1] = redis.call('GETDEL', KEYS[i + 1]) and 1 or 0
+end
+return dirty
+"""
+
+
 def once_key(job: str, name: str, kwargs: dict | None = None) -> str:
     return f"tenantsync:{job_key(job, kwargs or {})}:pending:{name}"
 
@@ -53,6 +78,8 @@ class CeleryDispatcher:
             retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), REDIS_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
+        self._request = self.redis.register_script(_REQUEST)
+        self._finish = self.redis.register_script(_FINISH)
 
     def host_queue(self, name: str) -> str:
         from workers.app import host_queue
@@ -68,17 +95,11 @@ class CeleryDispatcher:
         names = list(dict.fromkeys(names))
         if not names:
             return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.set(_keys(name)[0], 1, nx=True, ex=PENDING_TTL)
-        admitted = pipe.execute()
+        admitted = self._request(keys=[key for name in names for key in _keys(name)], args=[PENDING_TTL])
         by_queue: dict[str, list[str]] = {}
         for name, ok in zip(names, admitted):
             if ok:
                 by_queue.setdefault(self.host_queue(name), []).append(name)
-            else:
-                pipe.set(_keys(name)[1], 1, ex=PENDING_TTL)
-        pipe.execute()
         for queue, queued in by_queue.items():
             for i in range(0, len(queued), SYNC_BATCH):
                 self.app.send_task("tenantsync.sync", args=[queued[i:i + SYNC_BATCH]], queue=queue,
@@ -110,16 +131,11 @@ def take_dirty(dispatcher: CeleryDispatcher, name: str) -> bool:
 
 
 def finish_syncs(dispatcher: CeleryDispatcher, names: list[str]) -> None:
-    """The syncs of ``names`` have ended: clear *pending*, then sync again whoever was
-    marked dirty in between (two round trips for the whole batch)."""
+    """The syncs of ``names`` have ended: clear *pending* and sync again whoever was
+    marked dirty in between (one script for the whole batch, atomic per tenant)."""
     if not names:
         return
-    pipe = dispatcher.redis.pipeline(transaction=False)
-    for name in names:
-        pipe.delete(_keys(name)[0])
-    for name in names:
-        pipe.getdel(_keys(name)[1])
-    dirty = pipe.execute()[len(names):]
+    dirty = dispatcher._finish(keys=[key for name in names for key in _keys(name)])
     dispatcher.request_syncs([name for name, mark in zip(names, dirty) if mark])
 
 

@@ -633,6 +633,62 @@ def restores_to(cfg, name: str, path, tmp_path) -> bool:
     return dump(str(restored)) == dump(str(path))
 
 
+def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path, redis_server):
+    """A second write lands while the first write's sync job is finishing (real Redis, the
+    job's end timed at random around it), many times: a sync must always start after it.
+    With the request's "admit, else mark dirty" as two commands, the job's finish could
+    fall between them and the mark then waited for the catch-up check."""
+    import queue as queuemod
+
+    from scheduler.queue import CeleryDispatcher, finish_syncs
+    from workers.app import make_app
+
+    app = make_app(load_config(write_config(tmp_path, redis_server.url, host="race"), env={}))
+    dispatcher = CeleryDispatcher(app, "race")
+    sent: queuemod.Queue = queuemod.Queue()
+    app.send_task = lambda task, args, **kw: sent.put(list(args[0]))  # the worker below takes them
+    state = {"writes": 0, "synced_from": [], "idle": threading.Event()}
+
+    def worker() -> None:
+        while True:
+            names = sent.get()
+            if names is None:
+                return
+            state["idle"].clear()
+            state["synced_from"].append(state["writes"])  # the writes this sync covers
+            time.sleep(random.random() * 0.001)
+            finish_syncs(dispatcher, names)
+            if sent.empty():
+                state["idle"].set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    stranded = 0
+    try:
+        for _ in range(300):
+            state["writes"] += 1
+            dispatcher.request_syncs(["a.db"])  # a write: its sync starts
+            time.sleep(random.random() * 0.0015)
+            state["writes"] += 1
+            dispatcher.request_syncs(["a.db"])  # a second one, while that sync ends
+            assert state["idle"].wait(5)
+            time.sleep(0.005)
+            assert state["idle"].wait(5) and sent.empty()
+            stranded += max(state["synced_from"]) < state["writes"]
+            state["synced_from"].clear()
+            dispatcher.redis.delete(*_sync_keys("a.db"))  # next round from a clean state
+    finally:
+        sent.put(None)
+        thread.join()
+        dispatcher.close()
+        app.close()
+    assert stranded == 0
+
+
+def _sync_keys(name: str) -> list[str]:
+    return [f"tenantsync:sync:pending:{name}", f"tenantsync:sync:dirty:{name}"]
+
+
 def test_a_worker_takes_its_host_queue_before_the_storage_queue(tmp_path, redis_server):
     """A worker on ``host.<host>,storage`` (a small host) polls its queues in that order,
     so a sync never waits behind a backlog of compactions; round robin would alternate."""
