@@ -19,7 +19,8 @@ for all three setups). Each tool runs alone, in turn, while its measurements are
 2. idle     -- ``--settle`` s after the last tenant was replicated, CPU (user+sys, % of
    one core) over ``--idle-window`` s, RSS (VmRSS) and open fds, summed over every
    process of the tool (each tool runs in its own sessions; processes are found by
-   process group in /proc). Redis mode counts the watcher, both workers and redis-server.
+   process group in /proc). Redis mode counts redis-server, the workers, the watcher and
+   beat (or, with ``--watch-in-worker``, the workers alone: the first runs both).
 3. lag      -- a writer process commits ``--rate`` single-row transactions/s to tenants
    chosen uniformly at random for ``--lag-seconds`` s, logging (tenant, row id, commit
    time); it keeps the connections it opened (like an app's pool, LRU-capped at 4,000).
@@ -665,8 +666,9 @@ class RedisMode(Tenantsync):
             if self.a.worker_command == "celery":
                 command = [os.path.join(BIN, "celery"), "-A", "workers", "worker", "--pool", "threads",
                            "--without-gossip", "--without-mingle"]
-            else:  # the README's launcher; the first worker may also run the watcher
-                command = [sys.executable, "-m", "workers"] + (["--watch"] if self.a.watch_in_worker and i == 1 else [])
+            else:  # the README's launcher; the first worker may also run the watcher and beat
+                inside = ["--watch", "--beat", "--beat-schedule", os.path.join(self.root, "beat-schedule")]
+                command = [sys.executable, "-m", "workers"] + (inside if self.a.watch_in_worker and i == 1 else [])
             self.workers.append(self.child(f"worker{i}", [
                 *command, "-Q", queue, "-c", str(threads), "-n", f"w{i}@%h", "--loglevel", "WARNING"]))
         # A worker consuming its queues blocks in BRPOP on them: wait for both.
@@ -681,6 +683,9 @@ class RedisMode(Tenantsync):
             log(f"  workers not consuming after 60 s (alive: {[w.alive() for w in self.workers]})")
         if self.a.watch_in_worker:
             return self.workers[0].started  # its watcher started once the worker was ready
+        # Beat sends the storage plans (compaction, snapshots, retention), as in the README.
+        self.child("beat", [os.path.join(BIN, "celery"), "-A", "scheduler.beat", "beat", "--loglevel", "WARNING",
+                            "-s", os.path.join(self.root, "celerybeat-schedule")])
         return self.start_watcher()
 
 

@@ -22,16 +22,12 @@ from tenantsync.server import serve
 from tenantsync.tenants import shard
 
 from .dispatch import InProcessDispatcher
-from .job_process import JobProcess, fleet_jobs
+from .job_process import JobProcess, fleet_jobs, storage_process
 from .schedule import Schedule
 from .watcher import Watcher
 
 RELEASE_EVERY = 5.0
 STORAGE_JOBS = ("compact", "snapshot", "retain")
-# Compaction is CPU work: niced, so the syncing processes win when cores are short.
-STORAGE_NICE = 10
-# An idle fleet has no storage jobs: their child exits after this long without one.
-STORAGE_IDLE_CLOSE = 30.0
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
@@ -51,8 +47,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     catalogue = Catalogue(config.catalogue)
     fleet = Fleet(config, catalogue)
     ondemand = OnDemand(fleet)
-    storage = JobProcess("tenantsync-storage", fleet_jobs, (config, None), nice=STORAGE_NICE,
-                         idle_close=STORAGE_IDLE_CLOSE)
+    storage = storage_process(config)
     shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.workers)
               for i in range(1, processes)]
     for child in shards:

@@ -236,6 +236,19 @@ def child_main(fd: int) -> None:
         close()
 
 
+# Compaction is CPU work: niced, so the syncing processes win when cores are short.
+STORAGE_NICE = 10
+# An idle fleet has no storage jobs: their child exits after this long without one.
+STORAGE_IDLE_CLOSE = 30.0
+
+
+def storage_process(config: Config, threads: int = 1) -> JobProcess:
+    """The child for a syncing process's storage-only jobs (compact, snapshot, retain): its
+    CPU work then neither holds the syncs' interpreter lock nor wins a core from them."""
+    return JobProcess("tenantsync-storage", fleet_jobs, (config, None), threads=threads, nice=STORAGE_NICE,
+                      idle_close=STORAGE_IDLE_CLOSE)
+
+
 def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) or the
     storage-only ones. With ``release_every``, it releases its idle tenants itself."""

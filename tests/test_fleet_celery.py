@@ -576,19 +576,22 @@ def test_sync_requests_go_out_in_batches_and_a_broken_tenant_holds_back_no_other
         app.close()
 
 
-def test_one_worker_running_the_watcher_replicates_serves_and_stops_cleanly(tmp_path, redis_server, children):
-    """``python -m workers --storage --watch --listen``: the whole host in one process besides
-    Redis. Tenants present at start and one created later are replicated and restore to
-    their source; the HTTP API answers; SIGTERM stops the worker and its watcher (exit 0)."""
+def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_stops(tmp_path, redis_server,
+                                                                                      children):
+    """``python -m workers --storage --watch --listen --beat``: the whole fleet in one process
+    besides Redis. Tenants present at start and one created later are replicated and restore
+    to their source; beat's level-1 plan compacts them; the HTTP API answers; SIGTERM stops
+    the worker, its watcher and beat (exit 0)."""
     host = "solo-test"
-    config_path = write_config(tmp_path, redis_server.url, host=host)
+    config_path = write_config(tmp_path, redis_server.url, host=host, levels=[{"level": 1, "interval": "1s"}])
     cfg = load_config(config_path, env={})
     paths = {f"t{i}.db": tmp_path / "data" / f"t{i}.db" for i in range(5)}
     for path in list(paths.values())[:4]:
         write_rows(app_db(str(path)), 3)
     port = free_port()
     worker = children("solo", [sys.executable, "-m", "workers", "--storage", "--watch", "--listen",
-                               f"127.0.0.1:{port}", "-c", "2", "-n", "solo@%h"], child_env(config_path))
+                               f"127.0.0.1:{port}", "--beat", "--beat-schedule", str(tmp_path / "beat-schedule"),
+                               "-c", "2", "-n", "solo@%h"], child_env(config_path))
     wait_worker_ready(worker)
     catalogue = Catalogue(cfg.catalogue)
 
@@ -600,6 +603,8 @@ def test_one_worker_running_the_watcher_replicates_serves_and_stops_cleanly(tmp_
     write_rows(conn, 3)
     write_rows(app_db(str(paths["t0.db"])), 2)
     assert wait_for(lambda: replicated(paths) or not worker.alive(), 30), worker.tail()
+    level1 = tmp_path / "replica" / "t4.db" / "ltx" / "1"
+    assert wait_for(lambda: level1.is_dir() and any(level1.glob("*.ltx")), 30), worker.tail()
     assert http_json(f"http://127.0.0.1:{port}/healthz")
     assert http_json(f"http://127.0.0.1:{port}/tenants/t4.db")["name"] == "t4.db"
     for name, path in paths.items():

@@ -11,9 +11,11 @@ tenants' open captures), so it is the only one offered.
     python -m workers --storage          # the storage queue too, after the host's own
     python -m workers -Q storage -c 2    # only storage jobs
     python -m workers --storage --watch  # and the watcher (instead of tenantsync watch)
+    python -m workers --beat             # and the storage plans' beat (instead of celery beat)
 
-``--watch`` runs the host's watcher in this process, as ``celery worker -B`` runs beat: on a
-small host that is one Python process (about 80 MiB) fewer. Run it in one worker per host.
+``--watch`` runs the host's watcher in this process, ``--beat`` the fleet's beat schedule
+(``scheduler/beat.py``), each on a thread, as ``celery worker -B`` runs beat: on a small host
+each is one Python process (60-80 MiB) fewer. One watcher per host, one beat per fleet.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from celery.utils.nodenames import default_nodename, host_format
 
 from tenantsync import config as configmod
 
+from . import runtime
 from .app import STORAGE_QUEUE, app, shard_queue
 
 log = logging.getLogger("workers")
@@ -74,16 +77,32 @@ def watch_beside(config: configmod.Config, http: tuple[str, int] | None) -> None
     worker_shutdown.connect(stop_watching, weak=False)
 
 
+def beat_beside(schedule_file: str) -> None:
+    """Run the storage plans' beat on a thread of this worker (Celery's threaded embedded
+    beat), from the worker's start to its shutdown."""
+    from celery.beat import EmbeddedService
+    from celery.signals import worker_ready, worker_shutdown
+
+    import scheduler.beat  # noqa: F401 - sets app.conf.beat_schedule from the config
+
+    beat = EmbeddedService(app, thread=True, schedule_filename=schedule_file)
+    worker_ready.connect(lambda **_: beat.start(), weak=False)
+    worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split("\n\n")[0])
     p.add_argument("-Q", "--queues", help="comma-separated queues, instead of this host's")
     p.add_argument("--shard", type=int, help="which host.<host>.K queue (config host-workers > 1)")
-    p.add_argument("--storage", action="store_true", help="also take storage jobs (compact, snapshot, retain)")
+    p.add_argument("--storage", action="store_true", help="also take storage jobs (compact, snapshot, retain), run in a niced child process")
     p.add_argument("-c", "--concurrency", type=int, default=8, help="job threads (default 8)")
     p.add_argument("-n", "--hostname", help="node name (default: the first queue @ this machine)")
     p.add_argument("-l", "--loglevel", default="INFO")
     p.add_argument("--watch", action="store_true", help="also run this host's watcher (tenantsync watch)")
     p.add_argument("--listen", metavar="HOST:PORT", help="with --watch: serve the HTTP API (tenantsync serve)")
+    p.add_argument("--beat", action="store_true", help="also run the storage plans' beat (celery beat)")
+    p.add_argument("--beat-schedule", default="celerybeat-schedule", metavar="FILE",
+                   help="with --beat: where beat keeps its last run times (celery beat -s)")
     a = p.parse_args(argv)
     config = configmod.load()
     if a.listen and not a.watch:
@@ -95,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.listen and not port.isdigit():
             raise SystemExit(f"workers: --listen {a.listen!r}: expected HOST:PORT")
         watch_beside(config, (host or "127.0.0.1", int(port)) if a.listen else None)
+    if a.beat:
+        beat_beside(a.beat_schedule)
+    if a.storage:  # storage jobs beside this worker's syncs: in a niced child, not its interpreter
+        runtime.STORAGE_IN_CHILD = True
     names = [q for q in a.queues.split(",") if q] if a.queues else queues(config, a.shard, a.storage)
     worker = app.Worker(
         queues=names,

@@ -14,7 +14,8 @@ import random
 from tenantsync.errors import ArchiveAborted, StorageUnavailable, TenantSyncError
 
 from .app import app
-from .runtime import dispatcher, fleet, ondemand, singleton
+from . import runtime
+from .runtime import dispatcher, fleet, ondemand, singleton, storage_child
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,12 @@ def _sync_one(name: str) -> dict:
 
 
 def _storage_job(job: str, name: str, **kwargs) -> dict:
-    """One storage job; whatever its outcome, the schedule may offer it again afterwards
+    """One storage job, in the niced storage child when this worker also syncs (``python -m
+    workers --storage``); whatever its outcome, the schedule may offer it again afterwards
     (its once-key, set when it was submitted, is cleared)."""
     try:
+        if runtime.STORAGE_IN_CHILD:
+            return storage_child().run(job, name, **kwargs)
         return getattr(fleet(), job)(name, **kwargs)
     finally:
         dispatcher().finish(job, name, **kwargs)
