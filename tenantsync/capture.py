@@ -417,8 +417,9 @@ class Capture:
         can copy little and restart nothing, yet a busy single-row writer making it ran at
         0.84-0.91 of its speed without a replicator, and at 1.04-1.11 once we held this
         lock (bench/core.py runs 5 and 6). We copy the WAL into the main file ourselves,
-        every CHECKPOINT_GAP past ``checkpoint_pages``. A lock held by someone else (a checkpoint running right now) is left alone; the
-        next pass tries again. The kernel drops it if this process dies.
+        every CHECKPOINT_GAP past ``checkpoint_pages``. A lock held by someone else (a
+        checkpoint running right now) is left alone; the next pass tries again. The
+        kernel drops it if this process dies.
         """
         if not self.own_checkpoints or self._shm_fd is None:
             return

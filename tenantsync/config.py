@@ -114,7 +114,9 @@ def load(path: str | None = None, env: dict | None = None) -> Config:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for var, key in _ENV.items():

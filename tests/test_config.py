@@ -45,6 +45,7 @@ def test_defaults_are_the_embedded_mode():
     ("levels: 5\n", "levels: expected a list of"),
     ("levels:\n  - {level: one, interval: 30s}\n", "levels: level 'one' is not a number"),
     ("levels:\n  - {level: 2}\n", "levels: level 2 has no interval"),
+    ("replica: [1\n", r"^\S+: invalid YAML at line 2, column 1: expected ',' or '\]', but got '<stream end>'$"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "tenantsync.yml"

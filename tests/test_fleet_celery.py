@@ -608,14 +608,15 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
     assert http_json(f"http://127.0.0.1:{port}/healthz")
     assert http_json(f"http://127.0.0.1:{port}/tenants/t4.db")["name"] == "t4.db"
     for name, path in paths.items():
-        wait_for(lambda: restores_to(cfg, name, path, tmp_path), 20)
-        assert restores_to(cfg, name, path, tmp_path), name
+        assert wait_for(lambda: restores_to(cfg, name, path, tmp_path), 20), name
     worker.stop(30)
     assert worker.proc.returncode == 0, worker.tail()
     assert "Traceback" not in worker.log(), worker.tail()
 
 
 @pytest.mark.parametrize("args, config, error", [
+    (["--storage"], {"levels": "often"},
+     "tenantsync: levels: expected a list of {level: N, interval: DURATION}"),
     (["--shard", "3"], {}, "workers: --shard 3 is outside 0..0 (host-workers: 1)"),
     ([], {"host-workers": 2}, "workers: the config has host-workers: 2; pass --shard K (0..1), one worker each"),
     (["--listen", "127.0.0.1:8080"], {}, "workers: --listen serves the watcher's HTTP API; it needs --watch"),
@@ -645,7 +646,7 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
     fall between them and the mark then waited for the catch-up check."""
     import queue as queuemod
 
-    from scheduler.queue import CeleryDispatcher, finish_syncs
+    from scheduler.queue import CeleryDispatcher, _keys, finish_syncs
     from workers.app import make_app
 
     app = make_app(load_config(write_config(tmp_path, redis_server.url, host="race"), env={}))
@@ -681,17 +682,13 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
             assert state["idle"].wait(5) and sent.empty()
             stranded += max(state["synced_from"]) < state["writes"]
             state["synced_from"].clear()
-            dispatcher.redis.delete(*_sync_keys("a.db"))  # next round from a clean state
+            dispatcher.redis.delete(*_keys("a.db"))  # next round from a clean state
     finally:
         sent.put(None)
         thread.join()
         dispatcher.close()
         app.close()
     assert stranded == 0
-
-
-def _sync_keys(name: str) -> list[str]:
-    return [f"tenantsync:sync:pending:{name}", f"tenantsync:sync:dirty:{name}"]
 
 
 def test_a_worker_takes_its_host_queue_before_the_storage_queue(tmp_path, redis_server):

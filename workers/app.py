@@ -67,4 +67,14 @@ def make_app(config: configmod.Config) -> Celery:
     return app
 
 
-app = make_app(configmod.load())
+def _config() -> configmod.Config:
+    """The config the app is built from. This module is the first thing ``celery -A workers``
+    and ``python -m workers`` import, so a bad config stops them with its one line, not a
+    traceback."""
+    try:
+        return configmod.load()
+    except configmod.ConfigError as e:
+        raise SystemExit(f"tenantsync: {e}") from None
+
+
+app = make_app(_config())
