@@ -173,12 +173,15 @@ class Fleet:
         passing ``archiving=True`` under the tenant's lock).
         """
         with self.tenant_lock(name):
+            # What it ships is what was committed before now: recorded as the sync's time, a
+            # write landing while it runs is still seen as unsynced (catch-up, caught-up checks).
+            started = _now()
             active = self._activate(name, archiving)
             if active is None:
                 return {"tenant": name, "skipped": "not replicable now"}
             if not active.capture.has_news():
                 self._drop(name)  # stays idle: nothing opened, no lease taken
-                self.catalogue.record_caught_up(name, _now())
+                self.catalogue.record_caught_up(name, started)
                 return {"tenant": name, "txid": None, "skipped": "nothing new"}
             try:
                 self._hold_lease(name, active)
@@ -202,7 +205,7 @@ class Fleet:
                 name,
                 txid=pos.txid if pos else 0,
                 position=pos.to_dict() if pos else None,
-                at=_now(),
+                at=started,
                 bytes_added=result.size,
                 lease=active.lease_mirror(),
             )
@@ -285,6 +288,7 @@ class Fleet:
                 # lease writes were idle releases re-taking a lease that had just lapsed.
                 if not active.capture.shipped_all() and (active.lease is None or not active.leaser.held(active.lease)):
                     self._hold_lease(name, active)
+                started = _now()
                 shipped = active.capture.release()
                 pos = active.capture.position
                 if pos is not None:
@@ -292,7 +296,7 @@ class Fleet:
                     # pass resume; last_sync_at moves only if this shipped something, else
                     # every release would make the schedule compact the tenant again.
                     self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(),
-                                               at=_now() if shipped.txid is not None else None,
+                                               at=started if shipped.txid is not None else None,
                                                bytes_added=shipped.size, lease=active.lease_mirror(), idle=True)
                 if active.lease is not None and keep_lease:
                     with self._guard:
