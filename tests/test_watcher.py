@@ -25,7 +25,7 @@ class Recorder:
         self.syncs.extend(names)
         return len(names)
 
-    def submit(self, job: str, name: str, **kwargs) -> None:
+    def submit(self, job: str, names, **kwargs) -> int:
         raise AssertionError("the watcher only requests syncs")
 
     def close(self) -> None:
@@ -86,3 +86,38 @@ def test_main_file_changes_and_deleted_wals_are_not_writes(watcher):
     w.handle({(Change.modified, f"{data}/a.db"), (Change.deleted, f"{data}/a.db-wal"),
               (Change.modified, f"{data}/a.db-shm")})
     assert w.dispatcher.syncs == []
+
+
+def test_writes_are_requested_while_a_plan_round_runs_and_a_failing_round_does_not_stop_the_plans(watcher):
+    """The schedules run on their own thread: a long plan round (thousands of submissions at
+    10,000 tenants) does not hold the event loop, and one that fails is logged, not fatal."""
+    import threading
+    import time
+
+    w, data, _ = watcher
+    stop, release = threading.Event(), threading.Event()
+    rounds = []
+
+    def tick():
+        rounds.append(time.monotonic())
+        if len(rounds) == 1:
+            raise RuntimeError("catalogue hiccup")
+        release.wait(30)  # the second round is long
+
+    runner = threading.Thread(target=w.run, args=(stop, tick))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(rounds) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(rounds) == 2  # the first round failed; the plans went on
+        write_rows(app_db(str(data / "b.db")), 1)  # while the second round runs
+        deadline = time.monotonic() + 5
+        while "b.db" not in w.dispatcher.syncs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "b.db" in w.dispatcher.syncs
+    finally:
+        release.set()
+        stop.set()
+        runner.join(10)
+    assert not runner.is_alive()
