@@ -658,17 +658,22 @@ class RedisMode(Tenantsync):
         # of them, each tenant's jobs always on the same one), and one storage worker.
         n = self.a.host_workers
         queues = [f"host.{HOST}"] if n == 1 else [f"host.{HOST}.{k}" for k in range(n)]
-        if self.a.storage_on_host_workers:  # a small host: its workers also take the storage jobs
+        small = self.a.storage_on_host_workers  # a small host: its workers also run the storage jobs
+        celery = self.a.worker_command == "celery"
+        if small and celery:
             plan = [(i + 1, f"{q},storage", self.a.worker_threads) for i, q in enumerate(queues)]
+        elif small:  # the first with --storage: a niced storage child while storage jobs wait
+            plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)]
         else:
             plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)] + [(n + 1, "storage", 2)]
         for i, queue, threads in plan:
-            if self.a.worker_command == "celery":
+            if celery:
                 command = [os.path.join(BIN, "celery"), "-A", "workers", "worker", "--pool", "threads",
                            "--without-gossip", "--without-mingle"]
             else:  # the README's launcher; the first worker may also run the watcher and beat
                 inside = ["--watch", "--beat", "--beat-schedule", os.path.join(self.root, "beat-schedule")]
                 command = [sys.executable, "-m", "workers"] + (inside if self.a.watch_in_worker and i == 1 else [])
+                command += ["--storage"] if small and i == 1 else []  # one storage child per host
             self.workers.append(self.child(f"worker{i}", [
                 *command, "-Q", queue, "-c", str(threads), "-n", f"w{i}@%h", "--loglevel", "WARNING"]))
         # A worker consuming its queues blocks in BRPOP on them: wait for both.
@@ -1220,7 +1225,7 @@ def main() -> None:
     p.add_argument("--s3-window", type=float, default=None, help="S3 counting window (60 s)")
     p.add_argument("--worker-threads", type=int, default=4, help="-c of each host-queue worker (Redis mode)")
     p.add_argument("--storage-on-host-workers", action="store_true",
-                   help="Redis mode: no storage worker; the host-queue workers also take -Q storage")
+                   help="Redis mode: no storage worker; the host-queue workers run storage jobs too (--storage)")
     p.add_argument("--worker-command", choices=["module", "celery"], default="module",
                    help="Redis mode: start workers with python -m workers (README) or celery -A workers worker")
     p.add_argument("--watch-in-worker", action="store_true",

@@ -34,8 +34,9 @@ class Dispatcher(Protocol):
     def request_syncs(self, names) -> int:
         """``request_sync`` for each of ``names`` (one watcher batch); how many were queued."""
 
-    def submit(self, job: str, name: str, **kwargs) -> None:
-        """Run a storage-only or maintenance job for ``name`` (compact, snapshot, retain)."""
+    def submit(self, job: str, names, **kwargs) -> int:
+        """Run a storage-only or maintenance job (compact, snapshot, retain, archive) for each
+        of ``names`` that has none queued or running; how many were queued."""
 
     def close(self) -> None: ...
 
@@ -84,13 +85,17 @@ class InProcessDispatcher:
                     return
                 self._dirty.discard(name)
 
-    def submit(self, job: str, name: str, **kwargs) -> None:
-        key = (job_key(job, kwargs), name)
-        with self._lock:
-            if key in self._once:
-                return  # the same job is already queued or running for this tenant
-            self._once.add(key)
-        self.maintenance.submit(self._run_once, key, job, name, **kwargs)
+    def submit(self, job: str, names, **kwargs) -> int:
+        queued = 0
+        for name in dict.fromkeys(names):
+            key = (job_key(job, kwargs), name)
+            with self._lock:
+                if key in self._once:
+                    continue  # the same job is already queued or running for this tenant
+                self._once.add(key)
+            self.maintenance.submit(self._run_once, key, job, name, **kwargs)
+            queued += 1
+        return queued
 
     def _run_once(self, key: tuple[str, str], job: str, name: str, **kwargs) -> None:
         try:

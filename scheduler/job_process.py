@@ -242,10 +242,10 @@ STORAGE_NICE = 10
 STORAGE_IDLE_CLOSE = 30.0
 
 
-def storage_process(config: Config, threads: int = 1) -> JobProcess:
+def storage_process(config: Config) -> JobProcess:
     """The child for a syncing process's storage-only jobs (compact, snapshot, retain): its
     CPU work then neither holds the syncs' interpreter lock nor wins a core from them."""
-    return JobProcess("tenantsync-storage", fleet_jobs, (config, None), threads=threads, nice=STORAGE_NICE,
+    return JobProcess("tenantsync-storage", fleet_jobs, (config, None), nice=STORAGE_NICE,
                       idle_close=STORAGE_IDLE_CLOSE)
 
 

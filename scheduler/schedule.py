@@ -120,21 +120,14 @@ class Schedule:
             names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
             return self.dispatcher.request_syncs(names)
         if key == "archive":
-            names = archival_candidates(self.config, self.catalogue.list(host=self.config.host), now)
-            for name in names:
-                self.dispatcher.submit("archive", name)
-            return len(names)
-        since = now - 2 * self.every[key]
-        count = 0
-        for name in self.catalogue.synced_since(since):
-            if key == "retain":
-                self.dispatcher.submit("retain", name)
-            elif key == layout.SNAPSHOT_LEVEL:
-                self.dispatcher.submit("snapshot", name)
-            else:
-                self.dispatcher.submit("compact", name, level=key)
-            count += 1
-        return count
+            tenants = self.catalogue.list(host=self.config.host)
+            return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))
+        names = self.catalogue.synced_since(now - 2 * self.every[key])
+        if key == "retain":
+            return self.dispatcher.submit("retain", names)
+        if key == layout.SNAPSHOT_LEVEL:
+            return self.dispatcher.submit("snapshot", names)
+        return self.dispatcher.submit("compact", names, level=key)
 
     def _due(self, key, every: timedelta, now: datetime) -> bool:
         last = self._last_run.get(key)

@@ -39,16 +39,16 @@ def test_a_maintenance_job_is_queued_once_until_it_has_run():
 
     d, results = make({"compact": compact})
     try:
-        d.submit("compact", "a", level=1)
+        d.submit("compact", ["a"], level=1)
         assert started.wait(5)
         for _ in range(5):  # the schedule offers it again while it runs
-            d.submit("compact", "a", level=1)
-        d.submit("compact", "a", level=2)  # other arguments: another job
-        d.submit("compact", "b", level=1)  # another tenant
+            d.submit("compact", ["a"], level=1)
+        d.submit("compact", ["a"], level=2)  # other arguments: another job
+        d.submit("compact", ["b"], level=1)  # another tenant
         gate.set()
         assert wait_for(lambda: len(results) == 3, 5)
         assert sorted((r["tenant"], r["level"]) for _, r in results) == [("a", 1), ("a", 2), ("b", 1)]
-        d.submit("compact", "a", level=1)  # finished: may run again
+        d.submit("compact", ["a"], level=1)  # finished: may run again
         assert wait_for(lambda: len(results) == 4, 5)
     finally:
         gate.set()
@@ -61,7 +61,7 @@ def test_syncs_do_not_wait_behind_maintenance():
                        "sync": lambda name: {"tenant": name}})
     try:
         for i in range(4):  # more long jobs than the maintenance pool has threads
-            d.submit("compact", f"t{i}", level=1)
+            d.submit("compact", [f"t{i}"], level=1)
         d.request_sync("a")
         assert wait_for(lambda: ("sync", {"tenant": "a"}) in results, 5)
     finally:

@@ -614,6 +614,86 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
     assert "Traceback" not in worker.log(), worker.tail()
 
 
+def _children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append((int(entry), cmdline))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(tmp_path, redis_server, children):
+    """``python -m workers --storage`` takes its host queue and beat's plans, never the
+    storage queue: a compaction waiting there starts a niced child worker (``-Q storage``),
+    which compacts; when the worker is SIGKILLed, the child stops by itself."""
+    from scheduler.queue import CeleryDispatcher
+    from tenantsync.fleet import Fleet
+    from workers.app import make_app
+
+    config_path = write_config(tmp_path, redis_server.url, host="lone", levels=[{"level": 1, "interval": "1s"}])
+    cfg = load_config(config_path, env={})
+    name, path = "a.db", tmp_path / "data" / "a.db"
+    conn = app_db(str(path))
+    fleet = Fleet(cfg)
+    fleet.catalogue.discover(name, str(path), cfg.host)
+    for _ in range(3):
+        write_rows(conn, 2)
+        assert fleet.sync(name)["txid"]
+    fleet.shutdown()
+    time.sleep(1.1)  # past the level-1 boundary: the L0 files are due for compaction
+    worker = children("lone", [sys.executable, "-m", "workers", "--storage", "-c", "2", "-n", "lone@%h"],
+                      child_env(config_path))
+    wait_worker_ready(worker)
+    banner = worker.log()
+    assert ".> plans " in banner and ".> storage " not in banner, worker.tail()
+    assert _children_of(worker.proc.pid) == []
+    app = make_app(cfg)
+    dispatcher = CeleryDispatcher(app, "lone")
+    try:
+        dispatcher.submit("compact", [name], level=1)
+    finally:
+        dispatcher.close()
+        app.close()
+    level1 = tmp_path / "replica" / name / "ltx" / "1"
+    assert wait_for(lambda: level1.is_dir() and any(level1.glob("*.ltx")), 30), worker.tail()
+    storage_workers = [(pid, cmd) for pid, cmd in _children_of(worker.proc.pid) if "-Q storage" in cmd]
+    assert len(storage_workers) == 1, _children_of(worker.proc.pid)
+    child = storage_workers[0][0]
+    assert os.getpriority(os.PRIO_PROCESS, child) >= 10
+    os.kill(worker.proc.pid, signal.SIGKILL)  # the worker alone, not its process group
+    assert wait_for(lambda: _gone(child), 30), worker.tail()
+    restored = tmp_path / "restored.db"
+    restore(Replica(open_storage(cfg.replica).child(name)), str(restored))
+    assert dump(str(restored)) == dump(str(path))
+
+
+def test_a_storage_child_exits_when_it_has_had_no_job_for_a_while(tmp_path, redis_server):
+    config_path = write_config(tmp_path, redis_server.url)
+    done = subprocess.run([sys.executable, "-m", "workers", "-Q", "storage", "-c", "1", "--exit-when-idle", "1",
+                           "-n", "idle@%h"], env=child_env(config_path), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "idle@" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("args, config, error", [
     (["--storage"], {"levels": "often"},
      "tenantsync: levels: expected a list of {level: N, interval: DURATION}"),
@@ -689,6 +769,29 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
         dispatcher.close()
         app.close()
     assert stranded == 0
+
+
+def test_storage_jobs_go_out_in_batches_once_per_tenant_until_finished(tmp_path, redis_server):
+    """A plan's 70 compactions are 3 messages (STORAGE_BATCH 32) on the storage queue; offered
+    again while queued, none is sent twice; once finished, they may be sent again."""
+    from scheduler.queue import STORAGE_BATCH, CeleryDispatcher
+    from workers.app import make_app
+
+    app = make_app(load_config(write_config(tmp_path, redis_server.url, host="batch"), env={}))
+    dispatcher = CeleryDispatcher(app, "batch")
+    names = [f"t{i}.db" for i in range(70)]
+    try:
+        assert dispatcher.submit("compact", names, level=1) == 70
+        assert dispatcher.submit("compact", names[:40], level=1) == 0
+        assert dispatcher.submit("compact", names[:40], level=2) == 40  # other arguments, other jobs
+        messages = [json.loads(m) for m in dispatcher.redis.lrange("storage", 0, -1)]
+        batches = [m["headers"]["argsrepr"] for m in messages]
+        assert len(messages) == 3 + 2 and STORAGE_BATCH == 32, batches
+        dispatcher.finish("compact", names[:10], level=1)
+        assert dispatcher.submit("compact", names, level=1) == 10
+    finally:
+        dispatcher.close()
+        app.close()
 
 
 def test_a_worker_takes_its_host_queue_before_the_storage_queue(tmp_path, redis_server):

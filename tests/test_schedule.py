@@ -25,8 +25,10 @@ class Recorder:
         self.syncs.extend(names)
         return len(names)
 
-    def submit(self, job: str, name: str, **kwargs) -> None:
-        self.jobs.append((job, name, kwargs))
+    def submit(self, job: str, names, **kwargs) -> int:
+        names = list(names)
+        self.jobs.extend((job, name, kwargs) for name in names)
+        return len(names)
 
 
 def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path):

@@ -8,8 +8,8 @@ tenants' open captures), so it is the only one offered.
 
     python -m workers                    # this host's queue, host.<host>
     python -m workers --shard 1          # host.<host>.1, with host-workers: N in the config
-    python -m workers --storage          # the storage queue too, after the host's own
-    python -m workers -Q storage -c 2    # only storage jobs
+    python -m workers --storage          # and a storage worker beside it, started on demand
+    python -m workers -Q storage -c 2    # only storage jobs (and beat's plans)
     python -m workers --storage --watch  # and the watcher (instead of tenantsync watch)
     python -m workers --beat             # and the storage plans' beat (instead of celery beat)
 
@@ -31,23 +31,21 @@ from celery.utils.nodenames import default_nodename, host_format
 
 from tenantsync import config as configmod
 
-from . import runtime
-from .app import STORAGE_QUEUE, app, shard_queue
+from .app import PLAN_QUEUE, app, shard_queue, storage_without_plans
 
 log = logging.getLogger("workers")
 
 STOP_TIMEOUT = 10.0
 
 
-def queues(config: configmod.Config, shard: int | None, storage: bool) -> list[str]:
+def queues(config: configmod.Config, shard: int | None) -> list[str]:
     """This host's queue (``host.<host>``, or shard ``K`` of ``host.<host>.<0..N-1>``)."""
     n = config.host_processes(embedded=False)
     if n > 1 and shard is None:
         raise SystemExit(f"workers: the config has host-workers: {n}; pass --shard K (0..{n - 1}), one worker each")
     if shard is not None and not 0 <= shard < n:
         raise SystemExit(f"workers: --shard {shard} is outside 0..{n - 1} (host-workers: {n})")
-    own = shard_queue(config.host, shard or 0, n)
-    return [own, STORAGE_QUEUE] if storage else [own]
+    return [shard_queue(config.host, shard or 0, n)]
 
 
 def watch_beside(config: configmod.Config, http: tuple[str, int] | None) -> None:
@@ -90,11 +88,23 @@ def beat_beside(schedule_file: str) -> None:
     worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
 
 
+def storage_beside(hostname: str, loglevel: str) -> None:
+    """Start the on-demand storage worker (storage_child.py) with this worker, stop it with it."""
+    from celery.signals import worker_ready, worker_shutdown
+
+    from .storage_child import StorageChild
+
+    child = StorageChild(hostname, loglevel)
+    worker_ready.connect(lambda **_: child.start(), weak=False)
+    worker_shutdown.connect(lambda **_: child.stop(), weak=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split("\n\n")[0])
     p.add_argument("-Q", "--queues", help="comma-separated queues, instead of this host's")
     p.add_argument("--shard", type=int, help="which host.<host>.K queue (config host-workers > 1)")
-    p.add_argument("--storage", action="store_true", help="also take storage jobs (compact, snapshot, retain), run in a niced child process")
+    p.add_argument("--storage", action="store_true",
+                   help="also run storage jobs (compact, snapshot, retain): a niced storage worker, started while they wait")
     p.add_argument("-c", "--concurrency", type=int, default=8, help="job threads (default 8)")
     p.add_argument("-n", "--hostname", help="node name (default: the first queue @ this machine)")
     p.add_argument("-l", "--loglevel", default="INFO")
@@ -103,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beat", action="store_true", help="also run the storage plans' beat (celery beat)")
     p.add_argument("--beat-schedule", default="celerybeat-schedule", metavar="FILE",
                    help="with --beat: where beat keeps its last run times (celery beat -s)")
+    p.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help=argparse.SUPPRESS)  # --storage's child
     a = p.parse_args(argv)
     config = configmod.load()
     if a.listen and not a.watch:
@@ -116,14 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         watch_beside(config, (host or "127.0.0.1", int(port)) if a.listen else None)
     if a.beat:
         beat_beside(a.beat_schedule)
-    if a.storage:  # storage jobs beside this worker's syncs: in a niced child, not its interpreter
-        runtime.STORAGE_IN_CHILD = True
-    names = [q for q in a.queues.split(",") if q] if a.queues else queues(config, a.shard, a.storage)
+    names = [q for q in a.queues.split(",") if q] if a.queues else queues(config, a.shard)
+    hostname = host_format(default_nodename(a.hostname or f"{names[0]}@%h"))
+    if a.storage:
+        names.append(PLAN_QUEUE)  # beat's plans enqueue storage jobs: here, not in the child (app.py)
+        storage_beside(hostname, a.loglevel)
+    if a.exit_when_idle:  # the child of a --storage worker
+        from .storage_child import exit_when_idle
+
+        storage_without_plans()
+        exit_when_idle(a.exit_when_idle)
     worker = app.Worker(
         queues=names,
         pool_cls="threads",
         concurrency=a.concurrency,
-        hostname=host_format(default_nodename(a.hostname or f"{names[0]}@%h")),
+        hostname=hostname,
         loglevel=a.loglevel,
         # Gossip and mingle let workers discover each other at start; these workers never
         # need to, and their broadcasts would wake every worker for every peer's event.

@@ -13,6 +13,7 @@ lag p99 2.53 s at 166 % CPU and 0.28 s at 122 % (bench/fleet.py --tenants 1000, 
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 from tenantsync import config as configmod
 from tenantsync.tenants import shard
@@ -20,6 +21,12 @@ from tenantsync.tenants import shard
 HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.restore", "tenantsync.hydrate",
              "tenantsync.release_idle"}
 STORAGE_QUEUE = "storage"
+# Beat's plans (tenantsync.plan) have their own queue, taken by every worker that takes storage
+# jobs or is started with --storage: a plan is a quick query that enqueues storage jobs, sent
+# every 30 s to an idle fleet too, and the storage queue must stay empty while no storage job
+# waits (a --storage worker starts its storage child when it is not; storage_child.py).
+PLAN_QUEUE = "plans"
+_plans_with_storage = True
 
 
 def host_queue(host: str, name: str = "", host_workers: int = 1) -> str:
@@ -61,10 +68,26 @@ def make_app(config: configmod.Config) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
         task_default_queue=STORAGE_QUEUE,
+        task_routes={"tenantsync.plan": {"queue": PLAN_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
     )
     return app
+
+
+def storage_without_plans() -> None:
+    """For a --storage worker's child: plans, sent every 30 s, would keep it from ever idling."""
+    global _plans_with_storage
+    _plans_with_storage = False
+
+
+@celeryd_after_setup.connect
+def _add_plans(sender, instance, **_) -> None:
+    """A worker taking the storage queue (``python -m workers -Q storage`` or ``celery -A
+    workers worker -Q …,storage``) also takes beat's plans."""
+    queues = instance.app.amqp.queues
+    if _plans_with_storage and STORAGE_QUEUE in queues.consume_from:
+        queues.select_add(PLAN_QUEUE)
 
 
 def _config() -> configmod.Config:

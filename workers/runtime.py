@@ -44,19 +44,6 @@ def fleet() -> Fleet:
     return Fleet(configmod.load())
 
 
-# Set by ``python -m workers --storage``: this worker also syncs its host's tenants, so its
-# storage jobs run in a niced child process, as in the embedded mode.
-STORAGE_IN_CHILD = False
-STORAGE_CHILD_THREADS = 2
-
-
-@singleton
-def storage_child():
-    from scheduler.job_process import storage_process
-
-    return storage_process(fleet().config, threads=STORAGE_CHILD_THREADS)
-
-
 @singleton
 def dispatcher():
     from scheduler.queue import CeleryDispatcher

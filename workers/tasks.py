@@ -14,8 +14,7 @@ import random
 from tenantsync.errors import ArchiveAborted, StorageUnavailable, TenantSyncError
 
 from .app import app
-from . import runtime
-from .runtime import dispatcher, fleet, ondemand, singleton, storage_child
+from .runtime import dispatcher, fleet, ondemand, singleton
 
 log = logging.getLogger(__name__)
 
@@ -87,31 +86,43 @@ def _sync_one(name: str) -> dict:
     return result
 
 
-def _storage_job(job: str, name: str, **kwargs) -> dict:
-    """One storage job, in the niced storage child when this worker also syncs (``python -m
-    workers --storage``); whatever its outcome, the schedule may offer it again afterwards
-    (its once-key, set when it was submitted, is cleared)."""
+def _storage_jobs(job: str, names: list[str] | str, **kwargs) -> dict:
+    """One storage job for each of a batch of tenants (the dispatcher sends up to
+    STORAGE_BATCH). One tenant's failure does not stop the others; an unreachable storage
+    retries the whole batch (every job is idempotent). Whatever the outcome, the schedule
+    may offer them again afterwards (their once-keys, set when submitted, are cleared)."""
+    names = [names] if isinstance(names, str) else list(names)
+    results: dict[str, dict] = {}
+    failed: list[Exception] = []
     try:
-        if runtime.STORAGE_IN_CHILD:
-            return storage_child().run(job, name, **kwargs)
-        return getattr(fleet(), job)(name, **kwargs)
+        for name in names:
+            try:
+                results[name] = getattr(fleet(), job)(name, **kwargs)
+            except StorageUnavailable:
+                raise
+            except Exception as e:  # recorded; the rest of the batch goes on
+                log.error("%s %s failed: %s", job, name, e, exc_info=not isinstance(e, TenantSyncError))
+                failed.append(e)
     finally:
-        dispatcher().finish(job, name, **kwargs)
+        dispatcher().finish(job, names, **kwargs)
+    if failed:
+        raise failed[0]  # the job shows as failed in Flower, with the first tenant's error
+    return results
 
 
 @app.task(name="tenantsync.compact", ignore_result=True, **RETRY)
-def compact(name: str, level: int = 1) -> dict:
-    return _storage_job("compact", name, level=level)
+def compact(names: list[str] | str, level: int = 1) -> dict:
+    return _storage_jobs("compact", names, level=level)
 
 
 @app.task(name="tenantsync.snapshot", ignore_result=True, **RETRY)
-def snapshot(name: str) -> dict:
-    return _storage_job("snapshot", name)
+def snapshot(names: list[str] | str) -> dict:
+    return _storage_jobs("snapshot", names)
 
 
 @app.task(name="tenantsync.retain", ignore_result=True, **RETRY)
-def retain(name: str) -> dict:
-    return _storage_job("retain", name)
+def retain(names: list[str] | str) -> dict:
+    return _storage_jobs("retain", names)
 
 
 @app.task(name="tenantsync.archive")
@@ -121,7 +132,7 @@ def archive(name: str) -> dict:
     except ArchiveAborted as e:  # the tenant is in use: a normal outcome, not a failure
         return {"tenant": name, "archived": False, "skipped": str(e)}
     finally:
-        dispatcher().finish("archive", name)
+        dispatcher().finish("archive", [name])
 
 
 @app.task(name="tenantsync.hydrate", **RETRY)

@@ -1,0 +1,115 @@
+"""The storage worker a syncing worker starts beside itself (``python -m workers --storage``).
+
+A host worker that also took ``-Q storage`` in its own pool gave compactions the same job
+threads as syncs: beat's level-1 plan sends a compaction for every tenant synced in the last
+minute (6,000 at once at 10,000 tenants under 200 writes/s), they filled every thread, and
+each commit's sync waited for one to end (lag p99 1.25-1.46 s). So a ``--storage`` worker
+never consumes the storage queue itself: it starts ``python -m workers -Q storage`` as a
+niced child process when that queue has messages, with its own few threads, and the child
+exits after STORAGE_IDLE_EXIT seconds without a job (an idle fleet has no storage jobs; the
+child is 60-80 MiB). The child is a Celery worker like any other: its jobs are acked when
+they end, so a child killed mid-job has them redelivered, and Flower shows it by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import redis
+
+from .app import STORAGE_QUEUE, app
+
+log = logging.getLogger("workers")
+
+STORAGE_POLL = 2.0
+STORAGE_IDLE_EXIT = 30.0
+STORAGE_NICE = 10
+STORAGE_THREADS = 2
+STOP_TIMEOUT = 60.0
+
+
+class StorageChild:
+    """Polls the storage queue's length (one Redis call per STORAGE_POLL) and keeps a child
+    worker running while it has messages."""
+
+    def __init__(self, hostname: str, loglevel: str, threads: int = STORAGE_THREADS):
+        self.command = [sys.executable, "-m", "workers", "-Q", STORAGE_QUEUE, "-c", str(threads),
+                        "-n", f"storage-{hostname}", "-l", loglevel, "--exit-when-idle", str(STORAGE_IDLE_EXIT)]
+        self.process: subprocess.Popen | None = None
+        self.redis = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="tenantsync-storage-child", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(STORAGE_POLL):
+            if self.process is not None and self.process.poll() is None:
+                continue
+            if self.process is not None:
+                log.info("the storage worker exited (%s)", self.process.returncode)
+                self.process = None
+            try:
+                waiting = self.redis.llen(STORAGE_QUEUE)  # the Redis transport's queue is a list
+            except Exception as e:  # noqa: BLE001 - the broker restarts; ask again next poll
+                log.warning("storage queue length: %s", e)
+                continue
+            if waiting and not self._stop.is_set():
+                self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                                preexec_fn=lambda: os.nice(STORAGE_NICE))
+                log.info("%d storage jobs waiting: started a storage worker (pid %d)", waiting, self.process.pid)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop polling and let the child finish its running jobs (warm shutdown)."""
+        self._stop.set()
+        self._thread.join(STORAGE_POLL + 5)
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the storage worker did not stop in %.0f s; killing it", timeout)
+            process.kill()
+            process.wait(5)
+
+
+def exit_when_idle(idle: float) -> None:
+    """In the child: SIGTERM itself (Celery's warm shutdown) after ``idle`` seconds without a
+    running job, or as soon as the worker that started it is gone (SIGKILLed)."""
+    from celery.signals import task_postrun, task_prerun, worker_ready
+
+    parent = os.getppid()
+    state = {"running": 0, "last": time.monotonic()}
+    lock = threading.Lock()
+
+    def begin(**_) -> None:
+        with lock:
+            state["running"] += 1
+
+    def end(**_) -> None:
+        with lock:
+            state["running"] -= 1
+            state["last"] = time.monotonic()
+
+    def watch() -> None:
+        while True:
+            time.sleep(min(5.0, idle / 4))
+            with lock:
+                quiet = not state["running"] and time.monotonic() - state["last"] >= idle
+            if quiet or os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    task_prerun.connect(begin, weak=False)
+    task_postrun.connect(end, weak=False)
+    worker_ready.connect(lambda **_: threading.Thread(target=watch, name="tenantsync-idle-exit", daemon=True).start(),
+                         weak=False)
