@@ -39,8 +39,10 @@ class StorageChild:
     worker running while it has messages."""
 
     def __init__(self, hostname: str, loglevel: str, threads: int = STORAGE_THREADS):
-        self.command = [sys.executable, "-m", "workers", "-Q", STORAGE_QUEUE, "-c", str(threads),
-                        "-n", f"storage-{hostname}", "-l", loglevel, "--exit-when-idle", str(STORAGE_IDLE_EXIT)]
+        # nice(1) rather than os.nice in a preexec_fn, which is unsafe in a process with threads.
+        self.command = ["nice", "-n", str(STORAGE_NICE), sys.executable, "-m", "workers", "-Q", STORAGE_QUEUE,
+                        "-c", str(threads), "-n", f"storage-{hostname}", "-l", loglevel,
+                        "--exit-when-idle", str(STORAGE_IDLE_EXIT)]
         self.process: subprocess.Popen | None = None
         self.redis = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
         self._stop = threading.Event()
@@ -58,13 +60,12 @@ class StorageChild:
                 self.process = None
             try:
                 waiting = self.redis.llen(STORAGE_QUEUE)  # the Redis transport's queue is a list
-            except Exception as e:  # noqa: BLE001 - the broker restarts; ask again next poll
+            except redis.RedisError as e:  # the broker restarts: ask again at the next poll
                 log.warning("storage queue length: %s", e)
                 continue
             if waiting and not self._stop.is_set():
-                self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                                preexec_fn=lambda: os.nice(STORAGE_NICE))
-                log.info("%d storage jobs waiting: started a storage worker (pid %d)", waiting, self.process.pid)
+                self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+                log.info("%d storage messages waiting: started a storage worker (pid %d)", waiting, self.process.pid)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop polling and let the child finish its running jobs (warm shutdown)."""
