@@ -807,11 +807,15 @@ class Catalogue:
             "generation": generation,
         }
 
-    def record_compaction(self, name: str, at: datetime) -> None:
-        self._update(name, {"last_compact_at": _utc(at, "at")})
-
-    def record_snapshot(self, name: str, at: datetime) -> None:
-        self._update(name, {"last_snapshot_at": _utc(at, "at")})
+    def record_storage_times(self, *, compacted: dict[str, datetime], snapshotted: dict[str, datetime]) -> None:
+        """When each tenant's last compaction or snapshot wrote a file, many tenants in one
+        transaction; names no longer in the catalogue are ignored."""
+        with self._tx(write=True) as s:
+            for column, times in (("last_compact_at", compacted), ("last_snapshot_at", snapshotted)):
+                if times:
+                    stmt = sa.update(TENANTS).where(TENANTS.c.name == sa.bindparam("tenant")).values(
+                        {column: sa.bindparam("at")})
+                    s.execute(stmt, [{"tenant": name, "at": _utc(at, "at")} for name, at in times.items()])
 
     def transition(self, name: str, to: TenantState, *, expected: set[TenantState] | None = None) -> bool:
         """Move tenant ``name`` to state ``to`` if its state is one of ``expected`` (any

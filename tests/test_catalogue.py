@@ -541,8 +541,8 @@ def test_record_write_only_moves_forward(cat):
 def test_record_lease_compaction_snapshot(cat):
     cat.discover("a", "/a", "h")
     cat.record_lease("a", "h:worker-1", T0 + timedelta(seconds=30), 3)
-    cat.record_compaction("a", T0 + timedelta(seconds=1))
-    cat.record_snapshot("a", T0 + timedelta(seconds=2))
+    cat.record_storage_times(compacted={"a": T0 + timedelta(seconds=1), "gone": T0},
+                             snapshotted={"a": T0 + timedelta(seconds=2)})
     t = cat.get("a")
     assert (t.lease_holder, t.lease_expires_at, t.generation) == ("h:worker-1", T0 + timedelta(seconds=30), 3)
     assert (t.last_compact_at, t.last_snapshot_at) == (T0 + timedelta(seconds=1), T0 + timedelta(seconds=2))

@@ -581,7 +581,7 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
     """``python -m workers --storage --watch --listen --beat``: the whole fleet in one process
     besides Redis. Tenants present at start and one created later are replicated and restore
     to their source; beat's level-1 plan compacts them; the HTTP API answers; SIGTERM stops
-    the worker, its watcher and beat (exit 0)."""
+    the worker, its watcher and beat (exit 0), its tenants released and leases given up."""
     host = "solo-test"
     config_path = write_config(tmp_path, redis_server.url, host=host, levels=[{"level": 1, "interval": "1s"}])
     cfg = load_config(config_path, env={})
@@ -612,6 +612,9 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
     worker.stop(30)
     assert worker.proc.returncode == 0, worker.tail()
     assert "Traceback" not in worker.log(), worker.tail()
+    # It released its tenants on the way out (a deploy: the next worker takes over at once).
+    rows = {t.name: (t.state.value, t.lease_holder) for t in catalogue.list()}
+    assert rows == {name: ("idle", None) for name in paths}, rows
 
 
 def _children_of(pid: int) -> list[tuple[int, str]]:

@@ -393,3 +393,43 @@ def test_compaction_runs_in_the_storage_job_process(tmp_path, file_url, running,
     assert replica.files(1), "no level-1 file was written"
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
     assert problems == []
+
+
+def test_compaction_and_snapshot_times_reach_the_catalogue_many_per_write(tmp_path, file_url, monkeypatch):
+    """Storage jobs note their times and write them together, at most every
+    STORAGE_TIMES_EVERY seconds and at close: one catalogue write per tenant per round had a
+    niced process holding the host's catalogue write lock thousands of times per round."""
+    from tenantsync import fleet as fleet_mod
+    from tenantsync.fleet import Fleet
+
+    (tmp_path / "data").mkdir()
+    cfg = fleet_config(tmp_path, file_url)
+    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    names = ["a.db", "b.db"]
+    paths, conns = tenant_dbs(tmp_path, names)
+    for name in names:
+        fleet.catalogue.discover(name, paths[name], cfg.host)
+        for _ in range(2):
+            write_rows(conns[name], 1)
+            fleet.sync(name)
+    writes = []
+    record = fleet.catalogue.record_storage_times
+    monkeypatch.setattr(fleet.catalogue, "record_storage_times",
+                        lambda **kw: (writes.append(kw), record(**kw))[1])
+    monkeypatch.setattr(fleet_mod, "STORAGE_TIMES_EVERY", 3600.0)
+    assert fleet.compact("a.db", 1, force=True)["file"]
+    assert fleet.snapshot("b.db", force=True)["file"]
+    assert writes == [] and fleet.catalogue.get("a.db").last_compact_at is None  # not yet
+    monkeypatch.setattr(fleet_mod, "STORAGE_TIMES_EVERY", 0.0)
+    assert fleet.compact("b.db", 1, force=True)["file"]  # due now: everything gathered goes out
+    assert len(writes) == 1 and set(writes[0]["compacted"]) == {"a.db", "b.db"}
+    assert set(writes[0]["snapshotted"]) == {"b.db"}
+    monkeypatch.setattr(fleet_mod, "STORAGE_TIMES_EVERY", 3600.0)  # from the write just made
+    write_rows(conns["a.db"], 1)
+    fleet.sync("a.db")
+    assert fleet.snapshot("a.db", force=True)["file"]
+    fleet.close()  # the rest at close
+    assert len(writes) == 2 and set(writes[1]["snapshotted"]) == {"a.db"}
+    rows = {t.name: t for t in fleet.catalogue.list()}
+    assert rows["a.db"].last_compact_at and rows["b.db"].last_compact_at
+    assert rows["a.db"].last_snapshot_at and rows["b.db"].last_snapshot_at

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import threading
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 from tenantsync import config as configmod
 from tenantsync.fleet import Fleet, freeze_setup, prepare_process
@@ -62,8 +62,23 @@ def ondemand():
     return OnDemand(fleet())
 
 
+_releasing: list = []  # (stop event, thread) of this worker's release thread
+
+
 @worker_ready.connect
 def _start_idle_release(**_):
     """One thread per worker (not per tenant) closes tenants that went idle."""
-    fleet().start_releasing(RELEASE_EVERY, threading.Event())
+    stop = threading.Event()
+    _releasing.append((stop, fleet().start_releasing(RELEASE_EVERY, stop)))
     freeze_setup()
+
+
+@worker_shutdown.connect
+def _release_all(**_):
+    """A stopping worker (its jobs done) releases its open tenants: checkpointed, positions
+    recorded, leases given up, so the worker that replaces it takes over at once, and
+    writes the storage times it gathered."""
+    for stop, thread in _releasing:
+        stop.set()
+        thread.join()
+    fleet().shutdown()
