@@ -100,7 +100,7 @@ def _storage_jobs(job: str, names: list[str] | str, **kwargs) -> dict:
                 results[name] = getattr(fleet(), job)(name, **kwargs)
             except StorageUnavailable:
                 raise
-            except Exception as e:  # recorded; the rest of the batch goes on
+            except Exception as e:  # logged; the rest of the batch goes on
                 log.error("%s %s failed: %s", job, name, e, exc_info=not isinstance(e, TenantSyncError))
                 failed.append(e)
     finally:
