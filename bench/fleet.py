@@ -660,12 +660,11 @@ class RedisMode(Tenantsync):
         queues = [f"host.{HOST}"] if n == 1 else [f"host.{HOST}.{k}" for k in range(n)]
         small = self.a.storage_on_host_workers  # a small host: its workers also run the storage jobs
         celery = self.a.worker_command == "celery"
-        if small and celery:
-            plan = [(i + 1, f"{q},storage", self.a.worker_threads) for i, q in enumerate(queues)]
-        elif small:  # the first with --storage: a niced storage child while storage jobs wait
-            plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)]
-        else:
-            plan = [(i + 1, q, self.a.worker_threads) for i, q in enumerate(queues)] + [(n + 1, "storage", 2)]
+        # With python -m workers, the first worker's --storage runs them (a niced child while
+        # they wait); `celery worker` takes the storage queue into each worker's own threads.
+        plan = [(i + 1, f"{q},storage" if small and celery else q, self.a.worker_threads) for i, q in enumerate(queues)]
+        if not small:
+            plan.append((n + 1, "storage", 2))
         for i, queue, threads in plan:
             if celery:
                 command = [os.path.join(BIN, "celery"), "-A", "workers", "worker", "--pool", "threads",

@@ -21,6 +21,7 @@ from watchfiles import Change
 from tenantsync import tenants
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
+from tenantsync.errors import TenantSyncError
 from tenantsync.file_events import STOP_CHECK, FileEvents
 from tenantsync.tenants import SQLITE_MAGIC
 
@@ -114,10 +115,10 @@ class Watcher:
             depth = os.path.relpath(p.glob, p.base).count(os.sep)
             roots[p.base] = max(depth, roots.get(p.base, 0))
         self._events = FileEvents(roots)
-        done = threading.Event()
+        done = threading.Event()  # set when this loop ends, by ``stop`` or by an error
         planner = None
         if tick is not None:
-            planner = threading.Thread(target=_tick_every_second, args=(tick, stop, done), name="tenantsync-plans",
+            planner = threading.Thread(target=_tick_every_second, args=(tick, done), name="tenantsync-plans",
                                        daemon=True)
         try:
             self.rescan()
@@ -150,13 +151,16 @@ class Watcher:
             self.report(line)
 
 
-def _tick_every_second(tick: Callable[[], None], stop: threading.Event, done: threading.Event) -> None:
-    """Run ``tick`` once a second until either event is set. A failing round is logged and
-    the next one runs: the plans must not stop for one catalogue error."""
-    while not (stop.wait(1.0) or done.is_set()):
+def _tick_every_second(tick: Callable[[], None], done: threading.Event) -> None:
+    """Run ``tick`` once a second until ``done``. A failing round is logged (one line for a
+    known error, such as an unreachable catalogue) and the next one runs: the plans must not
+    stop for one error."""
+    while not done.wait(1.0):
         try:
             tick()
-        except Exception:  # noqa: BLE001 - logged; the schedules go on
+        except TenantSyncError as e:
+            log.error("a scheduled plan failed: %s", e)
+        except Exception:  # noqa: BLE001 - a bug: its traceback, and the schedules go on
             log.exception("a scheduled plan failed")
 
 

@@ -45,6 +45,15 @@ def wait_for(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
     return False
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie its parent has not reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def modify_events_per_commits(inotify, conn: sqlite3.Connection, commits: int) -> int:
     """inotify MODIFY events queued while ``conn`` makes ``commits`` commits, drained after
     each one as a busy reader would (undrained, the kernel merges repeated events, which

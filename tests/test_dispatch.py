@@ -20,7 +20,7 @@ from tenantsync.tenants import shard
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
 
-from .dbutil import app_db, wait_for, write_rows
+from .dbutil import app_db, process_gone, wait_for, write_rows
 
 
 def make(jobs, **kw):
@@ -197,7 +197,7 @@ def test_a_child_runs_jobs_concurrently_returns_their_errors_and_closes_in_order
     finally:
         jobs.close()
     assert (tmp_path / "closed").exists()  # the child's close ran
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert process_gone(pid)
 
 
 def test_a_child_idle_for_idle_close_seconds_is_closed_and_the_next_job_starts_another(tmp_path):

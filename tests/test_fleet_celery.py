@@ -38,7 +38,7 @@ from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
 
-from .dbutil import app_db, dump, wait_for, write_rows
+from .dbutil import app_db, dump, process_gone, wait_for, write_rows
 
 HOST = "fleet-test"
 BIN = os.path.dirname(sys.executable)
@@ -620,27 +620,18 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
 def _children_of(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of the live processes whose parent is ``pid``."""
     found = []
-    for entry in os.listdir("/proc"):
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
+        except OSError:
+            continue  # it exited meanwhile
         fields = stat.rsplit(")", 1)[-1].split()
         if fields[0] != "Z" and int(fields[1]) == pid:
             found.append((int(entry), cmdline))
     return found
-
-
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie nobody reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(tmp_path, redis_server, children):
@@ -682,7 +673,7 @@ def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(
     child = storage_workers[0][0]
     assert os.getpriority(os.PRIO_PROCESS, child) >= 10
     os.kill(worker.proc.pid, signal.SIGKILL)  # the worker alone, not its process group
-    assert wait_for(lambda: _gone(child), 30), worker.tail()
+    assert wait_for(lambda: process_gone(child), 30), worker.tail()
     restored = tmp_path / "restored.db"
     restore(Replica(open_storage(cfg.replica).child(name)), str(restored))
     assert dump(str(restored)) == dump(str(path))

@@ -6,9 +6,10 @@ minute (6,000 at once at 10,000 tenants under 200 writes/s), they filled every t
 each commit's sync waited for one to end (lag p99 1.25-1.46 s). So a ``--storage`` worker
 never consumes the storage queue itself: it starts ``python -m workers -Q storage`` as a
 niced child process when that queue has messages, with its own few threads, and the child
-exits after STORAGE_IDLE_EXIT seconds without a job (an idle fleet has no storage jobs; the
-child is 60-80 MiB). The child is a Celery worker like any other: its jobs are acked when
-they end, so a child killed mid-job has them redelivered, and Flower shows it by name.
+exits after STORAGE_IDLE_CLOSE seconds without a job, as the embedded mode's storage child
+does (an idle fleet has no storage jobs; the child is 60-80 MiB). The child is a Celery
+worker like any other: its jobs are acked when they end, so a child killed mid-job has them
+redelivered, and Flower shows it by name.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import time
 
 import redis
 
+from scheduler.job_process import STORAGE_IDLE_CLOSE, STORAGE_NICE
+
 from .app import STORAGE_QUEUE, app
 
 log = logging.getLogger("workers")
 
 STORAGE_POLL = 2.0
-STORAGE_IDLE_EXIT = 30.0
-STORAGE_NICE = 10
 STORAGE_THREADS = 2
 STOP_TIMEOUT = 60.0
 
@@ -42,7 +43,7 @@ class StorageChild:
         # nice(1) rather than os.nice in a preexec_fn, which is unsafe in a process with threads.
         self.command = ["nice", "-n", str(STORAGE_NICE), sys.executable, "-m", "workers", "-Q", STORAGE_QUEUE,
                         "-c", str(threads), "-n", f"storage-{hostname}", "-l", loglevel,
-                        "--exit-when-idle", str(STORAGE_IDLE_EXIT)]
+                        "--exit-when-idle", str(STORAGE_IDLE_CLOSE)]
         self.process: subprocess.Popen | None = None
         self.redis = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
         self._stop = threading.Event()
@@ -63,14 +64,20 @@ class StorageChild:
             except redis.RedisError as e:  # the broker restarts: ask again at the next poll
                 log.warning("storage queue length: %s", e)
                 continue
-            if waiting and not self._stop.is_set():
+            if not waiting or self._stop.is_set():
+                continue
+            try:
                 self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+            except OSError as e:  # e.g. no nice(1) on this host: said at every poll, not a traceback
+                log.error("cannot start the storage worker (%s): %s", self.command[0], e.strerror)
+            else:
                 log.info("%d storage messages waiting: started a storage worker (pid %d)", waiting, self.process.pid)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop polling and let the child finish its running jobs (warm shutdown)."""
         self._stop.set()
         self._thread.join(STORAGE_POLL + 5)
+        self.redis.close()
         process = self.process
         if process is None or process.poll() is not None:
             return
