@@ -54,7 +54,8 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         child.start()
     jobs = {job: _on_shard(job, local, shards) for job, local in (("sync", fleet.sync), ("archive", ondemand.archive))}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
-    dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result, shards=len(shards) + 1)
+    dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result, shards=len(shards) + 1,
+                                     batched=STORAGE_JOBS)
     server = None
     if http is not None:
         server = serve(ondemand, *http)

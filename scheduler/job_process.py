@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from tenantsync.config import Config
-from tenantsync.errors import TenantSyncError
+from tenantsync.errors import StorageUnavailable, TenantSyncError
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,10 @@ class JobProcess:
         with self._guard:
             self._started()
 
-    def run(self, job: str, tenant: str, **kwargs: Any) -> dict:
-        """Run ``job`` for ``tenant`` in the child and return its result; its exception is
-        raised here (a TenantSyncError if it cannot be sent back as it was)."""
+    def run(self, job: str, tenant: str | list[str], **kwargs: Any) -> dict:
+        """Run ``job`` for ``tenant`` (a batch job: for a list of them) in the child and
+        return its result; its exception is raised here (a TenantSyncError if it cannot be
+        sent back as it was)."""
         with self._guard:
             child = self._started()
             self._busy += 1
@@ -131,11 +132,11 @@ class _Child:
         self._lock = threading.Lock()
         threading.Thread(target=self._read, name=f"{name}-results", daemon=True).start()
 
-    def call(self, job: str, tenant: str, kwargs: dict) -> dict:
+    def call(self, job: str, tenant: str | list[str], kwargs: dict) -> dict:
         future: Future = Future()
         with self._lock:
             if not self.alive:
-                raise TenantSyncError(f"{job} {tenant}: the {self.name} process has exited; it restarts")
+                raise TenantSyncError(f"{job}: the {self.name} process has exited; it restarts")
             i = next(self._ids)
             self._pending[i] = future
             try:
@@ -211,7 +212,7 @@ def child_main(fd: int) -> None:
     pool = ThreadPoolExecutor(threads, thread_name_prefix="tenantsync-job")
     send_lock = threading.Lock()
 
-    def answer(i: int, job: str, tenant: str, kwargs: dict) -> None:
+    def answer(i: int, job: str, tenant: str | list[str], kwargs: dict) -> None:
         try:
             reply = (i, True, jobs[job](tenant, **kwargs))
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
@@ -243,15 +244,34 @@ STORAGE_IDLE_CLOSE = 30.0
 
 
 def storage_process(config: Config) -> JobProcess:
-    """The child for a syncing process's storage-only jobs (compact, snapshot, retain): its
-    CPU work then neither holds the syncs' interpreter lock nor wins a core from them."""
+    """The child for a syncing process's storage-only jobs (compact, snapshot, retain), each
+    for a batch of tenants (dispatch.STORAGE_BATCH): its CPU work then neither holds the
+    syncs' interpreter lock nor wins a core from them."""
     return JobProcess("tenantsync-storage", fleet_jobs, (config, None), nice=STORAGE_NICE,
                       idle_close=STORAGE_IDLE_CLOSE)
 
 
+def _for_each(job: Callable[..., dict]) -> Callable[..., dict]:
+    """``job`` as a batch job: ``{tenant: result, or the exception it raised}``, one tenant's
+    failure not stopping the others. Storage that cannot be reached fails the whole batch."""
+    def run_batch(names: list[str], **kwargs: Any) -> dict:
+        results: dict[str, Any] = {}
+        for name in names:
+            try:
+                results[name] = job(name, **kwargs)
+            except StorageUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - sent back, logged by the dispatcher
+                results[name] = _portable(e)
+        return results
+
+    return run_batch
+
+
 def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
-    """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) or the
-    storage-only ones. With ``release_every``, it releases its idle tenants itself."""
+    """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) and the
+    storage-only ones, which take a batch of tenants (only the storage child is sent those).
+    With ``release_every``, it releases its idle tenants itself."""
     from tenantsync.catalogue import Catalogue
     from tenantsync.fleet import Fleet, freeze_setup, prepare_process
     from tenantsync.ondemand import OnDemand
@@ -270,7 +290,7 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
             releaser.join()
         fleet.shutdown()
 
-    jobs = {"sync": fleet.sync, "archive": ondemand.archive, "compact": fleet.compact,
-            "snapshot": fleet.snapshot, "retain": fleet.retain}
+    jobs = {"sync": fleet.sync, "archive": ondemand.archive, "compact": _for_each(fleet.compact),
+            "snapshot": _for_each(fleet.snapshot), "retain": _for_each(fleet.retain)}
     return jobs, close
 

@@ -23,16 +23,12 @@ from celery import Celery
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from .dispatch import job_key
+from .dispatch import STORAGE_BATCH, job_key
 
 PENDING_TTL = 300
 # Tenants per sync message: enough that Celery's per-message cost is shared, few enough
 # that a burst (start-up: every tenant at once) is spread over every worker thread.
 SYNC_BATCH = 8
-# Tenants per storage-job message: a level-1 plan at 10,000 tenants under 200 writes/s offers
-# about 6,000 compactions at once; one message each is a publish in the plan's worker (which
-# also syncs) and a delivery, ack and trace in the storage worker, per tenant.
-STORAGE_BATCH = 32
 # A broker restart must neither kill the watcher nor fail a sync that is done: each Redis
 # call is retried on connection errors, with backoff, for about half a minute.
 REDIS_RETRIES = 20

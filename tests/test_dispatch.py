@@ -15,7 +15,7 @@ from scheduler.job_process import JobProcess, fleet_jobs
 from tenantsync.capture import Capture
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
-from tenantsync.errors import DatabaseError, TenantSyncError
+from tenantsync.errors import DatabaseError, StorageUnavailable, TenantSyncError
 from tenantsync.tenants import shard
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
@@ -53,6 +53,61 @@ def test_a_maintenance_job_is_queued_once_until_it_has_run():
     finally:
         gate.set()
         d.close()
+
+
+def test_batched_jobs_go_out_32_tenants_at_a_time_once_per_tenant_until_finished(caplog):
+    """The embedded storage jobs: a plan's 70 compactions are three calls into the storage
+    process; a tenant's failure is logged and the rest of its batch reported; a batch that
+    fails as a whole is one log line; either way its tenants may be offered again after."""
+    gate, calls = threading.Event(), []
+
+    def compact(names, level=1):
+        calls.append(list(names))
+        gate.wait(10)
+        if names[0] == "down":
+            raise StorageUnavailable("s3://bucket: connection refused")
+        return {n: DatabaseError(f"{n}: cannot open database") if n == "t5" else {"tenant": n, "level": level}
+                for n in names}
+
+    names = [f"t{i}" for i in range(70)]
+    d, results = make({"compact": compact}, batched=("compact",))
+    try:
+        assert d.submit("compact", names, level=1) == 70
+        assert wait_for(lambda: len(calls) == 1, 5)
+        assert d.submit("compact", names, level=1) == 0  # queued or running: not again
+        gate.set()
+        assert wait_for(lambda: len(results) == 69, 5)
+        assert [len(c) for c in calls] == [32, 32, 6] and sum(calls, []) == names
+        assert "compact t5 failed: t5: cannot open database" in caplog.text
+        assert d.submit("compact", ["t5", "t6"], level=1) == 2  # finished: offered again
+        assert d.submit("compact", ["down", "t7"], level=1) == 2
+        assert wait_for(lambda: len(calls) == 5, 5)
+        assert wait_for(lambda: "compact of 2 tenants (down, ...) failed: s3://bucket: connection refused"
+                        in caplog.text, 5)
+        assert wait_for(lambda: d.submit("compact", ["down"], level=1) == 1, 5)
+    finally:
+        gate.set()
+        d.close()
+
+
+def test_closing_finishes_syncs_and_running_jobs_and_drops_queued_ones():
+    gate, started, ran = threading.Event(), threading.Event(), []
+
+    def compact(names, level=1):
+        started.set()
+        gate.wait(10)
+        ran.extend(names)
+        return {n: {"tenant": n} for n in names}
+
+    d, results = make({"compact": compact, "sync": lambda name: {"tenant": name}}, batched=("compact",))
+    assert d.submit("compact", [f"t{i}" for i in range(3200)]) == 3200  # 100 batches
+    assert started.wait(5)
+    d.request_sync("a")
+    threading.Timer(0.5, gate.set).start()
+    t = time.monotonic()
+    d.close()
+    assert time.monotonic() - t < 5
+    assert ran == [f"t{i}" for i in range(32)] and ("sync", {"tenant": "a"}) in results
 
 
 def test_syncs_do_not_wait_behind_maintenance():
@@ -148,14 +203,15 @@ def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path)
     Catalogue(cfg.catalogue).discover("a.db", str(tmp_path / "a.db"), "h")
     jobs = JobProcess("tenantsync-storage", fleet_jobs, (cfg, None), nice=10)
     try:
-        result = jobs.run("compact", "a.db", level=1, force=True)
-        assert result["file"] == "0000000000000001-0000000000000003.ltx"
+        result = jobs.run("compact", ["a.db", "../b.db"], level=1, force=True)  # a batch
+        assert result["a.db"]["file"] == "0000000000000001-0000000000000003.ltx"
+        assert isinstance(result["../b.db"], TenantSyncError), result  # one failed, not the batch
         first = jobs.pid
         assert first is not None and first != os.getpid()
         assert os.getpriority(os.PRIO_PROCESS, first) == os.getpriority(os.PRIO_PROCESS, 0) + 10
         os.kill(first, signal.SIGKILL)
         assert wait_for(lambda: jobs.pid is None, 10)
-        assert jobs.run("compact", "a.db", level=1) == {"tenant": "a.db", "level": 1, "file": None}
+        assert jobs.run("compact", ["a.db"], level=1) == {"a.db": {"tenant": "a.db", "level": 1, "file": None}}
         assert jobs.pid not in (None, first)  # a new child
     finally:
         jobs.close()
