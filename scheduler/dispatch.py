@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Collection, Protocol
 
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 # of Python per tenant in the process that also syncs (0.5 s holding the interpreter lock at
 # the boundary; that process's commits waited up to 0.87 s), plus a round trip per tenant.
 STORAGE_BATCH = 32
+# A storage batch waits while more than half the sync threads are busy (syncs are slow:
+# their fsyncs queue behind the storage process's, which nice does not slow), at most this
+# long, so that compaction still moves under a load that never lets up.
+STORAGE_YIELDS_FOR = 2.0
 
 
 def job_key(job: str, kwargs: dict) -> str:
@@ -57,7 +62,8 @@ class InProcessDispatcher:
     gets ``workers`` sync threads of its own, so a busy shard's process cannot take every
     thread from the others. Maintenance jobs share ``maintenance_workers`` threads and
     queue among themselves. A job named in ``batched`` takes up to STORAGE_BATCH tenants
-    at once and returns ``{tenant: result, or the exception it raised}``.
+    at once and returns ``{tenant: result, or the exception it raised}``, and yields to
+    busy syncs (STORAGE_YIELDS_FOR).
     """
 
     def __init__(self, jobs: dict[str, Callable[..., dict]], workers: int = 4,
@@ -66,6 +72,7 @@ class InProcessDispatcher:
         self.jobs = jobs
         self.batched = frozenset(batched)
         self.pools = [ThreadPoolExecutor(workers, thread_name_prefix=f"tenantsync-sync{i}") for i in range(shards)]
+        self._busy_syncs = workers * shards // 2
         self.maintenance = ThreadPoolExecutor(maintenance_workers, thread_name_prefix="tenantsync-job")
         self.on_result = on_result or (lambda job, result: None)
         self._pending: set[str] = set()
@@ -112,6 +119,7 @@ class InProcessDispatcher:
             if job not in self.batched:
                 self._run(job, names[0], **kwargs)
                 return
+            self._yield_to_syncs()
             try:
                 results = self.jobs[job](names, **kwargs)
             except Exception as e:  # the whole batch: storage unreachable, the process died
@@ -125,6 +133,14 @@ class InProcessDispatcher:
         finally:
             with self._lock:
                 self._once.difference_update((keyed, name) for name in names)
+
+    def _yield_to_syncs(self) -> None:
+        deadline = time.monotonic() + STORAGE_YIELDS_FOR
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self._pending) <= self._busy_syncs:
+                    return
+            time.sleep(0.02)
 
     def _run(self, job: str, name: str, **kwargs) -> None:
         try:

@@ -54,7 +54,10 @@ class Config:
     idle_after: timedelta = timedelta(seconds=30)
     rescan_interval: timedelta = timedelta(seconds=60)
     lease_ttl: timedelta = timedelta(seconds=30)
-    workers: int = 4
+    # Sync threads per process (embedded). A sync spends about a third of its time in fsync
+    # (the LTX file, its directory), which holds no interpreter lock: at 10,000 tenants under
+    # 200 commits/s, 4 threads were 75 % busy and queued whenever fsyncs slowed.
+    workers: int = 8
     # Processes syncing this host's tenants, each tenant always in the same one (see
     # host_processes); unset: the default of the mode.
     host_workers: int | None = None
