@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Collection, Protocol
 
-from tenantsync.errors import TenantSyncError
+from tenantsync.errors import log_failure
 from tenantsync.tenants import shard
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,11 @@ class InProcessDispatcher:
             try:
                 results = self.jobs[job](names, **kwargs)
             except Exception as e:  # the whole batch: storage unreachable, the process died
-                _log_failure(f"{job} of {len(names)} tenants ({names[0]}, ...)", e)
+                log_failure(log, f"{job} of {len(names)} tenants ({names[0]}, ...)", e)
                 return
             for name, result in results.items():
                 if isinstance(result, BaseException):
-                    _log_failure(f"{job} {name}", result)
+                    log_failure(log, f"{job} {name}", result)
                 else:
                     self.on_result(job, result)
         finally:
@@ -146,7 +146,7 @@ class InProcessDispatcher:
         try:
             self.on_result(job, self.jobs[job](name, **kwargs))
         except Exception as e:  # one tenant's failure must not stop the others
-            _log_failure(f"{job} {name}", e)
+            log_failure(log, f"{job} {name}", e)
 
     def idle(self) -> bool:
         with self._lock:
@@ -159,9 +159,3 @@ class InProcessDispatcher:
         for pool in self.pools:
             pool.shutdown(wait=True)
         self.maintenance.shutdown(wait=True, cancel_futures=True)
-
-
-def _log_failure(what: str, e: BaseException) -> None:
-    """Our own errors are one line; anything else is a bug, logged with its traceback (one
-    sent back from a child process has only its last line)."""
-    log.error("%s failed: %s", what, e, exc_info=None if isinstance(e, TenantSyncError) else e)

@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from tenantsync.config import Config
-from tenantsync.errors import StorageUnavailable, TenantSyncError
+from tenantsync.errors import TenantSyncError
 
 log = logging.getLogger(__name__)
 
@@ -251,19 +251,11 @@ def storage_process(config: Config) -> JobProcess:
                       idle_close=STORAGE_IDLE_CLOSE)
 
 
-def _for_each(job: Callable[..., dict]) -> Callable[..., dict]:
-    """``job`` as a batch job: ``{tenant: result, or the exception it raised}``, one tenant's
-    failure not stopping the others. Storage that cannot be reached fails the whole batch."""
+def _for_each(fleet, job: str) -> Callable[..., dict]:
+    """``Fleet.for_each`` for ``job``, its per-tenant exceptions made fit to send back."""
     def run_batch(names: list[str], **kwargs: Any) -> dict:
-        results: dict[str, Any] = {}
-        for name in names:
-            try:
-                results[name] = job(name, **kwargs)
-            except StorageUnavailable:
-                raise
-            except Exception as e:  # noqa: BLE001 - sent back, logged by the dispatcher
-                results[name] = _portable(e)
-        return results
+        results = fleet.for_each(job, names, **kwargs)
+        return {name: _portable(r) if isinstance(r, BaseException) else r for name, r in results.items()}
 
     return run_batch
 
@@ -290,7 +282,7 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
             releaser.join()
         fleet.shutdown()
 
-    jobs = {"sync": fleet.sync, "archive": ondemand.archive, "compact": _for_each(fleet.compact),
-            "snapshot": _for_each(fleet.snapshot), "retain": _for_each(fleet.retain)}
+    jobs = {"sync": fleet.sync, "archive": ondemand.archive,
+            **{job: _for_each(fleet, job) for job in ("compact", "snapshot", "retain")}}
     return jobs, close
 

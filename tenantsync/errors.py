@@ -5,6 +5,8 @@ object, key or path involved. The CLI prints it and exits non-zero; it never sho
 traceback for a TenantSyncError.
 """
 
+import logging
+
 
 class TenantSyncError(Exception):
     """Base of every error tenantsync raises on purpose."""
@@ -60,3 +62,9 @@ class LeaseHeld(TenantSyncError):
         super().__init__(message)
         self.owner = owner
         self.expires_at = expires_at
+
+
+def log_failure(log: logging.Logger, what: str, e: BaseException) -> None:
+    """Log that ``what`` failed: our own errors in their one line, anything else (a bug) with
+    its traceback (an exception sent back from a child process has only its last line)."""
+    log.error("%s failed: %s", what, e, exc_info=None if isinstance(e, TenantSyncError) else e)

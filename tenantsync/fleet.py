@@ -26,7 +26,7 @@ from . import compactor
 from .capture import Capture, ReplicaConflict
 from .catalogue import Catalogue, TenantState
 from .config import Config
-from .errors import DatabaseError, LeaseHeld, StorageError, TenantSyncError
+from .errors import DatabaseError, LeaseHeld, StorageError, StorageUnavailable, TenantSyncError
 from .lease import Lease, Leaser
 from .position import Position
 from .replica import Replica
@@ -352,6 +352,21 @@ class Fleet:
     def retain(self, name: str) -> dict:
         deleted = compactor.retain(self.replica(name), self.config.levels)
         return {"tenant": name, "deleted": len(deleted)}
+
+    def for_each(self, job: str, names: list[str], **kwargs) -> dict[str, dict | Exception]:
+        """A storage job (compact, snapshot, retain) for each of a batch of tenants:
+        ``{tenant: result, or the exception it raised}``, one tenant's failure not stopping
+        the others. Storage that cannot be reached fails the whole batch (raised)."""
+        run = getattr(self, job)
+        results: dict[str, dict | Exception] = {}
+        for name in names:
+            try:
+                results[name] = run(name, **kwargs)
+            except StorageUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - returned to the caller, which logs it
+                results[name] = e
+        return results
 
     def close(self) -> None:
         with self._guard:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 
-from tenantsync.errors import ArchiveAborted, StorageUnavailable, TenantSyncError
+from tenantsync.errors import ArchiveAborted, StorageUnavailable, log_failure
 
 from .app import app
 from .runtime import dispatcher, fleet, ondemand, singleton
@@ -58,7 +58,7 @@ def sync(self, names: list[str] | str) -> dict:
                 results[name], unavailable = {"tenant": name, "error": str(e)}, True
                 again.append(name)
             except Exception as e:  # recorded in the catalogue; the rest of the batch goes on
-                log.error("sync %s failed: %s", name, e, exc_info=not isinstance(e, TenantSyncError))
+                log_failure(log, f"sync {name}", e)
                 failed.append(e)
             else:
                 if results[name].get("retry"):
@@ -92,21 +92,15 @@ def _storage_jobs(job: str, names: list[str] | str, **kwargs) -> dict:
     retries the whole batch (every job is idempotent). Whatever the outcome, the schedule
     may offer them again afterwards (their once-keys, set when submitted, are cleared)."""
     names = [names] if isinstance(names, str) else list(names)
-    results: dict[str, dict] = {}
-    failed: list[Exception] = []
     try:
-        for name in names:
-            try:
-                results[name] = getattr(fleet(), job)(name, **kwargs)
-            except StorageUnavailable:
-                raise
-            except Exception as e:  # logged; the rest of the batch goes on
-                log.error("%s %s failed: %s", job, name, e, exc_info=not isinstance(e, TenantSyncError))
-                failed.append(e)
+        results = fleet().for_each(job, names, **kwargs)
     finally:
         dispatcher().finish(job, names, **kwargs)
+    failed = {name: r for name, r in results.items() if isinstance(r, Exception)}
+    for name, e in failed.items():
+        log_failure(log, f"{job} {name}", e)
     if failed:
-        raise failed[0]  # the job shows as failed in Flower, with the first tenant's error
+        raise next(iter(failed.values()))  # the job shows as failed in Flower, with the first tenant's error
     return results
 
 
