@@ -27,7 +27,9 @@ for all three setups). Each tool runs alone, in turn, while its measurements are
    An inotify watch on every tenant's ``ltx/0`` records when each L0 file appears and
    reads its header timestamp; a commit is visible at the arrival of the first L0 of its
    tenant that arrived after the commit and whose header timestamp (taken by both tools
-   after they sized the WAL to ship) is not earlier than the commit (2 ms slack).
+   after they sized the WAL to ship) is not earlier than the commit (2 ms slack), or, for
+   a file that rule would skip, whose pages hold the commit's row (a writer that lost the
+   CPU between its commit and reading the clock logs a time later than the file's stamp).
    Commits never seen within ``--drain`` s of the end count as missing.
 4. requests -- object-storage requests of idle tenants, on S3: a moto server in this
    process counts every HTTP request (Werkzeug's request log, by bucket and kind);
@@ -56,6 +58,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -74,6 +77,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -342,7 +346,7 @@ class L0Monitor(threading.Thread):
     IN_CREATE, IN_MOVED_TO, IN_Q_OVERFLOW = 0x100, 0x80, 0x4000
     HEADER = struct.Struct(">4sIIIQQq")  # magic, flags, page size, commit, min, max, timestamp (ms)
 
-    def __init__(self, replica: str, names: list[str]):
+    def __init__(self, replica: str, names: list[str], keep_bodies: bool = False):
         super().__init__(daemon=True, name="l0-monitor")
         self.libc = ctypes.CDLL("libc.so.6", use_errno=True)
         self.fd = self.libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -358,19 +362,24 @@ class L0Monitor(threading.Thread):
                 self.dirs[name] = d
         self.unwatched = len(names) - len(self.wd)
         self.arrivals: dict[str, list[tuple[float, int | None]]] = collections.defaultdict(list)
+        # With ``keep_bodies``, each arrival's whole file (a few hundred bytes for an L0 of
+        # one commit), parallel to ``arrivals``: the lag test looks inside the few files
+        # whose header timestamp alone cannot say whether they hold a commit (visibility()).
+        self.bodies: dict[str, list[bytes | None]] | None = collections.defaultdict(list) if keep_bodies else None
         self.count = 0
         self.overflow = False
         self._halt = threading.Event()
         self._lock = threading.Lock()
 
-    def header_ts(self, path: str) -> int | None:
+    def read_l0(self, path: str) -> tuple[int | None, bytes | None]:
+        """The header timestamp of an L0 file, and the file when bodies are kept."""
         try:
             with open(path, "rb") as f:
-                head = f.read(self.HEADER.size)
-            magic, _flags, _ps, _commit, _lo, _hi, ts = self.HEADER.unpack(head)
-            return ts if magic == b"LTX1" else None
+                data = f.read() if self.bodies is not None else f.read(self.HEADER.size)
+            magic, _flags, _ps, _commit, _lo, _hi, ts = self.HEADER.unpack_from(data)
+            return (ts, data if self.bodies is not None else None) if magic == b"LTX1" else (None, None)
         except (OSError, struct.error):
-            return None
+            return None, None
 
     def run(self) -> None:
         buf_size = 1 << 20
@@ -394,9 +403,11 @@ class L0Monitor(threading.Thread):
                 name = self.wd.get(wd)
                 if name is None or not L0_NAME.match(fname):
                     continue
-                ts = self.header_ts(os.path.join(self.dirs[name], fname))
+                ts, body = self.read_l0(os.path.join(self.dirs[name], fname))
                 with self._lock:
                     self.arrivals[name].append((now, ts))
+                    if self.bodies is not None:
+                        self.bodies[name].append(body)
                     self.count += 1
 
     def tenants_since(self, t: float) -> dict[str, float]:
@@ -416,29 +427,64 @@ class L0Monitor(threading.Thread):
         os.close(self.fd)
 
 
-def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.0) -> dict:
+def l0_holds(mon: L0Monitor, name: str, index: int, value: str) -> bool:
+    """Whether the ``index``-th L0 file that arrived for tenant ``name`` holds a row with
+    the writer's ``value`` (its pages hold the text as written)."""
+    # Imported here: the writer processes import this file too, and need none of it.
+    from tenantsync.ltx.decoder import decode_file
+
+    with mon._lock:
+        body = mon.bodies[name][index] if mon.bodies is not None and index < len(mon.bodies[name]) else None
+    if body is None:
+        return False
+    try:
+        _header, pages, _trailer = decode_file(body)
+    except Exception:  # noqa: BLE001 - a file that does not decode holds nothing we can count
+        return False
+    needle = value.encode()
+    return any(needle in page for _pgno, page in pages)
+
+
+def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.0,
+               holds: Callable[[str, int, str], bool] | None = None) -> dict:
     """Lag of every commit: first L0 of its tenant arriving after it with a header timestamp
     not earlier than it (both tools stamp the header after sizing the WAL they ship).
+
+    The writer logs a commit's time after SQLite returns, and a writer that loses the CPU
+    between its commit and that clock read logs a time later than a sync that already
+    shipped the commit: the timestamp rule then skips the file that holds it and charges
+    the commit the wait for that tenant's next file (tens of seconds at 10,000 tenants).
+    So a file the rule would skip is looked into when ``holds(tenant, arrival index,
+    value)`` is given and the commit's row value is logged: if it holds the row, it counts.
     Commits to tenants that had no replica dir to watch (never replicated) are only counted."""
     by_tenant: dict[str, list] = collections.defaultdict(list)
     unwatched = 0
-    for name, rid, t in commits:
+    for name, rid, t, *value in commits:
         if watched is not None and name not in watched:
             unwatched += 1
             continue
-        by_tenant[name].append((t, rid))
+        by_tenant[name].append((t, rid, value[0] if value else None))
     lags, missing = [], 0
-    start = min((t for _, _, t in commits), default=0.0)
+    start = min((c[2] for c in commits), default=0.0)
+    found_inside = 0
     buckets: dict[int, list] = collections.defaultdict(list)  # 5 s of commit time -> lags
+    worst: list[tuple[float, str, float]] = []  # (lag, tenant, commit s after the start)
     for name, items in by_tenant.items():
         items.sort()
-        files = sorted(arrivals.get(name, []))
+        files = sorted((at, ts, i) for i, (at, ts) in enumerate(arrivals.get(name, [])))
         j = 0
-        for t, _rid in items:
-            while j < len(files) and (files[j][0] < t or (files[j][1] is not None and files[j][1] + slack_ms < t * 1000)):
+        for t, _rid, value in items:
+            while j < len(files):
+                at, ts, i = files[j]
+                if at >= t and (ts is None or ts + slack_ms >= t * 1000):
+                    break
+                if at >= t and holds is not None and value is not None and holds(name, i, value):
+                    found_inside += 1
+                    break
                 j += 1
             lag = float("inf") if j == len(files) else files[j][0] - t
             buckets[int((t - start) // 5)].append(lag)
+            worst.append((lag, name, round(t - start, 3)))
             if j == len(files):
                 missing += 1
             else:
@@ -455,10 +501,13 @@ def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.
         return None if v == float("inf") else v
 
     return {"commits": len(commits), "seen": len(lags), "missing": missing, "unwatched": unwatched,
+            "found_inside": found_inside,  # commits seen in a file their timestamp would skip
             "p50": pct(50), "p90": pct(90), "p99": pct(99), "p99_unseen": bool(ranked) and pct(99) is None,
             "max": lags[-1] if lags else None, "mean": statistics.fmean(lags) if lags else None,
             # When the slow commits were made: [start s, p50, max] per 5 s of the writer's run.
-            "by_5s": [[5 * k, round(statistics.median(v), 3), round(max(v), 3)] for k, v in sorted(buckets.items())]}
+            "by_5s": [[5 * k, round(statistics.median(v), 3), round(max(v), 3)] for k, v in sorted(buckets.items())],
+            # The slowest commits, to look for in the logs: [lag s, tenant, commit s after the start].
+            "slowest": [[round(lag, 3), name, t] for lag, name, t in sorted(worst, reverse=True)[:10]]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -499,8 +548,9 @@ def writer_main(argv: list[str]) -> None:
                 conns.popitem(last=False)[1].close()
         else:
             conns.move_to_end(name)
-        cur = conn.execute("INSERT INTO t(ts, v) VALUES (?, ?)", (time.time(), rnd.randbytes(50).hex()))
-        out.append((name, cur.lastrowid, time.time()))
+        value = rnd.randbytes(50).hex()
+        cur = conn.execute("INSERT INTO t(ts, v) VALUES (?, ?)", (time.time(), value))
+        out.append((name, cur.lastrowid, time.time(), value))
     elapsed = time.time() - t0
     with open(a.log, "w") as f:
         json.dump(out, f)
@@ -841,7 +891,7 @@ class Bench:
 
     def measure_lag(self, setup: Setup, names: list[str]) -> dict:
         a = self.a
-        mon = L0Monitor(setup.replica, names)
+        mon = L0Monitor(setup.replica, names, keep_bodies=True)
         mon.start()
         names_file = os.path.join(setup.root, "names.json")
         with open(names_file, "w") as f:
@@ -865,22 +915,23 @@ class Bench:
             spy.wait(60)
         with open(commit_log) as f:
             commits = json.load(f)
+        holds = functools.lru_cache(maxsize=None)(functools.partial(l0_holds, mon))
         # Drain: until every commit is visible or --drain s passed.
         deadline = time.monotonic() + a.drain
         while time.monotonic() < deadline:
             with mon._lock:
                 arrivals = {k: list(v) for k, v in mon.arrivals.items()}
-            if visibility(commits, arrivals, mon.dirs)["missing"] == 0:
+            if visibility(commits, arrivals, mon.dirs, holds=holds)["missing"] == 0:
                 break
             time.sleep(0.5)
         mon.finish()
         with open(os.path.join(setup.root, "arrivals.json"), "w") as f:
             json.dump(mon.arrivals, f)
-        vis = visibility(commits, {k: list(v) for k, v in mon.arrivals.items()}, mon.dirs)
+        vis = visibility(commits, {k: list(v) for k, v in mon.arrivals.items()}, mon.dirs, holds=holds)
         vis.update(writer=writer, cpu_pct=100 * cpu_delta(c0, c1) / dt, l0_files=mon.count,
                    overflow=mon.overflow, load_start=load0, load=load())
         log(f"  lag p50 {fmt_s(vis['p50'])} p99 {fmt_s(vis['p99'])} max {fmt_s(vis['max'])}; "
-            f"{vis['seen']}/{vis['commits']} seen, {vis['missing']} missing, {vis['unwatched']} to never-replicated "
+            f"{vis['seen']}/{vis['commits']} seen ({vis['found_inside']} by content), {vis['missing']} missing, {vis['unwatched']} to never-replicated "
             f"tenants; writer late {writer['late']}; "
             f"cpu {vis['cpu_pct']:.0f} %; load {vis['load']}")
         return vis

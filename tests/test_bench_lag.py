@@ -1,0 +1,65 @@
+"""The fleet benchmark's lag rule (bench/fleet.py ``visibility``): which L0 file made a commit
+visible. A wrong rule reports a lag the tool did not have, so the rule is tested on real
+LTX files."""
+
+import importlib.util
+import threading
+from pathlib import Path
+
+from tenantsync.ltx.encoder import encode_file
+from tenantsync.ltx.format import HEADER_FLAG_NO_CHECKSUM, Header
+
+_spec = importlib.util.spec_from_file_location("bench_fleet", Path(__file__).parent.parent / "bench" / "fleet.py")
+fleet = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fleet)
+
+PAGE = 4096
+
+
+def _l0(ts_ms: int, text: bytes) -> bytes:
+    page = bytearray(PAGE)
+    page[200:200 + len(text)] = text
+    header = Header(flags=HEADER_FLAG_NO_CHECKSUM, page_size=PAGE, commit=1, min_txid=1, max_txid=1,
+                    timestamp=ts_ms)
+    return encode_file(header, [(1, bytes(page))])
+
+
+class _Monitor:
+    """What l0_holds reads of an L0Monitor: its lock and the kept file bodies."""
+
+    def __init__(self, bodies: dict[str, list[bytes]]):
+        self._lock = threading.Lock()
+        self.bodies = bodies
+
+
+def test_a_file_stamped_before_the_logged_commit_time_counts_when_it_holds_the_row():
+    # The writer logged its commit at t=2.0 s, but the sync that shipped it stamped its
+    # file at 1.0 s (the writer lost the CPU between its commit and reading the clock).
+    row = "9f" * 50
+    mon = _Monitor({"t1": [_l0(1000, row.encode()), _l0(30_000, b"later")]})
+    arrivals = {"t1": [(2.1, 1000), (30.0, 30_000)]}
+    commits = [["t1", 1, 2.0, row]]
+
+    def holds(name, index, value):
+        return fleet.l0_holds(mon, name, index, value)
+
+    by_timestamp = fleet.visibility(commits, arrivals)
+    assert round(by_timestamp["max"], 3) == 28.0
+    inside = fleet.visibility(commits, arrivals, holds=holds)
+    assert round(inside["max"], 3) == 0.1 and inside["found_inside"] == 1
+
+
+def test_a_file_stamped_too_early_without_the_row_is_still_skipped():
+    mon = _Monitor({"t1": [_l0(1000, b"another row"), _l0(30_000, b"later")]})
+    arrivals = {"t1": [(2.1, 1000), (30.0, 30_000)]}
+    commits = [["t1", 1, 2.0, "ab" * 50]]
+    vis = fleet.visibility(commits, arrivals, holds=lambda n, i, v: fleet.l0_holds(mon, n, i, v))
+    assert round(vis["max"], 3) == 28.0 and vis["found_inside"] == 0
+
+
+def test_a_file_arriving_before_the_commit_never_counts():
+    row = "cd" * 50
+    mon = _Monitor({"t1": [_l0(5000, row.encode())]})
+    vis = fleet.visibility([["t1", 1, 6.0, row]], {"t1": [(5.5, 5000)]},
+                           holds=lambda n, i, v: fleet.l0_holds(mon, n, i, v))
+    assert vis["missing"] == 1 and vis["seen"] == 0
