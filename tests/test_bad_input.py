@@ -571,3 +571,17 @@ def test_m_unknown_url_scheme_for_replicate(tmp_path):
 def test_m_unknown_url_scheme_for_ltx_dump(tmp_path):
     proc = tenantsync("ltx", "dump", "ftp://x/0000000000000001-0000000000000001.ltx", cwd=tmp_path)
     one_line_error(proc, "ftp://x")
+
+
+# -- (n) a catalogue that is not a database ---------------------------------------------------------
+
+
+def test_n_a_catalogue_file_that_is_not_a_database_is_one_line_and_left_alone(tmp_path):
+    bad = tmp_path / "catalogue.db"
+    bad.write_bytes(b"not a database, but somebody's file\n" * 100)
+    before = bad.read_bytes()
+    env_catalogue = f"sqlite:///{bad}"
+    proc = subprocess.run([sys.executable, "-m", "tenantsync", "tenants"], capture_output=True, text=True,
+                          timeout=60, env=_env() | {"TENANTSYNC_CATALOGUE": env_catalogue}, cwd=tmp_path)
+    one_line_error(proc, str(bad), "not a database")
+    assert bad.read_bytes() == before
