@@ -57,9 +57,23 @@ def test_a_file_stamped_too_early_without_the_row_is_still_skipped():
     assert round(vis["max"], 3) == 28.0 and vis["found_inside"] == 0
 
 
-def test_a_file_arriving_before_the_commit_never_counts():
-    row = "cd" * 50
-    mon = _Monitor({"t1": [_l0(5000, row.encode())]})
-    vis = fleet.visibility([["t1", 1, 6.0, row]], {"t1": [(5.5, 5000)]},
-                           holds=lambda n, i, v: fleet.l0_holds(mon, n, i, v))
-    assert vis["missing"] == 1 and vis["seen"] == 0
+def test_files_that_arrived_long_before_the_logged_commit_time_are_not_looked_into():
+    looked = []
+
+    def holds(name, index, value):
+        looked.append(index)
+        return True
+
+    early = 6.0 - fleet.CLOCK_READ_DELAY - 0.5
+    vis = fleet.visibility([["t1", 1, 6.0, "cd" * 50]], {"t1": [(early, int(early * 1000))]}, holds=holds)
+    assert vis["missing"] == 1 and vis["seen"] == 0 and looked == []
+
+
+def test_a_file_holding_the_row_may_arrive_before_the_logged_commit_time():
+    # Seen at load 8: the file was stamped 20 ms and arrived 0.4 ms before the writer,
+    # starved after its commit, read the clock.
+    row = "ef" * 50
+    mon = _Monitor({"t1": [_l0(197_751, row.encode()), _l0(254_369, b"later")]})
+    arrivals = {"t1": [(197.7706, 197_751), (254.378, 254_369)]}
+    vis = fleet.visibility([["t1", 23, 197.771, row]], arrivals, holds=lambda n, i, v: fleet.l0_holds(mon, n, i, v))
+    assert vis["max"] == 0.0 and vis["found_inside"] == 1
