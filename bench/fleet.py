@@ -24,8 +24,10 @@ for all three setups). Each tool runs alone, in turn, while its measurements are
 3. lag      -- a writer process commits ``--rate`` single-row transactions/s to tenants
    chosen uniformly at random for ``--lag-seconds`` s, logging (tenant, row id, commit
    time); it keeps the connections it opened (like an app's pool, LRU-capped at 4,000).
-   An inotify watch on every tenant's ``ltx/0`` records when each L0 file appears and
-   reads its header timestamp; a commit is visible at the arrival of the first L0 of its
+   An inotify watch on every tenant's ``ltx/0`` records when each L0 file appears (its
+   ctime, set by the link or rename that publishes it: the monitor thread's own delay on a
+   busy machine is not the tool's lag; ``monitor_delay`` in the JSON says how late it read
+   them) and reads its header timestamp; a commit is visible at the arrival of the first L0 of its
    tenant that arrived after the commit and whose header timestamp (taken by both tools
    after they sized the WAL to ship) is not earlier than the commit (2 ms slack), or, for
    a file that rule would skip, whose pages hold the commit's row (a writer that lost the
@@ -367,19 +369,24 @@ class L0Monitor(threading.Thread):
         # whose header timestamp alone cannot say whether they hold a commit (visibility()).
         self.bodies: dict[str, list[bytes | None]] | None = collections.defaultdict(list) if keep_bodies else None
         self.count = 0
+        self.read_delays: list[float] = []  # how long after its ctime this thread read each file
         self.overflow = False
         self._halt = threading.Event()
         self._lock = threading.Lock()
 
-    def read_l0(self, path: str) -> tuple[int | None, bytes | None]:
-        """The header timestamp of an L0 file, and the file when bodies are kept."""
+    def read_l0(self, path: str) -> tuple[int | None, bytes | None, float | None]:
+        """The header timestamp of an L0 file, the file when bodies are kept, and its ctime:
+        when its name appeared (both tools publish with a link or rename, which sets it)."""
         try:
             with open(path, "rb") as f:
                 data = f.read() if self.bodies is not None else f.read(self.HEADER.size)
+                ctime = os.fstat(f.fileno()).st_ctime
             magic, _flags, _ps, _commit, _lo, _hi, ts = self.HEADER.unpack_from(data)
-            return (ts, data if self.bodies is not None else None) if magic == b"LTX1" else (None, None)
+            if magic != b"LTX1":
+                return None, None, ctime
+            return ts, data if self.bodies is not None else None, ctime
         except (OSError, struct.error):
-            return None, None
+            return None, None, None
 
     def run(self) -> None:
         buf_size = 1 << 20
@@ -403,9 +410,13 @@ class L0Monitor(threading.Thread):
                 name = self.wd.get(wd)
                 if name is None or not L0_NAME.match(fname):
                     continue
-                ts, body = self.read_l0(os.path.join(self.dirs[name], fname))
+                ts, body, ctime = self.read_l0(os.path.join(self.dirs[name], fname))
+                # Arrival is the file's ctime, not when this thread got to it: a busy
+                # machine delays this thread too, and that is not the tool's lag.
+                at = now if ctime is None else min(now, ctime)
                 with self._lock:
-                    self.arrivals[name].append((now, ts))
+                    self.arrivals[name].append((at, ts))
+                    self.read_delays.append(now - at)
                     if self.bodies is not None:
                         self.bodies[name].append(body)
                     self.count += 1
@@ -936,6 +947,9 @@ class Bench:
         with open(os.path.join(setup.root, "arrivals.json"), "w") as f:
             json.dump(mon.arrivals, f)
         vis = visibility(commits, {k: list(v) for k, v in mon.arrivals.items()}, mon.dirs, holds=holds)
+        delays = sorted(mon.read_delays) or [0.0]
+        vis.update(monitor_delay={"p50": delays[len(delays) // 2], "p99": delays[int(0.99 * (len(delays) - 1))],
+                                  "max": delays[-1]})
         vis.update(writer=writer, cpu_pct=100 * cpu_delta(c0, c1) / dt, l0_files=mon.count,
                    overflow=mon.overflow, load_start=load0, load=load())
         log(f"  lag p50 {fmt_s(vis['p50'])} p99 {fmt_s(vis['p99'])} max {fmt_s(vis['max'])}; "
