@@ -3,8 +3,8 @@
 It decides *what* to sync and *when*; the work happens in jobs. inotify reports a
 tenant's ``-wal`` writes (``tenantsync/file_events.py``: one-shot watches, so a busy tenant costs
 one event per batch, not one per write); a slow rescan of the globs catches anything an
-event missed. Files that are not SQLite, and
-names that would escape the replica prefix, are reported once and skipped.
+event missed (and re-arms any WAL watch that was lost, syncing its tenant). Files that are
+not SQLite, and names that would escape the replica prefix, are reported once and skipped.
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ class Watcher:
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
             del self.known[path]
+        if self._events is not None:
+            lost = self._events.rearm_missing([path + "-wal" for path in self.known])
+            if lost:
+                log.warning("%d tenants' WALs were not watched (%s, ...): watched again, and synced",
+                            len(lost), lost[0])
+                self.dispatcher.request_syncs(self.known[wal[: -len("-wal")]] for wal in lost)
         self._last_rescan = time.monotonic()
         return [name for name, _ in fresh]
 

@@ -50,6 +50,7 @@ class FileEvents:
                                   f"fs.inotify.max_user_instances)") from None
         self._dirs: dict[int, tuple[str, int]] = {}  # wd → (directory, levels left below it)
         self._wals: dict[int, str] = {}  # wd → -wal path with a one-shot watch
+        self._armed: dict[str, int] = {}  # -wal path → its newest watch's wd
         # -wal paths past the kernel's watch limit, polled instead: path → (size, mtime_ns).
         self._polled: dict[str, tuple[int, int] | None] = {}
         self._limit_logged = False
@@ -60,12 +61,27 @@ class FileEvents:
         """Report the next write to ``wal_path`` (once). A missing WAL is fine: its
         creation shows in its directory's events."""
         try:
-            self._wals[self._inotify.add_watch(wal_path, _WAL)] = wal_path
+            wd = self._inotify.add_watch(wal_path, _WAL)
         except (FileNotFoundError, NotADirectoryError):
-            pass
+            return
         except OSError as e:
             self._out_of_watches(e, wal_path)
             self._polled[wal_path] = _signature(wal_path)
+            return
+        self._wals[wd] = wal_path
+        self._armed[wal_path] = wd
+
+    def rearm_missing(self, wal_paths) -> list[str]:
+        """Watch those of ``wal_paths`` that exist but have no watch (nor are polled), and
+        return them: a write to them may have gone unreported. The watcher's rescan calls
+        this so that a lost watch cannot leave a tenant unreplicated until its WAL is
+        recreated. Normally none: a WAL that appears is armed from its directory's event."""
+        lost = []
+        for path in wal_paths:
+            if path not in self._armed and path not in self._polled and os.path.exists(path):
+                self.arm(path)
+                lost.append(path)
+        return lost
 
     def read(self, timeout: float, debounce: float) -> set[tuple[Change, str]]:
         """The changes of the next batch: wait up to ``timeout`` for a first event, then
@@ -83,6 +99,15 @@ class FileEvents:
                 path = self._wals[event.wd]
                 if event.mask & flags.IGNORED:
                     del self._wals[event.wd]  # the one-shot watch fired, or the file went
+                    if self._armed.get(path) == event.wd:
+                        # The path's newest watch is gone. Usually its one-shot event is in
+                        # this batch; but the kernel queues that event before it removes the
+                        # watch, so a re-arm racing it can get the dying watch back (same wd)
+                        # and no later write would be reported. Re-armed below; a write may
+                        # have been missed meanwhile, so it counts as one.
+                        del self._armed[path]
+                        if os.path.exists(path):
+                            changes.add((Change.modified, path))
                 elif event.mask & flags.MODIFY:
                     changes.add((Change.modified, path))
             elif event.wd in self._dirs:

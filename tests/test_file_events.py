@@ -147,3 +147,33 @@ def test_a_batch_waits_the_debounce_even_when_events_were_already_queued(armed, 
     assert events.read(1, 0.05) == {(Change.modified, db + "-wal")}
     assert slept == [0.05]
     assert events.read(0, 0.05) == set() and slept == [0.05]
+
+
+def test_a_watch_that_goes_away_while_armed_is_reported_and_armed_again(armed):
+    # The kernel queues a one-shot event before it removes the watch: a re-arm racing it
+    # gets the dying watch back (the same wd), and then only IN_IGNORED arrives for it.
+    # Removing the armed watch by hand produces exactly that event.
+    db, conn, events = armed
+    wal = db + "-wal"
+    events._inotify.rm_watch(events._armed[wal])
+    assert events.read(1, 0) == {(Change.modified, wal)}  # a write may have been missed
+    write_rows(conn, 1)
+    assert events.read(1, 0) == {(Change.modified, wal)}  # and the next one is reported
+
+
+def test_a_watch_removed_with_its_file_is_not_a_write(armed):
+    db, conn, events = armed
+    conn.close()  # the last connection: SQLite checkpoints and deletes the WAL
+    changes = events.read(1, 0.05)
+    assert (Change.modified, db + "-wal") not in changes
+    assert db + "-wal" not in events._armed
+
+
+def test_rearm_missing_watches_only_existing_unwatched_wals(armed, tmp_path):
+    db, conn, events = armed
+    wal = db + "-wal"
+    assert events.rearm_missing([wal, str(tmp_path / "none.db-wal")]) == []
+    del events._armed[wal]  # as if its watch had been lost unnoticed
+    assert events.rearm_missing([wal]) == [wal]
+    write_rows(conn, 1)
+    assert events.read(1, 0) == {(Change.modified, wal)}

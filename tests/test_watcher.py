@@ -129,3 +129,26 @@ def test_writes_are_requested_while_a_plan_round_runs_and_a_failing_round_does_n
     failures = [(r.getMessage(), r.exc_info is not None) for r in caplog.records]
     assert failures == [("a scheduled plan failed: catalogue: database is locked", False),
                         ("a scheduled plan failed", True)]
+
+
+def test_the_rescan_watches_and_syncs_a_tenant_whose_wal_watch_was_lost(watcher, caplog):
+    from tenantsync.file_events import FileEvents
+
+    w, data, _catalogue = watcher
+    conn = app_db(str(data / "a.db"))  # keeps a.db's WAL; b.db has none
+    write_rows(conn, 1)
+    w._events = FileEvents({str(data): 0})  # a.db-wal not armed: as if its watch were lost
+    try:
+        with caplog.at_level(logging.WARNING, logger="scheduler.watcher"):
+            w.rescan()
+        assert w.dispatcher.syncs == ["a.db"]
+        assert "1 tenants' WALs were not watched" in caplog.text
+        w.dispatcher.syncs.clear()
+        w.rescan()
+        assert w.dispatcher.syncs == []  # watched again: nothing more to do
+        write_rows(conn, 1)
+        assert w._events.read(1, 0) == {(Change.modified, f"{data}/a.db-wal")}
+    finally:
+        w._events.close()
+        w._events = None
+        conn.close()
