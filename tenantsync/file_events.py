@@ -57,31 +57,28 @@ class FileEvents:
         for base, depth in roots.items():
             self._watch_tree(base, depth, None)
 
-    def arm(self, wal_path: str) -> None:
-        """Report the next write to ``wal_path`` (once). A missing WAL is fine: its
-        creation shows in its directory's events."""
+    def arm(self, wal_path: str) -> bool:
+        """Report the next write to ``wal_path`` (once); False if there is no such file,
+        which is fine: its creation shows in its directory's events."""
         try:
             wd = self._inotify.add_watch(wal_path, _WAL)
         except (FileNotFoundError, NotADirectoryError):
-            return
+            return False
         except OSError as e:
             self._out_of_watches(e, wal_path)
             self._polled[wal_path] = _signature(wal_path)
-            return
+            return True
         self._wals[wd] = wal_path
         self._armed[wal_path] = wd
+        return True
 
     def rearm_missing(self, wal_paths) -> list[str]:
         """Watch those of ``wal_paths`` that exist but have no watch (nor are polled), and
         return them: a write to them may have gone unreported. The watcher's rescan calls
         this so that a lost watch cannot leave a tenant unreplicated until its WAL is
         recreated. Normally none: a WAL that appears is armed from its directory's event."""
-        lost = []
-        for path in wal_paths:
-            if path not in self._armed and path not in self._polled and os.path.exists(path):
-                self.arm(path)
-                lost.append(path)
-        return lost
+        return [path for path in wal_paths
+                if path not in self._armed and path not in self._polled and self.arm(path)]
 
     def read(self, timeout: float, debounce: float) -> set[tuple[Change, str]]:
         """The changes of the next batch: wait up to ``timeout`` for a first event, then
@@ -106,7 +103,7 @@ class FileEvents:
                         # and no later write would be reported. Re-armed below; a write may
                         # have been missed meanwhile, so it counts as one.
                         del self._armed[path]
-                        if os.path.exists(path):
+                        if (Change.modified, path) not in changes and os.path.exists(path):
                             changes.add((Change.modified, path))
                 elif event.mask & flags.MODIFY:
                     changes.add((Change.modified, path))
