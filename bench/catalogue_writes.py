@@ -19,8 +19,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-
 from tenantsync.catalogue import Catalogue
+from tenantsync.fleet import SWITCH_INTERVAL
 
 TENANTS = 10_000
 
@@ -33,7 +33,7 @@ def spin(stop: threading.Event) -> None:
 
 def worker(url: str, threads: int, rate: float, seconds: float, busy: int, out) -> None:
     catalogue = Catalogue(url, migrate=False)
-    sys.setswitchinterval(0.0005)  # as fleet processes run (tenantsync.fleet.prepare_process)
+    sys.setswitchinterval(SWITCH_INTERVAL)  # as fleet processes run (tenantsync.fleet.prepare_process)
     stop = threading.Event()
     for _ in range(busy):
         threading.Thread(target=spin, args=(stop,), daemon=True).start()

@@ -421,6 +421,24 @@ class L0Monitor(threading.Thread):
                         self.bodies[name].append(body)
                     self.count += 1
 
+    def holds(self, name: str, index: int, value: str) -> bool:
+        """Whether the ``index``-th L0 file that arrived for tenant ``name`` holds a row with
+        the writer's ``value`` (its pages hold the text as written); needs ``keep_bodies``."""
+        # Imported here: the writer processes import this file too, and need none of it.
+        from tenantsync.ltx.decoder import decode_file
+
+        with self._lock:
+            bodies = self.bodies[name] if self.bodies is not None else []
+            body = bodies[index] if index < len(bodies) else None
+        if body is None:
+            return False
+        try:
+            _header, pages, _trailer = decode_file(body)
+        except Exception:  # noqa: BLE001 - a file that does not decode holds nothing we can count
+            return False
+        needle = value.encode()
+        return any(needle in page for _pgno, page in pages)
+
     def tenants_since(self, t: float) -> dict[str, float]:
         """First arrival (wall time) per tenant of an L0 that arrived at or after ``t``."""
         out = {}
@@ -441,24 +459,6 @@ class L0Monitor(threading.Thread):
 # How much earlier than a commit's logged time a file that holds it may arrive (a starved
 # writer's delay between its commit and reading the clock; 20 ms seen at load 8).
 CLOCK_READ_DELAY = 1.0
-
-
-def l0_holds(mon: L0Monitor, name: str, index: int, value: str) -> bool:
-    """Whether the ``index``-th L0 file that arrived for tenant ``name`` holds a row with
-    the writer's ``value`` (its pages hold the text as written)."""
-    # Imported here: the writer processes import this file too, and need none of it.
-    from tenantsync.ltx.decoder import decode_file
-
-    with mon._lock:
-        body = mon.bodies[name][index] if mon.bodies is not None and index < len(mon.bodies[name]) else None
-    if body is None:
-        return False
-    try:
-        _header, pages, _trailer = decode_file(body)
-    except Exception:  # noqa: BLE001 - a file that does not decode holds nothing we can count
-        return False
-    needle = value.encode()
-    return any(needle in page for _pgno, page in pages)
 
 
 def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.0,
@@ -934,7 +934,7 @@ class Bench:
             spy.wait(60)
         with open(commit_log) as f:
             commits = json.load(f)
-        holds = functools.lru_cache(maxsize=None)(functools.partial(l0_holds, mon))
+        holds = functools.lru_cache(maxsize=None)(mon.holds)
         # Drain: until every commit is visible or --drain s passed.
         deadline = time.monotonic() + a.drain
         while time.monotonic() < deadline:

@@ -3,8 +3,10 @@ visible. A wrong rule reports a lag the tool did not have, so the rule is tested
 LTX files."""
 
 import importlib.util
-import threading
+import os
 from pathlib import Path
+
+import pytest
 
 from tenantsync.ltx.encoder import encode_file
 from tenantsync.ltx.format import HEADER_FLAG_NO_CHECKSUM, Header
@@ -24,36 +26,34 @@ def _l0(ts_ms: int, text: bytes) -> bytes:
     return encode_file(header, [(1, bytes(page))])
 
 
-class _Monitor:
-    """What l0_holds reads of an L0Monitor: its lock and the kept file bodies."""
+@pytest.fixture
+def monitor(tmp_path):
+    """A real L0Monitor watching no tenant (its thread not started): the tests hand it the
+    files it would have read."""
+    mon = fleet.L0Monitor(str(tmp_path), [], keep_bodies=True)
+    yield mon
+    os.close(mon.fd)
 
-    def __init__(self, bodies: dict[str, list[bytes]]):
-        self._lock = threading.Lock()
-        self.bodies = bodies
 
-
-def test_a_file_stamped_before_the_logged_commit_time_counts_when_it_holds_the_row():
+def test_a_file_stamped_before_the_logged_commit_time_counts_when_it_holds_the_row(monitor):
     # The writer logged its commit at t=2.0 s, but the sync that shipped it stamped its
     # file at 1.0 s (the writer lost the CPU between its commit and reading the clock).
     row = "9f" * 50
-    mon = _Monitor({"t1": [_l0(1000, row.encode()), _l0(30_000, b"later")]})
+    monitor.bodies["t1"] = [_l0(1000, row.encode()), _l0(30_000, b"later")]
     arrivals = {"t1": [(2.1, 1000), (30.0, 30_000)]}
     commits = [["t1", 1, 2.0, row]]
 
-    def holds(name, index, value):
-        return fleet.l0_holds(mon, name, index, value)
-
     by_timestamp = fleet.visibility(commits, arrivals)
     assert round(by_timestamp["max"], 3) == 28.0
-    inside = fleet.visibility(commits, arrivals, holds=holds)
+    inside = fleet.visibility(commits, arrivals, holds=monitor.holds)
     assert round(inside["max"], 3) == 0.1 and inside["found_inside"] == 1
 
 
-def test_a_file_stamped_too_early_without_the_row_is_still_skipped():
-    mon = _Monitor({"t1": [_l0(1000, b"another row"), _l0(30_000, b"later")]})
+def test_a_file_stamped_too_early_without_the_row_is_still_skipped(monitor):
+    monitor.bodies["t1"] = [_l0(1000, b"another row"), _l0(30_000, b"later")]
     arrivals = {"t1": [(2.1, 1000), (30.0, 30_000)]}
     commits = [["t1", 1, 2.0, "ab" * 50]]
-    vis = fleet.visibility(commits, arrivals, holds=lambda n, i, v: fleet.l0_holds(mon, n, i, v))
+    vis = fleet.visibility(commits, arrivals, holds=monitor.holds)
     assert round(vis["max"], 3) == 28.0 and vis["found_inside"] == 0
 
 
@@ -69,11 +69,11 @@ def test_files_that_arrived_long_before_the_logged_commit_time_are_not_looked_in
     assert vis["missing"] == 1 and vis["seen"] == 0 and looked == []
 
 
-def test_a_file_holding_the_row_may_arrive_before_the_logged_commit_time():
+def test_a_file_holding_the_row_may_arrive_before_the_logged_commit_time(monitor):
     # Seen at load 8: the file was stamped 20 ms and arrived 0.4 ms before the writer,
     # starved after its commit, read the clock.
     row = "ef" * 50
-    mon = _Monitor({"t1": [_l0(197_751, row.encode()), _l0(254_369, b"later")]})
+    monitor.bodies["t1"] = [_l0(197_751, row.encode()), _l0(254_369, b"later")]
     arrivals = {"t1": [(197.7706, 197_751), (254.378, 254_369)]}
-    vis = fleet.visibility([["t1", 23, 197.771, row]], arrivals, holds=lambda n, i, v: fleet.l0_holds(mon, n, i, v))
+    vis = fleet.visibility([["t1", 23, 197.771, row]], arrivals, holds=monitor.holds)
     assert vis["max"] == 0.0 and vis["found_inside"] == 1
