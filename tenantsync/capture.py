@@ -245,9 +245,10 @@ class Capture:
         land), only *read* the few commits that arrived meanwhile, drop our read mark,
         checkpoint what is left, and take the mark again (read-lock 0 if the WAL is fully
         copied, so the application's next write restarts the WAL); the application waits
-        for that and nothing else. The tail is uploaded after the barrier: if the upload
-        fails, the position has not moved, and the next pass either re-reads those frames
-        or, if the WAL restarted, writes a full-page file. If the application holds the
+        for that and nothing else. The tail is uploaded after the barrier, but the fence is
+        asked first, under it: a tail we may not ship is not copied either. If the upload
+        still fails, the position has not moved, and the next pass either re-reads those
+        frames or, if the WAL restarted, writes a full-page file. If the application holds the
         write lock for all of ``wait`` we skip the checkpoint this round rather than stall it.
         """
         if not self._open():
@@ -264,6 +265,8 @@ class Capture:
             return result
         try:
             tail = self._prepare()
+            if tail is not None:
+                self._fence_tail(tail)
             self._end_read()
             backfill = self._passive_checkpoint(wait)
             if not truncate:
@@ -283,6 +286,22 @@ class Capture:
             self._held_since_position = False
         self._hold_checkpoint_lock()  # SQLite let go of it at the end of our checkpoints
         return result
+
+    def _fence_tail(self, tail: _Pending) -> None:
+        """Refuse, before the checkpoint copies it, a tail we may not ship.
+
+        Copied into the main file, it would let the application restart the WAL; the
+        lease holder (another host, or a later job of ours) could then no longer prove
+        continuity and would upload the whole database again. Under the barrier, so the
+        fence must be cheap: the fleet's is a clock comparison (``Leaser.held``).
+        """
+        if self.fence is None:
+            return
+        try:
+            self.fence()
+        except BaseException:
+            tail.close()
+            raise
 
     def release(self) -> SyncResult:
         """Ship everything, checkpoint it, and close every handle (the tenant went idle)."""
@@ -806,8 +825,9 @@ class Capture:
                         raise DatabaseError(f"{self.path}: page {pgno} is beyond the end of the file")
                 yield pgno, page
 
-    # Called right before every upload; raises (e.g. LeaseHeld) if this process may no
-    # longer write the replica. The fleet sets it to its lease check.
+    # Called right before every upload, and before a checkpoint copies frames not yet
+    # shipped; raises (e.g. LeaseHeld) if this process may no longer write the replica.
+    # The fleet sets it to its lease check.
     fence: Callable[[], None] | None = None
 
     def _upload(self, hdr: Header, data, size: int) -> None:

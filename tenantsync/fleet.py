@@ -394,6 +394,7 @@ class Fleet:
         with self._guard:
             kept = self._kept_leases.pop(name, None)
         active = _Active(capture, leaser, kept, time.monotonic())
+        self._install_fence(name, active)
         with self._guard:
             self._active[name] = active
             count = len(self._active)
@@ -437,8 +438,6 @@ class Fleet:
         """Take or renew the tenant's lease; a lease half-way to expiry is renewed."""
         lease = active.lease
         if lease is not None and _now() < lease.expires_at - active.leaser.ttl / 2:
-            if active.capture.fence is None:  # a lease kept over an idle release
-                self._install_fence(name, active)
             return
         try:
             active.lease = active.leaser.renew(lease) if lease is not None else active.leaser.acquire()
@@ -446,14 +445,18 @@ class Fleet:
             active.lease = None
             raise
         active.lease_unrecorded = True
-        self._install_fence(name, active)
 
     @staticmethod
     def _install_fence(name: str, active: _Active) -> None:
-        def fence(active=active, lease=active.lease):
-            # Checked again right before the upload: a process paused after the check above
-            # must not write once its lease may have passed to another host.
-            if active.lease is not lease or not active.leaser.held(lease):
+        """The capture's check before every upload, and before a checkpoint copies frames
+        not yet shipped: a process paused after :meth:`_hold_lease`, or releasing a tenant
+        whose lease has passed to another host, must not write (nor let the WAL restart).
+        A clock comparison, no I/O (it also runs under the checkpoint barrier)."""
+        def fence(active=active):
+            lease = active.lease
+            if lease is None:
+                raise LeaseHeld(f"{name}: lease not held by this process")
+            if not active.leaser.held(lease):
                 raise LeaseHeld(f"{name}: lease generation {lease.generation} no longer held")
 
         active.capture.fence = fence

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from tenantsync.capture import Capture
-from tenantsync.errors import DatabaseError
+from tenantsync.errors import DatabaseError, LeaseHeld
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -294,4 +294,41 @@ def test_between_passes_other_processes_cannot_checkpoint(tmp_path, replica):
     assert _checkpoint_from_another_process(db)[0] == 0
     conn.close()
     cap.close()
+    assert restored(replica, tmp_path) == dump(db)
+
+
+def test_a_checkpoint_never_copies_frames_its_fence_refuses_to_ship(tmp_path, replica, monkeypatch):
+    """A process that lost the lease (its fence now refuses uploads) releases the tenant
+    while a commit slips in just before its checkpoint barrier. That tail must stay in the
+    WAL, unshipped by us and uncopied: copied into the main file, it lets the application
+    restart the WAL, and the lease holder's next pass can no longer prove continuity and
+    uploads the whole database again (a full-page file) instead of the new pages."""
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 200)
+    old = Capture(db, replica)
+    old.sync_once()
+    write_rows(conn, 2)
+    assert old.sync_once().txid == 2
+
+    def lost() -> None:
+        raise LeaseHeld("a.db: lease generation 1 no longer held")
+
+    old.fence = lost
+    take_barrier = old._take_barrier
+
+    def commit_first(wait):  # the application commits between the last pass and the barrier
+        write_rows(conn, 1)
+        return take_barrier(wait)
+
+    monkeypatch.setattr(old, "_take_barrier", commit_first)
+    with pytest.raises(LeaseHeld):
+        old.release()
+    old.close()
+    write_rows(conn, 1)  # would restart the WAL, had the checkpoint copied the tail
+
+    holder = Capture(db, replica)  # the new lease holder, resuming from the replica
+    result = holder.sync_once()
+    assert (result.txid, result.full_reason) == (3, None)
+    assert result.pages < 20
     assert restored(replica, tmp_path) == dump(db)

@@ -330,6 +330,34 @@ def test_an_idle_release_with_nothing_to_ship_writes_no_lease(tmp_path, file_url
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
 
 
+def test_a_commit_racing_an_idle_release_after_the_lease_lapsed_costs_no_full_upload(tmp_path, file_url,
+                                                                                      monkeypatch):
+    """The idle release of a tenant whose lease lapsed ships nothing and takes no lease; a
+    commit landing just before its checkpoint barrier is then a tail it may not ship. The
+    checkpoint must leave it in the WAL: copied into the main file, it let the application
+    restart the WAL, and the next sync uploaded the whole database (seen as a full-page file
+    by the process that wrote the file before it, in the two-host chaos test)."""
+    cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=1)
+    write_rows(conn, 200)
+    assert fleet.sync("a.db")["txid"] == 1
+    time.sleep(1.2)  # the lease lapses
+    capture = fleet._active["a.db"].capture
+    take_barrier = capture._take_barrier
+
+    def commit_first(wait):
+        write_rows(conn, 1)
+        return take_barrier(wait)
+
+    monkeypatch.setattr(capture, "_take_barrier", commit_first)
+    assert fleet.release_idle(0) == ["a.db"]
+    write_rows(conn, 1)  # would restart the WAL, had the release copied the tail
+    woken = fleet.sync("a.db")
+    assert (woken["txid"], woken["full"]) == (2, None)
+    assert woken["pages"] < 20
+    fleet.close()
+    assert_replicas_match(tmp_path, file_url, {"a.db": path})
+
+
 def test_a_released_tenant_is_freed_without_the_garbage_collector(tmp_path, file_url):
     """Once released, a tenant's capture and its state are freed by reference counting: a
     leftover cycle per tenant made each full collection of a worker at 10,000 tenants stop
