@@ -14,7 +14,8 @@ fails the jobs it had, and their tenants are synced again at their next write or
 catch-up schedule; the next job starts a new child. A child ignores SIGINT and SIGTERM, so a
 signal to the whole process group stops it in order: the parent stops its watcher, then
 closes each child, which releases its tenants (checkpointed, positions saved, leases handed
-over) and exits. If the parent dies, the child sees its pipe close and does the same.
+over) and exits. If the parent dies, the child sees its pipe close and exits at once, as if
+killed with it: a successor of the same host may already be syncing those tenants.
 """
 
 from __future__ import annotations
@@ -221,20 +222,25 @@ def child_main(fd: int) -> None:
             try:
                 conn.send(reply)
             except OSError:
-                pass  # the parent is gone; closing below
+                pass  # the parent is gone; the loop below exits
 
-    try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            if message is None:
-                break
-            pool.submit(answer, *message)
-    finally:
-        pool.shutdown(wait=True)
-        close()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            # The parent died without closing us (SIGKILL, OOM). Its successor may already
+            # be running as the same host, with the same tenants and lease owner: releasing
+            # them now (ship, checkpoint, hand over leases) would race it, and a checkpoint
+            # of ours could force it to upload whole databases again. Stop as the parent
+            # did, mid-job if need be; everything here is safe to lose at any point.
+            log.warning("%s: the parent process is gone; exiting without releasing", name)
+            logging.shutdown()
+            os._exit(0)
+        if message is None:
+            break
+        pool.submit(answer, *message)
+    pool.shutdown(wait=True)
+    close()
 
 
 # Compaction is CPU work: niced, so the syncing processes win when cores are short.

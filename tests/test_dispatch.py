@@ -263,6 +263,39 @@ def test_a_child_dying_fails_its_jobs_in_flight_and_the_next_job_starts_another(
     assert (tmp_path / "closed").exists()  # the replacement closed in order
 
 
+PARENT = """
+import sys, threading
+from scheduler.job_process import JobProcess
+from tests.test_dispatch import _test_jobs
+jobs = JobProcess("tenantsync-test", _test_jobs, (sys.argv[1],), threads=2)
+print(jobs.run("pid", "a")["pid"], flush=True)
+threading.Thread(target=jobs.run, args=("slow", "a"), kwargs={"seconds": 30}, daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def test_a_child_whose_parent_is_killed_exits_at_once_without_releasing(tmp_path):
+    """SIGKILL of the parent (an operator's kill -9, the OOM killer): its successor may start
+    at once as the same host, so the child must not go on releasing its tenants (which
+    raced the successor's syncs); it stops mid-job, as if killed with the parent."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "closed")], cwd=root,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)  # the 30 s job is running in the child
+        parent.kill()
+        parent.wait()
+        assert wait_for(lambda: process_gone(child), 10)
+        assert not (tmp_path / "closed").exists()  # its close (the release) never ran
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_a_child_runs_jobs_concurrently_returns_their_errors_and_closes_in_order(tmp_path):
     jobs = JobProcess("tenantsync-test", _test_jobs, (str(tmp_path / "closed"),), threads=4)
     try:
