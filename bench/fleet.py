@@ -36,8 +36,8 @@ for all three setups). Each tool runs alone, in turn, while its measurements are
 4. requests -- object-storage requests of idle tenants, on S3: a moto server in this
    process counts every HTTP request (Werkzeug's request log, by bucket and kind);
    tenantsync (embedded) and Litestream replicate ``--s3-tenants`` tenants each into their
-   own bucket at the same time; after ``--settle`` s idle, requests are counted for
-   ``--s3-window`` s and scaled to per tenant per hour.
+   own bucket at the same time (only those of them in ``--tools``); after ``--settle`` s idle,
+   requests are counted for ``--s3-window`` s and scaled to per tenant per hour.
 5. jobs     -- (tenantsync only) the watcher process is stopped (SIGTERM: it ships and
    releases everything), one row is committed to every tenant by writer processes that
    keep their connections open (so the WAL stays, as with an app's pool), and the
@@ -1084,10 +1084,13 @@ class Bench:
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           config=BotoConfig(s3={"addressing_style": "path"}))
         names = tenant_names(n)
+        # Side by side unless --tools leaves one out (a tool alone has the S3 server and the
+        # cores to itself: its start-up is then not slowed by the other's requests).
+        buckets = [(k, b) for k, b in (("ts-embedded", "ts-bucket"), ("litestream", "ls-bucket")) if k in a.tools]
         setups: dict[str, Setup] = {}
         out: dict = {"tenants": n}
         try:
-            for kind, bucket in (("ts-embedded", "ts-bucket"), ("litestream", "ls-bucket")):
+            for kind, bucket in buckets:
                 s3.create_bucket(Bucket=bucket)
                 root = os.path.join(self.root, f"s3-n{n}", kind)
                 shutil.rmtree(root, ignore_errors=True)
@@ -1103,7 +1106,7 @@ class Bench:
             done: dict[str, float | None] = {k: None for k in setups}
             deadline = time.monotonic() + a.startup_timeout
             while time.monotonic() < deadline and any(v is None for v in done.values()):
-                for kind, bucket in (("ts-embedded", "ts-bucket"), ("litestream", "ls-bucket")):
+                for kind, bucket in buckets:
                     if done[kind] is not None:
                         continue
                     seen = set()
@@ -1128,10 +1131,10 @@ class Bench:
             window = time.monotonic() - t
             snap = {b: dict(c) for b, c in counts.items()}
             # Requests per 10 s of the window, to show when they happen (compaction boundaries).
-            for kind, bucket in (("ts-embedded", "ts-bucket"), ("litestream", "ls-bucket")):
+            for kind, bucket in buckets:
                 per = collections.Counter(int((at - t) // 10) * 10 for at, b, _k in list(events) if b == bucket)
                 out.setdefault("per_10s", {})[kind] = [per.get(s, 0) for s in range(0, int(window), 10)]
-            for kind, bucket in (("ts-embedded", "ts-bucket"), ("litestream", "ls-bucket")):
+            for kind, bucket in buckets:
                 c = snap.get(bucket, {})
                 total = sum(c.values())
                 out[kind] = {"requests": c, "total": total, "window": window,
