@@ -192,7 +192,7 @@ class Fleet:
                 self.catalogue.record_caught_up(name, started)
                 return {"tenant": name, "txid": None, "skipped": "nothing new"}
             try:
-                self._hold_lease(name, active)
+                self._hold_lease(active)
                 result = active.capture.sync_once()
             except LeaseHeld as e:
                 log.warning("%s", e)
@@ -295,7 +295,7 @@ class Fleet:
                 # checkpoint only touches the local file. At 10,000 tenants a third of all
                 # lease writes were idle releases re-taking a lease that had just lapsed.
                 if not active.capture.shipped_all() and (active.lease is None or not active.leaser.held(active.lease)):
-                    self._hold_lease(name, active)
+                    self._hold_lease(active)
                 started = _now()
                 shipped = active.capture.release()
                 pos = active.capture.position
@@ -434,7 +434,7 @@ class Fleet:
                 lock.release()
         return False
 
-    def _hold_lease(self, name: str, active: _Active) -> None:
+    def _hold_lease(self, active: _Active) -> None:
         """Take or renew the tenant's lease; a lease half-way to expiry is renewed."""
         lease = active.lease
         if lease is not None and _now() < lease.expires_at - active.leaser.ttl / 2:
