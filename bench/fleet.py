@@ -456,6 +456,13 @@ class L0Monitor(threading.Thread):
         os.close(self.fd)
 
 
+def percentile(ranked: list[float], p: float) -> float | None:
+    """The ``p``-th percentile of an ascending list (nearest rank), None if it is empty."""
+    if not ranked:
+        return None
+    return ranked[min(len(ranked) - 1, int(round(p / 100 * (len(ranked) - 1))))]
+
+
 # How much earlier than a commit's logged time a file that holds it may arrive (a starved
 # writer's delay between its commit and reading the clock; 20 ms seen at load 8).
 CLOCK_READ_DELAY = 1.0
@@ -514,9 +521,7 @@ def visibility(commits: list, arrivals: dict, watched=None, slack_ms: float = 2.
     ranked = lags + [float("inf")] * missing
 
     def pct(p):
-        if not ranked:
-            return None
-        v = ranked[min(len(ranked) - 1, int(round(p / 100 * (len(ranked) - 1))))]
+        v = percentile(ranked, p)
         return None if v == float("inf") else v
 
     return {"commits": len(commits), "seen": len(lags), "missing": missing, "unwatched": unwatched,
@@ -947,9 +952,9 @@ class Bench:
         with open(os.path.join(setup.root, "arrivals.json"), "w") as f:
             json.dump(mon.arrivals, f)
         vis = visibility(commits, {k: list(v) for k, v in mon.arrivals.items()}, mon.dirs, holds=holds)
-        delays = sorted(mon.read_delays) or [0.0]
-        vis.update(monitor_delay={"p50": delays[len(delays) // 2], "p99": delays[int(0.99 * (len(delays) - 1))],
-                                  "max": delays[-1]})
+        delays = sorted(mon.read_delays)
+        vis.update(monitor_delay={"p50": percentile(delays, 50), "p99": percentile(delays, 99),
+                                  "max": percentile(delays, 100)})
         vis.update(writer=writer, cpu_pct=100 * cpu_delta(c0, c1) / dt, l0_files=mon.count,
                    overflow=mon.overflow, load_start=load0, load=load())
         log(f"  lag p50 {fmt_s(vis['p50'])} p99 {fmt_s(vis['p99'])} max {fmt_s(vis['max'])}; "

@@ -525,22 +525,17 @@ class Catalogue:
                 raise CatalogueError(f"{self!r}: migrating the schema failed: {e}") from e
 
     def _schema_version(self) -> set[str]:
-        """The revisions in the version table, read with one plain query (empty if there is
-        no such table yet: a fresh database). Any other failure (not a database, no
-        permission, a server refusing us) is one clear error, not a migration attempt."""
+        """The revisions in the version table (none in a fresh database, which has no such
+        table). A database that cannot be read (not a database, no permission, a server
+        refusing us) is one clear error, not a migration attempt."""
         table = sa.table(VERSION_TABLE, sa.column("version_num"))
-        try:
-            with self.engine.connect() as conn:
-                return set(conn.execute(sa.select(table.c.version_num)).scalars())
-        except sa.exc.DBAPIError as e:
-            failure = e
         try:
             with self.engine.connect() as conn:
                 if not sa.inspect(conn).has_table(VERSION_TABLE):
                     return set()
+                return set(conn.execute(sa.select(table.c.version_num)).scalars())
         except sa.exc.DBAPIError as e:
-            failure = e
-        raise CatalogueError(f"{self!r}: cannot read the schema version: {failure.orig or failure}") from failure
+            raise CatalogueError(f"{self!r}: cannot read the schema version: {e.orig or e}") from e
 
     # -- transactions -----------------------------------------------------------
 
