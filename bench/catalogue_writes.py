@@ -32,7 +32,7 @@ def spin(stop: threading.Event) -> None:
 
 
 def worker(url: str, threads: int, rate: float, seconds: float, busy: int, out) -> None:
-    catalogue = Catalogue(url, migrate=False)
+    catalogue = Catalogue(url, fleet="bench", migrate=False)
     sys.setswitchinterval(SWITCH_INTERVAL)  # as fleet processes run (tenantsync.fleet.prepare_process)
     stop = threading.Event()
     for _ in range(busy):
@@ -77,7 +77,7 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/catalogue.db"
-        Catalogue(url).discover_many(((f"t{i:05d}.db", f"/data/t{i:05d}.db") for i in range(TENANTS)), "h")
+        Catalogue(url, fleet="bench").discover_many(((f"t{i:05d}.db", f"/data/t{i:05d}.db") for i in range(TENANTS)), "h")
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
         procs = [ctx.Process(target=worker, args=(url, a.threads, a.rate / a.processes, a.seconds, a.busy, out))

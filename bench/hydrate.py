@@ -54,7 +54,7 @@ os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_
 for _k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE"):
     os.environ.pop(_k, None)
 
-from tenantsync.catalogue import Catalogue  # noqa: E402
+from tenantsync.catalogue import open_catalogue  # noqa: E402
 from tenantsync.config import Config  # noqa: E402
 from tenantsync.fleet import Fleet  # noqa: E402
 from tenantsync.ondemand import OnDemand  # noqa: E402
@@ -148,7 +148,7 @@ class Bench:
         os.makedirs(self.data, exist_ok=True)
         cfg = Config(replica=url, globs=(f"{self.data}/*.db",), catalogue=f"sqlite:///{work}/catalogue.db",
                      host="bench", idle_after=timedelta(seconds=1))
-        self.fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+        self.fleet = Fleet(cfg, open_catalogue(cfg))
         self.od = OnDemand(self.fleet, max_parallel=max_parallel)
 
     def tenant_url(self, name: str) -> str:

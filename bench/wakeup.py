@@ -37,7 +37,7 @@ HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from tenantsync import config as configmod  # noqa: E402
-from tenantsync.catalogue import Catalogue  # noqa: E402
+from tenantsync.catalogue import open_catalogue  # noqa: E402
 from tenantsync.fleet import Fleet  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         cfg_path = os.path.join(root, "tenantsync.yml")
         with open(cfg_path, "w") as f:
             json.dump(raw, f)
-        catalogue = Catalogue(configmod.load(cfg_path).catalogue)
+        catalogue = open_catalogue(configmod.load(cfg_path))
         fleet = Fleet(configmod.load(cfg_path), catalogue)
         catalogue.discover_many([(n, os.path.join(data, n)) for n in names], "bench")
         app = App(a.app == "kept")

@@ -14,7 +14,7 @@ import functools
 import threading
 from typing import Callable
 
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.fleet import Fleet, freeze_setup
 from tenantsync.ondemand import OnDemand
@@ -44,9 +44,10 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     table still knows the application's connection.
     """
     processes = processes or config.host_workers or 1
-    catalogue = Catalogue(config.catalogue)
+    catalogue = open_catalogue(config)
     fleet = Fleet(config, catalogue)
     ondemand = OnDemand(fleet)
+    ondemand.recover()  # hydrations and archivals a killed predecessor left half done
     storage = storage_process(config)
     shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.workers)
               for i in range(1, processes)]

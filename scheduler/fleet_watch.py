@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.server import serve
 
@@ -23,10 +23,10 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
 
     app = app or make_app(config)
     dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
-    catalogue = Catalogue(config.catalogue)
+    catalogue = open_catalogue(config)
     server = None
     if http is not None:
-        server = serve(CeleryOnDemand(dispatcher, catalogue), *http)
+        server = serve(CeleryOnDemand(dispatcher, catalogue, config), *http)
         threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
     try:
         schedule = Schedule(config, catalogue, dispatcher, host_plans(config))

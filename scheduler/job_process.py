@@ -270,13 +270,13 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) and the
     storage-only ones, which take a batch of tenants (only the storage child is sent those).
     With ``release_every``, it releases its idle tenants itself."""
-    from tenantsync.catalogue import Catalogue
+    from tenantsync.catalogue import open_catalogue
     from tenantsync.fleet import Fleet, freeze_setup, prepare_process
     from tenantsync.ondemand import OnDemand
 
     prepare_process()
     # The parent opened (and migrated) the catalogue already; no Alembic here (10 MiB).
-    fleet = Fleet(config, Catalogue(config.catalogue, migrate=False))
+    fleet = Fleet(config, open_catalogue(config, migrate=False))
     ondemand = OnDemand(fleet)
     stop = threading.Event()
     releaser = fleet.start_releasing(release_every, stop) if release_every else None

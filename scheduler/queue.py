@@ -167,21 +167,30 @@ class CeleryOnDemand:
     embedded mode; the worker's OnDemand coalesces concurrent calls for one tenant.
     """
 
-    def __init__(self, dispatcher: CeleryDispatcher, catalogue, timeout: float = 300.0):
+    def __init__(self, dispatcher: CeleryDispatcher, catalogue, config, timeout: float = 300.0):
+        from tenantsync.tenants import Pattern
+
         self.dispatcher = dispatcher
         self.catalogue = catalogue
+        self.patterns = [Pattern.parse(g) for g in config.globs]
         self.timeout = timeout
 
     def hydrate(self, name: str, *, txid: int | None = None, timestamp=None):
+        from tenantsync.errors import InvalidArgument
         from tenantsync.ondemand import Hydrated
+        from tenantsync.tenants import locate
 
         if timestamp is not None:
-            raise ValueError("timestamp hydration runs in embedded mode or with `tenantsync fork`")
+            raise InvalidArgument("timestamp hydration runs in embedded mode or with `tenantsync fork`")
+        locate(self.patterns, name)  # not a tenant of this fleet: refused before any job is sent
         job = self.dispatcher.app.send_task("tenantsync.hydrate", args=[name], kwargs={"txid": txid},
                                             queue=self.dispatcher.host_queue(name))
         r = job.get(timeout=self.timeout)
         return Hydrated(name, r["path"], r["txid"], r["restored"])
 
     def archive(self, name: str) -> dict:
+        from tenantsync.tenants import locate
+
+        locate(self.patterns, name)
         job = self.dispatcher.app.send_task("tenantsync.archive", args=[name], queue=self.dispatcher.host_queue(name))
         return job.get(timeout=self.timeout)

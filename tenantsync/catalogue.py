@@ -57,6 +57,7 @@ __all__ = [
     "TenantState",
     "UnknownTenant",
     "alembic_config",
+    "open_catalogue",
 ]
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
@@ -66,7 +67,7 @@ VERSION_TABLE = "tenantsync_alembic_version"
 # The newest migration's revision. A process that finds the schema there skips Alembic,
 # whose import (with Mako and Pygments) was 11 MiB of every worker's and watcher's memory;
 # tests/test_catalogue.py checks this against the migrations directory.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 # Key of the PostgreSQL advisory lock held while migrating (any fixed 63-bit number;
 # this one is the ASCII of "tsyncmig").
 _MIGRATE_LOCK_KEY = 0x7473796E636D6967
@@ -188,6 +189,11 @@ METADATA = sa.MetaData()
 TENANTS = sa.Table(
     "tenants",
     METADATA,
+    # The fleet (its replica root, storage.fleet_id) and the name are the tenant: two
+    # fleets sharing one catalogue (a PostgreSQL one, or a SQLite file given to both) each
+    # have their own row for a name both use. Rows a migration carried over from before
+    # fleets have '' here until their fleet adopts them (Catalogue.adopt).
+    sa.Column("fleet", sa.String(1024), primary_key=True, server_default=""),
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("host", sa.String(255), nullable=False),
@@ -216,10 +222,15 @@ TENANTS = sa.Table(
     sa.Column("bytes_stored", sa.BigInteger, nullable=False, default=0, server_default="0"),
     sa.Column("last_error", sa.Text),
     sa.Column("archived_txid", sa.BigInteger),
+    # A hydration or archival in progress: which process (owner.this_process()) moved the
+    # tenant to hydrating/archiving and from which state, so a failure puts it back and a
+    # mark left by a process that died is undone (Catalogue.recover_marks).
+    sa.Column("mark_owner", sa.String(255)),
+    sa.Column("mark_from", sa.String(16)),
     sa.Column("created_at", UTCDateTime, nullable=False, default=_now),
     sa.Column("updated_at", UTCDateTime, nullable=False, default=_now, onupdate=_now),
-    sa.Index("ix_tenants_host_state", "host", "state"),
-    sa.Index("ix_tenants_last_write_at", "last_write_at"),
+    sa.Index("ix_tenants_fleet_host_state", "fleet", "host", "state"),
+    sa.Index("ix_tenants_fleet_last_write_at", "fleet", "last_write_at"),
 )
 
 
@@ -227,6 +238,7 @@ TENANTS = sa.Table(
 class TenantRecord:
     """A detached, immutable snapshot of one ``tenants`` row."""
 
+    fleet: str
     name: str
     path: str
     host: str
@@ -243,6 +255,8 @@ class TenantRecord:
     bytes_stored: int
     last_error: str | None
     archived_txid: int | None
+    mark_owner: str | None
+    mark_from: str | None
     created_at: datetime
     updated_at: datetime
 
@@ -250,7 +264,7 @@ class TenantRecord:
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))
 # Records are built from rows positionally.
 assert tuple(TENANTS.c.keys()) == _RECORD_FIELDS, "TenantRecord fields must follow the table's columns"
-_BY_NAME = sa.select(*TENANTS.c).where(TENANTS.c.name == sa.bindparam("name"))
+_BY_NAME = sa.select(*TENANTS.c).where(TENANTS.c.fleet == sa.bindparam("fleet"), TENANTS.c.name == sa.bindparam("name"))
 
 
 @functools.cache
@@ -278,7 +292,7 @@ def _sync_statement(with_at: bool, with_lease: bool, idle: bool) -> sa.Update:
     }
     if with_lease:
         values |= {k: param(k, c[k]) for k in ("lease_holder", "lease_expires_at", "generation")}
-    return sa.update(TENANTS).where(c.name == param("name", c.name)).values(values)
+    return sa.update(TENANTS).where(c.fleet == param("fleet", c.fleet), c.name == param("name", c.name)).values(values)
 
 
 def alembic_config(url: str | URL | None = None):
@@ -402,8 +416,12 @@ class _WriterQueue:
 
 
 class Catalogue:
-    """The tenant catalogue at ``url``: ``sqlite:///PATH`` (embedded) or
-    ``postgresql+psycopg://…`` (fleet). Opening it creates or upgrades the schema.
+    """The tenants of one fleet in the catalogue at ``url``: ``sqlite:///PATH`` (embedded)
+    or ``postgresql+psycopg://…`` (fleet). Opening it creates or upgrades the schema.
+
+    ``fleet`` (``Config.fleet``, the replica root's identity) scopes every read and
+    write: the object sees only its fleet's rows, so a catalogue shared by several
+    fleets never hands one fleet another's tenant.
 
     ``busy_timeout`` (SQLite only) is how long a write waits for another process's
     write to finish before failing. ``migrate=False`` skips the schema upgrade (for a
@@ -412,7 +430,12 @@ class Catalogue:
     drops the inherited connections and opens its own.
     """
 
-    def __init__(self, url: str | URL, *, busy_timeout: float = 30.0, migrate: bool = True, **engine_kwargs: Any):
+    def __init__(self, url: str | URL, *, fleet: str, busy_timeout: float = 30.0, migrate: bool = True,
+                 **engine_kwargs: Any):
+        if not fleet:
+            raise CatalogueError("catalogue: no fleet given (the replica root names the fleet)")
+        self.fleet = fleet
+        self._mine = TENANTS.c.fleet == fleet
         self.url = _normalise_url(url)
         self.dialect = self.url.get_backend_name()
         self._writers: _WriterQueue | None = None
@@ -430,7 +453,7 @@ class Catalogue:
                 raise
 
     def __repr__(self) -> str:
-        return f"Catalogue({self.url.render_as_string(hide_password=True)!r})"
+        return f"Catalogue({self.url.render_as_string(hide_password=True)!r}, fleet={self.fleet!r})"
 
     def close(self) -> None:
         """Close every pooled connection. The object is unusable afterwards."""
@@ -562,7 +585,7 @@ class Catalogue:
 
     def _update(self, name: str, values: dict[str, Any]) -> None:
         """Update one tenant's row; raise UnknownTenant if there is none."""
-        self._update_row(name, sa.update(TENANTS).where(TENANTS.c.name == name).values(**values))
+        self._update_row(name, sa.update(TENANTS).where(self._mine, TENANTS.c.name == name).values(**values))
 
     def _update_row(self, name: str, stmt: sa.Update, params: dict[str, Any] | None = None) -> None:
         with self._tx(write=True) as s:
@@ -573,22 +596,22 @@ class Catalogue:
 
     @staticmethod
     def _on_conflict(stmt):
-        """… ON CONFLICT (name) DO UPDATE path/host WHERE either changed.
+        """… ON CONFLICT (fleet, name) DO UPDATE path/host WHERE either changed.
 
         A new tenant is inserted idle; an existing one keeps its state, TXID, position
         and times, and its row is only written when its path or host differ."""
         ex = stmt.excluded
         return stmt.on_conflict_do_update(
-            index_elements=[TENANTS.c.name],
+            index_elements=[TENANTS.c.fleet, TENANTS.c.name],
             set_={"path": ex.path, "host": ex.host, "updated_at": ex.updated_at},
             where=sa.or_(TENANTS.c.path != ex.path, TENANTS.c.host != ex.host),
         )
 
-    @staticmethod
-    def _new_row(name: str, path: str, host: str, now: datetime) -> dict[str, Any]:
+    def _new_row(self, name: str, path: str, host: str, now: datetime) -> dict[str, Any]:
         return {
             "name": name,
             "path": path,
+            "fleet": self.fleet,
             "host": host,
             "state": TenantState.idle,
             "generation": 0,
@@ -603,9 +626,10 @@ class Catalogue:
 
         Missing: inserted with state idle. Present: path and host are updated if they
         changed; state, TXID, position and every time are left as they are."""
+        self.adopt([(name, path)])
         with self._tx(write=True) as s:
             s.execute(self._on_conflict(self._insert()), self._new_row(name, path, host, _now()))
-            return TenantRecord(*s.execute(_BY_NAME, {"name": name}).one())
+            return TenantRecord(*s.execute(_BY_NAME, {"fleet": self.fleet, "name": name}).one())
 
     def discover_many(self, items: Iterable[tuple[str, str]], host: str) -> int:
         """``discover()`` for many ``(name, path)`` pairs on ``host``, in one transaction
@@ -622,6 +646,7 @@ class Catalogue:
         overlapping sets at once cannot deadlock on PostgreSQL."""
         now = _now()
         latest = dict(items)
+        self.adopt(latest.items())
         names = sorted(latest)  # one lock order for every writer (see above)
         written = 0
         with self._tx(write=True) as s:
@@ -662,7 +687,7 @@ class Catalogue:
 
     def get(self, name: str) -> TenantRecord | None:
         with self._tx(write=False) as s:
-            row = s.execute(_BY_NAME, {"name": name}).first()
+            row = s.execute(_BY_NAME, {"fleet": self.fleet, "name": name}).first()
             return TenantRecord(*row) if row is not None else None
 
     def _select(self, stmt: sa.Select) -> builtins.list[TenantRecord]:
@@ -676,7 +701,7 @@ class Catalogue:
 
     def list(self, state: TenantState | None = None, host: str | None = None) -> builtins.list[TenantRecord]:
         """Tenants by name, optionally only those in ``state`` and/or on ``host``."""
-        stmt = sa.select(*TENANTS.c).order_by(TENANTS.c.name)
+        stmt = sa.select(*TENANTS.c).where(self._mine).order_by(TENANTS.c.name)
         if state is not None:
             stmt = stmt.where(TENANTS.c.state == TenantState(state))
         if host is not None:
@@ -687,7 +712,8 @@ class Catalogue:
         """``{state value: tenants}``, with every state present (0 when none)."""
         counts = {s.value: 0 for s in TenantState}
         with self._tx(write=False) as s:
-            for state, n in s.execute(sa.select(TENANTS.c.state, sa.func.count()).group_by(TENANTS.c.state)):
+            for state, n in s.execute(sa.select(TENANTS.c.state, sa.func.count()).where(self._mine)
+                                      .group_by(TENANTS.c.state)):
                 counts[TenantState(state).value] = n
         return counts
 
@@ -698,6 +724,7 @@ class Catalogue:
         stmt = (
             sa.select(*TENANTS.c)
             .where(
+                self._mine,
                 TENANTS.c.last_write_at < _utc(now, "now") - older_than,
                 sa.or_(TENANTS.c.last_sync_at.is_(None), TENANTS.c.last_write_at > TENANTS.c.last_sync_at),
             )
@@ -713,7 +740,7 @@ class Catalogue:
         catch-up schedule then, instead of waiting for the tenant's next write, which may
         never come."""
         stmt = (sa.select(TENANTS.c.name)
-                .where(TENANTS.c.state == TenantState.error, TENANTS.c.updated_at < _utc(before, "before"))
+                .where(self._mine, TENANTS.c.state == TenantState.error, TENANTS.c.updated_at < _utc(before, "before"))
                 .order_by(TENANTS.c.updated_at, TENANTS.c.name))
         if host is not None:
             stmt = stmt.where(TENANTS.c.host == host)
@@ -727,7 +754,7 @@ class Catalogue:
         quiet = sa.func.coalesce(TENANTS.c.last_write_at, TENANTS.c.last_sync_at)
         stmt = (
             sa.select(*TENANTS.c)
-            .where(TENANTS.c.state == TenantState.active, quiet < _utc(before, "before"))
+            .where(self._mine, TENANTS.c.state == TenantState.active, quiet < _utc(before, "before"))
             .order_by(quiet, TENANTS.c.name)
         )
         if host is not None:
@@ -738,7 +765,7 @@ class Catalogue:
         """Names of tenants synced at or after ``since``: the ones a periodic compaction,
         snapshot or retention pass can have work for. Filtered in SQL: a pass over an idle
         fleet of 10,000 reads no rows into Python."""
-        return self._names(sa.select(TENANTS.c.name).where(TENANTS.c.last_sync_at >= _utc(since, "since"))
+        return self._names(sa.select(TENANTS.c.name).where(self._mine, TENANTS.c.last_sync_at >= _utc(since, "since"))
                            .order_by(TENANTS.c.name))
 
     # -- writes -----------------------------------------------------------------
@@ -764,7 +791,8 @@ class Catalogue:
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""
-        values: dict[str, Any] = {"name": name, "txid": txid, "position": position, "bytes_added": bytes_added}
+        values: dict[str, Any] = {"fleet": self.fleet, "name": name, "txid": txid, "position": position,
+                                  "bytes_added": bytes_added}
         if at is not None:
             values["at"] = _utc(at, "at")
         if lease is not None:
@@ -793,7 +821,8 @@ class Catalogue:
         later = sa.case((sa.or_(col.is_(None), col < at), sa.literal(at, col.type)), else_=col)
         with self._tx(write=True) as s:
             for i in range(0, len(names), 500):  # stay under SQLite's bound-parameter limit
-                s.execute(sa.update(TENANTS).where(TENANTS.c.name.in_(names[i:i + 500])).values(last_write_at=later))
+                s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(names[i:i + 500]))
+                          .values(last_write_at=later))
 
     def record_error(self, name: str, message: str) -> None:
         """An operation failed: state error, ``last_error`` = ``message``."""
@@ -817,7 +846,7 @@ class Catalogue:
         with self._tx(write=True) as s:
             for column, times in (("last_compact_at", compacted), ("last_snapshot_at", snapshotted)):
                 if times:
-                    stmt = sa.update(TENANTS).where(TENANTS.c.name == sa.bindparam("tenant")).values(
+                    stmt = sa.update(TENANTS).where(self._mine, TENANTS.c.name == sa.bindparam("tenant")).values(
                         {column: sa.bindparam("at")})
                     s.execute(stmt, [{"tenant": name, "at": _utc(at, "at")} for name, at in times.items()])
 
@@ -832,7 +861,7 @@ class Catalogue:
         values: dict[str, Any] = {"state": to}
         if to is TenantState.archived:
             values["archived_txid"] = TENANTS.c.txid
-        stmt = sa.update(TENANTS).where(TENANTS.c.name == name).values(**values)
+        stmt = sa.update(TENANTS).where(self._mine, TENANTS.c.name == name).values(**values)
         if expected is not None:
             allowed = sorted({TenantState(s) for s in expected}, key=lambda s: s.value)
             if not allowed:
@@ -840,3 +869,117 @@ class Catalogue:
             stmt = stmt.where(TENANTS.c.state.in_(allowed))
         with self._tx(write=True) as s:
             return s.execute(stmt).rowcount == 1
+
+    # -- hydration and archival marks ---------------------------------------------
+
+    def mark(self, name: str, to: TenantState, *, expected: set[TenantState], owner: str) -> bool:
+        """Move the tenant to ``to`` (hydrating or archiving) from one of ``expected``, as
+        :meth:`transition` does, and note ``owner`` (the process doing it) and the state
+        it came from, in the same UPDATE: :meth:`unmark` puts that state back if the work
+        fails, and :meth:`recover_marks` if the owner dies."""
+        c = TENANTS.c
+        allowed = sorted({TenantState(s) for s in expected}, key=lambda s: s.value)
+        stmt = (sa.update(TENANTS).where(self._mine, c.name == name, c.state.in_(allowed))
+                .values(state=TenantState(to), mark_owner=owner, mark_from=c.state))
+        with self._tx(write=True) as s:
+            return s.execute(stmt).rowcount == 1
+
+    def claim_new(self, name: str, path: str, host: str, owner: str) -> bool:
+        """Insert a tenant the catalogue does not hold yet directly as ``hydrating`` by
+        ``owner``; False if a row exists. :meth:`unmark` without a new state deletes it
+        again: a hydration that fails leaves no row behind (every unknown name asked for
+        once left a permanent ``error`` row, retried every two minutes)."""
+        row = self._new_row(name, path, host, _now()) | {"state": TenantState.hydrating, "mark_owner": owner}
+        with self._tx(write=True) as s:
+            stmt = self._insert().values(row).on_conflict_do_nothing(index_elements=[TENANTS.c.fleet, TENANTS.c.name])
+            return len(s.execute(stmt.returning(TENANTS.c.name)).all()) == 1
+
+    def unmark(self, name: str, owner: str, *, error: str | None = None, **finished: Any) -> bool:
+        """End ``owner``'s hydration or archival of ``name`` in one write.
+
+        With ``finished`` (``state`` and the columns the work set, e.g. ``txid``,
+        ``position``, ``last_sync_at``, ``archived_txid``), those are stored. Without, the
+        work is undone: the tenant goes back to the state it was marked from, with
+        ``error`` as its ``last_error``; a row :meth:`claim_new` inserted is deleted.
+        False if ``owner`` no longer holds the mark (it was recovered as dead)."""
+        c = TENANTS.c
+        mine = sa.and_(self._mine, c.name == name, c.mark_owner == owner)
+        with self._tx(write=True) as s:
+            if finished:
+                values = dict(finished, mark_owner=None, mark_from=None)
+                values["state"] = TenantState(values["state"])
+                return s.execute(sa.update(TENANTS).where(mine).values(values)).rowcount == 1
+            if s.execute(sa.delete(TENANTS).where(mine, c.mark_from.is_(None))).rowcount:
+                return True
+            back = sa.update(TENANTS).where(mine).values(state=c.mark_from, mark_owner=None, mark_from=None,
+                                                        last_error=error)
+            return s.execute(back).rowcount == 1
+
+    def marked(self, host: str) -> builtins.list[TenantRecord]:
+        """This fleet's tenants of ``host`` in hydrating or archiving (marked by a process, or
+        without an owner: left so by a version before marks)."""
+        busy = [TenantState.hydrating, TenantState.archiving]
+        return self._select(sa.select(*TENANTS.c).where(self._mine, TENANTS.c.host == host,
+                                                        TENANTS.c.state.in_(busy)))
+
+    # -- rows from before fleets ----------------------------------------------------
+
+    def adopt(self, items: Iterable[tuple[str, str]]) -> int:
+        """Take over rows carried over from before fleets (fleet ``''``) whose name and path
+        are these: the tenant keeps its position (no full upload) and, archived, its state.
+        A row with another path is not this fleet's tenant and stays where it is. How many
+        were adopted (0 at once when the catalogue holds no such row)."""
+        c = TENANTS.c
+        legacy = c.fleet == ""
+        with self._tx(write=True) as s:
+            if s.execute(sa.select(c.name).where(legacy).limit(1)).first() is None:
+                return 0
+            other = TENANTS.alias("other")
+            taken = sa.select(other.c.name).where(other.c.fleet == self.fleet, other.c.name == sa.bindparam("n"))
+            stmt = (sa.update(TENANTS).where(legacy, c.name == sa.bindparam("n"), c.path == sa.bindparam("p"),
+                                             ~sa.exists(taken))
+                    .values(fleet=self.fleet))
+            return sum(s.execute(stmt, {"n": name, "p": path}).rowcount for name, path in items)
+
+    def import_legacy(self, path: str) -> int:
+        """Copy the rows of the SQLite catalogue every fleet shared by default before each
+        had its own (``config.LEGACY_CATALOGUE``) into this one, as rows from before fleets:
+        :meth:`adopt` then hands each to the fleet whose tenant it is. Rows already here
+        are kept. How many were copied."""
+        if self.dialect != "sqlite":
+            return 0
+        columns = [c.name for c in TENANTS.c if c.name not in ("fleet", "mark_owner", "mark_from")]
+        listed = ", ".join(columns)
+        conn = sqlite3.connect(self.url.database, timeout=30, isolation_level=None)
+        try:
+            conn.execute("ATTACH DATABASE ? AS legacy", (f"file:{path}?mode=ro",))
+            have = {row[1] for row in conn.execute("PRAGMA legacy.table_info(tenants)")}
+            if not set(columns) <= have:
+                return 0
+            only_unowned = " WHERE fleet = ''" if "fleet" in have else ""
+            conn.execute("BEGIN IMMEDIATE")
+            copied = conn.execute(f"INSERT OR IGNORE INTO main.tenants (fleet, {listed}) "
+                                  f"SELECT '', {listed} FROM legacy.tenants{only_unowned}").rowcount
+            conn.execute("COMMIT")
+            return copied
+        except sqlite3.Error as e:
+            raise CatalogueError(f"catalogue {path}: cannot carry its rows over: {e}") from e
+        finally:
+            conn.close()
+
+
+def open_catalogue(config, **kwargs: Any) -> Catalogue:
+    """The catalogue of ``config``'s fleet (``Config.catalogue_url``), scoped to it.
+
+    A fleet's own default catalogue that does not exist yet starts with the rows of the
+    catalogue all fleets shared by default before (``config.LEGACY_CATALOGUE``), as rows
+    from before fleets, which the fleet adopts by name and path (nothing lost in an
+    upgrade: positions, archived tenants)."""
+    from .config import LEGACY_CATALOGUE
+
+    url = config.catalogue_url()
+    fresh = not config.catalogue and not os.path.exists(make_url(url).database)
+    catalogue = Catalogue(url, fleet=config.fleet, **kwargs)
+    if fresh and os.path.exists(LEGACY_CATALOGUE):
+        catalogue.import_legacy(LEGACY_CATALOGUE)
+    return catalogue

@@ -15,36 +15,28 @@ from datetime import datetime, timezone
 
 import click
 
-from .errors import StorageUnavailable, TenantSyncError
+from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
 
 log = logging.getLogger("tenantsync")
 
 
 def parse_txid(text: str) -> int:
     """Accept decimal or the 16-hex-digit form Litestream prints."""
-    t = text.strip().lower()
+    from .targets import parse_txid as parse
+
     try:
-        if t.startswith("0x"):
-            value = int(t, 16)
-        elif len(t) == 16:
-            value = int(t, 16)
-        else:
-            value = int(t, 10)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a TXID (decimal or 16 hex digits)", param_hint="'--txid'") from None
-    if value < 1:
-        raise click.BadParameter("TXIDs start at 1", param_hint="'--txid'")
-    return value
+        return parse(text)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e).partition(": ")[2], param_hint="'--txid'") from None
 
 
 def parse_timestamp(text: str) -> datetime:
+    from .targets import parse_timestamp as parse
+
     try:
-        t = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not an RFC 3339 timestamp", param_hint="'--timestamp'") from None
-    if t.tzinfo is None:
-        raise click.BadParameter(f"{text!r} has no time zone (add Z or +00:00)", param_hint="'--timestamp'")
-    return t.astimezone(timezone.utc)
+        return parse(text)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e).partition(": ")[2], param_hint="'--timestamp'") from None
 
 
 def _replica(url: str):
@@ -182,21 +174,22 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     """List tenants: name, state, size, TXID, lag, last write, lease holder."""
     import json as jsonmod
 
-    from .catalogue import Catalogue
+    from .catalogue import open_catalogue
     from .server import tenant_json
 
-    cfg = load_config(config_path, replica_url, broker, catalogue, need_replica=False)
-    records = Catalogue(cfg.catalogue).list(state=state)
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    records = open_catalogue(cfg).list(state=state)
     now = datetime.now(timezone.utc)
     rows = []
     for r in records:
         size = sum(os.path.getsize(p) for p in (r.path, r.path + "-wal") if os.path.exists(p))
         lag = (r.last_write_at - r.last_sync_at).total_seconds() if r.last_write_at and r.last_sync_at else None
-        rows.append(tenant_json(r, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
+        rows.append(tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
                                 idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None))
     if as_json:
         click.echo(jsonmod.dumps(rows, indent=2))
         return
+    click.echo(f"fleet {cfg.fleet}: {len(rows)} tenants{f' {state}' if state else ''}")
     click.echo(f"{'name':30} {'state':9} {'size':>10} {'txid':16} {'lag':>6} {'last write':25} lease")
     for row in rows:
         lag = f"{row['lag_seconds']:.1f}" if row["lag_seconds"] is not None else "-"
@@ -219,6 +212,7 @@ def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
     """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
     result = _ondemand(cfg).hydrate(name, txid=parse_txid(txid) if txid else None)
+    _report_aside(name, result)
     click.echo(result.path)
 
 
@@ -245,7 +239,14 @@ def fork(name, new_name, replica_url, config_path, broker, catalogue, txid, time
         new_name, source=name, txid=parse_txid(txid) if txid else None,
         timestamp=parse_timestamp(timestamp) if timestamp else None,
     )
+    _report_aside(new_name, result)
     click.echo(result.path)
+
+
+def _report_aside(name: str, result) -> None:
+    if result.moved_aside:
+        click.echo(f"tenantsync: {name}: the file at {result.path} was not the replica's database; "
+                   f"kept as {result.moved_aside}", err=True)
 
 
 def _report_job(job: str, result: dict) -> None:

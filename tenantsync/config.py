@@ -8,9 +8,11 @@ the fleet runs embedded: jobs in-process, SQLite catalogue, nothing else to inst
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -24,6 +26,9 @@ class ConfigError(TenantSyncError):
 
 
 DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".local", "state", "tenantsync")
+# Where every fleet's default catalogue was before each fleet had its own: rows found there
+# are carried into a fleet's new default catalogue (catalogue.open_catalogue).
+LEGACY_CATALOGUE = os.path.join(DEFAULT_STATE_DIR, "catalogue.db")
 # Embedded mode's default number of syncing processes is one per CPU, at most this many.
 MAX_DEFAULT_PROCESSES = 4
 
@@ -48,7 +53,8 @@ class Config:
     replica: str = ""
     globs: tuple[str, ...] = ()
     broker: str | None = None
-    catalogue: str = f"sqlite:///{DEFAULT_STATE_DIR}/catalogue.db"
+    # Empty: the fleet's own SQLite file under DEFAULT_STATE_DIR (see catalogue_url).
+    catalogue: str = ""
     host: str = field(default_factory=socket.gethostname)
     debounce: timedelta = timedelta(milliseconds=50)
     idle_after: timedelta = timedelta(seconds=30)
@@ -78,6 +84,23 @@ class Config:
             return self.host_workers
         return min(os.cpu_count() or 1, MAX_DEFAULT_PROCESSES) if embedded else 1
 
+    @property
+    def fleet(self) -> str:
+        """The fleet's identity: its replica root, however spelled (storage.fleet_id). A
+        tenant is its fleet and its name; catalogue rows are keyed by both."""
+        from .storage import fleet_id
+
+        if not self.replica:
+            raise ConfigError("no replica: give --replica URL or 'replica:' in tenantsync.yml")
+        return fleet_id(self.replica)
+
+    def catalogue_url(self) -> str:
+        """The catalogue given, or this fleet's default: a SQLite file of its own, named after
+        the replica root, so two apps on one machine, each with its own replica and no
+        catalogue configured, never share one (they did, and a tenant name both used had
+        one row: archiving one app's tenant deleted the other's file)."""
+        return self.catalogue or f"sqlite:///{default_catalogue_path(self.fleet)}"
+
     def archive_after_for(self, path: str) -> timedelta | None:
         from fnmatch import fnmatchcase
 
@@ -88,6 +111,14 @@ class Config:
 
     def with_overrides(self, **changes) -> "Config":
         return replace(self, **{k: v for k, v in changes.items() if v not in (None, ())})
+
+
+def default_catalogue_path(fleet: str) -> str:
+    """``DEFAULT_STATE_DIR/fleets/<last part of the replica root>-<hash of the fleet>.db``:
+    readable in a listing, and distinct for every replica root."""
+    tail = urllib.parse.unquote(fleet.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._")[:40] or "fleet"
+    return os.path.join(DEFAULT_STATE_DIR, "fleets", f"{slug}-{hashlib.sha256(fleet.encode()).hexdigest()[:12]}.db")
 
 
 _ENV = {

@@ -49,6 +49,25 @@ class RestoreError(TenantSyncError):
     """A restore cannot produce a verified database (no files, gap in TXIDs, target outside)."""
 
 
+class ReplicaEmpty(RestoreError):
+    """The replica holds no LTX file: nothing to restore (an unknown tenant)."""
+
+
+class InvalidArgument(TenantSyncError, ValueError):
+    """A caller's argument is of the wrong type or out of range; nothing was changed."""
+
+
+class NotATenant(TenantSyncError):
+    """The name is not a tenant of this fleet: it matches none of its globs, or its path
+    leaves the glob's directory (a symbolic link). Nothing was created or touched."""
+
+
+class TenantMismatch(TenantSyncError):
+    """The catalogue's row, the local path and the replica do not belong together (a row
+    written by another fleet, a moved glob): acting would touch the wrong database, so
+    nothing was touched."""
+
+
 class ArchiveAborted(TenantSyncError):
     """The tenant was in use or changed during archival; its files were kept."""
 

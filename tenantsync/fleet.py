@@ -22,11 +22,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from . import compactor
+from . import compactor, tenants
 from .capture import Capture, ReplicaConflict
-from .catalogue import Catalogue, TenantState
+from .catalogue import Catalogue, TenantState, open_catalogue
 from .config import Config
-from .errors import DatabaseError, LeaseHeld, StorageError, StorageUnavailable, TenantSyncError
+from .errors import DatabaseError, LeaseHeld, NotATenant, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
 from .lease import Lease, Leaser
 from .position import Position
 from .replica import Replica
@@ -123,7 +123,10 @@ class Fleet:
 
     def __init__(self, config: Config, catalogue: Catalogue | None = None):
         self.config = config
-        self.catalogue = catalogue or Catalogue(config.catalogue)
+        self.catalogue = catalogue or open_catalogue(config)
+        if self.catalogue.fleet != config.fleet:
+            raise TenantMismatch(f"catalogue of fleet {self.catalogue.fleet} given to the fleet of {config.fleet}")
+        self.patterns = [tenants.Pattern.parse(g) for g in config.globs]
         self.storage = open_storage(config.replica)
         # The lease belongs to the host: every process of one host may sync its tenants
         # (write-if-absent fences their TXIDs); other hosts are kept out.
@@ -161,13 +164,28 @@ class Fleet:
         with self._guard:
             return self._locks.setdefault(name, threading.RLock())
 
-    def default_path(self, name: str) -> str:
-        """Where a tenant the host has never seen goes: under the first glob's base."""
-        from .tenants import Pattern, check_name
-
-        if not self.config.globs:
-            raise DatabaseError(f"tenant {name}: no local path known and no globs configured")
-        return os.path.join(Pattern.parse(self.config.globs[0]).base, check_name(name))
+    def resolve(self, name: str) -> str:
+        """The local path of tenant ``name`` of this fleet, checked before anything acts on
+        it: a name that is not the fleet's tenant raises BadTenantName or NotATenant, and a
+        catalogue row at another path raises TenantMismatch (the three named). With globs,
+        the name must match one (tenants.locate); without (a one-shot command given only a
+        replica), the catalogue must know it, at a path that ends in its name and is no
+        symbolic link. Nothing is created or touched here."""
+        name = tenants.check_name(name)
+        record = self.catalogue.get(name)
+        if self.patterns:
+            path = tenants.locate(self.patterns, name)
+        elif record is None:
+            raise NotATenant(f"tenant {name!r}: unknown to the fleet of {self.storage} "
+                             "(give its glob, or 'globs:' in tenantsync.yml)")
+        else:
+            path = record.path
+            if not path.endswith(os.sep + name) or os.path.islink(path):
+                raise TenantMismatch(f"tenant {name}: the catalogue's path {path} is not a file named {name}")
+        if record is not None and record.path != path:
+            raise TenantMismatch(f"tenant {name}: the catalogue holds it at {record.path}, the fleet's globs put it "
+                                 f"at {path}, replica {self.storage}/{name}: nothing touched")
+        return path
 
     # -- jobs -------------------------------------------------------------------
 

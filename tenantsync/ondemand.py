@@ -21,9 +21,11 @@ from datetime import datetime, timezone
 
 from . import compactor
 from .catalogue import TenantState
-from .errors import ArchiveAborted, RestoreError, TenantSyncError
+from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, TenantSyncError
+from .owner import is_alive, this_process
 from .position import DBStat, Position
 from .restore import restore
+from .tenants import check_name
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ class Hydrated:
     path: str
     txid: int
     restored: bool  # False when the database was already local
+    moved_aside: str | None = None  # where a file that was not the tenant's database went
+
+
+class Busy(TenantSyncError):
+    """Another live process has been hydrating or archiving the tenant for too long."""
 
 
 def open_by_others(paths: list[str]) -> list[int]:
@@ -83,11 +90,19 @@ def same_pages(a: str, b: str) -> bool:
 
 
 class OnDemand:
-    """Hydration and archival for one process; coalesces concurrent hydrations."""
+    """Hydration and archival for one process; coalesces concurrent hydrations.
+
+    Every call first checks that the name is a tenant of the fleet at the path its globs
+    give (``Fleet.resolve``) and that its arguments are valid; only then does it mark the
+    tenant (hydrating or archiving, one catalogue write naming this process), and any
+    failure puts the tenant back in the state it was in. Marks a dead process left behind
+    are undone by :meth:`recover` (at start-up) and by a call that finds one.
+    """
 
     def __init__(self, fleet, max_parallel: int = 8):
         self.fleet = fleet
         self.catalogue = fleet.catalogue
+        self.owner = this_process(fleet.config.host)
         self._inflight: dict[str, Future] = {}
         self._guard = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_parallel)
@@ -95,13 +110,17 @@ class OnDemand:
     # -- hydration -----------------------------------------------------------------
 
     def hydrate(self, name: str, *, txid: int | None = None, timestamp: datetime | None = None,
-                source: str | None = None, path: str | None = None) -> Hydrated:
+                source: str | None = None) -> Hydrated:
         """Return once tenant ``name`` is local, complete and registered for replication.
 
         Calls for the same tenant share one restore (the first does it, the others
         wait for its result); different tenants restore in parallel up to the limit.
         ``source``/``txid``/``timestamp`` make it a fork of another tenant's state.
         """
+        _check_target(txid, timestamp)
+        path = self.fleet.resolve(name)
+        if source is not None:
+            source = check_name(source)
         with self._guard:
             future = self._inflight.get(name)
             owner = future is None
@@ -111,7 +130,7 @@ class OnDemand:
             return future.result()
         try:
             with self._slots, self.fleet.tenant_lock(name):
-                result = self._hydrate(name, txid, timestamp, source, path)
+                result = self._hydrate(name, path, txid, timestamp, source)
             future.set_result(result)
             return result
         except BaseException as e:
@@ -121,75 +140,120 @@ class OnDemand:
             with self._guard:
                 self._inflight.pop(name, None)
 
-    def _hydrate(self, name, txid, timestamp, source, path) -> Hydrated:
+    def _hydrate(self, name, path, txid, timestamp, source, waited: float = 0.0) -> Hydrated:
         record = self.catalogue.get(name)
+        local = os.path.exists(path)
+        if source is None and local and record is not None and record.state in _REPLICATED:
+            return Hydrated(name, path, record.txid or 0, restored=False)  # its own file, replicated
         if record is None:
-            if path is None:
-                path = self.fleet.default_path(name)
-            self.catalogue.discover(name, path, self.fleet.config.host)
-            record = self.catalogue.get(name)
-        path = record.path
-        if source is None and os.path.exists(path):
-            if record.state in (TenantState.archived, TenantState.hydrating, TenantState.error):
-                self.catalogue.transition(name, TenantState.active)
-            return Hydrated(name, path, record.txid or 0, restored=False)
-        if not self.catalogue.transition(
-            name, TenantState.hydrating,
-            expected={TenantState.archived, TenantState.idle, TenantState.error, TenantState.active},
-        ):
-            return self._wait_for_other(name, path)
+            marked = self.catalogue.claim_new(name, path, self.fleet.config.host, self.owner)
+        else:
+            marked = self.catalogue.mark(name, TenantState.hydrating, expected=_HYDRATE_FROM, owner=self.owner)
+        if not marked:
+            return self._wait_for_other(name, path, txid, timestamp, source, waited)
+        aside = None
         try:
+            if local and source is None:
+                # Archived (or unknown to the catalogue) yet a file is there: not something
+                # replicated from this replica, so it is kept aside, not taken as the tenant.
+                aside = _move_aside(path)
             replica = self.fleet.replica(source or name)
             result = restore(replica, path, txid=txid, timestamp=timestamp)
-        except TenantSyncError as e:
-            self.catalogue.record_error(name, f"hydrate: {e}")
+        except BaseException as e:
+            if aside is not None:
+                _move_back(aside, path)
+            if source is None and local and record is None and isinstance(e, ReplicaEmpty):
+                # A new database the watcher has not found yet: it is the tenant.
+                self.catalogue.unmark(name, self.owner, state=TenantState.idle)
+                return Hydrated(name, path, 0, restored=False)
+            self.catalogue.unmark(name, self.owner, error=f"hydrate: {e}" if isinstance(e, TenantSyncError) else None)
             raise
-        position = Position(txid=result.txid, page_size=result.page_size, commit=result.commit,
-                            wal_offset=32, backfilled=True, db_stat=DBStat.of(path))
-        if source is not None:
-            # A fork starts its own replica with a full snapshot at TXID 1.
-            position = None
-        self.catalogue.record_sync(name, txid=result.txid if source is None else 0,
-                                   position=position.to_dict() if position else None,
-                                   at=datetime.now(timezone.utc))
-        self.catalogue.transition(name, TenantState.active)
+        now = datetime.now(timezone.utc)
+        if source is None:
+            position = Position(txid=result.txid, page_size=result.page_size, commit=result.commit,
+                                wal_offset=32, backfilled=True, db_stat=DBStat.of(path)).to_dict()
+            txid_now = result.txid
+        else:
+            position, txid_now = None, 0  # a fork starts its own replica with a full snapshot at TXID 1
+        self.catalogue.unmark(name, self.owner, state=TenantState.active, txid=txid_now, position=position,
+                              last_sync_at=now, last_error=None)
+        if aside is not None:
+            log.warning("tenant %s: %s was not the replica's database; kept as %s", name, path, aside[0])
         log.info("hydrated %s at txid %016x into %s", name, result.txid, path)
-        return Hydrated(name, path, result.txid, restored=True)
+        return Hydrated(name, path, result.txid, restored=True, moved_aside=aside[0] if aside else None)
 
-    def _wait_for_other(self, name: str, path: str) -> Hydrated:
-        """Another process is hydrating or archiving this tenant: wait for it to finish."""
-        deadline = time.monotonic() + WAIT_FOR_OTHER
-        while time.monotonic() < deadline:
+    def _wait_for_other(self, name, path, txid, timestamp, source, waited: float) -> Hydrated:
+        """Another process is hydrating or archiving this tenant: wait for it to finish,
+        then hydrate as asked. A mark whose process has died is undone at once."""
+        deadline = time.monotonic() + WAIT_FOR_OTHER - waited
+        while True:
             record = self.catalogue.get(name)
-            if record.state not in (TenantState.hydrating, TenantState.archiving):
-                if os.path.exists(path):
-                    return Hydrated(name, path, record.txid or 0, restored=False)
-                return self._hydrate(name, None, None, None, path)
+            if record is None or record.state not in (TenantState.hydrating, TenantState.archiving):
+                return self._hydrate(name, path, txid, timestamp, source, WAIT_FOR_OTHER - (deadline - time.monotonic()))
+            if self._recover_dead(record):
+                continue
+            if time.monotonic() > deadline:
+                raise Busy(f"tenant {name}: {record.mark_owner or 'another process'} has been "
+                           f"{record.state.value} it for over {WAIT_FOR_OTHER:.0f} s")
             time.sleep(0.05)
-        raise RestoreError(f"tenant {name}: another process has been {record.state.value} it for {WAIT_FOR_OTHER:.0f} s")
+
+    # -- marks left by dead processes ----------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Undo the hydrating/archiving marks of this host's tenants whose process is gone
+        (killed mid-call): each goes back to the state it was marked from. Called when a
+        long-running process starts; ``_wait_for_other`` does it for one tenant."""
+        return [r.name for r in self.catalogue.marked(self.fleet.config.host) if self._recover_dead(r)]
+
+    def _recover_dead(self, record) -> bool:
+        """Undo ``record``'s mark if the process that made it is gone. A mark without an
+        owner was left by a version before marks: no process of this one is doing it."""
+        owner = record.mark_owner
+        if owner == self.owner or owner is not None and is_alive(owner, self.fleet.config.host) is not False:
+            return False
+        if record.state == TenantState.archiving:
+            # Killed after the quarantine rename: the database goes back to its path.
+            quarantine = _quarantine(record.path)
+            if os.path.exists(quarantine) and not os.path.exists(record.path):
+                os.rename(quarantine, record.path)
+        error = f"{record.state.value} by {owner or 'an earlier version'}, which died"
+        if owner is None:  # where it came from is unknown: where its file says it is
+            back = TenantState.idle if os.path.exists(record.path) else TenantState.archived
+            undone = self.catalogue.unmark(record.name, None, state=back, last_error=error)
+        else:
+            undone = self.catalogue.unmark(record.name, owner, error=error)
+        if undone:
+            log.warning("tenant %s: %s by %s, a process that has died: undone", record.name,
+                        record.state.value, owner)
+            return True
+        return False
 
     # -- archival ------------------------------------------------------------------
 
     def archive(self, name: str) -> dict:
         """Ship, snapshot, verify, then remove the tenant's local files; or abort safely."""
+        path = self.fleet.resolve(name)
         record = self.catalogue.get(name)
         if record is None:
-            raise TenantSyncError(f"tenant {name}: unknown")
-        if record.state in (TenantState.archived, TenantState.archiving):
-            return {"tenant": name, "archived": record.state == TenantState.archived, "txid": record.archived_txid,
-                    "skipped": f"already {record.state.value}"}
-        if not self.catalogue.transition(name, TenantState.archiving, expected={TenantState.active, TenantState.idle}):
+            raise NotATenant(f"tenant {name}: unknown to the catalogue (not discovered yet)")
+        if record.state == TenantState.archived:
+            return {"tenant": name, "archived": True, "txid": record.archived_txid, "skipped": "already archived"}
+        if record.state in (TenantState.archiving, TenantState.hydrating) and self._recover_dead(record):
+            record = self.catalogue.get(name)
+        if not self.catalogue.mark(name, TenantState.archiving, expected=_ARCHIVE_FROM, owner=self.owner):
             raise ArchiveAborted(f"tenant {name}: cannot archive from state {self.catalogue.get(name).state.value}")
         try:
             with self.fleet.tenant_lock(name):  # no sync job interleaves with the archival
-                return self._archive(name, record.path)
+                txid, freed = self._archive(name, path)
         except BaseException as e:
-            self.catalogue.transition(name, TenantState.active, expected={TenantState.archiving})
+            self.catalogue.unmark(name, self.owner)
             if isinstance(e, TenantSyncError):
                 log.warning("archive %s abandoned: %s", name, e)
             raise
+        log.info("archived %s at txid %016x, freed %d bytes", name, txid, freed)
+        return {"tenant": name, "archived": True, "txid": txid, "freed": freed}
 
-    def _archive(self, name: str, path: str) -> dict:
+    def _archive(self, name: str, path: str) -> tuple[int, int]:
         files = [path] + [path + s for s in SIDE_FILES]
         self.fleet.sync(name, archiving=True)
         self.fleet.release(name)  # checkpointed under our barrier, our handles closed
@@ -204,13 +268,16 @@ class OnDemand:
             result = restore(replica, check)
             if not same_pages(check, path):
                 raise ArchiveAborted(f"tenant {name}: replica at txid {result.txid:016x} differs from {path}")
-        quarantine = f"{os.path.dirname(path)}/.{os.path.basename(path)}.archiving"
+        quarantine = _quarantine(path)
         os.rename(path, quarantine)
         if open_by_others([quarantine] + files[1:]) or DBStat.of(quarantine) != stat:
             os.rename(quarantine, path)
             raise ArchiveAborted(f"tenant {name}: {path} was opened or written during archival")
-        self.catalogue.record_sync(name, txid=result.txid, position=None, at=datetime.now(timezone.utc))
-        self.catalogue.transition(name, TenantState.archived, expected={TenantState.archiving})
+        if not self.catalogue.unmark(name, self.owner, state=TenantState.archived, txid=result.txid,
+                                     archived_txid=result.txid, position=None,
+                                     last_sync_at=datetime.now(timezone.utc)):
+            os.rename(quarantine, path)
+            raise ArchiveAborted(f"tenant {name}: its archiving mark was taken over; kept {path}")
         freed = 0
         for f in [quarantine] + files[1:]:
             try:
@@ -218,5 +285,45 @@ class OnDemand:
                 os.remove(f)
             except FileNotFoundError:
                 pass
-        log.info("archived %s at txid %016x, freed %d bytes", name, result.txid, freed)
-        return {"tenant": name, "archived": True, "txid": result.txid, "freed": freed}
+        return result.txid, freed
+
+
+# States a hydration may start from, and the ones whose local file is the tenant's own.
+_HYDRATE_FROM = {TenantState.archived, TenantState.idle, TenantState.error, TenantState.active}
+_REPLICATED = {TenantState.active, TenantState.idle, TenantState.error}
+_ARCHIVE_FROM = {TenantState.active, TenantState.idle}
+
+
+def _check_target(txid, timestamp) -> None:
+    """A restore target from a caller: a TXID (an int of 1..2^64-1, not a bool or a float)
+    or an aware datetime, not both; refused before any state changes."""
+    if txid is not None and (isinstance(txid, bool) or not isinstance(txid, int) or not 1 <= txid < 1 << 64):
+        raise InvalidArgument(f"txid: expected a whole number from 1 to 2^64-1, got {txid!r}")
+    if timestamp is not None:
+        if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
+            raise InvalidArgument(f"timestamp: expected a time with a zone (like 2026-11-25T10:00:00Z), got {timestamp!r}")
+    if txid is not None and timestamp is not None:
+        raise InvalidArgument("give a txid or a timestamp, not both")
+
+
+def _quarantine(path: str) -> str:
+    return f"{os.path.dirname(path)}/.{os.path.basename(path)}.archiving"
+
+
+def _move_aside(path: str) -> tuple[str, list[tuple[str, str]]]:
+    """Rename the database at ``path`` and its side files to ``.NAME.unknown-TIME``; the
+    first element is the new name of the database (told in the log and the answer)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = f"{os.path.dirname(path)}/.{os.path.basename(path)}.unknown-{stamp}"
+    moved = []
+    for suffix in ("", *SIDE_FILES):
+        if os.path.exists(path + suffix):
+            os.rename(path + suffix, aside + suffix)
+            moved.append((path + suffix, aside + suffix))
+    return aside, moved
+
+
+def _move_back(aside: tuple[str, list[tuple[str, str]]], path: str) -> None:
+    for original, moved in aside[1]:
+        if not os.path.exists(original):
+            os.rename(moved, original)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from . import layout
-from .errors import RestoreError
+from .errors import ReplicaEmpty, RestoreError
 from .replica import LEVELS, LTXInfo, Replica
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def plan(replica: Replica, txid: int | None = None, timestamp: datetime | None =
         raise RestoreError("give a TXID or a timestamp, not both")
     files = replica.all_files()
     if not any(files.values()):
-        raise RestoreError(f"{replica}: no LTX files in the replica")
+        raise ReplicaEmpty(f"{replica}: no LTX files in the replica")
     before = _TimeFilter(replica, timestamp)
 
     def eligible(info: LTXInfo) -> bool:

@@ -5,9 +5,11 @@
     GET  /tenants/{name}                                                       → 200 tenant JSON
     GET  /healthz                                                              → 200 {"ok": true, …}
 
-Errors are JSON ``{"error": "<one line>"}`` with 404 (unknown tenant), 409 (busy or
-aborted) or 502 (the replica failed). Requests are served by threads; hydrations of one
-tenant coalesce in ``OnDemand``.
+Errors are JSON ``{"error": "<one line>"}``, their status chosen by the error's type
+(``STATUS``): 400 (a malformed body, a bad name or target), 404 (not a tenant of this
+fleet, or nothing in its replica), 409 (busy, aborted, or the catalogue's row does not
+match the fleet), 502 (the replica failed), 500 (a bug: its traceback goes to the log).
+Requests are served by threads; hydrations of one tenant coalesce in ``OnDemand``.
 """
 
 from __future__ import annotations
@@ -15,20 +17,39 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import datetime
 from typing import TYPE_CHECKING
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 from .catalogue import TenantRecord
-from .errors import ArchiveAborted, RestoreError, StorageError, TenantSyncError
+from .errors import InvalidArgument, NotATenant, ReplicaEmpty, StorageError, TenantSyncError
+from .targets import parse_timestamp, parse_txid
+from .tenants import check_name
 
 if TYPE_CHECKING:  # the watcher serves this API without the restore code it never runs
     from .ondemand import OnDemand
 
 log = logging.getLogger(__name__)
 
+MAX_BODY = 64 << 10  # a hydrate body is a few bytes; anything larger is refused unread
+
 _ROUTE = re.compile(r"^/tenants/(?P<name>[^?]+?)(?:/(?P<action>hydrate|archive))?/?$")
+# The most specific class wins (the first in an error's method resolution order).
+STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, StorageError: 502, TenantSyncError: 409}
+
+
+def status_of(e: TenantSyncError) -> int:
+    return next(STATUS[c] for c in type(e).__mro__ if c in STATUS)
+
+
+def hydrate_target(body: dict) -> dict:
+    """The hydrate body's restore target, checked before anything acts on it."""
+    unknown = set(body) - {"txid", "timestamp"}
+    if unknown:
+        raise InvalidArgument(f"unknown field(s) {', '.join(sorted(unknown))} (expected txid or timestamp)")
+    txid, ts = body.get("txid"), body.get("timestamp")
+    return {"txid": None if txid is None else parse_txid(txid),
+            "timestamp": None if ts is None else parse_timestamp(ts)}
 
 
 def tenant_json(record: TenantRecord | None, **extra) -> dict:
@@ -67,13 +88,24 @@ def make_handler(ondemand: OnDemand):
             self.wfile.write(data)
 
         def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise InvalidArgument("Content-Length is not a number") from None
             if not length:
                 return {}
-            body = json.loads(self.rfile.read(length))
+            if not 0 < length <= MAX_BODY:
+                raise InvalidArgument(f"a body of {length} bytes (at most {MAX_BODY})")
+            try:
+                body = json.loads(self.rfile.read(length))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise InvalidArgument(f"the body is not JSON: {e}") from None
             if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
+                raise InvalidArgument("the body must be a JSON object")
             return body
+
+        def _tenant(self, m) -> str:
+            return check_name(unquote(m["name"]))
 
         def do_GET(self):
             if self.path.rstrip("/") == "/healthz":
@@ -81,37 +113,41 @@ def make_handler(ondemand: OnDemand):
             m = _ROUTE.match(self.path)
             if not m or m["action"]:
                 return self._send(404, {"error": f"no route {self.path}"})
-            record = catalogue.get(unquote(m["name"]))
+            self._answer(lambda: self._get(self._tenant(m)))
+
+        def _get(self, name: str) -> tuple[int, dict]:
+            record = catalogue.get(name)
             if record is None:
-                return self._send(404, {"error": f"tenant {unquote(m['name'])}: unknown"})
-            self._send(200, tenant_json(record))
+                raise NotATenant(f"tenant {name}: unknown")
+            return 200, tenant_json(record)
 
         def do_POST(self):
             m = _ROUTE.match(self.path)
             if not m or not m["action"]:
                 return self._send(404, {"error": f"no route {self.path}"})
-            name = unquote(m["name"])
+            self._answer(lambda: self._post(self._tenant(m), m["action"], self._body()))
+
+        def _post(self, name: str, action: str, body: dict) -> tuple[int, dict]:
+            if action == "archive":
+                if body:
+                    raise InvalidArgument("archive takes no body")
+                return 200, ondemand.archive(name)
+            result = ondemand.hydrate(name, **hydrate_target(body))
+            extra = {"restored": result.restored}
+            if result.moved_aside:
+                extra["moved_aside"] = result.moved_aside
+            return 200, tenant_json(catalogue.get(name), **extra)
+
+        def _answer(self, handle) -> None:
+            """Every request gets an answer: our errors by their type, a bug as a 500."""
             try:
-                body = self._body()
-                if m["action"] == "hydrate":
-                    ts = body.get("timestamp")
-                    result = ondemand.hydrate(
-                        name,
-                        txid=body.get("txid"),
-                        timestamp=datetime.fromisoformat(ts) if ts else None,
-                    )
-                    return self._send(200, tenant_json(catalogue.get(name), restored=result.restored))
-                return self._send(200, ondemand.archive(name))
-            except (ValueError, json.JSONDecodeError) as e:
-                return self._send(400, {"error": f"bad request: {e}"})
-            except ArchiveAborted as e:
-                return self._send(409, {"error": str(e)})
-            except RestoreError as e:
-                return self._send(404 if "no LTX files" in str(e) else 409, {"error": str(e)})
-            except StorageError as e:
-                return self._send(502, {"error": str(e)})
+                status, body = handle()
             except TenantSyncError as e:
-                return self._send(409, {"error": str(e)})
+                status, body = status_of(e), {"error": str(e)}
+            except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, answered
+                log.exception("%s %s failed", self.command, self.path)
+                status, body = 500, {"error": f"internal error: {type(e).__name__}"}
+            self._send(status, body)
 
     return Handler
 

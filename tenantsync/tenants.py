@@ -14,8 +14,9 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
-from .errors import TenantSyncError
+from .errors import InvalidArgument, NotATenant
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ def shard(name: str, shards: int) -> int:
     return zlib.crc32(name.encode()) % shards if shards > 1 else 0
 
 
-class BadTenantName(TenantSyncError):
-    """A discovered file's name cannot be used as a replica prefix."""
+class BadTenantName(InvalidArgument):
+    """A name cannot be a tenant's: it could not be used as a replica prefix."""
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,54 @@ class Pattern:
         return cls(pattern, os.sep.join(fixed) or os.sep)
 
     def matches(self, path: str) -> bool:
-        from fnmatch import fnmatchcase
-
-        return fnmatchcase(path, self.glob)
+        """Glob semantics, as ``scan`` finds files: a wildcard never matches across a
+        ``/`` (fnmatch's does: ``/data/*.db`` matched ``/data/lnk/o.db``)."""
+        parts, wanted = path.split(os.sep), self.glob.split(os.sep)
+        return len(parts) == len(wanted) and all(fnmatchcase(p, w) for p, w in zip(parts, wanted))
 
     def name_of(self, path: str) -> str:
         return check_name(os.path.relpath(path, self.base))
 
 
 def check_name(name: str) -> str:
-    """Return ``name`` if every segment is a safe object-key segment, else raise."""
-    segments = name.split(os.sep)
-    if len(name) > 255 or not all(_SEGMENT.match(s) for s in segments):
+    """Return ``name`` if every segment is a safe object-key segment, else raise.
+    (``fullmatch``: ``$`` also matches before a final newline, which let ``x.db\\n`` in.)"""
+    if not isinstance(name, str) or len(name) > 255 or not all(_SEGMENT.fullmatch(s) for s in name.split(os.sep)):
         raise BadTenantName(
             f"tenant name {name!r} is not allowed (segments of letters, digits, '.', '_', '-', "
             f"not starting with a punctuation mark, at most 255 characters)"
         )
-    return "/".join(segments)
+    return "/".join(name.split(os.sep))
+
+
+def locate(patterns: list[Pattern], name: str) -> str:
+    """The local path of tenant ``name`` in a fleet watching ``patterns``, or raise.
+
+    A name given by a caller (an HTTP request, a command) is only a tenant if it passes
+    the name rules, its path under a glob's directory matches that glob, and reaching it
+    does not leave that directory through a symbolic link, nor is it a link itself: the
+    API could otherwise hydrate and then archive (delete) any SQLite file the process can
+    reach. Nothing is touched here."""
+    name = check_name(name)
+    for pattern in patterns:
+        path = os.path.join(pattern.base, *name.split("/"))
+        if pattern.matches(path) and not is_side_file(path):
+            check_inside(pattern, path)
+            return path
+    globs = ", ".join(p.glob for p in patterns) or "none configured"
+    raise NotATenant(f"tenant {name!r}: not a tenant of this fleet (its globs: {globs})")
+
+
+def check_inside(pattern: Pattern, path: str) -> None:
+    """Raise NotATenant if ``path`` is a symbolic link or is reached through one below
+    ``pattern``'s directory (the directory itself may be a link: that is the operator's
+    choice of where the data lives)."""
+    relative = os.path.relpath(path, pattern.base)
+    expected = os.path.join(os.path.realpath(pattern.base), os.path.dirname(relative))
+    if os.path.realpath(os.path.dirname(path)) != os.path.normpath(expected):
+        raise NotATenant(f"{path}: leaves {pattern.base} through a symbolic link; not a tenant")
+    if os.path.islink(path):
+        raise NotATenant(f"{path}: is a symbolic link to {os.path.realpath(path)}; not a tenant")
 
 
 def is_side_file(path: str) -> bool:
@@ -88,7 +120,8 @@ def scan(patterns: list[Pattern]) -> tuple[dict[str, str], dict[str, str]]:
                 continue
             try:
                 name = pattern.name_of(path)
-            except BadTenantName as e:
+                check_inside(pattern, path)
+            except (BadTenantName, NotATenant) as e:
                 problems[path] = str(e)
                 continue
             if name in found and found[name] != path:

@@ -4,6 +4,13 @@ belong in the test module that uses them."""
 from __future__ import annotations
 
 import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
 import socket
 import uuid
 
@@ -296,3 +303,122 @@ def redis_server(tmp_path_factory):
             server.stop()
         return
     raise error
+
+
+# -- a PostgreSQL server for the session ----------------------------------------------
+
+PG_APT_PACKAGES = "postgresql-15 (or the `postgresql` metapackage, which pulls it in)"
+
+
+def _pg_bindir() -> str | None:
+    """Where initdb and postgres are: $TENANTSYNC_PG_BIN, Debian's 15, any Debian
+    version, then PATH."""
+    candidates = [os.environ.get("TENANTSYNC_PG_BIN"), "/usr/lib/postgresql/15/bin"]
+    if os.path.isdir("/usr/lib/postgresql"):
+        versions = sorted(os.listdir("/usr/lib/postgresql"), key=lambda v: int(v) if v.isdigit() else 0, reverse=True)
+        candidates += [f"/usr/lib/postgresql/{v}/bin" for v in versions]
+    on_path = shutil.which("initdb")
+    candidates.append(os.path.dirname(on_path) if on_path else None)
+    for d in candidates:
+        if d and all(os.access(os.path.join(d, exe), os.X_OK) for exe in ("initdb", "postgres")):
+            return d
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on 127.0.0.1:<free port>; yields the URL of its
+    ``postgres`` superuser (trust authentication, no password), stopped at the end.
+
+    Binaries: Debian's ``/usr/lib/postgresql/15/bin`` (apt package ``postgresql-15``),
+    or any ``/usr/lib/postgresql/N/bin``, or ``$TENANTSYNC_PG_BIN``; none found: skip.
+
+    Running as root: postgres refuses to run as root, so initdb and postgres run as an
+    unprivileged user, the ``postgres`` account if it exists (the Debian package creates
+    it), else ``nobody``. The switch is done by ``subprocess`` itself (``user=``,
+    ``group=``, ``extra_groups=[]``: setuid/setgid in the child before exec), which needs
+    no su/runuser/sudo, PAM or login shell. The data directory lives under a fresh
+    ``tempfile.mkdtemp()`` directory (in /tmp, world-traversable, unlike pytest's
+    per-user 0700 tmp root, and short, as a Unix socket path must be under 108 bytes)
+    that is chowned to that user. The server listens on 127.0.0.1 only, with its Unix
+    socket in that directory; durability is off (fsync, full_page_writes) for speed.
+    """
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip(f"PostgreSQL server binaries not found (initdb, postgres); apt-get install {PG_APT_PACKAGES}")
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg not installed (pip install 'psycopg[binary]'; it is in the test extra)")
+
+    run_as: dict = {}
+    base = tempfile.mkdtemp(prefix="tspg-")
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pw = pwd.getpwnam("nobody")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    data = os.path.join(base, "data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(LC_ALL="C", LANG="C", HOME=base)
+    proc = None
+    try:
+        init = subprocess.run(
+            [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
+             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+            cwd=base, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, **run_as,
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
+        port = _free_port()
+        log_path = os.path.join(base, "postgres.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [os.path.join(bindir, "postgres"), "-D", data, "-k", base, "-p", str(port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off", "-c", "max_connections=300"],
+                cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, **run_as,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                                connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(log_path, errors="replace") as f:
+                        raise RuntimeError(f"postgres did not start:\n{f.read()[-3000:]}") from None
+                time.sleep(0.1)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # "fast" shutdown: end sessions, stop
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_database(postgres_server):
+    """URL of a fresh, empty database on the session's server; dropped afterwards."""
+    import psycopg
+
+    name = f"cat_{uuid.uuid4().hex[:12]}"
+    admin = postgres_server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_server}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -45,13 +45,13 @@ def _env() -> dict:
     return env
 
 
-def tenantsync(*args, cwd, timeout: float = 60) -> subprocess.CompletedProcess:
+def tenantsync(*args, cwd, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tenantsync", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env=env or _env(),
         cwd=cwd,
     )
 
@@ -582,6 +582,7 @@ def test_n_a_catalogue_file_that_is_not_a_database_is_one_line_and_left_alone(tm
     before = bad.read_bytes()
     env_catalogue = f"sqlite:///{bad}"
     proc = subprocess.run([sys.executable, "-m", "tenantsync", "tenants"], capture_output=True, text=True,
-                          timeout=60, env=_env() | {"TENANTSYNC_CATALOGUE": env_catalogue}, cwd=tmp_path)
+                          timeout=60, cwd=tmp_path,
+                          env=_env() | {"TENANTSYNC_CATALOGUE": env_catalogue, "TENANTSYNC_REPLICA": str(tmp_path)})
     one_line_error(proc, str(bad), "not a database")
     assert bad.read_bytes() == before

@@ -1,6 +1,6 @@
 """The tenant catalogue, the same suite on SQLite and on a real PostgreSQL server.
 
-The PostgreSQL server is started once per session by ``postgres_server`` (below) from
+The PostgreSQL server is started once per session by ``postgres_server`` (conftest.py) from
 Debian's binaries; without them the PostgreSQL parametrisations are skipped.
 """
 
@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pwd
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 
 from tenantsync.catalogue import (
+    SCHEMA_HEAD,
     VERSION_TABLE,
     Catalogue,
     CatalogueError,
@@ -36,125 +31,7 @@ from tenantsync.catalogue import (
 UTC = timezone.utc
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 S = TenantState
-
-# -- a PostgreSQL server for the session ----------------------------------------------
-
-PG_APT_PACKAGES = "postgresql-15 (or the `postgresql` metapackage, which pulls it in)"
-
-
-def _pg_bindir() -> str | None:
-    """Where initdb and postgres are: $TENANTSYNC_PG_BIN, Debian's 15, any Debian
-    version, then PATH."""
-    candidates = [os.environ.get("TENANTSYNC_PG_BIN"), "/usr/lib/postgresql/15/bin"]
-    if os.path.isdir("/usr/lib/postgresql"):
-        versions = sorted(os.listdir("/usr/lib/postgresql"), key=lambda v: int(v) if v.isdigit() else 0, reverse=True)
-        candidates += [f"/usr/lib/postgresql/{v}/bin" for v in versions]
-    on_path = shutil.which("initdb")
-    candidates.append(os.path.dirname(on_path) if on_path else None)
-    for d in candidates:
-        if d and all(os.access(os.path.join(d, exe), os.X_OK) for exe in ("initdb", "postgres")):
-            return d
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A throwaway PostgreSQL server on 127.0.0.1:<free port>; yields the URL of its
-    ``postgres`` superuser (trust authentication, no password), stopped at the end.
-
-    Binaries: Debian's ``/usr/lib/postgresql/15/bin`` (apt package ``postgresql-15``),
-    or any ``/usr/lib/postgresql/N/bin``, or ``$TENANTSYNC_PG_BIN``; none found: skip.
-
-    Running as root: postgres refuses to run as root, so initdb and postgres run as an
-    unprivileged user, the ``postgres`` account if it exists (the Debian package creates
-    it), else ``nobody``. The switch is done by ``subprocess`` itself (``user=``,
-    ``group=``, ``extra_groups=[]``: setuid/setgid in the child before exec), which needs
-    no su/runuser/sudo, PAM or login shell. The data directory lives under a fresh
-    ``tempfile.mkdtemp()`` directory (in /tmp, world-traversable, unlike pytest's
-    per-user 0700 tmp root, and short, as a Unix socket path must be under 108 bytes)
-    that is chowned to that user. The server listens on 127.0.0.1 only, with its Unix
-    socket in that directory; durability is off (fsync, full_page_writes) for speed.
-    """
-    bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip(f"PostgreSQL server binaries not found (initdb, postgres); apt-get install {PG_APT_PACKAGES}")
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg not installed (pip install 'psycopg[binary]'; it is in the test extra)")
-
-    run_as: dict = {}
-    base = tempfile.mkdtemp(prefix="tspg-")
-    if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pw = pwd.getpwnam("nobody")
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-        run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-    data = os.path.join(base, "data")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(LC_ALL="C", LANG="C", HOME=base)
-    proc = None
-    try:
-        init = subprocess.run(
-            [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
-             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
-            cwd=base, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, **run_as,
-        )
-        if init.returncode != 0:
-            raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
-        port = _free_port()
-        log_path = os.path.join(base, "postgres.log")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [os.path.join(bindir, "postgres"), "-D", data, "-k", base, "-p", str(port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=300"],
-                cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, **run_as,
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
-                                connect_timeout=2).close()
-                break
-            except psycopg.OperationalError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    with open(log_path, errors="replace") as f:
-                        raise RuntimeError(f"postgres did not start:\n{f.read()[-3000:]}") from None
-                time.sleep(0.1)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # "fast" shutdown: end sessions, stop
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def pg_database(postgres_server):
-    """URL of a fresh, empty database on the session's server; dropped afterwards."""
-    import psycopg
-
-    name = f"cat_{uuid.uuid4().hex[:12]}"
-    admin = postgres_server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{postgres_server}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
+FLEET = "file:///srv/replica"
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
@@ -166,7 +43,7 @@ def url(request, tmp_path):
 
 @pytest.fixture
 def cat(url):
-    c = Catalogue(url)
+    c = Catalogue(url, fleet=FLEET)
     yield c
     c.close()
 
@@ -175,20 +52,20 @@ def cat(url):
 
 
 def test_migrations_create_schema_and_reopen_is_idempotent(url):
-    c = Catalogue(url)
+    c = Catalogue(url, fleet=FLEET)
     c.discover("a", "/srv/a.db", "h1")
     insp = sa.inspect(c.engine)
     assert {"tenants", VERSION_TABLE} <= set(insp.get_table_names())
-    assert {ix["name"] for ix in insp.get_indexes("tenants")} >= {"ix_tenants_host_state", "ix_tenants_last_write_at"}
+    assert {ix["name"] for ix in insp.get_indexes("tenants")} >= {"ix_tenants_fleet_host_state", "ix_tenants_fleet_last_write_at"}
     cols = {col["name"] for col in insp.get_columns("tenants")}
     assert cols == set(TenantRecord.__dataclass_fields__)
     c.close()
 
     for _ in range(2):  # reopening migrates nothing and keeps the data
-        c = Catalogue(url)
+        c = Catalogue(url, fleet=FLEET)
         with c.engine.connect() as conn:
             versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
-        assert versions == ["0001"]
+        assert versions == [SCHEMA_HEAD]
         assert c.get("a").path == "/srv/a.db"
         c.close()
 
@@ -203,7 +80,7 @@ def test_schema_head_is_the_newest_migration_and_reopening_skips_alembic(tmp_pat
     assert ScriptDirectory.from_config(alembic_config()).get_heads() == [SCHEMA_HEAD]
     url = f"sqlite:///{tmp_path / 'cat.db'}"
     probe = ("import sys; from tenantsync.catalogue import Catalogue; "
-             f"Catalogue({url!r}).discover('a', '/srv/a.db', 'h'); "
+             f"Catalogue({url!r}, fleet='f').discover('a', '/srv/a.db', 'h'); "
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'mako', 'sqlalchemy'}))")
     first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     again = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -235,7 +112,7 @@ def _open_concurrently(url: str, index: int, start, results) -> None:
         if url.startswith("postgresql"):
             import psycopg  # noqa: F401
         start.wait(60)
-        with Catalogue(url) as c:
+        with Catalogue(url, fleet=FLEET) as c:
             c.discover(f"p{index}", f"/srv/p{index}.db", f"host{index}")
             c.record_sync(f"p{index}", txid=index + 1, position=None, at=T0)
         results.put((index, None))
@@ -254,7 +131,7 @@ def test_concurrent_opens_of_a_fresh_database_all_succeed(url):
         p.join(30)
     assert {i: err for i, err in outcomes.items() if err} == {}
     assert all(p.exitcode == 0 for p in procs)
-    with Catalogue(url) as c:
+    with Catalogue(url, fleet=FLEET) as c:
         assert [t.name for t in c.list()] == ["p0", "p1", "p2", "p3"]
         assert [t.txid for t in c.list()] == [1, 2, 3, 4]
         with c.engine.connect() as conn:
@@ -299,7 +176,7 @@ def test_forked_child_opens_its_own_connections(cat):
 
 def test_sqlite_uses_wal_and_creates_parent_directories(tmp_path):
     path = tmp_path / "a" / "b" / "cat.db"
-    with Catalogue(f"sqlite:///{path}") as c:
+    with Catalogue(f"sqlite:///{path}", fleet=FLEET) as c:
         with c.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
@@ -308,7 +185,7 @@ def test_sqlite_uses_wal_and_creates_parent_directories(tmp_path):
 
 def _write_many(url: str, names: list[str], start, results) -> None:
     try:
-        with Catalogue(url, migrate=False) as c:
+        with Catalogue(url, fleet=FLEET, migrate=False) as c:
             start.wait(60)
             begun = time.monotonic()
             for i in range(300):
@@ -324,7 +201,7 @@ def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
     import fcntl
 
     url = f"sqlite:///{tmp_path}/cat.db"
-    with Catalogue(url) as c:
+    with Catalogue(url, fleet=FLEET) as c:
         for i in range(9):
             c.discover(f"t{i}", f"/t{i}", "h")
     ctx = multiprocessing.get_context("spawn")
@@ -337,7 +214,7 @@ def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
     for p in procs:
         p.join(30)
     assert [err for _, _, err in outcomes if err] == []
-    with Catalogue(url, busy_timeout=0.5) as c:
+    with Catalogue(url, fleet=FLEET, busy_timeout=0.5) as c:
         assert {t.txid for t in c.list()} == {298, 299, 300}  # the last write of each tenant
         fd = os.open(f"{tmp_path}/cat.db.lock", os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process's writer, stuck
@@ -354,21 +231,21 @@ def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
 def test_an_unusable_write_lock_file_is_one_clear_error(tmp_path):
     (tmp_path / "cat.db.lock").mkdir()  # in the way of the lock file
     with pytest.raises(CatalogueError, match=r"cat.db.lock: cannot open the write lock: Is a directory"):
-        with Catalogue(f"sqlite:///{tmp_path}/cat.db", migrate=False) as c:
+        with Catalogue(f"sqlite:///{tmp_path}/cat.db", fleet=FLEET, migrate=False) as c:
             c.record_writes(["a"], T0)
 
 
 def test_in_memory_sqlite_works():
-    with Catalogue("sqlite://") as c:
+    with Catalogue("sqlite://", fleet=FLEET) as c:
         c.discover("a", "/a", "h")
         assert c.get("a").state is S.idle
 
 
 def test_bad_url_is_a_catalogue_error():
     with pytest.raises(CatalogueError, match="expected sqlite"):
-        Catalogue("mysql://u@127.0.0.1/x")
+        Catalogue("mysql://u@127.0.0.1/x", fleet=FLEET)
     with pytest.raises(CatalogueError):
-        Catalogue("not a url")
+        Catalogue("not a url", fleet=FLEET)
 
 
 # -- discovery --------------------------------------------------------------------------
@@ -575,7 +452,7 @@ def test_datetimes_are_utc_and_naive_ones_are_refused(cat):
 
 
 def test_records_are_detached_snapshots(url):
-    c = Catalogue(url)
+    c = Catalogue(url, fleet=FLEET)
     c.discover("a", "/a", "h")
     t = c.get("a")
     listed = c.list()
@@ -668,3 +545,76 @@ def test_synced_since(cat):
     assert cat.synced_since(T0 + timedelta(minutes=1)) == ["edge", "new"]
     assert cat.synced_since(T0) == ["edge", "new", "old"]
     assert cat.synced_since(T0 + timedelta(minutes=3)) == []
+
+
+# -- fleets: one catalogue, several replicas ------------------------------------------
+
+
+def test_two_fleets_sharing_a_catalogue_never_see_each_others_rows(url):
+    """Issue 19, finding 1: two apps, each with its own replica, both with a tenant app.db,
+    one catalogue. Each fleet's row stays its own: discovery does not flip the path, and a
+    state change in one leaves the other alone."""
+    a = Catalogue(url, fleet="file:///apps/a/replica")
+    b = Catalogue(url, fleet="file:///apps/b/replica")
+    a.discover("app.db", "/apps/a/data/app.db", "h")
+    b.discover("app.db", "/apps/b/data/app.db", "h")
+    a.discover_many([("app.db", "/apps/a/data/app.db"), ("x.db", "/apps/a/data/x.db")], "h")
+    assert a.get("app.db").path == "/apps/a/data/app.db"
+    assert b.get("app.db").path == "/apps/b/data/app.db"
+    assert a.transition("app.db", S.archived, expected={S.idle})
+    a.record_sync("x.db", txid=7, position=None, at=T0)
+    assert b.get("app.db").state is S.idle and b.get("x.db") is None
+    assert [t.name for t in b.list()] == ["app.db"] and b.count_by_state()["archived"] == 0
+    assert b.synced_since(T0 - timedelta(1)) == [] and a.synced_since(T0 - timedelta(1)) == ["x.db"]
+    a.close(), b.close()
+
+
+def test_a_catalogue_from_before_fleets_is_carried_over_and_adopted_by_name_and_path(tmp_path):
+    """Migration 0002 keeps every row (fleet ''); the fleet that finds the same name at the
+    same path takes it over with its position and state; a row at another path is not its."""
+    from alembic import command
+
+    from tenantsync.catalogue import alembic_config
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    command.upgrade(alembic_config(url), "0001")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for name, path, state, txid in (("a.db", "/d/a.db", "archived", 9), ("b.db", "/elsewhere/b.db", "idle", 3)):
+            conn.execute(sa.text("INSERT INTO tenants (name, path, host, state, txid, archived_txid, created_at, "
+                                 "updated_at) VALUES (:n, :p, 'h', :s, :t, :t, '2026-01-01 00:00:00.000000', "
+                                 "'2026-01-01 00:00:00.000000')"), {"n": name, "p": path, "s": state, "t": txid})
+    engine.dispose()
+    with Catalogue(url, fleet=FLEET) as c:
+        assert c.list() == []  # rows from before fleets are no one's until adopted
+        assert c.adopt([("a.db", "/d/a.db")]) == 1
+        c.discover_many([("b.db", "/d/b.db")], "h")
+        a, b = c.get("a.db"), c.get("b.db")
+        assert (a.state, a.txid, a.archived_txid) == (S.archived, 9, 9)
+        assert (b.state, b.txid, b.path) == (S.idle, 0, "/d/b.db")  # a new row: the old one is elsewhere
+    with Catalogue(url, fleet="file:///other") as other:
+        assert other.adopt([("b.db", "/elsewhere/b.db")]) == 1
+        assert other.get("b.db").txid == 3
+
+
+def test_a_mark_is_undone_to_the_state_it_came_from_and_a_claimed_row_leaves_nothing(cat):
+    cat.discover("a", "/srv/a.db", "h1")
+    cat.transition("a", S.archived)
+    assert cat.mark("a", S.hydrating, expected={S.archived}, owner="h1/1/1")
+    assert not cat.mark("a", S.hydrating, expected={S.archived}, owner="h1/2/2")  # exactly one wins
+    assert [r.name for r in cat.marked("h1")] == ["a"] and cat.marked("h2") == []
+    assert not cat.unmark("a", "h1/2/2")  # only the owner ends its mark
+    assert cat.unmark("a", "h1/1/1", error="hydrate: boom")
+    a = cat.get("a")
+    assert (a.state, a.mark_owner, a.mark_from, a.last_error) == (S.archived, None, None, "hydrate: boom")
+
+    assert cat.claim_new("new", "/srv/new.db", "h1", "h1/1/1")
+    assert not cat.claim_new("new", "/srv/new.db", "h1", "h1/2/2")
+    assert cat.get("new").state is S.hydrating
+    assert cat.unmark("new", "h1/1/1", error="no files")
+    assert cat.get("new") is None
+
+    assert cat.mark("a", S.hydrating, expected={S.archived}, owner="h1/1/1")
+    assert cat.unmark("a", "h1/1/1", state=S.active, txid=12, last_error=None)
+    a = cat.get("a")
+    assert (a.state, a.txid, a.mark_owner, a.last_error) == (S.active, 12, None, None)

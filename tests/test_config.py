@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from tenantsync.config import ConfigError, load
+from tenantsync.config import DEFAULT_STATE_DIR, Config, ConfigError, load
 
 
 def test_file_keys_and_env_overrides(tmp_path):
@@ -29,7 +29,8 @@ def test_file_keys_and_env_overrides(tmp_path):
 
 def test_defaults_are_the_embedded_mode():
     cfg = load(None, env={})
-    assert cfg.broker is None and cfg.catalogue.startswith("sqlite:///")
+    assert cfg.broker is None and cfg.catalogue == ""
+    assert cfg.with_overrides(replica="/srv/r").catalogue_url().startswith(f"sqlite:///{DEFAULT_STATE_DIR}/fleets/r-")
     assert cfg.levels.intervals[1] == timedelta(seconds=30)
     assert cfg.levels.pitr_seconds is True
 
@@ -76,3 +77,20 @@ def test_host_workers_split_the_tenants_over_stable_queues():
     # The same in every process: crc32, not Python's per-process salted hash.
     assert queues == [host_queue("h", n, 3) for n in names]
     assert host_queue("h", "t0.db", 3) == f"host.h.{__import__('zlib').crc32(b't0.db') % 3}"
+
+
+def test_each_replica_root_has_its_own_default_catalogue_and_every_spelling_is_one_fleet(tmp_path):
+    """Issue 19, finding 1: two apps on one machine, each with its own replica and no
+    catalogue configured, must not share one."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    a = Config(replica=f"file://{tmp_path}/a")
+    same = [Config(replica=r) for r in (f"{tmp_path}/a", f"file://{tmp_path}/a/", f"{tmp_path}/link", f"{tmp_path}/b/../a")]
+    b = Config(replica=f"{tmp_path}/b")
+    assert {c.fleet for c in same} == {a.fleet} and {c.catalogue_url() for c in same} == {a.catalogue_url()}
+    assert b.fleet != a.fleet and b.catalogue_url() != a.catalogue_url()
+    assert Config(replica="s3://bkt/p?endpoint=127.0.0.1:9000").fleet == Config(
+        replica="s3://bkt//p/?region=x&endpoint=http://127.0.0.1:9000").fleet
+    assert Config(replica="s3://bkt/p?endpoint=127.0.0.1:9000").fleet != Config(replica="s3://bkt/p").fleet
+    assert Config(replica=f"{tmp_path}/b", catalogue="sqlite:////x.db").catalogue_url() == "sqlite:////x.db"

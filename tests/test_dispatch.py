@@ -13,7 +13,7 @@ import pytest
 from scheduler.dispatch import InProcessDispatcher
 from scheduler.job_process import JobProcess, fleet_jobs
 from tenantsync.capture import Capture
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import DatabaseError, StorageUnavailable, TenantSyncError
 from tenantsync.tenants import shard
@@ -228,7 +228,7 @@ def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path)
         write_rows(conn, 5)
         capture.sync_once()
     cfg = Config(replica=url, globs=(f"{tmp_path}/*.db",), catalogue=f"sqlite:///{tmp_path}/c.db", host="h")
-    Catalogue(cfg.catalogue).discover("a.db", str(tmp_path / "a.db"), "h")
+    open_catalogue(cfg).discover("a.db", str(tmp_path / "a.db"), "h")
     jobs = JobProcess("tenantsync-storage", fleet_jobs, (cfg, None), nice=10)
     try:
         result = jobs.run("compact", ["a.db", "../b.db"], level=1, force=True)  # a batch

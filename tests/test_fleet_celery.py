@@ -32,7 +32,7 @@ import urllib.request
 
 import pytest
 
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import load as load_config
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
@@ -403,7 +403,7 @@ def run_fleet(tmp_path, redis_server, spawn, tenants: int, kill_after_restart: b
     for w in workers.values():
         wait_worker_ready(w)
     watcher = spawn("watcher", watcher_args(config_path), env)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     assert wait_for(lambda: len(catalogue.list()) == tenants or not watcher.alive(), 30), watcher.tail()
     timings["start"] = time.monotonic() - t0
 
@@ -533,7 +533,7 @@ def test_sync_requests_go_out_in_batches_and_a_broken_tenant_holds_back_no_other
     host = "batch-test"
     config_path = write_config(tmp_path, redis_server.url, host=host)
     cfg = load_config(config_path, env={})
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     good = [f"t{i:02d}.db" for i in range(12)]
     for name in good:
         write_rows(app_db(str(tmp_path / "data" / name)), 3)
@@ -593,7 +593,7 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
                                f"127.0.0.1:{port}", "--beat", "--beat-schedule", str(tmp_path / "beat-schedule"),
                                "-c", "2", "-n", "solo@%h"], child_env(config_path))
     wait_worker_ready(worker)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
 
     def replicated(names):
         return all((r := catalogue.get(n)) is not None and (r.txid or 0) >= 1 for n in names)
@@ -830,7 +830,7 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
     name = "acme.db"
     path = str(tmp_path / "data" / name)
     write_rows(app_db(path), 5)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     catalogue.discover(name, path, HOST)
 
     worker = children("w1", worker_args("w1"), env)

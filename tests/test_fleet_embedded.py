@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from scheduler import embedded
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.ondemand import open_by_others
 from tenantsync.replica import Replica
@@ -95,7 +95,7 @@ def test_every_tenant_written_at_random_is_replicated(tmp_path, file_url, runnin
     for _ in range(200):
         write_rows(conns[rng.choice(list(conns))], rng.randint(1, 5))
         time.sleep(0.005)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
 
     def caught_up():
         return all((t.txid or 0) > 0 and t.last_sync_at and (t.last_write_at is None or t.last_sync_at >= t.last_write_at)
@@ -115,7 +115,7 @@ def test_tenants_are_shared_by_processes_and_a_killed_one_is_replaced(tmp_path, 
     for conn in conns.values():
         conn.close()  # no application connection in this process while the watcher reads headers
     cfg, results, problems = running(processes=2)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
 
     def caught_up():
         return all((t.txid or 0) > 0 and t.last_sync_at and (t.last_write_at is None or t.last_sync_at >= t.last_write_at)
@@ -147,7 +147,7 @@ def test_non_sqlite_files_and_bad_names_are_reported_once_and_skipped(tmp_path, 
     (tmp_path / "data" / "notes.db").write_text("not a database" * 20)
     (tmp_path / "data" / "bad name.db").write_bytes(open(good, "rb").read())
     cfg, results, problems = running()
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     assert wait_for(lambda: any(t.name == "good.db" and t.txid for t in catalogue.list()))
     (tmp_path / "data" / "notes.db").write_text("still not a database" * 20)
     time.sleep(1.5)
@@ -165,7 +165,7 @@ def test_new_databases_are_picked_up_as_they_appear(tmp_path, file_url, running)
     path = str(tmp_path / "data" / "late.db")
     conn = app_db(path)
     write_rows(conn, 4)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     assert wait_for(lambda: any(t.name == "late.db" and t.txid for t in catalogue.list()), 10)
     write_rows(conn, 4)
     assert wait_for(lambda: catalogue.get("late.db").txid >= 2, 10)
@@ -177,7 +177,7 @@ def test_idle_tenants_are_released_and_resume_without_a_full_upload(tmp_path, fi
     conn = app_db(path)
     write_rows(conn, 10)
     cfg, results, problems = running(idle_after=0.5)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     assert wait_for(lambda: (catalogue.get("a.db") or None) and catalogue.get("a.db").txid == 1)
     assert wait_for(lambda: (catalogue.get("a.db").position or {}).get("backfilled"), 15)
     write_rows(conn, 3)
@@ -197,7 +197,7 @@ def test_a_commit_after_every_connection_closed_is_replicated(tmp_path, file_url
     write_rows(conn, 10)
     conn.close()
     cfg, results, problems = running(idle_after=0.3)
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     assert wait_for(lambda: (catalogue.get("a.db") or None) and catalogue.get("a.db").txid == 1)
     assert wait_for(lambda: (catalogue.get("a.db").position or {}).get("backfilled"), 15)
     for expected in (2, 3):
@@ -216,7 +216,7 @@ def test_open_tenants_are_capped_by_releasing_the_least_recent(tmp_path, file_ur
 
     (tmp_path / "data").mkdir()
     cfg = fleet_config(tmp_path, file_url)
-    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    fleet = Fleet(cfg, open_catalogue(cfg))
     fleet.max_open = 3
     paths, conns = tenant_dbs(tmp_path, [f"t{i}.db" for i in range(8)])
     for name, path in paths.items():
@@ -240,7 +240,7 @@ def test_past_the_trim_mark_the_release_thread_releases_the_least_recent(tmp_pat
 
     (tmp_path / "data").mkdir()
     cfg = fleet_config(tmp_path, file_url, idle_after=3600)
-    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    fleet = Fleet(cfg, open_catalogue(cfg))
     fleet.max_open, fleet.trim_to = 6, 3
     names = [f"t{i}.db" for i in range(6)]
     paths, _conns = tenant_dbs(tmp_path, names)
@@ -270,7 +270,7 @@ def one_tenant_fleet(tmp_path, file_url, lease_ttl: float):
 
     (tmp_path / "data").mkdir()
     cfg = fleet_config(tmp_path, file_url, lease_ttl=timedelta(seconds=lease_ttl))
-    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    fleet = Fleet(cfg, open_catalogue(cfg))
     path = str(tmp_path / "data" / "a.db")
     conn = app_db(path)
     write_rows(conn, 5)
@@ -432,7 +432,7 @@ def test_compaction_and_snapshot_times_reach_the_catalogue_many_per_write(tmp_pa
 
     (tmp_path / "data").mkdir()
     cfg = fleet_config(tmp_path, file_url)
-    fleet = Fleet(cfg, Catalogue(cfg.catalogue))
+    fleet = Fleet(cfg, open_catalogue(cfg))
     names = ["a.db", "b.db"]
     paths, conns = tenant_dbs(tmp_path, names)
     for name in names:

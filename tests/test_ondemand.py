@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from tenantsync.catalogue import Catalogue, TenantState
+from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import RestoreError
 from tenantsync.fleet import Fleet
@@ -25,7 +25,7 @@ def fleet(tmp_path, storage_url):
     (tmp_path / "data").mkdir()
     cfg = Config(replica=storage_url, globs=(f"{tmp_path}/data/*.db",),
                  catalogue=f"sqlite:///{tmp_path}/cat.db", host="h1", idle_after=timedelta(seconds=1))
-    f = Fleet(cfg, Catalogue(cfg.catalogue))
+    f = Fleet(cfg, open_catalogue(cfg))
     yield f
     f.close()
 

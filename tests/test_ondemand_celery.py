@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from tenantsync.catalogue import Catalogue, TenantState
+from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import load as load_config
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
@@ -166,7 +166,7 @@ def run_ondemand(tmp_path, redis_server, s3_url, spawn, tenants: int,
     server = spawn("serve", serve_args(config_path, port), env)
     base = f"http://127.0.0.1:{port}"
     assert wait_for(lambda: call(base + "/healthz", timeout=2)[0] == 200 or not server.alive(), 30), server.tail()
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     assert wait_for(lambda: len(catalogue.list()) == tenants or not server.alive(), 30), server.tail()
     writer = HotWriter({n: paths[n] for n in hot}, expected)
     writer.start()

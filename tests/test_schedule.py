@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 from scheduler import schedule as schedule_mod
 from scheduler.schedule import Schedule
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 
 
@@ -33,7 +33,7 @@ class Recorder:
 
 def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path):
     cfg = plans_config(tmp_path)
-    cat = Catalogue(cfg.catalogue)
+    cat = open_catalogue(cfg)
     for name in ("healthy", "failed-first-sync"):
         cat.discover(name, f"{tmp_path}/{name}", "h")
     cat.record_sync("healthy", txid=1, position=None, at=datetime.now(timezone.utc))
@@ -49,7 +49,7 @@ def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path)
 
 def test_compaction_is_offered_only_to_tenants_synced_within_two_intervals(tmp_path):
     cfg = plans_config(tmp_path)
-    cat = Catalogue(cfg.catalogue)
+    cat = open_catalogue(cfg)
     now = datetime.now(timezone.utc)
     for name, ago in (("recent", 10), ("two-intervals", 50), ("idle", 3600)):
         cat.discover(name, f"{tmp_path}/{name}", "h")
@@ -68,7 +68,7 @@ def test_host_plans_touch_only_this_hosts_tenants_and_beat_runs_only_storage_pla
     from scheduler.schedule import host_plans, storage_plans
 
     cfg = plans_config(tmp_path, host="a", archive_after=((f"{tmp_path}/*.db", timedelta(days=7)),))
-    cat = Catalogue(cfg.catalogue)
+    cat = open_catalogue(cfg)
     now = datetime.now(timezone.utc)
     for name, host in (("mine.db", "a"), ("theirs.db", "b")):
         cat.discover(name, f"{tmp_path}/{name}", host)

@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 
 from scheduler import embedded
-from tenantsync.catalogue import Catalogue, TenantState
+from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.client import Client
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
@@ -32,7 +32,9 @@ def free_port() -> int:
 
 
 def call(url, method="GET", body=None):
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+    """(status, JSON answer); ``body`` is JSON-encoded unless it is bytes (sent as they are)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, method=method, data=data)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -78,7 +80,7 @@ def test_idle_tenants_are_archived_and_concurrent_hydrations_bring_them_back(ser
     cold = set(conns) - hot
     for name in cold:
         conns.pop(name).close()
-    catalogue = Catalogue(cfg.catalogue)
+    catalogue = open_catalogue(cfg)
     stop_writing = threading.Event()
 
     for name in hot:

@@ -11,7 +11,7 @@ import pytest
 from watchfiles import Change
 
 from scheduler.watcher import Watcher
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 
@@ -44,7 +44,7 @@ def watcher(tmp_path):
         write_rows(app_db(str(data / name)), 3)
     config = Config(replica=f"file://{tmp_path}/replica", globs=(f"{data}/*.db",),
                     catalogue=f"sqlite:///{tmp_path}/catalogue.db", host="h")
-    catalogue = Catalogue(config.catalogue)
+    catalogue = open_catalogue(config)
     w = Watcher(config, catalogue, Recorder(), report=lambda line: None)
     assert sorted(w.rescan()) == ["a.db", "b.db"]
     w.dispatcher.syncs.clear()

@@ -69,6 +69,7 @@ _releasing: list = []  # (stop event, thread) of this worker's release thread
 def _start_idle_release(**_):
     """One thread per worker (not per tenant) closes tenants that went idle."""
     stop = threading.Event()
+    ondemand().recover()  # hydrations and archivals a killed predecessor left half done
     _releasing.append((stop, fleet().start_releasing(RELEASE_EVERY, stop)))
     freeze_setup()
 

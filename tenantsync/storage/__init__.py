@@ -7,13 +7,14 @@ Backends are imported lazily: boto3 is only loaded for ``s3://`` URLs.
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 
 from ..errors import StorageError
 from .base import ObjectInfo, Storage
 
-__all__ = ["ObjectInfo", "Storage", "open_storage"]
+__all__ = ["ObjectInfo", "Storage", "fleet_id", "open_storage"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _TRUE = {"true", "1", "t", "yes"}
@@ -42,6 +43,25 @@ def open_storage(url: str) -> Storage:
     if scheme == "s3":
         return _open_s3(url)
     raise StorageError(f"unsupported storage URL scheme {scheme!r} in {url!r}: use file:// or s3://")
+
+
+def fleet_id(url: str) -> str:
+    """The identity of the replica root ``url``, the same for every spelling of it: a
+    fleet's catalogue rows are keyed by it, so two fleets (two apps on one machine, each
+    with its own replica) never share a row, whatever their tenants are called.
+
+    ``file://``: the real path of the directory (symbolic links resolved, so two
+    spellings of one directory are one fleet). ``s3://``: the bucket, the cleaned prefix
+    and the endpoint (one bucket name on two servers is two fleets). Computed without
+    any I/O on the store and without importing a backend."""
+    match = _SCHEME.match(url)
+    if match is not None and match.group(1).lower() == "s3":
+        parts = urllib.parse.urlsplit(url)
+        endpoint = _endpoint((urllib.parse.parse_qs(parts.query).get("endpoint") or [""])[0]).rstrip("/")
+        key = f"s3://{parts.netloc}/{_clean_path(urllib.parse.unquote(parts.path))}"
+        return f"{key}?endpoint={endpoint}" if endpoint else key
+    root = open_storage(url).root  # a FileStorage, or the error an unusable URL gets
+    return "file://" + urllib.parse.quote(os.path.realpath(root))
 
 
 def _open_file(url: str) -> Storage:
@@ -77,9 +97,7 @@ def _open_s3(url: str) -> Storage:
             return value.lower() in _TRUE
         raise StorageError(f"s3 URL {url!r}: {names[0]}={value!r} is not a boolean (true/false)")
 
-    endpoint = param("endpoint")
-    if endpoint and "://" not in endpoint:
-        endpoint = ("http://" if _is_local(endpoint) else "https://") + endpoint
+    endpoint = _endpoint(param("endpoint"))
     force_path_style = flag("forcePathStyle", "force-path-style")
     from .s3 import S3Storage
 
@@ -92,6 +110,13 @@ def _open_s3(url: str) -> Storage:
         force_path_style=bool(endpoint) if force_path_style is None else force_path_style,
         skip_verify=bool(flag("skipVerify", "skip-verify")),
     )
+
+
+def _endpoint(endpoint: str | None) -> str | None:
+    """Litestream's rule for an endpoint without a scheme: http for local addresses, https otherwise."""
+    if endpoint and "://" not in endpoint:
+        return ("http://" if _is_local(endpoint) else "https://") + endpoint
+    return endpoint
 
 
 def _clean_path(path: str) -> str:

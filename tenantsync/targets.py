@@ -1,0 +1,46 @@
+"""Restore targets as people write them: a TXID or a point in time.
+
+The command line and the HTTP API take the same spellings, checked here once, before
+anything acts on them: a TXID in decimal or the 16 hex digits Litestream prints, a time
+in RFC 3339 with a zone. A bad value is an InvalidArgument naming it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from .errors import InvalidArgument
+
+MAX_TXID = (1 << 64) - 1
+
+
+def parse_txid(value: str | int) -> int:
+    """``value`` as a TXID: an int, or a string in decimal, ``0x…`` or 16 hex digits."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidArgument(f"txid: {value!r} is not a TXID (decimal or 16 hex digits)")
+    number = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            number = int(text, 16) if text.startswith("0x") or len(text) == 16 else int(text, 10)
+        except ValueError:
+            raise InvalidArgument(f"txid: {value!r} is not a TXID (decimal or 16 hex digits)") from None
+    if not 1 <= number <= MAX_TXID:
+        raise InvalidArgument(f"txid: {value!r} is out of range (TXIDs are 1 to {MAX_TXID})")
+    return number
+
+
+def parse_timestamp(value: str) -> datetime:
+    """``value`` (RFC 3339 with a zone, e.g. ``2026-11-25T10:00:00Z``) as a UTC datetime."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"timestamp: {value!r} is not an RFC 3339 time (like 2026-11-25T10:00:00Z)")
+    try:
+        t = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidArgument(f"timestamp: {value!r} is not an RFC 3339 time (like 2026-11-25T10:00:00Z)") from None
+    if t.tzinfo is None:
+        raise InvalidArgument(f"timestamp: {value!r} has no time zone (add Z or +00:00)")
+    try:
+        return t.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidArgument(f"timestamp: {value!r} is out of range in UTC") from None
