@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,8 +23,13 @@ from tenantsync.catalogue import Catalogue, TenantState
 from tenantsync.client import Client
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
+from tenantsync.ondemand import open_by_others
+from tenantsync.replica import Replica
+from tenantsync.restore import restore
+from tenantsync.storage import open_storage
+from tenantsync.tenants import shard
 
-from .dbutil import app_db, dump, wait_for, write_rows
+from .dbutil import app_db, application_holding, dump, wait_for, write_rows
 
 TENANTS = int(os.environ.get("TENANTSYNC_SERVE_TENANTS", "40"))
 
@@ -117,3 +126,116 @@ def test_client_over_http_reports_failures_in_one_line(served):
     with pytest.raises(TenantSyncError, match="no LTX files|unknown"):
         Client(base).hydrate("missing.db")
     assert not (data / "missing.db").exists()
+
+
+# -- `tenantsync serve` with shard children (host-workers) ------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def serve_command(tmp_path, file_url):
+    """``tenantsync serve`` as a user runs it, with ``host-workers: 2`` in its tenantsync.yml:
+    the command's process syncs shard 0 and a child process shard 1. ``idle-after`` is long,
+    so a tenant written during the test stays open in the process of its shard. Yields
+    (base URL, data directory, catalogue); stops the command with SIGTERM after."""
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    config = tmp_path / "tenantsync.yml"
+    config.write_text(json.dumps({"replica": file_url, "globs": [f"{data}/*.db"], "host": "h1",
+                                  "catalogue": f"sqlite:///{tmp_path}/cat.db", "idle-after": "10m",
+                                  "host-workers": 2}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    procs = []
+
+    def start():
+        with open(tmp_path / "serve.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tenantsync", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+                env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        base = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _up(base), 30), (tmp_path / "serve.log").read_text()
+        return base, Catalogue(f"sqlite:///{tmp_path}/cat.db")
+
+    yield start, data
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def names_on_shards(count: int = 2, prefix: str = "t") -> list[str]:
+    """One tenant name per shard of ``count`` (shard 0: the command's process, then children)."""
+    found: dict[int, str] = {}
+    for i in range(1000):
+        found.setdefault(shard(name := f"{prefix}{i:03d}.db", count), name)
+        if len(found) == count:
+            return [found[k] for k in range(count)]
+    raise AssertionError("no names for every shard")
+
+
+def open_in_tenantsync(path: str) -> set[int]:
+    """The pids holding ``path`` open, other than this test's process: tenantsync's own."""
+    return set(open_by_others([path])) - {os.getpid()}
+
+
+def test_http_archive_of_a_tenant_open_in_a_shard_child_archives_it(serve_command, tmp_path, file_url):
+    """Archival over HTTP reaches the process of the tenant's shard, which lets go of the
+    tenant itself: a tenant written within idle-after, so open in its process (a child for
+    shard 1), is archived (200), its files gone and the replica holding every row; hydrating
+    it over HTTP brings the same rows back, and a tenant nowhere is a 404 whichever process
+    looked (the child's RestoreError kept its type). Before, the command's own process archived it
+    and refused: the file was "open by pid N", N tenantsync's own child."""
+    start, data = serve_command
+    names = names_on_shards()
+    paths = {name: str(data / name) for name in names}
+    for path in paths.values():
+        write_rows(conn := app_db(path), 10)
+        conn.close()
+    base, catalogue = start()
+    expected = {}
+    for name, path in paths.items():
+        assert wait_for(lambda: (t := catalogue.get(name)) is not None and (t.txid or 0) > 0, 30)
+        write_rows(conn := app_db(path), 5)  # a write within idle-after: the tenant is open
+        conn.close()
+        expected[name] = dump(path)
+        assert wait_for(lambda: open_in_tenantsync(path), 30)
+    for name, path in paths.items():
+        status, body = call(f"{base}/tenants/{name}/archive", "POST")
+        assert status == 200 and body["archived"], (name, body)
+        assert not any(os.path.exists(path + s) for s in ("", "-wal", "-shm")), name
+        assert catalogue.get(name).state == TenantState.archived
+        out = tmp_path / "restored" / name
+        restore(Replica(open_storage(file_url).child(name)), str(out))
+        assert dump(str(out)) == expected[name]
+    for name, path in paths.items():
+        status, body = call(f"{base}/tenants/{name}/hydrate", "POST", {})
+        assert status == 200 and body["restored"] and body["state"] == TenantState.active.value, (name, body)
+        assert dump(path) == expected[name]
+    for missing in names_on_shards(prefix="missing"):  # RestoreError, also from a child: 404
+        status, body = call(f"{base}/tenants/{missing}/hydrate", "POST", {})
+        assert status == 404, (missing, body)
+
+
+def test_http_archive_refused_while_an_application_has_the_file_open_names_its_pid(serve_command):
+    """Only an application's handle refuses archival (409), and the refusal names the
+    application's pid, not tenantsync's: tenantsync's process holding the tenant (a shard
+    child) lets go of it first. The tenant stays local and is not archived."""
+    start, data = serve_command
+    name = names_on_shards()[1]
+    path = str(data / name)
+    write_rows(conn := app_db(path), 10)
+    conn.close()
+    base, catalogue = start()
+    assert wait_for(lambda: (t := catalogue.get(name)) is not None and (t.txid or 0) > 0, 30)
+    with application_holding(path, "INSERT INTO t(v) VALUES (1)") as holder:
+        assert wait_for(lambda: open_in_tenantsync(path) - {holder.pid}, 30)  # tenantsync has it open too
+        status, body = call(f"{base}/tenants/{name}/archive", "POST")
+        assert status == 409, body
+        pids = re.search(r"open by pid ([\d, ]+)$", body["error"])
+        assert pids and {int(p) for p in pids[1].split(", ")} == {holder.pid}, body
+        assert os.path.exists(path) and catalogue.get(name).state != TenantState.archived
