@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Callable
+from typing import Callable, TypeVar
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
@@ -28,6 +28,7 @@ from .watcher import Watcher
 
 RELEASE_EVERY = 5.0
 STORAGE_JOBS = ("compact", "snapshot", "retain")
+T = TypeVar("T")
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
@@ -46,14 +47,15 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     processes = processes or config.host_workers or 1
     catalogue = open_catalogue(config)
     fleet = Fleet(config, catalogue)
-    ondemand = OnDemand(fleet)
-    ondemand.recover()  # hydrations and archivals a killed predecessor left half done
     storage = storage_process(config)
     shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.workers)
               for i in range(1, processes)]
     for child in shards:
         child.start()
-    jobs = {job: _on_shard(job, local, shards) for job, local in (("sync", fleet.sync), ("archive", ondemand.archive))}
+    local = OnDemand(fleet)
+    local.recover()  # hydrations and archivals a killed predecessor left half done
+    ondemand = ShardedOnDemand(local, shards)
+    jobs = {"sync": _on_shard("sync", fleet.sync, shards), "archive": ondemand.archive}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
     dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result, shards=len(shards) + 1,
                                      batched=STORAGE_JOBS)
@@ -78,10 +80,29 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         fleet.shutdown()
 
 
-def _on_shard(job: str, local: Callable[..., dict], shards: list[JobProcess]) -> Callable[..., dict]:
-    """``job`` for a tenant in the process of its shard: here (shard 0) or a child."""
-    def run_job(name: str, **kwargs) -> dict:
+def _on_shard(job: str, local: Callable[..., T], shards: list[JobProcess]) -> Callable[..., T]:
+    """``job`` for a tenant in the process of its shard: here (shard 0) or a child. A
+    child's exception is raised here with its type (``JobProcess.run``)."""
+    def run_job(name: str, **kwargs) -> T:
         i = shard(name, len(shards) + 1)
         return local(name, **kwargs) if i == 0 else shards[i - 1].run(job, name, **kwargs)
 
     return run_job
+
+
+class ShardedOnDemand:
+    """``OnDemand``'s interface for the HTTP API (``hydrate``, ``archive``, ``catalogue``),
+    each call run in the process of the tenant's shard, here or in a child.
+
+    That process holds the tenant's open capture (descriptors, read mark, lease): an
+    archival there releases it first and then finds only other programs' handles, where
+    one run here found the child's and refused ("open by pid N", N our own child); and its
+    tenant lock keeps that process's syncs out of a hydration or fork. Errors keep their
+    type across the pipe, so the server answers as with one process. A fork is routed by
+    the new tenant, whose process will sync it.
+    """
+
+    def __init__(self, local: OnDemand, shards: list[JobProcess]):
+        self.catalogue = local.catalogue
+        self.hydrate = _on_shard("hydrate", local.hydrate, shards)
+        self.archive = _on_shard("archive", local.archive, shards)

@@ -40,7 +40,7 @@ from tenantsync.errors import TenantSyncError
 log = logging.getLogger(__name__)
 
 # What a child's start function returns: its jobs by name, and what to run when it closes.
-ChildJobs = tuple[dict[str, Callable[..., dict]], Callable[[], None]]
+ChildJobs = tuple[dict[str, Callable[..., Any]], Callable[[], None]]
 
 
 class JobProcess:
@@ -70,7 +70,7 @@ class JobProcess:
         with self._guard:
             self._started()
 
-    def run(self, job: str, tenant: str | list[str], **kwargs: Any) -> dict:
+    def run(self, job: str, tenant: str | list[str], **kwargs: Any) -> Any:
         """Run ``job`` for ``tenant`` (a batch job: for a list of them) in the child and
         return its result; its exception is raised here (a TenantSyncError if it cannot be
         sent back as it was)."""
@@ -133,7 +133,7 @@ class _Child:
         self._lock = threading.Lock()
         threading.Thread(target=self._read, name=f"{name}-results", daemon=True).start()
 
-    def call(self, job: str, tenant: str | list[str], kwargs: dict) -> dict:
+    def call(self, job: str, tenant: str | list[str], kwargs: dict) -> Any:
         future: Future = Future()
         with self._lock:
             if not self.alive:
@@ -267,7 +267,7 @@ def _for_each(fleet, job: str) -> Callable[..., dict]:
 
 
 def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
-    """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive) and the
+    """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive, hydrate) and the
     storage-only ones, which take a batch of tenants (only the storage child is sent those).
     With ``release_every``, it releases its idle tenants itself."""
     from tenantsync.catalogue import open_catalogue
@@ -288,7 +288,7 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
             releaser.join()
         fleet.shutdown()
 
-    jobs = {"sync": fleet.sync, "archive": ondemand.archive,
+    jobs = {"sync": fleet.sync, "archive": ondemand.archive, "hydrate": ondemand.hydrate,
             **{job: _for_each(fleet, job) for job in ("compact", "snapshot", "retain")}}
     return jobs, close
 

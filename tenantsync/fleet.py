@@ -262,10 +262,25 @@ class Fleet:
             _return_freed_memory()
         return released
 
+    def release_archiving(self) -> list[str]:
+        """Release this process's open tenants that another process is archiving: archival
+        marks a tenant ``archiving`` first, then refuses while any other process has its
+        files open, and waits a bounded time for fleet processes to let go
+        (``ondemand.HOLDERS_WAIT``). One indexed query, none while no tenant is open. A
+        tenant a job is using (the archival itself, when it runs here) is left alone."""
+        with self._guard:
+            if not self._active:
+                return []
+        archiving = {r.name for r in self.catalogue.list(state=TenantState.archiving, host=self.config.host)}
+        with self._guard:
+            names = [n for n in self._active if n in archiving]
+        return [name for name in names if self._release_unless_busy(name, keep_lease=False)]
+
     def release_idle_every(self, seconds: float, stop: threading.Event) -> None:
-        """Run :meth:`release_idle` every ``seconds``, and :meth:`trim` as soon as more than
-        ``trim_to`` tenants are open, until ``stop``: one thread per process (not per
-        tenant), and not behind other jobs, so the open tenants stay few."""
+        """Run :meth:`release_idle` and :meth:`release_archiving` every ``seconds``, and
+        :meth:`trim` as soon as more than ``trim_to`` tenants are open, until ``stop``: one
+        thread per process (not per tenant), and not behind other jobs, so the open tenants
+        stay few."""
         next_idle = time.monotonic() + seconds
         while not stop.is_set():
             self._crowded.wait(min(0.5, max(0.0, next_idle - time.monotonic())))
@@ -276,6 +291,7 @@ class Fleet:
                 if time.monotonic() >= next_idle:
                     next_idle = time.monotonic() + seconds
                     self.release_idle()
+                    self.release_archiving()
             except Exception:  # noqa: BLE001 - one failed release must not end the loop
                 log.exception("releasing idle tenants failed; retrying in %.0f s", seconds)
 
@@ -438,19 +454,23 @@ class Fleet:
         with self._guard:
             candidates = [n for n in self._active if n != keep]
         for name in candidates:
-            lock = self.tenant_lock(name)
-            if not lock.acquire(blocking=False):
-                continue  # a job is on it; try the next one
-            try:
-                if self.release(name, keep_lease=True):
-                    log.info("%s: released early, %d tenants open (limit %d)", name, len(self._active), self.max_open)
-                    return True
-            except TenantSyncError as e:  # it is closed anyway; its next sync resumes
-                log.warning("%s: early release failed: %s", name, e)
+            if self._release_unless_busy(name, keep_lease=True):
+                log.info("%s: released early, %d tenants open (limit %d)", name, len(self._active), self.max_open)
                 return True
-            finally:
-                lock.release()
         return False
+
+    def _release_unless_busy(self, name: str, keep_lease: bool) -> bool:
+        """:meth:`release` unless a job is using the tenant now (then False at once)."""
+        lock = self.tenant_lock(name)
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            return self.release(name, keep_lease=keep_lease)
+        except TenantSyncError as e:  # it is closed anyway; its next sync resumes
+            log.warning("%s: release failed: %s", name, e)
+            return True
+        finally:
+            lock.release()
 
     def _hold_lease(self, active: _Active) -> None:
         """Take or renew the tenant's lease; a lease half-way to expiry is renewed."""

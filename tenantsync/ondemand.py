@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 SIDE_FILES = ("-wal", "-shm")
 COMPARE_CHUNK = 8 << 20
 WAIT_FOR_OTHER = 120.0
+# A fleet process (of this host) holding a tenant that another process archives lets go of it
+# at its release thread's next tick (every 5 s, Fleet.release_archiving); the archival waits
+# that long, and a little more, before it refuses.
+HOLDERS_WAIT = 12.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,8 @@ class OnDemand:
             raise ArchiveAborted(f"tenant {name}: cannot archive from state {self.catalogue.get(name).state.value}")
         try:
             with self.fleet.tenant_lock(name):  # no sync job interleaves with the archival
+                if record.state == TenantState.active:
+                    self._wait_for_holders([path] + [path + s for s in SIDE_FILES])
                 txid, freed = self._archive(name, path)
         except BaseException as e:
             self.catalogue.unmark(name, self.owner)
@@ -252,6 +258,17 @@ class OnDemand:
             raise
         log.info("archived %s at txid %016x, freed %d bytes", name, txid, freed)
         return {"tenant": name, "archived": True, "txid": txid, "freed": freed}
+
+    @staticmethod
+    def _wait_for_holders(files: list[str]) -> None:
+        """While other processes have an active tenant's files open and this one does not,
+        wait (at most HOLDERS_WAIT) for them to let go: a fleet process holding it releases
+        it now that it is marked archiving. Until then this process must not sync it too
+        (their checkpoints would race). If this process has it open it is the tenant's fleet
+        process, and any other holder an application, which never lets go: no wait."""
+        deadline = time.monotonic() + HOLDERS_WAIT
+        while (holders := open_by_others(files)) and os.getpid() not in holders and time.monotonic() < deadline:
+            time.sleep(0.25)
 
     def _archive(self, name: str, path: str) -> tuple[int, int]:
         files = [path] + [path + s for s in SIDE_FILES]

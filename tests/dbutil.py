@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.parse
 
@@ -65,3 +68,19 @@ def modify_events_per_commits(inotify, conn: sqlite3.Connection, commits: int) -
         write_rows(conn, 1)
         queued += sum(1 for e in inotify.read(timeout=0) if e.mask & flags.MODIFY)
     return queued
+
+
+@contextlib.contextmanager
+def application_holding(path, statement: str = "SELECT 1"):
+    """Another process (an application) with ``path`` open, after running ``statement`` on
+    it, until the block ends; yields its ``Popen``."""
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import sqlite3,sys; c=sqlite3.connect({str(path)!r}, isolation_level=None); "
+                               f"c.execute({statement!r}); print('ready', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -17,7 +17,7 @@ from tenantsync.fleet import Fleet
 from tenantsync.errors import ArchiveAborted
 from tenantsync.ondemand import OnDemand
 
-from .dbutil import app_db, dump, write_rows
+from .dbutil import app_db, application_holding, dump, write_rows
 
 
 @pytest.fixture
@@ -61,19 +61,11 @@ def test_archive_then_hydrate_round_trip_without_reupload(tmp_path, fleet):
 def test_archival_is_abandoned_while_another_process_has_the_file_open(tmp_path, fleet):
     path, conn = tenant(fleet, tmp_path)
     conn.close()
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import sqlite3,sys; c=sqlite3.connect({path!r}); c.execute('select 1'); "
-                               "print('ready', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with application_holding(path):
         with pytest.raises(ArchiveAborted, match="is open by pid"):
             OnDemand(fleet).archive("acme.db")
         assert os.path.exists(path)
         assert fleet.catalogue.get("acme.db").state != TenantState.archived
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_concurrent_hydrations_of_one_tenant_share_one_restore(tmp_path, fleet):
