@@ -140,3 +140,23 @@ def test_a_symbolic_link_is_refused_at_discovery_naming_its_target(tmp_path, wat
     assert len(lines) == 1 and str(target) in lines[0], err
     assert [t.name for t in catalogue.list()] == ["good.db"]
     assert not (tmp_path / "replica" / "link.db").exists()
+
+
+def test_a_replica_root_that_is_a_file_is_refused_at_start_up(tmp_path, watch):
+    """Finding 7: ``--replica file:///x`` with x a regular file was found only at the first
+    sync, which failed while the tenant showed idle."""
+    (tmp_path / "data").mkdir()
+    write_rows(app_db(tmp_path / "data" / "a.db"), 3)
+    root = tmp_path / "x"
+    root.write_bytes(b"somebody's file\n")
+    w = watch(root.as_uri())
+    try:
+        code = w.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("tenantsync watch kept running with a replica root that is a file")
+    err = w.stderr_path.read_text()
+    assert code != 0 and "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and str(root) in lines[0], err
+    assert root.read_bytes() == b"somebody's file\n"
+    assert not (tmp_path / "catalogue.db").exists(), "the catalogue was opened before the replica was checked"
