@@ -160,3 +160,37 @@ def test_a_replica_root_that_is_a_file_is_refused_at_start_up(tmp_path, watch):
     assert len(lines) == 1 and str(root) in lines[0], err
     assert root.read_bytes() == b"somebody's file\n"
     assert not (tmp_path / "catalogue.db").exists(), "the catalogue was opened before the replica was checked"
+
+
+def test_a_tenant_whose_replica_cannot_be_written_shows_error_and_the_shutdown_says_so(tmp_path, watch):
+    """Finding 7: a tenant whose replica stops accepting writes is ``error`` with the reason
+    (it showed ``active``, then ``idle``), and the shutdown that could not ship its last
+    commits names it on stderr and exits non-zero (it exited 0)."""
+    (tmp_path / "data").mkdir()
+    paths = {name: tmp_path / "data" / name for name in ("a.db", "good.db")}
+    conns = {name: app_db(path) for name, path in paths.items()}
+    for conn in conns.values():
+        write_rows(conn, 5)
+    w = watch()
+    catalogue = Catalogue(w.catalogue_url)
+    assert wait_for(lambda: all((catalogue.get(n) or None) and catalogue.get(n).txid == 1 for n in paths), 30)
+
+    ltx = tmp_path / "replica" / "a.db" / "ltx"
+    os.rename(ltx, tmp_path / "ltx-moved-away")
+    ltx.write_bytes(b"")  # a file where the LTX directory was: nothing more can be written
+    write_rows(conns["a.db"], 2)
+    write_rows(conns["good.db"], 2)
+    assert wait_for(lambda: catalogue.get("a.db").state is TenantState.error, 20)
+    assert "a.db" in catalogue.get("a.db").last_error
+    assert wait_for(lambda: catalogue.get("good.db").txid == 2, 20)
+
+    listing = subprocess.run([sys.executable, "-m", "tenantsync", "tenants", "--catalogue", w.catalogue_url],
+                             capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=60)
+    assert [line.split()[:2] for line in listing.stdout.splitlines()[1:]] == [["a.db", "error"], ["good.db", "active"]]
+
+    code, err = w.stop()
+    assert code != 0 and "Traceback" not in err, err
+    named = [line for line in err.splitlines() if line.startswith("tenantsync: error:")]
+    assert len(named) == 1 and "a.db" in named[0] and "good.db" not in named[0], err
+    assert catalogue.get("a.db").state is TenantState.error
+    assert replica_matches(tmp_path, "good.db", paths["good.db"])
