@@ -121,6 +121,51 @@ def idle_tenant(tmp_path: Path, watch, **settings: str) -> tuple[Path, Watch, Ca
     return path, w, catalogue
 
 
+def test_a_rollback_journal_database_moved_over_an_idle_tenant_is_shipped_and_switched_to_wal(tmp_path, watch):
+    """Finding 5a: the rename is a replacement. Its writes never touch a -wal, so without a
+    sync at the rename the tenant stayed at TXID 1, idle, for good."""
+    path, w, catalogue = idle_tenant(tmp_path, watch)
+    rollback_journal_db(tmp_path / "new.db", 9)
+    os.rename(tmp_path / "new.db", path)
+    assert wait_for(lambda: catalogue.get("a.db").txid >= 2 and replica_matches(tmp_path, "a.db", path), 20, 0.2)
+    assert in_wal_mode(path)
+
+    conn = sqlite3.connect(path, isolation_level=None)  # the application, as before
+    write_rows(conn, 3)
+    conn.close()
+    assert wait_for(lambda: replica_matches(tmp_path, "a.db", path), 20, 0.2)
+    code, err = w.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert replica_matches(tmp_path, "a.db", path)
+
+
+def test_a_rollback_journal_database_copied_over_an_idle_tenant_is_shipped_at_its_next_write(tmp_path, watch):
+    """Copied in place (no name event), then written: the rollback journal's name events
+    are the write, as the -wal's are in WAL mode. The rescan is a minute away."""
+    path, w, catalogue = idle_tenant(tmp_path, watch)
+    rollback_journal_db(tmp_path / "new.db", 9)
+    shutil.copyfile(tmp_path / "new.db", path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    write_rows(conn, 4)
+    conn.close()
+    assert wait_for(lambda: catalogue.get("a.db").txid >= 2 and replica_matches(tmp_path, "a.db", path), 20, 0.2)
+    assert in_wal_mode(path)
+    code, err = w.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+def test_a_rollback_journal_database_copied_over_an_idle_tenant_is_shipped_at_the_rescan(tmp_path, watch):
+    """Copied in place and not written: no event at all. The rescan sees the main file
+    changed since its capture recorded it, and syncs it."""
+    path, w, catalogue = idle_tenant(tmp_path, watch, **{"rescan-interval": "1s"})
+    rollback_journal_db(tmp_path / "new.db", 9)
+    shutil.copyfile(tmp_path / "new.db", path)
+    assert wait_for(lambda: catalogue.get("a.db").txid >= 2 and replica_matches(tmp_path, "a.db", path), 20, 0.2)
+    assert in_wal_mode(path)
+    code, err = w.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
 def test_a_symbolic_link_is_refused_at_discovery_naming_its_target(tmp_path, watch):
     """Finding 5b: the WAL of a linked database sits beside its target, where no watch is:
     only the first snapshot shipped. The link is reported once and skipped."""
