@@ -5,17 +5,20 @@ differs. This process watches, schedules and syncs one shard of the tenants; wit
 ``host-workers`` N (default: one per CPU, up to 4) N-1 child processes sync the other
 shards, and one niced child runs the storage-only jobs (job_process.py says why). On
 stop, every active tenant is synced and released (checkpointed under the barrier,
-position saved), so a restart resumes without uploading databases again.
+position saved), so a restart resumes without uploading databases again; a tenant left in
+state error then (its data not all shipped) makes the stop raise ``Unshipped``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from typing import Callable, TypeVar
 
-from tenantsync.catalogue import open_catalogue
+from tenantsync.catalogue import Catalogue, TenantState, open_catalogue
 from tenantsync.config import Config
+from tenantsync.errors import Unshipped
 from tenantsync.fleet import Fleet, freeze_setup
 from tenantsync.ondemand import OnDemand
 from tenantsync.server import serve
@@ -29,6 +32,8 @@ from .watcher import Watcher
 RELEASE_EVERY = 5.0
 STORAGE_JOBS = ("compact", "snapshot", "retain")
 T = TypeVar("T")
+# Tenants a stop that left data unshipped names on its one line (then how many more).
+SHUTDOWN_NAMES = 10
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
@@ -78,6 +83,18 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         for child in [storage, *shards]:
             child.close()
         fleet.shutdown()
+    _check_shipped(config, catalogue)
+
+
+def _check_shipped(config: Config, catalogue: Catalogue) -> None:
+    """Raise Unshipped naming this host's tenants left in state error (a sync or the final
+    release failed, in this process or a child): a stop that exits as if all were shipped
+    hides a replica that is behind. Tenants whose file is gone have nothing left to ship."""
+    failed = [r.name for r in catalogue.list(TenantState.error, host=config.host) if os.path.exists(r.path)]
+    if failed:
+        more = f", ... ({len(failed) - SHUTDOWN_NAMES} more)" if len(failed) > SHUTDOWN_NAMES else ""
+        raise Unshipped(f"stopped with committed data not shipped for {len(failed)} tenant(s) in state error "
+                        f"(`tenantsync tenants --state error` says why): {', '.join(failed[:SHUTDOWN_NAMES])}{more}")
 
 
 def _on_shard(job: str, local: Callable[..., T], shards: list[JobProcess]) -> Callable[..., T]:

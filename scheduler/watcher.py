@@ -4,7 +4,13 @@ It decides *what* to sync and *when*; the work happens in jobs. inotify reports 
 tenant's ``-wal`` writes (``tenantsync/file_events.py``: one-shot watches, so a busy tenant costs
 one event per batch, not one per write); a slow rescan of the globs catches anything an
 event missed (and re-arms any WAL watch that was lost, syncing its tenant). Files that are
-not SQLite, and names that would escape the replica prefix, are reported once and skipped.
+not SQLite, symbolic links, and names that would escape the replica prefix, are reported
+once and skipped.
+
+A database out of WAL mode never writes its ``-wal``, so it would never be shipped again:
+a file created or moved over a tenant's path, and a tenant's rollback journal coming or
+going, request its sync (which ships it and switches it back to WAL, or marks it error);
+the rescan catches the rest by the main file's stat (see :meth:`Watcher._changed`).
 """
 
 from __future__ import annotations
@@ -23,11 +29,16 @@ from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 from tenantsync.file_events import STOP_CHECK, FileEvents
+from tenantsync.position import DBStat
 from tenantsync.tenants import SQLITE_MAGIC
 
 from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
+
+# Side files an application's write changes: the WAL, or in a database out of WAL mode
+# (journal_mode=DELETE) the rollback journal, created and deleted around each write.
+WRITE_SUFFIXES = ("-wal", "-journal")
 
 
 class Watcher:
@@ -40,6 +51,8 @@ class Watcher:
         self.report = report or (lambda line: log.warning("%s", line))
         self.known: dict[str, str] = {}  # path -> tenant name
         self._reported: set[str] = set()
+        # Main-file stat of each known tenant at the last rescan (see :meth:`_changed`).
+        self._stats: dict[str, DBStat | None] = {}
         self._last_rescan = 0.0
         self._events: FileEvents | None = None
 
@@ -70,6 +83,11 @@ class Watcher:
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
             del self.known[path]
+        changed = self._changed()
+        if changed:
+            log.info("%d tenants' files changed outside the WAL (%s, ...): synced", len(changed), changed[0])
+            self.dispatcher.request_syncs(changed)
+            self.catalogue.record_writes(changed, datetime.now(timezone.utc))
         if self._events is not None:
             lost = self._events.rearm_missing([path + "-wal" for path in self.known])
             if lost:
@@ -82,14 +100,20 @@ class Watcher:
     def handle(self, changes) -> None:
         """Map one batch of file events to sync requests (one per tenant per batch).
 
-        Only a *modified* ``-wal`` is a write: commits append to it. Opening and closing
+        A *modified* ``-wal`` is a write: commits append to it. Opening and closing
         connections adds and deletes the ``-wal`` and checkpoints modify the main file;
         our own jobs do both, and counting them as writes would wake idle tenants forever.
+        Our jobs never make a rollback journal nor create a tenant's file, so those are
+        writes too (a database out of WAL mode, or replaced).
         """
         touched: set[str] = set()
         rescan = False
         for change, path in changes:
-            if path.endswith("-wal"):
+            if path.endswith("-journal"):
+                name = self.known.get(path[: -len("-journal")])
+                if name is not None:
+                    touched.add(name)
+            elif path.endswith("-wal"):
                 name = self.known.get(path[: -len("-wal")])
                 # An *added* -wal is a write too unless it is empty: after the last
                 # connection closes SQLite deletes the WAL and the next commit recreates it
@@ -104,6 +128,10 @@ class Watcher:
                 continue
             elif path not in self.known or change == Change.deleted:
                 rescan = True
+            elif change == Change.added:
+                # Created or moved over a known tenant: a replacement, perhaps not in WAL
+                # mode, whose writes would never show in a -wal. Its sync ships it whole.
+                touched.add(self.known[path])
         now = datetime.now(timezone.utc)
         self.dispatcher.request_syncs(touched)
         # After the requests, in one transaction: the jobs need not wait for this.
@@ -146,8 +174,29 @@ class Watcher:
             self._events.close()
             self._events = None
 
+    def _changed(self) -> list[str]:
+        """Known tenants whose main file changed since the last rescan in a way no sync
+        of ours explains: its stat is not the one their capture recorded after its own
+        checkpoint (an idle release, a full backfill). Each stat is kept for the next rescan.
+
+        Catches what events cannot show: a database rewritten in place or taken out of WAL
+        mode (journal_mode=TRUNCATE or PERSIST keep their journal, so no name event comes),
+        or an event lost. One stat per tenant and one catalogue query for those changed:
+        nothing is opened, since closing a descriptor of a database would drop the POSIX
+        locks this process's SQLite connections (the jobs' captures) hold on it.
+        """
+        stats = {path: DBStat.of(path) for path in self.known}
+        differ = {self.known[path]: stat for path, stat in stats.items()
+                 if path in self._stats and stat != self._stats[path]}
+        self._stats = stats
+        if not differ:
+            return []
+        recorded = self.catalogue.positions(differ)
+        return sorted(name for name, stat in differ.items()
+                      if name in recorded and _recorded_stat(recorded[name]) != stat)
+
     def _interesting(self, change, path: str) -> bool:
-        if path.endswith("-wal"):
+        if path.endswith(WRITE_SUFFIXES):
             return True
         return not tenants.is_side_file(path) and any(p.matches(path) for p in self.patterns)
 
@@ -168,6 +217,12 @@ def _tick_every_second(tick: Callable[[], None], done: threading.Event) -> None:
             log.error("a scheduled plan failed: %s", e)
         except Exception:  # noqa: BLE001 - a bug: its traceback, and the schedules go on
             log.exception("a scheduled plan failed")
+
+
+def _recorded_stat(position: dict | None) -> DBStat | None:
+    """The main file's stat a stored position records, if any."""
+    stat = (position or {}).get("db_stat")
+    return DBStat(**stat) if stat else None
 
 
 def _has_frames(wal_path: str) -> bool:

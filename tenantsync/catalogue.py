@@ -145,6 +145,12 @@ class TenantState(str, enum.Enum):
     """
 
 
+def _chunks(names: list[str], size: int = 500) -> Iterator[list[str]]:
+    """``names`` in slices for ``IN (...)``: under SQLite's bound-parameter limit."""
+    for i in range(0, len(names), size):
+        yield names[i:i + size]
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -699,6 +705,15 @@ class Catalogue:
         with self._tx(write=False) as s:
             return builtins.list(s.scalars(stmt))
 
+    def positions(self, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+        """``{name: stored capture position}`` of those ``names`` in the catalogue, in one
+        transaction: the watcher's rescan asks for the tenants whose main file changed."""
+        names = sorted(set(names))
+        with self._tx(write=False) as s:
+            return {name: position for chunk in _chunks(names)
+                    for name, position in s.execute(sa.select(TENANTS.c.name, TENANTS.c.position)
+                                                    .where(self._mine, TENANTS.c.name.in_(chunk)))}
+
     def list(self, state: TenantState | None = None, host: str | None = None) -> builtins.list[TenantRecord]:
         """Tenants by name, optionally only those in ``state`` and/or on ``host``."""
         stmt = sa.select(*TENANTS.c).where(self._mine).order_by(TENANTS.c.name)
@@ -820,9 +835,8 @@ class Catalogue:
         col = TENANTS.c.last_write_at
         later = sa.case((sa.or_(col.is_(None), col < at), sa.literal(at, col.type)), else_=col)
         with self._tx(write=True) as s:
-            for i in range(0, len(names), 500):  # stay under SQLite's bound-parameter limit
-                s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(names[i:i + 500]))
-                          .values(last_write_at=later))
+            for chunk in _chunks(names):
+                s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk)).values(last_write_at=later))
 
     def record_error(self, name: str, message: str) -> None:
         """An operation failed: state error, ``last_error`` = ``message``."""

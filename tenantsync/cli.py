@@ -127,6 +127,11 @@ def load_config(config_path, replica_url=None, broker=None, catalogue=None, glob
 def _run_fleet(cfg, http=None) -> None:
     if not cfg.globs:
         raise click.UsageError("no databases to watch: give a GLOB or 'globs:' in tenantsync.yml")
+    from .storage import open_storage
+
+    storage = open_storage(cfg.replica)
+    if storage.kind == "file":  # an S3 bucket is checked by its first request
+        storage.make_root()
     from .fleet import prepare_process
 
     prepare_process()  # descriptors for thousands of open tenants, a short switch interval

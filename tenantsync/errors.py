@@ -72,6 +72,11 @@ class ArchiveAborted(TenantSyncError):
     """The tenant was in use or changed during archival; its files were kept."""
 
 
+class Unshipped(TenantSyncError):
+    """A fleet stopped while some tenants' committed data was not in their replicas (they
+    are in state error: a sync or the final release failed); the message names them."""
+
+
 class LeaseHeld(TenantSyncError):
     """Another owner holds the replica's lease, or took it over from us: the message
     names the replica, the holder and when its lease expires (also as attributes, for

@@ -222,6 +222,11 @@ class Fleet:
                 self._drop(name)
                 self.catalogue.record_error(name, str(e))
                 raise
+            except StorageError as e:
+                # Kept open: the read mark keeps the unshipped frames in the WAL for the next
+                # pass. Recorded, so `tenantsync tenants` shows the tenant failing, not idle.
+                self.catalogue.record_error(name, str(e))
+                raise
             with self._guard:
                 active.last_used = time.monotonic()
                 if name in self._active:
@@ -350,6 +355,9 @@ class Fleet:
                 log.info("%s: closed without a final pass: %s", name, e)
             except StorageError as e:
                 log.warning("%s: final pass failed, closing anyway (next pass resumes): %s", name, e)
+                # Committed data is left unshipped: the tenant must not show idle, and a
+                # shutdown reports it (scheduler/embedded.py).
+                self.catalogue.record_error(name, str(e))
             finally:
                 self._drop(name)
             return True

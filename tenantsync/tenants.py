@@ -111,12 +111,20 @@ def is_side_file(path: str) -> bool:
 
 
 def scan(patterns: list[Pattern]) -> tuple[dict[str, str], dict[str, str]]:
-    """Every matching database now: ({name: path}, {path: problem}) for what was skipped."""
+    """Every matching database now: ({name: path}, {path: problem}) for what was skipped
+    (symbolic links among them)."""
     found: dict[str, str] = {}
     problems: dict[str, str] = {}
     for pattern in patterns:
         for path in globmod.iglob(pattern.glob):
-            if is_side_file(path) or not os.path.isfile(path):
+            if is_side_file(path):
+                continue
+            if os.path.islink(path):
+                # SQLite keeps the -wal and -shm beside the link's target, where no watch
+                # is: only the first snapshot would ship.
+                problems[path] = f"a symbolic link to {os.path.realpath(path)}: watch the target's path instead"
+                continue
+            if not os.path.isfile(path):
                 continue
             try:
                 name = pattern.name_of(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 
@@ -152,3 +153,36 @@ def test_the_rescan_watches_and_syncs_a_tenant_whose_wal_watch_was_lost(watcher,
         w._events.close()
         w._events = None
         conn.close()
+
+
+def test_a_file_moved_over_a_tenant_and_a_rollback_journal_are_writes(watcher):
+    """Neither shows in a -wal: a replacement (perhaps not in WAL mode), and the journal a
+    database out of WAL mode creates and deletes around each write."""
+    w, data, catalogue = watcher
+    w.handle({(Change.added, f"{data}/a.db")})
+    assert w.dispatcher.syncs == ["a.db"]
+    w.handle({(Change.added, f"{data}/b.db-journal"), (Change.deleted, f"{data}/b.db-journal")})
+    assert w.dispatcher.syncs == ["a.db", "b.db"]
+    assert catalogue.get("b.db").last_write_at is not None
+    w.handle({(Change.added, f"{data}/other.db-journal")})  # not a tenant
+    assert w.dispatcher.syncs == ["a.db", "b.db"]
+
+
+def test_the_rescan_syncs_a_tenant_whose_main_file_changed_unless_its_capture_recorded_that(watcher):
+    """The rescan compares each tenant's main-file stat with the previous one; a change is
+    explained when the stored position records the new stat (our own checkpoint did it)."""
+    from tenantsync.position import DBStat, Position
+
+    w, data, catalogue = watcher
+    for name in ("a.db", "b.db"):
+        conn = sqlite3.connect(data / name, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE")  # writes the header: the main file changes
+        write_rows(conn, 1)
+        conn.close()
+    position = Position(txid=1, page_size=4096, commit=2, backfilled=True, db_stat=DBStat.of(str(data / "b.db")))
+    catalogue.record_sync("b.db", txid=1, position=position.to_dict(), at=None, idle=True)
+    w.rescan()
+    assert w.dispatcher.syncs == ["a.db"]
+    assert catalogue.get("a.db").last_write_at is not None
+    w.rescan()  # nothing changed since
+    assert w.dispatcher.syncs == ["a.db"]

@@ -48,6 +48,18 @@ class FileStorage(Storage):
     def url(self) -> str:
         return "file://" + urllib.parse.quote(self.root)
 
+    def make_root(self) -> None:
+        """Create the root directory if it is missing, or raise StorageError naming it if it
+        cannot be one (a regular file there, no permission). ``tenantsync watch`` calls this
+        before anything else: otherwise each tenant's first sync failed on its own, and
+        the watcher ran on with nothing replicated."""
+        try:
+            _makedirs(self.root)
+        except OSError as e:
+            raise StorageError(f"{self}: cannot create the replica directory {self.root}: {e.strerror}") from e
+        if not os.path.isdir(self.root):  # _makedirs takes an existing name as done
+            raise StorageError(f"{self}: the replica root {self.root} is not a directory")
+
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
 
