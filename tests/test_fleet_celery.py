@@ -690,7 +690,7 @@ def test_a_storage_child_exits_when_it_has_had_no_job_for_a_while(tmp_path, redi
 
 @pytest.mark.parametrize("args, config, error", [
     (["--storage"], {"levels": "often"},
-     "tenantsync: levels: expected a list of {level: N, interval: DURATION}"),
+     "tenantsync: levels: expected a list of {level: N, interval: DURATION}, got 'often'"),
     (["--shard", "3"], {}, "workers: --shard 3 is outside 0..0 (host-workers: 1)"),
     ([], {"host-workers": 2}, "workers: the config has host-workers: 2; pass --shard K (0..1), one worker each"),
     (["--listen", "127.0.0.1:8080"], {}, "workers: --listen serves the watcher's HTTP API; it needs --watch"),
