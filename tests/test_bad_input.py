@@ -45,13 +45,14 @@ def _env() -> dict:
     return env
 
 
-def tenantsync(*args, cwd, timeout: float = 60) -> subprocess.CompletedProcess:
+def tenantsync(*args, cwd, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m tenantsync ARGS`` in ``cwd``; ``env`` adds variables (TENANTSYNC_… overrides)."""
     return subprocess.run(
         [sys.executable, "-m", "tenantsync", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env=_env() | (env or {}),
         cwd=cwd,
     )
 
