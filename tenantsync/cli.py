@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from datetime import datetime, timezone
+from datetime import MAXYEAR, datetime, timezone
 
 import click
 
@@ -20,23 +20,47 @@ from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
 log = logging.getLogger("tenantsync")
 
 
-def parse_txid(text: str) -> int:
-    """Accept decimal or the 16-hex-digit form Litestream prints."""
-    from .targets import parse_txid as parse
+class Txid(click.ParamType):
+    """A TXID: decimal or the 16-hex-digit form Litestream prints (tenantsync.targets)."""
 
-    try:
-        return parse(text)
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e).partition(": ")[2], param_hint="'--txid'") from None
+    name = "TXID"
+
+    def convert(self, value, param, ctx) -> int:
+        from .targets import parse_txid
+
+        try:
+            return parse_txid(value)
+        except InvalidArgument as e:
+            self.fail(str(e).partition(": ")[2], param, ctx)
 
 
-def parse_timestamp(text: str) -> datetime:
-    from .targets import parse_timestamp as parse
+class Timestamp(click.ParamType):
+    """An RFC 3339 time with its zone, as UTC (tenantsync.targets)."""
 
-    try:
-        return parse(text)
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e).partition(": ")[2], param_hint="'--timestamp'") from None
+    name = "TIMESTAMP"
+
+    def convert(self, value, param, ctx) -> datetime:
+        from .targets import parse_timestamp
+
+        try:
+            return parse_timestamp(value)
+        except InvalidArgument as e:
+            self.fail(str(e).partition(": ")[2], param, ctx)
+
+
+class Listen(click.ParamType):
+    """``HOST:PORT`` for the HTTP API, as (host, port); config.parse_listen, which
+    ``python -m workers --listen`` shares."""
+
+    name = "HOST:PORT"
+
+    def convert(self, value, param, ctx) -> tuple[str, int]:
+        from .config import ConfigError, parse_listen
+
+        try:
+            return parse_listen(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _replica(url: str):
@@ -59,8 +83,10 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("db_path", type=click.Path(dir_okay=False))
 @click.option("--replica", "replica_url", required=True, help="file:///dir or s3://bucket/path?endpoint=…")
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between passes when no WAL event arrives.")
-@click.option("--debounce", default=0.05, show_default=True, help="Seconds to gather WAL events into one pass.")
+@click.option("--interval", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Seconds between passes when no WAL event arrives.")
+@click.option("--debounce", type=click.FloatRange(0), default=0.05, show_default=True,
+              help="Seconds to gather WAL events into one pass.")
 def replicate(db_path: str, replica_url: str, interval: float, debounce: float) -> None:
     """Replicate DB_PATH continuously until Ctrl-C or SIGTERM (then ship what is committed)."""
     from .replicate import run
@@ -80,22 +106,16 @@ def _report(result) -> None:
 @cli.command()
 @click.option("--replica", "replica_url", required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-@click.option("--txid", type=str, default=None, help="Restore to this TXID (decimal or 16 hex digits).")
-@click.option("--timestamp", type=str, default=None, help="Restore to the last state before this RFC 3339 time.")
+@click.option("--txid", type=Txid(), default=None, help="Restore to this TXID (decimal or 16 hex digits).")
+@click.option("--timestamp", type=Timestamp(), default=None, help="Restore to the last state before this RFC 3339 time.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def restore(replica_url: str, output: str, txid: str | None, timestamp: str | None, force: bool) -> None:
+def restore(replica_url: str, output: str, txid: int | None, timestamp: datetime | None, force: bool) -> None:
     """Restore a database from a replica into OUTPUT."""
     from .restore import restore as do_restore
 
     if txid is not None and timestamp is not None:
         raise click.UsageError("--txid and --timestamp are exclusive")
-    result = do_restore(
-        _replica(replica_url),
-        output,
-        txid=parse_txid(txid) if txid else None,
-        timestamp=parse_timestamp(timestamp) if timestamp else None,
-        force=force,
-    )
+    result = do_restore(_replica(replica_url), output, txid=txid, timestamp=timestamp, force=force)
     as_of = result.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     click.echo(f"restored {output} txid={result.txid:016x} as-of={as_of} files={result.files} pages={result.pages}")
 
@@ -164,11 +184,10 @@ def watch(globs, replica_url, config_path, broker, catalogue) -> None:
 @cli.command()
 @click.argument("globs", nargs=-1)
 @fleet_options
-@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT of the HTTP API.")
+@click.option("--listen", type=Listen(), default="127.0.0.1:8080", show_default=True, help="HOST:PORT of the HTTP API.")
 def serve(globs, replica_url, config_path, broker, catalogue, listen) -> None:
     """Like watch, plus the HTTP API: POST /tenants/NAME/hydrate, GET /tenants/NAME, GET /healthz."""
-    host, _, port = listen.rpartition(":")
-    _run_fleet(load_config(config_path, replica_url, broker, catalogue, globs), http=(host or "127.0.0.1", int(port)))
+    _run_fleet(load_config(config_path, replica_url, broker, catalogue, globs), http=listen)
 
 
 @cli.command()
@@ -212,11 +231,11 @@ def _ondemand(cfg):
 @cli.command()
 @click.argument("name")
 @fleet_options
-@click.option("--txid", type=str, default=None)
+@click.option("--txid", type=Txid(), default=None)
 def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
     """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _ondemand(cfg).hydrate(name, txid=parse_txid(txid) if txid else None)
+    result = _ondemand(cfg).hydrate(name, txid=txid)
     _report_aside(name, result)
     click.echo(result.path)
 
@@ -235,15 +254,12 @@ def archive(name, replica_url, config_path, broker, catalogue) -> None:
 @click.argument("name")
 @click.argument("new_name")
 @fleet_options
-@click.option("--txid", type=str, default=None)
-@click.option("--timestamp", type=str, default=None)
+@click.option("--txid", type=Txid(), default=None)
+@click.option("--timestamp", type=Timestamp(), default=None)
 def fork(name, new_name, replica_url, config_path, broker, catalogue, txid, timestamp) -> None:
     """Create tenant NEW_NAME from NAME's state at a TXID or time (default: latest)."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _ondemand(cfg).hydrate(
-        new_name, source=name, txid=parse_txid(txid) if txid else None,
-        timestamp=parse_timestamp(timestamp) if timestamp else None,
-    )
+    result = _ondemand(cfg).hydrate(new_name, source=name, txid=txid, timestamp=timestamp)
     _report_aside(new_name, result)
     click.echo(result.path)
 

@@ -15,6 +15,7 @@ import socket
 import urllib.parse
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from fractions import Fraction
 
 from .errors import TenantSyncError
 from .layout import PITR_LEVEL
@@ -31,19 +32,31 @@ DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".local", "state", "te
 LEGACY_CATALOGUE = os.path.join(DEFAULT_STATE_DIR, "catalogue.db")
 # Embedded mode's default number of syncing processes is one per CPU, at most this many.
 MAX_DEFAULT_PROCESSES = 4
+# Sync threads per process: past this, threads only queue on the interpreter lock.
+MAX_WORKERS = 64
+# Longer durations than this overflow the date arithmetic (``now - retention``).
+MAX_DURATION = timedelta(days=36500)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1} | {f"{p}b": 1000 ** n for n, p in enumerate("kmgt", 1)} | {
+    f"{p}ib": 1024 ** n for n, p in enumerate("kmgt", 1)}
 
 
 def parse_duration(value, key: str) -> timedelta:
-    """Go-style durations as Litestream's config uses them: ``50ms``, ``30s``, ``5m``, ``24h``."""
-    if isinstance(value, (int, float)):
-        return timedelta(seconds=value)
-    m = _DURATION.match(str(value))
-    if not m:
-        raise ConfigError(f"{key}: {value!r} is not a duration (like 50ms, 30s, 5m, 24h)")
-    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    """Go-style durations as Litestream's config uses them: ``50ms``, ``30s``, ``5m``, ``24h``;
+    a number is seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(value) if isinstance(value, str) else None
+        if not m:
+            raise ConfigError(f"{key}: {value!r} is not a duration (like 50ms, 30s, 5m, 24h)")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not -MAX_DURATION.total_seconds() <= seconds <= MAX_DURATION.total_seconds():  # and NaN
+        raise ConfigError(f"{key}: {value!r} is out of range (at most {MAX_DURATION.days}d)")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -153,94 +166,191 @@ def load(path: str | None = None, env: dict | None = None) -> Config:
             raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    for var, key in _ENV.items():
-        if var in env:
-            raw[key] = env[var].split(",") if key == "globs" else env[var]
-    return from_dict(raw)
+    overridden = {key: var for var, key in _ENV.items() if var in env}
+    for key, var in overridden.items():
+        raw[key] = env[var].split(",") if key == "globs" else env[var]
+    return from_dict(raw, names=overridden)
 
 
-def from_dict(raw: dict) -> Config:
-    known = {"replica", "globs", "broker", "catalogue", "host", "debounce", "idle-after", "rescan-interval",
-             "lease-ttl", "workers", "host-workers", "levels", "snapshot", "l0-retention", "retention", "archive-after",
-             "max-local-bytes", "pitr-seconds"}
-    unknown = set(raw) - known
+# -- values: each parser takes the value and the name to blame (a key or a variable) -----
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _name(value, key: str) -> str:
+    """A string that must say something: a host's queue and lease owner, a catalogue URL, a glob."""
+    if not _text(value, key).strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _optional(parse):
+    """``parse``, where null or an empty string leaves the key unset (None)."""
+    return lambda value, key: None if value is None or value == "" else parse(value, key)
+
+
+def _count(most, why: str):
+    """A positive integer (or its digits, from the environment) up to ``most()``, ``why``
+    saying what the limit is."""
+    def parse(value, key: str) -> int:
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if not (integer or isinstance(value, str) and value.strip().isdecimal()) or int(value) < 1:
+            raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+        if int(value) > most():
+            raise ConfigError(f"{key}: {value!r} is more than {most()} ({why})")
+        return int(value)
+
+    return parse
+
+
+def _duration(zero: bool = False):
+    """A duration longer than zero (or zero too, where nothing waits on it)."""
+    def parse(value, key: str) -> timedelta:
+        duration = parse_duration(value, key)
+        if duration < timedelta(0) or duration == timedelta(0) and not zero:
+            raise ConfigError(f"{key}: expected a duration {'of zero or more' if zero else 'above zero'}, got {value!r}")
+        return duration
+
+    return parse
+
+
+def _size(value, key: str) -> int:
+    """Bytes: an integer, or a number with a unit (10GiB, 500MB)."""
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m:
+        size = int(Fraction(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+    elif isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        raise ConfigError(f"{key}: {value!r} is not a size (bytes, or with a unit: 500MB, 10GiB)")
+    if size < 1:
+        raise ConfigError(f"{key}: expected a size above zero, got {value!r}")
+    return size
+
+
+def _flag(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _mapping(value, what: str, known) -> dict:
+    """``value`` as a mapping holding none but the ``known`` keys."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: expected a mapping, got {value!r}")
+    unknown = set(value) - set(known)
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-    cfg = Config()
-    levels = cfg.levels
+        raise ConfigError(f"unknown {what} key(s): {', '.join(sorted(map(str, unknown)))}")
+    return value
+
+
+_positive = _duration()
+_archive_after = _optional(_positive)  # null on a glob: never archive its tenants
+
+# Config key → (Config field, parser); a key absent keeps the field's default.
+_FIELDS = {
+    "replica": ("replica", _text),
+    "broker": ("broker", _optional(_text)),  # none: the embedded mode
+    "catalogue": ("catalogue", _name),
+    "host": ("host", _name),
+    "debounce": ("debounce", _duration(zero=True)),  # 0: a pass per event, no gathering
+    "idle-after": ("idle_after", _positive),
+    "rescan-interval": ("rescan_interval", _positive),
+    "lease-ttl": ("lease_ttl", _positive),
+    "workers": ("workers", _count(lambda: MAX_WORKERS, "sync threads in one process")),
+    "host-workers": ("host_workers", _count(lambda: 2 * (os.cpu_count() or 1),
+                                            "syncing processes: two per CPU of this machine")),
+    "max-local-bytes": ("max_local_bytes", _optional(_size)),
+}
+# Key → (Levels field, parser), at the top level and under ``snapshot:`` (which wins).
+_LEVEL_FIELDS = {
+    "l0-retention": ("l0_retention", _positive),
+    "retention": ("retention", _positive),  # Litestream 0.3's place for snapshot.retention
+    "pitr-seconds": ("pitr_seconds", _flag),
+}
+_SNAPSHOT_FIELDS = {"interval": ("snapshot_interval", _positive), "retention": ("retention", _positive)}
+_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, "levels", "snapshot", "globs", "archive-after"}
+
+
+def _parsed(raw: dict, table: dict, prefix: str = "", names: dict | None = None) -> dict:
+    """The fields ``table`` makes of the keys present in ``raw``."""
+    names = names or {}
+    return {field: parse(raw[key], names.get(key, prefix + key)) for key, (field, parse) in table.items() if key in raw}
+
+
+def from_dict(raw: dict, names: dict | None = None) -> Config:
+    """The Config of a parsed tenantsync.yml; ``names`` maps keys set from the environment
+    to their variables, so an error blames what the operator wrote."""
+    _mapping(raw, "config", _KNOWN)
+    names = names or {}
+    levels = Levels()
     if "levels" in raw:
         levels = replace(levels, intervals=_level_intervals(raw["levels"]))
-    snap = raw.get("snapshot") or {}
-    if "interval" in snap:
-        levels = replace(levels, snapshot_interval=parse_duration(snap["interval"], "snapshot.interval"))
-    if "retention" in snap or "retention" in raw:
-        value = snap.get("retention", raw.get("retention"))
-        levels = replace(levels, retention=parse_duration(value, "snapshot.retention"))
-    if "l0-retention" in raw:
-        levels = replace(levels, l0_retention=parse_duration(raw["l0-retention"], "l0-retention"))
-    if "pitr-seconds" in raw:
-        if not isinstance(raw["pitr-seconds"], bool):
-            raise ConfigError(f"pitr-seconds: expected true or false, got {raw['pitr-seconds']!r}")
-        levels = replace(levels, pitr_seconds=raw["pitr-seconds"])
-    globs = raw.get("globs", ())
-    globs = [globs] if isinstance(globs, str) else list(globs)
-    patterns, archive_after = [], []
-    for item in globs:
-        # A glob is a string, or {path: GLOB, archive-after: 7d} for its own archival delay.
+    snapshot = _mapping(raw["snapshot"], "snapshot", _SNAPSHOT_FIELDS) if "snapshot" in raw else {}
+    levels = replace(levels, **_parsed(raw, _LEVEL_FIELDS) | _parsed(snapshot, _SNAPSHOT_FIELDS, "snapshot."))
+    globs, archive_after = _globs(raw.get("globs", []), raw.get("archive-after"), names.get("globs", "globs"))
+    return replace(Config(), **_parsed(raw, _FIELDS, names=names), globs=globs, archive_after=archive_after,
+                   levels=levels)
+
+
+def _globs(value, archive_after, key: str) -> tuple[tuple[str, ...], tuple[tuple[str, timedelta], ...]]:
+    """``globs:`` (one or a list, each a string or ``{path: GLOB, archive-after: 7d}``) as the
+    patterns and each one's archival delay (the top-level ``archive-after`` by default)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(f"{key}: expected a glob or a list of globs, got {value!r}")
+    default = _archive_after(archive_after, "archive-after")
+    patterns, delays = [], []
+    for item in items:
         if isinstance(item, dict):
-            if "path" not in item:
-                raise ConfigError(f"globs: entry {item!r} has no 'path'")
-            patterns.append(item["path"])
-            after = item.get("archive-after", raw.get("archive-after"))
+            entry = _mapping(item, "globs entry", ("path", "archive-after"))
+            if "path" not in entry:
+                raise ConfigError(f"{key}: entry {item!r} has no 'path'")
+            pattern, after = _name(entry["path"], f"{key} entry path"), default
+            if "archive-after" in entry:
+                after = _archive_after(entry["archive-after"], f"archive-after of {pattern}")
         else:
-            patterns.append(item)
-            after = raw.get("archive-after")
+            pattern, after = _name(item, f"{key} entry"), default
+        patterns.append(pattern)
         if after is not None:
-            archive_after.append((patterns[-1], parse_duration(after, f"archive-after of {patterns[-1]}")))
-    return replace(
-        cfg,
-        replica=raw.get("replica", cfg.replica),
-        globs=tuple(patterns),
-        archive_after=tuple(archive_after),
-        max_local_bytes=int(raw["max-local-bytes"]) if raw.get("max-local-bytes") else None,
-        broker=raw.get("broker") or None,
-        catalogue=raw.get("catalogue", cfg.catalogue),
-        host=str(raw.get("host", cfg.host)),
-        debounce=parse_duration(raw.get("debounce", "50ms"), "debounce"),
-        idle_after=parse_duration(raw.get("idle-after", "30s"), "idle-after"),
-        rescan_interval=parse_duration(raw.get("rescan-interval", "60s"), "rescan-interval"),
-        lease_ttl=parse_duration(raw.get("lease-ttl", "30s"), "lease-ttl"),
-        workers=_positive(raw.get("workers", cfg.workers), "workers"),
-        host_workers=_positive(raw["host-workers"], "host-workers") if "host-workers" in raw else cfg.host_workers,
-        levels=levels,
-    )
+            delays.append((pattern, after))
+    return tuple(patterns), tuple(delays)
 
 
 def _level_intervals(items) -> dict[int, timedelta]:
     """``levels:`` as a list of ``{level: N, interval: D}``, or Litestream's ``{interval: D}``
-    where the position gives the level (the first entry is level 1)."""
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise ConfigError("levels: expected a list of {level: N, interval: DURATION}")
+    where the position gives the level (the first entry is level 1). Each level compacts the
+    one below it, so they run from 1 without a gap."""
+    if not isinstance(items, list) or not items or not all(isinstance(item, dict) for item in items):
+        raise ConfigError(f"levels: expected a list of {{level: N, interval: DURATION}}, got {items!r}")
     intervals = {}
     for position, item in enumerate(items, 1):
-        try:
-            level = int(item.get("level", position))
-        except (TypeError, ValueError):
-            raise ConfigError(f"levels: level {item['level']!r} is not a number") from None
+        _mapping(item, f"levels entry {position}", ("level", "interval"))
+        level = item.get("level", position)
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise ConfigError(f"levels: level {level!r} is not a number")
         if not 1 <= level < PITR_LEVEL:
             raise ConfigError(f"levels: level {level} must be between 1 and {PITR_LEVEL - 1} "
                               f"(level {PITR_LEVEL} holds the per-second restore points)")
+        if level in intervals:
+            raise ConfigError(f"levels: level {level} is given twice")
         if "interval" not in item:
             raise ConfigError(f"levels: level {level} has no interval")
-        intervals[level] = parse_duration(item["interval"], f"levels[{level}].interval")
+        intervals[level] = _positive(item["interval"], f"levels[{level}].interval")
+    missing = set(range(1, max(intervals) + 1)) - set(intervals)
+    if missing:
+        raise ConfigError(f"levels: level {min(missing)} is missing (level {min(missing) + 1} compacts it)")
     return intervals
 
 
-def _positive(value, key: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if number < 1:
-        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
-    return number
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` of the HTTP API (``:PORT``: 127.0.0.1) as the address to bind; the
+    caller names the flag in the error."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.strip().isdecimal() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{text!r} is not HOST:PORT with a port from 1 to 65535")
+    return host or "127.0.0.1", int(port)

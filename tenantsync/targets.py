@@ -7,7 +7,7 @@ in RFC 3339 with a zone. A bad value is an InvalidArgument naming it.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import MAXYEAR, datetime, timezone
 
 from .errors import InvalidArgument
 
@@ -41,6 +41,10 @@ def parse_timestamp(value: str) -> datetime:
     if t.tzinfo is None:
         raise InvalidArgument(f"timestamp: {value!r} has no time zone (add Z or +00:00)")
     try:
-        return t.astimezone(timezone.utc)
+        t = t.astimezone(timezone.utc)
     except OverflowError:
-        raise InvalidArgument(f"timestamp: {value!r} is out of range in UTC") from None
+        t = None
+    # Year 9999 too: a restore looks a little past its target, which would overflow.
+    if t is None or t.year == MAXYEAR:
+        raise InvalidArgument(f"timestamp: {value!r} is out of range (in UTC, years 1 to {MAXYEAR - 1})")
+    return t

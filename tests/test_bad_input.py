@@ -46,12 +46,13 @@ def _env() -> dict:
 
 
 def tenantsync(*args, cwd, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m tenantsync ARGS`` in ``cwd``; ``env`` adds variables (TENANTSYNC_… overrides)."""
     return subprocess.run(
         [sys.executable, "-m", "tenantsync", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env or _env(),
+        env=_env() | (env or {}),
         cwd=cwd,
     )
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from tenantsync.config import DEFAULT_STATE_DIR, Config, ConfigError, load
+from tenantsync.config import DEFAULT_STATE_DIR, Config, ConfigError, from_dict, load, parse_listen
 
 
 def test_file_keys_and_env_overrides(tmp_path):
@@ -94,3 +94,140 @@ def test_each_replica_root_has_its_own_default_catalogue_and_every_spelling_is_o
         replica="s3://bkt//p/?region=x&endpoint=http://127.0.0.1:9000").fleet
     assert Config(replica="s3://bkt/p?endpoint=127.0.0.1:9000").fleet != Config(replica="s3://bkt/p").fleet
     assert Config(replica=f"{tmp_path}/b", catalogue="sqlite:////x.db").catalogue_url() == "sqlite:////x.db"
+
+
+def test_no_keys_is_every_default():
+    assert from_dict({}) == Config()
+
+
+CPU_CAP = 2 * (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("raw, message", [
+    # issue 19 finding 7
+    ({"globs": 5}, r"^globs: expected a glob or a list of globs, got 5$"),
+    ({"replica": 42}, r"^replica: expected a string, got 42$"),
+    ({"max-local-bytes": "lots"}, r"^max-local-bytes: 'lots' is not a size"),
+    ({"snapshot": "daily"}, r"^snapshot: expected a mapping, got 'daily'$"),
+    ({"host-workers": 1000}, rf"^host-workers: 1000 is more than {CPU_CAP} \(syncing processes: two per CPU"),
+    # wrong types
+    ({"broker": 5}, r"^broker: expected a string, got 5$"),
+    ({"catalogue": ["sqlite:///a.db"]}, r"^catalogue: expected a string, got \['sqlite:///a.db'\]$"),
+    ({"catalogue": None}, r"^catalogue: expected a string, got None$"),
+    ({"host": 42}, r"^host: expected a string, got 42$"),
+    ({"host": " "}, r"^host: expected a non-empty string, got ' '$"),
+    ({"replica": None}, r"^replica: expected a string, got None$"),
+    ({"globs": [7]}, r"^globs entry: expected a string, got 7$"),
+    ({"globs": [""]}, r"^globs entry: expected a non-empty string, got ''$"),
+    ({"globs": {"path": "/x"}}, r"^globs: expected a glob or a list of globs"),
+    ({"globs": [{"path": 7}]}, r"^globs entry path: expected a string, got 7$"),
+    ({"globs": [{"path": "/x", "archive": "7d"}]}, r"^unknown globs entry key\(s\): archive$"),
+    ({"globs": [{"archive-after": "7d"}]}, r"^globs: entry .* has no 'path'$"),
+    ({"workers": True}, r"^workers: expected a positive integer, got True$"),
+    ({"workers": 2.5}, r"^workers: expected a positive integer, got 2.5$"),
+    ({"workers": [8]}, r"^workers: expected a positive integer, got \[8\]$"),
+    ({"workers": 65}, r"^workers: 65 is more than 64 \(sync threads in one process\)$"),
+    ({"host-workers": None}, r"^host-workers: expected a positive integer, got None$"),
+    ({"host-workers": CPU_CAP + 1}, rf"^host-workers: {CPU_CAP + 1} is more than {CPU_CAP} "),
+    ({"pitr-seconds": 1}, r"^pitr-seconds: expected true or false, got 1$"),
+    ({"debounce": True}, r"^debounce: True is not a duration"),
+    ({"debounce": ["50ms"]}, r"^debounce: \['50ms'\] is not a duration"),
+    ({"idle-after": {"s": 30}}, r"^idle-after: \{'s': 30\} is not a duration"),
+    # durations out of bounds
+    ({"debounce": -1}, r"^debounce: expected a duration of zero or more, got -1$"),
+    ({"idle-after": "0s"}, r"^idle-after: expected a duration above zero, got '0s'$"),
+    ({"rescan-interval": 0}, r"^rescan-interval: expected a duration above zero, got 0$"),
+    ({"lease-ttl": -30}, r"^lease-ttl: expected a duration above zero, got -30$"),
+    ({"lease-ttl": "-30s"}, r"^lease-ttl: '-30s' is not a duration"),
+    ({"idle-after": "999999999999d"}, r"^idle-after: '999999999999d' is out of range \(at most 36500d\)$"),
+    ({"idle-after": float("inf")}, r"^idle-after: inf is out of range"),
+    ({"idle-after": float("nan")}, r"^idle-after: nan is out of range"),
+    ({"retention": "0s"}, r"^retention: expected a duration above zero, got '0s'$"),
+    ({"l0-retention": None}, r"^l0-retention: None is not a duration"),
+    ({"archive-after": 0}, r"^archive-after: expected a duration above zero, got 0$"),
+    ({"archive-after": "soon"}, r"^archive-after: 'soon' is not a duration"),  # even with no globs
+    ({"globs": [{"path": "/x", "archive-after": "0s"}]}, r"^archive-after of /x: expected a duration above zero"),
+    # snapshot and levels
+    ({"snapshot": None}, r"^snapshot: expected a mapping, got None$"),
+    ({"snapshot": {"interval": "24h", "every": "1h"}}, r"^unknown snapshot key\(s\): every$"),
+    ({"snapshot": {"interval": "0s"}}, r"^snapshot.interval: expected a duration above zero, got '0s'$"),
+    ({"snapshot": {"retention": -1}}, r"^snapshot.retention: expected a duration above zero, got -1$"),
+    ({"levels": []}, r"^levels: expected a list of \{level: N, interval: DURATION\}, got \[\]$"),
+    ({"levels": [{"interval": "30s", "every": "1m"}]}, r"^unknown levels entry 1 key\(s\): every$"),
+    ({"levels": [{"interval": "0s"}]}, r"^levels\[1\].interval: expected a duration above zero, got '0s'$"),
+    ({"levels": [{"level": True, "interval": "1m"}]}, r"^levels: level True is not a number$"),
+    ({"levels": [{"level": 1, "interval": "1m"}, {"level": 1, "interval": "2m"}]}, r"^levels: level 1 is given twice$"),
+    ({"levels": [{"level": 2, "interval": "5m"}]}, r"^levels: level 1 is missing \(level 2 compacts it\)$"),
+    # sizes
+    ({"max-local-bytes": 0}, r"^max-local-bytes: expected a size above zero, got 0$"),
+    ({"max-local-bytes": -5}, r"^max-local-bytes: expected a size above zero, got -5$"),
+    ({"max-local-bytes": "10 GiBs"}, r"^max-local-bytes: '10 GiBs' is not a size"),
+    ({"max-local-bytes": 1.5e9}, r"^max-local-bytes: 1500000000.0 is not a size"),
+    ({"max-local-bytes": True}, r"^max-local-bytes: True is not a size"),
+])
+def test_from_dict_refuses_a_bad_value_naming_the_key_and_the_value(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("TENANTSYNC_REPLICA", "", None),  # no replica: watch says so, tenants needs none
+    ("TENANTSYNC_BROKER", "", None),  # the embedded mode
+    ("TENANTSYNC_CATALOGUE", "", r"^TENANTSYNC_CATALOGUE: expected a non-empty string, got ''$"),
+    ("TENANTSYNC_HOST", "", r"^TENANTSYNC_HOST: expected a non-empty string, got ''$"),
+    ("TENANTSYNC_GLOBS", "/a/*.db,", r"^TENANTSYNC_GLOBS entry: expected a non-empty string, got ''$"),
+    ("TENANTSYNC_DEBOUNCE", "-1s", r"^TENANTSYNC_DEBOUNCE: '-1s' is not a duration"),
+    ("TENANTSYNC_IDLE_AFTER", "0", r"^TENANTSYNC_IDLE_AFTER: '0' is not a duration"),
+    ("TENANTSYNC_IDLE_AFTER", "0s", r"^TENANTSYNC_IDLE_AFTER: expected a duration above zero, got '0s'$"),
+    ("TENANTSYNC_WORKERS", "-2", r"^TENANTSYNC_WORKERS: expected a positive integer, got '-2'$"),
+    ("TENANTSYNC_WORKERS", "1000", r"^TENANTSYNC_WORKERS: '1000' is more than 64"),
+    ("TENANTSYNC_WORKERS", "\u00b2", r"^TENANTSYNC_WORKERS: expected a positive integer, got '\u00b2'$"),  # a digit int() refuses
+    ("TENANTSYNC_HOST_WORKERS", "1000", rf"^TENANTSYNC_HOST_WORKERS: '1000' is more than {CPU_CAP} "),
+    ("TENANTSYNC_HOST_WORKERS", "two", r"^TENANTSYNC_HOST_WORKERS: expected a positive integer, got 'two'$"),
+])
+def test_an_environment_override_is_checked_and_named_by_its_variable(var, value, message):
+    if message is None:
+        load(None, env={var: value})
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load(None, env={var: value})
+
+
+def test_accepted_values_keep_their_meaning():
+    cfg = from_dict({
+        "max-local-bytes": "10GiB", "debounce": 0, "broker": None, "host-workers": CPU_CAP, "workers": "64",
+        "archive-after": "7d", "globs": ["/a/*.db", {"path": "/b/*.db", "archive-after": None},
+                                         {"path": "/c/*.db", "archive-after": "1d"}],
+        "retention": "48h", "snapshot": {"interval": "12h"}, "idle-after": 1.5,
+    })
+    assert cfg.max_local_bytes == 10 * 2**30
+    assert cfg.debounce == timedelta(0) and cfg.broker is None
+    assert cfg.host_workers == CPU_CAP and cfg.workers == 64
+    assert cfg.globs == ("/a/*.db", "/b/*.db", "/c/*.db")
+    assert cfg.archive_after == (("/a/*.db", timedelta(days=7)), ("/c/*.db", timedelta(days=1)))  # null: never
+    assert cfg.levels.retention == timedelta(hours=48) and cfg.levels.snapshot_interval == timedelta(hours=12)
+    assert cfg.idle_after == timedelta(seconds=1.5)
+    assert from_dict({"max-local-bytes": "500MB"}).max_local_bytes == 500_000_000
+    assert from_dict({"max-local-bytes": 50_000_000_000}).max_local_bytes == 50_000_000_000
+    assert from_dict({"max-local-bytes": ""}).max_local_bytes is None
+    assert from_dict({"snapshot": {"retention": "1h"}, "retention": "2h"}).levels.retention == timedelta(hours=1)
+
+
+def test_host_workers_are_capped_by_this_machines_cpus(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert from_dict({"host-workers": 6}).host_workers == 6
+    with pytest.raises(ConfigError, match=r"^host-workers: 7 is more than 6 "):
+        from_dict({"host-workers": 7})
+
+
+@pytest.mark.parametrize("text, address", [
+    ("127.0.0.1:8080", ("127.0.0.1", 8080)), (":1", ("127.0.0.1", 1)), ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+    ("127.0.0.1:notaport", None), ("127.0.0.1:99999", None), ("127.0.0.1:0", None), ("127.0.0.1:", None),
+    ("127.0.0.1", None), ("8080", None),
+])
+def test_parse_listen(text, address):
+    if address is None:
+        with pytest.raises(ConfigError, match=rf"^'{text}' is not HOST:PORT with a port from 1 to 65535$"):
+            parse_listen(text)
+    else:
+        assert parse_listen(text) == address

@@ -690,11 +690,19 @@ def test_a_storage_child_exits_when_it_has_had_no_job_for_a_while(tmp_path, redi
 
 @pytest.mark.parametrize("args, config, error", [
     (["--storage"], {"levels": "often"},
-     "tenantsync: levels: expected a list of {level: N, interval: DURATION}"),
+     "tenantsync: levels: expected a list of {level: N, interval: DURATION}, got 'often'"),
     (["--shard", "3"], {}, "workers: --shard 3 is outside 0..0 (host-workers: 1)"),
     ([], {"host-workers": 2}, "workers: the config has host-workers: 2; pass --shard K (0..1), one worker each"),
     (["--listen", "127.0.0.1:8080"], {}, "workers: --listen serves the watcher's HTTP API; it needs --watch"),
-    (["--watch", "--listen", "nowhere"], {}, "workers: --listen 'nowhere': expected HOST:PORT"),
+    (["--watch", "--listen", "nowhere"], {}, "workers: --listen 'nowhere' is not HOST:PORT with a port from 1 to 65535"),
+    (["--watch", "--listen", "127.0.0.1:99999"], {},
+     "workers: --listen '127.0.0.1:99999' is not HOST:PORT with a port from 1 to 65535"),
+    (["--watch", "--listen", "127.0.0.1:0"], {}, "workers: --listen '127.0.0.1:0' is not HOST:PORT with a port from 1 to 65535"),
+    (["--watch", "--listen", "127.0.0.1:"], {}, "workers: --listen '127.0.0.1:' is not HOST:PORT with a port from 1 to 65535"),
+    (["-c", "0"], {}, "workers: -c/--concurrency 0 is outside 1..64"),
+    (["--concurrency", "1000"], {}, "workers: -c/--concurrency 1000 is outside 1..64"),
+    ([], {"host-workers": 1000}, "tenantsync: host-workers: 1000 is more than "
+     f"{2 * (os.cpu_count() or 1)} (syncing processes: two per CPU of this machine)"),
 ])
 def test_the_worker_launcher_refuses_bad_arguments_in_one_line(tmp_path, args, config, error):
     """A wrong shard or option is one line on stderr and a non-zero exit, before any broker

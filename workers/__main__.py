@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard", type=int, help="which host.<host>.K queue (config host-workers > 1)")
     p.add_argument("--storage", action="store_true",
                    help="also run storage jobs (compact, snapshot, retain): a niced storage worker, started while they wait")
-    p.add_argument("-c", "--concurrency", type=int, default=8, help="job threads (default 8)")
+    p.add_argument("-c", "--concurrency", type=int, default=8, help=f"job threads (default 8, at most {configmod.MAX_WORKERS})")
     p.add_argument("-n", "--hostname", help="node name (default: the first queue @ this machine)")
     p.add_argument("-l", "--loglevel", default="INFO")
     p.add_argument("--watch", action="store_true", help="also run this host's watcher (tenantsync watch)")
@@ -116,15 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help=argparse.SUPPRESS)  # --storage's child
     a = p.parse_args(argv)
     config = configmod.load()
+    if not 1 <= a.concurrency <= configmod.MAX_WORKERS:
+        raise SystemExit(f"workers: -c/--concurrency {a.concurrency} is outside 1..{configmod.MAX_WORKERS}")
     if a.listen and not a.watch:
         raise SystemExit("workers: --listen serves the watcher's HTTP API; it needs --watch")
     if a.watch:
         if not config.globs:
             raise SystemExit("workers: --watch needs 'globs:' in tenantsync.yml (or TENANTSYNC_GLOBS)")
-        host, _, port = (a.listen or "").rpartition(":")
-        if a.listen and not port.isdigit():
-            raise SystemExit(f"workers: --listen {a.listen!r}: expected HOST:PORT")
-        watch_beside(config, (host or "127.0.0.1", int(port)) if a.listen else None)
+        try:
+            http = configmod.parse_listen(a.listen) if a.listen else None
+        except configmod.ConfigError as e:
+            raise SystemExit(f"workers: --listen {e}") from None
+        watch_beside(config, http)
     if a.beat:
         beat_beside(a.beat_schedule)
     names = [q for q in a.queues.split(",") if q] if a.queues else queues(config, a.shard)
