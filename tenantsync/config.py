@@ -268,7 +268,7 @@ _FIELDS = {
 }
 # Key → (Levels field, parser), at the top level and under ``snapshot:`` (which wins).
 _LEVEL_FIELDS = {
-    "l0-retention": ("l0_retention", _positive),
+    "l0-retention": ("l0_retention", _duration(zero=True)),  # 0: L0 files go once compacted
     "retention": ("retention", _positive),  # Litestream 0.3's place for snapshot.retention
     "pitr-seconds": ("pitr_seconds", _flag),
 }

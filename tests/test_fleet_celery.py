@@ -894,7 +894,7 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
         # on the host queue, and find that hydrate job, with its tenant, in Flower.
         from scheduler.queue import CeleryOnDemand
 
-        ondemand = CeleryOnDemand(dispatcher, catalogue, timeout=60)
+        ondemand = CeleryOnDemand(dispatcher, catalogue, cfg, timeout=60)
         archived = ondemand.archive(name)
         assert archived.get("archived", True) and not os.path.exists(path), archived
         hydrated = ondemand.hydrate(name)
