@@ -20,32 +20,24 @@ from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
 log = logging.getLogger("tenantsync")
 
 
-class Txid(click.ParamType):
-    """A TXID: decimal or the 16-hex-digit form Litestream prints (tenantsync.targets)."""
+class Target(click.ParamType):
+    """A restore target flag parsed by ``tenantsync.targets`` (the HTTP API's parser too):
+    its InvalidArgument becomes click's one-line usage error naming the flag."""
 
-    name = "TXID"
+    def __init__(self, name: str, parse: str):
+        self.name, self._parse = name, parse
 
-    def convert(self, value, param, ctx) -> int:
-        from .targets import parse_txid
+    def convert(self, value, param, ctx):
+        from . import targets
 
         try:
-            return parse_txid(value)
+            return getattr(targets, self._parse)(value)
         except InvalidArgument as e:
             self.fail(str(e).partition(": ")[2], param, ctx)
 
 
-class Timestamp(click.ParamType):
-    """An RFC 3339 time with its zone, as UTC (tenantsync.targets)."""
-
-    name = "TIMESTAMP"
-
-    def convert(self, value, param, ctx) -> datetime:
-        from .targets import parse_timestamp
-
-        try:
-            return parse_timestamp(value)
-        except InvalidArgument as e:
-            self.fail(str(e).partition(": ")[2], param, ctx)
+TXID = Target("TXID", "parse_txid")  # decimal or the 16 hex digits Litestream prints
+TIMESTAMP = Target("TIMESTAMP", "parse_timestamp")  # RFC 3339 with its zone, as UTC
 
 
 class Listen(click.ParamType):
@@ -106,8 +98,8 @@ def _report(result) -> None:
 @cli.command()
 @click.option("--replica", "replica_url", required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-@click.option("--txid", type=Txid(), default=None, help="Restore to this TXID (decimal or 16 hex digits).")
-@click.option("--timestamp", type=Timestamp(), default=None, help="Restore to the last state before this RFC 3339 time.")
+@click.option("--txid", type=TXID, default=None, help="Restore to this TXID (decimal or 16 hex digits).")
+@click.option("--timestamp", type=TIMESTAMP, default=None, help="Restore to the last state before this RFC 3339 time.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def restore(replica_url: str, output: str, txid: int | None, timestamp: datetime | None, force: bool) -> None:
     """Restore a database from a replica into OUTPUT."""
@@ -231,7 +223,7 @@ def _ondemand(cfg):
 @cli.command()
 @click.argument("name")
 @fleet_options
-@click.option("--txid", type=Txid(), default=None)
+@click.option("--txid", type=TXID, default=None)
 def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
     """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
@@ -254,8 +246,8 @@ def archive(name, replica_url, config_path, broker, catalogue) -> None:
 @click.argument("name")
 @click.argument("new_name")
 @fleet_options
-@click.option("--txid", type=Txid(), default=None)
-@click.option("--timestamp", type=Timestamp(), default=None)
+@click.option("--txid", type=TXID, default=None)
+@click.option("--timestamp", type=TIMESTAMP, default=None)
 def fork(name, new_name, replica_url, config_path, broker, catalogue, txid, timestamp) -> None:
     """Create tenant NEW_NAME from NAME's state at a TXID or time (default: latest)."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
