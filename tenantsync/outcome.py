@@ -1,0 +1,130 @@
+"""What one job did to one tenant: the typed outcomes every job returns.
+
+A job (sync, compact, snapshot, retain, archive, hydrate, fork) returns exactly one
+outcome per tenant, and the runtimes (the embedded dispatcher, the Celery tasks, the CLI,
+the HTTP API) decide what comes next from its type alone: a ``Contended`` tenant is
+offered again after ``retry_after``, a ``Failed`` one with a transient error is retried
+with backoff, everything else is done. Nothing above the jobs reads a dict key or a
+message's text to tell outcomes apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Skip(enum.Enum):
+    """Why a job did nothing, by design rather than by failure."""
+
+    NOT_REPLICABLE = "archived, hydrating or being archived: that job ships it"
+    NOTHING_TO_MERGE = "nothing to merge at this level"
+    IN_USE = "in use by the application or another process"
+    ALREADY_ARCHIVED = "already archived"
+    NOT_ARCHIVED = "not archived: nothing to hydrate"
+
+
+class Full(enum.Enum):
+    """Why an L0 file carries every page of the database instead of the WAL's frames."""
+
+    FIRST = "no position: the first sync of this database"
+    CHANGED_OUTSIDE_WAL = "the main file changed without the WAL (copied over, restored, vacuumed into)"
+    WAL_GAP = "the WAL was restarted or checkpointed past frames not yet shipped"
+    REPLICA_MOVED = "the replica's last TXID is not ours (restored elsewhere, or lost)"
+
+
+class Contention(enum.Enum):
+    """Why a sync shipped nothing for now: another writer holds the tenant."""
+
+    LEASE_HELD = "another host holds the tenant's lease"
+    TXID_TAKEN = "another process wrote the next TXID first"
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A sync uploaded an L0 file (or a release shipped the tail)."""
+
+    tenant: str
+    txid: int
+    pages: int
+    bytes: int
+    full: Full | None = None
+
+
+@dataclass(frozen=True)
+class NothingNew:
+    """A sync found nothing committed since the tenant's position."""
+
+    tenant: str
+
+
+@dataclass(frozen=True)
+class Contended:
+    """Nothing shipped because another writer holds the tenant; try again after ``retry_after`` s."""
+
+    tenant: str
+    why: Contention
+    retry_after: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The job did nothing, by design (``reason``)."""
+
+    tenant: str
+    reason: Skip
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job raised ``error``; ``transient`` errors (storage unreachable) are worth a retry."""
+
+    tenant: str
+    error: BaseException
+    transient: bool = False
+
+
+@dataclass(frozen=True)
+class Written:
+    """A storage job (compact, snapshot) wrote ``file`` to the replica."""
+
+    tenant: str
+    job: str
+    file: str
+    level: int | None = None
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """Retention deleted ``count`` files of the tenant's replica."""
+
+    tenant: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Archived:
+    """The tenant's local files are gone; its replica holds it up to ``txid``."""
+
+    tenant: str
+    txid: int
+
+
+@dataclass(frozen=True)
+class Hydrated:
+    """The tenant is local again at ``path`` as of ``txid``; ``restored`` if it was fetched."""
+
+    tenant: str
+    path: str
+    txid: int | None
+    restored: bool
+
+
+Outcome = Shipped | NothingNew | Contended | Skipped | Failed | Written | Deleted | Archived | Hydrated
+
+
+def is_done(outcome: Outcome) -> bool:
+    """Whether the runtime may forget the job: not contended, not a transient failure."""
+    return not isinstance(outcome, Contended) and not (isinstance(outcome, Failed) and outcome.transient)
