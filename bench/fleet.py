@@ -463,8 +463,8 @@ def percentile(ranked: list[float], p: float) -> float | None:
     return ranked[min(len(ranked) - 1, int(round(p / 100 * (len(ranked) - 1))))]
 
 
-# How much earlier than a commit's logged time a file that holds it may arrive (a starved
-# writer's delay between its commit and reading the clock; 20 ms seen at load 8).
+# How much earlier than a commit's logged time a file that holds it may arrive: a bound,
+# with a wide margin, on a starved writer's delay between its commit and reading the clock.
 CLOCK_READ_DELAY = 1.0
 
 

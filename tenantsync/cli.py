@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from datetime import MAXYEAR, datetime, timezone
+from datetime import datetime, timezone
 
 import click
 
