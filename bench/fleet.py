@@ -463,8 +463,8 @@ def percentile(ranked: list[float], p: float) -> float | None:
     return ranked[min(len(ranked) - 1, int(round(p / 100 * (len(ranked) - 1))))]
 
 
-# How much earlier than a commit's logged time a file that holds it may arrive (a starved
-# writer's delay between its commit and reading the clock; 20 ms seen at load 8).
+# How much earlier than a commit's logged time a file that holds it may arrive: a bound,
+# with a wide margin, on a starved writer's delay between its commit and reading the clock.
 CLOCK_READ_DELAY = 1.0
 
 
@@ -682,7 +682,7 @@ class Tenantsync(Setup):
             "host": HOST,
         }
         if args.sync_threads:
-            raw["workers"] = args.sync_threads
+            raw["sync-threads"] = args.sync_threads
         if broker:
             raw["broker"] = broker
             raw["host-workers"] = args.host_workers
@@ -1306,7 +1306,7 @@ def main() -> None:
     p.add_argument("--s3-tenants", type=int, default=None, help="tenants per tool on S3 (200; --quick 50)")
     p.add_argument("--s3-window", type=float, default=None, help="S3 counting window (60 s)")
     p.add_argument("--worker-threads", type=int, default=4, help="-c of each host-queue worker (Redis mode)")
-    p.add_argument("--sync-threads", type=int, default=None, help="config `workers`: sync threads per process "
+    p.add_argument("--sync-threads", type=int, default=None, help="config `sync-threads`: sync threads per process "
                    "(embedded; default: the config's default)")
     p.add_argument("--storage-on-host-workers", action="store_true",
                    help="Redis mode: no storage worker; the host-queue workers run storage jobs too (--storage)")

@@ -53,7 +53,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     catalogue = open_catalogue(config)
     fleet = Fleet(config, catalogue)
     storage = storage_process(config)
-    shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.workers)
+    shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.sync_threads)
               for i in range(1, processes)]
     for child in shards:
         child.start()
@@ -62,7 +62,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     ondemand = ShardedOnDemand(local, shards)
     jobs = {"sync": _on_shard("sync", fleet.sync, shards), "archive": ondemand.archive}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
-    dispatcher = InProcessDispatcher(jobs, workers=config.workers, on_result=on_result, shards=len(shards) + 1,
+    dispatcher = InProcessDispatcher(jobs, workers=config.sync_threads, on_result=on_result, shards=len(shards) + 1,
                                      batched=STORAGE_JOBS)
     server = None
     if http is not None:

@@ -11,10 +11,11 @@ import os
 import signal
 import sys
 import threading
-from datetime import MAXYEAR, datetime, timezone
+from datetime import datetime, timezone
 
 import click
 
+from .config import Config
 from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
 
 log = logging.getLogger("tenantsync")
@@ -77,7 +78,7 @@ def cli(verbose: int) -> None:
 @click.option("--replica", "replica_url", required=True, help="file:///dir or s3://bucket/path?endpoint=…")
 @click.option("--interval", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="Seconds between passes when no WAL event arrives.")
-@click.option("--debounce", type=click.FloatRange(0), default=0.05, show_default=True,
+@click.option("--debounce", type=click.FloatRange(0), default=Config.debounce.total_seconds(), show_default=True,
               help="Seconds to gather WAL events into one pass.")
 def replicate(db_path: str, replica_url: str, interval: float, debounce: float) -> None:
     """Replicate DB_PATH continuously until Ctrl-C or SIGTERM (then ship what is committed)."""

@@ -1,14 +1,20 @@
 """Configuration: ``tenantsync.yml`` with environment overrides.
 
 Keys follow Litestream's spelling where they mean the same thing (``l0-retention``,
-``snapshot.interval``, ``snapshot.retention``, ``levels[].interval``). Every key has a
-``TENANTSYNC_…`` environment override so containers need no file. With no ``broker``
-the fleet runs embedded: jobs in-process, SQLite catalogue, nothing else to install.
+``snapshot.interval``, ``snapshot.retention``, ``levels[].interval``). Every top-level
+key that holds one value has an environment override, ``TENANTSYNC_`` and the key in
+capitals with ``_`` for ``-`` (``TENANTSYNC_IDLE_AFTER``), so containers need no file.
+With no ``broker`` the fleet runs embedded: jobs in-process, SQLite catalogue, nothing
+else to install.
+
+Each default is written once, as the ``Config`` field's (or ``Levels``'s): the parsers,
+the overrides and the command line's flags take it from there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -22,6 +28,9 @@ from .layout import PITR_LEVEL
 from .levels import Levels
 
 
+log = logging.getLogger(__name__)
+
+
 class ConfigError(TenantSyncError):
     """The configuration file or an override is invalid; the message names the key."""
 
@@ -33,7 +42,7 @@ LEGACY_CATALOGUE = os.path.join(DEFAULT_STATE_DIR, "catalogue.db")
 # Embedded mode's default number of syncing processes is one per CPU, at most this many.
 MAX_DEFAULT_PROCESSES = 4
 # Sync threads per process: past this, threads only queue on the interpreter lock.
-MAX_WORKERS = 64
+MAX_SYNC_THREADS = 64
 # Longer durations than this overflow the date arithmetic (``now - retention``).
 MAX_DURATION = timedelta(days=36500)
 
@@ -72,11 +81,12 @@ class Config:
     debounce: timedelta = timedelta(milliseconds=50)
     idle_after: timedelta = timedelta(seconds=30)
     rescan_interval: timedelta = timedelta(seconds=60)
-    lease_ttl: timedelta = timedelta(seconds=30)
-    # Sync threads per process (embedded). A sync spends about a third of its time in fsync
-    # (the LTX file, its directory), which holds no interpreter lock: at 10,000 tenants under
-    # 200 commits/s, 4 threads were 75 % busy and queued whenever fsyncs slowed.
-    workers: int = 8
+    lease_ttl: timedelta = timedelta(seconds=30)  # Litestream's s3.DefaultLeaseTTL
+    # Sync threads per process (embedded). A sync spends much of its time in fsync (the LTX
+    # file, its directory), which holds no interpreter lock, so a process needs more threads
+    # than cores: enough that syncs do not queue behind slow fsyncs at a busy fleet's commit
+    # rate.
+    sync_threads: int = 8
     # Processes syncing this host's tenants, each tenant always in the same one (see
     # host_processes); unset: the default of the mode.
     host_workers: int | None = None
@@ -90,9 +100,9 @@ class Config:
         """How many processes share this host's tenants. With Celery, the worker processes
         consuming ``host.<host>.<0..n-1>`` (1: the single queue ``host.<host>``), which the
         operator starts, so 1 unless set. Embedded (``tenantsync watch``), the watcher's
-        process and n-1 children it starts: by default one per CPU, up to 4, as one
-        process's interpreter lock could not keep up with 10,000 tenants' wake-ups
-        (scheduler/job_process.py)."""
+        process and n-1 children it starts: by default one per CPU, up to
+        MAX_DEFAULT_PROCESSES, as every tenant's wake-up costs interpreter time and one
+        process's interpreter lock serialises them all (scheduler/job_process.py)."""
         if self.host_workers is not None:
             return self.host_workers
         return min(os.cpu_count() or 1, MAX_DEFAULT_PROCESSES) if embedded else 1
@@ -110,8 +120,8 @@ class Config:
     def catalogue_url(self) -> str:
         """The catalogue given, or this fleet's default: a SQLite file of its own, named after
         the replica root, so two apps on one machine, each with its own replica and no
-        catalogue configured, never share one (they did, and a tenant name both used had
-        one row: archiving one app's tenant deleted the other's file)."""
+        catalogue configured, never share one: a tenant name both used would be one row,
+        and archiving one app's tenant would delete the other's file."""
         return self.catalogue or f"sqlite:///{default_catalogue_path(self.fleet)}"
 
     def archive_after_for(self, path: str) -> timedelta | None:
@@ -134,19 +144,6 @@ def default_catalogue_path(fleet: str) -> str:
     return os.path.join(DEFAULT_STATE_DIR, "fleets", f"{slug}-{hashlib.sha256(fleet.encode()).hexdigest()[:12]}.db")
 
 
-_ENV = {
-    "TENANTSYNC_REPLICA": "replica",
-    "TENANTSYNC_BROKER": "broker",
-    "TENANTSYNC_CATALOGUE": "catalogue",
-    "TENANTSYNC_HOST": "host",
-    "TENANTSYNC_GLOBS": "globs",
-    "TENANTSYNC_DEBOUNCE": "debounce",
-    "TENANTSYNC_IDLE_AFTER": "idle-after",
-    "TENANTSYNC_WORKERS": "workers",
-    "TENANTSYNC_HOST_WORKERS": "host-workers",
-}
-
-
 def load(path: str | None = None, env: dict | None = None) -> Config:
     """Read ``path`` (or ``$TENANTSYNC_CONFIG``, or ``./tenantsync.yml`` if present), then env."""
     env = os.environ if env is None else env
@@ -166,10 +163,11 @@ def load(path: str | None = None, env: dict | None = None) -> Config:
             raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw, names = _renamed(raw, {})
     overridden = {key: var for var, key in _ENV.items() if var in env}
-    for key, var in overridden.items():
-        raw[key] = env[var].split(",") if key == "globs" else env[var]
-    return from_dict(raw, names=overridden)
+    env_raw, env_names = _renamed({key: env[var].split(",") if key == "globs" else env[var]
+                                   for key, var in overridden.items()}, overridden)
+    return from_dict(raw | env_raw, names=names | env_names)
 
 
 # -- values: each parser takes the value and the name to blame (a key or a variable) -----
@@ -261,7 +259,7 @@ _FIELDS = {
     "idle-after": ("idle_after", _positive),
     "rescan-interval": ("rescan_interval", _positive),
     "lease-ttl": ("lease_ttl", _positive),
-    "workers": ("workers", _count(lambda: MAX_WORKERS, "sync threads in one process")),
+    "sync-threads": ("sync_threads", _count(lambda: MAX_SYNC_THREADS, "sync threads in one process")),
     "host-workers": ("host_workers", _count(lambda: 2 * (os.cpu_count() or 1),
                                             "syncing processes: two per CPU of this machine")),
     "max-local-bytes": ("max_local_bytes", _optional(_size)),
@@ -273,7 +271,35 @@ _LEVEL_FIELDS = {
     "pitr-seconds": ("pitr_seconds", _flag),
 }
 _SNAPSHOT_FIELDS = {"interval": ("snapshot_interval", _positive), "retention": ("retention", _positive)}
-_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, "levels", "snapshot", "globs", "archive-after"}
+# Old key → its new name. Files and environments written for the old name keep working,
+# with one warning line for each use naming the new one.
+_RENAMED = {"workers": "sync-threads"}  # "workers" also named Celery's worker processes
+_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, *_RENAMED, "levels", "snapshot", "globs", "archive-after"}
+
+
+def env_var(key: str) -> str:
+    """The environment variable overriding ``key``: ``idle-after`` → ``TENANTSYNC_IDLE_AFTER``."""
+    return "TENANTSYNC_" + key.upper().replace("-", "_")
+
+
+# Variable → key, for every key holding one value (and globs, comma-separated).
+_ENV = {env_var(key): key for key in (*_FIELDS, *_RENAMED, "globs")}
+
+
+def _renamed(raw: dict, names: dict) -> tuple[dict, dict]:
+    """``raw`` with each old key under its new name, and ``names`` (key → the variable or
+    old key the operator wrote) to match, so errors still blame what was written."""
+    raw, names = dict(raw), dict(names)
+    for old, new in _RENAMED.items():
+        if old not in raw:
+            continue
+        wrote = names.pop(old, old)
+        now = env_var(new) if wrote == env_var(old) else new
+        if new in raw:
+            raise ConfigError(f"{wrote} and {names.get(new, new)} are one setting: give only {now}")
+        log.warning("%s is deprecated: name it %s (the same setting)", wrote, now)
+        raw[new], names[new] = raw.pop(old), wrote
+    return raw, names
 
 
 def _parsed(raw: dict, table: dict, prefix: str = "", names: dict | None = None) -> dict:
@@ -283,10 +309,10 @@ def _parsed(raw: dict, table: dict, prefix: str = "", names: dict | None = None)
 
 
 def from_dict(raw: dict, names: dict | None = None) -> Config:
-    """The Config of a parsed tenantsync.yml; ``names`` maps keys set from the environment
-    to their variables, so an error blames what the operator wrote."""
+    """The Config of a parsed tenantsync.yml; ``names`` maps keys to what the operator
+    wrote for them (a variable of the environment, an old key), so an error blames that."""
     _mapping(raw, "config", _KNOWN)
-    names = names or {}
+    raw, names = _renamed(raw, names or {})
     levels = Levels()
     if "levels" in raw:
         levels = replace(levels, intervals=_level_intervals(raw["levels"]))

@@ -1,11 +1,11 @@
 """inotify for the replicators, at no cost to the applications' writes.
 
 A directory watch that includes IN_MODIFY (every watchfiles watch does) queues an inotify
-event for every write an application makes to its WAL; beside a single busy writer that
-alone cost it 25-30 % of its commits (docs/BENCHMARKS.md, run 5). Here directories are
-watched only for names created, moved and deleted, and each watched ``-wal`` carries an
-IN_ONESHOT modify watch, set again as soon as its event has been read: a busy database
-costs one event per batch, an idle one nothing. The single-database CLI watches one
+event for every write an application makes to its WAL, queued inside that write call,
+so a busy writer pays for every event in commits. Here directories are watched only for
+names created, moved and deleted, and each watched ``-wal`` carries an IN_ONESHOT modify
+watch, set again as soon as its event has been read: a busy database costs one event per
+batch, an idle one nothing. The single-database CLI watches one
 directory and one WAL; the fleet's watcher every directory that can hold tenants (down to
 the glob's depth) and every known tenant's WAL.
 
@@ -86,7 +86,7 @@ class FileEvents:
         changes: set[tuple[Change, str]] = set()
         # Not inotify_simple's read_delay: it only applies when the read had to wait, and a
         # busy WAL's re-armed watch has usually fired by the next read, which would then run
-        # a pass per event (350 a second measured) instead of one per debounce.
+        # a pass per event instead of one per debounce.
         events = self._inotify.read(timeout=0) or self._inotify.read(timeout=int(timeout * 1000))
         if events and debounce > 0:
             time.sleep(debounce)

@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from .config import Config
 from .errors import LeaseHeld, ObjectNotFound, PreconditionFailed, StorageError
 from .layout import LEASE_KEY
 from .storage.base import Storage
@@ -58,8 +59,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Litestream's ``s3.DefaultLeaseTTL``.
-DEFAULT_TTL = timedelta(seconds=30)
+#: Litestream's ``s3.DefaultLeaseTTL``, the config's ``lease-ttl`` default.
+DEFAULT_TTL = Config.lease_ttl
 
 
 @dataclass(frozen=True)

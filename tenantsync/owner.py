@@ -2,7 +2,7 @@
 
 A hydration or archival marks its tenant in the catalogue with the process doing it
 (``this_process()``). If that process dies, the mark would hold the tenant forever
-(every later call waited and answered 409); a process of the same host can tell a dead
+(every later call would wait and answer 409); a process of the same host can tell a dead
 owner from a live one, and undoes the mark (``OnDemand.recover``). A pid alone is not
 enough (pids are reused), so the owner also names the process's start time.
 """

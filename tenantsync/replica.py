@@ -60,7 +60,7 @@ class Replica:
 
     def all_files(self) -> dict[int, list[LTXInfo]]:
         """Every level's files from ONE listing of the replica (not one LIST per level:
-        a hydration from S3 spent 79 % of its time in ten LIST requests)."""
+        on S3 each LIST is a round trip, and a hydration would spend its time waiting on ten)."""
         return self._listed("", LEVELS)
 
     def _listed(self, prefix: str, levels) -> dict[int, list[LTXInfo]]:

@@ -57,7 +57,7 @@ class Pattern:
 
     def matches(self, path: str) -> bool:
         """Glob semantics, as ``scan`` finds files: a wildcard never matches across a
-        ``/`` (fnmatch's does: ``/data/*.db`` matched ``/data/lnk/o.db``)."""
+        ``/`` (fnmatch's does: ``/data/*.db`` matches ``/data/lnk/o.db``)."""
         parts, wanted = path.split(os.sep), self.glob.split(os.sep)
         return len(parts) == len(wanted) and all(fnmatchcase(p, w) for p, w in zip(parts, wanted))
 
@@ -67,7 +67,7 @@ class Pattern:
 
 def check_name(name: str) -> str:
     """Return ``name`` if every segment is a safe object-key segment, else raise.
-    (``fullmatch``: ``$`` also matches before a final newline, which let ``x.db\\n`` in.)"""
+    (``fullmatch``: ``$`` also matches before a final newline, which would let ``x.db\\n`` in.)"""
     if not isinstance(name, str) or len(name) > 255 or not all(_SEGMENT.fullmatch(s) for s in name.split(os.sep)):
         raise BadTenantName(
             f"tenant name {name!r} is not allowed (segments of letters, digits, '.', '_', '-', "

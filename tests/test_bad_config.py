@@ -71,7 +71,7 @@ def refused(directory: Path, *names, env: dict | None = None, args=("watch",)) -
     ("snapshot", "daily", ("snapshot", "daily")),
     ("host-workers", OVER_CPU_CAP, ("host-workers", str(OVER_CPU_CAP))),
     # and the other keys
-    ("workers", 65, ("workers", "65")),
+    ("sync-threads", 65, ("sync-threads", "65")),
     ("host", 42, ("host", "42")),
     ("broker", ["redis://127.0.0.1:1/0"], ("broker", "redis://127.0.0.1:1/0")),
     ("catalogue", 7, ("catalogue", "7")),
@@ -99,7 +99,7 @@ def test_a_bad_config_value_is_one_line_naming_it_and_nothing_starts(fleet, key,
 
 @pytest.mark.parametrize("var, value, shown", [
     ("TENANTSYNC_HOST_WORKERS", str(OVER_CPU_CAP), str(OVER_CPU_CAP)),
-    ("TENANTSYNC_WORKERS", "1000", "1000"),
+    ("TENANTSYNC_SYNC_THREADS", "1000", "1000"),
     ("TENANTSYNC_IDLE_AFTER", "0", "0"),
     ("TENANTSYNC_DEBOUNCE", "999999999999d", "999999999999d"),
     ("TENANTSYNC_HOST", "", "''"),
@@ -108,6 +108,14 @@ def test_a_bad_config_value_is_one_line_naming_it_and_nothing_starts(fleet, key,
 ])
 def test_a_bad_environment_override_names_the_variable(fleet, var, value, shown):
     refused(fleet, var, shown, env={var: value})
+
+
+def test_the_old_key_workers_works_with_one_warning_line_naming_the_new_key(fleet):
+    write_config(fleet, workers=4)
+    proc = tenantsync("tenants", cwd=fleet, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "WARNING" in lines[0] and "name it sync-threads" in lines[0], proc.stderr
 
 
 # -- flags -----------------------------------------------------------------------------

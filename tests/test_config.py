@@ -6,6 +6,7 @@ import os
 from datetime import timedelta
 
 import pytest
+import yaml
 
 from tenantsync.config import DEFAULT_STATE_DIR, Config, ConfigError, from_dict, load, parse_listen
 
@@ -40,7 +41,7 @@ def test_defaults_are_the_embedded_mode():
     ("colour: blue\n", "unknown config key"),
     ("- a\n", "expected a mapping"),
     ("host-workers: 0\n", "host-workers: expected a positive integer, got 0"),
-    ("workers: many\n", "workers: expected a positive integer, got 'many'"),
+    ("sync-threads: many\n", "sync-threads: expected a positive integer, got 'many'"),
     ("levels:\n  - {level: 8, interval: 1d}\n", "level 8 must be between 1 and 7 .level 8 holds the per-second"),
     ("pitr-seconds: sometimes\n", "pitr-seconds: expected true or false, got 'sometimes'"),
     ("levels: 5\n", "levels: expected a list of"),
@@ -123,10 +124,11 @@ CPU_CAP = 2 * (os.cpu_count() or 1)
     ({"globs": [{"path": 7}]}, r"^globs entry path: expected a string, got 7$"),
     ({"globs": [{"path": "/x", "archive": "7d"}]}, r"^unknown globs entry key\(s\): archive$"),
     ({"globs": [{"archive-after": "7d"}]}, r"^globs: entry .* has no 'path'$"),
-    ({"workers": True}, r"^workers: expected a positive integer, got True$"),
-    ({"workers": 2.5}, r"^workers: expected a positive integer, got 2.5$"),
-    ({"workers": [8]}, r"^workers: expected a positive integer, got \[8\]$"),
-    ({"workers": 65}, r"^workers: 65 is more than 64 \(sync threads in one process\)$"),
+    ({"sync-threads": True}, r"^sync-threads: expected a positive integer, got True$"),
+    ({"sync-threads": 2.5}, r"^sync-threads: expected a positive integer, got 2.5$"),
+    ({"sync-threads": [8]}, r"^sync-threads: expected a positive integer, got \[8\]$"),
+    ({"sync-threads": 65}, r"^sync-threads: 65 is more than 64 \(sync threads in one process\)$"),
+    ({"workers": 65}, r"^workers: 65 is more than 64 \(sync threads in one process\)$"),  # the old key, as written
     ({"host-workers": None}, r"^host-workers: expected a positive integer, got None$"),
     ({"host-workers": CPU_CAP + 1}, rf"^host-workers: {CPU_CAP + 1} is more than {CPU_CAP} "),
     ({"pitr-seconds": 1}, r"^pitr-seconds: expected true or false, got 1$"),
@@ -179,9 +181,13 @@ def test_from_dict_refuses_a_bad_value_naming_the_key_and_the_value(raw, message
     ("TENANTSYNC_DEBOUNCE", "-1s", r"^TENANTSYNC_DEBOUNCE: '-1s' is not a duration"),
     ("TENANTSYNC_IDLE_AFTER", "0", r"^TENANTSYNC_IDLE_AFTER: '0' is not a duration"),
     ("TENANTSYNC_IDLE_AFTER", "0s", r"^TENANTSYNC_IDLE_AFTER: expected a duration above zero, got '0s'$"),
-    ("TENANTSYNC_WORKERS", "-2", r"^TENANTSYNC_WORKERS: expected a positive integer, got '-2'$"),
-    ("TENANTSYNC_WORKERS", "1000", r"^TENANTSYNC_WORKERS: '1000' is more than 64"),
-    ("TENANTSYNC_WORKERS", "\u00b2", r"^TENANTSYNC_WORKERS: expected a positive integer, got '\u00b2'$"),  # a digit int() refuses
+    ("TENANTSYNC_SYNC_THREADS", "-2", r"^TENANTSYNC_SYNC_THREADS: expected a positive integer, got '-2'$"),
+    ("TENANTSYNC_SYNC_THREADS", "1000", r"^TENANTSYNC_SYNC_THREADS: '1000' is more than 64"),
+    ("TENANTSYNC_SYNC_THREADS", "\u00b2", r"^TENANTSYNC_SYNC_THREADS: expected a positive integer, got '\u00b2'$"),  # a digit int() refuses
+    ("TENANTSYNC_WORKERS", "1000", r"^TENANTSYNC_WORKERS: '1000' is more than 64"),  # the old variable, as set
+    ("TENANTSYNC_RESCAN_INTERVAL", "0s", r"^TENANTSYNC_RESCAN_INTERVAL: expected a duration above zero, got '0s'$"),
+    ("TENANTSYNC_LEASE_TTL", "soon", r"^TENANTSYNC_LEASE_TTL: 'soon' is not a duration"),
+    ("TENANTSYNC_MAX_LOCAL_BYTES", "lots", r"^TENANTSYNC_MAX_LOCAL_BYTES: 'lots' is not a size"),
     ("TENANTSYNC_HOST_WORKERS", "1000", rf"^TENANTSYNC_HOST_WORKERS: '1000' is more than {CPU_CAP} "),
     ("TENANTSYNC_HOST_WORKERS", "two", r"^TENANTSYNC_HOST_WORKERS: expected a positive integer, got 'two'$"),
 ])
@@ -195,14 +201,14 @@ def test_an_environment_override_is_checked_and_named_by_its_variable(var, value
 
 def test_accepted_values_keep_their_meaning():
     cfg = from_dict({
-        "max-local-bytes": "10GiB", "debounce": 0, "broker": None, "host-workers": CPU_CAP, "workers": "64",
+        "max-local-bytes": "10GiB", "debounce": 0, "broker": None, "host-workers": CPU_CAP, "sync-threads": "64",
         "archive-after": "7d", "globs": ["/a/*.db", {"path": "/b/*.db", "archive-after": None},
                                          {"path": "/c/*.db", "archive-after": "1d"}],
         "retention": "48h", "snapshot": {"interval": "12h"}, "idle-after": 1.5,
     })
     assert cfg.max_local_bytes == 10 * 2**30
     assert cfg.debounce == timedelta(0) and cfg.broker is None
-    assert cfg.host_workers == CPU_CAP and cfg.workers == 64
+    assert cfg.host_workers == CPU_CAP and cfg.sync_threads == 64
     assert cfg.globs == ("/a/*.db", "/b/*.db", "/c/*.db")
     assert cfg.archive_after == (("/a/*.db", timedelta(days=7)), ("/c/*.db", timedelta(days=1)))  # null: never
     assert cfg.levels.retention == timedelta(hours=48) and cfg.levels.snapshot_interval == timedelta(hours=12)
@@ -231,3 +237,65 @@ def test_parse_listen(text, address):
             parse_listen(text)
     else:
         assert parse_listen(text) == address
+
+
+def test_every_key_holding_one_value_has_its_environment_override():
+    env = {"TENANTSYNC_RESCAN_INTERVAL": "5m", "TENANTSYNC_LEASE_TTL": "1m", "TENANTSYNC_MAX_LOCAL_BYTES": "1GB",
+           "TENANTSYNC_SYNC_THREADS": "3", "TENANTSYNC_DEBOUNCE": "0s"}
+    cfg = load(None, env=env)
+    assert (cfg.rescan_interval, cfg.lease_ttl, cfg.max_local_bytes, cfg.sync_threads, cfg.debounce) == (
+        timedelta(minutes=5), timedelta(minutes=1), 10**9, 3, timedelta(0))
+
+
+# -- the renamed key: workers (which also named Celery's processes) is sync-threads ------
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tenantsync.config" and r.levelname == "WARNING"]
+
+
+def test_the_old_key_workers_still_sets_the_sync_threads_with_one_warning_naming_the_new_key(tmp_path, caplog):
+    path = tmp_path / "tenantsync.yml"
+    path.write_text("workers: 4\n")
+    assert load(str(path), env={}).sync_threads == 4
+    assert warnings(caplog) == ["workers is deprecated: name it sync-threads (the same setting)"]
+
+
+def test_the_old_variable_still_sets_the_sync_threads_over_the_file_with_one_warning(tmp_path, caplog):
+    path = tmp_path / "tenantsync.yml"
+    path.write_text("sync-threads: 4\n")
+    assert load(str(path), env={"TENANTSYNC_WORKERS": "6"}).sync_threads == 6
+    assert warnings(caplog) == ["TENANTSYNC_WORKERS is deprecated: name it TENANTSYNC_SYNC_THREADS (the same setting)"]
+    caplog.clear()
+    path.write_text("workers: 4\n")  # the variable overrides the file's setting under either name
+    assert load(str(path), env={"TENANTSYNC_SYNC_THREADS": "6"}).sync_threads == 6
+    assert warnings(caplog) == ["workers is deprecated: name it sync-threads (the same setting)"]
+
+
+def test_the_new_key_alone_warns_of_nothing(caplog):
+    assert from_dict({"sync-threads": 2}).sync_threads == 2 and from_dict({}).sync_threads == Config.sync_threads
+    assert warnings(caplog) == []
+
+
+@pytest.mark.parametrize("raw, env, message", [
+    ({"workers": 4, "sync-threads": 4}, {}, r"^workers and sync-threads are one setting: give only sync-threads$"),
+    ({}, {"TENANTSYNC_WORKERS": "4", "TENANTSYNC_SYNC_THREADS": "4"},
+     r"^TENANTSYNC_WORKERS and TENANTSYNC_SYNC_THREADS are one setting: give only TENANTSYNC_SYNC_THREADS$"),
+])
+def test_the_old_and_the_new_name_together_are_refused(tmp_path, raw, env, message):
+    path = tmp_path / "tenantsync.yml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load(str(path), env=env)
+
+
+# -- defaults are written once --------------------------------------------------------
+
+
+def test_the_lease_and_the_command_line_take_their_defaults_from_the_config():
+    from tenantsync import lease
+    from tenantsync.cli import cli
+
+    assert lease.DEFAULT_TTL == Config().lease_ttl
+    debounce = {p.name: p.default for p in cli.commands["replicate"].params}["debounce"]
+    assert debounce == Config().debounce.total_seconds()

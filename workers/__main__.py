@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard", type=int, help="which host.<host>.K queue (config host-workers > 1)")
     p.add_argument("--storage", action="store_true",
                    help="also run storage jobs (compact, snapshot, retain): a niced storage worker, started while they wait")
-    p.add_argument("-c", "--concurrency", type=int, default=8, help=f"job threads (default 8, at most {configmod.MAX_WORKERS})")
+    p.add_argument("-c", "--concurrency", type=int, default=8, help=f"job threads (default 8, at most {configmod.MAX_SYNC_THREADS})")
     p.add_argument("-n", "--hostname", help="node name (default: the first queue @ this machine)")
     p.add_argument("-l", "--loglevel", default="INFO")
     p.add_argument("--watch", action="store_true", help="also run this host's watcher (tenantsync watch)")
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help=argparse.SUPPRESS)  # --storage's child
     a = p.parse_args(argv)
     config = configmod.load()
-    if not 1 <= a.concurrency <= configmod.MAX_WORKERS:
-        raise SystemExit(f"workers: -c/--concurrency {a.concurrency} is outside 1..{configmod.MAX_WORKERS}")
+    if not 1 <= a.concurrency <= configmod.MAX_SYNC_THREADS:
+        raise SystemExit(f"workers: -c/--concurrency {a.concurrency} is outside 1..{configmod.MAX_SYNC_THREADS}")
     if a.listen and not a.watch:
         raise SystemExit("workers: --listen serves the watcher's HTTP API; it needs --watch")
     if a.watch:

@@ -1,7 +1,7 @@
 """CRC-64 checksums used by LTX: Go's hash/crc64 with the ISO table (CRC-64/GO-ISO).
 
-anycrc is C-backed (over 10 GB/s here): a restore of a 1 GB database hashes 1 GB, so a
-pure-Python CRC is out of the question.
+anycrc is C-backed: a restore hashes every byte of the database it writes, so the CRC must
+run at memory speed, which a pure-Python CRC is far from.
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ class FileStorage(Storage):
     def make_root(self) -> None:
         """Create the root directory if it is missing, or raise StorageError naming it if it
         cannot be one (a regular file there, no permission). ``tenantsync watch`` calls this
-        before anything else: otherwise each tenant's first sync failed on its own, and
-        the watcher ran on with nothing replicated."""
+        before anything else: otherwise each tenant's first sync would fail on its own, and
+        the watcher would run on with nothing replicated."""
         try:
             _makedirs(self.root)
         except OSError as e:

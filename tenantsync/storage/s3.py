@@ -226,8 +226,8 @@ _session_lock = threading.Lock()
 
 def _new_client(*args: object, **kwargs: object):  # noqa: ANN202 - botocore's client type is generated
     """A client from one process-wide session: building the first client loads the S3
-    service model (~60 ms), later ones reuse it (~5 ms), which matters when a process
-    opens thousands of tenants' URLs. Sessions are not thread-safe, hence the lock."""
+    service model, later ones reuse it, so a process opening thousands of tenants' URLs
+    pays for the loading once. Sessions are not thread-safe, hence the lock."""
     global _session
     with _session_lock:
         if _session is None:
