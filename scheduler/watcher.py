@@ -22,13 +22,11 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from watchfiles import Change
-
 from tenantsync import tenants
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
-from tenantsync.file_events import STOP_CHECK, FileEvents
+from tenantsync.file_events import STOP_CHECK, Change, FileEvents
 from tenantsync.position import DBStat
 from tenantsync.tenants import SQLITE_MAGIC
 

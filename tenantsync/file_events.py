@@ -9,19 +9,19 @@ batch, an idle one nothing. The single-database CLI watches one
 directory and one WAL; the fleet's watcher every directory that can hold tenants (down to
 the glob's depth) and every known tenant's WAL.
 
-Batches come out as watchfiles-style ``(Change, path)`` pairs, so the watcher's rules for
-what counts as a write do not depend on where events come from.
+Batches come out as ``(Change, path)`` pairs, so the watcher's rules for what counts as a
+write do not depend on where events come from.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
 import time
 
 from inotify_simple import INotify, flags
-from watchfiles import Change
 
 from .errors import TenantSyncError
 
@@ -32,6 +32,15 @@ _ADDED = flags.CREATE | flags.MOVED_TO
 _GONE = flags.DELETE | flags.MOVED_FROM
 
 log = logging.getLogger(__name__)
+
+
+class Change(enum.Enum):
+    """What happened to a path in a batch: created or moved in, written, or gone."""
+
+    added = 1
+    modified = 2
+    deleted = 3
+
 
 # Longest wait of the loops that read these events before they look at their stop flag.
 STOP_CHECK = 0.1

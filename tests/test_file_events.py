@@ -7,11 +7,10 @@ import errno
 import os
 
 import pytest
-from watchfiles import Change
 
 from tenantsync import file_events
 from tenantsync.errors import TenantSyncError
-from tenantsync.file_events import FileEvents
+from tenantsync.file_events import Change, FileEvents
 from tenantsync.replicate import _touches
 
 from .dbutil import app_db, modify_events_per_commits, write_rows

@@ -831,7 +831,7 @@ def http_json(url: str):
 
 def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server, children):
     if shutil.which("celery", path=BIN) is None:
-        pytest.skip("celery not installed")
+        pytest.fail(f"no celery command in {BIN}: pip install -e '.[test]'", pytrace=False)
     config_path = write_config(tmp_path, redis_server.url)
     cfg = load_config(config_path, env={})
     env = child_env(config_path)

@@ -9,12 +9,12 @@ import threading
 import time
 
 import pytest
-from watchfiles import Change
 
 from scheduler.watcher import Watcher
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
+from tenantsync.file_events import Change
 
 from .dbutil import app_db, write_rows
 
