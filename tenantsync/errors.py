@@ -92,6 +92,10 @@ class LeaseHeld(TenantSyncError):
 # --- capture, restore and SQLite: one class or code per case a caller tells apart --------
 
 
+class ReplicaConflict(TenantSyncError):
+    """Another writer created the TXID we were about to write; our position is stale."""
+
+
 class TargetUnavailable(RestoreError):
     """The replica holds no restorable state at the TXID or time asked for (never
     there, compacted away, or past retention); the message says what it does hold."""
