@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from tenantsync import capture, replicate  # noqa: E402
+from tenantsync import replicate  # noqa: E402
 from tenantsync import wal as walmod  # noqa: E402
 from tenantsync.capture import Capture  # noqa: E402
 from tenantsync.replica import Replica  # noqa: E402
@@ -56,8 +56,8 @@ def instrument() -> None:
         BYTES["committed"] += result.end_offset - start
         return result
 
-    capture.walmod.scan = timed("wal.scan", scan)
-    Capture._read_wal = timed("Capture._read_wal", Capture._read_wal)
+    walmod.scan = timed("wal.scan", scan)
+    walmod.read_range = timed("wal.read_range", walmod.read_range)
     Capture.sync_once = timed("Capture.sync_once (whole pass)", Capture.sync_once)
     Capture._rotate_mark = timed("Capture._rotate_mark", Capture._rotate_mark)
     Capture.checkpoint = timed("Capture.checkpoint (copy ahead, then barrier)", Capture.checkpoint)

@@ -19,7 +19,7 @@ into the main file, and past its autocheckpoint threshold each application commi
 sort the whole WAL index for a checkpoint that cannot run, so the first pass over the
 restarted WAL takes a real mark again. :meth:`release` (idle databases) checkpoints
 everything, records the main file's stat, and closes all handles; the next pass proves
-continuity from that stat instead of from a held lock (see ``position.py``).
+continuity from that stat instead of from a held lock (see ``continuity.py``).
 When continuity cannot be proved (the WAL was reset, truncated or replaced by someone
 else, the file was swapped), the pass writes a full-page L0 at the next TXID, never a gap.
 
@@ -29,20 +29,21 @@ connection, not a write to a helper table.
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import logging
 import os
 import sqlite3
-import struct
-import tempfile
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from . import l0
 from . import wal as walmod
-from .errors import DatabaseError, PreconditionFailed, TenantSyncError
-from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, encode_file, lock_pgno
+from .continuity import Broken, InMainFile, continuity, may_have_news, wal_empty
+from .errors import DatabaseError, PreconditionFailed, ReplicaConflict, TenantSyncError, sqlite_busy
+from .outcome import Full
 from .position import DBStat, Position
 from .replica import Replica
 from .tenants import SQLITE_MAGIC
@@ -56,48 +57,46 @@ DEFAULT_TRUNCATE_PAGES = 121359
 # writes for a few milliseconds, so at thousands of commits a second a checkpoint after
 # every pass would cost it a large share of its throughput. TRUNCATE is not held back.
 CHECKPOINT_GAP = 0.25
-# Full-page files above this size spill from memory to a temporary file.
-SPOOL_BYTES = 64 << 20
-READ_CHUNK = 4 << 20
 # Byte of the -shm file SQLite locks to checkpoint (WAL_CKPT_LOCK at UNIX_SHM_BASE 120 + 1,
 # https://www.sqlite.org/walformat.html "Locks").
 SHM_CHECKPOINT_LOCK = 121
-# WAL bytes read per step of an incremental pass (about 1000 frames of 4 KiB).
-WAL_CHUNK = 4 << 20
-
-
-class ReplicaConflict(TenantSyncError):
-    """Another writer created the TXID we were about to write; our position is stale."""
 
 
 @dataclass(frozen=True)
 class SyncResult:
-    """What one pass shipped. ``txid`` is None when there was nothing new."""
+    """What one pass shipped. ``txid`` is None when there was nothing new; ``full`` says
+    why the file holds every page, None for an incremental one.
+
+    ``follow_up`` is set by a pass that checkpointed a busy WAL: our mark is now
+    read-lock 0, and a second pass a few milliseconds later (once the application has
+    restarted the WAL) moves it to a real one (see :meth:`Capture._rotate_mark`). A runtime
+    driven by file events should run that pass without waiting for the next event.
+    """
 
     txid: int | None
     pages: int = 0
     size: int = 0
-    full_reason: str | None = None
+    full: Full | None = None
+    follow_up: bool = False
 
 
-@dataclass
-class _Pending:
-    """An L0 file encoded but not yet uploaded, and the position it will establish."""
+class _Mark(enum.Enum):
+    """Our read mark, as the continuity proof sees it."""
 
-    header: Header
-    data: object  # bytes, or a spooled temporary file positioned at 0
-    size: int
-    position: Position
-    pages: int
-    full_reason: str | None = None
-
-    def close(self) -> None:
-        if hasattr(self.data, "close"):
-            self.data.close()
+    NONE = "no read transaction open"
+    HELD = "a read mark, taken after the position was set: a checkpoint may have run before it"
+    SINCE_POSITION = "a read mark held without a gap since the position was set: nobody checkpointed past it"
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+@dataclass(frozen=True)
+class _Backfilled:
+    """After our checkpoint: the WAL generation and end offset that are wholly in the main
+    file, and the main file's stat taken before any writer could run again."""
+
+    salt1: int
+    salt2: int
+    end: int
+    db_stat: DBStat | None
 
 
 def _read_snapshot(conn: sqlite3.Connection) -> None:
@@ -142,11 +141,6 @@ class Capture:
         self._next_checkpoint = 0.0
         # Hold SQLite's checkpoint lock between our passes (see :meth:`_hold_checkpoint_lock`).
         self.own_checkpoints = own_checkpoints
-        # Set by a pass that checkpointed a busy WAL: our mark is now read-lock 0, and a
-        # second pass a few milliseconds later (once the application has restarted the
-        # WAL) moves it to a real one; see :meth:`_rotate_mark`. A loop driven by file
-        # events should run that pass without waiting for the next event.
-        self.follow_up = False
         self.busy_timeout = busy_timeout
         self._fd: int | None = None
         # The -shm file, opened once after SQLite has it open and closed after SQLite's
@@ -158,19 +152,17 @@ class Capture:
         self._reader: sqlite3.Connection | None = None
         self._spare: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
-        # (salt1, salt2, last frame) of the WAL read just after our mark was taken: an
-        # upper bound of the frame our mark pins in that WAL generation.
-        self._mark_bound: tuple[int, int, int] | None = None
-        self._reading = False
-        self._replaced = False
-        # True while our read mark has been held without a gap since ``position`` was set.
-        self._held_since_position = False
+        # The wal-index read just after our mark was taken: its generation and last frame
+        # bound the frame our mark pins.
+        self._mark_bound: walmod.WALIndex | None = None
+        self._mark = _Mark.NONE
+        # Set when the database file was swapped under us: the next pass writes every page.
+        self._must_write_full: Full | None = None
 
     # -- public passes -------------------------------------------------------
 
     def sync_once(self) -> SyncResult:
         """Ship every transaction committed since the position as one L0 file."""
-        self.follow_up = False
         if not self._open():
             return SyncResult(None)
         result = self._ship()
@@ -178,8 +170,7 @@ class Capture:
         if frames >= self.truncate_pages:
             result = self._merge(result, self.checkpoint(truncate=True))
         elif frames >= self.checkpoint_pages and time.monotonic() >= self._next_checkpoint:
-            result = self._merge(result, self.checkpoint())
-            self.follow_up = True
+            result = replace(self._merge(result, self.checkpoint()), follow_up=True)
         else:
             self._rotate_mark()
         self._hold_checkpoint_lock()
@@ -196,24 +187,7 @@ class Capture:
         pos = self.position
         if pos is None or self._fd is not None:
             return True
-        try:
-            header, wal_size = self._wal_header()
-        except TenantSyncError:
-            return True
-        if header is None:
-            return not self._backfill_still_holds(pos)
-        if (header.salt1, header.salt2) != (pos.salt1, pos.salt2):
-            if not self._backfill_still_holds(pos):
-                return True
-            offset = walmod.WAL_HEADER_SIZE
-        else:
-            offset = pos.wal_offset
-        if wal_size < offset:
-            return True
-        frame = self._read_wal(offset, offset + walmod.FRAME_HEADER_SIZE)
-        if len(frame) < walmod.FRAME_HEADER_SIZE:
-            return False
-        return struct.unpack(">II", frame[8:16]) == (header.salt1, header.salt2)
+        return may_have_news(pos, self.wal_path, self.path)
 
     def shipped_all(self) -> bool:
         """Whether the open database's WAL holds nothing past the position, judged from
@@ -228,10 +202,10 @@ class Capture:
             return False
         if self._nothing_in_wal():
             return True
-        if not self._held_since_position:
+        if self._mark is not _Mark.SINCE_POSITION:
             return False
         try:
-            header, size = self._wal_header()
+            header, size = walmod.read_header(self.wal_path)
         except TenantSyncError:
             return False
         return header is not None and (header.salt1, header.salt2) == (pos.salt1, pos.salt2) \
@@ -283,11 +257,10 @@ class Capture:
             # ships a full-page file instead of missing the commit.
             self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self._begin_read()
-            self._held_since_position = False
         self._hold_checkpoint_lock()  # SQLite let go of it at the end of our checkpoints
         return result
 
-    def _fence_tail(self, tail: _Pending) -> None:
+    def _fence_tail(self, tail: l0.PendingL0) -> None:
         """Refuse, before the checkpoint copies it, a tail we may not ship.
 
         Copied into the main file, it would let the application restart the WAL; the
@@ -318,8 +291,7 @@ class Capture:
 
     def close(self) -> None:
         """Drop connections and the file handle; the position stays valid."""
-        self._reading = False
-        self._held_since_position = False
+        self._mark = _Mark.NONE
         for conn in (self._reader, self._spare, self._writer):
             if conn is not None:
                 conn.close()
@@ -337,13 +309,13 @@ class Capture:
     def _open(self) -> bool:
         """Open handles and the read mark; False if the file is empty (nothing yet)."""
         if self._fd is not None and self._same_file():
-            if not self._reading:
+            if self._mark is _Mark.NONE:
                 self._begin_read()
             return True
         if self._fd is not None:
             log.info("%s: database file was replaced; reopening", self.path)
             self.close()
-            self._replaced = True
+            self._must_write_full = Full.FILE_REPLACED
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -381,13 +353,12 @@ class Capture:
 
     def _begin_read(self) -> None:
         _read_snapshot(self._reader)
-        self._reading = True
+        self._mark = _Mark.HELD
         self._note_mark()
         self._note_backfilled()
 
     def _note_mark(self) -> None:
-        index = self._wal_index()
-        self._mark_bound = None if index is None else index[:3]
+        self._mark_bound = self._wal_index()
 
     def _rotate_mark(self) -> bool:
         """Move our read mark to the WAL's end without a moment unpinned: the spare
@@ -401,14 +372,14 @@ class Capture:
         frames the old mark stopped anyone from copying into the main file.
         """
         pos, bound = self.position, self._mark_bound
-        if not self._reading or pos is None or pos.backfilled or bound is None:
+        if self._mark is _Mark.NONE or pos is None or pos.backfilled or bound is None:
             return False
         frames = self._wal_frames()
         index = self._wal_index()
-        if index is None or index[:2] != (pos.salt1, pos.salt2):
+        if index is None or not index.of_generation(pos.salt1, pos.salt2):
             return False
-        if bound[:2] == (pos.salt1, pos.salt2):
-            if frames - bound[2] < max(1, self.checkpoint_pages // 8):
+        if bound.of_generation(pos.salt1, pos.salt2):
+            if frames - bound.max_frame < max(1, self.checkpoint_pages // 8):
                 return False
         elif frames < 1:
             # A WAL generation newer than the mark's can only have started while the mark
@@ -448,10 +419,9 @@ class Capture:
             pass  # held by a running checkpoint, or a read-only descriptor
 
     def _end_read(self) -> None:
-        if self._reading:
+        if self._mark is not _Mark.NONE:
             self._reader.execute("COMMIT")
-        self._reading = False
-        self._held_since_position = False
+        self._mark = _Mark.NONE
 
     def _take_barrier(self, wait: float) -> sqlite3.Connection | None:
         """``BEGIN IMMEDIATE`` on the spare connection, or None after ``wait`` seconds.
@@ -468,14 +438,14 @@ class Capture:
                 conn.execute("BEGIN IMMEDIATE")
                 return conn
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() >= deadline:
+                if not sqlite_busy(e) or time.monotonic() >= deadline:
                     return None
                 if time.monotonic() >= spin_until:
                     time.sleep(0.0005)
 
-    def _passive_checkpoint(self, wait: float) -> tuple[tuple[int, int], int, DBStat] | None:
-        """Checkpoint under the barrier; (WAL salts, end offset, main-file stat) if every
-        frame is in the main file, else None. The stat is taken before any writer can run again.
+    def _passive_checkpoint(self, wait: float) -> _Backfilled | None:
+        """Checkpoint under the barrier; what is then in the main file if every frame is,
+        else None.
 
         The application's autocheckpoint may hold the checkpoint lock when we arrive (it
         runs right after a commit, outside the write lock); SQLite does not wait for that
@@ -490,19 +460,18 @@ class Capture:
         # Judged from the wal-index, not from this checkpoint's result: the application's
         # own checkpoint may have copied the frames, and under the barrier nothing moves.
         index, pos = self._wal_index(), self.position
-        if index is None or pos is None or index[3] != index[2]:
+        if index is None or pos is None or not index.fully_backfilled:
             return None
-        frame_size = walmod.FRAME_HEADER_SIZE + pos.page_size
-        return index[:2], walmod.WAL_HEADER_SIZE + index[2] * frame_size, DBStat.of(self.path)
+        return _Backfilled(index.salt1, index.salt2, index.end_offset(pos.page_size), DBStat.of(self.path))
 
-    def _mark_backfilled(self, backfill) -> None:
+    def _mark_backfilled(self, backfill: _Backfilled | None) -> None:
         pos = self.position
         if backfill is None or pos is None:
             return
-        salts, end, stat = backfill
-        if pos.wal_offset == 0 or (pos.wal_offset == end and (pos.salt1, pos.salt2) == salts):
-            self._set_position(pos.advanced(backfilled=True, db_stat=stat))
-            self._held_since_position = self._reading
+        same_end = pos.wal_offset == backfill.end and (pos.salt1, pos.salt2) == (backfill.salt1, backfill.salt2)
+        if pos.wal_offset == 0 or same_end:
+            self._set_position(pos.advanced(backfilled=True, db_stat=backfill.db_stat))
+            self._position_under_mark()
 
     # -- the pass -------------------------------------------------------------
 
@@ -511,10 +480,23 @@ class Capture:
         if self._position_known:
             return self.position
         if self.position is None or self.replica.max_txid() != self.position.txid:
-            self.position = position_from_replica(self.replica)
+            self.position = Position.of_replica(self.replica)
         self._position_known = True
-        self._held_since_position = False
+        if self._mark is _Mark.SINCE_POSITION:
+            self._mark = _Mark.HELD
         return self.position
+
+    def _position_under_mark(self) -> None:
+        """The position was just set: a read mark held now has been held since it."""
+        if self._mark is not _Mark.NONE:
+            self._mark = _Mark.SINCE_POSITION
+
+    @property
+    def _held_since_position(self) -> bool:
+        return self._mark is _Mark.SINCE_POSITION
+
+    def _nothing_in_wal(self) -> bool:
+        return wal_empty(self.position, self.wal_path, self.path, self._held_since_position)
 
     def _set_position(self, position: Position) -> None:
         self.position = position
@@ -525,53 +507,48 @@ class Capture:
         pending = self._prepare()
         return SyncResult(None) if pending is None else self._commit(pending)
 
-    def _prepare(self) -> _Pending | None:
+    def _prepare(self) -> l0.PendingL0 | None:
         """Read and encode what is new since the position; None if nothing is."""
         pos = self._resolve_position()
-        header, wal_size = self._wal_header()
+        header, wal_size = walmod.read_header(self.wal_path)
         if pos is None:
-            return self._prepare_full(None, header, wal_size, "new replica")
-        if self._replaced:
-            self._replaced = False
-            return self._prepare_full(pos, header, wal_size, "database file replaced")
-        cont = self._continuation(pos, header, wal_size)
-        if isinstance(cont, str):
-            return self._prepare_full(pos, header, wal_size, cont)
-        if cont is None:
+            return self._prepare_full(None, header, wal_size, Full.FIRST)
+        if self._must_write_full is not None:
+            why, self._must_write_full = self._must_write_full, None
+            return self._prepare_full(pos, header, wal_size, why)
+        cont = continuity(pos, header, wal_size, self.wal_path, self.path, self._held_since_position)
+        if isinstance(cont, Broken):
+            return self._prepare_full(pos, header, wal_size, cont.why)
+        if isinstance(cont, InMainFile):
             return None
-        start, checksum = cont
-        return self._prepare_incremental(pos, header, wal_size, start, checksum)
+        new = l0.committed_frames(self.wal_path, header, wal_size, cont.offset, cont.checksum, self._wal_index())
+        if new.end == cont.offset:
+            if pos.checksum is None and cont.offset == pos.wal_offset:
+                # A position rebuilt from an L0 header: keep the checksum just proved, so
+                # the next pass checks one frame header instead of scanning the WAL.
+                self._set_position(pos.advanced(checksum=cont.checksum))
+            return None
+        return l0.incremental(pos, header, new, cont.offset)
 
-    def _commit(self, pending: _Pending) -> SyncResult:
+    def _prepare_full(self, pos: Position | None, header: walmod.WALHeader | None, wal_size: int,
+                      why: Full) -> l0.PendingL0:
+        return l0.full(pos, header, wal_size, why, path=self.path, wal_path=self.wal_path,
+                       fd=self._fd, reader=self._reader)
+
+    def _commit(self, pending: l0.PendingL0) -> SyncResult:
         """Upload, then advance the position: never the other way round."""
         try:
-            self._upload(pending.header, pending.data, pending.size)
+            self._upload(pending)
         finally:
             pending.close()
         self._set_position(pending.position)
-        self._held_since_position = self._reading
-        return SyncResult(pending.header.max_txid, pending.pages, pending.size, pending.full_reason)
+        self._position_under_mark()
+        return SyncResult(pending.header.max_txid, pending.pages, pending.size, pending.full)
 
-    def _wal_header(self) -> tuple[walmod.WALHeader | None, int]:
-        try:
-            with open(self.wal_path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                head = f.read(walmod.WAL_HEADER_SIZE)
-        except FileNotFoundError:
-            return None, 0
-        if size < walmod.WAL_HEADER_SIZE:
-            return None, 0
-        return walmod.WALHeader.parse(head, name=self.wal_path), size
-
-    def _wal_index(self) -> tuple[int, int, int, int] | None:
-        """(salt1, salt2, last frame, frames copied to the main file) from SQLite's
-        wal-index header in the ``-shm`` file (https://www.sqlite.org/walformat.html,
-        "The WAL-Index Header"), or None if it cannot be read consistently.
-
-        Read without SQLite's locks, so only trusted where no writer can move it past
-        what matters: as a bound on how much WAL to read (every frame is still verified
-        by its checksum), and in :meth:`_note_backfilled` while a read mark is held.
-        """
+    def _wal_index(self) -> walmod.WALIndex | None:
+        """SQLite's wal-index header (see ``wal.read_index`` for when it can be trusted),
+        read through our own ``-shm`` descriptor, opened on first use once SQLite has the
+        file: None before that or when it cannot be read consistently."""
         if self._shm_fd is None:
             if self._reader is None:
                 return None
@@ -583,15 +560,7 @@ class Capture:
                     self._shm_fd = os.open(self.path + "-shm", os.O_RDONLY)
                 except OSError:
                     return None
-        head = os.pread(self._shm_fd, 100, 0)
-        if len(head) < 100 or head[:48] != head[48:96]:
-            return None  # mid-update: SQLite writes the two copies one after the other
-        version, _, _, is_init, _, _, max_frame = struct.unpack_from("=IIIBBHI", head)
-        if version != 3007000 or not is_init:
-            return None
-        salt1, salt2 = struct.unpack_from(">II", head, 32)
-        (backfill,) = struct.unpack_from("=I", head, 96)
-        return salt1, salt2, max_frame, backfill
+        return walmod.read_index(self._shm_fd)
 
     def _note_backfilled(self) -> None:
         """Right after taking a read mark: if every frame up to the position is in the
@@ -605,236 +574,21 @@ class Capture:
         pos, index = self.position, self._wal_index()
         if pos is None or pos.backfilled or index is None or pos.wal_offset <= walmod.WAL_HEADER_SIZE:
             return
-        salt1, salt2, max_frame, backfill = index
-        end = walmod.WAL_HEADER_SIZE + max_frame * (walmod.FRAME_HEADER_SIZE + pos.page_size)
-        if (salt1, salt2) == (pos.salt1, pos.salt2) and backfill == max_frame and pos.wal_offset == end:
+        if index.of_generation(pos.salt1, pos.salt2) and index.fully_backfilled \
+                and pos.wal_offset == index.end_offset(pos.page_size):
             self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.of(self.path)))
-
-    def _read_wal(self, start: int, end: int) -> bytes:
-        with open(self.wal_path, "rb") as f:
-            return os.pread(f.fileno(), end - start, start)
-
-    def _continuation(self, pos: Position, header, wal_size: int):
-        """Where incremental capture may resume, None if nothing can be new, or why not."""
-        if pos.wal_offset == 0 and not pos.backfilled:
-            return "position not from a WAL (replica compacted or written elsewhere)"
-        if header is None:
-            if self._backfill_still_holds(pos):
-                return None
-            return "WAL truncated by another process"
-        if header.page_size != pos.page_size:
-            return f"page size changed from {pos.page_size} to {header.page_size}"
-        if (header.salt1, header.salt2) != (pos.salt1, pos.salt2):
-            if self._backfill_still_holds(pos):
-                return walmod.WAL_HEADER_SIZE, (header.checksum1, header.checksum2)
-            return "WAL restarted by another process"
-        if wal_size < pos.wal_offset:
-            return "WAL shorter than the position (truncated or replaced)"
-        checksum = self._checksum_at(pos, header)
-        if checksum is None:
-            return "WAL frames at the position do not match the last shipped file"
-        return pos.wal_offset, checksum
-
-    def _nothing_in_wal(self) -> bool:
-        """The WAL holds no frame and the main file is as shipped (a fresh tenant's
-        first release: its snapshot came from the main file)."""
-        pos = self.position
-        if pos is None or not self._backfill_still_holds(pos):
-            return False
-        try:
-            return os.path.getsize(self.wal_path) <= walmod.WAL_HEADER_SIZE
-        except FileNotFoundError:
-            return True
-
-    def _backfill_still_holds(self, pos: Position) -> bool:
-        """True if every frame up to the position is in the main file and nothing since was."""
-        if not pos.backfilled:
-            return False
-        return self._held_since_position or DBStat.of(self.path) == pos.db_stat
-
-    def _checksum_at(self, pos: Position, header) -> tuple[int, int] | None:
-        """The cumulative checksum at the position, proving the WAL is the one we read."""
-        head_sum = (header.checksum1, header.checksum2)
-        if pos.wal_offset == walmod.WAL_HEADER_SIZE:
-            return head_sum
-        frame_size = walmod.FRAME_HEADER_SIZE + pos.page_size
-        if pos.checksum is not None:
-            frame = self._read_wal(pos.wal_offset - frame_size, pos.wal_offset - frame_size + 24)
-            salt1, salt2, sum1, sum2 = struct.unpack(">4I", frame[8:24])
-            if (salt1, salt2) == (pos.salt1, pos.salt2) and (sum1, sum2) == pos.checksum:
-                return pos.checksum
-            return None
-
-        data = self._read_wal(walmod.WAL_HEADER_SIZE, pos.wal_offset)
-        scan = walmod.scan(data, header, walmod.WAL_HEADER_SIZE, head_sum)
-        return scan.checksum if scan.end_offset == pos.wal_offset else None
-
-    def _scan_from(self, header, wal_size: int, start: int, checksum) -> tuple[int, tuple, int | None, dict]:
-        """Committed frames from ``start``, read in chunks that stop at the first frame
-        that does not verify: after a WAL restart the file's tail holds the previous
-        generation's frames, and reading (and checksumming) them every pass is waste."""
-        frame_size = walmod.FRAME_HEADER_SIZE + header.page_size
-        limit, chunk = wal_size, WAL_CHUNK
-        index = self._wal_index()
-        if index is not None and index[:2] == (header.salt1, header.salt2):
-            # SQLite's last committed frame as the pass begins. Reading on would chase
-            # the application's newer commits (the next pass's) or checksum the previous
-            # generation's frames that a restarted WAL still holds past its end.
-            limit = min(wal_size, walmod.WAL_HEADER_SIZE + index[2] * frame_size)
-            chunk = max(limit - start, frame_size)
-        offset, commit, pages = start, None, {}
-        while offset < limit:
-            data = self._read_wal(offset, min(limit, offset + chunk))
-            scan = walmod.scan(data, header, offset, checksum)
-            if scan.end_offset == offset:
-                if scan.stopped_reason is None or scan.stopped_reason.startswith("partial"):
-                    if offset + len(data) < limit:
-                        chunk *= 2  # one transaction larger than the chunk
-                        continue
-                break
-            pages.update(scan.pages)
-            offset, checksum, commit = scan.end_offset, scan.checksum, scan.commit
-            chunk = max(chunk, WAL_CHUNK)
-            if scan.stopped_reason is not None and not scan.stopped_reason.startswith("partial"):
-                break
-        return offset, checksum, commit, pages
-
-    def _prepare_incremental(self, pos, header, wal_size, start, checksum) -> _Pending | None:
-        end, end_sum, commit, wal_pages = self._scan_from(header, wal_size, start, checksum)
-        if end == start:
-            if pos.checksum is None and start == pos.wal_offset:
-                self._set_position(pos.advanced(checksum=checksum))
-            return None
-        lock = lock_pgno(pos.page_size)
-        pages = [(p, wal_pages[p]) for p in sorted(wal_pages) if p <= commit and p != lock]
-        hdr = Header(
-            flags=HEADER_FLAG_NO_CHECKSUM,
-            page_size=header.page_size,
-            commit=commit,
-            min_txid=pos.txid + 1,
-            max_txid=pos.txid + 1,
-            timestamp=_now_ms(),
-            wal_offset=start,
-            wal_size=end - start,
-            wal_salt1=header.salt1,
-            wal_salt2=header.salt2,
-        )
-        blob = encode_file(hdr, pages)
-        position = Position(
-            txid=hdr.max_txid,
-            page_size=hdr.page_size,
-            commit=hdr.commit,
-            salt1=header.salt1,
-            salt2=header.salt2,
-            wal_offset=end,
-            checksum=end_sum,
-        )
-        return _Pending(hdr, blob, len(blob), position, len(pages))
-
-    def _prepare_full(self, pos, header, wal_size, reason) -> _Pending:
-        """Write every page of the current database state at the next TXID."""
-        log.info("%s: writing full-page L0 (%s)", self.path, reason)
-        scan = None
-        if header is not None:
-            data = self._read_wal(walmod.WAL_HEADER_SIZE, wal_size)
-            scan = walmod.scan(data, header, walmod.WAL_HEADER_SIZE, (header.checksum1, header.checksum2))
-        page_size = header.page_size if header else self._reader.execute("PRAGMA page_size").fetchone()[0]
-        if pos is not None and pos.page_size != page_size:
-            raise DatabaseError(
-                f"{self.path}: page size changed from {pos.page_size} to {page_size}; "
-                f"replicate it to a new replica path"
-            )
-        if scan is not None and scan.commit is not None:
-            commit = scan.commit
-        else:
-            commit = self._reader.execute("PRAGMA page_count").fetchone()[0]
-        wal_pages = scan.pages if scan is not None else {}
-        in_wal = scan is not None and scan.end_offset > walmod.WAL_HEADER_SIZE
-        txid = 1 if pos is None else pos.txid + 1
-        hdr = Header(
-            flags=HEADER_FLAG_NO_CHECKSUM,
-            page_size=page_size,
-            commit=commit,
-            min_txid=txid,
-            max_txid=txid,
-            timestamp=_now_ms(),
-            # (32, 0) with no committed frames: "start of a WAL, nothing yet", the position
-            # Litestream (and position_from_replica) can continue from; (0, 0) stops it.
-            wal_offset=walmod.WAL_HEADER_SIZE,
-            wal_size=scan.end_offset - walmod.WAL_HEADER_SIZE if in_wal else 0,
-            wal_salt1=header.salt1 if header else 0,
-            wal_salt2=header.salt2 if header else 0,
-        )
-        spool = tempfile.SpooledTemporaryFile(SPOOL_BYTES)
-        try:
-            enc = Encoder(spool, hdr)
-            for pgno, page in self._all_pages(page_size, commit, wal_pages):
-                enc.add_page(pgno, page)
-            enc.close()
-            size = spool.tell()
-            spool.seek(0)
-        except BaseException:
-            spool.close()
-            raise
-        if in_wal:
-            position = Position(
-                txid=txid,
-                page_size=page_size,
-                commit=commit,
-                salt1=header.salt1,
-                salt2=header.salt2,
-                wal_offset=scan.end_offset,
-                checksum=scan.checksum,
-            )
-        else:
-            # Everything is in the main file, and our read mark stops anyone copying
-            # new frames into it: the stat taken now anchors the next pass.
-            position = Position(
-                txid=txid,
-                page_size=page_size,
-                commit=commit,
-                salt1=header.salt1 if header else 0,
-                salt2=header.salt2 if header else 0,
-                wal_offset=walmod.WAL_HEADER_SIZE,
-                backfilled=True,
-                db_stat=DBStat.of(self.path),
-            )
-        return _Pending(hdr, spool, size, position, commit, reason)
-
-    def _all_pages(self, page_size: int, commit: int, wal_pages: dict):
-        """Pages 1..commit: the WAL's newest committed image, else the main file's.
-
-        Reading the main file while the application runs is safe: our read mark keeps
-        every frame newer than it out of the main file, and every older frame that could
-        be copied in is overlaid from the WAL anyway.
-        """
-        lock = lock_pgno(page_size)
-        per_chunk = max(1, READ_CHUNK // page_size)
-        for first in range(1, commit + 1, per_chunk):
-            last = min(commit, first + per_chunk - 1)
-            chunk = os.pread(self._fd, (last - first + 1) * page_size, (first - 1) * page_size)
-            view = memoryview(chunk)
-            for pgno in range(first, last + 1):
-                if pgno == lock:
-                    continue
-                page = wal_pages.get(pgno)
-                if page is None:
-                    off = (pgno - first) * page_size
-                    page = view[off : off + page_size]
-                    if len(page) != page_size:
-                        raise DatabaseError(f"{self.path}: page {pgno} is beyond the end of the file")
-                yield pgno, page
 
     # Called right before every upload, and before a checkpoint copies frames not yet
     # shipped; raises (e.g. LeaseHeld) if this process may no longer write the replica.
     # The fleet sets it to its lease check.
     fence: Callable[[], None] | None = None
 
-    def _upload(self, hdr: Header, data, size: int) -> None:
+    def _upload(self, pending: l0.PendingL0) -> None:
         if self.fence is not None:
             self.fence()
+        hdr = pending.header
         try:
-            self.replica.write(0, hdr, data, size)
+            self.replica.write(0, hdr, pending.data, pending.size)
         except PreconditionFailed as e:
             self._position_known = False
             raise ReplicaConflict(
@@ -852,21 +606,3 @@ class Capture:
     def _merge(first: SyncResult, second: SyncResult) -> SyncResult:
         return second if second.txid is not None else first
 
-
-def position_from_replica(replica: Replica) -> Position | None:
-    """Rebuild the position from the newest L0 header (Litestream keeps it there too)."""
-    files = replica.all_files()
-    newest = max((f[-1] for f in files.values() if f), key=lambda i: i.max_txid, default=None)
-    if newest is None:
-        return None
-    hdr = replica.read_header(newest)
-    if newest.level != 0 or hdr.wal_offset == 0:
-        return Position(txid=hdr.max_txid, page_size=hdr.page_size, commit=hdr.commit)
-    return Position(
-        txid=hdr.max_txid,
-        page_size=hdr.page_size,
-        commit=hdr.commit,
-        salt1=hdr.wal_salt1,
-        salt2=hdr.wal_salt2,
-        wal_offset=hdr.wal_offset + hdr.wal_size,
-    )

@@ -48,7 +48,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from .errors import TenantSyncError
+from .errors import TenantSyncError, sqlite_busy
 
 __all__ = [
     "Catalogue",
@@ -353,7 +353,7 @@ def _switch_to_wal(cur: Any, timeout: float) -> None:
         try:
             cur.execute("PRAGMA journal_mode = WAL")
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
+            if not sqlite_busy(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
 

@@ -91,7 +91,7 @@ def replicate(db_path: str, replica_url: str, interval: float, debounce: float) 
 
 
 def _report(result) -> None:
-    full = f" full={result.full_reason!r}" if result.full_reason else ""
+    full = f" full={result.full.value!r}" if result.full else ""
     click.echo(f"shipped txid={result.txid:016x} pages={result.pages} bytes={result.size}{full}")
     sys.stdout.flush()
 

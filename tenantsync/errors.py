@@ -6,6 +6,7 @@ traceback for a TenantSyncError.
 """
 
 import logging
+import sqlite3
 
 
 class TenantSyncError(Exception):
@@ -86,6 +87,49 @@ class LeaseHeld(TenantSyncError):
         super().__init__(message)
         self.owner = owner
         self.expires_at = expires_at
+
+
+# --- capture, restore and SQLite: one class or code per case a caller tells apart --------
+
+
+class ReplicaConflict(TenantSyncError):
+    """Another writer created the TXID we were about to write; our position is stale."""
+
+
+class TargetUnavailable(RestoreError):
+    """The replica holds no restorable state at the TXID or time asked for (never
+    there, compacted away, or past retention); the message says what it does hold."""
+
+
+class ReplicaGap(RestoreError):
+    """The replica's TXIDs are not contiguous up to its newest file: the latest state
+    cannot be rebuilt."""
+
+
+class OutputExists(RestoreError):
+    """The restore's output path exists and replacing it was not asked for."""
+
+
+class RestoredCorrupt(RestoreError):
+    """The restored database did not verify (mixed page sizes, unreadable, or failing
+    ``quick_check``); nothing was left at the output path."""
+
+
+# SQLite's primary result codes for "another connection holds a lock"
+# (https://www.sqlite.org/rescode.html): BUSY for another connection's lock on the file,
+# LOCKED for a conflict inside one shared cache or connection.
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
+
+
+def sqlite_busy(e: sqlite3.Error) -> bool:
+    """Whether SQLite failed only because a lock is held elsewhere (worth retrying).
+
+    Judged from the result code (extended codes keep the primary one in the low byte),
+    never from the message, whose wording SQLite does not promise.
+    """
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
 
 
 def log_failure(log: logging.Logger, what: str, e: BaseException) -> None:

@@ -241,7 +241,7 @@ class Fleet:
                 lease=active.lease_mirror(),
             )
             return {"tenant": name, "txid": result.txid, "pages": result.pages, "bytes": result.size,
-                    "full": result.full_reason}
+                    "full": result.full.value if result.full else None}
 
     def release_idle(self, idle_after: float | None = None, keep_leases: bool = True) -> list[str]:
         """Checkpoint and close tenants not synced for ``idle_after`` seconds; their leases

@@ -174,8 +174,8 @@ class OnDemand:
             raise
         now = datetime.now(timezone.utc)
         if source is None:
-            position = Position(txid=result.txid, page_size=result.page_size, commit=result.commit,
-                                wal_offset=32, backfilled=True, db_stat=DBStat.of(path)).to_dict()
+            position = Position.after_restore(result.txid, result.page_size, result.commit,
+                                              DBStat.of(path)).to_dict()
             txid_now = result.txid
         else:
             position, txid_now = None, 0  # a fork starts its own replica with a full snapshot at TXID 1

@@ -25,12 +25,18 @@ class Skip(enum.Enum):
 
 
 class Full(enum.Enum):
-    """Why an L0 file carries every page of the database instead of the WAL's frames."""
+    """Why an L0 file carries every page of the database instead of the WAL's frames:
+    the pass could not prove that the WAL still continues the position (see
+    ``tenantsync.continuity``). The value is the text for logs and reports."""
 
-    FIRST = "no position: the first sync of this database"
-    CHANGED_OUTSIDE_WAL = "the main file changed without the WAL (copied over, restored, vacuumed into)"
-    WAL_GAP = "the WAL was restarted or checkpointed past frames not yet shipped"
-    REPLICA_MOVED = "the replica's last TXID is not ours (restored elsewhere, or lost)"
+    FIRST = "the replica holds nothing yet: the first sync of this database"
+    FILE_REPLACED = "the database file was replaced (another inode at its path)"
+    NO_WAL_POSITION = "the replica's newest file names no WAL position (compacted, or written elsewhere)"
+    WAL_TRUNCATED = "the WAL was truncated by another process after our checkpoint"
+    WAL_RESTARTED = "the WAL was restarted by another process past frames not yet shipped"
+    WAL_SHORTENED = "the WAL is shorter than the position (truncated or replaced)"
+    WAL_REPLACED = "the WAL's frames at the position are not the ones last shipped"
+    PAGE_SIZE_CHANGED = "the WAL's page size differs from the position's"
 
 
 class Contention(enum.Enum):

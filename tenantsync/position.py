@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
+from .wal import WAL_HEADER_SIZE
+
 
 @dataclass(frozen=True)
 class DBStat:
@@ -43,6 +45,10 @@ class Position:
     which does not carry it). ``backfilled`` is set when our own checkpoint copied every
     frame up to ``wal_offset`` into the main file, and ``db_stat`` is the main file's stat
     right after that checkpoint.
+
+    Made only by the classmethods below (and read back by ``from_dict``): each names the
+    moment a position is taken, so the WAL fields follow from what happened, not from
+    literals at the call sites.
     """
 
     txid: int
@@ -54,6 +60,54 @@ class Position:
     checksum: tuple[int, int] | None = None
     backfilled: bool = False
     db_stat: DBStat | None = None
+
+    @classmethod
+    def after_l0(cls, header, checksum: tuple[int, int] | None = None, db_stat: DBStat | None = None) -> "Position":
+        """The position an L0 file's header establishes: just past the WAL frames it holds.
+
+        ``checksum`` is the WAL's running checksum there, when the frames were just read
+        (a header read back from the replica does not carry it). ``db_stat`` is given when
+        every committed frame was already in the main file: the stat then anchors the
+        next pass. A header without a WAL offset (0, written by a tool that did not read a
+        WAL) names no WAL place: the next pass cannot continue incrementally from it.
+        """
+        if header.wal_offset == 0:
+            return cls.after_compaction(header)
+        return cls(
+            txid=header.max_txid,
+            page_size=header.page_size,
+            commit=header.commit,
+            salt1=header.wal_salt1,
+            salt2=header.wal_salt2,
+            wal_offset=header.wal_offset + header.wal_size,
+            checksum=checksum,
+            backfilled=db_stat is not None,
+            db_stat=db_stat,
+        )
+
+    @classmethod
+    def after_compaction(cls, header) -> "Position":
+        """The position a compacted (level 1+) file's header establishes: its TXID only,
+        as such a file records no WAL place."""
+        return cls(txid=header.max_txid, page_size=header.page_size, commit=header.commit)
+
+    @classmethod
+    def of_replica(cls, replica) -> "Position | None":
+        """The position the replica's newest file establishes (an L0 header keeps its WAL
+        place, as Litestream's do); None for an empty replica."""
+        files = replica.all_files()
+        newest = max((f[-1] for f in files.values() if f), key=lambda i: i.max_txid, default=None)
+        if newest is None:
+            return None
+        header = replica.read_header(newest)
+        return cls.after_l0(header) if newest.level == 0 else cls.after_compaction(header)
+
+    @classmethod
+    def after_restore(cls, txid: int, page_size: int, commit: int, db_stat: DBStat | None) -> "Position":
+        """A database just restored from its replica: everything in the main file, no WAL
+        yet; ``db_stat`` (the restored file's) proves on the next pass that it is unchanged."""
+        return cls(txid=txid, page_size=page_size, commit=commit, wal_offset=WAL_HEADER_SIZE,
+                   backfilled=True, db_stat=db_stat)
 
     def advanced(self, **changes) -> "Position":
         return replace(self, **changes)

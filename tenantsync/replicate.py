@@ -74,8 +74,8 @@ def _follow(capture: Capture, events: FileEvents, stop: threading.Event, interva
                            (capture.path, capture.wal_path))
         if not changed and time.monotonic() < due:
             continue
-        _pass(capture.sync_once, capture.path, report)
-        if capture.follow_up and not stop.wait(FOLLOW_UP):
+        result = _pass(capture.sync_once, capture.path, report)
+        if result is not None and result.follow_up and not stop.wait(FOLLOW_UP):
             _pass(capture.sync_once, capture.path, report)
         due = time.monotonic() + interval
 
@@ -85,14 +85,17 @@ def _touches(changes, paths) -> bool:
     return any(path in paths for _, path in changes)
 
 
-def _pass(step: Callable[[], SyncResult], path: str, report: Callable[[SyncResult], None]) -> None:
+def _pass(step: Callable[[], SyncResult], path: str,
+          report: Callable[[SyncResult], None]) -> SyncResult | None:
+    """One pass, reported if it shipped; None if it failed (logged, retried by the next)."""
     try:
         result = step()
     except ReplicaConflict as e:
         log.warning("%s", e)
-        return
+        return None
     except StorageError as e:
         log.warning("%s: sync failed, will retry: %s", path, e)
-        return
+        return None
     if result.txid is not None:
         report(result)
+    return result

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from . import layout
-from .errors import ReplicaEmpty, RestoreError
+from .errors import OutputExists, ReplicaEmpty, ReplicaGap, RestoredCorrupt, RestoreError, TargetUnavailable
 from .replica import LEVELS, LTXInfo, Replica
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,15 @@ def plan(replica: Replica, txid: int | None = None, timestamp: datetime | None =
         chosen.append(best)
         current = best.max_txid
     if not chosen or chosen[0].min_txid != 1:
-        raise RestoreError(_unavailable(replica, files, txid, timestamp))
+        raise TargetUnavailable(_unavailable(replica, files, txid, timestamp))
     if txid is not None and current < txid:
-        raise RestoreError(_unavailable(replica, files, txid, timestamp))
+        raise TargetUnavailable(_unavailable(replica, files, txid, timestamp))
     newest = max(i.max_txid for level in files.values() for i in level)
     if timestamp is not None and current < newest:
         _check_exact(replica, files, current, before)
     if txid is None and timestamp is None:
         if current < newest:
-            raise RestoreError(f"{replica}: TXIDs are not contiguous: have up to {current:016x}, newest is {newest:016x}")
+            raise ReplicaGap(f"{replica}: TXIDs are not contiguous: have up to {current:016x}, newest is {newest:016x}")
     return chosen
 
 
@@ -102,7 +102,7 @@ def _check_exact(replica: Replica, files, current: int, before) -> None:
     second = next((i for i in files[layout.PITR_LEVEL] if i.min_txid <= current + 1 <= i.max_txid), None)
     if second is not None and before.second_of(second) >= int(before.timestamp.timestamp()):
         return
-    raise RestoreError(
+    raise TargetUnavailable(
         f"{replica}: no exact state just before {before.timestamp.isoformat()}: the transactions after "
         f"{current:016x} survive only in compacted files that end after it; restore to that TXID or give "
         f"a time covered by L0 files or per-second restore points"
@@ -178,7 +178,7 @@ def restore(
     """Rebuild the database at ``output``; nothing is left there unless it verified."""
     output = os.path.abspath(output)
     if os.path.exists(output) and not force:
-        raise RestoreError(f"{output}: already exists (use --force to replace it)")
+        raise OutputExists(f"{output}: already exists (use --force to replace it)")
     infos = plan(replica, txid, timestamp)
     directory = os.path.dirname(output)
     os.makedirs(directory, exist_ok=True)
@@ -223,7 +223,7 @@ def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int,
                 if page_size is None:
                     page_size = dec.header.page_size
                 elif dec.header.page_size != page_size:
-                    raise RestoreError(f"{name}: page size {dec.header.page_size} differs from {page_size}")
+                    raise RestoredCorrupt(f"{name}: page size {dec.header.page_size} differs from {page_size}")
                 pages += _write_pages(fd, dec.pages(), page_size)
                 dec.close()
                 commit, ms = dec.header.commit, dec.header.timestamp
@@ -263,9 +263,9 @@ def _structure_check(path: str, output: str) -> None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as e:
-        raise RestoreError(f"{output}: restored database is not readable: {e}") from e
+        raise RestoredCorrupt(f"{output}: restored database is not readable: {e}") from e
     if rows != [("ok",)]:
-        raise RestoreError(f"{output}: restored database failed quick_check: {rows[0][0]}")
+        raise RestoredCorrupt(f"{output}: restored database failed quick_check: {rows[0][0]}")
 
 
 def _fsync_path(path: str) -> None:

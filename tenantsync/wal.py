@@ -40,7 +40,9 @@ word or per frame; Python only loops per batch and, to build the page map, per p
 
 from __future__ import annotations
 
+import enum
 import functools
+import os
 import struct
 from dataclasses import dataclass
 
@@ -118,6 +120,34 @@ class WALHeader:
         return header
 
 
+class Stop(enum.Enum):
+    """Why ``scan`` stopped before the end of its data; the value is the text for messages."""
+
+    PARTIAL_FRAME = "partial frame"
+    SALT_MISMATCH = "salt mismatch"
+    ZERO_PAGE_NUMBER = "zero page number"
+    CHECKSUM_MISMATCH = "checksum mismatch"
+
+
+@dataclass(frozen=True)
+class ScanStop:
+    """The first frame ``scan`` did not take: its file offset and why.
+
+    Only ``PARTIAL_FRAME`` may be followed by more of the same transaction (the data ended
+    mid-frame: read further); every other stop is final for this WAL generation.
+    """
+
+    why: Stop
+    offset: int
+
+    @property
+    def partial(self) -> bool:
+        return self.why is Stop.PARTIAL_FRAME
+
+    def __str__(self) -> str:
+        return f"{self.why.value} at offset {self.offset}"
+
+
 @dataclass
 class WALScan:
     """What ``scan`` found: the committed frames from its start offset on.
@@ -127,8 +157,8 @@ class WALScan:
     both to the next ``scan`` to continue. ``pages`` maps each page number to its image
     in its last committed frame; the images are views into the scanned data.
     ``frame_count`` and ``txn_count`` count committed frames and transactions.
-    ``stopped_reason`` is None if the scan reached the end of the data at a frame
-    boundary, else why it stopped early (for logs and tests).
+    ``stopped`` is None if the scan reached the end of the data at a frame boundary,
+    else where and why it stopped early.
     """
 
     end_offset: int
@@ -137,7 +167,7 @@ class WALScan:
     pages: dict[int, memoryview]
     frame_count: int
     txn_count: int
-    stopped_reason: str | None
+    stopped: ScanStop | None
 
 
 def wal_checksum(data: bytes | memoryview, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
@@ -181,7 +211,7 @@ def scan(
 
     before = np.array(checksum, dtype=np.uint32)
     last_commit, commit_checksum = -1, tuple(checksum)
-    stopped_reason = _partial_reason(view, start_offset, frame_size)
+    stopped = _partial_stop(view, start_offset, frame_size)
     for lo in range(0, len(words), batch):
         after = _chain(words[lo : lo + batch] @ consts.weights, before, consts)
         trusted = _trusted_count(fields[lo : lo + batch], after, header)
@@ -191,7 +221,7 @@ def scan(
             commit_checksum = tuple(after[commits[-1]].tolist())
         if trusted < len(after):
             offset = start_offset + (lo + trusted) * frame_size
-            stopped_reason = _untrusted_reason(fields[lo + trusted], header, offset)
+            stopped = _untrusted_stop(fields[lo + trusted], header, offset)
             break
         before = after[-1]
 
@@ -203,7 +233,7 @@ def scan(
         pages=_latest_pages(view, committed[:, _PGNO], header),
         frame_count=len(committed),
         txn_count=int(np.count_nonzero(committed[:, _COMMIT])),
-        stopped_reason=stopped_reason,
+        stopped=stopped,
     )
 
 
@@ -308,19 +338,19 @@ def _trusted_count(fields: np.ndarray, after: np.ndarray, header: WALHeader) -> 
     return int(untrusted[0]) if untrusted.size else len(trusted)
 
 
-def _untrusted_reason(fields: np.ndarray, header: WALHeader, offset: int) -> str:
-    """Why the frame at ``offset`` (known untrusted) fails, for logs and tests."""
+def _untrusted_stop(fields: np.ndarray, header: WALHeader, offset: int) -> ScanStop:
+    """Why the frame at ``offset`` (known untrusted) fails."""
     if (int(fields[_SALT1]), int(fields[_SALT2])) != (header.salt1, header.salt2):
-        return f"salt mismatch at offset {offset}"
+        return ScanStop(Stop.SALT_MISMATCH, offset)
     if fields[_PGNO] == 0:
-        return f"zero page number at offset {offset}"
-    return f"checksum mismatch at offset {offset}"
+        return ScanStop(Stop.ZERO_PAGE_NUMBER, offset)
+    return ScanStop(Stop.CHECKSUM_MISMATCH, offset)
 
 
-def _partial_reason(view: memoryview, start_offset: int, frame_size: int) -> str | None:
-    """Reason to give if every whole frame is trusted: a trailing partial frame, if any."""
+def _partial_stop(view: memoryview, start_offset: int, frame_size: int) -> ScanStop | None:
+    """The stop to report if every whole frame is trusted: a trailing partial frame, if any."""
     whole = len(view) - len(view) % frame_size
-    return f"partial frame at offset {start_offset + whole}" if whole < len(view) else None
+    return ScanStop(Stop.PARTIAL_FRAME, start_offset + whole) if whole < len(view) else None
 
 
 def _latest_pages(view: memoryview, pgnos: np.ndarray, header: WALHeader) -> dict[int, memoryview]:
@@ -331,3 +361,80 @@ def _latest_pages(view: memoryview, pgnos: np.ndarray, header: WALHeader) -> dic
     return {
         pgno: view[start : start + size] for pgno, start in zip(unique.tolist(), starts.tolist())
     }
+
+
+# --- the WAL file and SQLite's wal-index, read in place ---------------------------------
+
+
+def read_header(wal_path: str) -> tuple[WALHeader | None, int]:
+    """The WAL file's header and size; (None, 0) if there is no WAL or it is shorter than
+    a header (SQLite then holds no frame in it). Raises WALError for a corrupt header."""
+    try:
+        with open(wal_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(WAL_HEADER_SIZE)
+    except FileNotFoundError:
+        return None, 0
+    if size < WAL_HEADER_SIZE:
+        return None, 0
+    return WALHeader.parse(head, name=wal_path), size
+
+
+def read_range(wal_path: str, start: int, end: int) -> bytes:
+    """The WAL file's bytes from ``start`` up to ``end`` (fewer if the file is shorter)."""
+    with open(wal_path, "rb") as f:
+        return os.pread(f.fileno(), end - start, start)
+
+
+# The wal-index header at the start of the -shm file: two copies of 48 bytes, then the
+# checkpoint info whose first word is nBackfill (https://www.sqlite.org/walformat.html,
+# "The WAL-Index Header"). Native byte order: the file is memory shared between processes.
+_INDEX_HEADER = struct.Struct("=IIIBBHI")
+_INDEX_COPY_SIZE = 48
+_INDEX_READ_SIZE = 100
+_INDEX_VERSION = 3007000
+
+
+@dataclass(frozen=True)
+class WALIndex:
+    """What SQLite's wal-index says of the current WAL generation: its salts, its last
+    committed frame (``max_frame``, 1-based count) and how many frames a checkpoint has
+    copied into the main file (``backfilled``)."""
+
+    salt1: int
+    salt2: int
+    max_frame: int
+    backfilled: int
+
+    def of_generation(self, salt1: int, salt2: int) -> bool:
+        """Whether this index describes the WAL generation with these salts."""
+        return self.salt1 == salt1 and self.salt2 == salt2
+
+    @property
+    def fully_backfilled(self) -> bool:
+        """Every committed frame of the WAL is in the main file."""
+        return self.backfilled == self.max_frame
+
+    def end_offset(self, page_size: int) -> int:
+        """The WAL file offset just past the last committed frame."""
+        return WAL_HEADER_SIZE + self.max_frame * (FRAME_HEADER_SIZE + page_size)
+
+
+def read_index(shm_fd: int) -> WALIndex | None:
+    """The wal-index header read from an open ``-shm`` descriptor, or None if it cannot
+    be read consistently (mid-update: SQLite writes the two copies one after the other;
+    or not initialised).
+
+    Read without SQLite's locks, so a caller trusts it only where no writer can move it
+    past what matters (a bound on how much WAL to read, whose frames are verified by
+    their checksums anyway; or while a read mark or the write lock is held).
+    """
+    head = os.pread(shm_fd, _INDEX_READ_SIZE, 0)
+    if len(head) < _INDEX_READ_SIZE or head[:_INDEX_COPY_SIZE] != head[_INDEX_COPY_SIZE : 2 * _INDEX_COPY_SIZE]:
+        return None
+    version, _, _, is_init, _, _, max_frame = _INDEX_HEADER.unpack_from(head)
+    if version != _INDEX_VERSION or not is_init:
+        return None
+    salt1, salt2 = struct.unpack_from(">II", head, 32)
+    (backfilled,) = struct.unpack_from("=I", head, 2 * _INDEX_COPY_SIZE)
+    return WALIndex(salt1, salt2, max_frame, backfilled)

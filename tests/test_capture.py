@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+import time
 
 import pytest
 
 from tenantsync.capture import Capture
 from tenantsync.errors import DatabaseError, LeaseHeld
+from tenantsync.outcome import Full
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -32,7 +35,7 @@ def test_first_pass_writes_a_snapshot_at_txid_1(tmp_path, replica):
     write_rows(conn, 50)
     cap = Capture(str(tmp_path / "a.db"), replica)
     result = cap.sync_once()
-    assert result.txid == 1 and result.full_reason == "new replica"
+    assert result.txid == 1 and result.full is Full.FIRST
     assert [f.name for f in replica.files(0)] == ["0000000000000001-0000000000000001.ltx"]
     assert restored(replica, tmp_path) == dump(str(tmp_path / "a.db"))
 
@@ -46,7 +49,7 @@ def test_each_pass_ships_only_new_commits_at_the_next_txid(tmp_path, replica):
     for txid in range(2, 6):
         write_rows(conn, 3)
         result = cap.sync_once()
-        assert result.txid == txid and result.full_reason is None
+        assert result.txid == txid and result.full is None
         assert result.pages < 10
         states[txid] = dump(str(tmp_path / "a.db"))
     assert cap.sync_once().txid is None
@@ -61,7 +64,7 @@ def test_own_checkpoints_never_force_a_full_page_file(tmp_path, replica):
     for _ in range(40):
         write_rows(conn, 20, size=900)
         result = cap.sync_once()
-        assert result.full_reason is None
+        assert result.full is None
     assert os.path.getsize(str(tmp_path / "a.db") + "-wal") < 70 * 4200
     assert restored(replica, tmp_path) == dump(str(tmp_path / "a.db"))
 
@@ -77,7 +80,7 @@ def test_release_then_resume_continues_without_a_full_upload(tmp_path, replica):
     write_rows(conn, 5)
     again = Capture(db, replica, position=saved[-1])
     result = again.sync_once()
-    assert result.txid == 2 and result.full_reason is None
+    assert result.txid == 2 and result.full is None
     assert restored(replica, tmp_path) == dump(db)
 
 
@@ -88,7 +91,7 @@ def test_release_of_a_tenant_with_an_empty_wal_takes_no_barrier(tmp_path, replic
     conn.close()  # checkpoints and deletes the WAL: everything is in the main file
     saved = []
     cap = Capture(db, replica, on_position=saved.append)
-    assert cap.sync_once().full_reason == "new replica"
+    assert cap.sync_once().full is Full.FIRST
     monkeypatch.setattr(cap, "_take_barrier", lambda wait: pytest.fail("took the checkpoint barrier"))
     assert cap.release().txid is None
     conn = app_db(db)
@@ -96,7 +99,7 @@ def test_release_of_a_tenant_with_an_empty_wal_takes_no_barrier(tmp_path, replic
     again = Capture(db, replica, position=saved[-1])
     assert again.has_news()
     result = again.sync_once()
-    assert result.txid == 2 and result.full_reason is None
+    assert result.txid == 2 and result.full is None
     assert restored(replica, tmp_path) == dump(db)
 
 
@@ -107,7 +110,7 @@ def test_restart_after_kill_resumes_from_the_replica_position(tmp_path, replica)
     Capture(db, replica).sync_once()  # never closed: as if the process died
     write_rows(conn, 5)
     result = Capture(db, replica).sync_once()
-    assert result.txid == 2 and result.full_reason is None
+    assert result.txid == 2 and result.full is None
     assert restored(replica, tmp_path) == dump(db)
 
 
@@ -122,7 +125,7 @@ def test_wal_reset_by_the_application_writes_a_full_page_file(tmp_path, replica)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # those 5 rows never reach our WAL reader
     write_rows(conn, 5)
     result = Capture(db, replica).sync_once()
-    assert result.txid == 2 and result.full_reason
+    assert result.txid == 2 and result.full is Full.WAL_RESTARTED
     assert restored(replica, tmp_path) == dump(db)
 
 
@@ -140,7 +143,7 @@ def test_replaced_file_is_detected_and_written_in_full(tmp_path, replica):
     os.remove(db + "-wal")  # what a careful operator swapping files does
     os.replace(str(tmp_path / "b.db"), db)
     result = cap.sync_once()
-    assert result.txid == 2 and result.full_reason
+    assert result.txid == 2 and result.full is Full.FILE_REPLACED
     assert restored(replica, tmp_path) == dump(db)
 
 
@@ -207,7 +210,7 @@ def _copied_frames(cap: Capture) -> int:
     """Frames SQLite has copied into the main file (the wal-index's nBackfill), read
     through the capture's own ``-shm`` descriptor: closing any other descriptor of the
     file would drop this process's POSIX locks on it, SQLite's and ours."""
-    return cap._wal_index()[3]
+    return cap._wal_index().backfilled
 
 
 def test_the_read_mark_moves_with_the_position_so_the_application_checkpoints_behind_us(tmp_path, replica):
@@ -224,7 +227,7 @@ def test_the_read_mark_moves_with_the_position_so_the_application_checkpoints_be
     for _ in range(12):
         write_rows(conn, 1)
     shipped = cap.sync_once()
-    assert shipped.txid == 2 and not cap.follow_up
+    assert shipped.txid == 2 and not shipped.follow_up
     conn.execute("PRAGMA wal_autocheckpoint=2")
     write_rows(conn, 1)  # its autocheckpoint copies up to our new mark
     assert _copied_frames(cap) == cap._wal_frames() > 10
@@ -242,8 +245,7 @@ def test_after_a_checkpoint_the_first_pass_of_the_restarted_wal_leaves_read_lock
     conn.execute("PRAGMA wal_autocheckpoint=0")
     for _ in range(50):
         write_rows(conn, 1)
-    cap.sync_once()
-    assert cap.follow_up
+    assert cap.sync_once().follow_up
     conn.execute("PRAGMA wal_autocheckpoint=2")
     write_rows(conn, 1)  # restarts the WAL
     write_rows(conn, 1)
@@ -251,7 +253,7 @@ def test_after_a_checkpoint_the_first_pass_of_the_restarted_wal_leaves_read_lock
     cap.sync_once()
     write_rows(conn, 1)
     assert _copied_frames(cap) == cap._wal_frames() >= 2
-    assert cap.sync_once().full_reason is None
+    assert cap.sync_once().full is None
     assert restored(replica, tmp_path) == dump(db)
 
 
@@ -329,6 +331,43 @@ def test_a_checkpoint_never_copies_frames_its_fence_refuses_to_ship(tmp_path, re
 
     holder = Capture(db, replica)  # the new lease holder, resuming from the replica
     result = holder.sync_once()
-    assert (result.txid, result.full_reason) == (3, None)
+    assert (result.txid, result.full) == (3, None)
     assert result.pages < 20
     assert restored(replica, tmp_path) == dump(db)
+
+
+def _hold_write_lock(db: str, seconds: float, taken: threading.Event) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    taken.set()
+    time.sleep(seconds)
+    conn.execute("ROLLBACK")
+    conn.close()
+
+
+def test_the_checkpoint_barrier_waits_out_the_applications_write_lock_then_gives_up(tmp_path, replica):
+    # Our barrier's BEGIN IMMEDIATE fails with SQLITE_BUSY (told by its result code, not
+    # its message): it is retried until ``wait`` has passed, then the checkpoint is left to
+    # a later pass; what is committed is shipped either way, and nothing raises.
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    write_rows(conn, 10)
+    cap = Capture(db, replica)
+    cap.sync_once()
+    write_rows(conn, 1)
+    conn.execute("BEGIN IMMEDIATE")
+    assert cap.checkpoint(wait=0.05).txid == 2
+    assert _copied_frames(cap) == 0
+    conn.execute("ROLLBACK")
+    write_rows(conn, 1)
+    taken = threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(db, 0.2, taken))
+    holder.start()
+    taken.wait()
+    started = time.monotonic()
+    assert cap.checkpoint(wait=5).txid == 3
+    holder.join()
+    assert time.monotonic() - started >= 0.1
+    assert _copied_frames(cap) == cap._wal_index().max_frame > 0
+    assert cap.position.backfilled

@@ -26,7 +26,7 @@ import pytest
 from tenantsync.capture import Capture
 from tenantsync.compactor import compact, retain, snapshot
 from tenantsync.levels import Levels
-from tenantsync.errors import RestoreError
+from tenantsync.errors import RestoreError, TargetUnavailable
 from tenantsync.replica import Replica
 from tenantsync import restore as restore_module
 from tenantsync.restore import plan, restore
@@ -392,7 +392,7 @@ def test_point_in_time_restore_through_random_compactions(tmp_path, request, bac
             f"seed {seed}: restore at {t.isoformat()} gave txid {result.txid}, the source was at {want}\n"
             f"{h.describe()}")
     before_first = h.times[1] - timedelta(milliseconds=5)
-    with pytest.raises(RestoreError, match="no restorable state before"):
+    with pytest.raises(TargetUnavailable, match="no restorable state before"):
         restore(replica, str(tmp_path / "never.db"), timestamp=before_first)
     assert not (tmp_path / "never.db").exists()
 
@@ -453,7 +453,7 @@ def test_point_in_time_restore_after_retention(tmp_path, file_url, seed):
     for txid in range(1, kept.max_txid):
         try:
             result = restore(replica, str(out), txid=txid, force=True)
-        except RestoreError as e:
+        except TargetUnavailable as e:
             assert f"{txid:016x}" in str(e) and str(replica) in str(e), str(e)
             continue
         assert result.txid == txid and dump(str(out)) == h.states[txid]
@@ -461,14 +461,14 @@ def test_point_in_time_restore_after_retention(tmp_path, file_url, seed):
     for t in outside:
         try:
             result = restore(replica, str(out), timestamp=t, force=True)
-        except RestoreError as e:
+        except TargetUnavailable as e:
             assert "before" in str(e) and t.isoformat()[:19] in str(e), str(e)
             continue
         assert result.txid == h.state_at(t), (
             f"seed {seed}: restore at {t.isoformat()} (before the retention window) returned the "
             f"state of txid {result.txid} instead of failing; the source was at txid "
             f"{h.state_at(t)} then\n{h.describe()}")
-    with pytest.raises(RestoreError):
+    with pytest.raises(TargetUnavailable):
         restore(replica, str(tmp_path / "gone.db"), txid=1)
     assert not (tmp_path / "gone.db").exists()
 
@@ -514,7 +514,7 @@ def test_restore_to_any_second_after_the_l0_files_expired(tmp_path, request, mon
         start = t.replace(microsecond=0)
         try:
             result = restore(replica, str(out), timestamp=t, force=True)
-        except RestoreError as e:  # only if the database did not exist when this second began
+        except TargetUnavailable as e:  # only if the database did not exist when this second began
             assert h.state_at(start) == 0 and "no restorable state before" in str(e), str(e)
             continue
         assert h.state_at(start) <= result.txid <= h.state_at(t), (

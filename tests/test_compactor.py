@@ -9,7 +9,7 @@ import pytest
 from tenantsync.capture import Capture
 from tenantsync.compactor import compact, is_due, retain, snapshot
 from tenantsync.levels import Levels
-from tenantsync.errors import RestoreError
+from tenantsync.errors import TargetUnavailable
 from tenantsync.ltx import HEADER_FLAG_NO_CHECKSUM, Decoder
 from tenantsync.replica import LTXInfo, Replica
 from tenantsync.restore import plan, restore
@@ -108,7 +108,7 @@ def test_restore_outside_the_window_fails_clearly(tmp_path, file_url):
     compact(replica, 1, force=True)
     snapshot(replica, force=True)
     retain(replica, Levels(), now=datetime.now(timezone.utc) + timedelta(minutes=10))
-    with pytest.raises(RestoreError, match="txid 0000000000000002 is not available|no snapshot"):
+    with pytest.raises(TargetUnavailable, match="txid 0000000000000002 is not available|no snapshot"):
         restore(replica, str(tmp_path / "old.db"), txid=2)
     assert not (tmp_path / "old.db").exists()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tenantsync.capture import Capture
+from tenantsync.outcome import Full
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -337,7 +338,7 @@ def test_litestream_continues_a_tenantsync_replica_of_a_database_at_rest(tmp_pat
     replica = Replica(open_storage(storage_url))
     cap = Capture(str(db), replica)
     try:
-        assert cap.sync_once().full_reason == "new replica"
+        assert cap.sync_once().full is Full.FIRST
         cap.release()
     finally:
         cap.close()
@@ -425,7 +426,7 @@ def test_tenantsync_continues_a_litestream_replica(tmp_path, storage_url, gap_wr
     shipped = [r for r in results if r.txid is not None]
     assert [r.txid for r in shipped] == list(range(theirs + 1, theirs + 1 + len(shipped)))
     # Litestream's last L0 header is a valid position in the same WAL: no full upload.
-    assert shipped[0].full_reason is None, f"resumed with a full-page file: {shipped[0]}"
+    assert shipped[0].full is None, f"resumed with a full-page file: {shipped[0]}"
 
     out = tmp_path / "ours.db"
     restore(replica, str(out))

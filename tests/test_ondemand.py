@@ -12,7 +12,7 @@ import pytest
 
 from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
-from tenantsync.errors import RestoreError
+from tenantsync.errors import ReplicaEmpty
 from tenantsync.fleet import Fleet
 from tenantsync.errors import ArchiveAborted
 from tenantsync.ondemand import OnDemand
@@ -86,7 +86,7 @@ def test_concurrent_hydrations_of_one_tenant_share_one_restore(tmp_path, fleet):
 def test_failed_hydration_leaves_no_file_and_records_why(tmp_path, fleet):
     fleet.catalogue.discover("ghost.db", str(tmp_path / "data" / "ghost.db"), "h1")
     fleet.catalogue.transition("ghost.db", TenantState.archived)
-    with pytest.raises(RestoreError, match="no LTX files"):
+    with pytest.raises(ReplicaEmpty, match="no LTX files"):
         OnDemand(fleet).hydrate("ghost.db")
     assert not os.path.exists(tmp_path / "data" / "ghost.db")
     assert "no LTX files" in fleet.catalogue.get("ghost.db").last_error

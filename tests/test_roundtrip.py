@@ -261,9 +261,9 @@ def run_scenario(sc: Scenario, workdir: str, replica_url: str) -> None:
     def record(result, step) -> None:
         if result.txid is None:
             return
-        note(f"{step!r} -> txid {result.txid} pages={result.pages} full={result.full_reason!r}")
-        if result.full_reason and result.txid > 1:
-            event(f"full-page L0: {result.full_reason}")
+        note(f"{step!r} -> txid {result.txid} pages={result.pages} full={result.full!r}")
+        if result.full and result.txid > 1:
+            event(f"full-page L0: {result.full}")
         assert result.txid not in recorded, f"txid {result.txid} shipped twice"
         assert result.txid == max(recorded, default=0) + 1, "TXIDs must be consecutive"
         recorded[result.txid] = dump(db)

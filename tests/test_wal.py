@@ -8,6 +8,7 @@ byte-identical to what SQLite itself serves (``Connection.serialize``).
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import struct
@@ -25,6 +26,8 @@ from tenantsync.errors import WALError
 from tenantsync.wal import (
     FRAME_HEADER_SIZE,
     WAL_HEADER_SIZE,
+    ScanStop,
+    Stop,
     WALHeader,
     WALScan,
     scan,
@@ -55,19 +58,19 @@ def oracle_scan(data: bytes, header: WALHeader, start_offset: int, checksum) -> 
     while pos < len(data):
         offset = start_offset + pos
         if pos + size > len(data):
-            reason = f"partial frame at offset {offset}"
+            reason = ScanStop(Stop.PARTIAL_FRAME, offset)
             break
         frame = data[pos : pos + size]
         pgno, db_size, salt1, salt2, c1, c2 = struct.unpack(">6I", frame[:24])
         if (salt1, salt2) != (header.salt1, header.salt2):
-            reason = f"salt mismatch at offset {offset}"
+            reason = ScanStop(Stop.SALT_MISMATCH, offset)
             break
         if pgno == 0:
-            reason = f"zero page number at offset {offset}"
+            reason = ScanStop(Stop.ZERO_PAGE_NUMBER, offset)
             break
         running = oracle_checksum(frame[:8] + frame[24:], header.big_endian, *running)
         if running != (c1, c2):
-            reason = f"checksum mismatch at offset {offset}"
+            reason = ScanStop(Stop.CHECKSUM_MISMATCH, offset)
             break
         pos += size
         pending[pgno] = frame[24:]
@@ -83,7 +86,7 @@ def oracle_scan(data: bytes, header: WALHeader, start_offset: int, checksum) -> 
         pages=pages,
         frame_count=frames,
         txn_count=txns,
-        stopped_reason=reason,
+        stopped=reason,
     )
 
 
@@ -213,7 +216,7 @@ def test_scan_matches_sqlite(source, tmp_path, batch_bytes):
     assert result.commit == len(source.images[-1]) // source.page_size
     assert result.frame_count == (len(source.wal) - WAL_HEADER_SIZE) // header.frame_size
     assert result.txn_count == len(source.commit_ends)  # CREATE TABLE, then the snapshot's
-    assert result.stopped_reason is None
+    assert result.stopped is None
     last_frame = source.wal[-header.frame_size :]
     assert result.checksum == struct.unpack_from(">II", last_frame, 16)
     assert as_dict(result) == first_oracle_scan(source.wal)
@@ -241,7 +244,8 @@ def test_torn_tail_mid_frame(source, tmp_path):
     torn = source.wal[: source.commit_ends[-1] - size // 2]
     _, result = first_scan(torn)
     assert result.end_offset == source.commit_ends[-2]
-    assert result.stopped_reason == f"partial frame at offset {source.commit_ends[-1] - size}"
+    assert result.stopped == ScanStop(Stop.PARTIAL_FRAME, source.commit_ends[-1] - size)
+    assert result.stopped.partial and str(result.stopped) == f"partial frame at offset {source.commit_ends[-1] - size}"
     check_replay(tmp_path, source, result, source.images[-2])
 
 
@@ -252,19 +256,19 @@ def test_torn_tail_before_commit_frame(source, tmp_path):
     torn = source.wal[: ends[last] - size]  # that transaction without its commit frame
     _, result = first_scan(torn)
     assert result.end_offset == source.commit_ends[last - 1]
-    assert result.stopped_reason is None
+    assert result.stopped is None
     check_replay(tmp_path, source, result, source.images[last - 1])
 
 
 @pytest.mark.parametrize(
     "where, byte, reason",
     [
-        ("page", FRAME_HEADER_SIZE + 300, "checksum mismatch"),
-        ("commit-size", 5, "checksum mismatch"),
-        ("salt1", 8, "salt mismatch"),  # salts are not checksummed
-        ("salt2", 15, "salt mismatch"),
-        ("checksum1", 16, "checksum mismatch"),
-        ("checksum2", 23, "checksum mismatch"),
+        ("page", FRAME_HEADER_SIZE + 300, Stop.CHECKSUM_MISMATCH),
+        ("commit-size", 5, Stop.CHECKSUM_MISMATCH),
+        ("salt1", 8, Stop.SALT_MISMATCH),  # salts are not checksummed
+        ("salt2", 15, Stop.SALT_MISMATCH),
+        ("checksum1", 16, Stop.CHECKSUM_MISMATCH),
+        ("checksum2", 23, Stop.CHECKSUM_MISMATCH),
     ],
 )
 def test_bit_flip_stops_before_its_transaction(source, tmp_path, where, byte, reason):
@@ -275,7 +279,7 @@ def test_bit_flip_stops_before_its_transaction(source, tmp_path, where, byte, re
     flipped[frame + byte] ^= 0x10
     _, result = first_scan(bytes(flipped))
     assert result.end_offset == source.commit_ends[txn - 1]
-    assert result.stopped_reason == f"{reason} at offset {frame}"
+    assert result.stopped == ScanStop(reason, frame) and not result.stopped.partial
     check_replay(tmp_path, source, result, source.images[txn - 1])
 
 
@@ -299,7 +303,7 @@ def test_older_generation_frames_not_taken(tmp_path):
     assert (header.salt1, header.salt2) != struct.unpack(">II", old.wal[16:24])
     assert len(new.wal) == len(old.wal)  # the old frames are still there
     assert result.end_offset == 32 + new_frames * header.frame_size < len(new.wal)
-    assert result.stopped_reason == f"salt mismatch at offset {result.end_offset}"
+    assert result.stopped == ScanStop(Stop.SALT_MISMATCH, result.end_offset)
     assert result.txn_count == 1
     check_replay(tmp_path, new, result, new.images[-1], new.rows)
 
@@ -458,3 +462,45 @@ def test_scan_matches_oracle(
     with mock.patch.object(wal, "_BATCH_BYTES", batch_frames * size):
         result = scan(data, header, start, running)
     assert as_dict(result) == oracle_scan(data, header, start, running)
+
+
+# --- SQLite's wal-index header (-shm) ---------------------------------------------------
+
+
+def test_wal_index_names_the_generation_its_last_frame_and_what_is_copied(tmp_path):
+    db = str(tmp_path / "a.db")
+    conn = open_wal_db(db, 4096)
+    fd = os.open(db + "-shm", os.O_RDONLY)
+    try:
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(9000))")
+        header, size = wal.read_header(db + "-wal")
+        index = wal.read_index(fd)
+        assert index.of_generation(header.salt1, header.salt2)
+        assert index.end_offset(header.page_size) == size and index.max_frame > 1
+        assert index.backfilled == 0 and not index.fully_backfilled
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        assert wal.read_index(fd).fully_backfilled
+    finally:
+        conn.close()  # before our descriptor: closing it drops this process's locks on the file
+        os.close(fd)
+
+
+def _index_of(tmp_path, head: bytes):
+    path = tmp_path / "shm"
+    path.write_bytes(head)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return wal.read_index(fd)
+    finally:
+        os.close(fd)
+
+
+def test_wal_index_mid_update_uninitialised_or_short_reads_as_none(tmp_path):
+    copy = struct.pack("=IIIBBHI", 3007000, 0, 1, 1, 0, 4096, 5).ljust(32, b"\0") + struct.pack(">II", 7, 8)
+    copy = copy.ljust(48, b"\0")
+    backfill = struct.pack("=I", 3) + b"\0" * 36
+    assert _index_of(tmp_path, copy + copy + backfill) == wal.WALIndex(7, 8, max_frame=5, backfilled=3)
+    torn = copy[:40] + b"\1" * 8
+    assert _index_of(tmp_path, copy + torn + backfill) is None  # SQLite between its two copies
+    assert _index_of(tmp_path, bytes(136)) is None  # not initialised
+    assert _index_of(tmp_path, (copy + copy + backfill)[:99]) is None
