@@ -34,7 +34,7 @@ class Target(click.ParamType):
         try:
             return getattr(targets, self._parse)(value)
         except InvalidArgument as e:
-            self.fail(str(e).partition(": ")[2], param, ctx)
+            self.fail(e.problem, param, ctx)
 
 
 TXID = Target("TXID", "parse_txid")  # decimal or the 16 hex digits Litestream prints

@@ -55,7 +55,14 @@ class ReplicaEmpty(RestoreError):
 
 
 class InvalidArgument(TenantSyncError, ValueError):
-    """A caller's argument is of the wrong type or out of range; nothing was changed."""
+    """A caller's argument is of the wrong type or out of range; nothing was changed.
+
+    With ``argument``, the message is ``argument: problem`` and both parts stay readable on
+    their own (the CLI names the flag itself and shows only ``problem``)."""
+
+    def __init__(self, message: str, *, argument: str | None = None):
+        self.argument, self.problem = argument, message
+        super().__init__(f"{argument}: {message}" if argument else message)
 
 
 class NotATenant(TenantSyncError):
