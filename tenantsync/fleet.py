@@ -116,7 +116,7 @@ class _Active:
     last_used: float
 
 
-def failed(name: str, error: Exception) -> Failed:
+def _failed(name: str, error: Exception) -> Failed:
     """A job's failure as its outcome: storage that cannot be reached is worth a retry."""
     return Failed(name, error, transient=isinstance(error, StorageUnavailable))
 
@@ -229,10 +229,10 @@ class Fleet:
             return Contended(name, Contention.TXID_TAKEN, CONTENDED_RETRY, str(e))
         except DatabaseError as e:
             self._drop(name)
-            return failed(name, e)
+            return _failed(name, e)
         except StorageError as e:
             # Kept open: the read mark keeps the unshipped frames in the WAL for the next pass.
-            return failed(name, e)
+            return _failed(name, e)
         with self._guard:
             active.last_used = time.monotonic()
             if name in self._active:
@@ -429,7 +429,7 @@ class Fleet:
             except StorageUnavailable:
                 raise
             except Exception as e:  # noqa: BLE001 - returned to the caller, which logs it
-                results[name] = failed(name, e)
+                results[name] = _failed(name, e)
         return results
 
     def close(self) -> None:
