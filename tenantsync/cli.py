@@ -247,12 +247,11 @@ def archive(name, replica_url, config_path, broker, catalogue) -> None:
     if isinstance(outcome, Archived):
         click.echo(f"archived {name} txid={outcome.txid:016x} freed={outcome.freed}")
         return
-    message = outcome.detail or f"tenant {name}: {outcome.reason.value}"
     status = SKIPPED_EXIT[outcome.reason]
     if status:
-        click.echo(f"tenantsync: error: {message}", err=True)
+        click.echo(f"tenantsync: error: {outcome}", err=True)
         sys.exit(status)
-    click.echo(message)
+    click.echo(str(outcome))
 
 
 @cli.command()

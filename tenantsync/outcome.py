@@ -75,6 +75,10 @@ class Skipped:
     reason: Skip
     detail: str = ""
 
+    def __str__(self) -> str:
+        """One line for a person: the detail if there is one, else the reason."""
+        return self.detail or f"tenant {self.tenant}: {self.reason.value}"
+
 
 @dataclass(frozen=True)
 class Failed:

@@ -64,7 +64,7 @@ def archive_answer(outcome: Archived | Skipped, record: TenantRecord | None) -> 
         return 200, tenant_json(record, archived=True, freed=outcome.freed)
     status = SKIPPED[outcome.reason]
     if status >= 400:
-        return status, {"error": outcome.detail or f"tenant {outcome.tenant}: {outcome.reason.value}"}
+        return status, {"error": str(outcome)}
     return status, tenant_json(record, archived=outcome.reason is Skip.ALREADY_ARCHIVED, skipped=outcome.reason.value)
 
 

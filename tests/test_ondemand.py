@@ -13,6 +13,7 @@ import pytest
 from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.outcome import Archived, Skip, Skipped
+from tenantsync.server import archive_answer
 from tenantsync.errors import RestoreError
 from tenantsync.fleet import Fleet
 from tenantsync.errors import ArchiveAborted
@@ -57,6 +58,17 @@ def test_archive_then_hydrate_round_trip_without_reupload(tmp_path, fleet):
     write_rows(conn, 3)
     out = fleet.sync(name)
     assert out.txid == hydrated.txid + 1 and out.full is None  # no second upload
+
+
+def test_archiving_an_archived_tenant_is_skipped_and_answered_as_done(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)
+    conn.close()
+    od = OnDemand(fleet)
+    assert isinstance(od.archive("acme.db"), Archived)
+    again = od.archive("acme.db")
+    assert again == Skipped("acme.db", Skip.ALREADY_ARCHIVED)
+    status, body = archive_answer(again, fleet.catalogue.get("acme.db"))
+    assert (status, body["archived"], body["state"]) == (200, True, "archived")
 
 
 def test_archival_is_abandoned_while_another_process_has_the_file_open(tmp_path, fleet):
