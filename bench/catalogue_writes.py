@@ -19,7 +19,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from tenantsync.catalogue import Catalogue
+from tenantsync.catalogue import Catalogue, TenantState
 from tenantsync.fleet import SWITCH_INTERVAL
 
 TENANTS = 10_000
@@ -52,7 +52,7 @@ def worker(url: str, threads: int, rate: float, seconds: float, busy: int, out) 
             name = f"t{rng.randrange(TENANTS):05d}.db"
             t = time.monotonic()
             catalogue.record_sync(name, txid=rng.randrange(1, 1 << 40), position={"offset": 4096},
-                                  at=datetime.now(timezone.utc), bytes_added=4096)
+                                  at=datetime.now(timezone.utc), state=TenantState.active, bytes_added=4096)
             mine.append(time.monotonic() - t)
             due += interval
         with lock:

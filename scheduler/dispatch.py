@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Collection, Protocol
 
 from tenantsync.errors import log_failure
+from tenantsync.outcome import Failed
 from tenantsync.tenants import shard
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class InProcessDispatcher:
     gets ``workers`` sync threads of its own, so a busy shard's process cannot take every
     thread from the others. Maintenance jobs share ``maintenance_workers`` threads and
     queue among themselves. A job named in ``batched`` takes up to STORAGE_BATCH tenants
-    at once and returns ``{tenant: result, or the exception it raised}``, and yields to
+    at once and returns ``{tenant: outcome}`` (a tenant's error as Failed), and yields to
     busy syncs (STORAGE_YIELDS_FOR).
     """
 
@@ -126,8 +127,8 @@ class InProcessDispatcher:
                 log_failure(log, f"{job} of {len(names)} tenants ({names[0]}, ...)", e)
                 return
             for name, result in results.items():
-                if isinstance(result, BaseException):
-                    log_failure(log, f"{job} {name}", result)
+                if isinstance(result, Failed):
+                    log_failure(log, f"{job} {name}", result.error)
                 else:
                     self.on_result(job, result)
         finally:
@@ -144,9 +145,14 @@ class InProcessDispatcher:
 
     def _run(self, job: str, name: str, **kwargs) -> None:
         try:
-            self.on_result(job, self.jobs[job](name, **kwargs))
+            result = self.jobs[job](name, **kwargs)
         except Exception as e:  # one tenant's failure must not stop the others
             log_failure(log, f"{job} {name}", e)
+            return
+        if isinstance(result, Failed):
+            log_failure(log, f"{job} {name}", result.error)
+        else:
+            self.on_result(job, result)
 
     def idle(self) -> bool:
         with self._lock:

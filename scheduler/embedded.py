@@ -90,7 +90,7 @@ def _check_shipped(config: Config, catalogue: Catalogue) -> None:
     """Raise Unshipped naming this host's tenants left in state error (a sync or the final
     release failed, in this process or a child): a stop that exits as if all were shipped
     hides a replica that is behind. Tenants whose file is gone have nothing left to ship."""
-    failed = [r.name for r in catalogue.list(TenantState.error, host=config.host) if os.path.exists(r.path)]
+    failed = [r.name for r in catalogue.records(TenantState.error, host=config.host) if os.path.exists(r.path)]
     if failed:
         more = f", ... ({len(failed) - SHUTDOWN_NAMES} more)" if len(failed) > SHUTDOWN_NAMES else ""
         raise Unshipped(f"stopped with committed data not shipped for {len(failed)} tenant(s) in state error "

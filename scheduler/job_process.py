@@ -31,11 +31,13 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
+from tenantsync.outcome import Failed
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,11 @@ def _portable(e: BaseException) -> BaseException:
         return TenantSyncError(f"{type(e).__name__}: {e}")
 
 
+def _portable_outcome(outcome):
+    """A job's outcome fit to send back: a Failed one's error made portable."""
+    return replace(outcome, error=_portable(outcome.error)) if isinstance(outcome, Failed) else outcome
+
+
 def child_main(fd: int) -> None:
     """The child's side: read its spec, start its jobs, answer until told to close."""
     conn = Connection(fd)
@@ -215,7 +222,7 @@ def child_main(fd: int) -> None:
 
     def answer(i: int, job: str, tenant: str | list[str], kwargs: dict) -> None:
         try:
-            reply = (i, True, jobs[job](tenant, **kwargs))
+            reply = (i, True, _portable_outcome(jobs[job](tenant, **kwargs)))
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
             reply = (i, False, _portable(e))
         with send_lock:
@@ -258,10 +265,9 @@ def storage_process(config: Config) -> JobProcess:
 
 
 def _for_each(fleet, job: str) -> Callable[..., dict]:
-    """``Fleet.for_each`` for ``job``, its per-tenant exceptions made fit to send back."""
+    """``Fleet.for_each`` for ``job``, its Failed outcomes' errors made fit to send back."""
     def run_batch(names: list[str], **kwargs: Any) -> dict:
-        results = fleet.for_each(job, names, **kwargs)
-        return {name: _portable(r) if isinstance(r, BaseException) else r for name, r in results.items()}
+        return {name: _portable_outcome(r) for name, r in fleet.for_each(job, names, **kwargs).items()}
 
     return run_batch
 

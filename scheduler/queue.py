@@ -177,7 +177,7 @@ class CeleryOnDemand:
 
     def hydrate(self, name: str, *, txid: int | None = None, timestamp=None):
         from tenantsync.errors import InvalidArgument
-        from tenantsync.ondemand import Hydrated
+        from tenantsync.outcome import Hydrated
         from tenantsync.tenants import locate
 
         if timestamp is not None:
@@ -188,9 +188,13 @@ class CeleryOnDemand:
         r = job.get(timeout=self.timeout)
         return Hydrated(name, r["path"], r["txid"], r["restored"])
 
-    def archive(self, name: str) -> dict:
+    def archive(self, name: str):
+        from tenantsync.outcome import Archived, Skip, Skipped
         from tenantsync.tenants import locate
 
         locate(self.patterns, name)
         job = self.dispatcher.app.send_task("tenantsync.archive", args=[name], queue=self.dispatcher.host_queue(name))
-        return job.get(timeout=self.timeout)
+        r = job.get(timeout=self.timeout)  # outcome.as_dict's fields
+        if r["outcome"] == "Archived":
+            return Archived(name, r["txid"], r["freed"])
+        return Skipped(name, Skip[r["reason"].upper()], r["detail"])

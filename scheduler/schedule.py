@@ -120,7 +120,7 @@ class Schedule:
             names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
             return self.dispatcher.request_syncs(names)
         if key == "archive":
-            tenants = self.catalogue.list(host=self.config.host)
+            tenants = self.catalogue.records(host=self.config.host)
             return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))
         names = self.catalogue.synced_since(now - 2 * self.every[key])
         if key == "retain":

@@ -25,7 +25,6 @@ Rules the whole module keeps:
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import enum
 import fcntl
@@ -95,7 +94,7 @@ class TenantState(str, enum.Enum):
     active = "active"
     """The local database is being replicated: it was written and synced recently.
 
-    Entered: from ``idle`` or ``error`` by the first successful ``record_sync()``; from
+    Entered: from ``idle`` or ``error`` by a sync that shipped (``record_sync()``); from
     ``hydrating`` once the restored database is in place (``transition``).
     Left: for ``idle`` when the scheduler finds it quiet (``idle_since()``), for
     ``archiving`` when it is retired, for ``error`` on a failure (``record_error()``).
@@ -140,7 +139,7 @@ class TenantState(str, enum.Enum):
     """The last operation on the tenant failed; ``last_error`` says why.
 
     Entered: from any state by ``record_error()``.
-    Left: for ``active`` by the next successful ``record_sync()`` (which clears
+    Left: for ``active`` by the next sync that ships (``record_sync()``, which clears
     ``last_error``), or by an explicit ``transition``.
     """
 
@@ -274,9 +273,9 @@ _BY_NAME = sa.select(*TENANTS.c).where(TENANTS.c.fleet == sa.bindparam("fleet"),
 
 
 @functools.cache
-def _sync_statement(with_at: bool, with_lease: bool, idle: bool) -> sa.Update:
-    """record_sync's UPDATE, built once per variant: building it per call (CASE clauses,
-    coercions) cost as much as executing it."""
+def _sync_statement(with_at: bool, with_lease: bool) -> sa.Update:
+    """record_sync's UPDATE of the position, built once per variant: building it per call
+    (CASE clauses, coercions) cost as much as executing it."""
     c = TENANTS.c
 
     def param(key: str, column: sa.Column) -> sa.BindParameter:
@@ -284,21 +283,26 @@ def _sync_statement(with_at: bool, with_lease: bool, idle: bool) -> sa.Update:
 
     txid = param("txid", c.txid)
     newer = sa.or_(c.txid.is_(None), c.txid <= txid)
-    moves = [TenantState.idle, TenantState.error, *([TenantState.active] if idle else [])]
     values: dict[str, Any] = {
         "txid": sa.case((newer, txid), else_=c.txid),
         "position": sa.case((newer, param("position", c.position)), else_=c.position),
         "last_sync_at": param("at", c.last_sync_at) if with_at else c.last_sync_at,
         "bytes_stored": c.bytes_stored + param("bytes_added", c.bytes_stored),
         "last_error": None,
-        "state": sa.case(
-            (c.state.in_(moves), sa.literal(TenantState.idle if idle else TenantState.active, c.state.type)),
-            else_=c.state,
-        ),
     }
     if with_lease:
         values |= {k: param(k, c[k]) for k in ("lease_holder", "lease_expires_at", "generation")}
     return sa.update(TENANTS).where(c.fleet == param("fleet", c.fleet), c.name == param("name", c.name)).values(values)
+
+
+# The states a sync may move a tenant between. The others belong to a hydration or an
+# archival (mark / unmark), which a sync in another process, racing it, must not undo.
+REPLICATED = (TenantState.active, TenantState.idle, TenantState.error)
+# record_sync's move to the state its caller chose, when the tenant is in one of REPLICATED.
+_SYNC_STATE = (sa.update(TENANTS)
+               .where(TENANTS.c.fleet == sa.bindparam("b_fleet"), TENANTS.c.name == sa.bindparam("b_name"),
+                      TENANTS.c.state.in_(REPLICATED), TENANTS.c.state != sa.bindparam("b_state"))
+               .values(state=sa.bindparam("b_state")))
 
 
 def alembic_config(url: str | URL | None = None):
@@ -681,7 +685,7 @@ class Catalogue:
             .render_derived(name="src")
         )
         row = self._new_row("", "", host, now)
-        columns = builtins.list(row)
+        columns = list(row)
         select = sa.select(
             src.c.name,
             src.c.path,
@@ -696,14 +700,14 @@ class Catalogue:
             row = s.execute(_BY_NAME, {"fleet": self.fleet, "name": name}).first()
             return TenantRecord(*row) if row is not None else None
 
-    def _select(self, stmt: sa.Select) -> builtins.list[TenantRecord]:
+    def _select(self, stmt: sa.Select) -> list[TenantRecord]:
         # Plain rows, not ORM objects: three times faster for 10,000 tenants.
         with self._tx(write=False) as s:
             return [TenantRecord(*row) for row in s.execute(stmt)]
 
-    def _names(self, stmt: sa.Select) -> builtins.list[str]:
+    def _names(self, stmt: sa.Select) -> list[str]:
         with self._tx(write=False) as s:
-            return builtins.list(s.scalars(stmt))
+            return list(s.scalars(stmt))
 
     def positions(self, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
         """``{name: stored capture position}`` of those ``names`` in the catalogue, in one
@@ -714,7 +718,7 @@ class Catalogue:
                     for name, position in s.execute(sa.select(TENANTS.c.name, TENANTS.c.position)
                                                     .where(self._mine, TENANTS.c.name.in_(chunk)))}
 
-    def list(self, state: TenantState | None = None, host: str | None = None) -> builtins.list[TenantRecord]:
+    def records(self, state: TenantState | None = None, host: str | None = None) -> list[TenantRecord]:
         """Tenants by name, optionally only those in ``state`` and/or on ``host``."""
         stmt = sa.select(*TENANTS.c).where(self._mine).order_by(TENANTS.c.name)
         if state is not None:
@@ -732,7 +736,7 @@ class Catalogue:
                 counts[TenantState(state).value] = n
         return counts
 
-    def lagging(self, now: datetime, older_than: timedelta, host: str | None = None) -> builtins.list[TenantRecord]:
+    def lagging(self, now: datetime, older_than: timedelta, host: str | None = None) -> list[TenantRecord]:
         """Tenants written since their last sync (or never synced) whose last write is
         more than ``older_than`` before ``now``: writes a watcher's event should have
         shipped by now. Oldest write first."""
@@ -749,7 +753,7 @@ class Catalogue:
             stmt = stmt.where(TENANTS.c.host == host)
         return self._select(stmt)
 
-    def failing(self, before: datetime, host: str | None = None) -> builtins.list[str]:
+    def failing(self, before: datetime, host: str | None = None) -> list[str]:
         """Names of tenants in state error whose row has not changed since ``before``: a
         failed sync (a transient EMFILE, a locked file, a storage outage) is retried by the
         catch-up schedule then, instead of waiting for the tenant's next write, which may
@@ -761,7 +765,7 @@ class Catalogue:
             stmt = stmt.where(TENANTS.c.host == host)
         return self._names(stmt)
 
-    def idle_since(self, before: datetime, host: str | None = None) -> builtins.list[TenantRecord]:
+    def idle_since(self, before: datetime, host: str | None = None) -> list[TenantRecord]:
         """Active tenants not written since ``before``: candidates for idle.
 
         A tenant with no recorded write counts from its last sync, so a tenant synced
@@ -776,7 +780,7 @@ class Catalogue:
             stmt = stmt.where(TENANTS.c.host == host)
         return self._select(stmt)
 
-    def synced_since(self, since: datetime) -> builtins.list[str]:
+    def synced_since(self, since: datetime) -> list[str]:
         """Names of tenants synced at or after ``since``: the ones a periodic compaction,
         snapshot or retention pass can have work for. Filtered in SQL: a pass over an idle
         fleet of 10,000 reads no rows into Python."""
@@ -792,17 +796,18 @@ class Catalogue:
         txid: int,
         position: dict[str, Any] | None,
         at: datetime | None,
+        state: TenantState | None,
         bytes_added: int = 0,
         lease: tuple[str | None, datetime | None, int] | None = None,
-        idle: bool = False,
     ) -> None:
-        """A sync pass shipped up to ``txid``: store it with the capture ``position``,
-        add ``bytes_added`` to ``bytes_stored``, clear ``last_error``, and move an idle or
-        errored tenant to active, or with ``idle`` (the tenant was released) an active,
-        idle or errored one to idle; other states are left to ``transition``. ``lease``
-        (holder, expiry, generation) also does :meth:`record_lease` in the same write.
-        ``at=None`` stores the position only (nothing was shipped): ``last_sync_at`` is what
-        the schedule picks tenants to compact by.
+        """A sync pass shipped up to ``txid``: store it with the capture ``position``, add
+        ``bytes_added`` to ``bytes_stored``, clear ``last_error`` and move the tenant to
+        ``state``, all in one transaction. The caller decides ``state`` from what the pass
+        did (active after shipping, idle after a release, None for no change within an
+        archival); it is applied only from a REPLICATED state, never over a hydration's or
+        archival's mark. ``lease`` (holder, expiry, generation) also does
+        :meth:`record_lease`. ``at=None`` stores the position only (nothing was shipped):
+        ``last_sync_at`` is what the schedule picks tenants to compact by.
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""
@@ -812,8 +817,12 @@ class Catalogue:
             values["at"] = _utc(at, "at")
         if lease is not None:
             values |= self._lease_values(*lease)
-        self._update_row(name, _sync_statement(at is not None, lease is not None, idle),
-                         {"b_" + k: v for k, v in values.items()})
+        params = {"b_" + k: v for k, v in values.items()}
+        with self._tx(write=True) as s:
+            if s.execute(_sync_statement(at is not None, lease is not None), params).rowcount == 0:
+                raise UnknownTenant(f"catalogue: no tenant named {name!r}")
+            if state is not None:
+                s.execute(_SYNC_STATE, {"b_fleet": self.fleet, "b_name": name, "b_state": TenantState(state)})
 
     def record_caught_up(self, name: str, at: datetime) -> None:
         """A pass found nothing to ship at ``at``: the replica is current. Only
@@ -929,7 +938,7 @@ class Catalogue:
                                                         last_error=error)
             return s.execute(back).rowcount == 1
 
-    def marked(self, host: str) -> builtins.list[TenantRecord]:
+    def marked(self, host: str) -> list[TenantRecord]:
         """This fleet's tenants of ``host`` in hydrating or archiving (marked by a process, or
         without an owner: left so by a version before marks)."""
         busy = [TenantState.hydrating, TenantState.archiving]

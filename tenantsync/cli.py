@@ -17,8 +17,13 @@ import click
 
 from .config import Config
 from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
+from .outcome import Archived, Shipped, Skip
 
 log = logging.getLogger("tenantsync")
+
+# Exit status of a command whose job was Skipped, by why: an archival refused because the
+# tenant is in use did not do what was asked (1, as an error); archived already did.
+SKIPPED_EXIT = {Skip.ALREADY_ARCHIVED: 0, Skip.IN_USE: 1}
 
 
 class Target(click.ParamType):
@@ -195,7 +200,7 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     from .server import tenant_json
 
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    records = open_catalogue(cfg).list(state=state)
+    records = open_catalogue(cfg).records(state=state)
     now = datetime.now(timezone.utc)
     rows = []
     for r in records:
@@ -239,8 +244,15 @@ def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
 def archive(name, replica_url, config_path, broker, catalogue) -> None:
     """Ship, snapshot and verify tenant NAME, then remove its local files."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _ondemand(cfg).archive(name)
-    click.echo(f"archived {name} txid={result['txid']:016x} freed={result.get('freed', 0)}")
+    outcome = _ondemand(cfg).archive(name)
+    if isinstance(outcome, Archived):
+        click.echo(f"archived {name} txid={outcome.txid:016x} freed={outcome.freed}")
+        return
+    status = SKIPPED_EXIT[outcome.reason]
+    if status:
+        click.echo(f"tenantsync: error: {outcome}", err=True)
+        sys.exit(status)
+    click.echo(str(outcome))
 
 
 @cli.command()
@@ -263,10 +275,10 @@ def _report_aside(name: str, result) -> None:
                    f"kept as {result.moved_aside}", err=True)
 
 
-def _report_job(job: str, result: dict) -> None:
-    if job == "sync" and result.get("txid"):
-        full = f" full={result['full']!r}" if result.get("full") else ""
-        click.echo(f"synced {result['tenant']} txid={result['txid']:016x} pages={result['pages']}{full}")
+def _report_job(job: str, outcome) -> None:
+    if isinstance(outcome, Shipped):
+        full = f" full={outcome.full!r}" if outcome.full else ""
+        click.echo(f"synced {outcome.tenant} txid={outcome.txid:016x} pages={outcome.pages}{full}")
 
 
 def _levels(config_path):

@@ -34,8 +34,13 @@ class Client:
         return self._post(f"/tenants/{quote(name, safe='/')}/hydrate", {"txid": txid} if txid else {})["path"]
 
     def archive(self, name: str) -> dict:
-        if self._ondemand is not None:
-            return self._ondemand.archive(name)
+        if self._ondemand is not None:  # the HTTP API's answer, without the HTTP
+            from .server import archive_answer
+
+            status, body = archive_answer(self._ondemand.archive(name), self._ondemand.catalogue.get(name))
+            if status >= 400:
+                raise TenantSyncError(body["error"])
+            return body
         return self._post(f"/tenants/{quote(name, safe='/')}/archive", {})
 
     def _post(self, path: str, body: dict) -> dict:

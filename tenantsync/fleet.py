@@ -27,7 +27,9 @@ from .capture import Capture, ReplicaConflict
 from .catalogue import Catalogue, TenantState, open_catalogue
 from .config import Config
 from .errors import DatabaseError, LeaseHeld, NotATenant, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
-from .lease import Lease, Leaser
+from .lease import HeldLease, Leaser
+from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcome, Shipped, Skip, Skipped,
+                      Written)
 from .position import Position
 from .replica import Replica
 from .storage import open_storage
@@ -56,6 +58,11 @@ SWITCH_INTERVAL = 0.0005
 # the niced storage process, losing the CPU while it held the host's catalogue write lock,
 # made every sync's catalogue write wait (bursts of 30-50 ms writes in the embedded mode).
 STORAGE_TIMES_EVERY = 5.0
+# When a contended sync is worth trying again (Contended.retry_after), in seconds. Another
+# process of this host that wrote the next TXID first is done within milliseconds; a lease
+# held by another host may be released at any moment (a deploy hands tenants over at once),
+# and a dead holder's lapses after lease-ttl: a short, fixed delay serves all three.
+CONTENDED_RETRY = 1.0
 
 
 def prepare_process() -> int:
@@ -103,19 +110,15 @@ def max_open_tenants() -> int:
 
 @dataclass
 class _Active:
-    capture: Capture
-    leaser: Leaser
-    lease: Lease | None
-    last_used: float
-    # A lease taken or renewed but not yet mirrored in the catalogue (the next
-    # record_sync writes it, saving a transaction per acquire).
-    lease_unrecorded: bool = False
+    """An open tenant: its capture, and when a job last used it (monotonic)."""
 
-    def lease_mirror(self) -> tuple[str, object, int] | None:
-        if not self.lease_unrecorded or self.lease is None:
-            return None
-        self.lease_unrecorded = False
-        return self.lease.owner, self.lease.expires_at, self.lease.generation
+    capture: Capture
+    last_used: float
+
+
+def _failed(name: str, error: Exception) -> Failed:
+    """A job's failure as its outcome: storage that cannot be reached is worth a retry."""
+    return Failed(name, error, transient=isinstance(error, StorageUnavailable))
 
 
 class Fleet:
@@ -144,10 +147,9 @@ class Fleet:
         # write) before its own sync: at 10,000 tenants that doubled the lag.
         self.trim_to = int(self.max_open * TRIM_TO)
         self._crowded = threading.Event()
-        # Leases of tenants released while idle, kept until they expire: a tenant that wakes
-        # up within the TTL needs no lease write at all, and one write (a renewal) later,
-        # instead of a release and a new acquisition (two conditional, fsynced writes).
-        self._kept_leases: dict[str, Lease] = {}
+        # The one home of every lease this process holds: of each open tenant, and of those
+        # released while idle, kept until they expire (HeldLease says why).
+        self._leases: dict[str, HeldLease] = {}
         # Compaction and snapshot times not yet in the catalogue (STORAGE_TIMES_EVERY).
         self._storage_times: dict[str, dict[str, datetime]] = {"compact": {}, "snapshot": {}}
         self._storage_times_written = time.monotonic()
@@ -189,14 +191,14 @@ class Fleet:
 
     # -- jobs -------------------------------------------------------------------
 
-    def sync(self, name: str, *, archiving: bool = False) -> dict:
+    def sync(self, name: str, *, archiving: bool = False) -> Outcome:
         """Ship what tenant ``name`` committed since its position; idempotent.
 
-        A result with ``"retry": True`` shipped nothing because another process holds
-        the lease or wrote the next TXID first: the caller should try again shortly.
-
-        Tenants being archived or hydrated are skipped (those jobs sync themselves,
-        passing ``archiving=True`` under the tenant's lock).
+        Each layer once, in order: open the tenant from its catalogue row (a capture at the
+        stored position), stop if nothing new was committed, hold the lease, run one capture
+        pass, write the outcome to the catalogue (one transaction, :meth:`_record`) and
+        return it. Tenants being archived or hydrated are Skipped (those jobs sync
+        themselves, passing ``archiving=True`` under the tenant's lock).
         """
         with self.tenant_lock(name):
             # What it ships is what was committed before now: recorded as the sync's time, a
@@ -204,44 +206,62 @@ class Fleet:
             started = _now()
             active = self._activate(name, archiving)
             if active is None:
-                return {"tenant": name, "skipped": "not replicable now"}
+                return Skipped(name, Skip.NOT_REPLICABLE)
             if not active.capture.has_news():
                 self._drop(name)  # stays idle: nothing opened, no lease taken
-                self.catalogue.record_caught_up(name, started)
-                return {"tenant": name, "txid": None, "skipped": "nothing new"}
-            try:
-                self._hold_lease(active)
-                result = active.capture.sync_once()
-            except LeaseHeld as e:
-                log.warning("%s", e)
-                return {"tenant": name, "skipped": str(e), "retry": True}
-            except ReplicaConflict as e:
-                log.warning("%s: %s", name, e)
-                return {"tenant": name, "skipped": "conflict", "retry": True}
-            except DatabaseError as e:
-                self._drop(name)
-                self.catalogue.record_error(name, str(e))
-                raise
-            except StorageError as e:
-                # Kept open: the read mark keeps the unshipped frames in the WAL for the next
-                # pass. Recorded, so `tenantsync tenants` shows the tenant failing, not idle.
-                self.catalogue.record_error(name, str(e))
-                raise
-            with self._guard:
-                active.last_used = time.monotonic()
-                if name in self._active:
-                    self._active.move_to_end(name)
-            pos = active.capture.position
-            self.catalogue.record_sync(
-                name,
-                txid=pos.txid if pos else 0,
-                position=pos.to_dict() if pos else None,
-                at=started,
-                bytes_added=result.size,
-                lease=active.lease_mirror(),
-            )
-            return {"tenant": name, "txid": result.txid, "pages": result.pages, "bytes": result.size,
-                    "full": result.full.value if result.full else None}
+                outcome: Outcome = NothingNew(name)
+            else:
+                outcome = self._pass(name, active)
+            # Within an archival the tenant stays archiving; otherwise a shipping pass makes it active.
+            self._record(outcome, active.capture, started, state=None if archiving else TenantState.active)
+            return outcome
+
+    def _pass(self, name: str, active: _Active) -> Outcome:
+        """Hold the lease and run one capture pass: what it did, as an outcome."""
+        try:
+            self._leases[name].hold()
+            result = active.capture.sync_once()
+        except LeaseHeld as e:
+            log.warning("%s", e)
+            return Contended(name, Contention.LEASE_HELD, CONTENDED_RETRY, str(e))
+        except ReplicaConflict as e:
+            log.warning("%s: %s", name, e)
+            return Contended(name, Contention.TXID_TAKEN, CONTENDED_RETRY, str(e))
+        except DatabaseError as e:
+            self._drop(name)
+            return _failed(name, e)
+        except StorageError as e:
+            # Kept open: the read mark keeps the unshipped frames in the WAL for the next pass.
+            return _failed(name, e)
+        with self._guard:
+            active.last_used = time.monotonic()
+            if name in self._active:
+                self._active.move_to_end(name)
+        if result.txid is None:
+            return NothingNew(name)
+        return Shipped(name, result.txid, result.pages, result.size, full=result.full)
+
+    def _record(self, outcome: Outcome, capture: Capture, started: datetime, state: TenantState | None) -> None:
+        """The one catalogue write of a sync's outcome, one transaction:
+
+        - Shipped: the capture's position, the bytes added, the lease columns if the lease
+          changed since the last write, and ``state``;
+        - NothingNew: only ``last_sync_at`` (the replica is current as of ``started``);
+        - Failed: state error with the message, so `tenantsync tenants` shows the tenant
+          failing, not idle, and the catch-up schedule retries it;
+        - Contended and Skipped: nothing; the tenant is another writer's or job's now, and
+          that one records it.
+        """
+        name = outcome.tenant
+        if isinstance(outcome, Shipped):
+            pos = capture.position
+            self.catalogue.record_sync(name, txid=pos.txid if pos else 0, position=pos.to_dict() if pos else None,
+                                       at=started, state=state, bytes_added=outcome.bytes,
+                                       lease=self._leases[name].unrecorded())
+        elif isinstance(outcome, NothingNew):
+            self.catalogue.record_caught_up(name, started)
+        elif isinstance(outcome, Failed):
+            self.catalogue.record_error(name, str(outcome.error))
 
     def release_idle(self, idle_after: float | None = None, keep_leases: bool = True) -> list[str]:
         """Checkpoint and close tenants not synced for ``idle_after`` seconds; their leases
@@ -252,17 +272,15 @@ class Fleet:
             idle = [n for n, a in self._active.items() if a.last_used < cutoff]
         released = [name for name in idle if self.release(name, unused_since=cutoff, keep_lease=keep_leases)]
         with self._guard:  # forget the kept leases that have expired; give up all when leaving
-            now = _now()
-            gone = {n: lease for n, lease in self._kept_leases.items() if not keep_leases or lease.expires_at <= now}
+            gone = {n: held for n, held in self._leases.items()
+                    if n not in self._active and (not keep_leases or held.expired())}
             for name in gone:
-                del self._kept_leases[name]
+                del self._leases[name]
         if not keep_leases:
-            for name, lease in gone.items():
-                try:
-                    self._leaser(name).release(lease)
-                    self.catalogue.record_lease(name, None, None, lease.generation)
-                except (LeaseHeld, StorageError) as e:
-                    log.info("%s: lease not released: %s", name, e)
+            for name, held in gone.items():
+                given_up = held.give_up()
+                if given_up is not None:
+                    self.catalogue.record_lease(name, *given_up)
         if released:
             _return_freed_memory()
         return released
@@ -276,7 +294,7 @@ class Fleet:
         with self._guard:
             if not self._active:
                 return []
-        archiving = {r.name for r in self.catalogue.list(state=TenantState.archiving, host=self.config.host)}
+        archiving = {r.name for r in self.catalogue.records(state=TenantState.archiving, host=self.config.host)}
         with self._guard:
             names = [n for n in self._active if n in archiving]
         return [name for name in names if self._release_unless_busy(name, keep_lease=False)]
@@ -325,6 +343,7 @@ class Fleet:
                 active = self._active.get(name)
             if active is None or (unused_since is not None and active.last_used >= unused_since):
                 return False
+            held = self._leases[name]
             try:
                 # Ship the tail only while we still hold the lease; without it (another
                 # process or host moved on) just close: its position is not ours to record.
@@ -333,10 +352,14 @@ class Fleet:
                 # (the usual idle release) nothing is uploaded and no lease is taken: the
                 # checkpoint only touches the local file. At 10,000 tenants a third of all
                 # lease writes were idle releases re-taking a lease that had just lapsed.
-                if not active.capture.shipped_all() and (active.lease is None or not active.leaser.held(active.lease)):
-                    self._hold_lease(active)
+                if not active.capture.shipped_all() and not held.held():
+                    held.hold()
                 started = _now()
                 shipped = active.capture.release()
+                # Given up before the catalogue write, so the write says so too: one
+                # transaction. Another host taking over at once cannot be set back by it:
+                # the position never moves backwards (record_sync).
+                lease = held.unrecorded() if keep_lease else held.give_up()
                 pos = active.capture.position
                 if pos is not None:
                     # The position (now with the main file's stat) is what lets the next
@@ -344,13 +367,9 @@ class Fleet:
                     # every release would make the schedule compact the tenant again.
                     self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(),
                                                at=started if shipped.txid is not None else None,
-                                               bytes_added=shipped.size, lease=active.lease_mirror(), idle=True)
-                if active.lease is not None and keep_lease:
-                    with self._guard:
-                        self._kept_leases[name] = active.lease
-                elif active.lease is not None:
-                    active.leaser.release(active.lease)
-                    self.catalogue.record_lease(name, None, None, active.lease.generation)
+                                               state=TenantState.idle, bytes_added=shipped.size, lease=lease)
+                elif lease is not None:
+                    self.catalogue.record_lease(name, *lease)
             except (LeaseHeld, ReplicaConflict) as e:
                 log.info("%s: closed without a final pass: %s", name, e)
             except StorageError as e:
@@ -359,20 +378,22 @@ class Fleet:
                 # shutdown reports it (scheduler/embedded.py).
                 self.catalogue.record_error(name, str(e))
             finally:
-                self._drop(name)
+                self._drop(name, keep_lease=keep_lease)
             return True
 
-    def compact(self, name: str, level: int, force: bool = False) -> dict:
+    def compact(self, name: str, level: int, force: bool = False) -> Written | Skipped:
         info = compactor.compact(self.replica(name), level, self.config.levels, force=force)
-        if info is not None:  # a pass with nothing to merge is not worth a catalogue write
-            self._storage_time("compact", name)
-        return {"tenant": name, "level": level, "file": info.name if info else None}
+        if info is None:  # a pass with nothing to merge is not worth a catalogue write
+            return Skipped(name, Skip.NOTHING_TO_WRITE)
+        self._storage_time("compact", name)
+        return Written(name, "compact", info.name, level)
 
-    def snapshot(self, name: str, force: bool = False) -> dict:
+    def snapshot(self, name: str, force: bool = False) -> Written | Skipped:
         info = compactor.snapshot(self.replica(name), self.config.levels, force=force)
-        if info is not None:
-            self._storage_time("snapshot", name)
-        return {"tenant": name, "file": info.name if info else None}
+        if info is None:
+            return Skipped(name, Skip.NOTHING_TO_WRITE)
+        self._storage_time("snapshot", name)
+        return Written(name, "snapshot", info.name)
 
     def _storage_time(self, job: str, name: str) -> None:
         """Note when ``job`` last wrote a file for ``name``; write what has gathered to the
@@ -391,23 +412,24 @@ class Fleet:
         if times["compact"] or times["snapshot"]:
             self.catalogue.record_storage_times(compacted=times["compact"], snapshotted=times["snapshot"])
 
-    def retain(self, name: str) -> dict:
-        deleted = compactor.retain(self.replica(name), self.config.levels)
-        return {"tenant": name, "deleted": len(deleted)}
+    def retain(self, name: str) -> Deleted:
+        return Deleted(name, len(compactor.retain(self.replica(name), self.config.levels)))
 
-    def for_each(self, job: str, names: list[str], **kwargs) -> dict[str, dict | Exception]:
-        """A storage job (compact, snapshot, retain) for each of a batch of tenants:
-        ``{tenant: result, or the exception it raised}``, one tenant's failure not stopping
-        the others. Storage that cannot be reached fails the whole batch (raised)."""
-        run = getattr(self, job)
-        results: dict[str, dict | Exception] = {}
+    def for_each(self, job: str, names: list[str], **kwargs) -> dict[str, Outcome]:
+        """A storage job (STORAGE_JOBS: compact, snapshot, retain) for each of a batch of
+        tenants: ``{tenant: outcome}``, a tenant's error as its Failed outcome, one tenant's
+        failure not stopping the others. Storage that cannot be reached fails the whole
+        batch (raised): the Celery tasks retry the batch with backoff on it, and the
+        embedded dispatcher logs it once instead of once per tenant."""
+        run = STORAGE_JOBS[job]
+        results: dict[str, Outcome] = {}
         for name in names:
             try:
-                results[name] = run(name, **kwargs)
+                results[name] = run(self, name, **kwargs)
             except StorageUnavailable:
                 raise
             except Exception as e:  # noqa: BLE001 - returned to the caller, which logs it
-                results[name] = e
+                results[name] = _failed(name, e)
         return results
 
     def close(self) -> None:
@@ -432,14 +454,14 @@ class Fleet:
             return None
         position = Position.from_dict(record.position) if record.position else None
         capture = Capture(record.path, self.replica(name), position=position)
-        leaser = self._leaser(name)
+        active = _Active(capture, time.monotonic())
         with self._guard:
-            kept = self._kept_leases.pop(name, None)
-        active = _Active(capture, leaser, kept, time.monotonic())
-        self._install_fence(name, active)
-        with self._guard:
+            held = self._leases.get(name)
+            if held is None:
+                held = self._leases[name] = HeldLease(self._leaser(name))
             self._active[name] = active
             count = len(self._active)
+        capture.fence = held.check
         if count > self.trim_to:
             self._crowded.set()
         if count > self.max_open:
@@ -480,40 +502,17 @@ class Fleet:
         finally:
             lock.release()
 
-    def _hold_lease(self, active: _Active) -> None:
-        """Take or renew the tenant's lease; a lease half-way to expiry is renewed."""
-        lease = active.lease
-        if lease is not None and _now() < lease.expires_at - active.leaser.ttl / 2:
-            return
-        try:
-            active.lease = active.leaser.renew(lease) if lease is not None else active.leaser.acquire()
-        except LeaseHeld:
-            active.lease = None
-            raise
-        active.lease_unrecorded = True
-
-    @staticmethod
-    def _install_fence(name: str, active: _Active) -> None:
-        """The capture's check before every upload, and before a checkpoint copies frames
-        not yet shipped: a process paused after :meth:`_hold_lease`, or releasing a tenant
-        whose lease has passed to another host, must not write (nor let the WAL restart).
-        A clock comparison, no I/O (it also runs under the checkpoint barrier)."""
-        def fence(active=active):
-            lease = active.lease
-            if lease is None:
-                raise LeaseHeld(f"{name}: lease not held by this process")
-            if not active.leaser.held(lease):
-                raise LeaseHeld(f"{name}: lease generation {lease.generation} no longer held")
-
-        active.capture.fence = fence
-
-    def _drop(self, name: str) -> None:
+    def _drop(self, name: str, keep_lease: bool = True) -> None:
+        """Close the tenant's capture. Its lease is kept (until it expires) unless
+        ``keep_lease`` is false or there is none: then it is forgotten, not released."""
         with self._guard:
             active = self._active.pop(name, None)
+            held = self._leases.get(name)
+            if held is not None and (not keep_lease or held.lease is None):
+                del self._leases[name]
         if active is not None:
             active.capture.close()
-            # The fence refers to ``active``, which holds the capture: without this the
-            # released tenant is a reference cycle that only the garbage collector frees.
-            # At 10,000 tenants those cycles made a full collection in a worker take
-            # 0.24-0.27 s, every thread stopped, while the lag test ran.
-            active.capture.fence = None
+
+
+# The storage-only jobs for_each runs, by name.
+STORAGE_JOBS = {"compact": Fleet.compact, "snapshot": Fleet.snapshot, "retain": Fleet.retain}

@@ -54,7 +54,7 @@ from .layout import LEASE_KEY
 from .storage.base import Storage
 
 __all__ = [
-    "DEFAULT_TTL", "Lease", "Leaser", "decode_lease", "default_owner", "encode_lease", "format_time", "parse_time",
+    "DEFAULT_TTL", "HeldLease", "Lease", "Leaser", "decode_lease", "default_owner", "encode_lease", "format_time", "parse_time",
 ]
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,78 @@ class Leaser:
             owner=current.owner,
             expires_at=current.expires_at,
         )
+
+
+class HeldLease:
+    """This process's hold on one replica's lease: the one place a fleet keeps it.
+
+    It owns the ``Leaser``, the current ``Lease`` (None while not held) and whether the
+    catalogue's lease columns have seen it: they are written with the tenant's next
+    catalogue write (:meth:`unrecorded`), not in a transaction of their own. It outlives
+    the tenant's open capture: after an idle release it is kept until the lease expires, so
+    a tenant that wakes up within the TTL needs no lease write at once, and one renewal
+    later, instead of a release and a new acquisition (two conditional, fsynced writes).
+
+    :meth:`check` is the capture's fence (``capture.fence = held.check``). It refers to
+    nothing but the lease, never to the capture: a released capture is freed by reference
+    counting, with no cycle for the garbage collector to find.
+    """
+
+    __slots__ = ("leaser", "lease", "_unrecorded")
+
+    def __init__(self, leaser: Leaser):
+        self.leaser = leaser
+        self.lease: Lease | None = None
+        self._unrecorded = False
+
+    def hold(self) -> None:
+        """Take the lease, or renew it once half its TTL has passed (well inside the
+        margin ``held`` keeps); raise LeaseHeld, and hold nothing, if another owner has it."""
+        lease = self.lease
+        if lease is not None and self.leaser.now() < lease.expires_at - self.leaser.ttl / 2:
+            return
+        try:
+            self.lease = self.leaser.renew(lease) if lease is not None else self.leaser.acquire()
+        except LeaseHeld:
+            self.lease = None
+            raise
+        self._unrecorded = True
+
+    def held(self) -> bool:
+        """Whether a write fenced by the lease may go ahead now (``Leaser.held``)."""
+        return self.lease is not None and self.leaser.held(self.lease)
+
+    def check(self) -> None:
+        """The fence, run before every upload and before a checkpoint copies frames not
+        yet shipped: a process paused after :meth:`hold`, or releasing a tenant whose
+        lease has passed to another host, must not write (nor let the WAL restart). A
+        clock comparison, no I/O: it also runs under the checkpoint barrier."""
+        if self.lease is None:
+            raise LeaseHeld(f"{self.leaser.storage}: lease not held by this process")
+        if not self.leaser.held(self.lease):
+            raise LeaseHeld(f"{self.leaser.storage}: lease generation {self.lease.generation} no longer held")
+
+    def expired(self) -> bool:
+        """Nothing left worth keeping: no lease, or one past its expiry."""
+        return self.lease is None or self.lease.expired(self.leaser.now())
+
+    def unrecorded(self) -> tuple[str, datetime, int] | None:
+        """The lease columns (holder, expiry, generation) for the tenant's next catalogue
+        write, once per lease taken or renewed; None when the catalogue has them already."""
+        if not self._unrecorded or self.lease is None:
+            return None
+        self._unrecorded = False
+        return self.lease.owner, self.lease.expires_at, self.lease.generation
+
+    def give_up(self) -> tuple[None, None, int] | None:
+        """Release the lease so the next acquirer takes over at once (a shutdown, an
+        archival); the lease columns that say so, for the tenant's catalogue write, or None
+        if nothing was held."""
+        lease, self.lease = self.lease, None
+        if lease is None:
+            return None
+        self.leaser.release(lease)
+        return None, None, lease.generation
 
 
 # -- the lease object's format -----------------------------------------------------

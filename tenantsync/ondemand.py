@@ -16,12 +16,12 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import compactor
 from .catalogue import TenantState
 from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, TenantSyncError
+from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
 from .position import DBStat, Position
 from .restore import restore
@@ -38,17 +38,12 @@ WAIT_FOR_OTHER = 120.0
 HOLDERS_WAIT = 12.0
 
 
-@dataclass(frozen=True)
-class Hydrated:
-    name: str
-    path: str
-    txid: int
-    restored: bool  # False when the database was already local
-    moved_aside: str | None = None  # where a file that was not the tenant's database went
-
-
 class Busy(TenantSyncError):
     """Another live process has been hydrating or archiving the tenant for too long."""
+
+
+class _InUse(TenantSyncError):
+    """Another process has the tenant's files open: the archival is abandoned, a Skipped outcome."""
 
 
 def open_by_others(paths: list[str]) -> list[int]:
@@ -234,14 +229,16 @@ class OnDemand:
 
     # -- archival ------------------------------------------------------------------
 
-    def archive(self, name: str) -> dict:
-        """Ship, snapshot, verify, then remove the tenant's local files; or abort safely."""
+    def archive(self, name: str) -> Archived | Skipped:
+        """Ship, snapshot, verify, then remove the tenant's local files: Archived. Skipped if
+        it was archived already, or is in use by another process (the files stay); other
+        reasons to abort raise ArchiveAborted. Either way nothing is lost."""
         path = self.fleet.resolve(name)
         record = self.catalogue.get(name)
         if record is None:
             raise NotATenant(f"tenant {name}: unknown to the catalogue (not discovered yet)")
         if record.state == TenantState.archived:
-            return {"tenant": name, "archived": True, "txid": record.archived_txid, "skipped": "already archived"}
+            return Skipped(name, Skip.ALREADY_ARCHIVED)
         if record.state in (TenantState.archiving, TenantState.hydrating) and self._recover_dead(record):
             record = self.catalogue.get(name)
         if not self.catalogue.mark(name, TenantState.archiving, expected=_ARCHIVE_FROM, owner=self.owner):
@@ -255,9 +252,11 @@ class OnDemand:
             self.catalogue.unmark(name, self.owner)
             if isinstance(e, TenantSyncError):
                 log.warning("archive %s abandoned: %s", name, e)
+            if isinstance(e, _InUse):
+                return Skipped(name, Skip.IN_USE, str(e))
             raise
         log.info("archived %s at txid %016x, freed %d bytes", name, txid, freed)
-        return {"tenant": name, "archived": True, "txid": txid, "freed": freed}
+        return Archived(name, txid, freed)
 
     @staticmethod
     def _wait_for_holders(files: list[str]) -> None:
@@ -272,11 +271,15 @@ class OnDemand:
 
     def _archive(self, name: str, path: str) -> tuple[int, int]:
         files = [path] + [path + s for s in SIDE_FILES]
-        self.fleet.sync(name, archiving=True)
+        # A Contended pass goes on: another process of this host that wrote first lets go of
+        # the tenant in a moment, and the restore compared below proves what the replica holds.
+        shipped = self.fleet.sync(name, archiving=True)
+        if isinstance(shipped, Failed):
+            raise shipped.error
         self.fleet.release(name)  # checkpointed under our barrier, our handles closed
         holders = open_by_others(files)
         if holders:
-            raise ArchiveAborted(f"tenant {name}: {path} is open by pid {', '.join(map(str, holders))}")
+            raise _InUse(f"tenant {name}: {path} is open by pid {', '.join(map(str, holders))}")
         stat = DBStat.of(path)
         replica = self.fleet.replica(name)
         compactor.snapshot(replica, self.fleet.config.levels, force=True)
@@ -289,7 +292,7 @@ class OnDemand:
         os.rename(path, quarantine)
         if open_by_others([quarantine] + files[1:]) or DBStat.of(quarantine) != stat:
             os.rename(quarantine, path)
-            raise ArchiveAborted(f"tenant {name}: {path} was opened or written during archival")
+            raise _InUse(f"tenant {name}: {path} was opened or written during archival")
         if not self.catalogue.unmark(name, self.owner, state=TenantState.archived, txid=result.txid,
                                      archived_txid=result.txid, position=None,
                                      last_sync_at=datetime.now(timezone.utc)):

@@ -11,17 +11,16 @@ message's text to tell outcomes apart.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 class Skip(enum.Enum):
     """Why a job did nothing, by design rather than by failure."""
 
-    NOT_REPLICABLE = "archived, hydrating or being archived: that job ships it"
-    NOTHING_TO_MERGE = "nothing to merge at this level"
+    NOT_REPLICABLE = "unknown, archived, hydrating or being archived: that job ships it"
+    NOTHING_TO_WRITE = "not due yet, or nothing new to merge"
     IN_USE = "in use by the application or another process"
     ALREADY_ARCHIVED = "already archived"
-    NOT_ARCHIVED = "not archived: nothing to hydrate"
 
 
 class Full(enum.Enum):
@@ -48,7 +47,7 @@ class Contention(enum.Enum):
 
 @dataclass(frozen=True)
 class Shipped:
-    """A sync uploaded an L0 file (or a release shipped the tail)."""
+    """A sync uploaded an L0 file; ``full`` says why it holds every page, if it does."""
 
     tenant: str
     txid: int
@@ -82,6 +81,10 @@ class Skipped:
     reason: Skip
     detail: str = ""
 
+    def __str__(self) -> str:
+        """One line for a person: the detail if there is one, else the reason."""
+        return self.detail or f"tenant {self.tenant}: {self.reason.value}"
+
 
 @dataclass(frozen=True)
 class Failed:
@@ -112,20 +115,24 @@ class Deleted:
 
 @dataclass(frozen=True)
 class Archived:
-    """The tenant's local files are gone; its replica holds it up to ``txid``."""
+    """The tenant's local files (``freed`` bytes) are gone; its replica holds it up to ``txid``."""
 
     tenant: str
     txid: int
+    freed: int
 
 
 @dataclass(frozen=True)
 class Hydrated:
-    """The tenant is local again at ``path`` as of ``txid``; ``restored`` if it was fetched."""
+    """The tenant is local at ``path`` as of ``txid``; ``restored`` if it was fetched (False:
+    it was local and replicated already). ``moved_aside`` is where a file found at ``path``
+    that was not the replica's database went."""
 
     tenant: str
     path: str
-    txid: int | None
+    txid: int
     restored: bool
+    moved_aside: str | None = None
 
 
 Outcome = Shipped | NothingNew | Contended | Skipped | Failed | Written | Deleted | Archived | Hydrated
@@ -134,3 +141,17 @@ Outcome = Shipped | NothingNew | Contended | Skipped | Failed | Written | Delete
 def is_done(outcome: Outcome) -> bool:
     """Whether the runtime may forget the job: not contended, not a transient failure."""
     return not isinstance(outcome, Contended) and not (isinstance(outcome, Failed) and outcome.transient)
+
+
+def as_dict(outcome: Outcome) -> dict:
+    """The outcome as JSON-ready fields, ``outcome`` naming its type (enums by member name,
+    an error as its type and message): for results that cross a JSON serializer (Celery's)."""
+    out: dict = {"outcome": type(outcome).__name__}
+    for f in fields(outcome):
+        value = getattr(outcome, f.name)
+        if isinstance(value, enum.Enum):
+            value = value.name.lower()
+        elif isinstance(value, BaseException):
+            value = f"{type(value).__name__}: {value}"
+        out[f.name] = value
+    return out

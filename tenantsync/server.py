@@ -1,7 +1,7 @@
 """``tenantsync serve``: the hydration API over HTTP, for applications in any language.
 
     POST /tenants/{name}/hydrate   body {} or {"txid": N} / {"timestamp": "…"}  → 200 tenant JSON
-    POST /tenants/{name}/archive                                               → 200 result JSON
+    POST /tenants/{name}/archive                                               → 200 tenant JSON
     GET  /tenants/{name}                                                       → 200 tenant JSON
     GET  /healthz                                                              → 200 {"ok": true, …}
 
@@ -9,6 +9,8 @@ Errors are JSON ``{"error": "<one line>"}``, their status chosen by the error's 
 (``STATUS``): 400 (a malformed body, a bad name or target), 404 (not a tenant of this
 fleet, or nothing in its replica), 409 (busy, aborted, or the catalogue's row does not
 match the fleet), 502 (the replica failed), 500 (a bug: its traceback goes to the log).
+A job that did nothing by design answers by why (``SKIPPED``): an archival refused
+because the tenant is in use is a 409 too.
 Requests are served by threads; hydrations of one tenant coalesce in ``OnDemand``.
 """
 
@@ -23,6 +25,7 @@ from urllib.parse import unquote
 
 from .catalogue import TenantRecord
 from .errors import InvalidArgument, NotATenant, ReplicaEmpty, StorageError, TenantSyncError
+from .outcome import Archived, Skip, Skipped
 from .targets import parse_timestamp, parse_txid
 from .tenants import check_name
 
@@ -36,6 +39,8 @@ MAX_BODY = 64 << 10  # a hydrate body is a few bytes; anything larger is refused
 _ROUTE = re.compile(r"^/tenants/(?P<name>[^?]+?)(?:/(?P<action>hydrate|archive))?/?$")
 # The most specific class wins (the first in an error's method resolution order).
 STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, StorageError: 502, TenantSyncError: 409}
+# A Skipped outcome's status, by its reason: archived already is what was asked for.
+SKIPPED = {Skip.ALREADY_ARCHIVED: 200, Skip.IN_USE: 409}
 
 
 def status_of(e: TenantSyncError) -> int:
@@ -50,6 +55,17 @@ def hydrate_target(body: dict) -> dict:
     txid, ts = body.get("txid"), body.get("timestamp")
     return {"txid": None if txid is None else parse_txid(txid),
             "timestamp": None if ts is None else parse_timestamp(ts)}
+
+
+def archive_answer(outcome: Archived | Skipped, record: TenantRecord | None) -> tuple[int, dict]:
+    """An archival's HTTP status and body: the tenant's row, ``archived`` and the bytes
+    ``freed``, or, if it was Skipped, why (an error body when that is a refusal)."""
+    if isinstance(outcome, Archived):
+        return 200, tenant_json(record, archived=True, freed=outcome.freed)
+    status = SKIPPED[outcome.reason]
+    if status >= 400:
+        return status, {"error": str(outcome)}
+    return status, tenant_json(record, archived=outcome.reason is Skip.ALREADY_ARCHIVED, skipped=outcome.reason.value)
 
 
 def tenant_json(record: TenantRecord | None, **extra) -> dict:
@@ -131,7 +147,8 @@ def make_handler(ondemand: OnDemand):
             if action == "archive":
                 if body:
                     raise InvalidArgument("archive takes no body")
-                return 200, ondemand.archive(name)
+                outcome = ondemand.archive(name)
+                return archive_answer(outcome, catalogue.get(name))
             result = ondemand.hydrate(name, **hydrate_target(body))
             extra = {"restored": result.restored}
             if result.moved_aside:

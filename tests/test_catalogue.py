@@ -114,7 +114,7 @@ def _open_concurrently(url: str, index: int, start, results) -> None:
         start.wait(60)
         with Catalogue(url, fleet=FLEET) as c:
             c.discover(f"p{index}", f"/srv/p{index}.db", f"host{index}")
-            c.record_sync(f"p{index}", txid=index + 1, position=None, at=T0)
+            c.record_sync(f"p{index}", txid=index + 1, position=None, at=T0, state=S.active)
         results.put((index, None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((index, traceback.format_exc()))
@@ -132,8 +132,8 @@ def test_concurrent_opens_of_a_fresh_database_all_succeed(url):
     assert {i: err for i, err in outcomes.items() if err} == {}
     assert all(p.exitcode == 0 for p in procs)
     with Catalogue(url, fleet=FLEET) as c:
-        assert [t.name for t in c.list()] == ["p0", "p1", "p2", "p3"]
-        assert [t.txid for t in c.list()] == [1, 2, 3, 4]
+        assert [t.name for t in c.records()] == ["p0", "p1", "p2", "p3"]
+        assert [t.txid for t in c.records()] == [1, 2, 3, 4]
         with c.engine.connect() as conn:
             assert conn.execute(sa.text(f"SELECT count(*) FROM {VERSION_TABLE}")).scalar() == 1
 
@@ -170,7 +170,7 @@ def test_forked_child_opens_its_own_connections(cat):
     if parent_backend is not None:
         assert child_backend != parent_backend
         assert _backend_pid(cat) == parent_backend  # the parent's connection is intact
-    cat.record_sync("a", txid=1, position=None, at=T0)
+    cat.record_sync("a", txid=1, position=None, at=T0, state=S.active)
     assert cat.get("a").last_write_at == T0
 
 
@@ -189,7 +189,7 @@ def _write_many(url: str, names: list[str], start, results) -> None:
             start.wait(60)
             begun = time.monotonic()
             for i in range(300):
-                c.record_sync(names[i % len(names)], txid=i + 1, position=None, at=T0)
+                c.record_sync(names[i % len(names)], txid=i + 1, position=None, at=T0, state=S.active)
             results.put((os.getpid(), time.monotonic() - begun, None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((os.getpid(), None, traceback.format_exc()))
@@ -215,7 +215,7 @@ def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
         p.join(30)
     assert [err for _, _, err in outcomes if err] == []
     with Catalogue(url, fleet=FLEET, busy_timeout=0.5) as c:
-        assert {t.txid for t in c.list()} == {298, 299, 300}  # the last write of each tenant
+        assert {t.txid for t in c.records()} == {298, 299, 300}  # the last write of each tenant
         fd = os.open(f"{tmp_path}/cat.db.lock", os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process's writer, stuck
         try:
@@ -258,7 +258,7 @@ def test_discover_inserts_idle_and_is_idempotent(cat):
     assert t.position is None and t.last_sync_at is None and t.archived_txid is None
     assert t.created_at.tzinfo is UTC and t.created_at == t.updated_at
 
-    cat.record_sync("acme", txid=7, position={"txid": 7, "wal_offset": 4096}, at=T0, bytes_added=100)
+    cat.record_sync("acme", txid=7, position={"txid": 7, "wal_offset": 4096}, at=T0, state=S.active, bytes_added=100)
     before = cat.get("acme")
     again = cat.discover("acme", "/srv/acme.db", "h1")
     assert again == before  # nothing written, not even updated_at
@@ -273,7 +273,7 @@ def test_discover_inserts_idle_and_is_idempotent(cat):
 def test_discover_many_10k(cat, capsys):
     items = [(f"tenant-{i:05d}", f"/srv/tenants/{i:05d}.db") for i in range(10_000)]
     cat.discover("tenant-00042", "/srv/tenants/00042.db", "h1")
-    cat.record_sync("tenant-00042", txid=9, position={"k": 1}, at=T0)
+    cat.record_sync("tenant-00042", txid=9, position={"k": 1}, at=T0, state=S.active)
 
     started = time.perf_counter()
     written = cat.discover_many(items, "h1")
@@ -289,7 +289,7 @@ def test_discover_many_10k(cat, capsys):
                                     "hydrating": 0, "error": 0}
     kept = cat.get("tenant-00042")
     assert (kept.state, kept.txid, kept.position) == (S.active, 9, {"k": 1})
-    listed = cat.list(host="h1")
+    listed = cat.records(host="h1")
     assert [t.name for t in listed] == [name for name, _ in items]
 
     # Moved tenants (new path or host) are updated, the rest untouched; duplicates: last wins.
@@ -297,7 +297,7 @@ def test_discover_many_10k(cat, capsys):
     assert cat.discover_many(moved, "h1") == 2
     assert cat.get("tenant-00002").path == "/new/2b.db"
     assert cat.discover_many(items[:3], "h2") == 3
-    assert [t.name for t in cat.list(host="h2")] == ["tenant-00000", "tenant-00001", "tenant-00002"]
+    assert [t.name for t in cat.records(host="h2")] == ["tenant-00000", "tenant-00001", "tenant-00002"]
     assert cat.get("tenant-00001").path == "/srv/tenants/00001.db"
     assert cat.discover_many([], "h1") == 0
 
@@ -319,7 +319,7 @@ def test_transition_compare_and_set(cat):
 
 def test_transition_to_archived_records_archived_txid(cat):
     cat.discover("a", "/a", "h")
-    cat.record_sync("a", txid=41, position=None, at=T0)
+    cat.record_sync("a", txid=41, position=None, at=T0, state=S.active)
     assert cat.transition("a", S.archiving, expected={S.active})
     assert cat.transition("a", S.archived, expected={S.archiving})
     t = cat.get("a")
@@ -359,7 +359,7 @@ def test_archived_to_hydrating_race_has_one_winner(cat):
 
 def test_record_sync(cat):
     cat.discover("a", "/a", "h")
-    cat.record_sync("a", txid=3, position={"txid": 3, "checksum": [1, 2]}, at=T0, bytes_added=4096)
+    cat.record_sync("a", txid=3, position={"txid": 3, "checksum": [1, 2]}, at=T0, state=S.active, bytes_added=4096)
     t = cat.get("a")
     assert (t.state, t.txid, t.position, t.last_sync_at, t.bytes_stored) == \
         (S.active, 3, {"txid": 3, "checksum": [1, 2]}, T0, 4096)
@@ -367,18 +367,18 @@ def test_record_sync(cat):
     cat.record_error("a", "disk I/O error")
     t = cat.get("a")
     assert (t.state, t.last_error) == (S.error, "disk I/O error")
-    cat.record_sync("a", txid=4, position=None, at=T0 + timedelta(seconds=1), bytes_added=100)
+    cat.record_sync("a", txid=4, position=None, at=T0 + timedelta(seconds=1), state=S.active, bytes_added=100)
     t = cat.get("a")
     assert (t.state, t.last_error, t.txid, t.position, t.bytes_stored) == (S.active, None, 4, None, 4196)
 
     # States owned by transition() are left alone.
     assert cat.transition("a", S.archiving, expected={S.active})
-    cat.record_sync("a", txid=5, position=None, at=T0 + timedelta(seconds=2))
+    cat.record_sync("a", txid=5, position=None, at=T0 + timedelta(seconds=2), state=S.active)
     t = cat.get("a")
     assert (t.state, t.txid, t.bytes_stored) == (S.archiving, 5, 4196)
 
     with pytest.raises(UnknownTenant, match="missing"):
-        cat.record_sync("missing", txid=1, position=None, at=T0)
+        cat.record_sync("missing", txid=1, position=None, at=T0, state=S.active)
     cat.record_writes(["missing"], T0)  # a vanished file's late event: ignored
     assert cat.get("missing") is None
 
@@ -386,11 +386,11 @@ def test_record_sync(cat):
 def test_record_sync_of_a_release_goes_idle(cat):
     for name in ("active", "errored", "archiving"):
         cat.discover(name, f"/{name}", "h")
-        cat.record_sync(name, txid=1, position=None, at=T0)
+        cat.record_sync(name, txid=1, position=None, at=T0, state=S.active)
     cat.record_error("errored", "x")
     assert cat.transition("archiving", S.archiving)
     for name in ("active", "errored", "archiving"):
-        cat.record_sync(name, txid=2, position=None, at=None, idle=True)
+        cat.record_sync(name, txid=2, position=None, at=None, state=S.idle)
     states = {name: (cat.get(name).state, cat.get(name).txid, cat.get(name).last_sync_at)
               for name in ("active", "errored", "archiving")}
     assert states == {"active": (S.idle, 2, T0), "errored": (S.idle, 2, T0), "archiving": (S.archiving, 2, T0)}
@@ -427,13 +427,13 @@ def test_record_lease_compaction_snapshot(cat):
     t = cat.get("a")
     assert (t.lease_holder, t.lease_expires_at, t.generation) == (None, None, 4)
     # A sync records a newly taken lease in the same write.
-    cat.record_sync("a", txid=7, position=None, at=T0, lease=("h:worker-2", T0 + timedelta(seconds=60), 5))
+    cat.record_sync("a", txid=7, position=None, at=T0, state=S.active, lease=("h:worker-2", T0 + timedelta(seconds=60), 5))
     t = cat.get("a")
     assert (t.txid, t.lease_holder, t.lease_expires_at, t.generation) == (7, "h:worker-2", T0 + timedelta(seconds=60), 5)
-    cat.record_sync("a", txid=8, position=None, at=T0)  # without one: the mirror stays
+    cat.record_sync("a", txid=8, position=None, at=T0, state=S.active)  # without one: the mirror stays
     assert (cat.get("a").txid, cat.get("a").lease_holder) == (8, "h:worker-2")
     # A release that shipped nothing stores its position but does not count as a sync.
-    cat.record_sync("a", txid=8, position={"txid": 8, "backfilled": True}, at=None)
+    cat.record_sync("a", txid=8, position={"txid": 8, "backfilled": True}, at=None, state=S.active)
     t = cat.get("a")
     assert (t.position, t.last_sync_at) == ({"txid": 8, "backfilled": True}, T0)
 
@@ -442,7 +442,7 @@ def test_datetimes_are_utc_and_naive_ones_are_refused(cat):
     cat.discover("a", "/a", "h")
     paris = timezone(timedelta(hours=1))
     at = datetime(2026, 1, 1, 13, 0, 0, 123456, tzinfo=paris)
-    cat.record_sync("a", txid=1, position=None, at=at)
+    cat.record_sync("a", txid=1, position=None, at=at, state=S.active)
     got = cat.get("a").last_sync_at
     assert got == at and got.tzinfo is UTC and got.hour == 12 and got.microsecond == 123456
     with pytest.raises(ValueError, match="naive"):
@@ -455,7 +455,7 @@ def test_records_are_detached_snapshots(url):
     c = Catalogue(url, fleet=FLEET)
     c.discover("a", "/a", "h")
     t = c.get("a")
-    listed = c.list()
+    listed = c.records()
     c.close()  # no session, no connection: the records still work
     assert isinstance(t, TenantRecord) and t.name == "a" and listed[0].state is S.idle
     with pytest.raises(AttributeError):
@@ -464,17 +464,17 @@ def test_records_are_detached_snapshots(url):
 
 def test_get_list_and_count_by_state(cat):
     assert cat.get("nope") is None
-    assert cat.list() == []
+    assert cat.records() == []
     assert cat.count_by_state() == {s.value: 0 for s in S}
     cat.discover_many([("c", "/c"), ("a", "/a")], "h1")
     cat.discover("b", "/b", "h2")
-    cat.record_sync("b", txid=1, position=None, at=T0)
+    cat.record_sync("b", txid=1, position=None, at=T0, state=S.active)
     cat.record_error("c", "boom")
-    assert [t.name for t in cat.list()] == ["a", "b", "c"]
-    assert [t.name for t in cat.list(state=S.idle)] == ["a"]
-    assert [t.name for t in cat.list(host="h1")] == ["a", "c"]
-    assert [t.name for t in cat.list(state=S.active, host="h1")] == []
-    assert [t.name for t in cat.list(state=S.active, host="h2")] == ["b"]
+    assert [t.name for t in cat.records()] == ["a", "b", "c"]
+    assert [t.name for t in cat.records(state=S.idle)] == ["a"]
+    assert [t.name for t in cat.records(host="h1")] == ["a", "c"]
+    assert [t.name for t in cat.records(state=S.active, host="h1")] == []
+    assert [t.name for t in cat.records(state=S.active, host="h2")] == ["b"]
     assert cat.count_by_state() == {"active": 1, "idle": 1, "archiving": 0, "archived": 0, "hydrating": 0, "error": 1}
 
 
@@ -484,14 +484,14 @@ def test_get_list_and_count_by_state(cat):
 def test_failing_tenants_are_found_once_their_error_is_old_enough(cat):
     for name in ("ok", "failed", "elsewhere"):
         cat.discover(name, f"/{name}", "other" if name == "elsewhere" else "h")
-    cat.record_sync("ok", txid=1, position=None, at=T0)
+    cat.record_sync("ok", txid=1, position=None, at=T0, state=S.active)
     cat.record_error("failed", "too many open files")
     cat.record_error("elsewhere", "x")
     now = datetime.now(timezone.utc)
     assert sorted(cat.failing(now + timedelta(seconds=1))) == ["elsewhere", "failed"]
     assert cat.failing(now + timedelta(seconds=1), host="h") == ["failed"]
     assert cat.failing(now - timedelta(minutes=1)) == []  # failed just now: not yet
-    cat.record_sync("failed", txid=1, position=None, at=now)  # a retry succeeded
+    cat.record_sync("failed", txid=1, position=None, at=now, state=S.active)  # a retry succeeded
     assert cat.failing(now + timedelta(minutes=1), host="h") == []
 
 
@@ -499,16 +499,16 @@ def test_lagging(cat):
     now = T0 + timedelta(minutes=10)
     for name in ("never-written", "synced-after", "lag-old", "lag-new", "never-synced", "caught-up"):
         cat.discover(name, f"/{name}", "h")
-    cat.record_sync("never-written", txid=1, position=None, at=T0)
+    cat.record_sync("never-written", txid=1, position=None, at=T0, state=S.active)
     cat.record_writes(["synced-after"], T0)
-    cat.record_sync("synced-after", txid=1, position=None, at=T0 + timedelta(seconds=1))
-    cat.record_sync("lag-old", txid=1, position=None, at=T0)
+    cat.record_sync("synced-after", txid=1, position=None, at=T0 + timedelta(seconds=1), state=S.active)
+    cat.record_sync("lag-old", txid=1, position=None, at=T0, state=S.active)
     cat.record_writes(["lag-old"], T0 + timedelta(minutes=1))
-    cat.record_sync("lag-new", txid=1, position=None, at=T0)
+    cat.record_sync("lag-new", txid=1, position=None, at=T0, state=S.active)
     cat.record_writes(["lag-new"], now - timedelta(seconds=5))  # too recent: a sync is on its way
     cat.record_writes(["never-synced"], T0 + timedelta(minutes=2))
     cat.record_writes(["caught-up"], T0)
-    cat.record_sync("caught-up", txid=1, position=None, at=T0)  # synced at the write's time
+    cat.record_sync("caught-up", txid=1, position=None, at=T0, state=S.active)  # synced at the write's time
 
     assert [t.name for t in cat.lagging(now, timedelta(seconds=30))] == ["lag-old", "never-synced"]
     assert [t.name for t in cat.lagging(now, timedelta(seconds=1))] == ["lag-old", "never-synced", "lag-new"]
@@ -522,12 +522,12 @@ def test_idle_since(cat):
                        ("synced-only", "h1"), ("errored", "h1")):
         cat.discover(name, f"/{name}", host)
     for name in ("quiet", "busy", "other-host", "errored"):
-        cat.record_sync(name, txid=1, position=None, at=T0)
+        cat.record_sync(name, txid=1, position=None, at=T0, state=S.active)
     cat.record_writes(["quiet"], T0 + timedelta(minutes=1))
     cat.record_writes(["busy"], T0 + timedelta(minutes=6))
     cat.record_writes(["other-host"], T0)
     cat.record_writes(["idle"], T0)  # idle already, not active
-    cat.record_sync("synced-only", txid=1, position=None, at=T0 + timedelta(minutes=2))  # never written
+    cat.record_sync("synced-only", txid=1, position=None, at=T0 + timedelta(minutes=2), state=S.active)  # never written
     cat.record_writes(["errored"], T0)
     cat.record_error("errored", "x")
 
@@ -539,9 +539,9 @@ def test_idle_since(cat):
 def test_synced_since(cat):
     for name in ("never-synced", "old", "edge", "new"):
         cat.discover(name, f"/{name}", "h")
-    cat.record_sync("old", txid=1, position=None, at=T0)
-    cat.record_sync("edge", txid=1, position=None, at=T0 + timedelta(minutes=1))
-    cat.record_sync("new", txid=2, position=None, at=T0 + timedelta(minutes=2))
+    cat.record_sync("old", txid=1, position=None, at=T0, state=S.active)
+    cat.record_sync("edge", txid=1, position=None, at=T0 + timedelta(minutes=1), state=S.active)
+    cat.record_sync("new", txid=2, position=None, at=T0 + timedelta(minutes=2), state=S.active)
     assert cat.synced_since(T0 + timedelta(minutes=1)) == ["edge", "new"]
     assert cat.synced_since(T0) == ["edge", "new", "old"]
     assert cat.synced_since(T0 + timedelta(minutes=3)) == []
@@ -562,9 +562,9 @@ def test_two_fleets_sharing_a_catalogue_never_see_each_others_rows(url):
     assert a.get("app.db").path == "/apps/a/data/app.db"
     assert b.get("app.db").path == "/apps/b/data/app.db"
     assert a.transition("app.db", S.archived, expected={S.idle})
-    a.record_sync("x.db", txid=7, position=None, at=T0)
+    a.record_sync("x.db", txid=7, position=None, at=T0, state=S.active)
     assert b.get("app.db").state is S.idle and b.get("x.db") is None
-    assert [t.name for t in b.list()] == ["app.db"] and b.count_by_state()["archived"] == 0
+    assert [t.name for t in b.records()] == ["app.db"] and b.count_by_state()["archived"] == 0
     assert b.synced_since(T0 - timedelta(1)) == [] and a.synced_since(T0 - timedelta(1)) == ["x.db"]
     a.close(), b.close()
 
@@ -586,7 +586,7 @@ def test_a_catalogue_from_before_fleets_is_carried_over_and_adopted_by_name_and_
                                  "'2026-01-01 00:00:00.000000')"), {"n": name, "p": path, "s": state, "t": txid})
     engine.dispose()
     with Catalogue(url, fleet=FLEET) as c:
-        assert c.list() == []  # rows from before fleets are no one's until adopted
+        assert c.records() == []  # rows from before fleets are no one's until adopted
         assert c.adopt([("a.db", "/d/a.db")]) == 1
         c.discover_many([("b.db", "/d/b.db")], "h")
         a, b = c.get("a.db"), c.get("b.db")

@@ -17,7 +17,7 @@ import pytest
 
 from tenantsync.errors import LeaseHeld, PreconditionFailed, StorageError
 from tenantsync.layout import LEASE_KEY
-from tenantsync.lease import DEFAULT_TTL, Lease, Leaser, decode_lease, encode_lease, format_time, parse_time
+from tenantsync.lease import DEFAULT_TTL, HeldLease, Lease, Leaser, decode_lease, encode_lease, format_time, parse_time
 from tenantsync.storage import open_storage
 
 T0 = datetime(2026, 11, 25, 13, 15, 23, 250000, tzinfo=timezone.utc)
@@ -494,3 +494,44 @@ def test_seaweed_lease_works_with_real_time(seaweed_url):
     assert renewed.expires_at > lease.expires_at and renewed.generation == 1
     assert a.release(renewed)
     assert b.acquire().generation == 2
+
+
+# -- HeldLease: the fleet's hold on one tenant's lease ---------------------------------
+
+
+def test_held_lease_renews_only_past_half_its_ttl_and_reports_each_change_once(storage, clock):
+    held = HeldLease(leaser(storage, "h:1", clock))
+    held.hold()
+    first = held.lease
+    assert held.unrecorded() == ("h:1", T0 + TTL, 1) and held.unrecorded() is None
+    clock.advance(TTL / 2 - timedelta(seconds=1))
+    held.hold()  # not half-way yet: no write
+    assert held.lease is first and held.unrecorded() is None and stored(storage)["expires_at"] == format_time(T0 + TTL)
+    now = clock.advance(timedelta(seconds=1))
+    held.hold()
+    assert held.lease.expires_at == now + TTL and held.lease.generation == 1
+    assert held.unrecorded() == ("h:1", now + TTL, 1)
+
+
+def test_held_lease_check_is_the_fence_and_give_up_hands_over_at_once(storage, clock):
+    held = HeldLease(leaser(storage, "h:1", clock))
+    with pytest.raises(LeaseHeld, match="not held by this process"):
+        held.check()
+    held.hold()
+    held.check()
+    clock.advance(TTL - TTL / 5)  # inside the margin: no longer trusted, though not expired
+    with pytest.raises(LeaseHeld, match="generation 1 no longer held"):
+        held.check()
+    assert not held.held() and not held.expired()
+    held.hold()
+    assert held.give_up() == (None, None, 1) and held.lease is None and held.expired()
+    assert leaser(storage, "h:2", clock).acquire().generation == 2  # taken over without waiting
+    assert held.give_up() is None
+
+
+def test_held_lease_holds_nothing_while_another_owner_has_it(storage, clock):
+    leaser(storage, "h:2", clock).acquire()
+    held = HeldLease(leaser(storage, "h:1", clock))
+    with pytest.raises(LeaseHeld, match="h:2"):
+        held.hold()
+    assert held.lease is None and held.unrecorded() is None

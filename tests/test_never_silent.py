@@ -185,7 +185,7 @@ def test_a_symbolic_link_is_refused_at_discovery_naming_its_target(tmp_path, wat
     assert code == 0, err
     lines = [line for line in err.splitlines() if str(link) in line]
     assert len(lines) == 1 and str(target) in lines[0], err
-    assert [t.name for t in catalogue.list()] == ["good.db"]
+    assert [t.name for t in catalogue.records()] == ["good.db"]
     assert not (tmp_path / "replica" / "link.db").exists()
 
 

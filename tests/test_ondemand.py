@@ -13,6 +13,8 @@ import pytest
 from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import ReplicaEmpty
+from tenantsync.outcome import Archived, Skip, Skipped
+from tenantsync.server import archive_answer
 from tenantsync.fleet import Fleet
 from tenantsync.errors import ArchiveAborted
 from tenantsync.ondemand import OnDemand
@@ -47,7 +49,7 @@ def test_archive_then_hydrate_round_trip_without_reupload(tmp_path, fleet):
     conn.close()
     od = OnDemand(fleet)
     result = od.archive(name)
-    assert result["archived"] and not any(os.path.exists(path + s) for s in ("", "-wal", "-shm"))
+    assert isinstance(result, Archived) and not any(os.path.exists(path + s) for s in ("", "-wal", "-shm"))
     assert fleet.catalogue.get(name).state == TenantState.archived
     hydrated = od.hydrate(name)
     assert hydrated.restored and dump(path) == expected
@@ -55,15 +57,26 @@ def test_archive_then_hydrate_round_trip_without_reupload(tmp_path, fleet):
     conn = app_db(path)
     write_rows(conn, 3)
     out = fleet.sync(name)
-    assert out["txid"] == hydrated.txid + 1 and out["full"] is None  # no second upload
+    assert out.txid == hydrated.txid + 1 and out.full is None  # no second upload
+
+
+def test_archiving_an_archived_tenant_is_skipped_and_answered_as_done(tmp_path, fleet):
+    path, conn = tenant(fleet, tmp_path)
+    conn.close()
+    od = OnDemand(fleet)
+    assert isinstance(od.archive("acme.db"), Archived)
+    again = od.archive("acme.db")
+    assert again == Skipped("acme.db", Skip.ALREADY_ARCHIVED)
+    status, body = archive_answer(again, fleet.catalogue.get("acme.db"))
+    assert (status, body["archived"], body["state"]) == (200, True, "archived")
 
 
 def test_archival_is_abandoned_while_another_process_has_the_file_open(tmp_path, fleet):
     path, conn = tenant(fleet, tmp_path)
     conn.close()
     with application_holding(path):
-        with pytest.raises(ArchiveAborted, match="is open by pid"):
-            OnDemand(fleet).archive("acme.db")
+        outcome = OnDemand(fleet).archive("acme.db")
+        assert outcome.reason is Skip.IN_USE and "is open by pid" in outcome.detail
         assert os.path.exists(path)
         assert fleet.catalogue.get("acme.db").state != TenantState.archived
 
@@ -100,7 +113,7 @@ def test_fork_restores_another_tenant_state_under_a_new_name(tmp_path, fleet):
     fleet.sync("acme.db")
     forked = OnDemand(fleet).hydrate("acme-copy.db", source="acme.db", txid=txid)
     assert dump(forked.path) == first
-    assert fleet.sync("acme-copy.db")["txid"] == 1  # its own replica starts with a snapshot
+    assert fleet.sync("acme-copy.db").txid == 1  # its own replica starts with a snapshot
 
 
 WRITER = r"""
@@ -130,10 +143,11 @@ def test_a_write_during_archival_is_never_lost(tmp_path, fleet):
     outcomes = []
     while writer.poll() is None and not outcomes[-1:] == ["archived"]:
         try:
-            od.archive("acme.db")
-            outcomes.append("archived")
-        except ArchiveAborted:
-            outcomes.append("aborted")
+            archived = isinstance(od.archive("acme.db"), Archived)  # else Skipped: in use
+        except ArchiveAborted:  # the replica did not match the file: written meanwhile
+            archived = False
+        outcomes.append("archived" if archived else "aborted")
+        if not archived:
             fleet.sync("acme.db")
     out, _ = writer.communicate()
     committed = {f"w{line.split()[1]}" for line in (first + out).splitlines() if line.startswith("committed")}
@@ -148,7 +162,7 @@ def test_a_write_during_archival_is_never_lost(tmp_path, fleet):
 
 def test_archival_is_abandoned_while_the_application_in_this_process_has_it_open(tmp_path, fleet):
     path, conn = tenant(fleet, tmp_path)  # embedded mode: the application shares our process
-    with pytest.raises(ArchiveAborted, match="is open by pid"):
-        OnDemand(fleet).archive("acme.db")
+    outcome = OnDemand(fleet).archive("acme.db")
+    assert isinstance(outcome, Skipped) and outcome.reason is Skip.IN_USE and "is open by pid" in outcome.detail
     write_rows(conn, 2)  # the application's connection still works on the real file
     assert os.path.exists(path) and fleet.catalogue.get("acme.db").state != TenantState.archived

@@ -167,7 +167,7 @@ def run_ondemand(tmp_path, redis_server, s3_url, spawn, tenants: int,
     base = f"http://127.0.0.1:{port}"
     assert wait_for(lambda: call(base + "/healthz", timeout=2)[0] == 200 or not server.alive(), 30), server.tail()
     catalogue = open_catalogue(cfg)
-    assert wait_for(lambda: len(catalogue.list()) == tenants or not server.alive(), 30), server.tail()
+    assert wait_for(lambda: len(catalogue.records()) == tenants or not server.alive(), 30), server.tail()
     writer = HotWriter({n: paths[n] for n in hot}, expected)
     writer.start()
     beat = spawn("beat", [os.path.join(BIN, "celery"), "-A", "scheduler.beat", "beat", "--loglevel", "INFO",

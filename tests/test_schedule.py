@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 from scheduler import schedule as schedule_mod
 from scheduler.schedule import Schedule
-from tenantsync.catalogue import open_catalogue
+from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
 
 
@@ -36,7 +36,7 @@ def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path)
     cat = open_catalogue(cfg)
     for name in ("healthy", "failed-first-sync"):
         cat.discover(name, f"{tmp_path}/{name}", "h")
-    cat.record_sync("healthy", txid=1, position=None, at=datetime.now(timezone.utc))
+    cat.record_sync("healthy", txid=1, position=None, at=datetime.now(timezone.utc), state=TenantState.active)
     cat.record_error("failed-first-sync", "cannot open database: Too many open files")  # never written
     rec = Recorder()
     plans = Schedule(cfg, cat, rec)
@@ -53,7 +53,7 @@ def test_compaction_is_offered_only_to_tenants_synced_within_two_intervals(tmp_p
     now = datetime.now(timezone.utc)
     for name, ago in (("recent", 10), ("two-intervals", 50), ("idle", 3600)):
         cat.discover(name, f"{tmp_path}/{name}", "h")
-        cat.record_sync(name, txid=1, position=None, at=now - timedelta(seconds=ago))
+        cat.record_sync(name, txid=1, position=None, at=now - timedelta(seconds=ago), state=TenantState.active)
     cat.discover("never-synced", f"{tmp_path}/never", "h")
     rec = Recorder()
     assert Schedule(cfg, cat, rec).run(1, now) == 2  # L1 every 30 s: synced within 60 s
@@ -72,7 +72,7 @@ def test_host_plans_touch_only_this_hosts_tenants_and_beat_runs_only_storage_pla
     now = datetime.now(timezone.utc)
     for name, host in (("mine.db", "a"), ("theirs.db", "b")):
         cat.discover(name, f"{tmp_path}/{name}", host)
-        cat.record_sync(name, txid=1, position=None, at=now - timedelta(minutes=1))
+        cat.record_sync(name, txid=1, position=None, at=now - timedelta(minutes=1), state=TenantState.active)
         cat.record_writes([name], now - timedelta(seconds=30))  # written after its last sync
     rec = Recorder()
     watcher_plans = Schedule(cfg, cat, rec, host_plans(cfg))
@@ -89,7 +89,6 @@ def test_over_the_disk_budget_the_least_recently_written_idle_tenants_are_archiv
     oldest write first until the rest fit; an active tenant is never chosen for space."""
     from types import SimpleNamespace
 
-    from tenantsync.catalogue import TenantState
 
     now = datetime.now(timezone.utc)
     cfg = plans_config(tmp_path, max_local_bytes=2500,

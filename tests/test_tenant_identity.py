@@ -165,7 +165,7 @@ def test_2_only_tenants_of_the_globs_are_hydrated_or_archived(served):
             code, body = call(base + f"/tenants/{name}/{action}", "POST", b"{}")
             assert code == status and "error" in body, (name, action, code, body)
     assert {p: p.read_bytes() for p in contents} == contents
-    assert [t.name for t in catalogue.list()] == ["c.db"]
+    assert [t.name for t in catalogue.records()] == ["c.db"]
     assert not (d / "replica" / "private").exists() and not (d / "replica" / "lnk").exists()
 
 
@@ -221,5 +221,5 @@ def test_4_unknown_names_leave_no_rows(served):
         assert code == 404 and "no LTX files" in body["error"], body
     assert call(base + "/tenants/c.db%0A/hydrate", "POST", b"{}")[0] == 400
     assert call(base + "/tenants/c.db%0A", "GET")[0] == 400
-    assert [t.name for t in catalogue.list()] == ["c.db"]
+    assert [t.name for t in catalogue.records()] == ["c.db"]
     assert sorted(os.listdir(d / "data")) == ["c.db", "c.db-shm", "c.db-wal", "lnk", "private"]

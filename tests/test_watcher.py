@@ -11,7 +11,7 @@ import time
 import pytest
 
 from scheduler.watcher import Watcher
-from tenantsync.catalogue import open_catalogue
+from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 from tenantsync.file_events import Change
@@ -180,7 +180,7 @@ def test_the_rescan_syncs_a_tenant_whose_main_file_changed_unless_its_capture_re
         write_rows(conn, 1)
         conn.close()
     position = Position(txid=1, page_size=4096, commit=2, backfilled=True, db_stat=DBStat.of(str(data / "b.db")))
-    catalogue.record_sync("b.db", txid=1, position=position.to_dict(), at=None, idle=True)
+    catalogue.record_sync("b.db", txid=1, position=position.to_dict(), at=None, state=TenantState.idle)
     w.rescan()
     assert w.dispatcher.syncs == ["a.db"]
     assert catalogue.get("a.db").last_write_at is not None

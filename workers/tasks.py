@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import random
 
-from tenantsync.errors import ArchiveAborted, StorageUnavailable, log_failure
+from tenantsync.errors import StorageUnavailable, log_failure
+from tenantsync.outcome import Contended, Failed, NothingNew, Shipped, as_dict
 
 from .app import app
 from .runtime import dispatcher, fleet, ondemand, singleton
@@ -24,8 +25,7 @@ RETRY = dict(autoretry_for=(StorageUnavailable,), retry_backoff=1, retry_backoff
 
 # A sync that found the tenant's lease held by another process (or its next TXID already
 # written) shipped nothing, so it runs again, on whichever worker takes it, after about
-# CONTENDED_DELAY seconds; a dead holder's lease expires after lease-ttl (30 s).
-CONTENDED_DELAY = 1.0
+# the outcome's retry_after seconds; a dead holder's lease expires after lease-ttl (30 s).
 CONTENDED_RETRIES = 120
 
 
@@ -39,36 +39,41 @@ def sync(self, names: list[str] | str) -> dict:
     """Sync a batch of this host's tenants (the dispatcher sends up to SYNC_BATCH at once).
 
     Tenants whose lease is held elsewhere, or whose storage is unreachable, are sent
-    again by themselves (the others are done), after CONTENDED_DELAY or a backoff; until
+    again by themselves (the others are done), after their retry_after or a backoff; until
     then they stay pending, so their writes only mark them dirty.
     """
     from scheduler.queue import finish_syncs
 
     names = [names] if isinstance(names, str) else list(names)
-    results: dict[str, dict] = {}
+    results: dict[str, object] = {}
     again: list[str] = []
     unavailable = False
+    contended_after = 0.0
     failed: list[Exception] = []
     retrying: list[str] = []
     try:
         for name in names:
             try:
-                results[name] = _sync_one(name)
-            except StorageUnavailable as e:
-                results[name], unavailable = {"tenant": name, "error": str(e)}, True
-                again.append(name)
-            except Exception as e:  # recorded in the catalogue; the rest of the batch goes on
+                outcome = results[name] = _sync_one(name)
+            except Exception as e:  # the rest of the batch goes on
                 log_failure(log, f"sync {name}", e)
                 failed.append(e)
-            else:
-                if results[name].get("retry"):
-                    again.append(name)
+                continue
+            if isinstance(outcome, Contended):
+                contended_after = max(contended_after, outcome.retry_after)
+                again.append(name)
+            elif isinstance(outcome, Failed) and outcome.transient:
+                unavailable = True
+                again.append(name)
+            elif isinstance(outcome, Failed):  # recorded in the catalogue
+                log_failure(log, f"sync {name}", outcome.error)
+                failed.append(outcome.error)
         limit = RETRY["max_retries"] if unavailable else CONTENDED_RETRIES
         retrying = again if self.request.retries < limit else []
     finally:
         finish_syncs(dispatcher(), [n for n in names if n not in retrying])
     if retrying:
-        delay = min(RETRY["retry_backoff_max"], 2 ** self.request.retries) if unavailable else CONTENDED_DELAY
+        delay = min(RETRY["retry_backoff_max"], 2 ** self.request.retries) if unavailable else contended_after
         raise self.retry(args=[retrying], countdown=delay * (0.5 + random.random()), max_retries=None)
     if failed:
         raise failed[0]  # the job shows as failed in Flower, with the first tenant's error
@@ -81,7 +86,7 @@ def _sync_one(name: str) -> dict:
 
     result = fleet().sync(name)
     rounds = 0
-    while not result.get("retry") and rounds < AGAIN_ROUNDS and take_dirty(dispatcher(), name):
+    while isinstance(result, (Shipped, NothingNew)) and rounds < AGAIN_ROUNDS and take_dirty(dispatcher(), name):
         result, rounds = fleet().sync(name), rounds + 1
     return result
 
@@ -96,7 +101,7 @@ def _storage_jobs(job: str, names: list[str] | str, **kwargs) -> dict:
         results = fleet().for_each(job, names, **kwargs)
     finally:
         dispatcher().finish(job, names, **kwargs)
-    failed = {name: r for name, r in results.items() if isinstance(r, Exception)}
+    failed = {name: r.error for name, r in results.items() if isinstance(r, Failed)}
     for name, e in failed.items():
         log_failure(log, f"{job} {name}", e)
     if failed:
@@ -121,10 +126,9 @@ def retain(names: list[str] | str) -> dict:
 
 @app.task(name="tenantsync.archive")
 def archive(name: str) -> dict:
+    """Archived, or Skipped (in use, archived already), as outcome.as_dict's fields."""
     try:
-        return ondemand().archive(name)
-    except ArchiveAborted as e:  # the tenant is in use: a normal outcome, not a failure
-        return {"tenant": name, "archived": False, "skipped": str(e)}
+        return as_dict(ondemand().archive(name))
     finally:
         dispatcher().finish("archive", [name])
 
