@@ -21,15 +21,16 @@ from tenantsync.config import Config
 from tenantsync.errors import Unshipped
 from tenantsync.fleet import Fleet, freeze_setup
 from tenantsync.ondemand import OnDemand
+from tenantsync.outcome import Outcome
 from tenantsync.server import serve
 from tenantsync.tenants import shard
 
 from .dispatch import InProcessDispatcher
+from .idle import RELEASE_EVERY
 from .job_process import JobProcess, fleet_jobs, storage_process
 from .schedule import Schedule
 from .watcher import Watcher
 
-RELEASE_EVERY = 5.0
 STORAGE_JOBS = ("compact", "snapshot", "retain")
 T = TypeVar("T")
 # Tenants a stop that left data unshipped names on its one line (then how many more).
@@ -37,7 +38,7 @@ SHUTDOWN_NAMES = 10
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
-        on_result: Callable[[str, dict], None] | None = None, http: tuple[str, int] | None = None,
+        on_result: Callable[[str, Outcome], None] | None = None, http: tuple[str, int] | None = None,
         processes: int | None = None) -> None:
     """Watch, replicate and schedule until ``stop``; with ``http``, also serve the API.
 

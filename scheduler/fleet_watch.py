@@ -11,6 +11,7 @@ from tenantsync.config import Config
 from tenantsync.server import serve
 
 from .queue import CeleryDispatcher, CeleryOnDemand
+from .routing import make_app
 from .schedule import Schedule, host_plans
 from .watcher import Watcher
 
@@ -19,8 +20,6 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         http: tuple[str, int] | None = None, app=None) -> None:
     """Watch until ``stop``; ``app`` is the Celery app to send with (a worker running the
     watcher passes its own), else one is made from ``config``."""
-    from workers.app import make_app
-
     app = app or make_app(config)
     dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
     catalogue = open_catalogue(config)

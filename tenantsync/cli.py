@@ -16,6 +16,7 @@ from datetime import MAXYEAR, datetime, timezone
 import click
 
 from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
+from .outcome import Outcome, Shipped
 
 log = logging.getLogger("tenantsync")
 
@@ -262,10 +263,10 @@ def _report_aside(name: str, result) -> None:
                    f"kept as {result.moved_aside}", err=True)
 
 
-def _report_job(job: str, result: dict) -> None:
-    if job == "sync" and result.get("txid"):
-        full = f" full={result['full']!r}" if result.get("full") else ""
-        click.echo(f"synced {result['tenant']} txid={result['txid']:016x} pages={result['pages']}{full}")
+def _report_job(job: str, outcome: Outcome) -> None:
+    if isinstance(outcome, Shipped):
+        full = f" full={outcome.full.value!r}" if outcome.full else ""
+        click.echo(f"synced {outcome.tenant} txid={outcome.txid:016x} pages={outcome.pages}{full}")
 
 
 def _levels(config_path):

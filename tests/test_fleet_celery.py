@@ -34,6 +34,7 @@ import pytest
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import load as load_config
+from tenantsync.outcome import NothingNew, Written
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -527,8 +528,9 @@ def test_sync_requests_go_out_in_batches_and_a_broken_tenant_holds_back_no_other
     tenant's error, clears every pending key and syncs the dirty ones once more."""
     import redis
 
-    from scheduler.queue import SYNC_BATCH, CeleryDispatcher
-    from workers.app import make_app
+    from scheduler.admission import SYNC_BATCH
+    from scheduler.queue import CeleryDispatcher
+    from scheduler.routing import make_app
 
     host = "batch-test"
     config_path = write_config(tmp_path, redis_server.url, host=host)
@@ -640,7 +642,7 @@ def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(
     which compacts; when the worker is SIGKILLed, the child stops by itself."""
     from scheduler.queue import CeleryDispatcher
     from tenantsync.fleet import Fleet
-    from workers.app import make_app
+    from scheduler.routing import make_app
 
     config_path = write_config(tmp_path, redis_server.url, host="lone", levels=[{"level": 1, "interval": "1s"}])
     cfg = load_config(config_path, env={})
@@ -728,8 +730,9 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
     fall between them and the mark then waited for the catch-up check."""
     import queue as queuemod
 
-    from scheduler.queue import CeleryDispatcher, _keys, finish_syncs
-    from workers.app import make_app
+    from scheduler.admission_redis import sync_keys
+    from scheduler.queue import CeleryDispatcher
+    from scheduler.routing import make_app
 
     app = make_app(load_config(write_config(tmp_path, redis_server.url, host="race"), env={}))
     dispatcher = CeleryDispatcher(app, "race")
@@ -737,15 +740,18 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
     app.send_task = lambda task, args, **kw: sent.put(list(args[0]))  # the worker below takes them
     state = {"writes": 0, "synced_from": [], "idle": threading.Event()}
 
+    def sync(name: str) -> NothingNew:
+        state["synced_from"].append(state["writes"])  # the writes this sync covers
+        time.sleep(random.random() * 0.001)
+        return NothingNew(name)
+
     def worker() -> None:
         while True:
             names = sent.get()
             if names is None:
                 return
             state["idle"].clear()
-            state["synced_from"].append(state["writes"])  # the writes this sync covers
-            time.sleep(random.random() * 0.001)
-            finish_syncs(dispatcher, names)
+            dispatcher.run_syncs(names, sync)  # as the sync task: again while dirty, then finish
             if sent.empty():
                 state["idle"].set()
 
@@ -764,7 +770,7 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
             assert state["idle"].wait(5) and sent.empty()
             stranded += max(state["synced_from"]) < state["writes"]
             state["synced_from"].clear()
-            dispatcher.redis.delete(*_keys("a.db"))  # next round from a clean state
+            dispatcher.redis.delete(*sync_keys("a.db"))  # next round from a clean state
     finally:
         sent.put(None)
         thread.join()
@@ -776,8 +782,9 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
 def test_storage_jobs_go_out_in_batches_once_per_tenant_until_finished(tmp_path, redis_server):
     """A plan's 70 compactions are 3 messages (STORAGE_BATCH 32) on the storage queue; offered
     again while queued, none is sent twice; once finished, they may be sent again."""
-    from scheduler.queue import STORAGE_BATCH, CeleryDispatcher
-    from workers.app import make_app
+    from scheduler.admission import STORAGE_BATCH
+    from scheduler.queue import CeleryDispatcher
+    from scheduler.routing import make_app
 
     app = make_app(load_config(write_config(tmp_path, redis_server.url, host="batch"), env={}))
     dispatcher = CeleryDispatcher(app, "batch")
@@ -789,7 +796,10 @@ def test_storage_jobs_go_out_in_batches_once_per_tenant_until_finished(tmp_path,
         messages = [json.loads(m) for m in dispatcher.redis.lrange("storage", 0, -1)]
         batches = [m["headers"]["argsrepr"] for m in messages]
         assert len(messages) == 3 + 2 and STORAGE_BATCH == 32, batches
-        dispatcher.finish("compact", names[:10], level=1)
+        def written(names, level):
+            return {n: Written(n, "compact", "f.ltx", level) for n in names}
+
+        dispatcher.run_jobs("compact", names[:10], written, {"level": 1}, batched=True)  # the task's end
         assert dispatcher.submit("compact", names, level=1) == 10
     finally:
         dispatcher.close()
@@ -801,7 +811,7 @@ def test_a_worker_takes_its_host_queue_before_the_storage_queue(tmp_path, redis_
     so a sync never waits behind a backlog of compactions; round robin would alternate."""
     from kombu import Consumer, Queue
 
-    from workers.app import make_app
+    from scheduler.routing import make_app
 
     app = make_app(load_config(write_config(tmp_path, redis_server.url, host="order"), env={}))
     got = []
@@ -858,7 +868,7 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
     assert wait_for(worker_listed, 30, 0.3), flower.tail() + worker.tail()
 
     from scheduler.queue import CeleryDispatcher
-    from workers.app import make_app
+    from scheduler.routing import make_app
 
     app = make_app(cfg)
     dispatcher = CeleryDispatcher(app, HOST)

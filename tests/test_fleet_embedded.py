@@ -15,6 +15,7 @@ from scheduler import embedded
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.ondemand import open_by_others
+from tenantsync.outcome import Shipped, Written
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -182,8 +183,8 @@ def test_idle_tenants_are_released_and_resume_without_a_full_upload(tmp_path, fi
     assert wait_for(lambda: (catalogue.get("a.db").position or {}).get("backfilled"), 15)
     write_rows(conn, 3)
     assert wait_for(lambda: catalogue.get("a.db").txid == 2, 10)
-    syncs = [r for job, r in results if job == "sync" and r.get("txid") == 2]
-    assert syncs and syncs[0]["full"] is None
+    syncs = [r for job, r in results if isinstance(r, Shipped) and r.txid == 2]
+    assert syncs and syncs[0].full is None
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
 
 
@@ -417,7 +418,7 @@ def test_compaction_runs_in_the_storage_job_process(tmp_path, file_url, running,
         write_rows(conn, 3)
         time.sleep(0.3)
     replica = Replica(open_storage(file_url).child("a.db"))
-    assert wait_for(lambda: any(job == "compact" and r.get("file") for job, r in results), 20)
+    assert wait_for(lambda: any(isinstance(r, Written) and r.job == "compact" for job, r in results), 20)
     assert replica.files(1), "no level-1 file was written"
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
     assert problems == []
