@@ -920,5 +920,5 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
         app.close()
     assert sync_task["name"] == "tenantsync.sync"
     assert sync_task["worker"].startswith("w1@")
-    assert re.search(r"'txid': [1-9]", sync_task["result"]), sync_task  # the job's result, via its event
+    assert re.search(r"Shipped\(tenant='[^']+', txid=[1-9]", sync_task["result"]), sync_task  # via its event
     assert catalogue.get(name).state.value == "active"

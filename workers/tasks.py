@@ -18,23 +18,24 @@ from celery import Task
 from scheduler.admission import BACKOFF_MAX, TRANSIENT_RETRIES, Ended
 from scheduler.schedule import Schedule, storage_plans
 from tenantsync.errors import ArchiveAborted, StorageUnavailable
-from tenantsync.outcome import Failed
+from tenantsync.outcome import Failed, Outcome
 
 from .app import app
 from .runtime import dispatcher, fleet, ondemand, singleton
 
 
-def _handed_on(task: Task, ended: Ended, kwargs: dict | None = None) -> None:
+def _handed_on(task: Task, ended: Ended, kwargs: dict | None = None) -> dict[str, Outcome]:
     """Re-send the tenants the policy re-offers (the message's own arguments if that is all
     of them), as one message after its delay: a retry, counted in ``task.request.retries``,
     the policy's attempt. Else fail the job, with the first tenant's error, if any tenant
-    failed (each is logged already)."""
+    failed (each is logged already), or return each tenant's outcome (Flower shows it)."""
     if ended.retry:
         args = None if len(ended.retry) == len(ended.outcomes) else [list(ended.retry)]
         raise task.retry(args=args, kwargs=kwargs, countdown=ended.retry_delay, max_retries=None)
     failed = [o for o in ended.outcomes.values() if isinstance(o, Failed)]
     if failed:
         raise failed[0].error
+    return ended.outcomes
 
 
 def _names(names: list[str] | str) -> list[str]:
@@ -42,31 +43,31 @@ def _names(names: list[str] | str) -> list[str]:
 
 
 @app.task(name="tenantsync.sync", bind=True, ignore_result=True)
-def sync(self, names: list[str] | str) -> None:
+def sync(self, names: list[str] | str) -> dict[str, Outcome]:
     """Sync a batch of this host's tenants (the dispatcher sends up to SYNC_BATCH at once)."""
-    _handed_on(self, dispatcher().run_syncs(_names(names), fleet().sync, self.request.retries))
+    return _handed_on(self, dispatcher().run_syncs(_names(names), fleet().sync, self.request.retries))
 
 
-def _storage_job(task: Task, job: str, names: list[str] | str, **kwargs) -> None:
+def _storage_job(task: Task, job: str, names: list[str] | str, **kwargs) -> dict[str, Outcome]:
     """One storage job for each of a batch of tenants (the dispatcher sends up to STORAGE_BATCH)."""
     ended = dispatcher().run_jobs(job, _names(names), functools.partial(fleet().for_each, job), kwargs,
                                   batched=True, attempt=task.request.retries)
-    _handed_on(task, ended, kwargs)
+    return _handed_on(task, ended, kwargs)
 
 
 @app.task(name="tenantsync.compact", bind=True, ignore_result=True)
-def compact(self, names: list[str] | str, level: int = 1) -> None:
-    _storage_job(self, "compact", names, level=level)
+def compact(self, names: list[str] | str, level: int = 1) -> dict[str, Outcome]:
+    return _storage_job(self, "compact", names, level=level)
 
 
 @app.task(name="tenantsync.snapshot", bind=True, ignore_result=True)
-def snapshot(self, names: list[str] | str) -> None:
-    _storage_job(self, "snapshot", names)
+def snapshot(self, names: list[str] | str) -> dict[str, Outcome]:
+    return _storage_job(self, "snapshot", names)
 
 
 @app.task(name="tenantsync.retain", bind=True, ignore_result=True)
-def retain(self, names: list[str] | str) -> None:
-    _storage_job(self, "retain", names)
+def retain(self, names: list[str] | str) -> dict[str, Outcome]:
+    return _storage_job(self, "retain", names)
 
 
 def _archive(name: str) -> dict:
