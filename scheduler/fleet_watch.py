@@ -10,7 +10,8 @@ from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.server import serve
 
-from .queue import CeleryDispatcher, CeleryOnDemand
+from .owner import OnDemandVia
+from .queue import CeleryDispatcher, HostQueueRoute
 from .routing import make_app
 from .schedule import Schedule, host_plans
 from .watcher import Watcher
@@ -25,7 +26,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     catalogue = open_catalogue(config)
     server = None
     if http is not None:
-        server = serve(CeleryOnDemand(dispatcher, catalogue, config), *http)
+        server = serve(OnDemandVia(catalogue, HostQueueRoute(dispatcher, config)), *http)
         threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
     try:
         schedule = Schedule(config, catalogue, dispatcher, host_plans(config))

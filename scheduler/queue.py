@@ -66,29 +66,23 @@ class CeleryDispatcher(AdmittingDispatcher):
         self.redis.close()
 
 
-class CeleryOnDemand:
-    """Hydration and archival as Celery jobs on this host's queue, for ``serve`` in fleet mode.
+class HostQueueRoute:
+    """Fleet mode's owners (owner.py): a job on the host queue of the tenant's worker, its
+    result waited for (the HTTP API answers with it, as in embedded mode; the worker's
+    OnDemand coalesces concurrent calls for one tenant). Tenants of other fleets are refused
+    before any job is sent."""
 
-    The HTTP API waits for the job's result, so callers see the same answers as in
-    embedded mode; the worker's OnDemand coalesces concurrent calls for one tenant.
-    """
-
-    def __init__(self, dispatcher: CeleryDispatcher, catalogue, config, timeout: float = 300.0):
+    def __init__(self, dispatcher: CeleryDispatcher, config, timeout: float = 300.0):
         self.dispatcher = dispatcher
-        self.catalogue = catalogue
         self.patterns = [Pattern.parse(g) for g in config.globs]
         self.timeout = timeout
 
-    def hydrate(self, name: str, *, txid: int | None = None, timestamp=None):
-        if timestamp is not None:
+    def __call__(self, job: str, name: str, **kwargs):
+        if kwargs.pop("timestamp", None) is not None:
             raise InvalidArgument("timestamp hydration runs in embedded mode or with `tenantsync fork`")
-        locate(self.patterns, name)  # not a tenant of this fleet: refused before any job is sent
-        job = self.dispatcher.app.send_task("tenantsync.hydrate", args=[name], kwargs={"txid": txid},
-                                            queue=self.dispatcher.host_queue(name))
-        r = job.get(timeout=self.timeout)
-        return Hydrated(name, r["path"], r["txid"], r["restored"])
-
-    def archive(self, name: str) -> dict:
         locate(self.patterns, name)
-        job = self.dispatcher.app.send_task("tenantsync.archive", args=[name], queue=self.dispatcher.host_queue(name))
-        return job.get(timeout=self.timeout)
+        sent = self.dispatcher.app.send_task(f"tenantsync.{job}", args=[name], kwargs=kwargs,
+                                             queue=self.dispatcher.host_queue(name))
+        result = sent.get(timeout=self.timeout)
+        # A result crosses the broker as JSON: a hydration's is made a Hydrated again.
+        return Hydrated(name, result["path"], result["txid"], result["restored"]) if job == "hydrate" else result

@@ -902,9 +902,10 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
         sync_task = dict(found)
         # The application's call in fleet mode: archive the tenant, then hydrate it as a job
         # on the host queue, and find that hydrate job, with its tenant, in Flower.
-        from scheduler.queue import CeleryOnDemand
+        from scheduler.owner import OnDemandVia
+        from scheduler.queue import HostQueueRoute
 
-        ondemand = CeleryOnDemand(dispatcher, catalogue, cfg, timeout=60)
+        ondemand = OnDemandVia(catalogue, HostQueueRoute(dispatcher, cfg, timeout=60))
         archived = ondemand.archive(name)
         assert archived.get("archived", True) and not os.path.exists(path), archived
         hydrated = ondemand.hydrate(name)
