@@ -196,18 +196,20 @@ class AdmittingDispatcher(ABC):
         then end the syncs that are done, admitting again those marked dirty since. The
         caller re-runs ``Ended.retry`` after its delay, as attempt ``attempt + 1``."""
         outcomes = {}
-        for name in names:
-            outcome, rounds = outcome_of("sync", name, sync), 0
-            while (not isinstance(outcome, (Contended, Failed)) and rounds < AGAIN_ROUNDS
-                   and self.store.take_dirty(name)):
+        try:
+            for name in names:
+                outcome, rounds = outcome_of("sync", name, sync), 0
+                while (not isinstance(outcome, (Contended, Failed)) and rounds < AGAIN_ROUNDS
+                       and self.store.take_dirty(name)):
+                    self.on_result("sync", outcome)
+                    outcome, rounds = outcome_of("sync", name, sync), rounds + 1
+                outcomes[name] = outcome
                 self.on_result("sync", outcome)
-                outcome, rounds = outcome_of("sync", name, sync), rounds + 1
-            outcomes[name] = outcome
-            self.on_result("sync", outcome)
-        ended = _ended(outcomes, attempt)
-        done = [name for name in names if name not in ended.retry]
-        if done:
-            self.request_syncs([name for name, dirty in zip(done, self.store.finish(done)) if dirty])
+        finally:  # whatever broke off the batch (a lost store, a failing callback): none stays pending
+            ended = _ended(outcomes, attempt)
+            done = [name for name in names if name not in ended.retry]
+            if done:
+                self.request_syncs([name for name, dirty in zip(done, self.store.finish(done)) if dirty])
         return ended
 
     def run_jobs(self, job: str, names: list[str], call: Callable[..., Any], kwargs: dict, *,
@@ -215,14 +217,17 @@ class AdmittingDispatcher(ABC):
         """Run maintenance job ``job`` for ``names`` (admitted): ``call(names, **kwargs)`` for a
         batched (storage) job, else ``call(name, **kwargs)`` for each; free the once-keys of
         those that are done. The caller re-runs ``Ended.retry`` as for syncs."""
-        if batched:
-            outcomes = outcomes_of_batch(job, names, call, **kwargs)
-        else:
-            outcomes = {name: outcome_of(job, name, call, **kwargs) for name in names}
-        for outcome in outcomes.values():
-            self.on_result(job, outcome)
-        ended = _ended(outcomes, attempt)
-        self.store.release(job_key(job, kwargs), [name for name in names if name not in ended.retry])
+        outcomes: dict[str, Outcome] = {}
+        try:
+            if batched:
+                outcomes = outcomes_of_batch(job, names, call, **kwargs)
+            else:
+                outcomes = {name: outcome_of(job, name, call, **kwargs) for name in names}
+            for outcome in outcomes.values():
+                self.on_result(job, outcome)
+        finally:  # as for syncs: no once-key stays taken by a job that broke off
+            ended = _ended(outcomes, attempt)
+            self.store.release(job_key(job, kwargs), [name for name in names if name not in ended.retry])
         return ended
 
     @abstractmethod
