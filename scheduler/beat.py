@@ -7,24 +7,9 @@ host plans (catch-up, archival) run in each host's watcher (schedule.py says why
 
 from __future__ import annotations
 
-from tenantsync import config as configmod
-from tenantsync import layout
-from workers.app import app
+from .routing import config_or_exit, make_app
+from .schedule import beat_schedule
 
-from .schedule import storage_plans
-
-
-def _entry_name(key) -> str:
-    if key == layout.SNAPSHOT_LEVEL:
-        return "snapshot"
-    return key if isinstance(key, str) else f"compact-level-{key}"
-
-
-def beat_schedule(config: configmod.Config) -> dict:
-    return {
-        _entry_name(key): {"task": "tenantsync.plan", "schedule": every.total_seconds(), "args": [key]}
-        for key, every in storage_plans(config).items()
-    }
-
-
-app.conf.beat_schedule = beat_schedule(configmod.load())
+_config = config_or_exit()
+app = make_app(_config)
+app.conf.beat_schedule = beat_schedule(_config)

@@ -1,43 +1,25 @@
-"""Where sync requests go: in-process threads (embedded) or Celery queues (fleet).
+"""Where sync requests go: in-process threads (embedded) or Celery queues (fleet, queue.py).
 
-Both dispatchers keep at most one sync per tenant queued or running. A request for a
-tenant that already has one marks it *dirty* instead; when the running sync ends it
-runs once more if it was marked. So a hot tenant costs one job at a time, and a write
-that lands during a sync is never left behind.
+Both dispatchers apply one admission policy (admission.py); this one keeps its marks in
+memory and runs the admitted jobs on small thread pools.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Collection, Protocol
 
-from tenantsync.errors import log_failure
-from tenantsync.outcome import Failed
+from tenantsync.outcome import Outcome
 from tenantsync.tenants import shard
 
-log = logging.getLogger(__name__)
+from .admission import STORAGE_BATCH, AdmittingDispatcher, Ended, MemoryStore, batches
 
-# Tenants per storage job handed over at once (a Celery message, a call into the embedded
-# storage process). A level-1 plan at 10,000 tenants under 200 writes/s offers about 6,000
-# compactions, three plans on a 5-minute boundary about 26,000: one hand-over each was 17 us
-# of Python per tenant in the process that also syncs (0.5 s holding the interpreter lock at
-# the boundary; that process's commits waited up to 0.87 s), plus a round trip per tenant.
-STORAGE_BATCH = 32
 # A storage batch waits while more than half the sync threads are busy (syncs are slow:
 # their fsyncs queue behind the storage process's, which nice does not slow), at most this
 # long, so that compaction still moves under a load that never lets up.
 STORAGE_YIELDS_FOR = 2.0
-
-
-def job_key(job: str, kwargs: dict) -> str:
-    """A maintenance job's name with its arguments: at most one per (job, tenant, arguments)
-    is queued or running. The schedule offers compactions every interval and archival candidates every
-    run; at 10,000 tenants a round of compactions outlasted the interval, and without this
-    the queue only grew (the worker never went idle)."""
-    return ":".join([job, *(f"{k}={kwargs[k]}" for k in sorted(kwargs))])
 
 
 class Dispatcher(Protocol):
@@ -54,7 +36,7 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
 
-class InProcessDispatcher:
+class InProcessDispatcher(AdmittingDispatcher):
     """The embedded mode: the same job functions on small thread pools.
 
     Syncs get their own pool: a compaction or archive of a big tenant can take seconds,
@@ -63,105 +45,89 @@ class InProcessDispatcher:
     gets ``workers`` sync threads of its own, so a busy shard's process cannot take every
     thread from the others. Maintenance jobs share ``maintenance_workers`` threads and
     queue among themselves. A job named in ``batched`` takes up to STORAGE_BATCH tenants
-    at once and returns ``{tenant: outcome}`` (a tenant's error as Failed), and yields to
-    busy syncs (STORAGE_YIELDS_FOR).
+    at once and returns ``{tenant: outcome}`` (``Fleet.for_each``), and yields to busy
+    syncs (STORAGE_YIELDS_FOR). Contended and transiently failed jobs are run again after
+    the policy's delay, on a timer.
     """
 
-    def __init__(self, jobs: dict[str, Callable[..., dict]], workers: int = 4,
-                 on_result: Callable[[str, dict], None] | None = None, maintenance_workers: int = 1,
+    def __init__(self, jobs: dict[str, Callable[..., Outcome | dict]], workers: int = 4,
+                 on_result: Callable[[str, Outcome], None] | None = None, maintenance_workers: int = 1,
                  shards: int = 1, batched: Collection[str] = ()):
+        self.memory = MemoryStore()
+        super().__init__(self.memory, on_result)
         self.jobs = jobs
         self.batched = frozenset(batched)
         self.pools = [ThreadPoolExecutor(workers, thread_name_prefix=f"tenantsync-sync{i}") for i in range(shards)]
         self._busy_syncs = workers * shards // 2
         self.maintenance = ThreadPoolExecutor(maintenance_workers, thread_name_prefix="tenantsync-job")
-        self.on_result = on_result or (lambda job, result: None)
-        self._pending: set[str] = set()
-        self._dirty: set[str] = set()
-        self._once: set[tuple[str, str]] = set()
+        self._timers: set[threading.Timer] = set()
+        self._closing = False
         self._lock = threading.Lock()
 
-    def request_sync(self, name: str) -> bool:
-        with self._lock:
-            if name in self._pending:
-                self._dirty.add(name)
-                return False
-            self._pending.add(name)
-        self.pools[shard(name, len(self.pools))].submit(self._run_sync, name)
-        return True
+    def _start_syncs(self, names: list[str], attempt: int = 0) -> None:
+        for name in names:
+            self._submit(self.pools[shard(name, len(self.pools))], self._run_sync, name, attempt)
 
-    def request_syncs(self, names) -> int:
-        return sum(self.request_sync(name) for name in dict.fromkeys(names))
+    def _run_sync(self, name: str, attempt: int) -> None:
+        ended = self.run_syncs([name], self.jobs["sync"], attempt)
+        self._later(ended, self._start_syncs, attempt + 1)
 
-    def _run_sync(self, name: str) -> None:
-        while True:
-            self._run("sync", name)
-            with self._lock:
-                if name not in self._dirty:
-                    self._pending.discard(name)
-                    return
-                self._dirty.discard(name)
+    def _start_jobs(self, job: str, names: list[str], kwargs: dict, attempt: int = 0) -> None:
+        for batch in batches(names, STORAGE_BATCH if job in self.batched else 1):
+            self._submit(self.maintenance, self._run_jobs, job, batch, kwargs, attempt)
 
-    def submit(self, job: str, names, **kwargs) -> int:
-        keyed = job_key(job, kwargs)
-        queued = []
-        with self._lock:
-            for name in dict.fromkeys(names):
-                if (keyed, name) not in self._once:  # else already queued or running
-                    self._once.add((keyed, name))
-                    queued.append(name)
-        size = STORAGE_BATCH if job in self.batched else 1
-        for i in range(0, len(queued), size):
-            self.maintenance.submit(self._run_once, keyed, job, queued[i:i + size], kwargs)
-        return len(queued)
-
-    def _run_once(self, keyed: str, job: str, names: list[str], kwargs: dict) -> None:
-        try:
-            if job not in self.batched:
-                self._run(job, names[0], **kwargs)
-                return
+    def _run_jobs(self, job: str, names: list[str], kwargs: dict, attempt: int) -> None:
+        if job in self.batched:
             self._yield_to_syncs()
-            try:
-                results = self.jobs[job](names, **kwargs)
-            except Exception as e:  # the whole batch: storage unreachable, the process died
-                log_failure(log, f"{job} of {len(names)} tenants ({names[0]}, ...)", e)
-                return
-            for name, result in results.items():
-                if isinstance(result, Failed):
-                    log_failure(log, f"{job} {name}", result.error)
-                else:
-                    self.on_result(job, result)
-        finally:
+        ended = self.run_jobs(job, names, self.jobs[job], kwargs, batched=job in self.batched, attempt=attempt)
+        self._later(ended, lambda names, attempt: self._start_jobs(job, names, kwargs, attempt), attempt + 1)
+
+    def _later(self, ended: Ended, start: Callable[[list[str], int], None], attempt: int) -> None:
+        """Start ``ended.retry`` again after its delay (a timer each: retries are rare)."""
+        if not ended.retry:
+            return
+
+        def fire() -> None:
             with self._lock:
-                self._once.difference_update((keyed, name) for name in names)
+                self._timers.discard(timer)
+            start(list(ended.retry), attempt)
+
+        timer = threading.Timer(ended.retry_delay, fire)
+        timer.daemon = True
+        with self._lock:
+            if self._closing:
+                return
+            self._timers.add(timer)
+        timer.start()
+
+    @staticmethod
+    def _submit(pool: ThreadPoolExecutor, fn: Callable, *args) -> None:
+        """Queue ``fn(*args)``; once the pool is shut down (closing), drop it: a sync admitted
+        again then is not lost, as the final release ships every open tenant."""
+        try:
+            pool.submit(fn, *args)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            pass
 
     def _yield_to_syncs(self) -> None:
         deadline = time.monotonic() + STORAGE_YIELDS_FOR
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self._pending) <= self._busy_syncs:
-                    return
+        while time.monotonic() < deadline and self.memory.pending() > self._busy_syncs:
             time.sleep(0.02)
 
-    def _run(self, job: str, name: str, **kwargs) -> None:
-        try:
-            result = self.jobs[job](name, **kwargs)
-        except Exception as e:  # one tenant's failure must not stop the others
-            log_failure(log, f"{job} {name}", e)
-            return
-        if isinstance(result, Failed):
-            log_failure(log, f"{job} {name}", result.error)
-        else:
-            self.on_result(job, result)
-
     def idle(self) -> bool:
-        with self._lock:
-            return not self._pending
+        """Whether no sync is queued or running."""
+        return not self.memory.pending()
 
     def close(self) -> None:
         """Finish the syncs, and the maintenance jobs already running; the queued ones are
         dropped (the schedule offers them again after a restart): a stop during a plan round
-        at 10,000 tenants would otherwise run thousands of compactions first."""
+        at 10,000 tenants would otherwise run thousands of compactions first. Re-offers
+        waiting on a timer are dropped too (the final release ships every open tenant)."""
+        with self._lock:
+            self._closing = True
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
         for pool in self.pools:
             pool.shutdown(wait=True)
         self.maintenance.shutdown(wait=True, cancel_futures=True)

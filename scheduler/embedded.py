@@ -14,30 +14,30 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Callable, TypeVar
+from typing import Callable
 
 from tenantsync.catalogue import Catalogue, TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import Unshipped
 from tenantsync.fleet import Fleet, freeze_setup
 from tenantsync.ondemand import OnDemand
+from tenantsync.outcome import Outcome
 from tenantsync.server import serve
-from tenantsync.tenants import shard
 
 from .dispatch import InProcessDispatcher
+from .idle import RELEASE_EVERY
 from .job_process import JobProcess, fleet_jobs, storage_process
+from .owner import OnDemandVia, ShardRoute
 from .schedule import Schedule
 from .watcher import Watcher
 
-RELEASE_EVERY = 5.0
 STORAGE_JOBS = ("compact", "snapshot", "retain")
-T = TypeVar("T")
 # Tenants a stop that left data unshipped names on its one line (then how many more).
 SHUTDOWN_NAMES = 10
 
 
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
-        on_result: Callable[[str, dict], None] | None = None, http: tuple[str, int] | None = None,
+        on_result: Callable[[str, Outcome], None] | None = None, http: tuple[str, int] | None = None,
         processes: int | None = None) -> None:
     """Watch, replicate and schedule until ``stop``; with ``http``, also serve the API.
 
@@ -59,8 +59,9 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         child.start()
     local = OnDemand(fleet)
     local.recover()  # hydrations and archivals a killed predecessor left half done
-    ondemand = ShardedOnDemand(local, shards)
-    jobs = {"sync": _on_shard("sync", fleet.sync, shards), "archive": ondemand.archive}
+    route = ShardRoute({"sync": fleet.sync, "hydrate": local.hydrate, "archive": local.archive}, shards)
+    ondemand = OnDemandVia(local.catalogue, route)
+    jobs = {"sync": functools.partial(route, "sync"), "archive": ondemand.archive}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
     dispatcher = InProcessDispatcher(jobs, workers=config.sync_threads, on_result=on_result, shards=len(shards) + 1,
                                      batched=STORAGE_JOBS)
@@ -95,31 +96,3 @@ def _check_shipped(config: Config, catalogue: Catalogue) -> None:
         more = f", ... ({len(failed) - SHUTDOWN_NAMES} more)" if len(failed) > SHUTDOWN_NAMES else ""
         raise Unshipped(f"stopped with committed data not shipped for {len(failed)} tenant(s) in state error "
                         f"(`tenantsync tenants --state error` says why): {', '.join(failed[:SHUTDOWN_NAMES])}{more}")
-
-
-def _on_shard(job: str, local: Callable[..., T], shards: list[JobProcess]) -> Callable[..., T]:
-    """``job`` for a tenant in the process of its shard: here (shard 0) or a child. A
-    child's exception is raised here with its type (``JobProcess.run``)."""
-    def run_job(name: str, **kwargs) -> T:
-        i = shard(name, len(shards) + 1)
-        return local(name, **kwargs) if i == 0 else shards[i - 1].run(job, name, **kwargs)
-
-    return run_job
-
-
-class ShardedOnDemand:
-    """``OnDemand``'s interface for the HTTP API (``hydrate``, ``archive``, ``catalogue``),
-    each call run in the process of the tenant's shard, here or in a child.
-
-    That process holds the tenant's open capture (descriptors, read mark, lease): an
-    archival there releases it first and then finds only other programs' handles, where
-    one run here found the child's and refused ("open by pid N", N our own child); and its
-    tenant lock keeps that process's syncs out of a hydration or fork. Errors keep their
-    type across the pipe, so the server answers as with one process. A fork is routed by
-    the new tenant, whose process will sync it.
-    """
-
-    def __init__(self, local: OnDemand, shards: list[JobProcess]):
-        self.catalogue = local.catalogue
-        self.hydrate = _on_shard("hydrate", local.hydrate, shards)
-        self.archive = _on_shard("archive", local.archive, shards)

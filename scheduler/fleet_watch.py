@@ -10,7 +10,9 @@ from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.server import serve
 
-from .queue import CeleryDispatcher, CeleryOnDemand
+from .owner import OnDemandVia
+from .queue import CeleryDispatcher, HostQueueRoute
+from .routing import make_app
 from .schedule import Schedule, host_plans
 from .watcher import Watcher
 
@@ -19,14 +21,12 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         http: tuple[str, int] | None = None, app=None) -> None:
     """Watch until ``stop``; ``app`` is the Celery app to send with (a worker running the
     watcher passes its own), else one is made from ``config``."""
-    from workers.app import make_app
-
     app = app or make_app(config)
     dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
     catalogue = open_catalogue(config)
     server = None
     if http is not None:
-        server = serve(CeleryOnDemand(dispatcher, catalogue, config), *http)
+        server = serve(OnDemandVia(catalogue, HostQueueRoute(dispatcher, config)), *http)
         threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
     try:
         schedule = Schedule(config, catalogue, dispatcher, host_plans(config))

@@ -29,15 +29,19 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 from tenantsync.outcome import Failed
+from tenantsync.fleet import Fleet, freeze_setup, prepare_process
+from tenantsync.ondemand import OnDemand
+
+from .idle import STORAGE_IDLE_CLOSE, STORAGE_NICE, IdleClock, watch_idle
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +64,10 @@ class JobProcess:
         self._spec = (start, args, threads, nice, logging.getLogger().level)
         self._child: _Child | None = None
         self._guard = threading.Lock()
-        self._busy = 0
-        self._last_used = time.monotonic()
+        self._clock = IdleClock()
         self._closing = threading.Event()
         if idle_close:
-            threading.Thread(target=self._close_when_idle, args=(idle_close,), name=f"{name}-idle",
-                             daemon=True).start()
+            watch_idle(idle_close, lambda: self._close_if_idle(idle_close), self._closing, f"{name}-idle")
 
     def start(self) -> None:
         """Start the child now (else at the first job): spawning takes about a second."""
@@ -78,13 +80,11 @@ class JobProcess:
         sent back as it was)."""
         with self._guard:
             child = self._started()
-            self._busy += 1
+            self._clock.begin()
         try:
             return child.call(job, tenant, kwargs)
         finally:
-            with self._guard:
-                self._busy -= 1
-                self._last_used = time.monotonic()
+            self._clock.end()
 
     @property
     def pid(self) -> int | None:
@@ -96,15 +96,16 @@ class JobProcess:
             self._child = _Child(self.name, *self._spec)
         return self._child
 
-    def _close_when_idle(self, idle_close: float) -> None:
-        while not self._closing.wait(min(5.0, idle_close / 2)):
-            with self._guard:
-                child = self._child
-                if child is None or self._busy or time.monotonic() - self._last_used < idle_close:
-                    continue
-                self._child = None  # a job from now on starts a new child
-            log.info("the %s process had no job for %.0f s; closing it", self.name, idle_close)
-            child.close(120.0)
+    def _close_if_idle(self, idle_close: float) -> bool:
+        """Close the child if it had no job for ``idle_close`` s; the watch goes on (False)."""
+        with self._guard:  # a job starting now waits, then starts a new child
+            child = self._child
+            if child is None or not self._clock.idle_for(idle_close):
+                return False
+            self._child = None
+        log.info("the %s process had no job for %.0f s; closing it", self.name, idle_close)
+        child.close(120.0)
+        return False
 
     def close(self, timeout: float = 120.0) -> None:
         self._closing.set()
@@ -250,15 +251,9 @@ def child_main(fd: int) -> None:
     close()
 
 
-# Compaction is CPU work: niced, so the syncing processes win when cores are short.
-STORAGE_NICE = 10
-# An idle fleet has no storage jobs: their child exits after this long without one.
-STORAGE_IDLE_CLOSE = 30.0
-
-
 def storage_process(config: Config) -> JobProcess:
     """The child for a syncing process's storage-only jobs (compact, snapshot, retain), each
-    for a batch of tenants (dispatch.STORAGE_BATCH): its CPU work then neither holds the
+    for a batch of tenants (admission.STORAGE_BATCH): its CPU work then neither holds the
     syncs' interpreter lock nor wins a core from them."""
     return JobProcess("tenantsync-storage", fleet_jobs, (config, None), nice=STORAGE_NICE,
                       idle_close=STORAGE_IDLE_CLOSE)
@@ -276,10 +271,6 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive, hydrate) and the
     storage-only ones, which take a batch of tenants (only the storage child is sent those).
     With ``release_every``, it releases its idle tenants itself."""
-    from tenantsync.catalogue import open_catalogue
-    from tenantsync.fleet import Fleet, freeze_setup, prepare_process
-    from tenantsync.ondemand import OnDemand
-
     prepare_process()
     # The parent opened (and migrated) the catalogue already; no Alembic here (10 MiB).
     fleet = Fleet(config, open_catalogue(config, migrate=False))

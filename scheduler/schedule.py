@@ -84,6 +84,20 @@ def storage_plans(config: Config) -> dict:
     return every
 
 
+def _entry_name(key) -> str:
+    if key == layout.SNAPSHOT_LEVEL:
+        return "snapshot"
+    return key if isinstance(key, str) else f"compact-level-{key}"
+
+
+def beat_schedule(config: Config) -> dict:
+    """The storage plans as Celery beat entries (beat.py; ``python -m workers --beat``)."""
+    return {
+        _entry_name(key): {"task": "tenantsync.plan", "schedule": every.total_seconds(), "args": [key]}
+        for key, every in storage_plans(config).items()
+    }
+
+
 def host_plans(config: Config) -> dict:
     """This host's plans and their intervals: catch-up, and archival when configured."""
     every = {"catch-up": CATCH_UP_EVERY}

@@ -17,7 +17,7 @@ import click
 
 from .config import Config
 from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
-from .outcome import Archived, Shipped, Skip
+from .outcome import Archived, Outcome, Shipped, Skip
 
 log = logging.getLogger("tenantsync")
 
@@ -275,9 +275,9 @@ def _report_aside(name: str, result) -> None:
                    f"kept as {result.moved_aside}", err=True)
 
 
-def _report_job(job: str, outcome) -> None:
+def _report_job(job: str, outcome: Outcome) -> None:
     if isinstance(outcome, Shipped):
-        full = f" full={outcome.full!r}" if outcome.full else ""
+        full = f" full={outcome.full.value!r}" if outcome.full else ""
         click.echo(f"synced {outcome.tenant} txid={outcome.txid:016x} pages={outcome.pages}{full}")
 
 

@@ -138,11 +138,6 @@ class Hydrated:
 Outcome = Shipped | NothingNew | Contended | Skipped | Failed | Written | Deleted | Archived | Hydrated
 
 
-def is_done(outcome: Outcome) -> bool:
-    """Whether the runtime may forget the job: not contended, not a transient failure."""
-    return not isinstance(outcome, Contended) and not (isinstance(outcome, Failed) and outcome.transient)
-
-
 def as_dict(outcome: Outcome) -> dict:
     """The outcome as JSON-ready fields, ``outcome`` naming its type (enums by member name,
     an error as its type and message): for results that cross a JSON serializer (Celery's)."""
@@ -155,3 +150,20 @@ def as_dict(outcome: Outcome) -> dict:
             value = f"{type(value).__name__}: {value}"
         out[f.name] = value
     return out
+
+
+# The enum-valued fields, for reading ``as_dict``'s member names back.
+_ENUMS = {"full": Full, "why": Contention, "reason": Skip}
+
+
+def from_dict(data: dict) -> Outcome:
+    """The outcome ``as_dict`` wrote (a job's result back from the broker). A ``Failed``
+    outcome does not cross: a failed job raises its error, which Celery carries itself."""
+    kinds = {cls.__name__: cls for cls in (Shipped, NothingNew, Contended, Skipped, Written, Deleted, Archived,
+                                          Hydrated)}
+    cls = kinds[data["outcome"]]
+    values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+    for name, kind in _ENUMS.items():
+        if values.get(name) is not None:
+            values[name] = kind[values[name].upper()]
+    return cls(**values)

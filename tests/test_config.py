@@ -63,7 +63,7 @@ def test_levels_in_litestreams_form_take_their_level_from_their_position(tmp_pat
 
 
 def test_host_workers_split_the_tenants_over_stable_queues():
-    from workers.app import host_queue
+    from scheduler.routing import host_queue
 
     assert load(None, env={"TENANTSYNC_HOST_WORKERS": "3"}).host_workers == 3
     assert load(None, env={"TENANTSYNC_HOST_WORKERS": "3"}).host_processes(embedded=True) == 3

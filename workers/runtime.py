@@ -11,10 +11,13 @@ import threading
 
 from celery.signals import worker_ready, worker_shutdown
 
+from scheduler.idle import RELEASE_EVERY
+from scheduler.queue import CeleryDispatcher
 from tenantsync import config as configmod
 from tenantsync.fleet import Fleet, freeze_setup, prepare_process
+from tenantsync.ondemand import OnDemand
 
-RELEASE_EVERY = 5.0
+from .app import app
 
 _build_lock = threading.RLock()
 
@@ -45,20 +48,14 @@ def fleet() -> Fleet:
 
 
 @singleton
-def dispatcher():
-    from scheduler.queue import CeleryDispatcher
-
-    from .app import app
-
+def dispatcher() -> CeleryDispatcher:
     return CeleryDispatcher(app, fleet().config.host, host_workers=fleet().config.host_processes(embedded=False))
 
 
 @singleton
-def ondemand():
+def ondemand() -> OnDemand:
     """Hydration and archival jobs (tasks.py imports this): one per process, so concurrent
     hydrations of one tenant are coalesced."""
-    from tenantsync.ondemand import OnDemand
-
     return OnDemand(fleet())
 
 

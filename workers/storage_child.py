@@ -6,9 +6,8 @@ minute (6,000 at once at 10,000 tenants under 200 writes/s), they filled every t
 each commit's sync waited for one to end (lag p99 1.25-1.46 s). So a ``--storage`` worker
 never consumes the storage queue itself: it starts ``python -m workers -Q storage`` as a
 niced child process when that queue has messages, with its own few threads, and the child
-exits after STORAGE_IDLE_CLOSE seconds without a job, as the embedded mode's storage child
-does (an idle fleet has no storage jobs; the child is 60-80 MiB). The child is a Celery
-worker like any other: its jobs are acked when they end, so a child killed mid-job has them
+exits after STORAGE_IDLE_CLOSE seconds without a job, by the same clock as the embedded
+mode's storage child (scheduler/idle.py). The child is a Celery worker like any other: its jobs are acked when they end, so a child killed mid-job has them
 redelivered, and Flower shows it by name.
 """
 
@@ -20,13 +19,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import redis
+from celery.signals import task_postrun, task_prerun, worker_ready
 
-from scheduler.job_process import STORAGE_IDLE_CLOSE, STORAGE_NICE
+from scheduler.idle import STORAGE_IDLE_CLOSE, STORAGE_NICE, IdleClock, watch_idle
+from scheduler.routing import STORAGE_QUEUE
 
-from .app import STORAGE_QUEUE, app
+from .app import app
 
 log = logging.getLogger("workers")
 
@@ -93,31 +93,16 @@ class StorageChild:
 def exit_when_idle(idle: float) -> None:
     """In the child: SIGTERM itself (Celery's warm shutdown) after ``idle`` seconds without a
     running job, or as soon as the worker that started it is gone (SIGKILLed)."""
-    from celery.signals import task_postrun, task_prerun, worker_ready
-
     parent = os.getppid()
-    state = {"running": 0, "last": time.monotonic()}
-    lock = threading.Lock()
+    clock = IdleClock()
 
-    def begin(**_) -> None:
-        with lock:
-            state["running"] += 1
+    def stop_if_idle() -> bool:
+        if clock.idle_for(idle) or os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return True
+        return False
 
-    def end(**_) -> None:
-        with lock:
-            state["running"] -= 1
-            state["last"] = time.monotonic()
-
-    def watch() -> None:
-        while True:
-            time.sleep(min(5.0, idle / 4))
-            with lock:
-                quiet = not state["running"] and time.monotonic() - state["last"] >= idle
-            if quiet or os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    task_prerun.connect(begin, weak=False)
-    task_postrun.connect(end, weak=False)
-    worker_ready.connect(lambda **_: threading.Thread(target=watch, name="tenantsync-idle-exit", daemon=True).start(),
+    task_prerun.connect(lambda **_: clock.begin(), weak=False)
+    task_postrun.connect(lambda **_: clock.end(), weak=False)
+    worker_ready.connect(lambda **_: watch_idle(idle, stop_if_idle, threading.Event(), "tenantsync-idle-exit"),
                          weak=False)

@@ -2,141 +2,90 @@
 
 Every task is idempotent (a sync re-reads its position from the catalogue; compaction
 and snapshots write with write-if-absent; retention deletes idempotently), so Celery's
-redelivery after a crash and its retries are safe. Transient storage errors retry with
-exponential backoff; anything else is recorded and fails the job visibly in Flower.
+redelivery after a crash and its retries are safe. What a job's outcome asks for next
+(run again while dirty, re-offer a contended tenant, back off from unreachable storage,
+free the tenant for the schedule) is the dispatcher's admission policy, the same as in
+embedded mode (scheduler/admission.py); a task only turns a re-offer into a Celery retry
+and a failure into a failed job in Flower.
 """
 
 from __future__ import annotations
 
-import logging
-import random
+import functools
 
-from tenantsync.errors import StorageUnavailable, log_failure
-from tenantsync.outcome import Contended, Failed, NothingNew, Shipped, as_dict
+from celery import Task
+
+from scheduler.admission import BACKOFF_MAX, TRANSIENT_RETRIES, Ended
+from scheduler.schedule import Schedule, storage_plans
+from tenantsync.errors import StorageUnavailable
+from tenantsync.outcome import Failed, Outcome, as_dict
 
 from .app import app
 from .runtime import dispatcher, fleet, ondemand, singleton
 
-log = logging.getLogger(__name__)
 
-RETRY = dict(autoretry_for=(StorageUnavailable,), retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
-             max_retries=20)
+def _handed_on(task: Task, ended: Ended, kwargs: dict | None = None) -> dict[str, Outcome]:
+    """Re-send the tenants the policy re-offers (the message's own arguments if that is all
+    of them), as one message after its delay: a retry, counted in ``task.request.retries``,
+    the policy's attempt. Else fail the job, with the first tenant's error, if any tenant
+    failed (each is logged already), or return each tenant's outcome (Flower shows it)."""
+    if ended.retry:
+        args = None if len(ended.retry) == len(ended.outcomes) else [list(ended.retry)]
+        raise task.retry(args=args, kwargs=kwargs, countdown=ended.retry_delay, max_retries=None)
+    failed = [o for o in ended.outcomes.values() if isinstance(o, Failed)]
+    if failed:
+        raise failed[0].error
+    return ended.outcomes
 
 
-# A sync that found the tenant's lease held by another process (or its next TXID already
-# written) shipped nothing, so it runs again, on whichever worker takes it, after about
-# the outcome's retry_after seconds; a dead holder's lease expires after lease-ttl (30 s).
-CONTENDED_RETRIES = 120
-
-
-# Passes one sync job may run for writes that arrived while it ran, before it hands the
-# tenant back to the queue (so one hot tenant cannot hold a thread for long).
-AGAIN_ROUNDS = 4
+def _names(names: list[str] | str) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
 
 
 @app.task(name="tenantsync.sync", bind=True, ignore_result=True)
-def sync(self, names: list[str] | str) -> dict:
-    """Sync a batch of this host's tenants (the dispatcher sends up to SYNC_BATCH at once).
-
-    Tenants whose lease is held elsewhere, or whose storage is unreachable, are sent
-    again by themselves (the others are done), after their retry_after or a backoff; until
-    then they stay pending, so their writes only mark them dirty.
-    """
-    from scheduler.queue import finish_syncs
-
-    names = [names] if isinstance(names, str) else list(names)
-    results: dict[str, object] = {}
-    again: list[str] = []
-    unavailable = False
-    contended_after = 0.0
-    failed: list[Exception] = []
-    retrying: list[str] = []
-    try:
-        for name in names:
-            try:
-                outcome = results[name] = _sync_one(name)
-            except Exception as e:  # the rest of the batch goes on
-                log_failure(log, f"sync {name}", e)
-                failed.append(e)
-                continue
-            if isinstance(outcome, Contended):
-                contended_after = max(contended_after, outcome.retry_after)
-                again.append(name)
-            elif isinstance(outcome, Failed) and outcome.transient:
-                unavailable = True
-                again.append(name)
-            elif isinstance(outcome, Failed):  # recorded in the catalogue
-                log_failure(log, f"sync {name}", outcome.error)
-                failed.append(outcome.error)
-        limit = RETRY["max_retries"] if unavailable else CONTENDED_RETRIES
-        retrying = again if self.request.retries < limit else []
-    finally:
-        finish_syncs(dispatcher(), [n for n in names if n not in retrying])
-    if retrying:
-        delay = min(RETRY["retry_backoff_max"], 2 ** self.request.retries) if unavailable else contended_after
-        raise self.retry(args=[retrying], countdown=delay * (0.5 + random.random()), max_retries=None)
-    if failed:
-        raise failed[0]  # the job shows as failed in Flower, with the first tenant's error
-    return results
+def sync(self, names: list[str] | str) -> dict[str, Outcome]:
+    """Sync a batch of this host's tenants (the dispatcher sends up to SYNC_BATCH at once)."""
+    return _handed_on(self, dispatcher().run_syncs(_names(names), fleet().sync, self.request.retries))
 
 
-def _sync_one(name: str) -> dict:
-    """One tenant's sync, again at once while writes arrived during it (AGAIN_ROUNDS)."""
-    from scheduler.queue import take_dirty
-
-    result = fleet().sync(name)
-    rounds = 0
-    while isinstance(result, (Shipped, NothingNew)) and rounds < AGAIN_ROUNDS and take_dirty(dispatcher(), name):
-        result, rounds = fleet().sync(name), rounds + 1
-    return result
+def _storage_job(task: Task, job: str, names: list[str] | str, **kwargs) -> dict[str, Outcome]:
+    """One storage job for each of a batch of tenants (the dispatcher sends up to STORAGE_BATCH)."""
+    ended = dispatcher().run_jobs(job, _names(names), functools.partial(fleet().for_each, job), kwargs,
+                                  batched=True, attempt=task.request.retries)
+    return _handed_on(task, ended, kwargs)
 
 
-def _storage_jobs(job: str, names: list[str] | str, **kwargs) -> dict:
-    """One storage job for each of a batch of tenants (the dispatcher sends up to
-    STORAGE_BATCH). One tenant's failure does not stop the others; an unreachable storage
-    retries the whole batch (every job is idempotent). Whatever the outcome, the schedule
-    may offer them again afterwards (their once-keys, set when submitted, are cleared)."""
-    names = [names] if isinstance(names, str) else list(names)
-    try:
-        results = fleet().for_each(job, names, **kwargs)
-    finally:
-        dispatcher().finish(job, names, **kwargs)
-    failed = {name: r.error for name, r in results.items() if isinstance(r, Failed)}
-    for name, e in failed.items():
-        log_failure(log, f"{job} {name}", e)
-    if failed:
-        raise next(iter(failed.values()))  # the job shows as failed in Flower, with the first tenant's error
-    return results
+@app.task(name="tenantsync.compact", bind=True, ignore_result=True)
+def compact(self, names: list[str] | str, level: int = 1) -> dict[str, Outcome]:
+    return _storage_job(self, "compact", names, level=level)
 
 
-@app.task(name="tenantsync.compact", ignore_result=True, **RETRY)
-def compact(names: list[str] | str, level: int = 1) -> dict:
-    return _storage_jobs("compact", names, level=level)
+@app.task(name="tenantsync.snapshot", bind=True, ignore_result=True)
+def snapshot(self, names: list[str] | str) -> dict[str, Outcome]:
+    return _storage_job(self, "snapshot", names)
 
 
-@app.task(name="tenantsync.snapshot", ignore_result=True, **RETRY)
-def snapshot(names: list[str] | str) -> dict:
-    return _storage_jobs("snapshot", names)
+@app.task(name="tenantsync.retain", bind=True, ignore_result=True)
+def retain(self, names: list[str] | str) -> dict[str, Outcome]:
+    return _storage_job(self, "retain", names)
 
 
-@app.task(name="tenantsync.retain", ignore_result=True, **RETRY)
-def retain(names: list[str] | str) -> dict:
-    return _storage_jobs("retain", names)
+@app.task(name="tenantsync.archive", bind=True)
+def archive(self, name: str) -> dict:
+    """Archive one tenant (the schedule's candidates, or an HTTP API call waiting for this
+    result: ``OnDemand.archive``'s outcome, as ``as_dict`` fields, since it crosses the broker
+    as JSON)."""
+    ended = dispatcher().run_jobs("archive", [name], ondemand().archive, {}, batched=False,
+                                  attempt=self.request.retries)
+    return as_dict(_handed_on(self, ended)[name])
 
 
-@app.task(name="tenantsync.archive")
-def archive(name: str) -> dict:
-    """Archived, or Skipped (in use, archived already), as outcome.as_dict's fields."""
-    try:
-        return as_dict(ondemand().archive(name))
-    finally:
-        dispatcher().finish("archive", [name])
-
-
-@app.task(name="tenantsync.hydrate", **RETRY)
+@app.task(name="tenantsync.hydrate", autoretry_for=(StorageUnavailable,), retry_backoff=1,
+          retry_backoff_max=BACKOFF_MAX, retry_jitter=True, max_retries=TRANSIENT_RETRIES)
 def hydrate(name: str, txid: int | None = None) -> dict:
-    result = ondemand().hydrate(name, txid=txid)
-    return {"tenant": name, "path": result.path, "txid": result.txid, "restored": result.restored}
+    """Hydrate one tenant for an HTTP API call waiting for this result; unreachable storage
+    backs off as the admission policy does (a caller waits, so no once-key)."""
+    return as_dict(ondemand().hydrate(name, txid=txid))
 
 
 @app.task(name="tenantsync.release_idle", ignore_result=True)
@@ -151,8 +100,6 @@ def plan(key) -> int:
 
 
 @singleton
-def schedule():
-    from scheduler.schedule import Schedule, storage_plans
-
+def schedule() -> Schedule:
     f = fleet()
     return Schedule(f.config, f.catalogue, dispatcher(), storage_plans(f.config))

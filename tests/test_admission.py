@@ -1,0 +1,143 @@
+"""The admission policy (scheduler/admission.py) gives the same sequence of decisions with
+its marks in memory (the embedded runtime) and in Redis (the Celery fleet, a real
+redis-server): one scripted scenario, run over both backends."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from scheduler.admission import (AGAIN_ROUNDS, TRANSIENT_RETRIES, AdmittingDispatcher, Ended, MemoryStore,
+                                 job_key)
+from scheduler.admission_redis import PENDING_TTL, RedisStore, once_key, sync_keys
+from tenantsync.errors import DatabaseError, StorageUnavailable
+from tenantsync.outcome import Contended, Contention, NothingNew, Shipped, Written
+
+
+class Recorder(AdmittingDispatcher):
+    """A runtime that only records what the policy starts."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.started: list[tuple] = []
+
+    def _start_syncs(self, names):
+        self.started.append(("sync", *names))
+
+    def _start_jobs(self, job, names, kwargs):
+        self.started.append((job, *names, *sorted(kwargs.items())))
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    server = request.getfixturevalue("redis_server")
+    client = redis.Redis.from_url(server.url)
+    try:
+        yield RedisStore(client)
+    finally:
+        client.close()
+
+
+def retried(ended: Ended, base: float) -> list[str]:
+    """The re-offered tenants, each checked to wait ``base`` seconds give or take half."""
+    assert all(0.5 * base <= delay <= 1.5 * base for delay in ended.retry.values()), (ended.retry, base)
+    return sorted(ended.retry)
+
+
+def scenario(d: Recorder) -> list:
+    """The script: every decision the policy makes, in order."""
+    seen: list = []
+    step = seen.append
+
+    # Syncs: one pending per tenant; a request while pending marks it dirty.
+    step(d.request_syncs(["a"]))
+    step(d.request_syncs(["a", "a", "b"]))
+    # A write during every pass of a's sync: it runs again at once AGAIN_ROUNDS times, then
+    # ends, and the last write admits it once more.
+    passes = []
+
+    def busy_sync(name):
+        passes.append(name)
+        d.request_syncs([name])
+        return Shipped(name, len(passes), 1, 4096)
+
+    ended = d.run_syncs(["a"], busy_sync)
+    step((len(passes), ended.retry, type(ended.outcomes["a"]).__name__))
+    step(d.run_syncs(["b"], NothingNew).retry)  # b was not marked: ends, not admitted again
+    step(d.request_syncs(["b"]))  # ended: admitted again
+
+    # Maintenance jobs: one per (job, tenant, arguments) until it has run.
+    step(d.submit("compact", ["x", "x", "y"], level=1))
+    step(d.submit("compact", ["x", "y"], level=1))
+    step(d.submit("compact", ["x"], level=2))
+    def written(names, level):
+        return {n: Written(n, "compact", "f.ltx", level) for n in names}
+
+    step(d.run_jobs("compact", ["x", "y"], written, {"level": 1}, batched=True).retry)
+    step(d.submit("compact", ["x"], level=1))  # ended: offered again
+
+    # Contended: re-offered after retry_after, still pending meanwhile (writes mark it dirty).
+    step(d.request_syncs(["c"]))
+    ended = d.run_syncs(["c"], lambda name: Contended(name, Contention.LEASE_HELD, 0.4))
+    step(retried(ended, 0.4))
+    step(d.request_syncs(["c"]))  # still pending: marked dirty, not admitted
+    shipped = []
+    ended = d.run_syncs(["c"], lambda name: shipped.append(name) or Shipped(name, len(shipped), 1, 1), attempt=1)
+    step((shipped, ended.retry))  # the dirty mark ran it again at once, then it ended
+    step(d.request_syncs(["c"]))
+
+    # A transient failure (storage unreachable) backs off exponentially, keeping its once-key;
+    # past TRANSIENT_RETRIES it gives up and frees it. Any other failure is done at once.
+    def unreachable(names, level):
+        raise StorageUnavailable("s3://bucket: connection refused")
+
+    step(d.submit("compact", ["z"], level=3))
+    step(retried(d.run_jobs("compact", ["z"], unreachable, {"level": 3}, batched=True), 1))
+    step(d.submit("compact", ["z"], level=3))  # backing off: not offered again meanwhile
+    step(retried(d.run_jobs("compact", ["z"], unreachable, {"level": 3}, batched=True, attempt=3), 8))
+    step(d.run_jobs("compact", ["z"], unreachable, {"level": 3}, batched=True, attempt=TRANSIENT_RETRIES).retry)
+    step(d.submit("compact", ["z"], level=3))
+    def broken(name):
+        raise DatabaseError(f"{name}: cannot open database")
+
+    step(d.submit("archive", ["w"]))
+    ended = d.run_jobs("archive", ["w"], broken, {}, batched=False)
+    step((ended.retry, ended.outcomes["w"].transient))
+    step(d.submit("archive", ["w"]))
+    step(d.started)
+    return seen
+
+
+EXPECTED = [
+    1, 1,
+    (1 + AGAIN_ROUNDS, {}, "Shipped"), {}, 1,
+    2, 0, 1, {}, 1,
+    1, ["c"], 0, (["c", "c"], {}), 1,
+    1, ["z"], 0, ["z"], {}, 1,
+    1, ({}, False), 1,
+    [("sync", "a"), ("sync", "b"), ("sync", "a"), ("sync", "b"),
+     ("compact", "x", "y", ("level", 1)), ("compact", "x", ("level", 2)), ("compact", "x", ("level", 1)),
+     ("sync", "c"), ("sync", "c"),
+     ("compact", "z", ("level", 3)), ("compact", "z", ("level", 3)),
+     ("archive", "w"), ("archive", "w")],
+]
+
+
+def test_one_scenario_gives_the_same_decisions_in_memory_and_in_redis(store):
+    assert scenario(Recorder(store)) == EXPECTED
+
+
+def test_redis_marks_expire_so_a_killed_worker_cannot_wedge_a_tenant(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        d = Recorder(RedisStore(client))
+        d.request_syncs(["a"])
+        d.request_syncs(["a"])  # pending: marked dirty
+        d.submit("compact", ["x"], level=1)
+        keys = [*sync_keys("a"), once_key(job_key("compact", {"level": 1}), "x")]
+        assert all(0 < client.ttl(key) <= PENDING_TTL for key in keys), [client.ttl(k) for k in keys]
+    finally:
+        client.close()
