@@ -147,7 +147,10 @@ class OnDemand:
         if record is None:
             marked = self.catalogue.claim_new(name, path, self.fleet.config.host, self.owner)
         else:
-            marked = self.catalogue.mark(name, TenantState.hydrating, expected=_HYDRATE_FROM, owner=self.owner)
+            # Only from the state just read: another process may have hydrated the tenant since
+            # (its file is then the live database, not an unknown one to move aside).
+            marked = self.catalogue.mark(name, TenantState.hydrating, expected={record.state} & _HYDRATE_FROM,
+                                         owner=self.owner)
         if not marked:
             return self._wait_for_other(name, path, txid, timestamp, source, waited)
         aside = None

@@ -166,3 +166,36 @@ def test_archival_is_abandoned_while_the_application_in_this_process_has_it_open
     assert isinstance(outcome, Skipped) and outcome.reason is Skip.IN_USE and "is open by pid" in outcome.detail
     write_rows(conn, 2)  # the application's connection still works on the real file
     assert os.path.exists(path) and fleet.catalogue.get("acme.db").state != TenantState.archived
+
+
+def test_a_hydration_that_read_the_tenant_archived_while_another_process_hydrated_it_leaves_it_alone(tmp_path,
+                                                                                                   fleet):
+    """Two processes hydrate one archived tenant: the second read the row (archived) just
+    before the first finished. It must not take the first one's live file for an unknown
+    one (move it aside and restore over it: the application's writes since would be lost)."""
+    path, conn = tenant(fleet, tmp_path)
+    conn.close()
+    first = OnDemand(fleet)
+    assert isinstance(first.archive("acme.db"), Archived)
+    other = Fleet(fleet.config, open_catalogue(fleet.config))
+    second = OnDemand(other)
+    real_get = other.catalogue.get
+    raced, calls = [], []
+
+    def get_then_lose_the_race(name):
+        record = real_get(name)
+        calls.append(name)
+        if len(calls) == 2:  # hydrate's own read (after resolve's): the first process hydrates, and
+            # the application writes, in between
+            raced.append(first.hydrate(name))
+            write_rows(app_db(path), 7)
+            raced.append(dump(path))
+        return record
+
+    other.catalogue.get = get_then_lose_the_race
+    try:
+        result = second.hydrate("acme.db")
+        assert raced and not result.restored and result.moved_aside is None
+        assert dump(path) == raced[1] and not [p for p in os.listdir(tmp_path / "data") if ".unknown-" in p]
+    finally:
+        other.close()
