@@ -16,7 +16,7 @@ from tenantsync.capture import Capture
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import DatabaseError, StorageUnavailable, TenantSyncError
-from tenantsync.outcome import Contended, Contention, Failed, NothingNew, Shipped, Written
+from tenantsync.outcome import Contended, Contention, Failed, NothingNew, Shipped, Skip, Skipped, Written
 from tenantsync.tenants import shard
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
@@ -261,14 +261,14 @@ def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path)
     jobs = JobProcess("tenantsync-storage", fleet_jobs, (cfg, None), nice=10)
     try:
         result = jobs.run("compact", ["a.db", "../b.db"], level=1, force=True)  # a batch
-        assert result["a.db"]["file"] == "0000000000000001-0000000000000003.ltx"
-        assert isinstance(result["../b.db"], TenantSyncError), result  # one failed, not the batch
+        assert result["a.db"].file == "0000000000000001-0000000000000003.ltx"
+        assert isinstance(result["../b.db"].error, TenantSyncError), result  # one failed, not the batch
         first = jobs.pid
         assert first is not None and first != os.getpid()
         assert os.getpriority(os.PRIO_PROCESS, first) == os.getpriority(os.PRIO_PROCESS, 0) + 10
         os.kill(first, signal.SIGKILL)
         assert wait_for(lambda: jobs.pid is None, 10)
-        assert jobs.run("compact", ["a.db"], level=1) == {"a.db": {"tenant": "a.db", "level": 1, "file": None}}
+        assert jobs.run("compact", ["a.db"], level=1) == {"a.db": Skipped("a.db", Skip.NOTHING_TO_WRITE)}
         assert jobs.pid not in (None, first)  # a new child
     finally:
         jobs.close()

@@ -34,7 +34,7 @@ import pytest
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import load as load_config
-from tenantsync.outcome import NothingNew, Written
+from tenantsync.outcome import Archived, NothingNew, Written
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -269,7 +269,7 @@ def queue_lengths(redis_url: str) -> dict[str, int]:
 def lagging(catalogue: Catalogue) -> list:
     """Tenants the catalogue does not show as synced after their last write."""
     return [
-        t for t in catalogue.list()
+        t for t in catalogue.records()
         if not t.txid or t.last_sync_at is None or (t.last_write_at is not None and t.last_sync_at < t.last_write_at)
     ]
 
@@ -341,7 +341,7 @@ def sync_jobs(children) -> int:
     new opened nothing (a two-header peek at the WAL): the wake-up our own checkpoint or
     close of an idle tenant causes costs that much and no more, so it is not counted."""
     return sum(len(re.findall(r"Task tenantsync\.sync\[[0-9a-f-]+\] succeeded in [^\n]*", c.log()))
-               - c.log().count("'skipped': 'nothing new'") for c in children)
+               - c.log().count("NothingNew(") for c in children)
 
 
 def log_stats(children) -> dict:
@@ -405,7 +405,7 @@ def run_fleet(tmp_path, redis_server, spawn, tenants: int, kill_after_restart: b
         wait_worker_ready(w)
     watcher = spawn("watcher", watcher_args(config_path), env)
     catalogue = open_catalogue(cfg)
-    assert wait_for(lambda: len(catalogue.list()) == tenants or not watcher.alive(), 30), watcher.tail()
+    assert wait_for(lambda: len(catalogue.records()) == tenants or not watcher.alive(), 30), watcher.tail()
     timings["start"] = time.monotonic() - t0
 
     writer = Writer(paths, WRITE_SECONDS, WRITE_RATE)
@@ -615,7 +615,7 @@ def test_one_worker_running_the_watcher_and_beat_replicates_compacts_serves_and_
     assert worker.proc.returncode == 0, worker.tail()
     assert "Traceback" not in worker.log(), worker.tail()
     # It released its tenants on the way out (a deploy: the next worker takes over at once).
-    rows = {t.name: (t.state.value, t.lease_holder) for t in catalogue.list()}
+    rows = {t.name: (t.state.value, t.lease_holder) for t in catalogue.records()}
     assert rows == {name: ("idle", None) for name in paths}, rows
 
 
@@ -652,7 +652,7 @@ def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(
     fleet.catalogue.discover(name, str(path), cfg.host)
     for _ in range(3):
         write_rows(conn, 2)
-        assert fleet.sync(name)["txid"]
+        assert fleet.sync(name).txid
     fleet.shutdown()
     time.sleep(1.1)  # past the level-1 boundary: the L0 files are due for compaction
     worker = children("lone", [sys.executable, "-m", "workers", "--storage", "-c", "2", "-n", "lone@%h"],
@@ -907,7 +907,7 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
 
         ondemand = OnDemandVia(catalogue, HostQueueRoute(dispatcher, cfg, timeout=60))
         archived = ondemand.archive(name)
-        assert archived.get("archived", True) and not os.path.exists(path), archived
+        assert isinstance(archived, Archived) and not os.path.exists(path), archived
         hydrated = ondemand.hydrate(name)
         assert hydrated.restored and os.path.exists(path)
 

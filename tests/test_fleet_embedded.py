@@ -100,7 +100,7 @@ def test_every_tenant_written_at_random_is_replicated(tmp_path, file_url, runnin
 
     def caught_up():
         return all((t.txid or 0) > 0 and t.last_sync_at and (t.last_write_at is None or t.last_sync_at >= t.last_write_at)
-                   for t in catalogue.list())
+                   for t in catalogue.records())
 
     assert wait_for(caught_up, 30)
     assert_replicas_match(tmp_path, file_url, paths, wait=10)
@@ -120,7 +120,7 @@ def test_tenants_are_shared_by_processes_and_a_killed_one_is_replaced(tmp_path, 
 
     def caught_up():
         return all((t.txid or 0) > 0 and t.last_sync_at and (t.last_write_at is None or t.last_sync_at >= t.last_write_at)
-                   for t in catalogue.list()) and len(catalogue.list()) == len(names)
+                   for t in catalogue.records()) and len(catalogue.records()) == len(names)
 
     assert wait_for(caught_up, 30)
     conns = {name: app_db(path) for name, path in paths.items()}
@@ -149,7 +149,7 @@ def test_non_sqlite_files_and_bad_names_are_reported_once_and_skipped(tmp_path, 
     (tmp_path / "data" / "bad name.db").write_bytes(open(good, "rb").read())
     cfg, results, problems = running()
     catalogue = open_catalogue(cfg)
-    assert wait_for(lambda: any(t.name == "good.db" and t.txid for t in catalogue.list()))
+    assert wait_for(lambda: any(t.name == "good.db" and t.txid for t in catalogue.records()))
     (tmp_path / "data" / "notes.db").write_text("still not a database" * 20)
     time.sleep(1.5)
     assert sorted(problems) == sorted([
@@ -157,7 +157,7 @@ def test_non_sqlite_files_and_bad_names_are_reported_once_and_skipped(tmp_path, 
         "(segments of letters, digits, '.', '_', '-', not starting with a punctuation mark, at most 255 characters)",
         f"skipping {tmp_path}/data/notes.db: not a SQLite database",
     ])
-    assert [t.name for t in catalogue.list()] == ["good.db"]
+    assert [t.name for t in catalogue.records()] == ["good.db"]
 
 
 def test_new_databases_are_picked_up_as_they_appear(tmp_path, file_url, running):
@@ -167,7 +167,7 @@ def test_new_databases_are_picked_up_as_they_appear(tmp_path, file_url, running)
     conn = app_db(path)
     write_rows(conn, 4)
     catalogue = open_catalogue(cfg)
-    assert wait_for(lambda: any(t.name == "late.db" and t.txid for t in catalogue.list()), 10)
+    assert wait_for(lambda: any(t.name == "late.db" and t.txid for t in catalogue.records()), 10)
     write_rows(conn, 4)
     assert wait_for(lambda: catalogue.get("late.db").txid >= 2, 10)
     assert_replicas_match(tmp_path, file_url, {"late.db": path})
@@ -226,8 +226,8 @@ def test_open_tenants_are_capped_by_releasing_the_least_recent(tmp_path, file_ur
         for name in paths:
             write_rows(conns[name], 2)
             result = fleet.sync(name)
-            assert result["txid"] == rnd + 1, (name, result)
-            assert rnd == 0 or result["full"] is None, (name, result)  # resumed, not re-uploaded
+            assert result.txid == rnd + 1, (name, result)
+            assert rnd == 0 or result.full is None, (name, result)  # resumed, not re-uploaded
             assert len(fleet._active) <= 3
     assert sorted(fleet._active) == ["t5.db", "t6.db", "t7.db"]
     fleet.close()
@@ -258,7 +258,7 @@ def test_past_the_trim_mark_the_release_thread_releases_the_least_recent(tmp_pat
     finally:
         stop.set()
         releaser.join(10)
-    states = {t.name: t.state.value for t in fleet.catalogue.list()}
+    states = {t.name: t.state.value for t in fleet.catalogue.records()}
     assert states == {**{n: "idle" for n in names[:3]}, **{n: "active" for n in names[3:]}}
     fleet.close()
 
@@ -286,12 +286,12 @@ def test_an_idle_release_keeps_the_lease_until_it_expires(tmp_path, file_url):
 
     cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=60)
 
-    assert fleet.sync("a.db")["txid"] == 1
+    assert fleet.sync("a.db").txid == 1
     taken = leaser.read()
     assert fleet.release_idle(0) == ["a.db"] and "a.db" not in fleet._active
     assert leaser.read() == taken  # not released, not rewritten
     write_rows(conn, 2)
-    assert fleet.sync("a.db")["txid"] == 2  # woken: the kept lease, fenced as before
+    assert fleet.sync("a.db").txid == 2  # woken: the kept lease, fenced as before
     assert leaser.read() == taken
     assert fleet.catalogue.get("a.db").lease_holder == cfg.host
 
@@ -310,7 +310,7 @@ def test_an_idle_release_with_nothing_to_ship_writes_no_lease(tmp_path, file_url
     ships it first. Either way the next wake-up resumes without a full upload."""
     cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=1)
 
-    assert fleet.sync("a.db")["txid"] == 1
+    assert fleet.sync("a.db").txid == 1
     taken = leaser.read()
     time.sleep(1.2)  # the lease lapses
     assert fleet.release_idle(0) == ["a.db"]
@@ -320,7 +320,7 @@ def test_an_idle_release_with_nothing_to_ship_writes_no_lease(tmp_path, file_url
 
     write_rows(conn, 2)
     woken = fleet.sync("a.db")
-    assert (woken["txid"], woken["full"]) == (2, None)  # resumed from the released position
+    assert (woken.txid, woken.full) == (2, None)  # resumed from the released position
     taken = leaser.read()
     write_rows(conn, 3)  # a tail the release must ship
     time.sleep(1.2)
@@ -340,7 +340,7 @@ def test_a_commit_racing_an_idle_release_after_the_lease_lapsed_costs_no_full_up
     by the process that wrote the file before it, in the two-host chaos test)."""
     cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=1)
     write_rows(conn, 200)
-    assert fleet.sync("a.db")["txid"] == 1
+    assert fleet.sync("a.db").txid == 1
     time.sleep(1.2)  # the lease lapses
     capture = fleet._active["a.db"].capture
     take_barrier = capture._take_barrier
@@ -353,8 +353,8 @@ def test_a_commit_racing_an_idle_release_after_the_lease_lapsed_costs_no_full_up
     assert fleet.release_idle(0) == ["a.db"]
     write_rows(conn, 1)  # would restart the WAL, had the release copied the tail
     woken = fleet.sync("a.db")
-    assert (woken["txid"], woken["full"]) == (2, None)
-    assert woken["pages"] < 20
+    assert (woken.txid, woken.full) == (2, None)
+    assert woken.pages < 20
     fleet.close()
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
 
@@ -371,7 +371,7 @@ def test_a_released_tenant_is_freed_without_the_garbage_collector(tmp_path, file
     gc.disable()
     try:
         write_rows(conn, 2)
-        assert fleet.sync("a.db")["txid"] is not None
+        assert isinstance(fleet.sync("a.db"), Shipped)
         capture = weakref.ref(fleet._active["a.db"].capture)
         assert fleet.release_idle(0) == ["a.db"]
         assert capture() is None
@@ -387,7 +387,7 @@ def test_an_idle_release_of_a_tenant_without_a_wal_writes_no_lease(tmp_path, fil
     cfg, fleet, path, conn, leaser = one_tenant_fleet(tmp_path, file_url, lease_ttl=1)
     conn.close()  # the last connection: SQLite copies the WAL into the file and removes it
     assert not os.path.exists(path + "-wal")
-    assert fleet.sync("a.db")["txid"] == 1
+    assert fleet.sync("a.db").txid == 1
     taken = leaser.read()
     time.sleep(1.2)  # the lease lapses
     assert fleet.release_idle(0) == ["a.db"]
@@ -395,7 +395,7 @@ def test_an_idle_release_of_a_tenant_without_a_wal_writes_no_lease(tmp_path, fil
     conn = app_db(path)
     write_rows(conn, 2)
     woken = fleet.sync("a.db")
-    assert (woken["txid"], woken["full"]) == (2, None)
+    assert (woken.txid, woken.full) == (2, None)
     fleet.close()
     assert_replicas_match(tmp_path, file_url, {"a.db": path})
 
@@ -446,19 +446,19 @@ def test_compaction_and_snapshot_times_reach_the_catalogue_many_per_write(tmp_pa
     monkeypatch.setattr(fleet.catalogue, "record_storage_times",
                         lambda **kw: (writes.append(kw), record(**kw))[1])
     monkeypatch.setattr(fleet_mod, "STORAGE_TIMES_EVERY", 3600.0)
-    assert fleet.compact("a.db", 1, force=True)["file"]
-    assert fleet.snapshot("b.db", force=True)["file"]
+    assert fleet.compact("a.db", 1, force=True).file
+    assert fleet.snapshot("b.db", force=True).file
     assert writes == [] and fleet.catalogue.get("a.db").last_compact_at is None  # not yet
     monkeypatch.setattr(fleet_mod, "STORAGE_TIMES_EVERY", 0.0)
-    assert fleet.compact("b.db", 1, force=True)["file"]  # due now: everything gathered goes out
+    assert fleet.compact("b.db", 1, force=True).file  # due now: everything gathered goes out
     assert len(writes) == 1 and set(writes[0]["compacted"]) == {"a.db", "b.db"}
     assert set(writes[0]["snapshotted"]) == {"b.db"}
     monkeypatch.setattr(fleet_mod, "STORAGE_TIMES_EVERY", 3600.0)  # from the write just made
     write_rows(conns["a.db"], 1)
     fleet.sync("a.db")
-    assert fleet.snapshot("a.db", force=True)["file"]
+    assert fleet.snapshot("a.db", force=True).file
     fleet.close()  # the rest at close
     assert len(writes) == 2 and set(writes[1]["snapshotted"]) == {"a.db"}
-    rows = {t.name: t for t in fleet.catalogue.list()}
+    rows = {t.name: t for t in fleet.catalogue.records()}
     assert rows["a.db"].last_compact_at and rows["b.db"].last_compact_at
     assert rows["a.db"].last_snapshot_at and rows["b.db"].last_snapshot_at
