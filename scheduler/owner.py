@@ -26,8 +26,8 @@ class Route(Protocol):
 
 class OnDemandVia:
     """``OnDemand``'s interface for the HTTP API (``hydrate``, ``archive``, ``catalogue``),
-    each call run by the tenant's owner. A fork is routed by the new tenant, whose owner
-    will sync it."""
+    each call run by the tenant's owner: the process that holds it open and syncs it, so a
+    hydration or archival never races that process's capture."""
 
     def __init__(self, catalogue, route: Route):
         self.catalogue = catalogue

@@ -21,8 +21,7 @@ from celery import Celery
 from tenantsync import config as configmod
 from tenantsync.tenants import shard
 
-HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.restore", "tenantsync.hydrate",
-             "tenantsync.release_idle"}
+HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.hydrate", "tenantsync.release_idle"}
 STORAGE_QUEUE = "storage"
 # Beat's plans (tenantsync.plan) have their own queue, taken by every worker that takes storage
 # jobs or is started with --storage: a plan is a quick query that enqueues storage jobs, sent

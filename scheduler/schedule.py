@@ -117,7 +117,8 @@ class Schedule:
         self._last_run: dict = {}
 
     def tick(self, now: datetime | None = None) -> int:
-        """Run every plan whose interval boundary passed since its last run (embedded)."""
+        """Run every plan whose interval boundary passed since its last run (the embedded
+        runner and the fleet watcher call this; Celery beat calls :meth:`run` per plan)."""
         now = now or datetime.now(timezone.utc)
         return sum(self.run(key, now) for key, every in self.every.items() if self._due(key, every, now))
 
