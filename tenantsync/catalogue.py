@@ -170,15 +170,15 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[sa.Connection]:
-        # Core connections, not ORM sessions: a session's bookkeeping was a third of
-        # every sync's catalogue time, and no caller needs an identity map.
+        # Core connections, not ORM sessions: a session's bookkeeping would be a large
+        # share of every sync's catalogue time, and no caller needs an identity map.
         if not (write and self.dialect == "sqlite"):
             with self.engine.begin() as conn:
                 yield conn
             return
         # This process's writers queue on a lock first: waiting in SQLite's busy handler
         # sleeps 1, 2, 5, 10 ms ... between tries, so with a few job threads most of a
-        # sync's time went to sleeping while the write lock was free (fleet benchmark F5).
+        # sync's time would go to sleeping while the write lock is free.
         # The busy handler is then only for other processes.
         with self._write_lock, self._writers or contextlib.nullcontext(), self.engine.connect() as conn:
             conn.execution_options(tenantsync_begin="IMMEDIATE")

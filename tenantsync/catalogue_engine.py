@@ -58,9 +58,9 @@ class _WriterQueue:
     """This host's processes take turns at the SQLite catalogue's write lock on a flock.
 
     SQLite's busy handler sleeps 1, 2, 5 … 100 ms between tries, and a process that keeps
-    losing the race keeps sleeping: with the watcher and a child process both syncing
-    10,000 tenants, the child's catalogue writes waited seconds while the lock was free
-    most of the time. A flock tried every ``POLL`` seconds (bounded by the busy timeout,
+    losing the race keeps sleeping, often while the lock is free: busy processes (the
+    watcher and a child both syncing) would wait far longer than the holders' work.
+    A flock tried every ``POLL`` seconds (bounded by the busy timeout,
     so a stopped holder still gives a clear error) keeps the wait near the holders' work.
     Held around whole write transactions; re-entrant within the thread holding the
     catalogue's own lock.

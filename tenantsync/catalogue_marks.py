@@ -24,7 +24,7 @@ class Marks:
         """Move the tenant to ``to`` (hydrating or archiving) from one of ``expected``, as
         :meth:`transition` does, and note ``owner`` (the process doing it) and the state
         it came from, in the same UPDATE: :meth:`unmark` puts that state back if the work
-        fails, and :meth:`recover_marks` if the owner dies."""
+        fails, and ``OnDemand.recover`` if the owner dies."""
         c = TENANTS.c
         allowed = sorted({TenantState(s) for s in expected}, key=lambda s: s.value)
         stmt = (sa.update(TENANTS).where(self._mine, c.name == name, c.state.in_(allowed))
@@ -35,8 +35,8 @@ class Marks:
     def claim_new(self, name: str, path: str, host: str, owner: str) -> bool:
         """Insert a tenant the catalogue does not hold yet directly as ``hydrating`` by
         ``owner``; False if a row exists. :meth:`unmark` without a new state deletes it
-        again: a hydration that fails leaves no row behind (every unknown name asked for
-        once left a permanent ``error`` row, retried every two minutes)."""
+        again: a hydration that fails leaves no row behind (an ``error`` row for every
+        unknown name asked for would stay, and be retried by the catch-up schedule)."""
         row = self._new_row(name, path, host, _now()) | {"state": TenantState.hydrating, "mark_owner": owner}
         with self._tx(write=True) as s:
             stmt = self._insert().values(row).on_conflict_do_nothing(index_elements=[TENANTS.c.fleet, TENANTS.c.name])

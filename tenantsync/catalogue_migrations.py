@@ -22,7 +22,7 @@ MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migra
 # Alembic itself does not mix the two histories.
 VERSION_TABLE = "tenantsync_alembic_version"
 # The newest migration's revision. A process that finds the schema there skips Alembic,
-# whose import (with Mako and Pygments) was 11 MiB of every worker's and watcher's memory;
+# whose import (with Mako and Pygments) would weigh on every worker's and watcher's memory;
 # tests/test_catalogue.py checks this against the migrations directory.
 SCHEMA_HEAD = "0002"
 # Key of the PostgreSQL advisory lock held while migrating (any fixed 63-bit number;

@@ -130,7 +130,7 @@ class UTCDateTime(sa.types.TypeDecorator):
 
 
 # Core, not an ORM model: nothing here needs an identity map, and leaving ``sqlalchemy.orm``
-# unimported keeps 6 MiB out of every process. The schema is created by migration 0001,
+# unimported keeps its memory out of every process. The schema is created by migration 0001,
 # not from this table: a change here needs a new migration in ``tenantsync/migrations/versions``.
 METADATA = sa.MetaData()
 TENANTS = sa.Table(
@@ -171,7 +171,7 @@ TENANTS = sa.Table(
     sa.Column("archived_txid", sa.BigInteger),
     # A hydration or archival in progress: which process (owner.this_process()) moved the
     # tenant to hydrating/archiving and from which state, so a failure puts it back and a
-    # mark left by a process that died is undone (Catalogue.recover_marks).
+    # mark left by a process that died is undone (OnDemand.recover).
     sa.Column("mark_owner", sa.String(255)),
     sa.Column("mark_from", sa.String(16)),
     sa.Column("created_at", UTCDateTime, nullable=False, default=_now),
