@@ -22,8 +22,8 @@ FDS_RESERVED = 256
 
 # The interpreter lock's switch interval for fleet processes (Python's default is 5 ms).
 # A sync thread back from a system call (fsync, SQLite) waits for the lock up to this long
-# behind a thread encoding LTX or compacting; at 10,000 tenants under 200 commits/s the
-# default made the median commit-to-replica lag 1.2 s, 0.5 ms made it 0.10-0.17 s.
+# behind a thread encoding LTX or compacting; with thousands of tenants committing, the
+# default interval would make up most of the commit-to-replica lag (see docs/BENCHMARKS.md).
 SWITCH_INTERVAL = 0.0005
 
 
@@ -46,8 +46,8 @@ def prepare_process() -> int:
 def freeze_setup() -> None:
     """Take what exists now out of the garbage collector's generations (``gc.freeze``).
     Called once a fleet process is set up: its modules, app and config live as long as the
-    process, and every full collection traversed them again: at 10,000 tenants 100,000 of a
-    worker's 170,000 tracked objects, in pauses of 0.1 s that stop every job thread."""
+    process, and every full collection would traverse them again: most of a busy worker's
+    tracked objects, in pauses that stop every job thread."""
     gc.collect()
     gc.freeze()
 
