@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 
 from tenantsync.catalogue import Catalogue, TenantState
-from tenantsync.fleet import SWITCH_INTERVAL
+from tenantsync.process import SWITCH_INTERVAL
 
 TENANTS = 10_000
 
@@ -33,7 +33,7 @@ def spin(stop: threading.Event) -> None:
 
 def worker(url: str, threads: int, rate: float, seconds: float, busy: int, out) -> None:
     catalogue = Catalogue(url, fleet="bench", migrate=False)
-    sys.setswitchinterval(SWITCH_INTERVAL)  # as fleet processes run (tenantsync.fleet.prepare_process)
+    sys.setswitchinterval(SWITCH_INTERVAL)  # as fleet processes run (tenantsync.process.prepare_process)
     stop = threading.Event()
     for _ in range(busy):
         threading.Thread(target=spin, args=(stop,), daemon=True).start()

@@ -19,9 +19,10 @@ from typing import Callable
 from tenantsync.catalogue import Catalogue, TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import Unshipped
-from tenantsync.fleet import Fleet, freeze_setup
+from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.outcome import Outcome
+from tenantsync.process import freeze_setup
 from tenantsync.server import serve
 
 from .dispatch import InProcessDispatcher

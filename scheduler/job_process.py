@@ -38,8 +38,9 @@ from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 from tenantsync.outcome import Failed
-from tenantsync.fleet import Fleet, freeze_setup, prepare_process
+from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
+from tenantsync.process import freeze_setup, prepare_process
 
 from .idle import STORAGE_IDLE_CLOSE, STORAGE_NICE, IdleClock, watch_idle
 

@@ -150,7 +150,7 @@ def _run_fleet(cfg, http=None) -> None:
     storage = open_storage(cfg.replica)
     if storage.kind == "file":  # an S3 bucket is checked by its first request
         storage.make_root()
-    from .fleet import prepare_process
+    from .process import prepare_process
 
     prepare_process()  # descriptors for thousands of open tenants, a short switch interval
     stop = threading.Event()

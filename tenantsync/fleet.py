@@ -10,12 +10,8 @@ pick a tenant up where another left it.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import os
-import resource
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +27,7 @@ from .lease import HeldLease, Leaser
 from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcome, Shipped, Skip, Skipped,
                       Written)
 from .position import Position
+from .process import max_open_tenants, return_freed_memory
 from .replica import Replica
 from .storage import open_storage
 
@@ -41,18 +38,8 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-# Descriptors one open tenant holds: the database and its -shm (capture.py), and two SQLite
-# connections with the database and -wal each. Some are kept for everything else.
-FDS_PER_TENANT = 6
-FDS_RESERVED = 256
+# Past this share of max_open, the release thread trims open tenants (Fleet.trim_to).
 TRIM_TO = 0.9
-
-
-# The interpreter lock's switch interval for fleet processes (Python's default is 5 ms).
-# A sync thread back from a system call (fsync, SQLite) waits for the lock up to this long
-# behind a thread encoding LTX or compacting; at 10,000 tenants under 200 commits/s the
-# default made the median commit-to-replica lag 1.2 s, 0.5 ms made it 0.10-0.17 s.
-SWITCH_INTERVAL = 0.0005
 # Compaction and snapshot times reach the catalogue at most this often, many per write: a
 # level-1 round at 10,000 tenants is thousands of compactions, each had its own write, and
 # the niced storage process, losing the CPU while it held the host's catalogue write lock,
@@ -63,49 +50,6 @@ STORAGE_TIMES_EVERY = 5.0
 # held by another host may be released at any moment (a deploy hands tenants over at once),
 # and a dead holder's lapses after lease-ttl: a short, fixed delay serves all three.
 CONTENDED_RETRY = 1.0
-
-
-def prepare_process() -> int:
-    """Tune this process for serving many tenants: raise the soft RLIMIT_NOFILE to the hard
-    limit (returned) and shorten the switch interval. Called by the long-running commands
-    (watch, serve, workers), not by library users, whose process settings are theirs."""
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def freeze_setup() -> None:
-    """Take what exists now out of the garbage collector's generations (``gc.freeze``).
-    Called once a fleet process is set up: its modules, app and config live as long as the
-    process, and every full collection traversed them again: at 10,000 tenants 100,000 of a
-    worker's 170,000 tracked objects, in pauses of 0.1 s that stop every job thread."""
-    gc.collect()
-    gc.freeze()
-
-
-def _return_freed_memory() -> None:
-    """Hand memory freed by released tenants (SQLite page caches, LTX buffers) back to the
-    system. glibc keeps freed blocks in per-thread arenas, so after a burst of thousands
-    of tenants an idle process otherwise stays at its peak size."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
-def max_open_tenants() -> int:
-    """How many tenants may be open at once under this process's descriptor limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(8, (soft - FDS_RESERVED) // FDS_PER_TENANT)
 
 
 @dataclass
@@ -282,7 +226,7 @@ class Fleet:
                 if given_up is not None:
                     self.catalogue.record_lease(name, *given_up)
         if released:
-            _return_freed_memory()
+            return_freed_memory()
         return released
 
     def release_archiving(self) -> list[str]:

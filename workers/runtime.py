@@ -14,8 +14,9 @@ from celery.signals import worker_ready, worker_shutdown
 from scheduler.idle import RELEASE_EVERY
 from scheduler.queue import CeleryDispatcher
 from tenantsync import config as configmod
-from tenantsync.fleet import Fleet, freeze_setup, prepare_process
+from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
+from tenantsync.process import freeze_setup, prepare_process
 
 from .app import app
 

@@ -6,7 +6,7 @@ Create Date: 2025-01-01
 
 Written by hand and frozen: it does not import the models, so later model changes
 cannot change what it creates. Datetimes are ``DateTime(timezone=True)``: timestamptz on
-PostgreSQL, UTC text on SQLite (see ``tenantsync.catalogue.UTCDateTime``). ``state`` is
+PostgreSQL, UTC text on SQLite (see ``tenantsync.catalogue_schema.UTCDateTime``). ``state`` is
 plain text; the model's Enum type checks its values on the way in and out, so adding a
 state needs no table rebuild on SQLite.
 """
