@@ -7,15 +7,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from tenantsync.errors import StorageUnavailable, log_failure
-from tenantsync.outcome import Failed, Outcome
+from tenantsync.errors import log_failure
+from tenantsync.outcome import Failed, Outcome, failed
 
 log = logging.getLogger(__name__)
-
-
-def failed(name: str, error: BaseException) -> Failed:
-    """A job's exception as its outcome: storage that cannot be reached is worth a retry."""
-    return Failed(name, error, transient=isinstance(error, StorageUnavailable))
 
 
 def outcome_of(job: str, name: str, call: Callable[..., Any], **kwargs: Any) -> Outcome:

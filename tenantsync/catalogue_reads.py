@@ -90,21 +90,6 @@ class CatalogueReads:
             stmt = stmt.where(TENANTS.c.host == host)
         return self._names(stmt)
 
-    def idle_since(self, before: datetime, host: str | None = None) -> list[TenantRecord]:
-        """Active tenants not written since ``before``: candidates for idle.
-
-        A tenant with no recorded write counts from its last sync, so a tenant synced
-        once and never written still goes idle."""
-        quiet = sa.func.coalesce(TENANTS.c.last_write_at, TENANTS.c.last_sync_at)
-        stmt = (
-            sa.select(*TENANTS.c)
-            .where(self._mine, TENANTS.c.state == TenantState.active, quiet < _utc(before, "before"))
-            .order_by(quiet, TENANTS.c.name)
-        )
-        if host is not None:
-            stmt = stmt.where(TENANTS.c.host == host)
-        return self._select(stmt)
-
     def synced_since(self, since: datetime) -> list[str]:
         """Names of tenants synced at or after ``since``: the ones a periodic compaction,
         snapshot or retention pass can have work for. Filtered in SQL: a pass over an idle

@@ -36,53 +36,55 @@ class TenantState(str, enum.Enum):
     active = "active"
     """The local database is being replicated: it was written and synced recently.
 
-    Entered: from ``idle`` or ``error`` by a sync that shipped (``record_sync()``); from
-    ``hydrating`` once the restored database is in place (``transition``).
-    Left: for ``idle`` when the scheduler finds it quiet (``idle_since()``), for
-    ``archiving`` when it is retired, for ``error`` on a failure (``record_error()``).
+    Entered: by a sync that shipped (``record_sync(state=active)``); from ``hydrating``
+    once the restored database is in place (``unmark(state=active)``, one write).
+    Left: for ``idle`` when a fleet process releases it (``record_sync(state=idle)``), for
+    ``archiving`` when it is retired (``mark``), for ``error`` on a failure (``record_error()``).
     """
 
     idle = "idle"
     """Known and local, but not written lately: it holds no file descriptor, connection
     or worker; only this row.
 
-    Entered: on discovery (``discover()`` inserts every new tenant as idle); from
-    ``active`` when the scheduler finds it quiet.
+    Entered: on discovery (``discover()`` inserts every new tenant as idle); when a fleet
+    process releases it.
     Left: for ``active`` on its next successful sync; for ``archiving`` when retired.
     """
 
     archiving = "archiving"
     """A final sync and snapshot are being shipped before the local file is removed.
 
-    Entered: from ``active`` or ``idle`` (``transition`` with ``expected``), by exactly
-    one process.
-    Left: for ``archived`` once the snapshot is stored and the local file is gone; for
-    ``error`` if shipping fails (the local file is then kept).
+    Entered: from ``active`` or ``idle`` by ``mark``, by exactly one process, which is
+    noted with the state it came from.
+    Left: for ``archived`` once the snapshot is stored and the local file is gone
+    (``unmark(state=archived)``); back to the state it came from if anything fails, or if
+    the marking process died (``OnDemand.recover``).
     """
 
     archived = "archived"
     """Only the replica holds the database; no local file. ``archived_txid`` records the
     TXID the replica ends at, which a later hydration must reach.
 
-    Entered: from ``archiving`` (``transition`` sets ``archived_txid`` to ``txid``).
+    Entered: from ``archiving``.
     Left: for ``hydrating`` when the tenant is needed again, by exactly one process
-    (compare-and-set: two processes racing from archived to hydrating cannot both win).
+    (``mark`` is a compare-and-set: two processes racing from archived cannot both win).
     """
 
     hydrating = "hydrating"
     """The database is being restored from the replica to its local path.
 
-    Entered: from ``archived`` (``transition`` with ``expected={archived}``).
-    Left: for ``active`` (or ``idle``) once restored and verified; for ``error`` if the
-    restore fails, after which an operator or retry moves it back to ``archived``.
+    Entered: from ``archived`` (or any local state, for a restore to a point in time) by
+    ``mark``, or for a name the catalogue does not hold by ``claim_new``.
+    Left: for ``active`` once restored and verified (``unmark``, one write); back to the
+    state it came from if the restore fails or its process died.
     """
 
     error = "error"
     """The last operation on the tenant failed; ``last_error`` says why.
 
-    Entered: from any state by ``record_error()``.
+    Entered: from a local state by ``record_error()``.
     Left: for ``active`` by the next sync that ships (``record_sync()``, which clears
-    ``last_error``), or by an explicit ``transition``.
+    ``last_error``).
     """
 
 

@@ -1,8 +1,9 @@
 """The fleet's core calls: sync, compact, snapshot and retain one tenant by name.
 
 Jobs (Celery tasks or the embedded runner) call these and nothing else. A ``Fleet`` is
-per process: it caches a ``Capture`` only for tenants written recently (each holds one
-file descriptor and two SQLite connections, for the read mark — see capture.py) and
+per process: it caches a ``Capture`` only for tenants written recently (each holds descriptors of the
+database and its ``-shm`` and SQLite connections for the read mark — see capture.py and
+``process.FDS_PER_TENANT``) and
 releases them after ``idle_after``, so an idle tenant costs a catalogue row and nothing
 in memory. The catalogue holds each tenant's position, so any process on the host can
 pick a tenant up where another left it.
@@ -25,7 +26,7 @@ from .config import Config
 from .errors import DatabaseError, LeaseHeld, NotATenant, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
 from .lease import HeldLease, Leaser
 from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcome, Shipped, Skip, Skipped,
-                      Written)
+                      Written, failed)
 from .position import Position
 from .process import max_open_tenants, return_freed_memory
 from .replica import Replica
@@ -41,9 +42,9 @@ def _now() -> datetime:
 # Past this share of max_open, the release thread trims open tenants (Fleet.trim_to).
 TRIM_TO = 0.9
 # Compaction and snapshot times reach the catalogue at most this often, many per write: a
-# level-1 round at 10,000 tenants is thousands of compactions, each had its own write, and
-# the niced storage process, losing the CPU while it held the host's catalogue write lock,
-# made every sync's catalogue write wait (bursts of 30-50 ms writes in the embedded mode).
+# compaction round covers every tenant written in the interval, and a write of its own for
+# each would hold the host's catalogue write lock from the niced storage process, which may
+# lose the CPU while holding it, so every sync's catalogue write would wait behind it.
 STORAGE_TIMES_EVERY = 5.0
 # When a contended sync is worth trying again (Contended.retry_after), in seconds. Another
 # process of this host that wrote the next TXID first is done within milliseconds; a lease
@@ -58,11 +59,6 @@ class _Active:
 
     capture: Capture
     last_used: float
-
-
-def _failed(name: str, error: Exception) -> Failed:
-    """A job's failure as its outcome: storage that cannot be reached is worth a retry."""
-    return Failed(name, error, transient=isinstance(error, StorageUnavailable))
 
 
 class Fleet:
@@ -173,10 +169,10 @@ class Fleet:
             return Contended(name, Contention.TXID_TAKEN, CONTENDED_RETRY, str(e))
         except DatabaseError as e:
             self._drop(name)
-            return _failed(name, e)
+            return failed(name, e)
         except StorageError as e:
             # Kept open: the read mark keeps the unshipped frames in the WAL for the next pass.
-            return _failed(name, e)
+            return failed(name, e)
         with self._guard:
             active.last_used = time.monotonic()
             if name in self._active:
@@ -373,7 +369,7 @@ class Fleet:
             except StorageUnavailable:
                 raise
             except Exception as e:  # noqa: BLE001 - returned to the caller, which logs it
-                results[name] = _failed(name, e)
+                results[name] = failed(name, e)
         return results
 
     def close(self) -> None:

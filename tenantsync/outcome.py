@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, fields
 
+from .errors import StorageUnavailable
+
 
 class Skip(enum.Enum):
     """Why a job did nothing, by design rather than by failure."""
@@ -150,6 +152,11 @@ def as_dict(outcome: Outcome) -> dict:
             value = f"{type(value).__name__}: {value}"
         out[f.name] = value
     return out
+
+
+def failed(tenant: str, error: BaseException) -> Failed:
+    """A job's exception as its outcome: storage that cannot be reached is worth a retry."""
+    return Failed(tenant, error, transient=isinstance(error, StorageUnavailable))
 
 
 # The enum-valued fields, for reading ``as_dict``'s member names back.
