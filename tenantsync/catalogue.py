@@ -76,9 +76,11 @@ _BULK_ROWS = 5000
 
 
 @functools.cache
-def _sync_statement(with_at: bool, with_lease: bool) -> sa.Update:
-    """record_sync's UPDATE of the position, built once per variant: building it per call
-    (CASE clauses, coercions) cost as much as executing it."""
+def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Update:
+    """record_sync's one UPDATE, built once per variant: building it per call (CASE
+    clauses, coercions) cost as much as executing it. One statement, because the host's
+    catalogue write lock is held while it runs and every sync on the host queues on it.
+    The new state is the caller's; the CASE only keeps a hydration's or archival's mark."""
     c = TENANTS.c
 
     def param(key: str, column: sa.Column) -> sa.BindParameter:
@@ -95,17 +97,15 @@ def _sync_statement(with_at: bool, with_lease: bool) -> sa.Update:
     }
     if with_lease:
         values |= {k: param(k, c[k]) for k in ("lease_holder", "lease_expires_at", "generation")}
+    if with_state:
+        values["state"] = sa.case((c.state.in_(REPLICATED), param("state", c.state)), else_=c.state)
     return sa.update(TENANTS).where(c.fleet == param("fleet", c.fleet), c.name == param("name", c.name)).values(values)
 
 
 # The states a sync may move a tenant between. The others belong to a hydration or an
 # archival (mark / unmark), which a sync in another process, racing it, must not undo.
 REPLICATED = (TenantState.active, TenantState.idle, TenantState.error)
-# record_sync's move to the state its caller chose, when the tenant is in one of REPLICATED.
-_SYNC_STATE = (sa.update(TENANTS)
-               .where(TENANTS.c.fleet == sa.bindparam("b_fleet"), TENANTS.c.name == sa.bindparam("b_name"),
-                      TENANTS.c.state.in_(REPLICATED), TENANTS.c.state != sa.bindparam("b_state"))
-               .values(state=sa.bindparam("b_state")))
+
 
 
 def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
@@ -317,14 +317,15 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
                                   "bytes_added": bytes_added}
         if at is not None:
             values["at"] = _utc(at, "at")
+        if state is not None:
+            values["state"] = TenantState(state)
         if lease is not None:
             values |= self._lease_values(*lease)
         params = {"b_" + k: v for k, v in values.items()}
         with self._tx(write=True) as s:
-            if s.execute(_sync_statement(at is not None, lease is not None), params).rowcount == 0:
+            if s.execute(_sync_statement(at is not None, lease is not None, state is not None),
+                         params).rowcount == 0:
                 raise UnknownTenant(f"catalogue: no tenant named {name!r}")
-            if state is not None:
-                s.execute(_SYNC_STATE, {"b_fleet": self.fleet, "b_name": name, "b_state": TenantState(state)})
 
     def record_caught_up(self, name: str, at: datetime) -> None:
         """A pass found nothing to ship at ``at``: the replica is current. Only

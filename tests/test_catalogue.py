@@ -448,7 +448,7 @@ def test_datetimes_are_utc_and_naive_ones_are_refused(cat):
     with pytest.raises(ValueError, match="naive"):
         cat.record_writes(["a"], datetime(2026, 1, 1))
     with pytest.raises(ValueError, match="naive"):
-        cat.idle_since(datetime(2026, 1, 1))
+        cat.synced_since(datetime(2026, 1, 1))
 
 
 def test_records_are_detached_snapshots(url):
@@ -514,26 +514,6 @@ def test_lagging(cat):
     assert [t.name for t in cat.lagging(now, timedelta(seconds=1))] == ["lag-old", "never-synced", "lag-new"]
     assert [t.name for t in cat.lagging(now, timedelta(minutes=8, seconds=30))] == ["lag-old"]
     assert cat.lagging(now, timedelta(seconds=1), host="other") == []
-
-
-def test_idle_since(cat):
-    before = T0 + timedelta(minutes=5)
-    for name, host in (("quiet", "h1"), ("busy", "h1"), ("other-host", "h2"), ("idle", "h1"),
-                       ("synced-only", "h1"), ("errored", "h1")):
-        cat.discover(name, f"/{name}", host)
-    for name in ("quiet", "busy", "other-host", "errored"):
-        cat.record_sync(name, txid=1, position=None, at=T0, state=S.active)
-    cat.record_writes(["quiet"], T0 + timedelta(minutes=1))
-    cat.record_writes(["busy"], T0 + timedelta(minutes=6))
-    cat.record_writes(["other-host"], T0)
-    cat.record_writes(["idle"], T0)  # idle already, not active
-    cat.record_sync("synced-only", txid=1, position=None, at=T0 + timedelta(minutes=2), state=S.active)  # never written
-    cat.record_writes(["errored"], T0)
-    cat.record_error("errored", "x")
-
-    assert [t.name for t in cat.idle_since(before)] == ["other-host", "quiet", "synced-only"]
-    assert [t.name for t in cat.idle_since(before, host="h1")] == ["quiet", "synced-only"]
-    assert cat.idle_since(T0) == []
 
 
 def test_synced_since(cat):
