@@ -202,7 +202,7 @@ class Capture:
             return False
         if self._nothing_in_wal():
             return True
-        if self._mark is not _Mark.SINCE_POSITION:
+        if not self._held_since_position:
             return False
         try:
             header, size = walmod.read_header(self.wal_path)
