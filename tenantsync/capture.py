@@ -202,7 +202,7 @@ class Capture:
             return False
         if self._nothing_in_wal():
             return True
-        if self._mark is not _Mark.SINCE_POSITION:
+        if not self._held_since_position:
             return False
         try:
             header, size = walmod.read_header(self.wal_path)
@@ -404,9 +404,9 @@ class Capture:
         Another process's checkpoint then returns SQLITE_BUSY at once, without waiting
         (SQLite never waits for this lock). Past its autocheckpoint threshold the
         application tries one after every commit; while we hold a read mark that attempt
-        can copy little and restart nothing, yet a busy single-row writer making it ran at
-        0.84-0.91 of its speed without a replicator, and at 1.04-1.11 once we held this
-        lock (bench/core.py runs 5 and 6). We copy the WAL into the main file ourselves,
+        can copy little and restart nothing, yet it scans the WAL index and probes every
+        read lock inside the application's commit. With this lock held it fails before
+        that work, and we copy the WAL into the main file ourselves, in our own pass,
         every CHECKPOINT_GAP past ``checkpoint_pages``. A lock held by someone else (a
         checkpoint running right now) is left alone; the next pass tries again. The
         kernel drops it if this process dies.

@@ -131,6 +131,8 @@ def _checksum_at(pos: Position, header: walmod.WALHeader, wal_path: str) -> tupl
     if pos.checksum is not None:
         start = pos.wal_offset - frame_size
         frame = walmod.read_range(wal_path, start, start + walmod.FRAME_HEADER_SIZE)
+        if len(frame) < walmod.FRAME_HEADER_SIZE:
+            return None  # shortened since its size was taken
         salt1, salt2, sum1, sum2 = struct.unpack(">4I", frame[8:24])
         if (salt1, salt2) == (pos.salt1, pos.salt2) and (sum1, sum2) == pos.checksum:
             return pos.checksum

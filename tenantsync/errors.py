@@ -122,21 +122,16 @@ class RestoredCorrupt(RestoreError):
     ``quick_check``); nothing was left at the output path."""
 
 
-# SQLite's primary result codes for "another connection holds a lock"
-# (https://www.sqlite.org/rescode.html): BUSY for another connection's lock on the file,
-# LOCKED for a conflict inside one shared cache or connection.
-SQLITE_BUSY = 5
-SQLITE_LOCKED = 6
-
-
 def sqlite_busy(e: sqlite3.Error) -> bool:
-    """Whether SQLite failed only because a lock is held elsewhere (worth retrying).
+    """Whether SQLite failed only because a lock is held elsewhere (worth retrying):
+    SQLITE_BUSY for another connection's lock on the file, SQLITE_LOCKED for a conflict
+    inside one shared cache or connection (https://www.sqlite.org/rescode.html).
 
     Judged from the result code (extended codes keep the primary one in the low byte),
     never from the message, whose wording SQLite does not promise.
     """
     code = getattr(e, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def log_failure(log: logging.Logger, what: str, e: BaseException) -> None:

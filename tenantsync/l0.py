@@ -77,18 +77,21 @@ def committed_frames(wal_path: str, header: walmod.WALHeader, wal_size: int, sta
         chunk = max(limit - start, frame_size)
     offset, commit, pages = start, None, {}
     while offset < limit:
-        data = walmod.read_range(wal_path, offset, min(limit, offset + chunk))
+        end = min(limit, offset + chunk)
+        data = walmod.read_range(wal_path, offset, end)
         scan = walmod.scan(data, header, offset, checksum)
+        final = scan.stopped is not None and not scan.stopped.partial
         if scan.end_offset == offset:
-            if scan.stopped is None or scan.stopped.partial:
-                if offset + len(data) < limit:
-                    chunk *= 2  # one transaction larger than the chunk
-                    continue
+            # One transaction larger than the chunk: read more of it. Not when the file
+            # ended before ``end`` (shortened since its size was taken): nothing more is there.
+            if not final and end < limit and len(data) == end - offset:
+                chunk *= 2
+                continue
             break
         pages.update(scan.pages)
         offset, checksum, commit = scan.end_offset, scan.checksum, scan.commit
         chunk = max(chunk, WAL_CHUNK)
-        if scan.stopped is not None and not scan.stopped.partial:
+        if final:
             break
     return Committed(offset, checksum, commit, pages)
 

@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Callable
 
-from .capture import Capture, ReplicaConflict, SyncResult
-from .errors import StorageError
+from .capture import Capture, SyncResult
+from .errors import ReplicaConflict, StorageError
 from .file_events import STOP_CHECK, FileEvents
 from .replica import Replica
 from .state import default_state_path, load_position, save_position

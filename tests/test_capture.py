@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 
 import pytest
 
+from tenantsync import capture
 from tenantsync.capture import Capture
-from tenantsync.errors import DatabaseError, LeaseHeld
+from tenantsync.errors import DatabaseError, LeaseHeld, sqlite_busy
 from tenantsync.outcome import Full
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
@@ -336,16 +336,16 @@ def test_a_checkpoint_never_copies_frames_its_fence_refuses_to_ship(tmp_path, re
     assert restored(replica, tmp_path) == dump(db)
 
 
-def _hold_write_lock(db: str, seconds: float, taken: threading.Event) -> None:
+def _hold_write_lock(db: str, taken: threading.Event, until: threading.Event) -> None:
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
     taken.set()
-    time.sleep(seconds)
+    until.wait(10)
     conn.execute("ROLLBACK")
     conn.close()
 
 
-def test_the_checkpoint_barrier_waits_out_the_applications_write_lock_then_gives_up(tmp_path, replica):
+def test_the_checkpoint_barrier_waits_out_the_applications_write_lock_then_gives_up(tmp_path, replica, monkeypatch):
     # Our barrier's BEGIN IMMEDIATE fails with SQLITE_BUSY (told by its result code, not
     # its message): it is retried until ``wait`` has passed, then the checkpoint is left to
     # a later pass; what is committed is shipped either way, and nothing raises.
@@ -361,13 +361,20 @@ def test_the_checkpoint_barrier_waits_out_the_applications_write_lock_then_gives
     assert _copied_frames(cap) == 0
     conn.execute("ROLLBACK")
     write_rows(conn, 1)
-    taken = threading.Event()
-    holder = threading.Thread(target=_hold_write_lock, args=(db, 0.2, taken))
+    taken, refused = threading.Event(), threading.Event()
+
+    def busy(e):  # the real check; the holder lets go once it has refused our barrier
+        if sqlite_busy(e):
+            refused.set()
+            return True
+        return False
+
+    monkeypatch.setattr(capture, "sqlite_busy", busy)
+    holder = threading.Thread(target=_hold_write_lock, args=(db, taken, refused))
     holder.start()
     taken.wait()
-    started = time.monotonic()
     assert cap.checkpoint(wait=5).txid == 3
     holder.join()
-    assert time.monotonic() - started >= 0.1
+    assert refused.is_set()
     assert _copied_frames(cap) == cap._wal_index().max_frame > 0
     assert cap.position.backfilled

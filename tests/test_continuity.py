@@ -83,6 +83,15 @@ def test_a_wal_shorter_than_the_position_breaks_continuity(shipped):
     assert judge(db, pos.advanced(wal_offset=size + pos.page_size + 24)) == Broken(Full.WAL_SHORTENED)
 
 
+def test_a_wal_shortened_after_its_size_was_taken_breaks_continuity(shipped, tmp_path):
+    db, _, pos = shipped
+    header, size = walmod.read_header(db + "-wal")
+    copy = str(tmp_path / "copy-wal")
+    with open(db + "-wal", "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read(walmod.WAL_HEADER_SIZE))  # truncated by another process since
+    assert continuity(pos, header, size, copy, db, False) == Broken(Full.WAL_REPLACED)
+
+
 def test_a_position_without_a_wal_place_or_of_another_page_size_is_broken(shipped):
     db, _, pos = shipped
     assert judge(db, pos.advanced(wal_offset=0)) == Broken(Full.NO_WAL_POSITION)

@@ -61,6 +61,14 @@ def test_a_torn_last_frame_stops_at_the_commit_before_it(wal_copy):
     assert (got.checksum, got.commit) == (before.checksum, before.commit)
 
 
+def test_a_wal_shortened_since_its_size_was_taken_ends_the_read_at_what_is_there(wal_copy):
+    path, header, size = wal_copy
+    with open(path, "r+b") as f:
+        f.truncate(walmod.WAL_HEADER_SIZE + header.frame_size // 2)  # truncated by another process
+    got = read_all(path, header, size)  # the size read before it
+    assert (got.end, got.commit, got.pages) == (walmod.WAL_HEADER_SIZE, None, {})
+
+
 def test_the_wal_index_bounds_the_read_at_sqlites_last_commit(wal_copy):
     path, header, size = wal_copy
     first = whole(path, header, walmod.WAL_HEADER_SIZE + header.frame_size * 2)
