@@ -164,7 +164,7 @@ class OnDemand:
             result = restore(replica, path, txid=txid, timestamp=timestamp)
         except BaseException as e:
             if aside is not None:
-                _move_back(aside, path)
+                _move_back(aside)
             if source is None and local and record is None and isinstance(e, ReplicaEmpty):
                 # A new database the watcher has not found yet: it is the tenant.
                 self.catalogue.unmark(name, self.owner, state=TenantState.idle)
@@ -347,7 +347,8 @@ def _move_aside(path: str) -> tuple[str, list[tuple[str, str]]]:
     return aside, moved
 
 
-def _move_back(aside: tuple[str, list[tuple[str, str]]], path: str) -> None:
+def _move_back(aside: tuple[str, list[tuple[str, str]]]) -> None:
+    """Undo :func:`_move_aside`: each file it moved goes back unless its place is taken."""
     for original, moved in aside[1]:
         if not os.path.exists(original):
             os.rename(moved, original)
