@@ -76,7 +76,7 @@ class Fleet:
         self.owner = config.host
         # Least recently synced first: the descriptor cap releases from the front.
         self._active: OrderedDict[str, _Active] = OrderedDict()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, threading.RLock] = {}  # tenant_lock's, one per tenant
         self._guard = threading.Lock()
         # Past this many open tenants the least recently synced one is released before
         # another is opened: running out of descriptors would fail syncs at random.
