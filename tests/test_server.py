@@ -81,7 +81,7 @@ def _up(base):
 
 def test_idle_tenants_are_archived_and_concurrent_hydrations_bring_them_back(served):
     cfg, base, data = served
-    expected, conns = {}, {}
+    conns = {}
     for i in range(TENANTS):
         name = f"t{i:03d}.db"
         conns[name] = app_db(data / name)
