@@ -11,13 +11,15 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import click
 
-from .config import Config
+from .config import Config, ConfigError, parse_listen
 from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
 from .outcome import Archived, Outcome, Shipped, Skip
+from .targets import parse_timestamp, parse_txid
 
 log = logging.getLogger("tenantsync")
 
@@ -30,20 +32,18 @@ class Target(click.ParamType):
     """A restore target flag parsed by ``tenantsync.targets`` (the HTTP API's parser too):
     its InvalidArgument becomes click's one-line usage error naming the flag."""
 
-    def __init__(self, name: str, parse: str):
+    def __init__(self, name: str, parse: Callable[[str], object]):
         self.name, self._parse = name, parse
 
     def convert(self, value, param, ctx):
-        from . import targets
-
         try:
-            return getattr(targets, self._parse)(value)
+            return self._parse(value)
         except InvalidArgument as e:
             self.fail(e.problem, param, ctx)
 
 
-TXID = Target("TXID", "parse_txid")  # decimal or the 16 hex digits Litestream prints
-TIMESTAMP = Target("TIMESTAMP", "parse_timestamp")  # RFC 3339 with its zone, as UTC
+TXID = Target("TXID", parse_txid)  # decimal or the 16 hex digits Litestream prints
+TIMESTAMP = Target("TIMESTAMP", parse_timestamp)  # RFC 3339 with its zone, as UTC
 
 
 class Listen(click.ParamType):
@@ -53,8 +53,6 @@ class Listen(click.ParamType):
     name = "HOST:PORT"
 
     def convert(self, value, param, ctx) -> tuple[str, int]:
-        from .config import ConfigError, parse_listen
-
         try:
             return parse_listen(value)
         except ConfigError as e:

@@ -76,15 +76,15 @@ class Fleet:
         self.owner = config.host
         # Least recently synced first: the descriptor cap releases from the front.
         self._active: OrderedDict[str, _Active] = OrderedDict()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, threading.RLock] = {}  # tenant_lock's, one per tenant
         self._guard = threading.Lock()
         # Past this many open tenants the least recently synced one is released before
         # another is opened: running out of descriptors would fail syncs at random.
         self.max_open = max_open_tenants()
         # Past this many, the release thread trims the least recently synced tenants in the
         # background; a sync releases one inline only at max_open. Without the margin, once
-        # the cap was reached every wake-up paid a release (barrier, checkpoint, catalogue
-        # write) before its own sync: at 10,000 tenants that doubled the lag.
+        # the cap was reached every wake-up would pay a release (barrier, checkpoint,
+        # catalogue write) before its own sync, adding that to its commit-to-replica lag.
         self.trim_to = int(self.max_open * TRIM_TO)
         self._crowded = threading.Event()
         # The one home of every lease this process holds: of each open tenant, and of those
@@ -290,8 +290,9 @@ class Fleet:
                 # A lease still held is not renewed: the tail ships well inside its term,
                 # and an idle release keeps it only until it expires anyway. With no tail
                 # (the usual idle release) nothing is uploaded and no lease is taken: the
-                # checkpoint only touches the local file. At 10,000 tenants a third of all
-                # lease writes were idle releases re-taking a lease that had just lapsed.
+                # checkpoint only touches the local file. An idle tenant's lease has usually
+                # lapsed by now, so re-taking it only to close would cost a conditional write
+                # per release for nothing.
                 if not active.capture.shipped_all() and not held.held():
                     held.hold()
                 started = _now()

@@ -25,6 +25,7 @@ from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
 from .position import DBStat, Position
 from .restore import restore
+from .targets import MAX_TXID
 from .tenants import check_name
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class OnDemand:
             result = restore(replica, path, txid=txid, timestamp=timestamp)
         except BaseException as e:
             if aside is not None:
-                _move_back(aside, path)
+                _move_back(aside)
             if source is None and local and record is None and isinstance(e, ReplicaEmpty):
                 # A new database the watcher has not found yet: it is the tenant.
                 self.catalogue.unmark(name, self.owner, state=TenantState.idle)
@@ -320,7 +321,7 @@ _ARCHIVE_FROM = {TenantState.active, TenantState.idle}
 def _check_target(txid, timestamp) -> None:
     """A restore target from a caller: a TXID (an int of 1..2^64-1, not a bool or a float)
     or an aware datetime, not both; refused before any state changes."""
-    if txid is not None and (isinstance(txid, bool) or not isinstance(txid, int) or not 1 <= txid < 1 << 64):
+    if txid is not None and (isinstance(txid, bool) or not isinstance(txid, int) or not 1 <= txid <= MAX_TXID):
         raise InvalidArgument(f"txid: expected a whole number from 1 to 2^64-1, got {txid!r}")
     if timestamp is not None:
         if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
@@ -346,7 +347,8 @@ def _move_aside(path: str) -> tuple[str, list[tuple[str, str]]]:
     return aside, moved
 
 
-def _move_back(aside: tuple[str, list[tuple[str, str]]], path: str) -> None:
+def _move_back(aside: tuple[str, list[tuple[str, str]]]) -> None:
+    """Undo :func:`_move_aside`: each file it moved goes back unless its place is taken."""
     for original, moved in aside[1]:
         if not os.path.exists(original):
             os.rename(moved, original)

@@ -161,14 +161,14 @@ def failed(tenant: str, error: BaseException) -> Failed:
 
 # The enum-valued fields, for reading ``as_dict``'s member names back.
 _ENUMS = {"full": Full, "why": Contention, "reason": Skip}
+# The outcomes that cross the broker, by ``as_dict``'s ``outcome`` (not Failed: see from_dict).
+_KINDS = {cls.__name__: cls for cls in (Shipped, NothingNew, Contended, Skipped, Written, Deleted, Archived, Hydrated)}
 
 
 def from_dict(data: dict) -> Outcome:
     """The outcome ``as_dict`` wrote (a job's result back from the broker). A ``Failed``
     outcome does not cross: a failed job raises its error, which Celery carries itself."""
-    kinds = {cls.__name__: cls for cls in (Shipped, NothingNew, Contended, Skipped, Written, Deleted, Archived,
-                                          Hydrated)}
-    cls = kinds[data["outcome"]]
+    cls = _KINDS[data["outcome"]]
     values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
     for name, kind in _ENUMS.items():
         if values.get(name) is not None:

@@ -18,6 +18,9 @@ import sys
 # connections with the database and -wal each. Some are kept for everything else.
 FDS_PER_TENANT = 6
 FDS_RESERVED = 256
+# The descriptor limit counted for an "unlimited" RLIMIT_NOFILE: Linux's default fs.nr_open,
+# the most a process may raise its limit to.
+FDS_UNLIMITED = 1 << 20
 
 
 # The interpreter lock's switch interval for fleet processes (Python's default is 5 ms).
@@ -33,7 +36,7 @@ def prepare_process() -> int:
     (watch, serve, workers), not by library users, whose process settings are theirs."""
     sys.setswitchinterval(SWITCH_INTERVAL)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, FDS_UNLIMITED)
     if soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
@@ -66,5 +69,5 @@ def max_open_tenants() -> int:
     """How many tenants may be open at once under this process's descriptor limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
+        soft = FDS_UNLIMITED
     return max(8, (soft - FDS_RESERVED) // FDS_PER_TENANT)

@@ -361,8 +361,8 @@ def test_a_commit_racing_an_idle_release_after_the_lease_lapsed_costs_no_full_up
 
 def test_a_released_tenant_is_freed_without_the_garbage_collector(tmp_path, file_url):
     """Once released, a tenant's capture and its state are freed by reference counting: a
-    leftover cycle per tenant made each full collection of a worker at 10,000 tenants stop
-    every thread for a quarter of a second."""
+    leftover cycle per tenant would be left for full collections, which traverse every
+    released tenant and stop every thread of the worker while they do."""
     import gc
     import weakref
 

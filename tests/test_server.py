@@ -81,7 +81,7 @@ def _up(base):
 
 def test_idle_tenants_are_archived_and_concurrent_hydrations_bring_them_back(served):
     cfg, base, data = served
-    expected, conns = {}, {}
+    conns = {}
     for i in range(TENANTS):
         name = f"t{i:03d}.db"
         conns[name] = app_db(data / name)
@@ -219,8 +219,8 @@ def test_http_archive_of_a_tenant_open_in_a_shard_child_archives_it(serve_comman
     tenant itself: a tenant written within idle-after, so open in its process (a child for
     shard 1), is archived (200), its files gone and the replica holding every row; hydrating
     it over HTTP brings the same rows back, and a tenant nowhere is a 404 whichever process
-    looked (the child's RestoreError kept its type). Before, the command's own process
-    archived it and refused: the file was "open by pid N", N tenantsync's own child."""
+    looked (the child's RestoreError kept its type). The archival must not refuse because
+    the file is open by tenantsync's own child ("open by pid N")."""
     start, _ = serve_command
     base, catalogue, paths, expected = start(names_on_shards())
     for name, path in paths.items():
