@@ -75,6 +75,11 @@ __all__ = [
 _BULK_ROWS = 5000
 
 
+# The states a sync may move a tenant between. The others belong to a hydration or an
+# archival (mark / unmark), which a sync in another process, racing it, must not undo.
+REPLICATED = (TenantState.active, TenantState.idle, TenantState.error)
+
+
 @functools.cache
 def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Update:
     """record_sync's one UPDATE, built once per variant: building it per call (CASE
@@ -100,12 +105,6 @@ def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Upd
     if with_state:
         values["state"] = sa.case((c.state.in_(REPLICATED), param("state", c.state)), else_=c.state)
     return sa.update(TENANTS).where(c.fleet == param("fleet", c.fleet), c.name == param("name", c.name)).values(values)
-
-
-# The states a sync may move a tenant between. The others belong to a hydration or an
-# archival (mark / unmark), which a sync in another process, racing it, must not undo.
-REPLICATED = (TenantState.active, TenantState.idle, TenantState.error)
-
 
 
 def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
@@ -321,11 +320,8 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             values["state"] = TenantState(state)
         if lease is not None:
             values |= self._lease_values(*lease)
-        params = {"b_" + k: v for k, v in values.items()}
-        with self._tx(write=True) as s:
-            if s.execute(_sync_statement(at is not None, lease is not None, state is not None),
-                         params).rowcount == 0:
-                raise UnknownTenant(f"catalogue: no tenant named {name!r}")
+        self._update_row(name, _sync_statement(at is not None, lease is not None, state is not None),
+                         {"b_" + k: v for k, v in values.items()})
 
     def record_caught_up(self, name: str, at: datetime) -> None:
         """A pass found nothing to ship at ``at``: the replica is current. Only
@@ -395,7 +391,6 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             stmt = stmt.where(TENANTS.c.state.in_(allowed))
         with self._tx(write=True) as s:
             return s.execute(stmt).rowcount == 1
-
 
 
 def open_catalogue(config, **kwargs: Any) -> Catalogue:
