@@ -231,8 +231,8 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
 
         Missing: inserted with state idle. Present: path and host are updated if they
         changed; state, TXID, position and every time are left as they are."""
-        self.adopt([(name, path)])
         with self._tx(write=True) as s:
+            self._adopt(s, [(name, path)])
             s.execute(self._on_conflict(self._insert()), self._new_row(name, path, host, _now()))
             return TenantRecord(*s.execute(_BY_NAME, {"fleet": self.fleet, "name": name}).one())
 
@@ -251,10 +251,10 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         overlapping sets at once cannot deadlock on PostgreSQL."""
         now = _now()
         latest = dict(items)
-        self.adopt(latest.items())
         names = sorted(latest)  # one lock order for every writer (see above)
         written = 0
         with self._tx(write=True) as s:
+            self._adopt(s, [(n, latest[n]) for n in names])
             for i in range(0, len(names), _BULK_ROWS):
                 chunk = names[i : i + _BULK_ROWS]
                 if self.dialect == "postgresql":
