@@ -88,6 +88,20 @@ def test_schema_head_is_the_newest_migration_and_reopening_skips_alembic(tmp_pat
     assert again.stdout.strip() == "['sqlalchemy']"
 
 
+def test_a_schema_migrated_by_a_newer_version_is_one_clear_error(url):
+    """A catalogue an upgraded host migrated past what this code knows is refused with a
+    sentence naming the revision, and left as it is."""
+    with Catalogue(url, fleet=FLEET) as c:
+        with c.engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    with pytest.raises(CatalogueError, match=r"schema is at revision 9999, newer than this tenantsync knows "
+                                             rf"\(up to {SCHEMA_HEAD}\): upgrade tenantsync"):
+        Catalogue(url, fleet=FLEET)
+    with Catalogue(url, fleet=FLEET, migrate=False) as c:
+        with c.engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all() == ["9999"]
+
+
 def test_models_match_the_migration(cat):
     """Autogenerate finds nothing to do: the hand-written migration and the models agree."""
     from alembic.autogenerate import compare_metadata
