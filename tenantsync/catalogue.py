@@ -56,7 +56,7 @@ from .catalogue_marks import Marks
 from .catalogue_migrations import SCHEMA_HEAD, VERSION_TABLE, alembic_config, upgrade_to_head
 from .catalogue_reads import CatalogueReads
 from .catalogue_schema import (_BY_NAME, METADATA, TENANTS, CatalogueError, TenantRecord, TenantState,
-                               UnknownTenant, _chunks, _now, _utc)
+                               UnknownTenant, _chunks, _now, _states, _utc)
 
 __all__ = [
     "METADATA",
@@ -385,7 +385,7 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             values["archived_txid"] = TENANTS.c.txid
         stmt = sa.update(TENANTS).where(self._mine, TENANTS.c.name == name).values(**values)
         if expected is not None:
-            allowed = sorted({TenantState(s) for s in expected}, key=lambda s: s.value)
+            allowed = _states(expected)
             if not allowed:
                 return False
             stmt = stmt.where(TENANTS.c.state.in_(allowed))
