@@ -56,7 +56,7 @@ from .catalogue_marks import Marks
 from .catalogue_migrations import SCHEMA_HEAD, VERSION_TABLE, alembic_config, upgrade_to_head
 from .catalogue_reads import CatalogueReads
 from .catalogue_schema import (_BY_NAME, METADATA, TENANTS, CatalogueError, TenantRecord, TenantState,
-                               UnknownTenant, _chunks, _now, _utc)
+                               UnknownTenant, _chunks, _now, _states, _utc)
 
 __all__ = [
     "METADATA",
@@ -73,6 +73,11 @@ __all__ = [
 
 # Tenants per statement in discover_many (bounds the memory of one statement).
 _BULK_ROWS = 5000
+
+
+# The states a sync may move a tenant between. The others belong to a hydration or an
+# archival (mark / unmark), which a sync in another process, racing it, must not undo.
+REPLICATED = (TenantState.active, TenantState.idle, TenantState.error)
 
 
 @functools.cache
@@ -100,12 +105,6 @@ def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Upd
     if with_state:
         values["state"] = sa.case((c.state.in_(REPLICATED), param("state", c.state)), else_=c.state)
     return sa.update(TENANTS).where(c.fleet == param("fleet", c.fleet), c.name == param("name", c.name)).values(values)
-
-
-# The states a sync may move a tenant between. The others belong to a hydration or an
-# archival (mark / unmark), which a sync in another process, racing it, must not undo.
-REPLICATED = (TenantState.active, TenantState.idle, TenantState.error)
-
 
 
 def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
@@ -232,8 +231,8 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
 
         Missing: inserted with state idle. Present: path and host are updated if they
         changed; state, TXID, position and every time are left as they are."""
-        self.adopt([(name, path)])
         with self._tx(write=True) as s:
+            self._adopt(s, [(name, path)])
             s.execute(self._on_conflict(self._insert()), self._new_row(name, path, host, _now()))
             return TenantRecord(*s.execute(_BY_NAME, {"fleet": self.fleet, "name": name}).one())
 
@@ -252,10 +251,10 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         overlapping sets at once cannot deadlock on PostgreSQL."""
         now = _now()
         latest = dict(items)
-        self.adopt(latest.items())
         names = sorted(latest)  # one lock order for every writer (see above)
         written = 0
         with self._tx(write=True) as s:
+            self._adopt(s, [(n, latest[n]) for n in names])
             for i in range(0, len(names), _BULK_ROWS):
                 chunk = names[i : i + _BULK_ROWS]
                 if self.dialect == "postgresql":
@@ -321,11 +320,8 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             values["state"] = TenantState(state)
         if lease is not None:
             values |= self._lease_values(*lease)
-        params = {"b_" + k: v for k, v in values.items()}
-        with self._tx(write=True) as s:
-            if s.execute(_sync_statement(at is not None, lease is not None, state is not None),
-                         params).rowcount == 0:
-                raise UnknownTenant(f"catalogue: no tenant named {name!r}")
+        self._update_row(name, _sync_statement(at is not None, lease is not None, state is not None),
+                         {"b_" + k: v for k, v in values.items()})
 
     def record_caught_up(self, name: str, at: datetime) -> None:
         """A pass found nothing to ship at ``at``: the replica is current. Only
@@ -389,13 +385,12 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             values["archived_txid"] = TENANTS.c.txid
         stmt = sa.update(TENANTS).where(self._mine, TENANTS.c.name == name).values(**values)
         if expected is not None:
-            allowed = sorted({TenantState(s) for s in expected}, key=lambda s: s.value)
+            allowed = _states(expected)
             if not allowed:
                 return False
             stmt = stmt.where(TENANTS.c.state.in_(allowed))
         with self._tx(write=True) as s:
             return s.execute(stmt).rowcount == 1
-
 
 
 def open_catalogue(config, **kwargs: Any) -> Catalogue:

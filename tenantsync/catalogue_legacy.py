@@ -27,17 +27,22 @@ class LegacyRows:
         are these: the tenant keeps its position (no full upload) and, archived, its state.
         A row with another path is not this fleet's tenant and stays where it is. How many
         were adopted (0 at once when the catalogue holds no such row)."""
+        with self._tx(write=True) as s:
+            return self._adopt(s, items)
+
+    def _adopt(self, s: sa.Connection, items: Iterable[tuple[str, str]]) -> int:
+        """:meth:`adopt` within the caller's write transaction: discovery adopts in the
+        transaction that inserts, so it takes the write lock once."""
         c = TENANTS.c
         legacy = c.fleet == ""
-        with self._tx(write=True) as s:
-            if s.execute(sa.select(c.name).where(legacy).limit(1)).first() is None:
-                return 0
-            other = TENANTS.alias("other")
-            taken = sa.select(other.c.name).where(other.c.fleet == self.fleet, other.c.name == sa.bindparam("n"))
-            stmt = (sa.update(TENANTS).where(legacy, c.name == sa.bindparam("n"), c.path == sa.bindparam("p"),
-                                             ~sa.exists(taken))
-                    .values(fleet=self.fleet))
-            return sum(s.execute(stmt, {"n": name, "p": path}).rowcount for name, path in items)
+        if s.execute(sa.select(c.name).where(legacy).limit(1)).first() is None:
+            return 0
+        other = TENANTS.alias("other")
+        taken = sa.select(other.c.name).where(other.c.fleet == self.fleet, other.c.name == sa.bindparam("n"))
+        stmt = (sa.update(TENANTS).where(legacy, c.name == sa.bindparam("n"), c.path == sa.bindparam("p"),
+                                         ~sa.exists(taken))
+                .values(fleet=self.fleet))
+        return sum(s.execute(stmt, {"n": name, "p": path}).rowcount for name, path in items)
 
     def import_legacy(self, path: str) -> int:
         """Copy the rows of the SQLite catalogue every fleet shared by default before each

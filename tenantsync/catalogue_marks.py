@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .catalogue_schema import TENANTS, TenantRecord, TenantState, _now
+from .catalogue_schema import TENANTS, TenantRecord, TenantState, _now, _states
 
 
 class Marks:
@@ -26,8 +26,7 @@ class Marks:
         it came from, in the same UPDATE: :meth:`unmark` puts that state back if the work
         fails, and ``OnDemand.recover`` if the owner dies."""
         c = TENANTS.c
-        allowed = sorted({TenantState(s) for s in expected}, key=lambda s: s.value)
-        stmt = (sa.update(TENANTS).where(self._mine, c.name == name, c.state.in_(allowed))
+        stmt = (sa.update(TENANTS).where(self._mine, c.name == name, c.state.in_(_states(expected)))
                 .values(state=TenantState(to), mark_owner=owner, mark_from=c.state))
         with self._tx(write=True) as s:
             return s.execute(stmt).rowcount == 1

@@ -70,21 +70,22 @@ def upgrade_to_head(engine: Engine, dialect: str, what: str) -> None:
     lock (``BEGIN IMMEDIATE``). The loser waits, then finds the schema at head and does
     nothing. Both dialects have transactional DDL, so a failed upgrade leaves nothing.
     Within one process a lock also serialises upgrades, as Alembic's ``context`` is
-    global. ``what`` names the catalogue in errors.
+    global. ``what`` names the catalogue in errors. A schema at a revision this code does
+    not know (migrated by a newer tenantsync) is refused, not touched.
     """
-    if _schema_version(engine, what) == {SCHEMA_HEAD}:
+    current = _schema_version(engine, what)
+    if current == {SCHEMA_HEAD}:
         return  # the usual case: every process after the first, without Alembic's import
     from alembic import command
-    from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
 
     cfg = alembic_config()
-    heads = set(ScriptDirectory.from_config(cfg).get_heads())
+    known = {script.revision for script in ScriptDirectory.from_config(cfg).walk_revisions()}
+    if current - known:
+        raise CatalogueError(f"{what}: its schema is at revision {', '.join(sorted(current - known))}, newer than "
+                             f"this tenantsync knows (up to {SCHEMA_HEAD}): upgrade tenantsync to use it")
     with engine.connect() as conn:
-        current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_heads()
-        conn.rollback()
-        if set(current) == heads:
-            return
         if dialect == "sqlite":
             conn.execution_options(tenantsync_begin="IMMEDIATE")
         try:
@@ -93,7 +94,7 @@ def upgrade_to_head(engine: Engine, dialect: str, what: str) -> None:
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATE_LOCK_KEY)))
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
-        except sa.exc.SQLAlchemyError as e:
+        except (sa.exc.SQLAlchemyError, CommandError) as e:  # CommandError: migrated meanwhile by a newer version
             raise CatalogueError(f"{what}: migrating the schema failed: {e}") from e
 
 

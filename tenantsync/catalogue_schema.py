@@ -88,6 +88,12 @@ class TenantState(str, enum.Enum):
     """
 
 
+def _states(states) -> list[TenantState]:
+    """``states`` (members or their values) as TenantStates in one order, so a statement
+    naming them renders the same SQL whatever order the caller's set iterates in."""
+    return sorted({TenantState(s) for s in states}, key=lambda s: s.value)
+
+
 def _chunks(names: list[str], size: int = 500) -> Iterator[list[str]]:
     """``names`` in slices for ``IN (...)``: under SQLite's bound-parameter limit."""
     for i in range(0, len(names), size):

@@ -19,7 +19,8 @@ from .test_bad_input import one_line_error, tenantsync
 
 # One more process than host-workers may ask for: the error must come before any starts.
 OVER_CPU_CAP = (os.cpu_count() or 1) * 2 + 1
-# Without the fix, a run that is not refused goes on watching until this timeout.
+# A value wrongly accepted lets ``watch`` run on: it is killed after this long, and the
+# test fails (subprocess.TimeoutExpired) instead of hanging.
 TIMEOUT = 20
 
 

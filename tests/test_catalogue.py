@@ -88,6 +88,20 @@ def test_schema_head_is_the_newest_migration_and_reopening_skips_alembic(tmp_pat
     assert again.stdout.strip() == "['sqlalchemy']"
 
 
+def test_a_schema_migrated_by_a_newer_version_is_one_clear_error(url):
+    """A catalogue an upgraded host migrated past what this code knows is refused with a
+    sentence naming the revision, and left as it is."""
+    with Catalogue(url, fleet=FLEET) as c:
+        with c.engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    with pytest.raises(CatalogueError, match=r"schema is at revision 9999, newer than this tenantsync knows "
+                                             rf"\(up to {SCHEMA_HEAD}\): upgrade tenantsync"):
+        Catalogue(url, fleet=FLEET)
+    with Catalogue(url, fleet=FLEET, migrate=False) as c:
+        with c.engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all() == ["9999"]
+
+
 def test_models_match_the_migration(cat):
     """Autogenerate finds nothing to do: the hand-written migration and the models agree."""
     from alembic.autogenerate import compare_metadata
@@ -187,12 +201,11 @@ def _write_many(url: str, names: list[str], start, results) -> None:
     try:
         with Catalogue(url, fleet=FLEET, migrate=False) as c:
             start.wait(60)
-            begun = time.monotonic()
             for i in range(300):
                 c.record_sync(names[i % len(names)], txid=i + 1, position=None, at=T0, state=S.active)
-            results.put((os.getpid(), time.monotonic() - begun, None))
+            results.put(None)
     except BaseException:  # noqa: BLE001 - reported to the parent
-        results.put((os.getpid(), None, traceback.format_exc()))
+        results.put(traceback.format_exc())
 
 
 def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
@@ -213,7 +226,7 @@ def test_sqlite_writers_of_several_processes_take_turns_on_a_flock(tmp_path):
     outcomes = [results.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
-    assert [err for _, _, err in outcomes if err] == []
+    assert [err for err in outcomes if err] == []
     with Catalogue(url, fleet=FLEET, busy_timeout=0.5) as c:
         assert {t.txid for t in c.records()} == {298, 299, 300}  # the last write of each tenant
         fd = os.open(f"{tmp_path}/cat.db.lock", os.O_RDWR)
@@ -270,20 +283,13 @@ def test_discover_inserts_idle_and_is_idempotent(cat):
     assert moved.created_at == before.created_at and moved.updated_at > before.updated_at
 
 
-def test_discover_many_10k(cat, capsys):
+def test_discover_many_10k(cat):
     items = [(f"tenant-{i:05d}", f"/srv/tenants/{i:05d}.db") for i in range(10_000)]
     cat.discover("tenant-00042", "/srv/tenants/00042.db", "h1")
     cat.record_sync("tenant-00042", txid=9, position={"k": 1}, at=T0, state=S.active)
 
-    started = time.perf_counter()
     written = cat.discover_many(items, "h1")
-    first = time.perf_counter() - started
-    started = time.perf_counter()
     assert cat.discover_many(items, "h1") == 0  # all known: nothing written
-    second = time.perf_counter() - started
-    with capsys.disabled():
-        print(f"\n[{cat.dialect}] discover_many 10,000 new: {first:.3f}s; all known: {second:.3f}s")
-
     assert written == 9_999
     assert cat.count_by_state() == {"active": 1, "idle": 9_999, "archiving": 0, "archived": 0,
                                     "hydrating": 0, "error": 0}
