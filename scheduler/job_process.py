@@ -20,6 +20,7 @@ killed with it: a successor of the same host may already be syncing those tenant
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -38,7 +39,7 @@ from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 from tenantsync.outcome import Failed
-from tenantsync.fleet import Fleet
+from tenantsync.fleet import STORAGE_JOBS, Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.process import freeze_setup, prepare_process
 
@@ -202,6 +203,13 @@ def _portable_outcome(outcome):
     return replace(outcome, error=_portable(outcome.error)) if isinstance(outcome, Failed) else outcome
 
 
+def _portable_result(result):
+    """A job's result fit to send back: its outcome, or a batch job's ``{tenant: outcome}``."""
+    if isinstance(result, dict):
+        return {name: _portable_outcome(outcome) for name, outcome in result.items()}
+    return _portable_outcome(result)
+
+
 def child_main(fd: int) -> None:
     """The child's side: read its spec, start its jobs, answer until told to close."""
     conn = Connection(fd)
@@ -224,7 +232,7 @@ def child_main(fd: int) -> None:
 
     def answer(i: int, job: str, tenant: str | list[str], kwargs: dict) -> None:
         try:
-            reply = (i, True, _portable_outcome(jobs[job](tenant, **kwargs)))
+            reply = (i, True, _portable_result(jobs[job](tenant, **kwargs)))
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
             reply = (i, False, _portable(e))
         with send_lock:
@@ -260,14 +268,6 @@ def storage_process(config: Config) -> JobProcess:
                       idle_close=STORAGE_IDLE_CLOSE)
 
 
-def _for_each(fleet, job: str) -> Callable[..., dict]:
-    """``Fleet.for_each`` for ``job``, its Failed outcomes' errors made fit to send back."""
-    def run_batch(names: list[str], **kwargs: Any) -> dict:
-        return {name: _portable_outcome(r) for name, r in fleet.for_each(job, names, **kwargs).items()}
-
-    return run_batch
-
-
 def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive, hydrate) and the
     storage-only ones, which take a batch of tenants (only the storage child is sent those).
@@ -287,6 +287,6 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
         fleet.shutdown()
 
     jobs = {"sync": fleet.sync, "archive": ondemand.archive, "hydrate": ondemand.hydrate,
-            **{job: _for_each(fleet, job) for job in ("compact", "snapshot", "retain")}}
+            **{job: functools.partial(fleet.for_each, job) for job in STORAGE_JOBS}}
     return jobs, close
 
