@@ -779,6 +779,25 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
     assert stranded == 0
 
 
+def test_an_api_call_no_worker_answers_is_one_sentence_naming_the_queue(tmp_path, redis_server):
+    """The HTTP API's hydrate or archive in fleet mode waits for the job on the tenant's host
+    queue; with no worker taking that queue, the caller gets a line that says so, not a
+    Celery TimeoutError answered as an internal error."""
+    from scheduler.queue import CeleryDispatcher, HostQueueRoute, NoAnswer
+    from scheduler.routing import make_app
+
+    cfg = load_config(write_config(tmp_path, redis_server.url, host="nobody"), env={})
+    app = make_app(cfg)
+    dispatcher = CeleryDispatcher(app, "nobody")
+    try:
+        with pytest.raises(NoAnswer, match=r"archive a\.db: no answer within 0\.5 s from a worker of queue "
+                                           r"host\.nobody .*; the job stays queued"):
+            HostQueueRoute(dispatcher, cfg, timeout=0.5)("archive", "a.db")
+    finally:
+        dispatcher.close()
+        app.close()
+
+
 def test_storage_jobs_go_out_in_batches_once_per_tenant_until_finished(tmp_path, redis_server):
     """A plan's 70 compactions are 3 messages (STORAGE_BATCH 32) on the storage queue; offered
     again while queued, none is sent twice; once finished, they may be sent again."""
