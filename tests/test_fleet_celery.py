@@ -32,7 +32,7 @@ import urllib.request
 
 import pytest
 
-from tenantsync.catalogue import open_catalogue
+from tenantsync.catalogue import Catalogue, open_catalogue
 from tenantsync.config import load as load_config
 from tenantsync.outcome import Archived, NothingNew, Written
 from tenantsync.replica import Replica
