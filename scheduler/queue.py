@@ -4,7 +4,7 @@ The admission policy (admission.py) keeps its marks in Redis (admission_redis.py
 every watcher and worker sees them. Requests come in batches (one per watcher tick): the
 marks of a batch are set in one round trip, and the admitted tenants go out as one
 ``tenantsync.sync`` message per host queue and SYNC_BATCH tenants, because Celery's own
-cost per message (publish, deliver, ack, trace) was most of a sync's cost at 200 writes/s.
+cost per message (publish, deliver, ack, trace) is of the order of a small sync's.
 The tasks (workers/tasks.py) run their tenants with this dispatcher's ``run_syncs`` and
 ``run_jobs``, so a sync ends, re-runs while dirty and is re-offered as in embedded mode.
 """
