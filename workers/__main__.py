@@ -35,7 +35,7 @@ from tenantsync import config as configmod
 from scheduler.routing import PLAN_QUEUE, shard_queue
 from scheduler.schedule import beat_schedule
 
-from .app import app, storage_without_plans
+from .app import app, config, storage_without_plans
 from .storage_child import StorageChild, exit_when_idle
 
 log = logging.getLogger("workers")
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --beat: where beat keeps its last run times (celery beat -s)")
     p.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help=argparse.SUPPRESS)  # --storage's child
     a = p.parse_args(argv)
-    config = configmod.load()
     if not 1 <= a.concurrency <= configmod.MAX_SYNC_THREADS:
         raise SystemExit(f"workers: -c/--concurrency {a.concurrency} is outside 1..{configmod.MAX_SYNC_THREADS}")
     if a.listen and not a.watch:
