@@ -19,7 +19,7 @@ from typing import Callable
 from tenantsync.catalogue import Catalogue, TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import Unshipped
-from tenantsync.fleet import Fleet
+from tenantsync.fleet import STORAGE_JOBS, Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.outcome import Outcome
 from tenantsync.process import freeze_setup
@@ -32,7 +32,6 @@ from .owner import OnDemandVia, ShardRoute
 from .schedule import Schedule
 from .watcher import Watcher
 
-STORAGE_JOBS = ("compact", "snapshot", "retain")
 # Tenants a stop that left data unshipped names on its one line (then how many more).
 SHUTDOWN_NAMES = 10
 

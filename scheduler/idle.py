@@ -2,7 +2,8 @@
 thread every RELEASE_EVERY seconds, and the niced storage process (a ``JobProcess`` child
 in embedded mode, a ``-Q storage`` worker beside a ``--storage`` worker in fleet mode)
 exits after STORAGE_IDLE_CLOSE seconds without a job: an idle fleet has no storage jobs,
-and the process is 60-80 MiB until the next compaction round starts it again."""
+so a whole Python process with its own Fleet would be kept for nothing until the next
+compaction round starts it again (its size: docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 

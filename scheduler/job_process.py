@@ -1,9 +1,9 @@
 """Jobs in a child process: how the embedded mode uses more than one core.
 
-One Python process runs its jobs under one interpreter lock. At 10,000 tenants under 200
-commits/s, a wake-up (open, sync, later release) costs 3-7 ms of CPU, and one process of
-syncs and releases ran out of lock while the second core idled: lag grew to seconds. So the
-embedded mode runs the storage-only jobs in one niced child (compaction is CPU work that
+One Python process runs its jobs under one interpreter lock. Each tenant's wake-up (open,
+sync, later release) costs milliseconds of CPU, so with thousands of tenants committing one
+process of syncs and releases runs out of lock while another core idles, and lag grows to
+seconds (docs/BENCHMARKS.md). So the embedded mode runs the storage-only jobs in one niced child (compaction is CPU work that
 must not delay syncs), and with ``host-workers: N`` the tenants of N-1 of N shards (the same
 stable hash as the Celery host queues) in N-1 more children, each with its own ``Fleet``:
 a tenant's open capture, read mark and lease always live in the one process of its shard.
@@ -20,6 +20,7 @@ killed with it: a successor of the same host may already be syncing those tenant
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -38,7 +39,7 @@ from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 from tenantsync.outcome import Failed
-from tenantsync.fleet import Fleet
+from tenantsync.fleet import STORAGE_JOBS, Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.process import freeze_setup, prepare_process
 
@@ -54,9 +55,9 @@ class JobProcess:
     """One child process running jobs; started at the first job, replaced if it dies.
 
     With ``idle_close``, a child that has had no job for that many seconds is closed (one
-    thread per JobProcess watches): the storage-job child of an idle fleet, 78 MiB at
-    10,000 tenants, then costs nothing until the next compaction round, which starts a new
-    one in about a second.
+    thread per JobProcess watches): the storage-job child of an idle fleet, a whole Python
+    process with its own Fleet, then costs nothing until the next compaction round, which
+    starts a new one (spawning takes about a second).
     """
 
     def __init__(self, name: str, start: Callable[..., ChildJobs], args: tuple = (), *,
@@ -121,7 +122,7 @@ class _Child:
                  log_level: int):
         # A fresh interpreter (not fork: the parent has threads, and their locks, by now),
         # started with subprocess rather than multiprocessing's spawn, which also starts a
-        # 13 MiB resource-tracker process this needs nothing from.
+        # resource-tracker process this needs nothing from.
         ours, theirs = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.name = name
@@ -202,6 +203,13 @@ def _portable_outcome(outcome):
     return replace(outcome, error=_portable(outcome.error)) if isinstance(outcome, Failed) else outcome
 
 
+def _portable_result(result):
+    """A job's result fit to send back: its outcome, or a batch job's ``{tenant: outcome}``."""
+    if isinstance(result, dict):
+        return {name: _portable_outcome(outcome) for name, outcome in result.items()}
+    return _portable_outcome(result)
+
+
 def child_main(fd: int) -> None:
     """The child's side: read its spec, start its jobs, answer until told to close."""
     conn = Connection(fd)
@@ -224,7 +232,7 @@ def child_main(fd: int) -> None:
 
     def answer(i: int, job: str, tenant: str | list[str], kwargs: dict) -> None:
         try:
-            reply = (i, True, _portable_outcome(jobs[job](tenant, **kwargs)))
+            reply = (i, True, _portable_result(jobs[job](tenant, **kwargs)))
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
             reply = (i, False, _portable(e))
         with send_lock:
@@ -260,20 +268,12 @@ def storage_process(config: Config) -> JobProcess:
                       idle_close=STORAGE_IDLE_CLOSE)
 
 
-def _for_each(fleet, job: str) -> Callable[..., dict]:
-    """``Fleet.for_each`` for ``job``, its Failed outcomes' errors made fit to send back."""
-    def run_batch(names: list[str], **kwargs: Any) -> dict:
-        return {name: _portable_outcome(r) for name, r in fleet.for_each(job, names, **kwargs).items()}
-
-    return run_batch
-
-
 def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
     """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive, hydrate) and the
     storage-only ones, which take a batch of tenants (only the storage child is sent those).
     With ``release_every``, it releases its idle tenants itself."""
     prepare_process()
-    # The parent opened (and migrated) the catalogue already; no Alembic here (10 MiB).
+    # The parent opened (and migrated) the catalogue already: this child need not import Alembic.
     fleet = Fleet(config, open_catalogue(config, migrate=False))
     ondemand = OnDemand(fleet)
     stop = threading.Event()
@@ -287,6 +287,6 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
         fleet.shutdown()
 
     jobs = {"sync": fleet.sync, "archive": ondemand.archive, "hydrate": ondemand.hydrate,
-            **{job: _for_each(fleet, job) for job in ("compact", "snapshot", "retain")}}
+            **{job: functools.partial(fleet.for_each, job) for job in STORAGE_JOBS}}
     return jobs, close
 

@@ -4,7 +4,7 @@ The admission policy (admission.py) keeps its marks in Redis (admission_redis.py
 every watcher and worker sees them. Requests come in batches (one per watcher tick): the
 marks of a batch are set in one round trip, and the admitted tenants go out as one
 ``tenantsync.sync`` message per host queue and SYNC_BATCH tenants, because Celery's own
-cost per message (publish, deliver, ack, trace) was most of a sync's cost at 200 writes/s.
+cost per message (publish, deliver, ack, trace) is of the order of a small sync's.
 The tasks (workers/tasks.py) run their tenants with this dispatcher's ``run_syncs`` and
 ``run_jobs``, so a sync ends, re-runs while dirty and is re-offered as in embedded mode.
 """
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import redis
 from celery import Celery
+from celery.exceptions import TimeoutError as ResultTimeout
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from tenantsync.errors import InvalidArgument
+from tenantsync.errors import InvalidArgument, TenantSyncError
 from tenantsync.outcome import from_dict
 from tenantsync.tenants import Pattern, locate
 
@@ -66,6 +67,11 @@ class CeleryDispatcher(AdmittingDispatcher):
         self.redis.close()
 
 
+class NoAnswer(TenantSyncError):
+    """A job sent to a tenant's host queue was not answered in time: no worker takes that
+    queue, or its worker is behind. The job stays queued and runs when a worker takes it."""
+
+
 class HostQueueRoute:
     """Fleet mode's owners (owner.py): a job on the host queue of the tenant's worker, its
     result waited for (the HTTP API answers with it, as in embedded mode; the worker's
@@ -81,6 +87,13 @@ class HostQueueRoute:
         if kwargs.pop("timestamp", None) is not None:
             raise InvalidArgument("timestamp hydration runs in embedded mode or with `tenantsync fork`")
         locate(self.patterns, name)
-        sent = self.dispatcher.app.send_task(f"tenantsync.{job}", args=[name], kwargs=kwargs,
-                                             queue=self.dispatcher.host_queue(name))
-        return from_dict(sent.get(timeout=self.timeout))  # an outcome, crossed the broker as JSON
+        queue = self.dispatcher.host_queue(name)
+        sent = self.dispatcher.app.send_task(f"tenantsync.{job}", args=[name], kwargs=kwargs, queue=queue)
+        try:
+            answer = sent.get(timeout=self.timeout)
+        except ResultTimeout:
+            sent.forget()  # nobody waits for it now: stop listening for it (the job itself still runs)
+            raise NoAnswer(f"{job} {name}: no answer within {self.timeout:g} s from a worker of queue {queue} "
+                           f"(is `python -m workers` running on host {self.dispatcher.host}?); the job stays "
+                           "queued") from None
+        return from_dict(answer)  # an outcome, crossed the broker as JSON

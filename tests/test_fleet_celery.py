@@ -32,7 +32,7 @@ import urllib.request
 
 import pytest
 
-from tenantsync.catalogue import open_catalogue
+from tenantsync.catalogue import Catalogue, open_catalogue
 from tenantsync.config import load as load_config
 from tenantsync.outcome import Archived, NothingNew, Written
 from tenantsync.replica import Replica
@@ -777,6 +777,25 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
         dispatcher.close()
         app.close()
     assert stranded == 0
+
+
+def test_an_api_call_no_worker_answers_is_one_sentence_naming_the_queue(tmp_path, redis_server):
+    """The HTTP API's hydrate or archive in fleet mode waits for the job on the tenant's host
+    queue; with no worker taking that queue, the caller gets a line that says so, not a
+    Celery TimeoutError answered as an internal error."""
+    from scheduler.queue import CeleryDispatcher, HostQueueRoute, NoAnswer
+    from scheduler.routing import make_app
+
+    cfg = load_config(write_config(tmp_path, redis_server.url, host="nobody"), env={})
+    app = make_app(cfg)
+    dispatcher = CeleryDispatcher(app, "nobody")
+    try:
+        with pytest.raises(NoAnswer, match=r"archive a\.db: no answer within 0\.5 s from a worker of queue "
+                                           r"host\.nobody .*; the job stays queued"):
+            HostQueueRoute(dispatcher, cfg, timeout=0.5)("archive", "a.db")
+    finally:
+        dispatcher.close()
+        app.close()
 
 
 def test_storage_jobs_go_out_in_batches_once_per_tenant_until_finished(tmp_path, redis_server):

@@ -1,8 +1,8 @@
 """``python -m workers``: a Celery worker for this host's queues, without the ``celery`` command.
 
 The ``celery`` command imports every installed plugin before it reads its arguments
-(Flower's web stack, the REPL's prompt_toolkit), and a worker process keeps them: an idle
-worker started with ``celery -A workers worker`` is 91 MiB here, this one 75 MiB. Same app,
+(Flower's web stack, the REPL's prompt_toolkit), and a worker process keeps them for its
+whole life; this launcher imports only the worker. Same app,
 same settings and tasks; host-queue workers need the threads pool (one process holds its
 tenants' open captures), so it is the only one offered.
 
@@ -15,7 +15,7 @@ tenants' open captures), so it is the only one offered.
 
 ``--watch`` runs the host's watcher in this process, ``--beat`` the fleet's beat schedule
 (``scheduler/beat.py``), each on a thread, as ``celery worker -B`` runs beat: on a small host
-each is one Python process (60-80 MiB) fewer. One watcher per host, one beat per fleet.
+each is one Python process fewer. One watcher per host, one beat per fleet.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tenantsync import config as configmod
 from scheduler.routing import PLAN_QUEUE, shard_queue
 from scheduler.schedule import beat_schedule
 
-from .app import app, storage_without_plans
+from .app import app, config, storage_without_plans
 from .storage_child import StorageChild, exit_when_idle
 
 log = logging.getLogger("workers")
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --beat: where beat keeps its last run times (celery beat -s)")
     p.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help=argparse.SUPPRESS)  # --storage's child
     a = p.parse_args(argv)
-    config = configmod.load()
     if not 1 <= a.concurrency <= configmod.MAX_SYNC_THREADS:
         raise SystemExit(f"workers: -c/--concurrency {a.concurrency} is outside 1..{configmod.MAX_SYNC_THREADS}")
     if a.listen and not a.watch:

@@ -25,4 +25,5 @@ def _add_plans(sender, instance, **_) -> None:
         queues.select_add(PLAN_QUEUE)
 
 
-app = make_app(config_or_exit())
+config = config_or_exit()  # read once: the launcher and the tasks' Fleet use it too
+app = make_app(config)

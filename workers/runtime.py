@@ -13,12 +13,11 @@ from celery.signals import worker_ready, worker_shutdown
 
 from scheduler.idle import RELEASE_EVERY
 from scheduler.queue import CeleryDispatcher
-from tenantsync import config as configmod
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.process import freeze_setup, prepare_process
 
-from .app import app
+from .app import app, config
 
 _build_lock = threading.RLock()
 
@@ -45,7 +44,7 @@ def singleton(fn):
 @singleton
 def fleet() -> Fleet:
     prepare_process()  # descriptors for thousands of open tenants, a short switch interval
-    return Fleet(configmod.load())
+    return Fleet(config)
 
 
 @singleton

@@ -1,13 +1,13 @@
 """The storage worker a syncing worker starts beside itself (``python -m workers --storage``).
 
-A host worker that also took ``-Q storage`` in its own pool gave compactions the same job
-threads as syncs: beat's level-1 plan sends a compaction for every tenant synced in the last
-minute (6,000 at once at 10,000 tenants under 200 writes/s), they filled every thread, and
-each commit's sync waited for one to end (lag p99 1.25-1.46 s). So a ``--storage`` worker
-never consumes the storage queue itself: it starts ``python -m workers -Q storage`` as a
-niced child process when that queue has messages, with its own few threads, and the child
-exits after STORAGE_IDLE_CLOSE seconds without a job, by the same clock as the embedded
-mode's storage child (scheduler/idle.py). The child is a Celery worker like any other: its jobs are acked when they end, so a child killed mid-job has them
+Compactions must not take the threads that sync: beat's level-1 plan sends a compaction for
+every tenant synced in the last minute, thousands at once on a busy host, and in a worker's
+own pool they would fill every thread while each commit's sync waited for one to end. So a
+``--storage`` worker never consumes the storage queue itself: it starts ``python -m workers
+-Q storage`` as a niced child process when that queue has messages, with its own few
+threads, and the child exits after STORAGE_IDLE_CLOSE seconds without a job, by the same
+clock as the embedded mode's storage child (scheduler/idle.py). The child is a Celery worker
+like any other: its jobs are acked when they end, so a child killed mid-job has them
 redelivered, and Flower shows it by name.
 """
 
