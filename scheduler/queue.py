@@ -17,7 +17,7 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from tenantsync.errors import InvalidArgument, TenantSyncError
+from tenantsync.errors import InvalidArgument, NoAnswer
 from tenantsync.outcome import from_dict
 from tenantsync.tenants import Pattern, locate
 
@@ -65,11 +65,6 @@ class CeleryDispatcher(AdmittingDispatcher):
 
     def close(self) -> None:
         self.redis.close()
-
-
-class NoAnswer(TenantSyncError):
-    """A job sent to a tenant's host queue was not answered in time: no worker takes that
-    queue, or its worker is behind. The job stays queued and runs when a worker takes it."""
 
 
 class HostQueueRoute:

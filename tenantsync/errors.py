@@ -80,6 +80,11 @@ class ArchiveAborted(TenantSyncError):
     """The tenant was in use or changed during archival; its files were kept."""
 
 
+class NoAnswer(TenantSyncError):
+    """The process that owns a tenant did not answer a job in time (in fleet mode: no worker
+    takes the tenant's host queue, or it is behind). The job stays queued and runs later."""
+
+
 class Unshipped(TenantSyncError):
     """A fleet stopped while some tenants' committed data was not in their replicas (they
     are in state error: a sync or the final release failed); the message names them."""

@@ -8,7 +8,7 @@
 Errors are JSON ``{"error": "<one line>"}``, their status chosen by the error's type
 (``STATUS``): 400 (a malformed body, a bad name or target), 404 (not a tenant of this
 fleet, or nothing in its replica), 409 (busy, aborted, or the catalogue's row does not
-match the fleet), 502 (the replica failed), 500 (a bug: its traceback goes to the log).
+match the fleet), 502 (the replica failed), 504 (the tenant's owner did not answer), 500 (a bug: its traceback goes to the log).
 A job that did nothing by design answers by why (``SKIPPED``): an archival refused
 because the tenant is in use is a 409 too.
 Requests are served by threads; hydrations of one tenant coalesce in ``OnDemand``.
@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 from .catalogue import TenantRecord
-from .errors import InvalidArgument, NotATenant, ReplicaEmpty, StorageError, TenantSyncError
+from .errors import InvalidArgument, NoAnswer, NotATenant, ReplicaEmpty, StorageError, TenantSyncError
 from .outcome import Archived, Skip, Skipped
 from .targets import parse_timestamp, parse_txid
 from .tenants import check_name
@@ -38,7 +38,8 @@ MAX_BODY = 64 << 10  # a hydrate body is a few bytes; anything larger is refused
 
 _ROUTE = re.compile(r"^/tenants/(?P<name>[^?]+?)(?:/(?P<action>hydrate|archive))?/?$")
 # The most specific class wins (the first in an error's method resolution order).
-STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, StorageError: 502, TenantSyncError: 409}
+STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, StorageError: 502, NoAnswer: 504,
+          TenantSyncError: 409}
 # A Skipped outcome's status, by its reason: archived already is what was asked for.
 SKIPPED = {Skip.ALREADY_ARCHIVED: 200, Skip.IN_USE: 409}
 

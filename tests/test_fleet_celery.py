@@ -783,7 +783,8 @@ def test_an_api_call_no_worker_answers_is_one_sentence_naming_the_queue(tmp_path
     """The HTTP API's hydrate or archive in fleet mode waits for the job on the tenant's host
     queue; with no worker taking that queue, the caller gets a line that says so, not a
     Celery TimeoutError answered as an internal error."""
-    from scheduler.queue import CeleryDispatcher, HostQueueRoute, NoAnswer
+    from scheduler.queue import CeleryDispatcher, HostQueueRoute
+    from tenantsync.errors import NoAnswer
     from scheduler.routing import make_app
 
     cfg = load_config(write_config(tmp_path, redis_server.url, host="nobody"), env={})

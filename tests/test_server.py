@@ -273,3 +273,10 @@ def test_cli_archive_while_serve_has_the_tenant_open_waits_for_it_to_let_go(serv
         pids = re.search(r"open by pid ([\d, ]+)$", proc.stderr.strip())
         assert proc.returncode != 0 and pids and {int(p) for p in pids[1].split(", ")} == {holder.pid}, proc.stderr
         assert os.path.exists(paths[name]) and catalogue.get(name).state != TenantState.archived
+
+
+def test_an_owner_that_does_not_answer_is_a_504():
+    from tenantsync.errors import NoAnswer
+    from tenantsync.server import status_of
+
+    assert status_of(NoAnswer("archive a.db: no answer")) == 504
