@@ -22,11 +22,10 @@ from tenantsync.errors import Unshipped
 from tenantsync.fleet import STORAGE_JOBS, Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.outcome import Outcome
-from tenantsync.process import freeze_setup
+from tenantsync.process import RELEASE_EVERY, freeze_setup
 from tenantsync.server import serve
 
 from .dispatch import InProcessDispatcher
-from .idle import RELEASE_EVERY
 from .job_process import JobProcess, fleet_jobs, storage_process
 from .owner import OnDemandVia, ShardRoute
 from .schedule import Schedule

@@ -1,5 +1,5 @@
 """Letting idle things go, the same in both runtimes: open tenants are released by a
-thread every RELEASE_EVERY seconds, and the niced storage process (a ``JobProcess`` child
+thread every ``tenantsync.process.RELEASE_EVERY`` seconds, and the niced storage process (a ``JobProcess`` child
 in embedded mode, a ``-Q storage`` worker beside a ``--storage`` worker in fleet mode)
 exits after STORAGE_IDLE_CLOSE seconds without a job: an idle fleet has no storage jobs,
 so a whole Python process with its own Fleet would be kept for nothing until the next
@@ -11,7 +11,6 @@ import threading
 import time
 from typing import Callable
 
-RELEASE_EVERY = 5.0
 # Compaction is CPU work: niced, so the syncing processes win when cores are short.
 STORAGE_NICE = 10
 STORAGE_IDLE_CLOSE = 30.0

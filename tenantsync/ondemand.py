@@ -19,13 +19,14 @@ from concurrent.futures import Future
 from datetime import datetime, timezone
 
 from . import compactor
-from .catalogue import TenantState
+from .catalogue import REPLICATED, TenantState
 from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, TenantSyncError
 from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
 from .position import DBStat, Position
+from .process import RELEASE_EVERY
 from .restore import restore
-from .targets import MAX_TXID
+from .targets import MAX_TXID, check_timestamp
 from .tenants import check_name
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ SIDE_FILES = ("-wal", "-shm")
 COMPARE_CHUNK = 8 << 20
 WAIT_FOR_OTHER = 120.0
 # A fleet process (of this host) holding a tenant that another process archives lets go of it
-# at its release thread's next tick (every 5 s, Fleet.release_archiving); the archival waits
-# that long, and a little more, before it refuses.
-HOLDERS_WAIT = 12.0
+# at its release thread's next tick (Fleet.release_archiving); the archival waits two ticks,
+# and a little more, before it refuses.
+HOLDERS_WAIT = 2 * RELEASE_EVERY + 2.0
 
 
 class Busy(TenantSyncError):
@@ -143,7 +144,7 @@ class OnDemand:
     def _hydrate(self, name, path, txid, timestamp, source, waited: float = 0.0) -> Hydrated:
         record = self.catalogue.get(name)
         local = os.path.exists(path)
-        if source is None and local and record is not None and record.state in _REPLICATED:
+        if source is None and local and record is not None and record.state in REPLICATED:
             return Hydrated(name, path, record.txid or 0, restored=False)  # its own file, replicated
         if record is None:
             marked = self.catalogue.claim_new(name, path, self.fleet.config.host, self.owner)
@@ -314,7 +315,6 @@ class OnDemand:
 
 # States a hydration may start from, and the ones whose local file is the tenant's own.
 _HYDRATE_FROM = {TenantState.archived, TenantState.idle, TenantState.error, TenantState.active}
-_REPLICATED = {TenantState.active, TenantState.idle, TenantState.error}
 _ARCHIVE_FROM = {TenantState.active, TenantState.idle}
 
 
@@ -324,8 +324,7 @@ def _check_target(txid, timestamp) -> None:
     if txid is not None and (isinstance(txid, bool) or not isinstance(txid, int) or not 1 <= txid <= MAX_TXID):
         raise InvalidArgument(f"txid: expected a whole number from 1 to 2^64-1, got {txid!r}")
     if timestamp is not None:
-        if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
-            raise InvalidArgument(f"timestamp: expected a time with a zone (like 2026-11-25T10:00:00Z), got {timestamp!r}")
+        check_timestamp(timestamp)
     if txid is not None and timestamp is not None:
         raise InvalidArgument("give a txid or a timestamp, not both")
 

@@ -28,6 +28,9 @@ FDS_UNLIMITED = 1 << 20
 # behind a thread encoding LTX or compacting; with thousands of tenants committing, the
 # default interval would make up most of the commit-to-replica lag (see docs/BENCHMARKS.md).
 SWITCH_INTERVAL = 0.0005
+# Seconds between a fleet process's release ticks (Fleet.start_releasing): idle tenants are
+# closed and tenants another process is archiving are let go at most this late.
+RELEASE_EVERY = 5.0
 
 
 def prepare_process() -> int:

@@ -40,11 +40,20 @@ def parse_timestamp(value: str) -> datetime:
         raise InvalidArgument(f"{value!r} is not an RFC 3339 time (like 2026-11-25T10:00:00Z)", argument="timestamp") from None
     if t.tzinfo is None:
         raise InvalidArgument(f"{value!r} has no time zone (add Z or +00:00)", argument="timestamp")
+    return check_timestamp(t, shown=value)
+
+
+def check_timestamp(t: datetime, *, shown: object = None) -> datetime:
+    """An aware datetime ``t`` a restore can aim at, as UTC: library callers' datetimes meet
+    the same bounds as the parsed ones (``shown`` is how the caller wrote it)."""
+    shown = t if shown is None else shown
+    if not isinstance(t, datetime) or t.utcoffset() is None:
+        raise InvalidArgument(f"{shown!r} is not a time with a zone (like 2026-11-25T10:00:00Z)", argument="timestamp")
     try:
         t = t.astimezone(timezone.utc)
     except OverflowError:
         t = None
     # Year 9999 too: a restore looks a little past its target, which would overflow.
     if t is None or t.year == MAXYEAR:
-        raise InvalidArgument(f"{value!r} is out of range (in UTC, years 1 to {MAXYEAR - 1})", argument="timestamp")
+        raise InvalidArgument(f"{shown!r} is out of range (in UTC, years 1 to {MAXYEAR - 1})", argument="timestamp")
     return t

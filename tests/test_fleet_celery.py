@@ -35,6 +35,7 @@ import pytest
 from tenantsync.catalogue import Catalogue, open_catalogue
 from tenantsync.config import load as load_config
 from tenantsync.outcome import Archived, NothingNew, Written
+from tenantsync.process import RELEASE_EVERY  # how often a worker releases idle tenants
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
@@ -48,7 +49,6 @@ WRITE_SECONDS = float(os.environ.get("TENANTSYNC_FLEET_WRITE_SECONDS", "20"))
 WRITE_RATE = 150  # transactions per second, spread at random over the tenants
 CATCH_UP_TIMEOUT = float(os.environ.get("TENANTSYNC_FLEET_CATCH_UP_TIMEOUT", "45"))
 IDLE_AFTER = 3.0  # the config's idle-after
-RELEASE_EVERY = 5.0  # workers/runtime.py: how often a worker releases idle tenants
 IDLE_WINDOW = 6.0  # how long the fleet is watched for jobs once everything is idle
 
 

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from scheduler.embedded import RELEASE_EVERY
+from tenantsync.process import RELEASE_EVERY
 from tenantsync.errors import ObjectNotFound, RestoreError, StorageError
 from tenantsync.layout import LEASE_KEY
 from tenantsync.lease import decode_lease

@@ -199,3 +199,17 @@ def test_a_hydration_that_read_the_tenant_archived_while_another_process_hydrate
         assert dump(path) == raced[1] and not [p for p in os.listdir(tmp_path / "data") if ".unknown-" in p]
     finally:
         other.close()
+
+
+def test_a_library_callers_timestamp_out_of_range_is_refused_in_one_line(tmp_path, fleet):
+    """The CLI and HTTP API parse times with tenantsync.targets; a library caller's datetime
+    meets the same bounds (a restore looks a little past its target: year 9999 would overflow)."""
+    from datetime import datetime, timezone
+
+    from tenantsync.errors import InvalidArgument
+
+    path, conn = tenant(fleet, tmp_path)
+    conn.close()
+    with pytest.raises(InvalidArgument, match="timestamp: .* is out of range"):
+        OnDemand(fleet).hydrate("acme.db", timestamp=datetime(9999, 12, 31, 23, tzinfo=timezone.utc))
+    assert fleet.catalogue.get("acme.db").state == TenantState.active  # nothing changed

@@ -11,11 +11,10 @@ import threading
 
 from celery.signals import worker_ready, worker_shutdown
 
-from scheduler.idle import RELEASE_EVERY
 from scheduler.queue import CeleryDispatcher
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
-from tenantsync.process import freeze_setup, prepare_process
+from tenantsync.process import RELEASE_EVERY, freeze_setup, prepare_process
 
 from .app import app, config
 
