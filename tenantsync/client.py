@@ -31,7 +31,7 @@ class Client:
         """The tenant's local path, once it is present, complete and replicated again."""
         if self._ondemand is not None:
             return self._ondemand.hydrate(name, txid=txid).path
-        return self._post(f"/tenants/{quote(name, safe='/')}/hydrate", {"txid": txid} if txid else {})["path"]
+        return self._post(f"/tenants/{quote(name, safe='/')}/hydrate", {"txid": txid} if txid is not None else {})["path"]
 
     def archive(self, name: str) -> dict:
         if self._ondemand is not None:  # the HTTP API's answer, without the HTTP

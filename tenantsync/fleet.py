@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import compactor, tenants
-from .capture import Capture, ReplicaConflict
+from .capture import Capture
 from .catalogue import Catalogue, TenantState, open_catalogue
 from .config import Config
-from .errors import DatabaseError, LeaseHeld, NotATenant, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
+from .errors import DatabaseError, LeaseHeld, NotATenant, ReplicaConflict, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
 from .lease import HeldLease, Leaser
 from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcome, Shipped, Skip, Skipped,
                       Written, failed)

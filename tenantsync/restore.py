@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from . import layout
-from .errors import OutputExists, ReplicaEmpty, ReplicaGap, RestoredCorrupt, RestoreError, TargetUnavailable
+from .errors import InvalidArgument, OutputExists, ReplicaEmpty, ReplicaGap, RestoredCorrupt, TargetUnavailable
 from .replica import LEVELS, LTXInfo, Replica
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class RestoreResult:
 def plan(replica: Replica, txid: int | None = None, timestamp: datetime | None = None) -> list[LTXInfo]:
     """The files to apply, in order, to reach ``txid``/``timestamp`` (default: latest)."""
     if txid is not None and timestamp is not None:
-        raise RestoreError("give a TXID or a timestamp, not both")
+        raise InvalidArgument("give a TXID or a timestamp, not both")
     files = replica.all_files()
     if not any(files.values()):
         raise ReplicaEmpty(f"{replica}: no LTX files in the replica")
