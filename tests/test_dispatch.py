@@ -265,7 +265,7 @@ def test_storage_jobs_run_in_a_niced_child_that_is_replaced_if_it_dies(tmp_path)
         assert isinstance(result["../b.db"].error, TenantSyncError), result  # one failed, not the batch
         first = jobs.pid
         assert first is not None and first != os.getpid()
-        assert os.getpriority(os.PRIO_PROCESS, first) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        assert os.getpriority(os.PRIO_PROCESS, first) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)  # 19 at most
         os.kill(first, signal.SIGKILL)
         assert wait_for(lambda: jobs.pid is None, 10)
         assert jobs.run("compact", ["a.db"], level=1) == {"a.db": Skipped("a.db", Skip.NOTHING_TO_WRITE)}
@@ -353,7 +353,7 @@ def test_a_child_idle_for_idle_close_seconds_is_closed_and_the_next_job_starts_a
         assert jobs.run("slow", "a", seconds=1.5) == {"tenant": "a"}  # busy: not closed meanwhile
         assert jobs.pid == first
         assert wait_for(lambda: jobs.pid is None, 10)  # idle: closed in order
-        assert (tmp_path / "closed").exists()
+        assert wait_for(lambda: (tmp_path / "closed").exists(), 10)  # its close may still be running
         assert jobs.run("pid", "a")["pid"] not in (first, None)
     finally:
         jobs.close()
