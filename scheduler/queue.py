@@ -19,7 +19,7 @@ from redis.retry import Retry
 
 from tenantsync.errors import InvalidArgument, NoAnswer
 from tenantsync.outcome import from_dict
-from tenantsync.tenants import Pattern, locate
+from tenantsync.tenants import locate, patterns
 
 from .admission import STORAGE_BATCH, SYNC_BATCH, AdmittingDispatcher, batches
 from .admission_redis import RedisStore
@@ -75,7 +75,7 @@ class HostQueueRoute:
 
     def __init__(self, dispatcher: CeleryDispatcher, config, timeout: float = 300.0):
         self.dispatcher = dispatcher
-        self.patterns = [Pattern.parse(g) for g in config.globs]
+        self.patterns = patterns(config.globs)
         self.timeout = timeout
 
     def __call__(self, job: str, name: str, **kwargs):

@@ -45,7 +45,7 @@ class Watcher:
         self.config = config
         self.catalogue = catalogue
         self.dispatcher = dispatcher
-        self.patterns = [tenants.Pattern.parse(g) for g in config.globs]
+        self.patterns = tenants.patterns(config.globs)
         self.report = report or (lambda line: log.warning("%s", line))
         self.known: dict[str, str] = {}  # path -> tenant name
         self._reported: set[str] = set()

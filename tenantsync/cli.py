@@ -1,7 +1,7 @@
 """The ``tenantsync`` command line: thin wrappers over the core calls.
 
-Every TenantSyncError becomes one line on stderr and exit status 1; a traceback means
-a bug.
+Every TenantSyncError becomes one line on stderr and exit status 1 (3 when storage cannot
+be reached: worth retrying); a traceback means a bug.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class Fleet:
         self.catalogue = catalogue or open_catalogue(config)
         if self.catalogue.fleet != config.fleet:
             raise TenantMismatch(f"catalogue of fleet {self.catalogue.fleet} given to the fleet of {config.fleet}")
-        self.patterns = [tenants.Pattern.parse(g) for g in config.globs]
+        self.patterns = tenants.patterns(config.globs)
         self.storage = open_storage(config.replica)
         # The lease belongs to the host: every process of one host may sync its tenants
         # (write-if-absent fences their TXIDs); other hosts are kept out.

@@ -65,6 +65,12 @@ class Pattern:
         return check_name(os.path.relpath(path, self.base))
 
 
+def patterns(globs) -> list[Pattern]:
+    """A fleet's globs (``Config.globs``) parsed, as every part that names or finds tenants
+    uses them."""
+    return [Pattern.parse(g) for g in globs]
+
+
 def check_name(name: str) -> str:
     """Return ``name`` if every segment is a safe object-key segment, else raise.
     (``fullmatch``: ``$`` also matches before a final newline, which would let ``x.db\\n`` in.)"""
