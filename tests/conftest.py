@@ -222,6 +222,53 @@ def seaweed_url(seaweed_server, seaweed_client):
     return f"s3://{bucket}/replica?endpoint={seaweed_server}&region=us-east-1&forcePathStyle=true"
 
 
+# -- a fault-injecting proxy in front of either S3 server (tests/faultproxy.py) --------
+
+
+def _proxy_in_front_of(upstream: str):
+    """A FaultProxy in front of ``upstream`` for one test, healed and closed afterwards."""
+    from .faultproxy import FaultProxy
+
+    proxy = FaultProxy(upstream).start()
+    try:
+        yield proxy
+    finally:
+        proxy.heal()
+        proxy.close()
+
+
+def _proxied_url(client, proxy) -> str:
+    """A replica root URL in a fresh bucket, created directly on the server (not through
+    the proxy, whose faults may be on), with the proxy as its endpoint."""
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/replica?endpoint={proxy.url}&region=us-east-1&forcePathStyle=true"
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """A FaultProxy in front of the session's moto server."""
+    yield from _proxy_in_front_of(s3_server)
+
+
+@pytest.fixture
+def seaweed_proxy(seaweed_server):
+    """A FaultProxy in front of the session's SeaweedFS server."""
+    yield from _proxy_in_front_of(seaweed_server)
+
+
+@pytest.fixture
+def proxied_s3_url(s3_client, s3_proxy):
+    """URL of a replica root in a fresh moto bucket, reached through ``s3_proxy``."""
+    return _proxied_url(s3_client, s3_proxy)
+
+
+@pytest.fixture
+def proxied_seaweed_url(seaweed_client, seaweed_proxy):
+    """URL of a replica root in a fresh SeaweedFS bucket, reached through ``seaweed_proxy``."""
+    return _proxied_url(seaweed_client, seaweed_proxy)
+
+
 # -- Redis: a real redis-server on a free loopback port ----------------------------
 
 
