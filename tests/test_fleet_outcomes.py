@@ -98,7 +98,7 @@ def test_each_sync_outcome_is_one_catalogue_write_of_the_state_it_leaves(tmp_pat
     write_rows(conn, 2)
     outcome, before, after = sync()  # the lease is fresh: not renewed, its columns not written
     assert isinstance(outcome, Shipped) and (outcome.txid, outcome.full) == (2, None)
-    assert set(changed(before, after)) == {"txid", "position", "last_sync_at", "bytes_stored"}
+    assert set(changed(before, after)) == {"txid", "position", "last_sync_at", "bytes_stored", "wal_bytes"}
 
     start = writes.count
     assert fleet.release("a.db")  # shipped nothing, gave the lease up: one write says both
@@ -121,7 +121,8 @@ def test_each_sync_outcome_is_one_catalogue_write_of_the_state_it_leaves(tmp_pat
     outcome, before, after = sync()
     assert isinstance(outcome, Failed) and isinstance(outcome.error, StorageError) and not outcome.transient
     assert changed(before, after) == {"state": (TenantState.idle, TenantState.error),
-                                      "last_error": (None, str(outcome.error))}
+                                      "last_error": (None, str(outcome.error)),
+                                      "wal_bytes": (before.wal_bytes, os.path.getsize(tmp_path / "data" / "a.db-wal"))}
 
     ltx.unlink()
     os.rename(tmp_path / "ltx-moved-away", ltx)
