@@ -144,6 +144,10 @@ def _ondemand(config: Config) -> OnDemand:
 
 
 class Client:
+    """``Client(config)`` or ``Client(url)`` (module docstring). ``timeout``: seconds to wait for
+    an answer from the ``serve`` endpoint or the fleet's owner (NoAnswer after that; the call
+    goes on there, and a repeated hydration joins it)."""
+
     def __init__(self, target: Config | str, timeout: float = 60.0):
         self.timeout = timeout
         self._ondemand: OnDemand | None = None  # built at the first call no owner answered

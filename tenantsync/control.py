@@ -43,8 +43,9 @@ SUN_PATH_MAX = 107
 # A live owner accepts at once (the kernel queues the connection even while it is busy);
 # waiting longer would only delay a start-up next to a stopped (SIGSTOP) owner.
 PROBE_TIMEOUT = 2.0
-# The errors of a connect that mean nobody listens: no socket file, or a file left by a dead process.
-NOBODY_LISTENS = (errno.ENOENT, errno.ECONNREFUSED)
+# The errors of a connect that mean nobody listens: no socket file (nor a directory that could
+# hold one), or a file left by a dead process.
+NOBODY_LISTENS = (errno.ENOENT, errno.ENOTDIR, errno.ECONNREFUSED)
 
 
 class NoOwner(TenantSyncError):
@@ -113,12 +114,27 @@ def listen(serve: Callable[[str], object], config: Config,
         report(f"no control socket: {FLEETS_DIR} is too long a path for one; "
                "archive, hydrate and fork from other processes run in their own process")
         return None
+    try:
+        server = _take(serve, path)
+    except OSError as e:  # a read-only or foreign state directory: the fleet still runs
+        report(f"no control socket at {path}: {e.strerror}; archive, hydrate and fork from other "
+               "processes run in their own process")
+        return None
+    if server is None:
+        report(f"another live owner of this fleet on host {config.host} listens at {path}: "
+               "running without a control socket")
+        return None
+    log.info("control socket at %s", path)
+    return ControlSocket(server, path)
+
+
+def _take(serve: Callable[[str], object], path: str):
+    """The server ``serve`` bound at ``path``, replacing a stale socket there; None if a live
+    owner listens on it."""
     directory = os.path.dirname(path)
     _private_directory(directory)
     with _locked(directory):
         if _answers(path):
-            report(f"another live owner of this fleet on host {config.host} listens at {path}: "
-                   "running without a control socket")
             return None
         try:
             os.unlink(path)  # stale: its process is gone
@@ -126,8 +142,7 @@ def listen(serve: Callable[[str], object], config: Config,
             pass
         server = serve(path)
         os.chmod(path, 0o600)
-    log.info("control socket at %s", path)
-    return ControlSocket(server, path)
+        return server
 
 
 def _answers(path: str) -> bool:

@@ -200,6 +200,33 @@ def test_client_config_reaches_the_watch_or_runs_in_process(fleet):
         client.hydrate("sub/x.db")
 
 
+def test_an_archival_by_a_process_that_does_not_reach_the_owner_waits_for_its_release_tick(fleet):
+    """A process archiving without the socket (a watcher that found another owner holding
+    it runs its own OnDemand) marks the tenant archiving; the watcher holding it open lets
+    go at its next release tick (Fleet.release_archiving), within HOLDERS_WAIT, and the
+    archival goes on instead of refusing with the watcher's pid."""
+    from tenantsync.fleet import Fleet
+    from tenantsync.ondemand import OnDemand, open_by_others
+    from tenantsync.outcome import Archived
+
+    cfg, data, start, _ = fleet
+    watch = start()
+    path = str(data / "a.db")
+    open_tenant(cfg, path, watch)
+    conn = app_db(path)
+    write_rows(conn, 1)  # a write within idle-after: the watcher has it open
+    conn.close()
+    assert wait_for(lambda: watch.proc.pid in open_by_others([path]), 30), watch.text()
+    fleet_here = Fleet(cfg)
+    try:
+        t0 = time.monotonic()
+        outcome = OnDemand(fleet_here).archive("a.db")
+        assert isinstance(outcome, Archived) and time.monotonic() - t0 < HOLDERS_WAIT, outcome
+    finally:
+        fleet_here.shutdown()
+    assert not os.path.exists(path) and 'POST /tenants/a.db/archive' not in watch.text()
+
+
 def test_cli_archive_in_fleet_mode_reaches_the_host_queue_worker(tmp_path, redis_server, children):  # noqa: F811
     """Celery mode: ``tenantsync watch`` listens on the socket too and sends the call to the
     tenant's host queue, whose worker archives it and answers."""
@@ -252,3 +279,18 @@ def test_the_socket_path_fits_a_socket_address_and_differs_by_fleet_and_host(tmp
     paths = {socket_path(base), socket_path(base.with_overrides(host="other")),
              socket_path(base.with_overrides(replica=(tmp_path / "s").as_uri()))}
     assert len(paths) == 3 and all(len(os.fsencode(p)) <= SUN_PATH_MAX for p in paths)
+
+
+def test_a_state_directory_that_cannot_hold_the_socket_leaves_the_fleet_running(tmp_path, monkeypatch):
+    """A read-only or foreign state directory (here a file where it should be): the owner
+    says so and runs without a socket, and a caller finds no owner and runs in-process."""
+    from tenantsync import control
+
+    (tmp_path / "state").write_text("not a directory")
+    monkeypatch.setattr(control, "FLEETS_DIR", str(tmp_path / "state" / "fleets"))
+    cfg = configmod.Config(replica=(tmp_path / "replica").as_uri())
+    said = []
+    assert control.listen(lambda path: pytest.fail("bound a socket"), cfg, said.append) is None
+    assert len(said) == 1 and said[0].startswith(f"no control socket at {socket_path(cfg)}: "), said
+    with pytest.raises(control.NoOwner):
+        control.connect(socket_path(cfg), 1.0)
