@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -256,6 +257,16 @@ def test_cli_archive_in_fleet_mode_reaches_the_host_queue_worker(tmp_path, redis
     proc = subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", "a.db", "--config", config], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == f"{path}\n" and dump(path) == rows, proc.stderr
+
+    # A fork at a time: the time crosses the broker as text, and the worker restores at it.
+    now = datetime.now(timezone.utc).isoformat()
+    proc = subprocess.Popen([sys.executable, "-m", "tenantsync", "fork", "a.db", "b.db", "--timestamp", now,
+                             "--config", config], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    fork = str(tmp_path / "data" / "b.db")
+    assert proc.returncode == 0 and out == f"{fork}\n" and dump(fork) == rows, err
+    assert f'pid {proc.pid} "POST /tenants/b.db/fork HTTP/1.1" 200' in watch.log(), watch.tail()
 
 
 # -- the pieces -----------------------------------------------------------------------------
