@@ -1,17 +1,18 @@
 """``tenantsync serve``: the hydration API over HTTP, for applications in any language.
 
     POST /tenants/{name}/hydrate   body {} or {"txid": N} / {"timestamp": "…"}  → 200 tenant JSON
+    POST /tenants/{name}/fork      body {"source": "other.db"}, and a target      → 200 tenant JSON
     POST /tenants/{name}/archive                                               → 200 tenant JSON
-    POST /tenants/{name}/fork      body {"source": "other.db"} and a target as hydrate's → 200 tenant JSON
     GET  /tenants/{name}                                                       → 200 tenant JSON
     GET  /healthz                                                              → 200 {"ok": true, …}
 
 Errors are JSON ``{"error": "<one line>", "type": "<its class>"}``, their status chosen by
-the error's type (``STATUS``; ``error_from`` turns an answer back into the error): 400 (a malformed body, a bad name or target), 404 (not a tenant of this
-fleet, or nothing in its replica), 409 (busy, aborted, or the catalogue's row does not
-match the fleet), 502 (the replica failed), 504 (the tenant's owner did not answer), 500 (a bug: its traceback goes to the log).
-A job that did nothing by design answers by why (``SKIPPED``, its reason in ``skipped``): an
-archival refused because the tenant is in use is a 409 too.
+the error's type (``STATUS``; ``error_from`` turns an answer back into the error): 400 (a
+malformed body, a bad name or target), 404 (not a tenant of this fleet, or nothing in its
+replica), 409 (busy, aborted, or the catalogue's row does not match the fleet), 502 (the
+replica failed), 504 (the tenant's owner did not answer), 500 (a bug: its traceback goes
+to the log). A job that did nothing by design answers by why (``SKIPPED``, its reason in
+``skipped``): an archival refused because the tenant is in use is a 409 too.
 Requests are served by threads; hydrations of one tenant coalesce in ``OnDemand``. The owner
 of a fleet's tenants serves the same API on its control socket (``serve_owner``, control.py).
 """
@@ -51,9 +52,7 @@ STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, StorageError
           TenantSyncError: 409}
 # A Skipped outcome's status, by its reason: archived already is what was asked for.
 SKIPPED = {Skip.ALREADY_ARCHIVED: 200, Skip.IN_USE: 409}
-
-
-# An answer's error whose type this process does not know comes back as the most general of its status.
+# An answer's error of a type this process does not know comes back as its status's most general one.
 _BY_STATUS = {status: cls for cls, status in reversed(STATUS.items())}
 
 
