@@ -221,11 +221,12 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
                    f"{row['last_write_at'] or '-':25} {row['lease_holder'] or '-'}")
 
 
-def _ondemand(cfg):
-    from .fleet import Fleet
-    from .ondemand import OnDemand
+def _by_owner(cfg, call):
+    """``call(owner)`` by the fleet's owner on this host (a running watch or serve, over its
+    control socket), else in this process; -v tells which on stderr."""
+    from .client import through_owner
 
-    return OnDemand(Fleet(cfg))
+    return through_owner(cfg, call)
 
 
 @cli.command()
@@ -235,7 +236,7 @@ def _ondemand(cfg):
 def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
     """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _ondemand(cfg).hydrate(name, txid=txid)
+    result = _by_owner(cfg, lambda owner: owner.hydrate(name, txid=txid))
     _report_aside(name, result)
     click.echo(result.path)
 
@@ -246,7 +247,7 @@ def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
 def archive(name, replica_url, config_path, broker, catalogue) -> None:
     """Ship, snapshot and verify tenant NAME, then remove its local files."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    outcome = _ondemand(cfg).archive(name)
+    outcome = _by_owner(cfg, lambda owner: owner.archive(name))
     if isinstance(outcome, Archived):
         click.echo(f"archived {name} txid={outcome.txid:016x} freed={outcome.freed}")
         return
@@ -266,7 +267,7 @@ def archive(name, replica_url, config_path, broker, catalogue) -> None:
 def fork(name, new_name, replica_url, config_path, broker, catalogue, txid, timestamp) -> None:
     """Create tenant NEW_NAME from NAME's state at a TXID or time (default: latest)."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _ondemand(cfg).hydrate(new_name, source=name, txid=txid, timestamp=timestamp)
+    result = _by_owner(cfg, lambda owner: owner.hydrate(new_name, source=name, txid=txid, timestamp=timestamp))
     _report_aside(new_name, result)
     click.echo(result.path)
 

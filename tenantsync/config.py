@@ -146,12 +146,20 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v not in (None, ())})
 
 
+# The directory of each fleet's files on this host (its default catalogue, its owner's socket).
+FLEETS_DIR = os.path.join(DEFAULT_STATE_DIR, "fleets")
+
+
 def default_catalogue_path(fleet: str) -> str:
     """``DEFAULT_STATE_DIR/fleets/<last part of the replica root>-<hash of the fleet>.db``:
     readable in a listing, and distinct for every replica root."""
+    return os.path.join(FLEETS_DIR, f"{fleet_slug(fleet)}-{hashlib.sha256(fleet.encode()).hexdigest()[:12]}.db")
+
+
+def fleet_slug(fleet: str) -> str:
+    """The last part of the fleet's replica root, in characters safe in a file name."""
     tail = urllib.parse.unquote(fleet.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._")[:40] or "fleet"
-    return os.path.join(DEFAULT_STATE_DIR, "fleets", f"{slug}-{hashlib.sha256(fleet.encode()).hexdigest()[:12]}.db")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._")[:40] or "fleet"
 
 
 def load(path: str | None = None, env: dict | None = None) -> Config:
