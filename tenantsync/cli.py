@@ -204,16 +204,20 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     for r in records:
         size = sum(os.path.getsize(p) for p in (r.path, r.path + "-wal") if os.path.exists(p))
         lag = (r.last_write_at - r.last_sync_at).total_seconds() if r.last_write_at and r.last_sync_at else None
-        rows.append(tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
-                                idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None))
+        row = tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
+                          idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None)
+        if os.path.exists(r.path + "-wal"):  # this host's tenant: its WAL as it is now
+            row["wal_bytes"] = os.path.getsize(r.path + "-wal")
+        rows.append(row)
     if as_json:
         click.echo(jsonmod.dumps(rows, indent=2))
         return
     click.echo(f"fleet {cfg.fleet}: {len(rows)} tenants{f' {state}' if state else ''}")
-    click.echo(f"{'name':30} {'state':9} {'size':>10} {'txid':16} {'lag':>6} {'last write':25} lease")
+    click.echo(f"{'name':30} {'state':9} {'size':>10} {'wal':>10} {'txid':16} {'lag':>6} {'last write':25} lease")
     for row in rows:
         lag = f"{row['lag_seconds']:.1f}" if row["lag_seconds"] is not None else "-"
-        click.echo(f"{row['name']:30} {row['state']:9} {row['local_bytes']:>10} {row['txid']:16} {lag:>6} "
+        wal = row["wal_bytes"] if row["wal_bytes"] is not None else "-"
+        click.echo(f"{row['name']:30} {row['state']:9} {row['local_bytes']:>10} {wal:>10} {row['txid']:16} {lag:>6} "
                    f"{row['last_write_at'] or '-':25} {row['lease_holder'] or '-'}")
 
 

@@ -69,6 +69,10 @@ def parse_duration(value, key: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+AT_CEILING_GROW = "grow"
+AT_CEILING_CHECKPOINT = "checkpoint"
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a watcher or worker needs; defaults make the embedded mode work."""
@@ -96,6 +100,12 @@ class Config:
     archive_after: tuple[tuple[str, timedelta], ...] = ()
     # Archive least recently written idle tenants while local tenants exceed this.
     max_local_bytes: int | None = None
+    # While the store fails, a tenant's WAL keeps every unshipped frame and grows with its
+    # writes. Past this size it is reported (once), and ``at_wal_ceiling`` says what then:
+    # "grow" keeps every frame (disk for history), "checkpoint" copies the WAL into the
+    # database unshipped (history for disk: the replica later gets the whole database).
+    wal_ceiling: int = 1 << 30
+    at_wal_ceiling: str = AT_CEILING_GROW
     # Timeouts, retries and requests in flight of object storage (``storage:``).
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -233,6 +243,15 @@ def _size(value, key: str) -> int:
     return size
 
 
+def _choice(*choices: str):
+    def parse(value, key: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
 def _flag(value, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -266,6 +285,8 @@ _FIELDS = {
     "host-workers": ("host_workers", _count(lambda: 2 * (os.cpu_count() or 1),
                                             "syncing processes: two per CPU of this machine")),
     "max-local-bytes": ("max_local_bytes", _optional(_size)),
+    "wal-ceiling": ("wal_ceiling", _size),
+    "at-wal-ceiling": ("at_wal_ceiling", _choice(AT_CEILING_GROW, AT_CEILING_CHECKPOINT)),
 }
 # Key → (Levels field, parser), at the top level and under ``snapshot:`` (which wins).
 _LEVEL_FIELDS = {

@@ -81,6 +81,7 @@ def tenant_json(record: TenantRecord | None, **extra) -> dict:
         "last_sync_at": record.last_sync_at.isoformat() if record.last_sync_at else None,
         "lease_holder": record.lease_holder,
         "bytes_stored": record.bytes_stored,
+        "wal_bytes": record.wal_bytes,
         "last_error": record.last_error,
     }
     out.update(extra)
