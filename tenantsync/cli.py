@@ -145,7 +145,7 @@ def _run_fleet(cfg, http=None) -> None:
         raise click.UsageError("no databases to watch: give a GLOB or 'globs:' in tenantsync.yml")
     from .storage import open_storage
 
-    storage = open_storage(cfg.replica)
+    storage = open_storage(cfg.replica, cfg.storage)
     if storage.kind == "file":  # an S3 bucket is checked by its first request
         storage.make_root()
     from .process import prepare_process

@@ -26,6 +26,7 @@ from fractions import Fraction
 from .errors import TenantSyncError
 from .layout import PITR_LEVEL
 from .levels import Levels
+from .storage.options import StorageOptions
 
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class Config:
     # database unshipped (history for disk: the replica later gets the whole database).
     wal_ceiling: int = 1 << 30
     at_wal_ceiling: str = AT_CEILING_GROW
+    # Timeouts, retries and requests in flight of object storage (``storage:``).
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
     def host_processes(self, embedded: bool) -> int:
         """How many processes share this host's tenants. With Celery, the worker processes
@@ -300,10 +303,27 @@ _LEVEL_FIELDS = {
     "pitr-seconds": ("pitr_seconds", _flag),
 }
 _SNAPSHOT_FIELDS = {"interval": ("snapshot_interval", _positive), "retention": ("retention", _positive)}
+
+
+def _seconds(value, key: str) -> float:
+    return _positive(value, key).total_seconds()
+
+
+_many = _count(lambda: 10_000, "a sanity bound")
+# Key under ``storage:`` → (StorageOptions field, parser).
+_STORAGE_FIELDS = {
+    "connect-timeout": ("connect_timeout", _seconds),
+    "read-timeout": ("read_timeout", _seconds),
+    "min-transfer-rate": ("min_transfer_rate", _size),  # bytes per second
+    "max-in-flight": ("max_in_flight", _many),
+    "attempts": ("attempts", _many),
+    "throttled-attempts": ("throttled_attempts", _many),
+    "retry-time": ("retry_time", _seconds),
+}
 # Old key → its new name. Files and environments written for the old name keep working,
 # with one warning line for each use naming the new one.
 _RENAMED = {"workers": "sync-threads"}  # "workers" also named Celery's worker processes
-_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, *_RENAMED, "levels", "snapshot", "globs", "archive-after"}
+_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, *_RENAMED, "levels", "snapshot", "globs", "archive-after", "storage"}
 
 
 def env_var(key: str) -> str:
@@ -348,8 +368,9 @@ def from_dict(raw: dict, names: dict | None = None) -> Config:
     snapshot = _mapping(raw["snapshot"], "snapshot", _SNAPSHOT_FIELDS) if "snapshot" in raw else {}
     levels = replace(levels, **_parsed(raw, _LEVEL_FIELDS) | _parsed(snapshot, _SNAPSHOT_FIELDS, "snapshot."))
     globs, archive_after = _globs(raw.get("globs", []), raw.get("archive-after"), names.get("globs", "globs"))
+    storage = _mapping(raw["storage"], "storage", _STORAGE_FIELDS) if "storage" in raw else {}
     return replace(Config(), **_parsed(raw, _FIELDS, names=names), globs=globs, archive_after=archive_after,
-                   levels=levels)
+                   levels=levels, storage=StorageOptions(**_parsed(storage, _STORAGE_FIELDS, "storage.")))
 
 
 def _globs(value, archive_after, key: str) -> tuple[tuple[str, ...], tuple[tuple[str, timedelta], ...]]:

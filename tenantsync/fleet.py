@@ -80,7 +80,7 @@ class Fleet:
         if self.catalogue.fleet != config.fleet:
             raise TenantMismatch(f"catalogue of fleet {self.catalogue.fleet} given to the fleet of {config.fleet}")
         self.patterns = tenants.patterns(config.globs)
-        self.storage = open_storage(config.replica)
+        self.storage = open_storage(config.replica, config.storage)
         # The lease belongs to the host: every process of one host may sync its tenants
         # (write-if-absent fences their TXIDs); other hosts are kept out.
         self.owner = config.host

@@ -25,7 +25,7 @@ In-process use (a thread runs the proxy's event loop; every method is thread-saf
     proxy = FaultProxy("http://127.0.0.1:9000", rtt=0.03).start()
     proxy.url                        # http://127.0.0.1:PORT, the endpoint to give clients
     proxy.set_rtt(0.03, jitter=0.005)
-    proxy.blackhole()                # requests held unanswered until the mode changes
+    proxy.blackhole()                # requests held: their connections never answered
     proxy.reset(share=0.5)           # half the requests: connection closed with a RST
     proxy.error(503, "SlowDown", share=0.7)   # or error(500, "InternalError")
     proxy.slow_body(100_000)         # response bodies trickle at 100 kB/s
@@ -40,8 +40,10 @@ previous one. The round trip is independent of them.
   (a ``100 Continue`` is not delayed), each request drawing rtt + uniform(-jitter, jitter).
   An error answer costs the whole round trip, a reset the first half.
 - blackhole: a request (on a connection old or new) is held once its head has arrived, and
-  so is the answer of a request already forwarded; when the mode ends, held connections
-  are closed without an answer and held requests are never forwarded, as if dropped.
+  so is the answer of a request already forwarded. A held connection is lost, as behind a
+  partition that dropped its state: it is never answered, even after the mode ends, and
+  stays open until the client gives up on it (its read timeout); a held request is never
+  forwarded. Connections opened after the mode ends are served normally.
 - reset: the request is not forwarded; its connection is closed with SO_LINGER 0, so the
   client gets a RST (ECONNRESET) instead of an answer.
 - error: the request is not forwarded; the answer is the status with S3's XML error body.
@@ -300,7 +302,6 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
-        self._mode_changed: asyncio.Event | None = None
         self.url = ""
 
     # -- life cycle ----------------------------------------------------------------------
@@ -314,7 +315,6 @@ class FaultProxy:
         return self
 
     async def _listen(self) -> None:
-        self._mode_changed = asyncio.Event()
         self._server = await asyncio.start_server(self._serve, *self.listen, backlog=BACKLOG, limit=COPY_SIZE * 4)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}"
@@ -364,7 +364,7 @@ class FaultProxy:
         self._set_mode(Mode("slow_body", bytes_per_second=bytes_per_second))
 
     def heal(self) -> None:
-        """No fault from now on; requests held by a blackhole are dropped. The rtt stays."""
+        """No fault from now on (connections lost in a blackhole stay lost). The rtt stays."""
         self._set_mode(Mode())
 
     def _set_mode(self, mode: Mode) -> None:
@@ -372,13 +372,6 @@ class FaultProxy:
             raise ValueError(f"share must be within 0..1, not {mode.share}")
         with self._lock:
             self._mode = mode
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake_held)
-
-    def _wake_held(self) -> None:
-        """Wake the requests waiting for the mode to change (loop thread)."""
-        self._mode_changed.set()
-        self._mode_changed = asyncio.Event()
 
     # -- counters (any thread) ---------------------------------------------------------
 
@@ -456,10 +449,10 @@ class FaultProxy:
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
-            await self._hold_if_blackholed()
+            await self._hold_if_blackholed(conn)
             rtt = self._round_trip()
             await asyncio.sleep(rtt / 2)
-            await self._hold_if_blackholed()
+            await self._hold_if_blackholed(conn)
             mode, hit = self._mode_drawn()
             if mode.kind == "reset" and hit:
                 self._note_fault("reset")
@@ -474,19 +467,22 @@ class FaultProxy:
             with self._lock:
                 self._in_flight -= 1
 
-    async def _hold_if_blackholed(self) -> None:
-        """While a blackhole lasts, hold; when it ends, drop the connection unanswered."""
+    async def _hold_if_blackholed(self, conn: Connection, body: asyncio.Future | None = None) -> None:
+        """In a blackhole the connection is lost: never answered, whatever the mode becomes
+        later, and ended only when the client gives up on it (what it sends is dropped).
+        ``body`` is the relay of the request's body, stopped first: one reader at a time."""
         with self._lock:
             held = self._mode.kind == "blackhole"
         if not held:
             return
         self._note_fault("blackhole")
-        while True:
-            changed = self._mode_changed
-            with self._lock:
-                if self._mode.kind != "blackhole":
-                    raise Dropped
-            await changed.wait()
+        conn.close_upstream()
+        if body is not None:
+            body.cancel()
+            await asyncio.wait([body])
+        while await conn.reader.read(COPY_SIZE):
+            pass
+        raise Dropped
 
     async def _answer_error(self, conn: Connection, request: Head, mode: Mode, delay: float) -> bool:
         self._note_fault("error")
@@ -515,7 +511,7 @@ class FaultProxy:
                 conn.writer.write(response.raw)  # 100 Continue: passed on at once
                 await conn.writer.drain()
             await asyncio.sleep(delay)
-            await self._hold_if_blackholed()
+            await self._hold_if_blackholed(conn, body)
             framing = response_framing(request.start[0], response)
             upstream_closes = response.has("connection", "close") or framing[0] == "eof"
             conn.writer.write(response.without_connection_close() if framing[0] != "eof" else response.raw)
