@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tenantsync
 
-from .errors import LTXError
+from .errors import LTXError, RestoreError
 from .ltx import HEADER_SIZE, Header
 from .ltx.format import label
 from .ltx.ranges import RangeJob, RangeSum, read_layout, split, tail_range, verify
@@ -57,15 +57,12 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "tenantsync.restore_worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
-    def run(self, job: RangeJob) -> RangeSum:
+    def call(self, job: RangeJob) -> tuple[bool, RangeSum | BaseException]:
         body = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
         self.proc.stdin.write(FRAME.pack(len(body)))
         self.proc.stdin.write(body)
         self.proc.stdin.flush()
-        ok, value = read_message(self.proc.stdout)
-        if not ok:
-            raise value
-        return value
+        return read_message(self.proc.stdout)
 
     def close(self) -> None:
         self.proc.stdin.close()  # the worker exits at end of input
@@ -82,12 +79,18 @@ class _Pool:
     def run(self, job: RangeJob) -> RangeSum:
         worker = self.idle.get()
         try:
-            result = worker.run(job)
-        except (EOFError, BrokenPipeError) as e:
+            ok, value = worker.call(job)
+        except (EOFError, OSError) as e:  # the pipes only: the job's own errors come back as values
             _discard(self)
-            raise LTXError(f"{label(job.name)}: a restore worker process exited ({e})") from e
-        self.idle.put(worker)
-        return result
+            raise RestoreError(f"{job.name}: restore worker process {worker.proc.pid} exited "
+                               f"while decoding it ({e})") from e
+        finally:
+            # Even a dead worker goes back: a thread waiting for one then fails at once
+            # instead of waiting forever.
+            self.idle.put(worker)
+        if not ok:
+            raise value
+        return value
 
     def close(self) -> None:
         for w in self.workers:
