@@ -43,8 +43,9 @@ WORKERS = os.cpu_count() or 1
 IN_FLIGHT = max(4, 2 * WORKERS)
 
 def worth_it(info: LTXInfo) -> bool:
-    """Whether ``info`` is restored through worker processes."""
-    return WORKERS > 1 and info.size > PARALLEL_ABOVE
+    """Whether ``info`` is restored through worker processes (an embedding without a Python
+    executable to start them decodes in-process)."""
+    return WORKERS > 1 and info.size > PARALLEL_ABOVE and bool(sys.executable)
 
 
 class _Worker:
@@ -118,6 +119,16 @@ def _discard(pool: _Pool) -> None:
             _pool = None
     for w in pool.workers:
         w.proc.kill()
+
+
+def _forget_in_child() -> None:
+    """A forked child (a prefork server's worker) must not share its parent's pipes: it
+    starts its own workers if it needs them."""
+    global _pool, _pool_guard
+    _pool, _pool_guard = None, threading.Lock()  # the parent may have held it while forking
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @atexit.register
