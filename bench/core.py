@@ -547,8 +547,10 @@ class Bench:
             self.cleanup(os.path.dirname(db))
         self.results["lag"] = out
 
-    def visibility(self, replica: str, arrivals: dict, pre: set, commits: list) -> dict:
-        """Apply L0 files in TXID order to a scratch image; max(id) after each one."""
+    @staticmethod
+    def visibility(replica: str, arrivals: dict, pre: set, commits: list) -> dict:
+        """Apply L0 files in TXID order to a scratch image; max(id) after each one.
+        (Static: bench/remote.py applies the L0 files it fetched from S3 the same way.)"""
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
         from tenantsync.ltx import Decoder
@@ -618,7 +620,8 @@ class Bench:
 
     # -- 5 -----------------------------------------------------------------------------
 
-    def build_big(self, path: str, size_mb: int) -> None:
+    @staticmethod
+    def build_big(path: str, size_mb: int) -> None:
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode=OFF")
         conn.execute("PRAGMA synchronous=OFF")
