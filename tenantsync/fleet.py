@@ -445,7 +445,7 @@ class Fleet:
         with self._guard:
             held = self._leases.get(name)
             if held is None:
-                held = self._leases[name] = HeldLease(self._leaser(name))
+                held = self._leases[name] = HeldLease(self._leaser(name), never_held=record.generation == 0)
             self._active[name] = active
             count = len(self._active)
         capture.fence = held.check
