@@ -547,8 +547,10 @@ class Bench:
             self.cleanup(os.path.dirname(db))
         self.results["lag"] = out
 
-    def visibility(self, replica: str, arrivals: dict, pre: set, commits: list) -> dict:
-        """Apply L0 files in TXID order to a scratch image; max(id) after each one."""
+    @staticmethod
+    def visibility(replica: str, arrivals: dict, pre: set, commits: list) -> dict:
+        """Apply L0 files in TXID order to a scratch image; max(id) after each one.
+        (Static: bench/remote.py applies the L0 files it fetched from S3 the same way.)"""
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
         from tenantsync.ltx import Decoder
@@ -618,7 +620,8 @@ class Bench:
 
     # -- 5 -----------------------------------------------------------------------------
 
-    def build_big(self, path: str, size_mb: int) -> None:
+    @staticmethod
+    def build_big(path: str, size_mb: int) -> None:
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode=OFF")
         conn.execute("PRAGMA synchronous=OFF")
@@ -650,41 +653,11 @@ class Bench:
         replicas = {}
         res["replicate"] = {}
         for tool in TOOLS:
-            sub = os.path.join(d, tool)
-            os.makedirs(sub)
-            db = os.path.join(sub, "app.db")
-            shutil.copyfile(src, db)
-            replica = os.path.join(sub, "replica")
-            rep = Replicator(tool, db, replica, self.logdir)
-            log(f"restore: initial replication by {tool}")
-            load = loadavg()
-            rep.start()
-            first = rep.wait_first_l0(900)
-            # tenantsync's first L0 is the complete database; Litestream keeps writing
-            # (L0, compactions, snapshot) for a while: wait until its replica is quiet.
-            quiet = rep.wait_quiet(a.quiet) if tool == "litestream" else first
-            st = rep.stop()
-            size = sum(ltx_files(replica).values())
-            res["replicate"][tool] = {"first_l0": first, "quiet": quiet, "cpu": st["cpu"], "rss_peak": st["maxrss"],
-                                      "replica_bytes": size, "files": len(ltx_files(replica)), "load": load}
-            log(f"  first L0 after {first:.1f} s, quiet after {quiet:.1f} s, cpu {st['cpu']:.1f} s, "
-                f"rss {st['maxrss'] / 2**20:.0f} MiB, replica {size / 1e6:.0f} MB in {len(ltx_files(replica))} files")
-            replicas[tool] = replica
-        # What the machine allows right now: the same number of bytes written with 8 MiB
-        # pwrites into a new file, then fsync (every restore does at least this).
-        buf = os.urandom(8 << 20)
+            replicas[tool], res["replicate"][tool] = self.replicate_once(tool, src, os.path.join(d, tool))
         out_dir = a.restore_out or d
         os.makedirs(out_dir, exist_ok=True)
         res["out_dir"] = out_dir
-        floor = os.path.join(out_dir, "floor.bin")
-        fd = os.open(floor, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        t = time.monotonic()
-        for off in range(0, res["db_bytes"], len(buf)):
-            os.pwrite(fd, buf, off)
-        os.fsync(fd)
-        res["write_floor_seconds"] = time.monotonic() - t
-        os.close(fd)
-        os.remove(floor)
+        res["write_floor_seconds"] = write_floor(res["db_bytes"], out_dir)
         log(f"  plain write+fsync of {res['db_bytes'] / 1e6:.0f} MB: {res['write_floor_seconds']:.2f} s")
         runs: dict = {}
         combos = [("tenantsync", "tenantsync"), ("litestream", "litestream"),
@@ -706,6 +679,28 @@ class Bench:
         self.results["restore"] = res
         self.cleanup(d)
 
+    def replicate_once(self, tool: str, src: str, sub: str) -> tuple[str, dict]:
+        """A copy of ``src`` replicated by ``tool`` until its replica is complete, then the
+        replicator stopped; returns the replica directory and what it cost."""
+        os.makedirs(sub)
+        db = os.path.join(sub, "app.db")
+        shutil.copyfile(src, db)
+        replica = os.path.join(sub, "replica")
+        rep = Replicator(tool, db, replica, self.logdir)
+        log(f"restore: initial replication by {tool}")
+        load = loadavg()
+        rep.start()
+        first = rep.wait_first_l0(900)
+        # tenantsync's first L0 is the complete database; Litestream keeps writing
+        # (L0, compactions, snapshot) for a while: wait until its replica is quiet.
+        quiet = rep.wait_quiet(self.a.quiet) if tool == "litestream" else first
+        st = rep.stop()
+        size = sum(ltx_files(replica).values())
+        log(f"  first L0 after {first:.1f} s, quiet after {quiet:.1f} s, cpu {st['cpu']:.1f} s, "
+            f"rss {st['maxrss'] / 2**20:.0f} MiB, replica {size / 1e6:.0f} MB in {len(ltx_files(replica))} files")
+        return replica, {"first_l0": first, "quiet": quiet, "cpu": st["cpu"], "rss_peak": st["maxrss"],
+                         "replica_bytes": size, "files": len(ltx_files(replica)), "load": load}
+
     @staticmethod
     def same_content(src: str, out: str, written: str) -> str:
         if filecmp.cmp(src, out, shallow=False):
@@ -719,6 +714,23 @@ class Bench:
             a.close()
             b.close()
         return "same rows" if same else "DIFFERENT"
+
+
+def write_floor(nbytes: int, out_dir: str) -> float:
+    """What the machine allows right now: seconds to write ``nbytes`` with 8 MiB pwrites
+    into a new file in ``out_dir``, then fsync (every restore does at least this)."""
+    buf = memoryview(os.urandom(8 << 20))
+    floor = os.path.join(out_dir, "floor.bin")
+    fd = os.open(floor, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t = time.monotonic()
+        for off in range(0, nbytes, len(buf)):
+            os.pwrite(fd, buf[:nbytes - off], off)
+        os.fsync(fd)
+        return time.monotonic() - t
+    finally:
+        os.close(fd)
+        os.remove(floor)
 
 
 # ---------------------------------------------------------------------------------------

@@ -424,20 +424,10 @@ class L0Monitor(threading.Thread):
     def holds(self, name: str, index: int, value: str) -> bool:
         """Whether the ``index``-th L0 file that arrived for tenant ``name`` holds a row with
         the writer's ``value`` (its pages hold the text as written); needs ``keep_bodies``."""
-        # Imported here: the writer processes import this file too, and need none of it.
-        from tenantsync.ltx.decoder import decode_file
-
         with self._lock:
             bodies = self.bodies[name] if self.bodies is not None else []
             body = bodies[index] if index < len(bodies) else None
-        if body is None:
-            return False
-        try:
-            _header, pages, _trailer = decode_file(body)
-        except Exception:  # noqa: BLE001 - a file that does not decode holds nothing we can count
-            return False
-        needle = value.encode()
-        return any(needle in page for _pgno, page in pages)
+        return body is not None and l0_holds(body, value)
 
     def tenants_since(self, t: float) -> dict[str, float]:
         """First arrival (wall time) per tenant of an L0 that arrived at or after ``t``."""
@@ -454,6 +444,19 @@ class L0Monitor(threading.Thread):
         self._halt.set()
         self.join()
         os.close(self.fd)
+
+
+def l0_holds(body: bytes, value: str) -> bool:
+    """Whether the pages of an L0 file hold a row with the writer's ``value`` (as written)."""
+    # Imported here: the writer processes import this file too, and need none of it.
+    from tenantsync.ltx.decoder import decode_file
+
+    try:
+        _header, pages, _trailer = decode_file(body)
+    except Exception:  # noqa: BLE001 - a file that does not decode holds nothing we can count
+        return False
+    needle = value.encode()
+    return any(needle in page for _pgno, page in pages)
 
 
 def percentile(ranked: list[float], p: float) -> float | None:

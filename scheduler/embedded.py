@@ -23,7 +23,7 @@ from tenantsync.fleet import STORAGE_JOBS, Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.outcome import Outcome
 from tenantsync.process import RELEASE_EVERY, freeze_setup
-from tenantsync.server import serve
+from tenantsync.server import serve_owner
 
 from .dispatch import InProcessDispatcher
 from .job_process import JobProcess, fleet_jobs, storage_process
@@ -38,7 +38,8 @@ SHUTDOWN_NAMES = 10
 def run(config: Config, stop: threading.Event, report: Callable[[str], None] | None = None,
         on_result: Callable[[str, Outcome], None] | None = None, http: tuple[str, int] | None = None,
         processes: int | None = None) -> None:
-    """Watch, replicate and schedule until ``stop``; with ``http``, also serve the API.
+    """Watch, replicate and schedule until ``stop``, answering the API on the fleet's control
+    socket (tenantsync/control.py) and, with ``http``, over HTTP.
 
     ``processes`` (default: ``host-workers`` if set, else 1) share the tenants' syncs. More
     than one only where no application connection lives in this process, as in
@@ -64,10 +65,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
     dispatcher = InProcessDispatcher(jobs, workers=config.sync_threads, on_result=on_result, shards=len(shards) + 1,
                                      batched=STORAGE_JOBS)
-    server = None
-    if http is not None:
-        server = serve(ondemand, *http)
-        threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
+    stop_serving = serve_owner(ondemand, config, http, report)
     watcher = Watcher(config, catalogue, dispatcher, report=report)
     schedule = Schedule(config, catalogue, dispatcher)
     # Its own thread: behind a long compaction queue, idle tenants would stay open.
@@ -77,8 +75,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         watcher.run(stop, schedule.tick)
     finally:
         releaser.join()
-        if server is not None:
-            server.shutdown()
+        stop_serving()
         dispatcher.close()
         for child in [storage, *shards]:
             child.close()

@@ -1,5 +1,6 @@
 """The watcher in fleet mode: events become Celery jobs on this host's queue, and the
-host plans (catch-up, archival) of this host's tenants run from its loop."""
+host plans (catch-up, archival) of this host's tenants run from its loop. Its API (the
+control socket, and HTTP if asked) sends each call to the tenant's host queue worker."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
-from tenantsync.server import serve
+from tenantsync.server import serve_owner
 
 from .owner import OnDemandVia
 from .queue import CeleryDispatcher, HostQueueRoute
@@ -24,14 +25,10 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     app = app or make_app(config)
     dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
     catalogue = open_catalogue(config)
-    server = None
-    if http is not None:
-        server = serve(OnDemandVia(catalogue, HostQueueRoute(dispatcher, config)), *http)
-        threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
+    stop_serving = serve_owner(OnDemandVia(catalogue, HostQueueRoute(dispatcher, config)), config, http, report)
     try:
         schedule = Schedule(config, catalogue, dispatcher, host_plans(config))
         Watcher(config, catalogue, dispatcher, report=report).run(stop, schedule.tick)
     finally:
-        if server is not None:
-            server.shutdown()
+        stop_serving()
         dispatcher.close()

@@ -7,7 +7,9 @@ mode, the worker of its host queue (``queue.HostQueueRoute``). A job on a tenant
 files runs there: an archival elsewhere would find the owner's handles and refuse ("open by
 pid N"), and a hydration elsewhere would race the owner's syncs, which its tenant lock keeps
 out. A *route* runs ``job`` for a tenant in its owner and returns the result, errors with
-their type; :class:`OnDemandVia` gives the HTTP API ``OnDemand``'s interface over one.
+their type; :class:`OnDemandVia` gives the HTTP API ``OnDemand``'s interface over one. The
+API is served on the fleet's control socket too (tenantsync/control.py), so the CLI and
+``Client(config)`` of another process reach the owner the same way.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ class OnDemandVia:
         self.catalogue = catalogue
         self.route = route
 
-    def hydrate(self, name: str, *, txid: int | None = None, timestamp=None):
-        return self.route("hydrate", name, txid=txid, timestamp=timestamp)
+    def hydrate(self, name: str, *, txid: int | None = None, timestamp=None, source: str | None = None):
+        """Hydrate ``name``, or with ``source`` fork it from that tenant's replica: either way
+        the new local file is ``name``'s, so its owner makes it."""
+        return self.route("hydrate", name, txid=txid, timestamp=timestamp, source=source)
 
     def archive(self, name: str):
         return self.route("archive", name)

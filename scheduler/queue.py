@@ -17,7 +17,7 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from tenantsync.errors import InvalidArgument, NoAnswer
+from tenantsync.errors import NoAnswer
 from tenantsync.outcome import from_dict
 from tenantsync.tenants import locate, patterns
 
@@ -71,7 +71,7 @@ class HostQueueRoute:
     """Fleet mode's owners (owner.py): a job on the host queue of the tenant's worker, its
     result waited for (the HTTP API answers with it, as in embedded mode; the worker's
     OnDemand coalesces concurrent calls for one tenant). Tenants of other fleets are refused
-    before any job is sent."""
+    before any job is sent. A fork's restore time crosses the broker's JSON as RFC 3339 text."""
 
     def __init__(self, dispatcher: CeleryDispatcher, config, timeout: float = 300.0):
         self.dispatcher = dispatcher
@@ -79,8 +79,8 @@ class HostQueueRoute:
         self.timeout = timeout
 
     def __call__(self, job: str, name: str, **kwargs):
-        if kwargs.pop("timestamp", None) is not None:
-            raise InvalidArgument("timestamp hydration runs in embedded mode or with `tenantsync fork`")
+        if kwargs.get("timestamp") is not None:
+            kwargs["timestamp"] = kwargs["timestamp"].isoformat()
         locate(self.patterns, name)
         queue = self.dispatcher.host_queue(name)
         sent = self.dispatcher.app.send_task(f"tenantsync.{job}", args=[name], kwargs=kwargs, queue=queue)

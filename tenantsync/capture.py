@@ -260,6 +260,26 @@ class Capture:
         self._hold_checkpoint_lock()  # SQLite let go of it at the end of our checkpoints
         return result
 
+    def checkpoint_unshipped(self) -> bool:
+        """Copy the whole WAL into the main file and truncate it, frames never shipped
+        included; whether it did. Only for the operator's ``at-wal-ceiling: checkpoint``
+        during a storage outage (Fleet): the database loses nothing, the replica loses the
+        writes since the position as restore points, since the next pass ships every page.
+        An application holding the write lock past the busy timeout leaves the WAL as it
+        is (the next failed pass tries again); the position then still holds."""
+        if not self._open():
+            return False
+        self._end_read()
+        try:
+            busy = self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            self._begin_read()
+            self._hold_checkpoint_lock()  # SQLite let go of it at the end of the checkpoint
+        if busy:
+            return False
+        self._must_write_full = Full.WAL_CEILING
+        return True
+
     def _fence_tail(self, tail: l0.PendingL0) -> None:
         """Refuse, before the checkpoint copies it, a tail we may not ship.
 
@@ -513,9 +533,8 @@ class Capture:
         header, wal_size = walmod.read_header(self.wal_path)
         if pos is None:
             return self._prepare_full(None, header, wal_size, Full.FIRST)
-        if self._must_write_full is not None:
-            why, self._must_write_full = self._must_write_full, None
-            return self._prepare_full(pos, header, wal_size, why)
+        if self._must_write_full is not None:  # cleared once such a file is uploaded (_commit)
+            return self._prepare_full(pos, header, wal_size, self._must_write_full)
         cont = continuity(pos, header, wal_size, self.wal_path, self.path, self._held_since_position)
         if isinstance(cont, Broken):
             return self._prepare_full(pos, header, wal_size, cont.why)
@@ -541,6 +560,8 @@ class Capture:
             self._upload(pending)
         finally:
             pending.close()
+        if pending.full is not None:
+            self._must_write_full = None
         self._set_position(pending.position)
         self._position_under_mark()
         return SyncResult(pending.header.max_txid, pending.pages, pending.size, pending.full)

@@ -99,6 +99,7 @@ def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Upd
         "last_sync_at": param("at", c.last_sync_at) if with_at else c.last_sync_at,
         "bytes_stored": c.bytes_stored + param("bytes_added", c.bytes_stored),
         "last_error": None,
+        "wal_bytes": param("wal_bytes", c.wal_bytes),
     }
     if with_lease:
         values |= {k: param(k, c[k]) for k in ("lease_holder", "lease_expires_at", "generation")}
@@ -300,6 +301,7 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         state: TenantState | None,
         bytes_added: int = 0,
         lease: tuple[str | None, datetime | None, int] | None = None,
+        wal_bytes: int | None = None,
     ) -> None:
         """A sync pass shipped up to ``txid``: store it with the capture ``position``, add
         ``bytes_added`` to ``bytes_stored``, clear ``last_error`` and move the tenant to
@@ -307,13 +309,13 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         did (active after shipping, idle after a release, None for no change within an
         archival); it is applied only from a REPLICATED state, never over a hydration's or
         archival's mark. ``lease`` (holder, expiry, generation) also does
-        :meth:`record_lease`. ``at=None`` stores the position only (nothing was shipped):
+        :meth:`record_lease`. ``wal_bytes`` is the WAL's size after the pass. ``at=None`` stores the position only (nothing was shipped):
         ``last_sync_at`` is what the schedule picks tenants to compact by.
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""
         values: dict[str, Any] = {"fleet": self.fleet, "name": name, "txid": txid, "position": position,
-                                  "bytes_added": bytes_added}
+                                  "bytes_added": bytes_added, "wal_bytes": wal_bytes}
         if at is not None:
             values["at"] = _utc(at, "at")
         if state is not None:
@@ -346,9 +348,13 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             for chunk in _chunks(names):
                 s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk)).values(last_write_at=later))
 
-    def record_error(self, name: str, message: str) -> None:
-        """An operation failed: state error, ``last_error`` = ``message``."""
-        self._update(name, {"state": TenantState.error, "last_error": message})
+    def record_error(self, name: str, message: str, wal_bytes: int | None = None) -> None:
+        """An operation failed: state error, ``last_error`` = ``message``, and the WAL's
+        size if the caller knows it (a failed sync: what the outage holds on disk)."""
+        values: dict[str, Any] = {"state": TenantState.error, "last_error": message}
+        if wal_bytes is not None:
+            values["wal_bytes"] = wal_bytes
+        self._update(name, values)
 
     def record_lease(self, name: str, holder: str | None, expires_at: datetime | None, generation: int) -> None:
         """Mirror of the tenant's lease (the lease itself lives in object storage)."""

@@ -184,6 +184,9 @@ TENANTS = sa.Table(
     sa.Column("mark_from", sa.String(16)),
     sa.Column("created_at", UTCDateTime, nullable=False, default=_now),
     sa.Column("updated_at", UTCDateTime, nullable=False, default=_now, onupdate=_now),
+    # Bytes in the tenant's -wal file after its last sync attempt: it grows while the store
+    # fails (the read mark keeps every unshipped frame), so an outage's cost on disk shows.
+    sa.Column("wal_bytes", sa.BigInteger),
     sa.Index("ix_tenants_fleet_host_state", "fleet", "host", "state"),
     sa.Index("ix_tenants_fleet_last_write_at", "fleet", "last_write_at"),
 )
@@ -214,6 +217,7 @@ class TenantRecord:
     mark_from: str | None
     created_at: datetime
     updated_at: datetime
+    wal_bytes: int | None
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))

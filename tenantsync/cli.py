@@ -145,7 +145,7 @@ def _run_fleet(cfg, http=None) -> None:
         raise click.UsageError("no databases to watch: give a GLOB or 'globs:' in tenantsync.yml")
     from .storage import open_storage
 
-    storage = open_storage(cfg.replica)
+    storage = open_storage(cfg.replica, cfg.storage)
     if storage.kind == "file":  # an S3 bucket is checked by its first request
         storage.make_root()
     from .process import prepare_process
@@ -204,24 +204,29 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     for r in records:
         size = sum(os.path.getsize(p) for p in (r.path, r.path + "-wal") if os.path.exists(p))
         lag = (r.last_write_at - r.last_sync_at).total_seconds() if r.last_write_at and r.last_sync_at else None
-        rows.append(tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
-                                idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None))
+        row = tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
+                          idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None)
+        if os.path.exists(r.path + "-wal"):  # this host's tenant: its WAL as it is now
+            row["wal_bytes"] = os.path.getsize(r.path + "-wal")
+        rows.append(row)
     if as_json:
         click.echo(jsonmod.dumps(rows, indent=2))
         return
     click.echo(f"fleet {cfg.fleet}: {len(rows)} tenants{f' {state}' if state else ''}")
-    click.echo(f"{'name':30} {'state':9} {'size':>10} {'txid':16} {'lag':>6} {'last write':25} lease")
+    click.echo(f"{'name':30} {'state':9} {'size':>10} {'wal':>10} {'txid':16} {'lag':>6} {'last write':25} lease")
     for row in rows:
         lag = f"{row['lag_seconds']:.1f}" if row["lag_seconds"] is not None else "-"
-        click.echo(f"{row['name']:30} {row['state']:9} {row['local_bytes']:>10} {row['txid']:16} {lag:>6} "
+        wal = row["wal_bytes"] if row["wal_bytes"] is not None else "-"
+        click.echo(f"{row['name']:30} {row['state']:9} {row['local_bytes']:>10} {wal:>10} {row['txid']:16} {lag:>6} "
                    f"{row['last_write_at'] or '-':25} {row['lease_holder'] or '-'}")
 
 
-def _ondemand(cfg):
-    from .fleet import Fleet
-    from .ondemand import OnDemand
+def _by_owner(cfg, call):
+    """``call(owner)`` by the fleet's owner on this host (a running watch or serve, over its
+    control socket), else in this process; -v tells which on stderr."""
+    from .client import through_owner
 
-    return OnDemand(Fleet(cfg))
+    return through_owner(cfg, call)
 
 
 @cli.command()
@@ -231,7 +236,7 @@ def _ondemand(cfg):
 def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
     """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _ondemand(cfg).hydrate(name, txid=txid)
+    result = _by_owner(cfg, lambda owner: owner.hydrate(name, txid=txid))
     _report_aside(name, result)
     click.echo(result.path)
 
@@ -242,7 +247,7 @@ def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
 def archive(name, replica_url, config_path, broker, catalogue) -> None:
     """Ship, snapshot and verify tenant NAME, then remove its local files."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    outcome = _ondemand(cfg).archive(name)
+    outcome = _by_owner(cfg, lambda owner: owner.archive(name))
     if isinstance(outcome, Archived):
         click.echo(f"archived {name} txid={outcome.txid:016x} freed={outcome.freed}")
         return
@@ -262,7 +267,7 @@ def archive(name, replica_url, config_path, broker, catalogue) -> None:
 def fork(name, new_name, replica_url, config_path, broker, catalogue, txid, timestamp) -> None:
     """Create tenant NEW_NAME from NAME's state at a TXID or time (default: latest)."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _ondemand(cfg).hydrate(new_name, source=name, txid=txid, timestamp=timestamp)
+    result = _by_owner(cfg, lambda owner: owner.hydrate(new_name, source=name, txid=txid, timestamp=timestamp))
     _report_aside(new_name, result)
     click.echo(result.path)
 

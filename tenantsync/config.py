@@ -26,6 +26,7 @@ from fractions import Fraction
 from .errors import TenantSyncError
 from .layout import PITR_LEVEL
 from .levels import Levels
+from .storage.options import StorageOptions
 
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ def parse_duration(value, key: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+AT_CEILING_GROW = "grow"
+AT_CEILING_CHECKPOINT = "checkpoint"
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a watcher or worker needs; defaults make the embedded mode work."""
@@ -95,6 +100,14 @@ class Config:
     archive_after: tuple[tuple[str, timedelta], ...] = ()
     # Archive least recently written idle tenants while local tenants exceed this.
     max_local_bytes: int | None = None
+    # While the store fails, a tenant's WAL keeps every unshipped frame and grows with its
+    # writes. Past this size it is reported (once), and ``at_wal_ceiling`` says what then:
+    # "grow" keeps every frame (disk for history), "checkpoint" copies the WAL into the
+    # database unshipped (history for disk: the replica later gets the whole database).
+    wal_ceiling: int = 1 << 30
+    at_wal_ceiling: str = AT_CEILING_GROW
+    # Timeouts, retries and requests in flight of object storage (``storage:``).
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
     def host_processes(self, embedded: bool) -> int:
         """How many processes share this host's tenants. With Celery, the worker processes
@@ -136,12 +149,20 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v not in (None, ())})
 
 
+# The directory of each fleet's files on this host (its default catalogue, its owner's socket).
+FLEETS_DIR = os.path.join(DEFAULT_STATE_DIR, "fleets")
+
+
 def default_catalogue_path(fleet: str) -> str:
     """``DEFAULT_STATE_DIR/fleets/<last part of the replica root>-<hash of the fleet>.db``:
     readable in a listing, and distinct for every replica root."""
+    return os.path.join(FLEETS_DIR, f"{fleet_slug(fleet)}-{hashlib.sha256(fleet.encode()).hexdigest()[:12]}.db")
+
+
+def fleet_slug(fleet: str) -> str:
+    """The last part of the fleet's replica root, in characters safe in a file name."""
     tail = urllib.parse.unquote(fleet.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._")[:40] or "fleet"
-    return os.path.join(DEFAULT_STATE_DIR, "fleets", f"{slug}-{hashlib.sha256(fleet.encode()).hexdigest()[:12]}.db")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._")[:40] or "fleet"
 
 
 def load(path: str | None = None, env: dict | None = None) -> Config:
@@ -230,6 +251,15 @@ def _size(value, key: str) -> int:
     return size
 
 
+def _choice(*choices: str):
+    def parse(value, key: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
 def _flag(value, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -263,6 +293,8 @@ _FIELDS = {
     "host-workers": ("host_workers", _count(lambda: 2 * (os.cpu_count() or 1),
                                             "syncing processes: two per CPU of this machine")),
     "max-local-bytes": ("max_local_bytes", _optional(_size)),
+    "wal-ceiling": ("wal_ceiling", _size),
+    "at-wal-ceiling": ("at_wal_ceiling", _choice(AT_CEILING_GROW, AT_CEILING_CHECKPOINT)),
 }
 # Key → (Levels field, parser), at the top level and under ``snapshot:`` (which wins).
 _LEVEL_FIELDS = {
@@ -271,10 +303,27 @@ _LEVEL_FIELDS = {
     "pitr-seconds": ("pitr_seconds", _flag),
 }
 _SNAPSHOT_FIELDS = {"interval": ("snapshot_interval", _positive), "retention": ("retention", _positive)}
+
+
+def _seconds(value, key: str) -> float:
+    return _positive(value, key).total_seconds()
+
+
+_many = _count(lambda: 10_000, "a sanity bound")
+# Key under ``storage:`` → (StorageOptions field, parser).
+_STORAGE_FIELDS = {
+    "connect-timeout": ("connect_timeout", _seconds),
+    "read-timeout": ("read_timeout", _seconds),
+    "min-transfer-rate": ("min_transfer_rate", _size),  # bytes per second
+    "max-in-flight": ("max_in_flight", _many),
+    "attempts": ("attempts", _many),
+    "throttled-attempts": ("throttled_attempts", _many),
+    "retry-time": ("retry_time", _seconds),
+}
 # Old key → its new name. Files and environments written for the old name keep working,
 # with one warning line for each use naming the new one.
 _RENAMED = {"workers": "sync-threads"}  # "workers" also named Celery's worker processes
-_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, *_RENAMED, "levels", "snapshot", "globs", "archive-after"}
+_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, *_RENAMED, "levels", "snapshot", "globs", "archive-after", "storage"}
 
 
 def env_var(key: str) -> str:
@@ -319,8 +368,9 @@ def from_dict(raw: dict, names: dict | None = None) -> Config:
     snapshot = _mapping(raw["snapshot"], "snapshot", _SNAPSHOT_FIELDS) if "snapshot" in raw else {}
     levels = replace(levels, **_parsed(raw, _LEVEL_FIELDS) | _parsed(snapshot, _SNAPSHOT_FIELDS, "snapshot."))
     globs, archive_after = _globs(raw.get("globs", []), raw.get("archive-after"), names.get("globs", "globs"))
+    storage = _mapping(raw["storage"], "storage", _STORAGE_FIELDS) if "storage" in raw else {}
     return replace(Config(), **_parsed(raw, _FIELDS, names=names), globs=globs, archive_after=archive_after,
-                   levels=levels)
+                   levels=levels, storage=StorageOptions(**_parsed(storage, _STORAGE_FIELDS, "storage.")))
 
 
 def _globs(value, archive_after, key: str) -> tuple[tuple[str, ...], tuple[tuple[str, timedelta], ...]]:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from . import compactor, tenants
 from .capture import Capture
 from .catalogue import Catalogue, TenantState, open_catalogue
-from .config import Config
+from .config import AT_CEILING_CHECKPOINT, Config
 from .errors import DatabaseError, LeaseHeld, NotATenant, ReplicaConflict, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
 from .lease import HeldLease, Leaser
 from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcome, Shipped, Skip, Skipped,
@@ -34,9 +34,19 @@ from .storage import open_storage
 
 log = logging.getLogger(__name__)
 
+MIB = 1 << 20
+
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def wal_size(capture: Capture) -> int | None:
+    """Bytes in the tenant's ``-wal`` file now (None without one): what an outage holds on disk."""
+    try:
+        return os.path.getsize(capture.wal_path)
+    except OSError:
+        return None
 
 
 # Past this share of max_open, the release thread trims open tenants (Fleet.trim_to).
@@ -70,7 +80,7 @@ class Fleet:
         if self.catalogue.fleet != config.fleet:
             raise TenantMismatch(f"catalogue of fleet {self.catalogue.fleet} given to the fleet of {config.fleet}")
         self.patterns = tenants.patterns(config.globs)
-        self.storage = open_storage(config.replica)
+        self.storage = open_storage(config.replica, config.storage)
         # The lease belongs to the host: every process of one host may sync its tenants
         # (write-if-absent fences their TXIDs); other hosts are kept out.
         self.owner = config.host
@@ -93,6 +103,8 @@ class Fleet:
         # Compaction and snapshot times not yet in the catalogue (STORAGE_TIMES_EVERY).
         self._storage_times: dict[str, dict[str, datetime]] = {"compact": {}, "snapshot": {}}
         self._storage_times_written = time.monotonic()
+        # Tenants whose WAL passed wal-ceiling while the store failed, reported once until they ship.
+        self._over_ceiling: set[str] = set()
 
     def replica(self, name: str) -> Replica:
         """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL."""
@@ -172,6 +184,7 @@ class Fleet:
             return failed(name, e)
         except StorageError as e:
             # Kept open: the read mark keeps the unshipped frames in the WAL for the next pass.
+            self._past_ceiling(name, active.capture)
             return failed(name, e)
         with self._guard:
             active.last_used = time.monotonic()
@@ -197,11 +210,30 @@ class Fleet:
             pos = capture.position
             self.catalogue.record_sync(name, txid=pos.txid if pos else 0, position=pos.to_dict() if pos else None,
                                        at=started, state=state, bytes_added=outcome.bytes,
-                                       lease=self._leases[name].unrecorded())
+                                       lease=self._leases[name].unrecorded(), wal_bytes=wal_size(capture))
+            self._over_ceiling.discard(name)
         elif isinstance(outcome, NothingNew):
             self.catalogue.record_caught_up(name, started)
         elif isinstance(outcome, Failed):
-            self.catalogue.record_error(name, str(outcome.error))
+            self.catalogue.record_error(name, str(outcome.error), wal_bytes=wal_size(capture))
+
+    def _past_ceiling(self, name: str, capture: Capture) -> None:
+        """What a failed pass does once the WAL it keeps holds more than ``wal-ceiling``:
+        say so once per tenant (until it ships again), and with ``at-wal-ceiling:
+        checkpoint`` copy the WAL into the database unshipped (Capture.checkpoint_unshipped)."""
+        size = wal_size(capture)
+        if size is None or size <= self.config.wal_ceiling:
+            return
+        ceiling = f"{size / MIB:.1f} MiB, past wal-ceiling {self.config.wal_ceiling / MIB:.1f} MiB"
+        if self.config.at_wal_ceiling == AT_CEILING_CHECKPOINT:
+            if capture.checkpoint_unshipped():
+                log.warning("%s: the store has not taken its writes and its WAL holds %s: checkpointed without "
+                            "shipping (at-wal-ceiling: checkpoint); the replica gets the whole database once the "
+                            "store answers, without restore points for the writes since its last sync", name, ceiling)
+        elif name not in self._over_ceiling:
+            self._over_ceiling.add(name)
+            log.warning("%s: the store has not taken its writes and its WAL holds %s: kept, growing until the "
+                        "store answers (at-wal-ceiling: grow)", name, ceiling)
 
     def release_idle(self, idle_after: float | None = None, keep_leases: bool = True) -> list[str]:
         """Checkpoint and close tenants not synced for ``idle_after`` seconds; their leases
@@ -210,7 +242,8 @@ class Fleet:
         cutoff = time.monotonic() - limit
         with self._guard:
             idle = [n for n, a in self._active.items() if a.last_used < cutoff]
-        released = [name for name in idle if self.release(name, unused_since=cutoff, keep_lease=keep_leases)]
+        released = [name for name in idle
+                    if self.release(name, unused_since=cutoff, keep_lease=keep_leases, keep_unshipped=keep_leases)]
         with self._guard:  # forget the kept leases that have expired; give up all when leaving
             gone = {n: held for n, held in self._leases.items()
                     if n not in self._active and (not keep_leases or held.expired())}
@@ -271,12 +304,16 @@ class Fleet:
         self.release_idle(0, keep_leases=False)
         self.close()
 
-    def release(self, name: str, unused_since: float | None = None, keep_lease: bool = False) -> bool:
+    def release(self, name: str, unused_since: float | None = None, keep_lease: bool = False,
+                keep_unshipped: bool = False) -> bool:
         """Checkpoint, close and give up the lease of one tenant; it then costs nothing.
 
         With ``unused_since``, only if it was not synced after that (monotonic) time. With
         ``keep_lease`` the lease is not given up but remembered until it expires (an idle
         release: the tenant may wake up soon, and another host may take it after the TTL).
+        With ``keep_unshipped`` a tenant whose final pass cannot reach the store stays open
+        (False), so its read mark keeps the unshipped frames; else it is closed anyway (a
+        shutdown, or the descriptor cap).
         """
         with self.tenant_lock(name):
             with self._guard:
@@ -308,18 +345,27 @@ class Fleet:
                     # every release would make the schedule compact the tenant again.
                     self.catalogue.record_sync(name, txid=pos.txid, position=pos.to_dict(),
                                                at=started if shipped.txid is not None else None,
-                                               state=TenantState.idle, bytes_added=shipped.size, lease=lease)
+                                               state=TenantState.idle, bytes_added=shipped.size, lease=lease,
+                                               wal_bytes=wal_size(active.capture))
                 elif lease is not None:
                     self.catalogue.record_lease(name, *lease)
             except (LeaseHeld, ReplicaConflict) as e:
                 log.info("%s: closed without a final pass: %s", name, e)
             except StorageError as e:
-                log.warning("%s: final pass failed, closing anyway (next pass resumes): %s", name, e)
                 # Committed data is left unshipped: the tenant must not show idle, and a
                 # shutdown reports it (scheduler/embedded.py).
-                self.catalogue.record_error(name, str(e))
-            finally:
+                self.catalogue.record_error(name, str(e), wal_bytes=wal_size(active.capture))
+                if keep_unshipped:
+                    # Closed, the read mark would let the application's checkpoints restart
+                    # the WAL past frames the store never got; the outage's retries ship them.
+                    active.last_used = time.monotonic()
+                    log.debug("%s: kept open, its WAL unshipped: %s", name, e)
+                    return False
+                log.warning("%s: final pass failed, closing anyway (next pass resumes): %s", name, e)
+            except BaseException:
                 self._drop(name, keep_lease=keep_lease)
+                raise
+            self._drop(name, keep_lease=keep_lease)
             return True
 
     def compact(self, name: str, level: int, force: bool = False) -> Written | Skipped:
@@ -399,7 +445,7 @@ class Fleet:
         with self._guard:
             held = self._leases.get(name)
             if held is None:
-                held = self._leases[name] = HeldLease(self._leaser(name))
+                held = self._leases[name] = HeldLease(self._leaser(name), never_held=record.generation == 0)
             self._active[name] = active
             count = len(self._active)
         capture.fence = held.check

@@ -38,6 +38,7 @@ class Full(enum.Enum):
     WAL_SHORTENED = "the WAL is shorter than the position (truncated or replaced)"
     WAL_REPLACED = "the WAL's frames at the position are not the ones last shipped"
     PAGE_SIZE_CHANGED = "the WAL's page size differs from the position's"
+    WAL_CEILING = "the WAL passed wal-ceiling while the store failed and was checkpointed unshipped"
 
 
 class Contention(enum.Enum):

@@ -91,8 +91,12 @@ class Replica:
         """A decoder for ``data`` (bytes or a stream), refusing a file whose header disagrees with its name:
         a valid file stored under another TXID's key would otherwise restore wrong data."""
         dec = Decoder(data, name=self.url(info))
-        _check_name(self.url(info), info, dec.header)
+        self.check_name(info, dec.header)
         return dec
+
+    def check_name(self, info: LTXInfo, header: Header) -> None:
+        """A valid file stored under another TXID's key would otherwise restore wrong data."""
+        _check_name(self.url(info), info, header)
 
     def read_header(self, info: LTXInfo) -> Header:
         if info.size < HEADER_SIZE:

@@ -31,6 +31,7 @@ In-process use (a thread runs the proxy's event loop; every method is thread-saf
     proxy.slow_body(100_000)         # response bodies trickle at 100 kB/s
     proxy.heal()                     # no fault (the round trip stays)
     proxy.stats()                    # counters, see FaultProxy.stats
+    proxy.completed(since=0)         # the request log (with log_size), see FaultProxy.completed
     proxy.close()
 
 One fault mode at a time: each of blackhole, reset, error and slow_body replaces the
@@ -53,7 +54,7 @@ previous one. The round trip is independent of them.
 As a process, for benchmarks driving it from elsewhere::
 
     python -m tests.faultproxy --upstream http://127.0.0.1:9000 --rtt 0.03 [--jitter 0.005]
-        [--listen 127.0.0.1:0]
+        [--listen 127.0.0.1:0] [--log-size N]
 
 prints the proxy's URL on one line, then serves until SIGTERM or SIGINT. Its control
 channel is on the same port, under ``/__proxy__/`` (no S3 bucket name can contain ``_``):
@@ -63,6 +64,8 @@ channel is on the same port, under ``/__proxy__/`` (no S3 bucket name can contai
   ``reset_stats``; e.g. ``POST /__proxy__/error`` ``{"status": 503, "code": "SlowDown",
   "share": 0.7}``. Answers 200 with ``{}``, or 400 with ``{"error": "..."}``.
 - ``GET /__proxy__/stats``: the counters as JSON.
+- ``GET /__proxy__/log?since=SEQ``: the request log from sequence number SEQ on (with
+  ``--log-size N``: the last N requests forwarded upstream are kept).
 
 ``control(url, name, **kwargs)`` below is that channel's client. Control requests are never
 faulted, delayed or counted.
@@ -78,8 +81,10 @@ import signal
 import socket
 import struct
 import threading
+import time
+import urllib.parse
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 #: The control channel's path prefix on the proxy's own port.
@@ -285,7 +290,7 @@ class FaultProxy:
     """The proxy; see the module docstring. ``seed`` makes the shares' draws repeatable."""
 
     def __init__(self, upstream: str, listen: tuple[str, int] = ("127.0.0.1", 0), rtt: float = 0.0,
-                 jitter: float = 0.0, seed: int | None = None):
+                 jitter: float = 0.0, seed: int | None = None, log_size: int = 0):
         host_port = upstream.split("://", 1)[-1].split("/", 1)[0]
         host, _, port = host_port.rpartition(":")
         self.upstream = (host, int(port))
@@ -298,6 +303,10 @@ class FaultProxy:
         self._methods: Counter = Counter()
         self._faults: Counter = Counter()
         self._in_flight = self._max_in_flight = 0
+        # Benchmarks time a commit's visibility by when the store acknowledged its PUT, which
+        # only the proxy sees; bounded, since a long run forwards millions of requests.
+        self._log: deque | None = deque(maxlen=log_size) if log_size else None
+        self._logged = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -386,6 +395,27 @@ class FaultProxy:
                 "in_flight": self._in_flight, "max_in_flight": self._max_in_flight,
                 "connections": self._counts["connections"], "max_connections": self._counts["max_connections"],
             }
+
+    def completed(self, since: int = 0) -> dict:
+        """The request log from sequence number ``since`` on: ``entries`` [[time, method,
+        path, status], ...] of requests forwarded upstream and answered whole, with the time
+        (``time.time()``) the server's answer arrived (before the return half of the round
+        trip: when a PUT's object became visible in the store), path with its query string; ``next``, the ``since`` of the
+        next call; ``dropped``, entries after ``since`` already pushed out of the bounded log.
+        Empty unless the proxy was made with ``log_size``."""
+        with self._lock:
+            if self._log is None:
+                return {"entries": [], "next": 0, "dropped": 0}
+            first = self._logged - len(self._log)
+            start = max(since, first)
+            entries = [list(e) for e in list(self._log)[start - first:]] if start < self._logged else []
+            return {"entries": entries, "next": self._logged, "dropped": start - since}
+
+    def _note_completed(self, answered: float, method: str, path: str, status: int) -> None:
+        if self._log is not None:
+            with self._lock:
+                self._log.append((answered, method, path, status))
+                self._logged += 1
 
     def reset_stats(self) -> None:
         """Counters back to zero; the maxima start again from what is open now."""
@@ -510,12 +540,14 @@ class FaultProxy:
                     break
                 conn.writer.write(response.raw)  # 100 Continue: passed on at once
                 await conn.writer.drain()
+            answered = time.time()  # the store has done the request: a PUT's object is visible
             await asyncio.sleep(delay)
             await self._hold_if_blackholed(conn, body)
             framing = response_framing(request.start[0], response)
             upstream_closes = response.has("connection", "close") or framing[0] == "eof"
             conn.writer.write(response.without_connection_close() if framing[0] != "eof" else response.raw)
             await copy_body(up_reader, conn.writer, framing, bytes_per_second)
+            self._note_completed(answered, request.start[0], request.start[1], int(response.start[1]))
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as e:
             conn.close_upstream()
             raise Dropped from e
@@ -530,10 +562,12 @@ class FaultProxy:
         """The control channel: POST /__proxy__/<method> {kwargs}, GET /__proxy__/stats."""
         sink = Sink()
         await copy_body(conn.reader, sink, request.body_framing())
-        name = request.start[1][len(CONTROL_PREFIX):]
+        name, _, query = request.start[1][len(CONTROL_PREFIX):].partition("?")
         try:
             if request.start[0] == "GET" and name == "stats":
                 status, answer = 200, self.stats()
+            elif request.start[0] == "GET" and name == "log":
+                status, answer = 200, self.completed(int(urllib.parse.parse_qs(query).get("since", ["0"])[0]))
             elif request.start[0] == "POST" and name in CONTROL_METHODS:
                 getattr(self, name)(**json.loads(bytes(sink.data) or b"{}"))
                 status, answer = 200, {}
@@ -550,9 +584,12 @@ class FaultProxy:
 
 def control(url: str, name: str, **kwargs) -> dict:
     """Call the control channel of the proxy at ``url`` from another process:
-    ``control(url, "error", status=503, share=0.7)``, ``control(url, "stats")``."""
+    ``control(url, "error", status=503, share=0.7)``, ``control(url, "stats")``,
+    ``control(url, "log", since=0)``."""
     if name == "stats":
         req = urllib.request.Request(f"{url}{CONTROL_PREFIX}stats")
+    elif name == "log":
+        req = urllib.request.Request(f"{url}{CONTROL_PREFIX}log?since={int(kwargs.get('since', 0))}")
     else:
         req = urllib.request.Request(f"{url}{CONTROL_PREFIX}{name}", data=json.dumps(kwargs).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -566,12 +603,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rtt", type=float, default=0.0, help="seconds added to every request")
     parser.add_argument("--jitter", type=float, default=0.0, help="the rtt varies by up to this many seconds")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (port 0: a free one)")
+    parser.add_argument("--log-size", type=int, default=0, help="keep a log of the last N requests forwarded")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with FaultProxy(args.upstream, (host, int(port)), rtt=args.rtt, jitter=args.jitter) as proxy:
+    with FaultProxy(args.upstream, (host, int(port)), rtt=args.rtt, jitter=args.jitter,
+                    log_size=args.log_size) as proxy:
         print(proxy.url, flush=True)
         stop.wait()
 

@@ -188,6 +188,8 @@ def test_from_dict_refuses_a_bad_value_naming_the_key_and_the_value(raw, message
     ("TENANTSYNC_RESCAN_INTERVAL", "0s", r"^TENANTSYNC_RESCAN_INTERVAL: expected a duration above zero, got '0s'$"),
     ("TENANTSYNC_LEASE_TTL", "soon", r"^TENANTSYNC_LEASE_TTL: 'soon' is not a duration"),
     ("TENANTSYNC_MAX_LOCAL_BYTES", "lots", r"^TENANTSYNC_MAX_LOCAL_BYTES: 'lots' is not a size"),
+    ("TENANTSYNC_WAL_CEILING", "0", r"^TENANTSYNC_WAL_CEILING: expected a size above zero, got '0'$"),
+    ("TENANTSYNC_AT_WAL_CEILING", "drop", r"^TENANTSYNC_AT_WAL_CEILING: expected one of grow, checkpoint, got 'drop'$"),
     ("TENANTSYNC_HOST_WORKERS", "1000", rf"^TENANTSYNC_HOST_WORKERS: '1000' is more than {CPU_CAP} "),
     ("TENANTSYNC_HOST_WORKERS", "two", r"^TENANTSYNC_HOST_WORKERS: expected a positive integer, got 'two'$"),
 ])

@@ -279,3 +279,25 @@ def test_the_proxy_runs_as_a_process_driven_through_its_control_channel(s3_serve
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+def test_the_request_log_keeps_the_last_requests_answered_with_when_the_store_answered(s3_server, s3_client):
+    bucket = f"proxy-{os.urandom(6).hex()}"
+    s3_client.create_bucket(Bucket=bucket)
+    with FaultProxy(s3_server, rtt=0.2, log_size=3) as proxy:
+        s3 = client_through(proxy.url)
+        before = time.time()
+        for i in range(4):
+            s3.put_object(Bucket=bucket, Key=f"k{i}", Body=b"x")
+        after = time.time()
+        s3.head_object(Bucket=bucket, Key="k0")
+        log = proxy.completed(since=1)
+        assert log["next"] == 5 and log["dropped"] == 1  # entry 1 was pushed out by entry 4
+        assert [e[1:] for e in log["entries"]] == [
+            ["PUT", f"/{bucket}/k2", 200], ["PUT", f"/{bucket}/k3", 200], ["HEAD", f"/{bucket}/k0", 200]]
+        # Stamped when the server answered: half a round trip before the client had the answer.
+        assert before + 0.1 <= log["entries"][0][0] <= after - 0.1 - 0.2
+        assert control(proxy.url, "log", since=4) == {"entries": [log["entries"][-1]], "next": 5, "dropped": 0}
+    with FaultProxy(s3_server) as unlogged:
+        client_through(unlogged.url).head_object(Bucket=bucket, Key="k0")
+        assert unlogged.completed() == {"entries": [], "next": 0, "dropped": 0}

@@ -98,7 +98,7 @@ def test_each_sync_outcome_is_one_catalogue_write_of_the_state_it_leaves(tmp_pat
     write_rows(conn, 2)
     outcome, before, after = sync()  # the lease is fresh: not renewed, its columns not written
     assert isinstance(outcome, Shipped) and (outcome.txid, outcome.full) == (2, None)
-    assert set(changed(before, after)) == {"txid", "position", "last_sync_at", "bytes_stored"}
+    assert set(changed(before, after)) == {"txid", "position", "last_sync_at", "bytes_stored", "wal_bytes"}
 
     start = writes.count
     assert fleet.release("a.db")  # shipped nothing, gave the lease up: one write says both
@@ -120,8 +120,9 @@ def test_each_sync_outcome_is_one_catalogue_write_of_the_state_it_leaves(tmp_pat
     ltx.write_bytes(b"")  # a file where the LTX directory was: nothing can be uploaded
     outcome, before, after = sync()
     assert isinstance(outcome, Failed) and isinstance(outcome.error, StorageError) and not outcome.transient
-    assert changed(before, after) == {"state": (TenantState.idle, TenantState.error),
-                                      "last_error": (None, str(outcome.error))}
+    assert changed(before, after) | {"wal_bytes": None} == {"state": (TenantState.idle, TenantState.error),
+                                                           "last_error": (None, str(outcome.error)), "wal_bytes": None}
+    assert after.wal_bytes == os.path.getsize(tmp_path / "data" / "a.db-wal")
 
     ltx.unlink()
     os.rename(tmp_path / "ltx-moved-away", ltx)

@@ -68,6 +68,27 @@ def test_fresh_acquire_creates_generation_1(storage, clock):
     assert leaser(storage, "other", clock).read() == lease  # same etag as listed
 
 
+def test_a_likely_absent_lease_is_created_in_one_request_and_falls_back_when_present(proxied_s3_url, s3_proxy,
+                                                                                     clock):
+    storage = open_storage(proxied_s3_url)
+    s3_proxy.reset_stats()
+    lease = leaser(storage, "a", clock).acquire(likely_absent=True)
+    assert (lease.owner, lease.generation) == ("a", 1)
+    assert s3_proxy.stats()["methods"] == {"PUT": 1}, "a new tenant's lease: one conditional PUT, no read"
+    assert leaser(storage, "b", clock).read() == lease
+
+    # Present after all: the failed create reads it once and does what acquire always does.
+    with pytest.raises(LeaseHeld, match="held by a"):
+        leaser(storage, "b", clock).acquire(likely_absent=True)
+    clock.advance(TTL + timedelta(seconds=1))
+    taken = leaser(storage, "b", clock).acquire(likely_absent=True)
+    assert (taken.owner, taken.generation) == ("b", 2)
+    clock.advance(timedelta(seconds=1))
+    again = leaser(storage, "b", clock).acquire(likely_absent=True)  # our own: a renewal
+    assert (again.owner, again.generation, again.expires_at) == ("b", 2, clock() + TTL)
+    assert stored(storage)["owner"] == "b"
+
+
 def test_renew_keeps_generation_and_moves_expiry(storage, clock):
     a = leaser(storage, "a", clock)
     first = a.acquire()

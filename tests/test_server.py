@@ -252,10 +252,11 @@ def test_http_archive_refused_while_an_application_has_the_file_open_names_its_p
 
 
 def test_cli_archive_while_serve_has_the_tenant_open_waits_for_it_to_let_go(serve_command, tmp_path, file_url):
-    """``tenantsync archive NAME``, another process than the running fleet's: it marks the
-    tenant archiving, the fleet process holding it (the command's own for shard 0, a child
-    for shard 1) releases it at its release thread's next tick, and the archival goes on
-    instead of refusing with that process's pid. Hydrating over HTTP brings the rows back.
+    """``tenantsync archive NAME``, another process than the running fleet's: the command
+    sends it to the fleet over its control socket, and the fleet process holding the tenant
+    (the command's own for shard 0, a child for shard 1) archives it, instead of refusing
+    with that process's pid (test_owner_socket.py has the path of an archival by a process
+    that does not reach the owner). Hydrating over HTTP brings the rows back.
     An application writing the tenant and holding it open still makes it refuse (after
     the bounded wait), naming the application's pid only."""
     start, cli = serve_command

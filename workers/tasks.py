@@ -19,6 +19,7 @@ from scheduler.admission import BACKOFF_MAX, TRANSIENT_RETRIES, Ended
 from scheduler.schedule import Schedule, storage_plans
 from tenantsync.errors import StorageUnavailable
 from tenantsync.outcome import Failed, Outcome, as_dict
+from tenantsync.targets import parse_timestamp
 
 from .app import app
 from .runtime import dispatcher, fleet, ondemand, singleton
@@ -82,10 +83,12 @@ def archive(self, name: str) -> dict:
 
 @app.task(name="tenantsync.hydrate", autoretry_for=(StorageUnavailable,), retry_backoff=1,
           retry_backoff_max=BACKOFF_MAX, retry_jitter=True, max_retries=TRANSIENT_RETRIES)
-def hydrate(name: str, txid: int | None = None) -> dict:
-    """Hydrate one tenant for an HTTP API call waiting for this result; unreachable storage
-    backs off as the admission policy does (a caller waits, so no once-key)."""
-    return as_dict(ondemand().hydrate(name, txid=txid))
+def hydrate(name: str, txid: int | None = None, timestamp: str | None = None, source: str | None = None) -> dict:
+    """Hydrate one tenant (with ``source``, fork it from that tenant's replica) for an API call
+    waiting for this result; unreachable storage backs off as the admission policy does (a
+    caller waits, so no once-key). ``timestamp`` is RFC 3339 text, as JSON carries it."""
+    when = None if timestamp is None else parse_timestamp(timestamp)
+    return as_dict(ondemand().hydrate(name, txid=txid, timestamp=when, source=source))
 
 
 @app.task(name="tenantsync.release_idle", ignore_result=True)

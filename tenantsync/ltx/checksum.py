@@ -26,6 +26,12 @@ def crc64(data, prev: int | None = None) -> int:
     return _calc(data, prev)
 
 
+def crc64_combine(first: int, second: int, second_length: int) -> int:
+    """The CRC of A+B from crc64(A), crc64(B) and len(B): pieces of one file hashed in
+    different processes still give the file's checksum."""
+    return _CRC.combine(first, second, second_length)
+
+
 def page_checksum(pgno: int, data) -> int:
     """Binding the page number into the CRC makes a page at the wrong position count as a change."""
     return CHECKSUM_FLAG | _calc(data, _calc(_PGNO.pack(pgno)))

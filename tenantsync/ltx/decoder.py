@@ -186,18 +186,7 @@ class Decoder:
         return b"".join(parts), buf, pos - len(decoder.unused_data or b"")
 
     def _check_snapshot_complete(self) -> None:
-        """A snapshot replaces the database: a missing page would restore as corruption.
-        Pages are already known ascending and within commit, so counting suffices."""
-        header = self.header
-        if not header.is_snapshot:
-            return
-        lock = lock_pgno(header.page_size)
-        want = header.commit - (header.commit >= lock)
-        pgnos = self._frames[0::3]
-        i = bisect.bisect_left(pgnos, lock)
-        have = len(pgnos) - (i < len(pgnos) and pgnos[i] == lock)
-        if have != want:
-            self._fail(f"snapshot holds {have} pages, commit size {header.commit} needs {want}")
+        check_snapshot_pages(self.header, self._frames[0::3], self.name)
 
     def _verify_tail(self) -> Trailer:
         """Go ignores the index when verifying; here it must equal the one the frames imply,
@@ -210,27 +199,44 @@ class Decoder:
         if len(rest) > need:
             self._fail(f"{len(rest) - need} unexpected bytes after the trailer")
         post_apply, stored = _TRAILER.unpack_from(rest, len(index))
-        computed = CHECKSUM_FLAG | crc64(rest[:-8], self._crc)
-        if computed != stored:
-            raise ChecksumMismatch(
-                f"{label(self.name)}: file checksum mismatch: trailer has {stored:016x}, "
-                f"content hashes to {computed:016x}")
+        check_file_checksum(self.name, stored, CHECKSUM_FLAG | crc64(rest[:-8], self._crc))
         if rest[:len(index)] != index:
             self._fail("page index does not match the page frames")
-        self._check_post_apply(post_apply)
+        check_post_apply(self.header, post_apply, self._db_checksum, self.name)
         return Trailer(post_apply, stored)
-
-    def _check_post_apply(self, post_apply: int) -> None:
-        header = self.header
-        if header.is_snapshot and not header.no_checksum:
-            computed = CHECKSUM_FLAG | self._db_checksum
-            if post_apply != computed:
-                raise ChecksumMismatch(
-                    f"{label(self.name)}: post-apply checksum in trailer ({post_apply:016x}) "
-                    f"does not match calculated checksum ({computed:016x})")
 
     def _fail(self, message: str):
         raise LTXError(f"{label(self.name)}: {message}")
+
+
+def check_snapshot_pages(header: Header, pgnos: list[int], name: str) -> None:
+    """A snapshot replaces the database: a missing page would restore as corruption.
+    ``pgnos`` are already known ascending and within commit, so counting suffices."""
+    if not header.is_snapshot:
+        return
+    lock = lock_pgno(header.page_size)
+    want = header.commit - (header.commit >= lock)
+    i = bisect.bisect_left(pgnos, lock)
+    have = len(pgnos) - (i < len(pgnos) and pgnos[i] == lock)
+    if have != want:
+        raise LTXError(f"{label(name)}: snapshot holds {have} pages, commit size {header.commit} needs {want}")
+
+
+def check_file_checksum(name: str, stored: int, computed: int) -> None:
+    if computed != stored:
+        raise ChecksumMismatch(
+            f"{label(name)}: file checksum mismatch: trailer has {stored:016x}, "
+            f"content hashes to {computed:016x}")
+
+
+def check_post_apply(header: Header, post_apply: int, db_checksum: int, name: str) -> None:
+    """Only snapshots that track the database checksum carry one (Litestream's do not)."""
+    if header.is_snapshot and not header.no_checksum:
+        computed = CHECKSUM_FLAG | db_checksum
+        if post_apply != computed:
+            raise ChecksumMismatch(
+                f"{label(name)}: post-apply checksum in trailer ({post_apply:016x}) "
+                f"does not match calculated checksum ({computed:016x})")
 
 
 def decode_file(data, name: str = "") -> tuple[Header, list[tuple[int, bytes]], Trailer]:

@@ -13,16 +13,19 @@ import urllib.parse
 
 from ..errors import StorageError
 from .base import ObjectInfo, Storage
+from .options import StorageOptions
 
-__all__ = ["ObjectInfo", "Storage", "fleet_id", "open_storage"]
+__all__ = ["ObjectInfo", "Storage", "StorageOptions", "fleet_id", "open_storage"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _TRUE = {"true", "1", "t", "yes"}
 _FALSE = {"false", "0", "f", "no"}
 
 
-def open_storage(url: str) -> Storage:
+def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
     """Open ``file:///abs/path``, a plain path, or ``s3://BUCKET/PATH?query``.
+
+    ``options`` (timeouts, retries, requests in flight; the defaults if None) apply to S3.
 
     S3 query parameters (Litestream's names; the kebab-case spellings work too):
     ``endpoint`` (scheme optional: http for local addresses, https otherwise),
@@ -41,7 +44,7 @@ def open_storage(url: str) -> Storage:
     if scheme == "file":
         return _open_file(url)
     if scheme == "s3":
-        return _open_s3(url)
+        return _open_s3(url, options)
     raise StorageError(f"unsupported storage URL scheme {scheme!r} in {url!r}: use file:// or s3://")
 
 
@@ -76,7 +79,7 @@ def _open_file(url: str) -> Storage:
     return FileStorage(path)
 
 
-def _open_s3(url: str) -> Storage:
+def _open_s3(url: str, options: StorageOptions | None) -> Storage:
     parts = urllib.parse.urlsplit(url)
     bucket = parts.netloc
     if not bucket:
@@ -109,6 +112,7 @@ def _open_s3(url: str) -> Storage:
         # Litestream: custom endpoints (MinIO, moto, …) use path style unless told not to.
         force_path_style=bool(endpoint) if force_path_style is None else force_path_style,
         skip_verify=bool(flag("skipVerify", "skip-verify")),
+        options=options,
     )
 
 

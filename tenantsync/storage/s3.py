@@ -4,6 +4,10 @@ Conditional writes are S3's own: ``PutObject`` with ``If-None-Match: *`` (create
 or ``If-Match: <etag>`` (compare and swap), so atomicity is the server's. Every botocore
 error is translated into the project's error tree in one place (``_errors``) with a one
 line message naming the URL and key.
+
+Every request is one ``_request``: under the endpoint host's cap on requests in flight,
+tried by ``retry.Tries`` (botocore's own retries are off), each try bounded by the
+options' timeouts and, for bodies, by a deadline in proportion to their size.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -25,9 +30,15 @@ from botocore.exceptions import (
     HTTPClientError,
     IncompleteReadError,
 )
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from ..errors import ObjectNotFound, PreconditionFailed, StorageError, StorageUnavailable
 from .base import ObjectInfo, Storage, check_key, check_prefix, check_range, timestamp_ms
+from .options import StorageOptions
+from .payload import Payload, TooSlow
+from .retry import Transient, Tries
+
+T = TypeVar("T")
 
 #: User metadata key under which Litestream stores an LTX file's timestamp.
 METADATA_TIMESTAMP = "litestream-timestamp"
@@ -37,11 +48,11 @@ MAX_DELETE_KEYS = 1000
 
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
-_TRANSIENT_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError",
-}
-# Failures to get any answer from the endpoint: refused, DNS, TLS, timeouts, cut streams.
-_TRANSPORT_ERRORS = (BotoConnectionError, HTTPClientError, IncompleteReadError)
+# The store is there but asks for fewer requests: backing off is the answer.
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+_TRANSIENT_CODES = _THROTTLE_CODES | {"RequestTimeout", "ServiceUnavailable", "InternalError"}
+# Most bytes one read of a response body asks the socket for.
+_READ_SIZE = 1024 * 1024
 
 
 class S3Storage(Storage):
@@ -61,7 +72,9 @@ class S3Storage(Storage):
         region: str | None = None,
         force_path_style: bool = False,
         skip_verify: bool = False,
+        options: StorageOptions | None = None,
     ):
+        self.options = options = options or StorageOptions()
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint = endpoint
@@ -70,17 +83,17 @@ class S3Storage(Storage):
         self.skip_verify = skip_verify
         config = Config(
             s3={"addressing_style": "path"} if force_path_style else None,
-            # Few, quick retries: the replication loop retries a failed pass itself, and
-            # an unreachable store must surface as StorageUnavailable in seconds.
-            retries={"max_attempts": 3, "mode": "standard"},
+            # Off: retry.Tries decides (and knows which tries may have been applied).
+            retries={"total_max_attempts": 1},
             # No aws-chunked trailing checksums: many S3-compatible servers reject them
             # (Litestream disables them for custom endpoints for the same reason).
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            connect_timeout=5,
-            read_timeout=30,
-            # One client serves every tenant's child storage from many threads.
-            max_pool_connections=32,
+            connect_timeout=options.connect_timeout,
+            read_timeout=options.read_timeout,
+            # One client serves every tenant's child storage from many threads; a request
+            # in flight holds one connection, so the pool is the cap on them.
+            max_pool_connections=options.max_in_flight,
         )
         self._client = _new_client(
             "s3",
@@ -91,6 +104,8 @@ class S3Storage(Storage):
             verify=not skip_verify,
             config=config,
         )
+        self._host = urllib.parse.urlsplit(self._client.meta.endpoint_url).netloc
+        self._in_flight = _host_cap(self._host, options.max_in_flight)
 
     @property
     def url(self) -> str:
@@ -124,33 +139,69 @@ class S3Storage(Storage):
     # -- operations -----------------------------------------------------------------
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._object_key(check_prefix(prefix))
-        )
-        with self._errors("list", prefix or "/"):
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    yield ObjectInfo(
-                        key=self._storage_key(obj["Key"]),
-                        size=obj["Size"],
-                        etag=_etag(obj["ETag"]),
-                        modified=obj["LastModified"].astimezone(timezone.utc),
-                    )
+        args = {"Bucket": self.bucket, "Prefix": self._object_key(check_prefix(prefix))}
+        while True:  # page by page, each page one request: the cap is never held across a yield
+            page = self._request("list", prefix or "/", lambda: self._client.list_objects_v2(**args))
+            for obj in page.get("Contents", ()):
+                yield ObjectInfo(
+                    key=self._storage_key(obj["Key"]),
+                    size=obj["Size"],
+                    etag=_etag(obj["ETag"]),
+                    modified=obj["LastModified"].astimezone(timezone.utc),
+                )
+            if not page.get("IsTruncated"):
+                return
+            args["ContinuationToken"] = page["NextContinuationToken"]
 
     def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         check_range(start, length)
         args = {"Bucket": self.bucket, "Key": self._object_key(check_key(key))}
         if start or length is not None:
             args["Range"] = f"bytes={start}-{'' if length is None else start + length - 1}"
-        with self._errors("read", key, not_found=ObjectNotFound):
+
+        def attempt() -> bytes:
             try:
-                body = self._client.get_object(**args)["Body"]
+                answer = self._client.get_object(**args)
             except ClientError as e:
                 if _code(e) == "InvalidRange":  # the object exists; start is at or past its end
                     return b""
                 raise
-            with contextlib.closing(body):
-                return body.read()
+            return self._body(answer["Body"], answer["ContentLength"])
+
+        return self._request("read", key, attempt, not_found=ObjectNotFound)
+
+    def _body(self, body, size: int) -> bytes:  # noqa: ANN001 - botocore's StreamingBody
+        """The ``size`` bytes of a response body, within the transfer deadline of ``size``.
+
+        botocore's read_timeout bounds each socket read, not the body: a trickle that never
+        stays silent that long would hold the request for as long as it trickles, and
+        closing the body from another thread does not wake a blocked read. So the body is
+        read with read1 (one socket read per call, each bounded by read_timeout) and the
+        deadline checked between reads. On any failure the connection is closed, never
+        handed back to the pool in an unknown state."""
+        deadline = self._deadline(size)
+        raw = body._raw_stream  # urllib3's response: botocore's StreamingBody has no read1
+        chunks, got = [], 0
+        with contextlib.closing(body):
+            while got < size:
+                if time.monotonic() > deadline:
+                    raise TooSlow(f"body of {size} bytes not received by its deadline ({got} bytes came)")
+                try:
+                    chunk = raw.read1(min(_READ_SIZE, size - got))
+                except (URLLib3Error, OSError) as e:
+                    raise Transient(f"body cut after {got} of {size} bytes: {e}") from e
+                if not chunk:
+                    raise Transient(f"body cut after {got} of {size} bytes")
+                chunks.append(chunk)
+                got += len(chunk)
+            raw.release_conn()  # read to its end: the connection is good for the next request
+        return b"".join(chunks)
+
+    def _deadline(self, size: int) -> float:
+        """When a transfer of ``size`` bytes starting now must be over: the time a small
+        request may take, plus the size at the minimum transfer rate."""
+        o = self.options
+        return time.monotonic() + o.connect_timeout + o.read_timeout + size / o.min_transfer_rate
 
     def write_if_absent(self, key: str, data: bytes | BinaryIO, *, timestamp: datetime | None = None) -> str:
         return self._put(key, data, timestamp, IfNoneMatch="*")
@@ -170,19 +221,44 @@ class S3Storage(Storage):
         not_found: type[StorageError] | None = None,
         **condition: str,
     ) -> str:
-        args = {"Bucket": self.bucket, "Key": self._object_key(check_key(key)), "Body": data, **condition}
+        payload = Payload(data)
+        args = {"Bucket": self.bucket, "Key": self._object_key(check_key(key)), **condition}
         if timestamp is not None:
             args["Metadata"] = {METADATA_TIMESTAMP: format_timestamp(timestamp)}
-        with self._errors("write", key, not_found=not_found):
-            return _etag(self._client.put_object(**args)["ETag"])
+
+        def attempt() -> str:
+            body = payload.sending(self._deadline(payload.size))
+            return _etag(self._client.put_object(Body=body, ContentLength=payload.size, **args)["ETag"])
+
+        tries = Tries(self.options, f"{self}: write {key}", self._host)
+        try:
+            return tries.run(lambda: self._attempt("write", key, attempt, not_found))
+        except PreconditionFailed:
+            if not tries.reached:
+                raise
+            # An earlier try may have been applied before its answer was lost: the 412 is
+            # then our own write's. Whoever wrote, the store holds what it holds now.
+            stored = self._stored(key)
+            if stored is None or not payload.is_stored(stored.size, stored.etag, lambda s, n: self.read(key, s, n)):
+                raise
+            return stored.etag
+
+    def _stored(self, key: str) -> ObjectInfo | None:
+        """The object at ``key`` as HEAD describes it, or None if there is none."""
+        args = {"Bucket": self.bucket, "Key": self._object_key(key)}
+        try:
+            head = self._request("read", key, lambda: self._client.head_object(**args), not_found=ObjectNotFound)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, head["ContentLength"], _etag(head["ETag"]), head["LastModified"])
 
     def delete(self, keys: Iterable[str]) -> None:
         objects = [{"Key": self._object_key(check_key(k))} for k in keys]
         for i in range(0, len(objects), MAX_DELETE_KEYS):
             batch = objects[i : i + MAX_DELETE_KEYS]
             first = self._storage_key(batch[0]["Key"])
-            with self._errors("delete", first):
-                out = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            out = self._request("delete", first, lambda b=batch: self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}))
             if errors := out.get("Errors"):
                 e = errors[0]
                 error = StorageUnavailable if e.get("Code") in _TRANSIENT_CODES else StorageError
@@ -191,11 +267,25 @@ class S3Storage(Storage):
                     f" ({len(errors)} of {len(batch)} keys failed)"
                 )
 
+    # -- one request: capped, tried, translated ---------------------------------------
+
+    def _request(self, action: str, key: str, call: Callable[[], T],
+                 not_found: type[StorageError] | None = None) -> T:
+        """``call()`` tried as the options allow; errors in the project's tree."""
+        tries = Tries(self.options, f"{self}: {action} {key}", self._host)
+        return tries.run(lambda: self._attempt(action, key, call, not_found))
+
+    def _attempt(self, action: str, key: str, call: Callable[[], T], not_found: type[StorageError] | None) -> T:
+        """One try, holding one of the host's places in flight while it runs."""
+        with self._in_flight, self._errors(action, key, not_found):
+            return call()
+
     # -- error translation ----------------------------------------------------------
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str, not_found: type[StorageError] | None = None) -> Iterator[None]:
-        """Translate botocore errors raised inside into the project's error tree.
+        """Translate botocore errors raised inside into the project's error tree, or into
+        Transient for a failure another try may not meet (retry.Tries then decides).
 
         ``not_found`` is what a missing key means for this call: ObjectNotFound on a
         read, PreconditionFailed on write-if-match, a plain StorageError elsewhere.
@@ -205,19 +295,52 @@ class S3Storage(Storage):
             yield
         except ClientError as e:
             code = _code(e)
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            meta = e.response.get("ResponseMetadata", {})
+            status = meta.get("HTTPStatusCode", 0)
             message = e.response.get("Error", {}).get("Message") or code
             if code in _PRECONDITION_CODES or status == 412:
                 raise PreconditionFailed(f"{where}: condition failed ({code})") from e
             if not_found is not None and code in _NOT_FOUND_CODES:
                 raise not_found(f"{where}: object not found") from e
             if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-                raise StorageUnavailable(f"{where}: server error {status} {code}: {message}") from e
+                throttled = code in _THROTTLE_CODES or status in (429, 503)
+                raise Transient(
+                    f"server error {status} {code}: {message}", throttled=throttled,
+                    # A throttle is a refusal; a 500 may come after the write was applied.
+                    retry_after=_retry_after(meta.get("HTTPHeaders", {})), reached=not throttled,
+                ) from e
             raise StorageError(f"{where}: {status} {code}: {message}") from e
-        except _TRANSPORT_ERRORS as e:
-            raise StorageUnavailable(f"{where}: cannot reach {self.endpoint or 'S3'}: {e}") from e
+        except BotoConnectionError as e:  # refused, DNS, connect timeout: nothing was sent
+            raise Transient(f"cannot connect: {e}", reached=False) from e
+        except (HTTPClientError, IncompleteReadError) as e:  # sent, but no (whole) answer
+            raise Transient(f"no answer: {e}") from e
+        except TooSlow as e:
+            raise Transient(str(e)) from e
         except BotoCoreError as e:
             raise StorageError(f"{where}: {e}") from e
+
+
+_host_caps: dict[str, threading.BoundedSemaphore] = {}
+_host_caps_lock = threading.Lock()
+
+
+def _host_cap(host: str, most: int) -> threading.BoundedSemaphore:
+    """The process's one semaphore for ``host``: every storage (and every child) talking to
+    one endpoint shares it, whichever URL or tenant opened it. The first storage opened for
+    a host sets its size; a process reads one configuration, so they all agree."""
+    with _host_caps_lock:
+        if host not in _host_caps:
+            _host_caps[host] = threading.BoundedSemaphore(most)
+        return _host_caps[host]
+
+
+def _retry_after(headers: dict) -> float | None:
+    """Retry-After in seconds, if the store sent it as a number (S3 does not send the date form)."""
+    value = headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 _session: boto3.session.Session | None = None
