@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from tenantsync.catalogue import Catalogue
 from tenantsync.replica import Replica
 from tenantsync.restore import restore
