@@ -53,7 +53,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     catalogue = open_catalogue(config)
     fleet = Fleet(config, catalogue)
     storage = storage_process(config)
-    shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.sync_threads)
+    shards = [JobProcess(f"tenantsync-shard-{i}", fleet_jobs, (config, RELEASE_EVERY), threads=config.threads_per_process())
               for i in range(1, processes)]
     for child in shards:
         child.start()
@@ -63,7 +63,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     ondemand = OnDemandVia(local.catalogue, route)
     jobs = {"sync": functools.partial(route, "sync"), "archive": ondemand.archive}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
-    dispatcher = InProcessDispatcher(jobs, workers=config.sync_threads, on_result=on_result, shards=len(shards) + 1,
+    dispatcher = InProcessDispatcher(jobs, workers=config.threads_per_process(), on_result=on_result, shards=len(shards) + 1,
                                      batched=STORAGE_JOBS)
     stop_serving = serve_owner(ondemand, config, http, report)
     watcher = Watcher(config, catalogue, dispatcher, report=report)

@@ -87,11 +87,8 @@ class Config:
     idle_after: timedelta = timedelta(seconds=30)
     rescan_interval: timedelta = timedelta(seconds=60)
     lease_ttl: timedelta = timedelta(seconds=30)  # Litestream's s3.DefaultLeaseTTL
-    # Sync threads per process (embedded). A sync spends much of its time in fsync (the LTX
-    # file, its directory), which holds no interpreter lock, so a process needs more threads
-    # than cores: enough that syncs do not queue behind slow fsyncs at a busy fleet's commit
-    # rate.
-    sync_threads: int = 8
+    # Sync threads per process (embedded); unset: see threads_per_process.
+    sync_threads: int | None = None
     # Processes syncing this host's tenants, each tenant always in the same one (see
     # host_processes); unset: the default of the mode.
     host_workers: int | None = None
@@ -108,6 +105,18 @@ class Config:
     at_wal_ceiling: str = AT_CEILING_GROW
     # Timeouts, retries and requests in flight of object storage (``storage:``).
     storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def threads_per_process(self) -> int:
+        """Sync threads of each syncing process: ``sync-threads`` if set. Else 8 for a
+        ``file://`` replica: a sync spends much of its time in fsync (the LTX file, its
+        directory), which holds no interpreter lock, so a process needs more threads than
+        cores. And 32 for object storage, where a sync mostly waits for round trips (a new
+        tenant's three requests one after another): more of them in flight, not more CPU,
+        is what brings thousands of tenants up (the per-host cap, ``storage:
+        max-in-flight``, still bounds the requests)."""
+        if self.sync_threads is not None:
+            return self.sync_threads
+        return 8 if self.replica.startswith("file:") else 32
 
     def host_processes(self, embedded: bool) -> int:
         """How many processes share this host's tenants. With Celery, the worker processes

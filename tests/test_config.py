@@ -241,6 +241,13 @@ def test_parse_listen(text, address):
         assert parse_listen(text) == address
 
 
+def test_sync_threads_default_by_replica_kind_unless_set():
+    """Object storage keeps more syncs in flight: each mostly waits for round trips."""
+    assert Config(replica="file:///r").threads_per_process() == 8
+    assert Config(replica="s3://bucket/r").threads_per_process() == 32
+    assert Config(replica="s3://bucket/r", sync_threads=5).threads_per_process() == 5
+
+
 def test_every_key_holding_one_value_has_its_environment_override():
     env = {"TENANTSYNC_RESCAN_INTERVAL": "5m", "TENANTSYNC_LEASE_TTL": "1m", "TENANTSYNC_MAX_LOCAL_BYTES": "1GB",
            "TENANTSYNC_SYNC_THREADS": "3", "TENANTSYNC_DEBOUNCE": "0s"}
