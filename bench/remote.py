@@ -44,6 +44,7 @@ import collections
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -164,6 +165,32 @@ class ProxyLog:
         """The first requests naming ``needle`` (a tenant), as 'seconds method key status'."""
         return [f"{at - since:.3f} s {method} {key[:90]} {status}" for at, method, key, status in self.entries
                 if needle in key][:limit]
+
+
+def tenant_of(key: str) -> str:
+    """The tenant a key belongs to (Litestream's S3 layout ``…/<tenant>/<level:04x>/<file>``
+    or ``…/<tenant>/lock.json``; a LIST: the last segment of its prefix)."""
+    if "?" in key:
+        path = urllib.parse.parse_qs(key.split("?", 1)[1]).get("prefix", [""])[0]
+        parts = path.strip("/").split("/")
+        return parts[-2] if len(parts) >= 2 and LEVEL_DIR.fullmatch(parts[-1]) else parts[-1]
+    parts = key.split("/")
+    return parts[-2] if parts[-1] == "lock.json" else (parts[-3] if len(parts) >= 3 else "")
+
+
+LEVEL_DIR = re.compile(r"[0-9a-f]{4}")
+
+
+def request_kind(method: str, key: str) -> str:
+    """``PUT L1``, ``GET L0``, ``LIST``, ``PUT lock``…: what one logged request was for."""
+    if "?" in key and ("list-type" in key or "prefix=" in key):
+        return "LIST"
+    parts = key.split("?", 1)[0].split("/")
+    if parts[-1] == "lock.json":
+        return f"{method} lock"
+    if len(parts) >= 2 and LEVEL_DIR.fullmatch(parts[-2]):
+        return f"{method} L{int(parts[-2], 16)}"
+    return f"{method} other"
 
 
 def start_child(name: str, args: list[str], logdir: str) -> fleet.Child:
@@ -288,7 +315,7 @@ class Bench:
                 log(f"  {st['replicated']}/{n} replicated, all after {fleet.fmt_s(st['seconds'])} "
                     f"(50 % {fleet.fmt_s(st['t50'])}); requests {st['requests']}; load {st['load']}")
                 if smallest and "idle" in a.only and setup.alive():
-                    res["idle"] = self.idle(n)
+                    res["idle"] = self.idle(n, bucket)
                 if smallest and "lagN" in a.only and st["seconds"] is not None and setup.alive():
                     res["lag"] = self.lag_fleet(setup, bucket, names, follow)
             except Exception as e:  # noqa: BLE001 - record and go on with the other tool
@@ -301,17 +328,23 @@ class Bench:
             out[tool] = res
         return out
 
-    def idle(self, n: int) -> dict:
+    def idle(self, n: int, bucket: str) -> dict:
         a = self.a
         log(f"  idle: {a.settle:.0f} s to settle, then counting requests for {a.idle_window:.0f} s")
         time.sleep(a.settle)
+        follow = ProxyLog(self.store, bucket)
         self.store.control("reset_stats")
         t = time.monotonic()
         time.sleep(a.idle_window)
         stats, window = self.store.control("stats"), time.monotonic() - t
+        kinds = collections.Counter(request_kind(method, key) for _at, method, key, _s in follow.poll().entries)
+        per_tenant = collections.Counter((tenant_of(key), request_kind(method, key))
+                                         for _at, method, key, _s in follow.entries)
         res = {"requests": stats["requests"], "methods": stats["methods"], "window": window,
-               "per_tenant_hour": stats["requests"] / n / window * 3600, "load": fleet.load()}
-        log(f"  idle: {stats['methods']} in {window:.0f} s = {res['per_tenant_hour']:.1f} per tenant per hour")
+               "per_tenant_hour": stats["requests"] / n / window * 3600, "load": fleet.load(),
+               "kinds": dict(kinds), "most_of_one_kind_per_tenant": max(per_tenant.values(), default=0)}
+        log(f"  idle: {stats['methods']} in {window:.0f} s = {res['per_tenant_hour']:.1f} per tenant per hour; "
+            f"by kind {dict(kinds)}; at most {res['most_of_one_kind_per_tenant']} of one kind per tenant")
         return res
 
     def writer(self, setup, names: list[str], seconds: float) -> tuple[subprocess.Popen, str]:

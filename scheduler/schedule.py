@@ -125,8 +125,10 @@ class Schedule:
     def run(self, key, now: datetime | None = None) -> int:
         """Enqueue one plan's jobs now: a level number, 9 (snapshots), "retain" or "catch-up".
 
-        Only tenants synced within the last two intervals are touched: everything they
-        wrote since the previous run is then covered, and idle tenants cost nothing.
+        Only tenants that shipped within the last two intervals are touched: everything
+        they wrote since the previous run is then covered (the second interval catches a
+        source-level file written while the previous run listed), and tenants that write
+        nothing cost nothing, however often the application reads them.
         """
         now = now or datetime.now(timezone.utc)
         self._last_run[key] = now
@@ -137,7 +139,7 @@ class Schedule:
         if key == "archive":
             tenants = self.catalogue.records(host=self.config.host)
             return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))
-        names = self.catalogue.synced_since(now - 2 * self.every[key])
+        names = self.catalogue.shipped_since(now - 2 * self.every[key])
         if key == "retain":
             return self.dispatcher.submit("retain", names)
         if key == layout.SNAPSHOT_LEVEL:

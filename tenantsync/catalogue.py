@@ -97,6 +97,7 @@ def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Upd
         "txid": sa.case((newer, txid), else_=c.txid),
         "position": sa.case((newer, param("position", c.position)), else_=c.position),
         "last_sync_at": param("at", c.last_sync_at) if with_at else c.last_sync_at,
+        "shipped_at": param("at", c.shipped_at) if with_at else c.shipped_at,
         "bytes_stored": c.bytes_stored + param("bytes_added", c.bytes_stored),
         "last_error": None,
         "wal_bytes": param("wal_bytes", c.wal_bytes),
@@ -309,8 +310,10 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         did (active after shipping, idle after a release, None for no change within an
         archival); it is applied only from a REPLICATED state, never over a hydration's or
         archival's mark. ``lease`` (holder, expiry, generation) also does
-        :meth:`record_lease`. ``wal_bytes`` is the WAL's size after the pass. ``at=None`` stores the position only (nothing was shipped):
-        ``last_sync_at`` is what the schedule picks tenants to compact by.
+        :meth:`record_lease`. ``wal_bytes`` is the WAL's size after the pass. ``at`` is when the pass started and
+        becomes both ``last_sync_at`` and ``shipped_at``; ``at=None`` stores the position
+        only (nothing was shipped): ``shipped_at`` is what the schedule picks tenants to
+        compact by.
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""

@@ -90,9 +90,9 @@ class CatalogueReads:
             stmt = stmt.where(TENANTS.c.host == host)
         return self._names(stmt)
 
-    def synced_since(self, since: datetime) -> list[str]:
-        """Names of tenants synced at or after ``since``: the ones a periodic compaction,
-        snapshot or retention pass can have work for. Filtered in SQL: a pass over an idle
-        fleet reads no rows into Python."""
-        return self._names(sa.select(TENANTS.c.name).where(self._mine, TENANTS.c.last_sync_at >= _utc(since, "since"))
+    def shipped_since(self, since: datetime) -> list[str]:
+        """Names of tenants that shipped files at or after ``since``: the only ones a
+        periodic compaction, snapshot or retention pass can have work for. Filtered in SQL
+        by an index: a pass over an idle fleet reads no rows into Python."""
+        return self._names(sa.select(TENANTS.c.name).where(self._mine, TENANTS.c.shipped_at >= _utc(since, "since"))
                            .order_by(TENANTS.c.name))

@@ -187,8 +187,14 @@ TENANTS = sa.Table(
     # Bytes in the tenant's -wal file after its last sync attempt: it grows while the store
     # fails (the read mark keeps every unshipped frame), so an outage's cost on disk shows.
     sa.Column("wal_bytes", sa.BigInteger),
+    # When a sync last added files to the replica: periodic compaction, snapshots and
+    # retention can only have work for tenants that shipped since their previous run, so
+    # they pick tenants by this, not by last_sync_at, which a pass finding nothing new
+    # also moves (an idle tenant must cost no request).
+    sa.Column("shipped_at", UTCDateTime),
     sa.Index("ix_tenants_fleet_host_state", "fleet", "host", "state"),
     sa.Index("ix_tenants_fleet_last_write_at", "fleet", "last_write_at"),
+    sa.Index("ix_tenants_fleet_shipped_at", "fleet", "shipped_at"),
 )
 
 
@@ -218,6 +224,7 @@ class TenantRecord:
     created_at: datetime
     updated_at: datetime
     wal_bytes: int | None
+    shipped_at: datetime | None
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))

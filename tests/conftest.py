@@ -229,7 +229,7 @@ def _proxy_in_front_of(upstream: str):
     """A FaultProxy in front of ``upstream`` for one test, healed and closed afterwards."""
     from .faultproxy import FaultProxy
 
-    proxy = FaultProxy(upstream).start()
+    proxy = FaultProxy(upstream, log_size=10_000).start()  # the log says what a failing test saw
     try:
         yield proxy
     finally:

@@ -27,6 +27,18 @@ def write_rows(conn: sqlite3.Connection, n: int, size: int = 100) -> None:
     conn.execute("COMMIT")
 
 
+def written_tenants(data_dir, count: int, rows: int) -> list:
+    """``count`` databases t00.db, t01.db… made in ``data_dir`` (a pathlib.Path, created),
+    each with one transaction of ``rows`` rows, closed: their paths."""
+    data_dir.mkdir()
+    paths = [data_dir / f"t{i:02d}.db" for i in range(count)]
+    for path in paths:
+        conn = app_db(path)
+        write_rows(conn, rows)
+        conn.close()
+    return paths
+
+
 def dump(path: str) -> list:
     """The logical content of a database: every table's rows in rowid order."""
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"

@@ -454,7 +454,7 @@ def test_datetimes_are_utc_and_naive_ones_are_refused(cat):
     with pytest.raises(ValueError, match="naive"):
         cat.record_writes(["a"], datetime(2026, 1, 1))
     with pytest.raises(ValueError, match="naive"):
-        cat.synced_since(datetime(2026, 1, 1))
+        cat.shipped_since(datetime(2026, 1, 1))
 
 
 def test_records_are_detached_snapshots(url):
@@ -522,15 +522,21 @@ def test_lagging(cat):
     assert cat.lagging(now, timedelta(seconds=1), host="other") == []
 
 
-def test_synced_since(cat):
-    for name in ("never-synced", "old", "edge", "new"):
+def test_shipped_since(cat):
+    for name in ("never-synced", "old", "edge", "new", "caught-up", "released"):
         cat.discover(name, f"/{name}", "h")
     cat.record_sync("old", txid=1, position=None, at=T0, state=S.active)
     cat.record_sync("edge", txid=1, position=None, at=T0 + timedelta(minutes=1), state=S.active)
     cat.record_sync("new", txid=2, position=None, at=T0 + timedelta(minutes=2), state=S.active)
-    assert cat.synced_since(T0 + timedelta(minutes=1)) == ["edge", "new"]
-    assert cat.synced_since(T0) == ["edge", "new", "old"]
-    assert cat.synced_since(T0 + timedelta(minutes=3)) == []
+    # Passes that shipped nothing move last_sync_at (or only the position), not shipped_at.
+    cat.record_sync("caught-up", txid=1, position=None, at=T0 - timedelta(hours=1), state=S.active)
+    cat.record_caught_up("caught-up", T0 + timedelta(minutes=2))
+    cat.record_sync("released", txid=3, position={"txid": 3}, at=None, state=S.idle)
+    assert cat.get("caught-up").last_sync_at == T0 + timedelta(minutes=2)
+    assert cat.get("caught-up").shipped_at == T0 - timedelta(hours=1) and cat.get("released").shipped_at is None
+    assert cat.shipped_since(T0 + timedelta(minutes=1)) == ["edge", "new"]
+    assert cat.shipped_since(T0) == ["edge", "new", "old"]
+    assert cat.shipped_since(T0 + timedelta(minutes=3)) == []
 
 
 # -- fleets: one catalogue, several replicas ------------------------------------------
@@ -551,7 +557,7 @@ def test_two_fleets_sharing_a_catalogue_never_see_each_others_rows(url):
     a.record_sync("x.db", txid=7, position=None, at=T0, state=S.active)
     assert b.get("app.db").state is S.idle and b.get("x.db") is None
     assert [t.name for t in b.records()] == ["app.db"] and b.count_by_state()["archived"] == 0
-    assert b.synced_since(T0 - timedelta(1)) == [] and a.synced_since(T0 - timedelta(1)) == ["x.db"]
+    assert b.shipped_since(T0 - timedelta(1)) == [] and a.shipped_since(T0 - timedelta(1)) == ["x.db"]
     a.close(), b.close()
 
 

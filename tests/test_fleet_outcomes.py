@@ -98,7 +98,7 @@ def test_each_sync_outcome_is_one_catalogue_write_of_the_state_it_leaves(tmp_pat
     write_rows(conn, 2)
     outcome, before, after = sync()  # the lease is fresh: not renewed, its columns not written
     assert isinstance(outcome, Shipped) and (outcome.txid, outcome.full) == (2, None)
-    assert set(changed(before, after)) == {"txid", "position", "last_sync_at", "bytes_stored", "wal_bytes"}
+    assert set(changed(before, after)) == {"txid", "position", "last_sync_at", "shipped_at", "bytes_stored", "wal_bytes"}
 
     start = writes.count
     assert fleet.release("a.db")  # shipped nothing, gave the lease up: one write says both

@@ -25,7 +25,7 @@ from tenantsync.replica import Replica
 from tenantsync.restore import restore
 from tenantsync.storage import open_storage
 
-from .dbutil import app_db, dump, wait_for, write_rows
+from .dbutil import app_db, dump, wait_for, write_rows, written_tenants
 from . import peer
 from .peer import integrity, litestream
 from .test_bad_input import _env, one_line_error, tenantsync
@@ -156,12 +156,7 @@ def test_watch_rides_out_an_outage_and_catches_up_by_itself(tmp_path, s3_server,
     stays up, and within CATCH_UP_WITHIN of heal, without a restart, every replica is its
     source exactly."""
     s3_proxy.set_rtt(RTT)
-    (tmp_path / "data").mkdir()
-    paths = [tmp_path / "data" / f"t{i:02d}.db" for i in range(TENANTS)]
-    for path in paths:
-        conn = app_db(path)
-        write_rows(conn, 5)
-        conn.close()
+    paths = written_tenants(tmp_path / "data", TENANTS, 5)
     watch = Watch(tmp_path, proxied_s3_url)
     try:
         catalogue = Catalogue(watch.catalogue_url, fleet=watch.fleet)
