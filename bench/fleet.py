@@ -782,7 +782,9 @@ class Litestream(Setup):
         if s3:
             replica = {"type": "s3", "bucket": s3["bucket"], "path": s3["path"], "endpoint": s3["endpoint"],
                        "region": "us-east-1", "force-path-style": True,
-                       "access-key-id": "test", "secret-access-key": "test"}
+                       # The server's identity: moto takes any, SeaweedFS only its own.
+                       "access-key-id": os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+                       "secret-access-key": os.environ.get("AWS_SECRET_ACCESS_KEY", "test")}
         else:
             replica = {"type": "file", "path": self.replica}
         cfg = {"dbs": [{"dir": self.data, "pattern": "*.db", "watch": True, "replica": replica}]}

