@@ -37,8 +37,10 @@ In-process use (a thread runs the proxy's event loop; every method is thread-saf
 One fault mode at a time: each of blackhole, reset, error and slow_body replaces the
 previous one. The round trip is independent of them.
 
-- ``rtt``: half of it before a request is forwarded, half before its answer is relayed
-  (a ``100 Continue`` is not delayed), each request drawing rtt + uniform(-jitter, jitter).
+- ``rtt``: half of it before a request is forwarded, half before its answer is relayed,
+  each request drawing rtt + uniform(-jitter, jitter). A ``100 Continue`` costs what it
+  costs on a network, a whole round trip: its way back and the body's way out, both
+  counted before it is relayed.
   An error answer costs the whole round trip, a reset the first half.
 - blackhole: a request (on a connection old or new) is held once its head has arrived, and
   so is the answer of a request already forwarded. A held connection is lost, as behind a
@@ -386,12 +388,14 @@ class FaultProxy:
 
     def stats(self) -> dict:
         """``requests`` seen (control requests aside), ``methods`` {GET: n, ...}, ``faults``
-        {blackhole, reset, error, slow_body: requests each was applied to}, ``in_flight``
+        {blackhole, reset, error, slow_body: requests each was applied to},
+        ``expect_continue`` (requests that waited for ``100 Continue``), ``in_flight``
         (requests whose head arrived and whose answer is not complete), ``max_in_flight``,
         ``connections`` open now and ``max_connections``."""
         with self._lock:
             return {
                 "requests": self._counts["requests"], "methods": dict(self._methods), "faults": dict(self._faults),
+                "expect_continue": self._counts["expect_continue"],
                 "in_flight": self._in_flight, "max_in_flight": self._max_in_flight,
                 "connections": self._counts["connections"], "max_connections": self._counts["max_connections"],
             }
@@ -475,6 +479,7 @@ class FaultProxy:
         """One request and its answer, faults applied; whether the connection is kept."""
         with self._lock:
             self._counts["requests"] += 1
+            self._counts["expect_continue"] += request.has("expect", "100-continue")
             self._methods[request.start[0]] += 1
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
@@ -538,7 +543,8 @@ class FaultProxy:
                 response = Head.parse(await up_reader.readuntil(b"\r\n\r\n"))
                 if int(response.start[1]) >= 200:
                     break
-                conn.writer.write(response.raw)  # 100 Continue: passed on at once
+                await asyncio.sleep(2 * delay)  # 100 Continue: its way back, the body's way out
+                conn.writer.write(response.raw)
                 await conn.writer.drain()
             answered = time.time()  # the store has done the request: a PUT's object is visible
             await asyncio.sleep(delay)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import botocore.handlers
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError, ReadTimeoutError
@@ -102,6 +103,29 @@ def test_the_round_trip_is_added_to_every_request(moto):
     assert 0.25 <= delayed < plain + 0.25 + 0.2, (plain, delayed)
     proxy.set_rtt(0.25, jitter=0.1)
     assert 0.15 <= slowest_of_three() < plain + 0.35 + 0.2
+
+
+def test_waiting_for_100_continue_costs_a_second_round_trip(moto):
+    """As on a network: the 100 Continue comes back and the body goes out before the server
+    can answer. botocore sends every PUT body with Expect: 100-continue unless told not to."""
+    proxy, bucket, waits = moto
+    plain = client_through(proxy.url)
+    plain.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    for s3 in (waits, plain):
+        s3.head_object(Bucket=bucket, Key="k")  # the connection is open before measuring
+    proxy.set_rtt(0.25)
+    proxy.reset_stats()
+
+    def put(s3) -> float:
+        began = time.monotonic()
+        s3.put_object(Bucket=bucket, Key="k", Body=b"a small body")
+        return time.monotonic() - began
+
+    one = put(plain)
+    assert proxy.stats()["expect_continue"] == 0
+    two = put(waits)
+    assert proxy.stats()["expect_continue"] == 1
+    assert 0.25 <= one < 0.5 <= two < 0.5 + one, (one, two)
 
 
 def test_a_blackhole_loses_connections_until_their_clients_give_up(moto):

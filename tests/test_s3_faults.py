@@ -17,6 +17,7 @@ import pytest
 
 from tenantsync.errors import PreconditionFailed, StorageUnavailable
 from tenantsync.storage import StorageOptions, open_storage
+from tenantsync.storage.s3 import EXPECT_CONTINUE_ABOVE
 
 FAST = StorageOptions(connect_timeout=1.0, read_timeout=1.0, attempts=3, retry_time=20.0)
 
@@ -35,9 +36,10 @@ def test_blackholed_small_put_is_noticed_fast_and_unavailable(proxied_s3_url, s3
     with pytest.raises(StorageUnavailable) as e:
         store.write_if_absent("lock.json", b"{}")
     took = time.monotonic() - start
-    # Three tries, each given up after read_timeout (1 s) plus the 1 s botocore waits for a
-    # "100 Continue" before sending a PUT's body anyway, and short backoffs: not 3 x 30 s.
-    assert 6.0 <= took < 8.0
+    # Three tries, each given up after read_timeout (1 s), and short backoffs: not 3 x 30 s.
+    # (A small PUT does not wait for "100 Continue", which botocore would give up on after
+    # another second per try.)
+    assert 3.0 <= took < 5.0
     assert s3_proxy.stats()["faults"]["blackhole"] == 3
     message = str(e.value)
     assert "\n" not in message and "lock.json" in message
@@ -147,6 +149,21 @@ def test_body_deadline_follows_its_size(proxied_s3_url, s3_proxy):
     with pytest.raises(StorageUnavailable, match="deadline"):
         store.read("big", 0, 20_000)
     assert 2.0 < time.monotonic() - start < 4.0
+
+
+def test_only_large_writes_wait_for_100_continue(proxied_s3_url, s3_proxy):
+    """A small PUT is one round trip: waiting for "100 Continue" would make it two. Above
+    EXPECT_CONTINUE_ABOVE the store may refuse before the bytes are sent (a 412 here)."""
+    store = open_storage(proxied_s3_url)
+    s3_proxy.reset_stats()
+    store.write_if_absent("small", os.urandom(100_000))
+    assert s3_proxy.stats()["expect_continue"] == 0
+    large = os.urandom(EXPECT_CONTINUE_ABOVE + 1)
+    store.write_if_absent("large", large)
+    with pytest.raises(PreconditionFailed):
+        store.write_if_absent("large", large)
+    assert s3_proxy.stats()["expect_continue"] == 2
+    assert store.read("large") == large
 
 
 def test_requests_in_flight_are_capped_per_host(proxied_s3_url, s3_proxy):

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import BinaryIO, TypeVar
 
 import boto3
+import botocore.handlers
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -53,6 +54,12 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
 _TRANSIENT_CODES = _THROTTLE_CODES | {"RequestTimeout", "ServiceUnavailable", "InternalError"}
 # Most bytes one read of a response body asks the socket for.
 _READ_SIZE = 1024 * 1024
+# Bodies above this are sent with ``Expect: 100-continue``: the store can refuse a big
+# upload (a failed condition, a denied key) before its bytes cross the network. Below it
+# the header costs more than it saves, a whole round trip per PUT waiting for "100
+# Continue". aws-sdk-go-v2's threshold, so Litestream's too; botocore adds the header to
+# every file-like body, and ours always are (payload.Payload.sending).
+EXPECT_CONTINUE_ABOVE = 2 * 1024 * 1024
 
 
 class S3Storage(Storage):
@@ -104,6 +111,9 @@ class S3Storage(Storage):
             verify=not skip_verify,
             config=config,
         )
+        events = self._client.meta.events  # the client's own copy of the session's handlers
+        events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+        events.register("before-call.s3", _expect_continue_if_large)
         self._host = urllib.parse.urlsplit(self._client.meta.endpoint_url).netloc
         self._in_flight = _host_cap(self._host, options.max_in_flight)
 
@@ -341,6 +351,15 @@ def _retry_after(headers: dict) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+def _expect_continue_if_large(model, params, **kwargs) -> None:  # noqa: ANN001 - botocore's event arguments
+    """botocore's ``add_expect_header``, for bodies above EXPECT_CONTINUE_ABOVE only."""
+    if model.http.get("method") not in ("PUT", "POST"):
+        return
+    length = params["headers"].get("Content-Length")
+    if length is not None and int(length) > EXPECT_CONTINUE_ABOVE:
+        params["headers"]["Expect"] = "100-continue"
 
 
 _session: boto3.session.Session | None = None
