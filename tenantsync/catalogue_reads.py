@@ -17,6 +17,11 @@ import sqlalchemy as sa
 from .catalogue_schema import _BY_NAME, TENANTS, TenantRecord, TenantState, _chunks, _utc
 
 
+# Never synced first (NULLS FIRST, which SQLite and PostgreSQL both take), then the
+# oldest last sync: the tenant whose unshipped writes have waited longest.
+_MOST_LAGGING_FIRST = (TENANTS.c.last_sync_at.asc().nulls_first(), TENANTS.c.name)
+
+
 class CatalogueReads:
     """Reads of one fleet's tenants, each one short read transaction."""
 
@@ -64,7 +69,9 @@ class CatalogueReads:
     def lagging(self, now: datetime, older_than: timedelta, host: str | None = None) -> list[TenantRecord]:
         """Tenants written since their last sync (or never synced) whose last write is
         more than ``older_than`` before ``now``: writes a watcher's event should have
-        shipped by now. Oldest write first."""
+        shipped by now. Most lagging first: never synced, then by oldest last sync (the
+        writes since have waited longest), so after an outage the catch-up plan queues
+        the tenants furthest behind before the others."""
         stmt = (
             sa.select(*TENANTS.c)
             .where(
@@ -72,7 +79,7 @@ class CatalogueReads:
                 TENANTS.c.last_write_at < _utc(now, "now") - older_than,
                 sa.or_(TENANTS.c.last_sync_at.is_(None), TENANTS.c.last_write_at > TENANTS.c.last_sync_at),
             )
-            .order_by(TENANTS.c.last_write_at, TENANTS.c.name)
+            .order_by(*_MOST_LAGGING_FIRST)
         )
         if host is not None:
             stmt = stmt.where(TENANTS.c.host == host)
@@ -82,10 +89,10 @@ class CatalogueReads:
         """Names of tenants in state error whose row has not changed since ``before``: a
         failed sync (a transient EMFILE, a locked file, a storage outage) is retried by the
         catch-up schedule then, instead of waiting for the tenant's next write, which may
-        never come."""
+        never come. Most lagging first, as :meth:`lagging`."""
         stmt = (sa.select(TENANTS.c.name)
                 .where(self._mine, TENANTS.c.state == TenantState.error, TENANTS.c.updated_at < _utc(before, "before"))
-                .order_by(TENANTS.c.updated_at, TENANTS.c.name))
+                .order_by(*_MOST_LAGGING_FIRST))
         if host is not None:
             stmt = stmt.where(TENANTS.c.host == host)
         return self._names(stmt)

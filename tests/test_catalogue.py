@@ -501,6 +501,18 @@ def test_failing_tenants_are_found_once_their_error_is_old_enough(cat):
     assert cat.failing(now + timedelta(minutes=1), host="h") == []
 
 
+def test_failing_tenants_come_most_lagging_first(cat):
+    """After an outage the catch-up plan queues the tenants furthest behind first."""
+    for name, synced in (("behind-1h", T0), ("behind-1m", T0 + timedelta(minutes=59)), ("never", None),
+                         ("behind-30m", T0 + timedelta(minutes=30))):
+        cat.discover(name, f"/{name}", "h")
+        if synced is not None:
+            cat.record_sync(name, txid=1, position=None, at=synced, state=S.active)
+        cat.record_error(name, "store unreachable")
+    later = datetime.now(timezone.utc) + timedelta(seconds=1)
+    assert cat.failing(later) == ["never", "behind-1h", "behind-30m", "behind-1m"]
+
+
 def test_lagging(cat):
     now = T0 + timedelta(minutes=10)
     for name in ("never-written", "synced-after", "lag-old", "lag-new", "never-synced", "caught-up"):
@@ -510,14 +522,15 @@ def test_lagging(cat):
     cat.record_sync("synced-after", txid=1, position=None, at=T0 + timedelta(seconds=1), state=S.active)
     cat.record_sync("lag-old", txid=1, position=None, at=T0, state=S.active)
     cat.record_writes(["lag-old"], T0 + timedelta(minutes=1))
-    cat.record_sync("lag-new", txid=1, position=None, at=T0, state=S.active)
+    cat.record_sync("lag-new", txid=1, position=None, at=T0 + timedelta(minutes=3), state=S.active)
     cat.record_writes(["lag-new"], now - timedelta(seconds=5))  # too recent: a sync is on its way
     cat.record_writes(["never-synced"], T0 + timedelta(minutes=2))
     cat.record_writes(["caught-up"], T0)
     cat.record_sync("caught-up", txid=1, position=None, at=T0, state=S.active)  # synced at the write's time
 
-    assert [t.name for t in cat.lagging(now, timedelta(seconds=30))] == ["lag-old", "never-synced"]
-    assert [t.name for t in cat.lagging(now, timedelta(seconds=1))] == ["lag-old", "never-synced", "lag-new"]
+    # Most lagging first: never synced, then the oldest last sync.
+    assert [t.name for t in cat.lagging(now, timedelta(seconds=30))] == ["never-synced", "lag-old"]
+    assert [t.name for t in cat.lagging(now, timedelta(seconds=1))] == ["never-synced", "lag-old", "lag-new"]
     assert [t.name for t in cat.lagging(now, timedelta(minutes=8, seconds=30))] == ["lag-old"]
     assert cat.lagging(now, timedelta(seconds=1), host="other") == []
 
