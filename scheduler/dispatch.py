@@ -9,9 +9,10 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Collection, Protocol
 
-from tenantsync.outcome import Outcome
+from tenantsync.outcome import Failed, Outcome, Shipped
 from tenantsync.tenants import shard
 
 from .admission import STORAGE_BATCH, AdmittingDispatcher, Ended, MemoryStore, batches
@@ -36,6 +37,15 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass
+class _Parked:
+    """A tenant whose sync failed because the store did not answer, waiting out its backoff."""
+
+    failing_since: float  # monotonic: when its first failed sync ended, its lag's lower bound
+    attempt: int
+    timer: threading.Timer
+
+
 class InProcessDispatcher(AdmittingDispatcher):
     """The embedded mode: the same job functions on small thread pools.
 
@@ -48,6 +58,11 @@ class InProcessDispatcher(AdmittingDispatcher):
     at once and returns ``{tenant: outcome}`` (``Fleet.for_each``), and yields to busy
     syncs (STORAGE_YIELDS_FOR). Contended and transiently failed jobs are run again after
     the policy's delay, on a timer.
+
+    A sync that ships while others wait out a backoff after the store failed them proves the
+    store answers again: those are run at once, the longest failing first (most lagging), so
+    after an outage no tenant waits up to BACKOFF_MAX for a store that is back, and the
+    ones furthest behind catch up first.
     """
 
     def __init__(self, jobs: dict[str, Callable[..., Outcome | dict]], workers: int = 4,
@@ -61,6 +76,7 @@ class InProcessDispatcher(AdmittingDispatcher):
         self._busy_syncs = workers * shards // 2
         self.maintenance = ThreadPoolExecutor(maintenance_workers, thread_name_prefix="tenantsync-job")
         self._timers: set[threading.Timer] = set()
+        self._parked: dict[str, _Parked] = {}
         self._closing = False
         self._lock = threading.Lock()
 
@@ -68,9 +84,35 @@ class InProcessDispatcher(AdmittingDispatcher):
         for name in names:
             self._submit(self.pools[shard(name, len(self.pools))], self._run_sync, name, attempt)
 
-    def _run_sync(self, name: str, attempt: int) -> None:
+    def _run_sync(self, name: str, attempt: int, failing_since: float | None = None) -> None:
         ended = self.run_syncs([name], self.jobs["sync"], attempt)
+        outcome = ended.outcomes.get(name)
+        if name in ended.retry and isinstance(outcome, Failed) and outcome.transient:
+            self._park(name, ended.retry[name], attempt + 1, failing_since or time.monotonic())
+            return
         self._later(ended, self._start_syncs, attempt + 1)
+        if isinstance(outcome, Shipped) and self._parked:
+            self._unpark(list(self._parked))  # the store answers again
+
+    def _park(self, name: str, delay: float, attempt: int, failing_since: float) -> None:
+        timer = threading.Timer(delay, self._unpark, args=([name],))
+        timer.daemon = True
+        with self._lock:
+            if self._closing:
+                return
+            self._parked[name] = _Parked(failing_since, attempt, timer)
+        timer.start()
+
+    def _unpark(self, names: list[str]) -> None:
+        """Run the parked syncs of ``names`` now (those still parked: a timer and a wake-up
+        may race, and only the one that takes a tenant out starts it), longest failing first."""
+        with self._lock:
+            taken = sorted(((self._parked.pop(n), n) for n in names if n in self._parked),
+                           key=lambda item: item[0].failing_since)
+        for parked, name in taken:
+            parked.timer.cancel()
+            self._submit(self.pools[shard(name, len(self.pools))], self._run_sync, name, parked.attempt,
+                         parked.failing_since)
 
     def _start_jobs(self, job: str, names: list[str], kwargs: dict, attempt: int = 0) -> None:
         for batch in batches(names, STORAGE_BATCH if job in self.batched else 1):
@@ -126,6 +168,8 @@ class InProcessDispatcher(AdmittingDispatcher):
         with self._lock:
             self._closing = True
             timers, self._timers = self._timers, set()
+            timers |= {parked.timer for parked in self._parked.values()}
+            self._parked.clear()
         for timer in timers:
             timer.cancel()
         for pool in self.pools:

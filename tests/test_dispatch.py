@@ -10,13 +10,14 @@ import time
 
 import pytest
 
+from scheduler import admission
 from scheduler.dispatch import InProcessDispatcher
 from scheduler.job_process import JobProcess, fleet_jobs
 from tenantsync.capture import Capture
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import DatabaseError, StorageUnavailable, TenantSyncError
-from tenantsync.outcome import Contended, Contention, Failed, NothingNew, Shipped, Skip, Skipped, Written
+from tenantsync.outcome import Contended, Contention, Failed, NothingNew, Shipped, Skip, Skipped, Written, failed
 from tenantsync.tenants import shard
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
@@ -216,6 +217,38 @@ def test_a_contended_sync_is_offered_again_after_its_retry_after_and_stays_pendi
         # Each re-offer after about retry_after (0.5 to 1.5 times it); the dirty mark is
         # taken by the sync that shipped, not left for another run.
         assert len(calls) == 4 and all(b - a >= 0.1 for a, b in zip(calls, calls[1:3]))
+    finally:
+        d.close()
+
+
+def test_once_the_store_answers_again_the_syncs_waiting_out_a_backoff_run_at_once_longest_failing_first(monkeypatch):
+    """An outage parks every failing tenant on its exponential backoff; the first sync that
+    ships (here: a fresh tenant's) shows the store is back, and the parked ones run then, in
+    the order they started failing, not when their backoffs end."""
+    monkeypatch.setattr(admission, "_jitter", lambda seconds: 30 * seconds)  # a long outage's backoff
+    up = threading.Event()
+    calls: list[tuple[str, bool]] = []
+
+    def sync(name):
+        calls.append((name, up.is_set()))
+        if not up.is_set():
+            return failed(name, StorageUnavailable("store unreachable"))
+        return Shipped(name, 1, 1, 4096)
+
+    d, results = make({"sync": sync}, workers=1)
+    try:
+        for name in ("t1", "t2", "t3"):
+            assert d.request_sync(name)
+            assert wait_for(lambda: (name, False) in calls, 5)
+        assert not d.request_sync("t2")  # parked: still pending, a write only marks it dirty
+        up.set()
+        healed = time.monotonic()
+        assert d.request_sync("probe")
+        assert wait_for(lambda: all(("sync", Shipped(n, 1, 1, 4096)) in results for n in ("t1", "t2", "t3")), 5)
+        assert time.monotonic() - healed < 5  # not after their 30-s backoff
+        after = [name for name, was_up in calls if was_up]
+        assert list(dict.fromkeys(after)) == ["probe", "t1", "t2", "t3"]  # t2 twice: its dirty mark
+        assert wait_for(d.idle, 5)
     finally:
         d.close()
 
