@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -409,15 +410,21 @@ class Fleet:
         batch (raised): the Celery tasks retry the batch with backoff on it, and the
         embedded dispatcher logs it once instead of once per tenant."""
         run = STORAGE_JOBS[job]
-        results: dict[str, Outcome] = {}
-        for name in names:
+
+        def one(name: str) -> Outcome:
             try:
-                results[name] = run(self, name, **kwargs)
+                return run(self, name, **kwargs)
             except StorageUnavailable:
                 raise
             except Exception as e:  # noqa: BLE001 - returned to the caller, which logs it
-                results[name] = failed(name, e)
-        return results
+                return failed(name, e)
+
+        threads = min(len(names), self.config.storage_job_threads())
+        if threads <= 1:
+            return {name: one(name) for name in names}
+        with ThreadPoolExecutor(threads, thread_name_prefix="tenantsync-storage-job") as pool:
+            futures = {name: pool.submit(one, name) for name in names}
+            return {name: future.result() for name, future in futures.items()}
 
     def close(self) -> None:
         with self._guard:

@@ -16,8 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tenantsync.errors import PreconditionFailed, StorageUnavailable
+from tenantsync.fleet import Fleet
 from tenantsync.storage import StorageOptions, open_storage
 from tenantsync.storage.s3 import EXPECT_CONTINUE_ABOVE
+
+from .test_fleet_embedded import fleet_config
 
 FAST = StorageOptions(connect_timeout=1.0, read_timeout=1.0, attempts=3, retry_time=20.0)
 
@@ -183,3 +186,20 @@ def test_requests_in_flight_are_capped_per_host(proxied_s3_url, s3_proxy):
     stats = s3_proxy.stats()
     assert stats["requests"] == 192
     assert stats["max_in_flight"] == 8  # reached, never passed
+
+
+def test_a_storage_batch_keeps_its_tenants_requests_in_flight_together(tmp_path, proxied_s3_url, s3_proxy):
+    """A compaction round over object storage is round trips, not CPU: the 32 tenants of a
+    batch are worked on storage_job_threads at a time, not one after another."""
+    fleet = Fleet(fleet_config(tmp_path, proxied_s3_url))
+    try:
+        names = [f"t{i:02d}.db" for i in range(32)]
+        s3_proxy.set_rtt(0.2)
+        s3_proxy.reset_stats()
+        outcomes = fleet.for_each("retain", names)
+        assert {type(o).__name__ for o in outcomes.values()} == {"Deleted"} and list(outcomes) == names
+        stats = s3_proxy.stats()
+        assert stats["requests"] >= 32
+        assert 8 <= stats["max_in_flight"] <= fleet.config.storage_job_threads() == 16  # 1 if one at a time
+    finally:
+        fleet.close()
