@@ -495,16 +495,27 @@ class Capture:
 
     # -- the pass -------------------------------------------------------------
 
+    def trust_position(self) -> None:
+        """Take the position handed in as the replica's, without listing it: the caller
+        knows no one else wrote there since (it renewed its own lease version). A wrong
+        trust costs no data: the upload's conditional write fails and the next pass
+        resolves the position from the replica."""
+        if self.position is not None and not self._position_known:
+            self._checked_position()
+
     def _resolve_position(self) -> Position | None:
         """Our position, checked once against the replica, else rebuilt from it."""
         if self._position_known:
             return self.position
         if self.position is None or self.replica.max_txid() != self.position.txid:
             self.position = Position.of_replica(self.replica)
+        self._checked_position()
+        return self.position
+
+    def _checked_position(self) -> None:
         self._position_known = True
         if self._mark is _Mark.SINCE_POSITION:
             self._mark = _Mark.HELD
-        return self.position
 
     def _position_under_mark(self) -> None:
         """The position was just set: a read mark held now has been held since it."""

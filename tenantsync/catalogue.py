@@ -103,7 +103,7 @@ def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Upd
         "wal_bytes": param("wal_bytes", c.wal_bytes),
     }
     if with_lease:
-        values |= {k: param(k, c[k]) for k in ("lease_holder", "lease_expires_at", "generation")}
+        values |= {k: param(k, c[k]) for k in ("lease_holder", "lease_expires_at", "generation", "lease_etag")}
     if with_state:
         values["state"] = sa.case((c.state.in_(REPLICATED), param("state", c.state)), else_=c.state)
     return sa.update(TENANTS).where(c.fleet == param("fleet", c.fleet), c.name == param("name", c.name)).values(values)
@@ -301,7 +301,7 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         at: datetime | None,
         state: TenantState | None,
         bytes_added: int = 0,
-        lease: tuple[str | None, datetime | None, int] | None = None,
+        lease: tuple[str | None, datetime | None, int, str | None] | None = None,
         wal_bytes: int | None = None,
     ) -> None:
         """A sync pass shipped up to ``txid``: store it with the capture ``position``, add
@@ -309,7 +309,7 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         ``state``, all in one transaction. The caller decides ``state`` from what the pass
         did (active after shipping, idle after a release, None for no change within an
         archival); it is applied only from a REPLICATED state, never over a hydration's or
-        archival's mark. ``lease`` (holder, expiry, generation) also does
+        archival's mark. ``lease`` (holder, expiry, generation, etag) also does
         :meth:`record_lease`. ``wal_bytes`` is the WAL's size after the pass. ``at`` is when the pass started and
         becomes both ``last_sync_at`` and ``shipped_at``; ``at=None`` stores the position
         only (nothing was shipped): ``shipped_at`` is what the schedule picks tenants to
@@ -359,16 +359,20 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             values["wal_bytes"] = wal_bytes
         self._update(name, values)
 
-    def record_lease(self, name: str, holder: str | None, expires_at: datetime | None, generation: int) -> None:
-        """Mirror of the tenant's lease (the lease itself lives in object storage)."""
-        self._update(name, self._lease_values(holder, expires_at, generation))
+    def record_lease(self, name: str, holder: str | None, expires_at: datetime | None, generation: int,
+                     etag: str | None = None) -> None:
+        """Mirror of the tenant's lease (the lease itself lives in object storage), with
+        the etag of the version written, if known."""
+        self._update(name, self._lease_values(holder, expires_at, generation, etag))
 
     @staticmethod
-    def _lease_values(holder: str | None, expires_at: datetime | None, generation: int) -> dict[str, Any]:
+    def _lease_values(holder: str | None, expires_at: datetime | None, generation: int,
+                      etag: str | None = None) -> dict[str, Any]:
         return {
             "lease_holder": holder,
             "lease_expires_at": None if expires_at is None else _utc(expires_at, "expires_at"),
             "generation": generation,
+            "lease_etag": etag,
         }
 
     def record_storage_times(self, *, compacted: dict[str, datetime], snapshotted: dict[str, datetime]) -> None:

@@ -192,6 +192,10 @@ TENANTS = sa.Table(
     # they pick tenants by this, not by last_sync_at, which a pass finding nothing new
     # also moves (an idle tenant must cost no request).
     sa.Column("shipped_at", UTCDateTime),
+    # The etag of the lease object this catalogue last saw written (with lease_holder,
+    # lease_expires_at, generation): a tenant woken after its lease lapsed renews it with
+    # one conditional PUT on it, instead of reading the object first.
+    sa.Column("lease_etag", sa.String(255)),
     sa.Index("ix_tenants_fleet_host_state", "fleet", "host", "state"),
     sa.Index("ix_tenants_fleet_last_write_at", "fleet", "last_write_at"),
     sa.Index("ix_tenants_fleet_shipped_at", "fleet", "shipped_at"),
@@ -225,6 +229,7 @@ class TenantRecord:
     updated_at: datetime
     wal_bytes: int | None
     shipped_at: datetime | None
+    lease_etag: str | None
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))

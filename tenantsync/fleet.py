@@ -25,7 +25,7 @@ from .capture import Capture
 from .catalogue import Catalogue, TenantState, open_catalogue
 from .config import AT_CEILING_CHECKPOINT, Config
 from .errors import DatabaseError, LeaseHeld, NotATenant, ReplicaConflict, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
-from .lease import HeldLease, Leaser
+from .lease import HeldLease, Lease, Leaser
 from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcome, Shipped, Skip, Skipped,
                       Written, failed)
 from .position import Position
@@ -62,6 +62,13 @@ STORAGE_TIMES_EVERY = 5.0
 # held by another host may be released at any moment (a deploy hands tenants over at once),
 # and a dead holder's lapses after lease-ttl: a short, fixed delay serves all three.
 CONTENDED_RETRY = 1.0
+
+
+def _recorded_lease(record) -> Lease | None:
+    """The lease version the catalogue last saw written, if it knows one with its etag."""
+    if record.lease_etag and record.lease_holder and record.lease_expires_at:
+        return Lease(record.lease_holder, record.generation, record.lease_expires_at, record.lease_etag)
+    return None
 
 
 @dataclass
@@ -172,7 +179,10 @@ class Fleet:
     def _pass(self, name: str, active: _Active) -> Outcome:
         """Hold the lease and run one capture pass: what it did, as an outcome."""
         try:
-            self._leases[name].hold()
+            held = self._leases[name]
+            held.hold()
+            if held.renewed():
+                active.capture.trust_position()
             result = active.capture.sync_once()
         except LeaseHeld as e:
             log.warning("%s", e)
@@ -452,7 +462,8 @@ class Fleet:
         with self._guard:
             held = self._leases.get(name)
             if held is None:
-                held = self._leases[name] = HeldLease(self._leaser(name), never_held=record.generation == 0)
+                held = self._leases[name] = HeldLease(self._leaser(name), never_held=record.generation == 0,
+                                                      presumed=_recorded_lease(record))
             self._active[name] = active
             count = len(self._active)
         capture.fence = held.check

@@ -136,13 +136,19 @@ class Leaser:
 
     # -- acquire / renew / release ------------------------------------------------
 
-    def acquire(self, likely_absent: bool = False) -> Lease:
+    def acquire(self, likely_absent: bool = False, presumed: Lease | None = None) -> Lease:
         """Take the lease and return it, or raise LeaseHeld.
 
         ``likely_absent`` (the tenant never had a lease: a new one) skips the first read
         and tries to create the object at once: one request instead of three (list, read,
         write) where round trips cost tens of milliseconds. If the object exists after
         all, the write fails and this goes on as below from a fresh read.
+
+        ``presumed`` is the version last seen written (the catalogue's mirror, with its
+        etag): if it is ours or has expired, the first read is skipped as well and the
+        conditional write goes against its etag, one request for a tenant waking after its
+        lease lapsed. A stale guess only costs the failed write and the read it would have
+        made anyway; a live lease of another owner is read again rather than believed.
 
         No lease object: create it (generation 1) with write_if_absent. A lease that
         has expired, or that is already ours (same owner): overwrite it with
@@ -156,7 +162,10 @@ class Leaser:
         otherwise (it is ours under another version, or was released or removed) the
         whole attempt is made once more.
         """
-        current = None if likely_absent else self.read()
+        if presumed is not None and presumed.etag and (presumed.owner == self.owner or presumed.expired(self.now())):
+            current: Lease | None = presumed
+        else:
+            current = None if likely_absent else self.read()
         for _attempt in range(2):
             now = self.now()
             if current is None:
@@ -300,15 +309,18 @@ class HeldLease:
     counting, with no cycle for the garbage collector to find.
     """
 
-    __slots__ = ("leaser", "lease", "_unrecorded", "_never_held")
+    __slots__ = ("leaser", "lease", "_unrecorded", "_never_held", "_presumed", "_renewed")
 
-    def __init__(self, leaser: Leaser, never_held: bool = False):
+    def __init__(self, leaser: Leaser, never_held: bool = False, presumed: Lease | None = None):
         self.leaser = leaser
         self.lease: Lease | None = None
         self._unrecorded = False
-        # The catalogue knows no lease of this tenant: its first acquisition creates the
-        # object without reading first (Leaser.acquire's likely_absent).
+        # What the catalogue knows of this tenant's lease: none (its first acquisition
+        # creates the object without reading first), or the version last written (the
+        # first acquisition writes on its etag): Leaser.acquire's likely_absent, presumed.
         self._never_held = never_held
+        self._presumed = presumed
+        self._renewed = False
 
     def hold(self) -> None:
         """Take the lease, or renew it once half its TTL has passed (well inside the
@@ -316,16 +328,33 @@ class HeldLease:
         lease = self.lease
         if lease is not None and self.leaser.now() < lease.expires_at - self.leaser.ttl / 2:
             return
+        presumed, self._presumed = self._presumed, None
+        if lease is None and presumed is not None and presumed.owner == self.leaser.owner:
+            lease = presumed  # our own version, as the catalogue recorded it
         try:
             if lease is not None:
-                self.lease = self.leaser.renew(lease)
+                try:
+                    self.lease = self.leaser.renew(lease)
+                    self._renewed = True
+                except LeaseHeld:
+                    if lease is self.lease:
+                        raise
+                    # The recorded version is gone (taken over, released): from a fresh read.
+                    self.lease = self.leaser.acquire()
             else:
                 likely_absent, self._never_held = self._never_held, False
-                self.lease = self.leaser.acquire(likely_absent=likely_absent)
+                self.lease = self.leaser.acquire(likely_absent=likely_absent, presumed=presumed)
         except LeaseHeld:
             self.lease = None
             raise
         self._unrecorded = True
+
+    def renewed(self) -> bool:
+        """Whether the last :meth:`hold` since this was asked renewed our own version of the
+        lease object, unchanged since we wrote it: nobody else held the lease meanwhile, so
+        nobody else wrote to the replica, and a position recorded under it still stands."""
+        renewed, self._renewed = self._renewed, False
+        return renewed
 
     def held(self) -> bool:
         """Whether a write fenced by the lease may go ahead now (``Leaser.held``)."""
@@ -345,15 +374,15 @@ class HeldLease:
         """Nothing left worth keeping: no lease, or one past its expiry."""
         return self.lease is None or self.lease.expired(self.leaser.now())
 
-    def unrecorded(self) -> tuple[str, datetime, int] | None:
-        """The lease columns (holder, expiry, generation) for the tenant's next catalogue
-        write, once per lease taken or renewed; None when the catalogue has them already."""
+    def unrecorded(self) -> tuple[str, datetime, int, str] | None:
+        """The lease columns (holder, expiry, generation, etag) for the tenant's next
+        catalogue write, once per lease taken or renewed; None when the catalogue has them."""
         if not self._unrecorded or self.lease is None:
             return None
         self._unrecorded = False
-        return self.lease.owner, self.lease.expires_at, self.lease.generation
+        return self.lease.owner, self.lease.expires_at, self.lease.generation, self.lease.etag
 
-    def give_up(self) -> tuple[None, None, int] | None:
+    def give_up(self) -> tuple[None, None, int, None] | None:
         """Release the lease so the next acquirer takes over at once (a shutdown, an
         archival); the lease columns that say so, for the tenant's catalogue write, or None
         if nothing was held."""
@@ -361,7 +390,7 @@ class HeldLease:
         if lease is None:
             return None
         self.leaser.release(lease)
-        return None, None, lease.generation
+        return None, None, lease.generation, None
 
 
 # -- the lease object's format -----------------------------------------------------

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import time
 import weakref
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import event
@@ -173,3 +175,28 @@ def test_a_released_tenant_is_freed_by_reference_counting_alone(tmp_path, fleet,
         assert ("a.db" in fleet._leases) is keep_lease  # kept until it expires, or given up
     finally:
         gc.enable()
+
+
+def test_a_tenant_woken_after_its_lease_lapsed_renews_it_with_one_request(tmp_path, proxied_s3_url, s3_proxy):
+    """Released while idle, its lease forgotten once expired: the next sync writes the lease
+    on the etag the catalogue kept (one PUT, no read), then its L0 (another PUT)."""
+    (tmp_path / "data").mkdir()
+    fleet = Fleet(fleet_config(tmp_path, proxied_s3_url, lease_ttl=timedelta(seconds=1)))
+    try:
+        conn = tenant(fleet, tmp_path, "a.db")
+        assert isinstance(fleet.sync("a.db"), Shipped)
+        etag = fleet.catalogue.get("a.db").lease_etag
+        assert etag
+        assert fleet.release_idle(idle_after=0) == ["a.db"]
+        time.sleep(1.5)
+        fleet.release_idle(idle_after=0)  # forgets the expired lease
+        assert "a.db" not in fleet._leases
+        write_rows(conn, 3)
+        s3_proxy.reset_stats()
+        assert isinstance(fleet.sync("a.db"), Shipped)
+        assert s3_proxy.stats()["methods"] == {"PUT": 2}, [e[1:3] for e in s3_proxy.completed()["entries"][-3:]]
+        record = fleet.catalogue.get("a.db")
+        assert record.lease_etag and record.lease_etag != etag and record.generation == 1
+        conn.close()
+    finally:
+        fleet.close()

@@ -89,6 +89,35 @@ def test_a_likely_absent_lease_is_created_in_one_request_and_falls_back_when_pre
     assert stored(storage)["owner"] == "b"
 
 
+def test_a_presumed_lease_is_written_on_its_etag_in_one_request_and_a_stale_guess_falls_back(
+        proxied_s3_url, s3_proxy, clock):
+    """The catalogue's mirror of the version last written (with its etag) saves the read:
+    a tenant waking after its lease lapsed renews it with one conditional PUT. A guess gone
+    stale (another owner wrote since) costs the failed write and then the usual read."""
+    storage = open_storage(proxied_s3_url)
+    mine = leaser(storage, "a", clock).acquire()
+    clock.advance(TTL + timedelta(seconds=5))  # lapsed while the tenant was released
+    s3_proxy.reset_stats()
+    again = leaser(storage, "a", clock).acquire(presumed=mine)
+    assert s3_proxy.stats()["methods"] == {"PUT": 1}
+    assert (again.owner, again.generation, again.expires_at) == ("a", 1, clock() + TTL)
+
+    clock.advance(TTL + timedelta(seconds=5))
+    taken = leaser(storage, "b", clock).acquire(presumed=again)  # another owner's, expired: a takeover
+    assert (taken.owner, taken.generation) == ("b", 2) and stored(storage)["owner"] == "b"
+    s3_proxy.reset_stats()
+    leaser(storage, "a", clock).read()
+    a_read = s3_proxy.stats()["methods"]  # LIST and GET
+    s3_proxy.reset_stats()
+    with pytest.raises(LeaseHeld, match="held by b"):
+        leaser(storage, "a", clock).acquire(presumed=again)  # stale: b holds it now
+    assert s3_proxy.stats()["methods"] == {"PUT": 1, **a_read}
+    s3_proxy.reset_stats()
+    with pytest.raises(LeaseHeld, match="held by b"):
+        leaser(storage, "c", clock).acquire(presumed=taken)  # a live lease of another: read, not believed
+    assert s3_proxy.stats()["methods"] == a_read
+
+
 def test_renew_keeps_generation_and_moves_expiry(storage, clock):
     a = leaser(storage, "a", clock)
     first = a.acquire()
@@ -524,14 +553,14 @@ def test_held_lease_renews_only_past_half_its_ttl_and_reports_each_change_once(s
     held = HeldLease(leaser(storage, "h:1", clock))
     held.hold()
     first = held.lease
-    assert held.unrecorded() == ("h:1", T0 + TTL, 1) and held.unrecorded() is None
+    assert held.unrecorded() == ("h:1", T0 + TTL, 1, first.etag) and held.unrecorded() is None
     clock.advance(TTL / 2 - timedelta(seconds=1))
     held.hold()  # not half-way yet: no write
     assert held.lease is first and held.unrecorded() is None and stored(storage)["expires_at"] == format_time(T0 + TTL)
     now = clock.advance(timedelta(seconds=1))
     held.hold()
     assert held.lease.expires_at == now + TTL and held.lease.generation == 1
-    assert held.unrecorded() == ("h:1", now + TTL, 1)
+    assert held.unrecorded() == ("h:1", now + TTL, 1, held.lease.etag)
 
 
 def test_held_lease_check_is_the_fence_and_give_up_hands_over_at_once(storage, clock):
@@ -545,7 +574,7 @@ def test_held_lease_check_is_the_fence_and_give_up_hands_over_at_once(storage, c
         held.check()
     assert not held.held() and not held.expired()
     held.hold()
-    assert held.give_up() == (None, None, 1) and held.lease is None and held.expired()
+    assert held.give_up() == (None, None, 1, None) and held.lease is None and held.expired()
     assert leaser(storage, "h:2", clock).acquire().generation == 2  # taken over without waiting
     assert held.give_up() is None
 
@@ -556,3 +585,26 @@ def test_held_lease_holds_nothing_while_another_owner_has_it(storage, clock):
     with pytest.raises(LeaseHeld, match="h:2"):
         held.hold()
     assert held.lease is None and held.unrecorded() is None
+
+
+def test_held_lease_from_a_recorded_version_renews_it_or_falls_back_to_a_read(storage, clock):
+    """The catalogue's version of our own lease: renewed on its etag (and ``renewed()`` says
+    so, once); gone since (we released it, or another owner took it), a fresh acquire."""
+    first = leaser(storage, "h:1", clock).acquire()
+    clock.advance(TTL * 2)
+    held = HeldLease(leaser(storage, "h:1", clock), presumed=first)
+    held.hold()
+    assert held.renewed() and not held.renewed()
+    assert (held.lease.owner, held.lease.generation, held.lease.expires_at) == ("h:1", 1, clock() + TTL)
+
+    leaser(storage, "h:1", clock).release(held.lease)  # a new version: the recorded one is gone
+    again = HeldLease(leaser(storage, "h:1", clock), presumed=held.lease)
+    again.hold()
+    assert not again.renewed() and again.lease.owner == "h:1" and stored(storage)["owner"] == "h:1"
+
+    clock.advance(TTL * 2)
+    leaser(storage, "other:2", clock).acquire()  # taken over meanwhile
+    late = HeldLease(leaser(storage, "h:1", clock), presumed=again.lease)
+    with pytest.raises(LeaseHeld, match="held by other:2"):
+        late.hold()
+    assert late.lease is None and not late.renewed()
