@@ -538,12 +538,15 @@ class FaultProxy:
         # The body is relayed alongside the answer: with Expect: 100-continue it follows the
         # server's 100, and a server may answer before reading it all.
         body = asyncio.ensure_future(copy_body(conn.reader, up_writer, request.body_framing()))
+        continued = False
         try:
             while True:
                 response = Head.parse(await up_reader.readuntil(b"\r\n\r\n"))
                 if int(response.start[1]) >= 200:
                     break
-                await asyncio.sleep(2 * delay)  # 100 Continue: its way back, the body's way out
+                if not continued:  # the first 100 Continue: its way back, the body's way out
+                    await asyncio.sleep(2 * delay)  # (a server may send more than one)
+                    continued = True
                 conn.writer.write(response.raw)
                 await conn.writer.drain()
             answered = time.time()  # the store has done the request: a PUT's object is visible

@@ -125,7 +125,8 @@ def test_waiting_for_100_continue_costs_a_second_round_trip(moto):
     assert proxy.stats()["expect_continue"] == 0
     two = put(waits)
     assert proxy.stats()["expect_continue"] == 1
-    assert 0.25 <= one < 0.5 <= two < 0.5 + one, (one, two)
+    # One round trip against two (the proxy's delays; the slack is the server's own time).
+    assert 0.25 <= one < 0.45 and 0.5 <= two < 0.7, (one, two)
 
 
 def test_a_blackhole_loses_connections_until_their_clients_give_up(moto):
@@ -315,6 +316,8 @@ def test_the_request_log_keeps_the_last_requests_answered_with_when_the_store_an
             s3.put_object(Bucket=bucket, Key=f"k{i}", Body=b"x")
         after = time.time()
         s3.head_object(Bucket=bucket, Key="k0")
+        # An answer is logged just after its last byte went out: the client may ask first.
+        assert wait_for(lambda: proxy.completed(since=1)["next"] == 5, 5)
         log = proxy.completed(since=1)
         assert log["next"] == 5 and log["dropped"] == 1  # entry 1 was pushed out by entry 4
         assert [e[1:] for e in log["entries"]] == [
