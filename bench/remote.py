@@ -158,10 +158,9 @@ class ProxyLog:
         """(acknowledged, key) of every L0 file PUT with success, in order."""
         out = []
         for at, method, key, status in self.entries:
-            parts = key.split("?", 1)[0].split("/")
-            if method == "PUT" and status == 200 and len(parts) >= 2 and parts[-2] == "0000" \
-                    and core.L0_NAME.match(parts[-1]):
-                out.append((at, key.split("?", 1)[0]))
+            path = key.split("?", 1)[0]
+            if status == 200 and request_kind(method, key) == "PUT L0" and core.L0_NAME.match(path.rsplit("/", 1)[-1]):
+                out.append((at, path))
         return out
 
     def first_l0_per_tenant(self) -> dict[str, float]:
@@ -175,17 +174,6 @@ class ProxyLog:
         """The first requests naming ``needle`` (a tenant), as 'seconds method key status'."""
         return [f"{at - since:.3f} s {method} {key[:90]} {status}" for at, method, key, status in self.entries
                 if needle in key][:limit]
-
-
-def tenant_of(key: str) -> str:
-    """The tenant a key belongs to (Litestream's S3 layout ``…/<tenant>/<level:04x>/<file>``
-    or ``…/<tenant>/lock.json``; a LIST: the last segment of its prefix)."""
-    if is_list(key):
-        path = urllib.parse.parse_qs(key.split("?", 1)[-1]).get("prefix", [""])[0]
-        parts = path.strip("/").split("/")
-        return parts[-2] if len(parts) >= 2 and LEVEL_DIR.fullmatch(parts[-1]) else parts[-1]
-    parts = key.split("/")
-    return parts[-2] if parts[-1] == "lock.json" else (parts[-3] if len(parts) >= 3 else "")
 
 
 LEVEL_DIR = re.compile(r"[0-9a-f]{4}")
@@ -206,6 +194,17 @@ def request_kind(method: str, key: str) -> str:
     if len(parts) >= 2 and LEVEL_DIR.fullmatch(parts[-2]):
         return f"{method} L{int(parts[-2], 16)}"
     return f"{method} other"
+
+
+def tenant_of(key: str) -> str:
+    """The tenant a key belongs to (Litestream's S3 layout ``…/<tenant>/<level:04x>/<file>``
+    or ``…/<tenant>/lock.json``; a LIST: the last segment of its prefix)."""
+    if is_list(key):
+        path = urllib.parse.parse_qs(key.split("?", 1)[-1]).get("prefix", [""])[0]
+        parts = path.strip("/").split("/")
+        return parts[-2] if len(parts) >= 2 and LEVEL_DIR.fullmatch(parts[-1]) else parts[-1]
+    parts = key.split("/")
+    return parts[-2] if parts[-1] == "lock.json" else (parts[-3] if len(parts) >= 3 else "")
 
 
 def start_child(name: str, args: list[str], logdir: str) -> fleet.Child:

@@ -91,8 +91,8 @@ class InProcessDispatcher(AdmittingDispatcher):
             self._park(name, ended.retry[name], attempt + 1, failing_since or time.monotonic())
             return
         self._later(ended, self._start_syncs, attempt + 1)
-        if isinstance(outcome, Shipped) and self._parked:
-            self._unpark(list(self._parked))  # the store answers again
+        if isinstance(outcome, Shipped):
+            self._unpark()  # the store answers again: every parked tenant
 
     def _park(self, name: str, delay: float, attempt: int, failing_since: float) -> None:
         timer = threading.Timer(delay, self._unpark, args=([name],))
@@ -103,10 +103,12 @@ class InProcessDispatcher(AdmittingDispatcher):
             self._parked[name] = _Parked(failing_since, attempt, timer)
         timer.start()
 
-    def _unpark(self, names: list[str]) -> None:
-        """Run the parked syncs of ``names`` now (those still parked: a timer and a wake-up
-        may race, and only the one that takes a tenant out starts it), longest failing first."""
+    def _unpark(self, names: list[str] | None = None) -> None:
+        """Run the parked syncs of ``names`` (default: all) now, longest failing first; only
+        those still parked: a timer and a wake-up may race, and only the one that takes a
+        tenant out starts it."""
         with self._lock:
+            names = list(self._parked) if names is None else names
             taken = sorted(((self._parked.pop(n), n) for n in names if n in self._parked),
                            key=lambda item: item[0].failing_since)
         for parked, name in taken:

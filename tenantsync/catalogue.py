@@ -310,10 +310,10 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         did (active after shipping, idle after a release, None for no change within an
         archival); it is applied only from a REPLICATED state, never over a hydration's or
         archival's mark. ``lease`` (holder, expiry, generation, etag) also does
-        :meth:`record_lease`. ``wal_bytes`` is the WAL's size after the pass. ``at`` is when the pass started and
-        becomes both ``last_sync_at`` and ``shipped_at``; ``at=None`` stores the position
-        only (nothing was shipped): ``shipped_at`` is what the schedule picks tenants to
-        compact by.
+        :meth:`record_lease`. ``wal_bytes`` is the WAL's size after the pass. ``at``, when
+        the pass started, becomes both ``last_sync_at`` and ``shipped_at`` (what the
+        schedule picks tenants to compact by); ``at=None`` stores the position only
+        (nothing was shipped).
 
         The TXID and position never move backwards: two processes of one host may both
         sync a tenant, and the slower one must not overwrite the newer position."""

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 from . import compactor, tenants
 from .capture import Capture
-from .catalogue import Catalogue, TenantState, open_catalogue
+from .catalogue import Catalogue, TenantRecord, TenantState, open_catalogue
 from .config import AT_CEILING_CHECKPOINT, Config
 from .errors import DatabaseError, LeaseHeld, NotATenant, ReplicaConflict, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
 from .lease import HeldLease, Lease, Leaser
@@ -64,7 +64,7 @@ STORAGE_TIMES_EVERY = 5.0
 CONTENDED_RETRY = 1.0
 
 
-def _recorded_lease(record) -> Lease | None:
+def _recorded_lease(record: TenantRecord) -> Lease | None:
     """The lease version the catalogue last saw written, if it knows one with its etag."""
     if record.lease_etag and record.lease_holder and record.lease_expires_at:
         return Lease(record.lease_holder, record.generation, record.lease_expires_at, record.lease_etag)
@@ -181,7 +181,7 @@ class Fleet:
         try:
             held = self._leases[name]
             held.hold()
-            if held.renewed():
+            if held.renewed:
                 active.capture.trust_position()
             result = active.capture.sync_once()
         except LeaseHeld as e:

@@ -309,7 +309,7 @@ class HeldLease:
     counting, with no cycle for the garbage collector to find.
     """
 
-    __slots__ = ("leaser", "lease", "_unrecorded", "_never_held", "_presumed", "_renewed")
+    __slots__ = ("leaser", "lease", "renewed", "_unrecorded", "_never_held", "_presumed")
 
     def __init__(self, leaser: Leaser, never_held: bool = False, presumed: Lease | None = None):
         self.leaser = leaser
@@ -320,41 +320,32 @@ class HeldLease:
         # first acquisition writes on its etag): Leaser.acquire's likely_absent, presumed.
         self._never_held = never_held
         self._presumed = presumed
-        self._renewed = False
+        # Whether the last hold wrote a new version of a lease that stayed ours throughout
+        # (same owner, same generation: a takeover always increments it). Nobody else can
+        # then have written to the replica, so a position recorded under it still stands.
+        self.renewed = False
 
     def hold(self) -> None:
         """Take the lease, or renew it once half its TTL has passed (well inside the
         margin ``held`` keeps); raise LeaseHeld, and hold nothing, if another owner has it."""
+        self.renewed = False
         lease = self.lease
         if lease is not None and self.leaser.now() < lease.expires_at - self.leaser.ttl / 2:
             return
         presumed, self._presumed = self._presumed, None
-        if lease is None and presumed is not None and presumed.owner == self.leaser.owner:
-            lease = presumed  # our own version, as the catalogue recorded it
+        before = lease or presumed
         try:
             if lease is not None:
-                try:
-                    self.lease = self.leaser.renew(lease)
-                    self._renewed = True
-                except LeaseHeld:
-                    if lease is self.lease:
-                        raise
-                    # The recorded version is gone (taken over, released): from a fresh read.
-                    self.lease = self.leaser.acquire()
+                self.lease = self.leaser.renew(lease)
             else:
                 likely_absent, self._never_held = self._never_held, False
                 self.lease = self.leaser.acquire(likely_absent=likely_absent, presumed=presumed)
         except LeaseHeld:
             self.lease = None
             raise
+        self.renewed = (before is not None and before.owner == self.lease.owner
+                        and before.generation == self.lease.generation)
         self._unrecorded = True
-
-    def renewed(self) -> bool:
-        """Whether the last :meth:`hold` since this was asked renewed our own version of the
-        lease object, unchanged since we wrote it: nobody else held the lease meanwhile, so
-        nobody else wrote to the replica, and a position recorded under it still stands."""
-        renewed, self._renewed = self._renewed, False
-        return renewed
 
     def held(self) -> bool:
         """Whether a write fenced by the lease may go ahead now (``Leaser.held``)."""

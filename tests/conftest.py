@@ -21,7 +21,7 @@ from typing import NoReturn
 import pytest
 
 from . import seaweed
-from .seaweed import free_loopback_ports
+from .ports import free_loopback_ports
 
 # -- where the servers come from ----------------------------------------------------
 

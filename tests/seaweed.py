@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .ports import free_loopback_ports
 
 #: Every TCP port `weed mini` opens, each set explicitly: its defaults (8333, 9333, ...,
 #: gRPC at +10000) would collide with other runs. WebDAV, Iceberg and Lance are off.
@@ -25,20 +26,6 @@ PORT_FLAGS = (
 )
 #: Seconds one start may take until the server stores an object.
 START_WITHIN = 30.0
-
-
-def free_loopback_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def weed_binary() -> str | None:
@@ -53,7 +40,7 @@ class Seaweed:
     credentials are the environment's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, its admin
     identity. ``endpoint`` is its S3 URL once started."""
 
-    def __init__(self, weed: str, make_dir, env: dict | None = None):
+    def __init__(self, weed: str, make_dir):
         import boto3
         from botocore.config import Config
 
@@ -71,7 +58,7 @@ class Seaweed:
             ]
             log_path = data / "weed.log"
             with open(log_path, "wb") as log:
-                self.proc = subprocess.Popen(args, cwd=data, env=env or dict(os.environ), stdin=subprocess.DEVNULL,
+                self.proc = subprocess.Popen(args, cwd=data, stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=log)
             self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
             self.client = boto3.client(

@@ -242,10 +242,9 @@ def test_once_the_store_answers_again_the_syncs_waiting_out_a_backoff_run_at_onc
             assert wait_for(lambda: (name, False) in calls, 5)
         assert not d.request_sync("t2")  # parked: still pending, a write only marks it dirty
         up.set()
-        healed = time.monotonic()
         assert d.request_sync("probe")
+        # Within 5 s, not after their 30-s backoff.
         assert wait_for(lambda: all(("sync", Shipped(n, 1, 1, 4096)) in results for n in ("t1", "t2", "t3")), 5)
-        assert time.monotonic() - healed < 5  # not after their 30-s backoff
         after = [name for name, was_up in calls if was_up]
         assert list(dict.fromkeys(after)) == ["probe", "t1", "t2", "t3"]  # t2 twice: its dirty mark
         assert wait_for(d.idle, 5)

@@ -588,23 +588,26 @@ def test_held_lease_holds_nothing_while_another_owner_has_it(storage, clock):
 
 
 def test_held_lease_from_a_recorded_version_renews_it_or_falls_back_to_a_read(storage, clock):
-    """The catalogue's version of our own lease: renewed on its etag (and ``renewed()`` says
-    so, once); gone since (we released it, or another owner took it), a fresh acquire."""
+    """The catalogue's version of our own lease: renewed on its etag, and ``renewed`` says
+    so for that hold. Changed since, a read decides: released by us, it is still generation
+    1 and ours; taken over by another owner, LeaseHeld."""
     first = leaser(storage, "h:1", clock).acquire()
     clock.advance(TTL * 2)
     held = HeldLease(leaser(storage, "h:1", clock), presumed=first)
     held.hold()
-    assert held.renewed() and not held.renewed()
+    assert held.renewed
+    held.hold()  # not half-way yet: nothing written, nothing renewed
+    assert not held.renewed
     assert (held.lease.owner, held.lease.generation, held.lease.expires_at) == ("h:1", 1, clock() + TTL)
 
     leaser(storage, "h:1", clock).release(held.lease)  # a new version: the recorded one is gone
     again = HeldLease(leaser(storage, "h:1", clock), presumed=held.lease)
-    again.hold()
-    assert not again.renewed() and again.lease.owner == "h:1" and stored(storage)["owner"] == "h:1"
+    again.hold()  # the failed write, a read, then ours again: still generation 1, nobody else's
+    assert (again.lease.owner, again.lease.generation) == ("h:1", 1) and again.renewed
 
     clock.advance(TTL * 2)
     leaser(storage, "other:2", clock).acquire()  # taken over meanwhile
     late = HeldLease(leaser(storage, "h:1", clock), presumed=again.lease)
     with pytest.raises(LeaseHeld, match="held by other:2"):
         late.hold()
-    assert late.lease is None and not late.renewed()
+    assert late.lease is None and not late.renewed
