@@ -310,6 +310,12 @@ class Bench:
                "crashed": not setup.alive(), "load": fleet.load(), "dropped": follow.dropped}
         res["requests"] = dict(collections.Counter(method for _at, method, _k, _s in follow.entries))
         res["chain"] = follow.chain(names[0] + "/", wall0)
+        # When the first request went out, and how many tenants reached the store in each
+        # second since the start: start-up cost and steady rate, told apart.
+        res["first_request"] = min((at for at, *_ in follow.entries), default=wall0) - wall0
+        res["l0_per_second"] = [0] * (int(ranked[-1]) + 1 if ranked else 0)
+        for t in ranked:
+            res["l0_per_second"][int(t)] += 1
         return res
 
     def fleet(self, n: int, template: str) -> dict:

@@ -2,7 +2,8 @@
 
 ``open_storage`` turns a replica URL into a backend. It accepts the URLs Litestream 0.5
 accepts for these two backends, so one URL names the same replica for both tools.
-Backends are imported lazily: boto3 is only loaded for ``s3://`` URLs.
+Backends are imported lazily: the S3 backend (urllib3, botocore's credentials chain) is
+only loaded for ``s3://`` URLs.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ class Payload:
         self.size = self._file.seek(0, io.SEEK_END) - self._start
         self._file.seek(self._start)
         self._md5: str | None = None
+        self._sha256: str | None = None
 
     def sending(self, deadline: float) -> _Sending:
         """A file-like body for one try, from the start, that fails with TooSlow once the
@@ -58,6 +59,15 @@ class Payload:
             self._md5 = digest.hexdigest()
         return self._md5
 
+    def sha256(self) -> str:
+        """Hex SHA-256 of the content: the payload hash of a request signed over plain HTTP."""
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            for block in self.blocks(COMPARE_BLOCK):
+                digest.update(block)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
     def is_stored(self, size: int, etag: str, read: Callable[[int, int], bytes]) -> bool:
         """Whether the object the store holds (``size``, ``etag``, ``read(start, length)``)
         has exactly our content. The etag decides when it is the MD5 of ours; other etags
@@ -75,7 +85,7 @@ class Payload:
 
 
 class _Sending(io.RawIOBase):
-    """One try's view of a Payload for botocore: read/seek/tell relative to its start."""
+    """One try's view of a Payload for the HTTP client: read/seek/tell relative to its start."""
 
     def __init__(self, payload: Payload, deadline: float):
         self._payload, self._deadline = payload, deadline

@@ -1,7 +1,7 @@
 """Tries of one storage request: exponential backoff with full jitter, more patience for
 a store that says it is overloaded, and a cap on the time an operation spends.
 
-botocore's own retries are off (the S3 backend sets total_max_attempts=1) so that this is
+The S3 backend sends each try itself (its HTTP pool never retries) so that this is
 the one place deciding: it knows which tries may have reached the store (a conditional
 write must then be checked, not resent blindly) and gives up with one line saying what
 happened, how many times and over how long.

@@ -1,39 +1,40 @@
 """Storage in an S3 bucket (AWS or any S3-compatible server), Litestream 0.5 compatible.
 
 Conditional writes are S3's own: ``PutObject`` with ``If-None-Match: *`` (create only)
-or ``If-Match: <etag>`` (compare and swap), so atomicity is the server's. Every botocore
-error is translated into the project's error tree in one place (``_errors``) with a one
-line message naming the URL and key.
+or ``If-Match: <etag>`` (compare and swap), so atomicity is the server's. Every answer
+is translated into the project's error tree in one place (``_check``) with a one line
+message naming the URL and key.
 
-Every request is one ``_request``: under the endpoint host's cap on requests in flight,
-tried by ``retry.Tries`` (botocore's own retries are off), each try bounded by the
-options' timeouts and, for bodies, by a deadline in proportion to their size.
+The requests are S3's REST calls made directly: signed by ``sigv4``, sent on urllib3
+connection pools shared by every storage of the process, answers parsed with
+ElementTree. botocore's client spent ~1.5 ms of CPU on each request, which at round
+trips of tens of milliseconds was what a fleet of many tenants waited for; its
+credentials chain is still what finds the keys. Every request is one ``_request``:
+under the endpoint host's cap on requests in flight, tried by ``retry.Tries``, each try
+bounded by the options' timeouts and, for bodies, by a deadline in proportion to their size.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import copy
+import hashlib
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import BinaryIO, TypeVar
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
 
-import boto3
-import botocore.handlers
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError as BotoConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-)
-from urllib3.exceptions import HTTPError as URLLib3Error
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError, HTTPError as URLLib3Error, NewConnectionError
 
 from ..errors import ObjectNotFound, PreconditionFailed, StorageError, StorageUnavailable
+from . import sigv4
 from .base import ObjectInfo, Storage, check_key, check_prefix, check_range, timestamp_ms
 from .options import StorageOptions
 from .payload import Payload, TooSlow
@@ -54,12 +55,6 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
 _TRANSIENT_CODES = _THROTTLE_CODES | {"RequestTimeout", "ServiceUnavailable", "InternalError"}
 # Most bytes one read of a response body asks the socket for.
 _READ_SIZE = 1024 * 1024
-# Bodies above this are sent with ``Expect: 100-continue``: the store can refuse a big
-# upload (a failed condition, a denied key) before its bytes cross the network. Below it
-# the header costs more than it saves, a whole round trip per PUT waiting for "100
-# Continue". aws-sdk-go-v2's threshold, so Litestream's too; botocore adds the header to
-# every file-like body, and ours always are (payload.Payload.sending).
-EXPECT_CONTINUE_ABOVE = 2 * 1024 * 1024
 
 
 class S3Storage(Storage):
@@ -88,33 +83,11 @@ class S3Storage(Storage):
         self.region = region
         self.force_path_style = force_path_style
         self.skip_verify = skip_verify
-        config = Config(
-            s3={"addressing_style": "path"} if force_path_style else None,
-            # Off: retry.Tries decides (and knows which tries may have been applied).
-            retries={"total_max_attempts": 1},
-            # No aws-chunked trailing checksums: many S3-compatible servers reject them
-            # (Litestream disables them for custom endpoints for the same reason).
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            connect_timeout=options.connect_timeout,
-            read_timeout=options.read_timeout,
-            # One client serves every tenant's child storage from many threads; a request
-            # in flight holds one connection, so the pool is the cap on them.
-            max_pool_connections=options.max_in_flight,
-        )
-        self._client = _new_client(
-            "s3",
-            endpoint_url=endpoint,
-            # Like Litestream: a custom endpoint without a region means us-east-1; on AWS
-            # itself botocore follows the bucket's region redirects.
-            region_name=region or ("us-east-1" if endpoint else None),
-            verify=not skip_verify,
-            config=config,
-        )
-        events = self._client.meta.events  # the client's own copy of the session's handlers
-        events.unregister("before-call.s3", botocore.handlers.add_expect_header)
-        events.register("before-call.s3", _expect_continue_if_large)
-        self._host = urllib.parse.urlsplit(self._client.meta.endpoint_url).netloc
+        # Like Litestream: a custom endpoint without a region means us-east-1; on AWS the
+        # configured region, else us-east-1 until the bucket's answer names its own.
+        self._route = _Route.of(bucket, endpoint, region or ("us-east-1" if endpoint else _configured_region()),
+                                force_path_style, skip_verify, options)
+        self._host = self._route.endpoint_host
         self._in_flight = _host_cap(self._host, options.max_in_flight)
 
     @property
@@ -133,7 +106,7 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}{path}{qs}"
 
     def _child(self, prefix: str) -> S3Storage:
-        clone = copy.copy(self)  # shares the boto3 client: cheap per tenant, thread-safe
+        clone = copy.copy(self)  # shares the route and its connections: cheap per tenant
         clone.prefix = self._object_key(prefix)
         return clone
 
@@ -149,63 +122,30 @@ class S3Storage(Storage):
     # -- operations -----------------------------------------------------------------
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        args = {"Bucket": self.bucket, "Prefix": self._object_key(check_prefix(prefix))}
+        query = [("list-type", "2"), ("prefix", self._object_key(check_prefix(prefix))), ("encoding-type", "url")]
         while True:  # page by page, each page one request: the cap is never held across a yield
-            page = self._request("list", prefix or "/", lambda: self._client.list_objects_v2(**args))
-            for obj in page.get("Contents", ()):
+            page = _xml(self._request("list", prefix or "/", "GET", None, query))
+            for obj in _all(page, "Contents"):
                 yield ObjectInfo(
-                    key=self._storage_key(obj["Key"]),
-                    size=obj["Size"],
-                    etag=_etag(obj["ETag"]),
-                    modified=obj["LastModified"].astimezone(timezone.utc),
+                    key=self._storage_key(urllib.parse.unquote_plus(_text(obj, "Key"))),
+                    size=int(_text(obj, "Size")),
+                    etag=_etag(_text(obj, "ETag")),
+                    modified=datetime.fromisoformat(_text(obj, "LastModified").replace("Z", "+00:00")),
                 )
-            if not page.get("IsTruncated"):
+            if _text(page, "IsTruncated", "false") != "true":
                 return
-            args["ContinuationToken"] = page["NextContinuationToken"]
+            query = [*query[:3], ("continuation-token", _text(page, "NextContinuationToken"))]
 
     def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         check_range(start, length)
-        args = {"Bucket": self.bucket, "Key": self._object_key(check_key(key))}
+        headers = {}
         if start or length is not None:
-            args["Range"] = f"bytes={start}-{'' if length is None else start + length - 1}"
-
-        def attempt() -> bytes:
-            try:
-                answer = self._client.get_object(**args)
-            except ClientError as e:
-                if _code(e) == "InvalidRange":  # the object exists; start is at or past its end
-                    return b""
-                raise
-            return self._body(answer["Body"], answer["ContentLength"])
-
-        return self._request("read", key, attempt, not_found=ObjectNotFound)
-
-    def _body(self, body, size: int) -> bytes:  # noqa: ANN001 - botocore's StreamingBody
-        """The ``size`` bytes of a response body, within the transfer deadline of ``size``.
-
-        botocore's read_timeout bounds each socket read, not the body: a trickle that never
-        stays silent that long would hold the request for as long as it trickles, and
-        closing the body from another thread does not wake a blocked read. So the body is
-        read with read1 (one socket read per call, each bounded by read_timeout) and the
-        deadline checked between reads. On any failure the connection is closed, never
-        handed back to the pool in an unknown state."""
-        deadline = self._deadline(size)
-        raw = body._raw_stream  # urllib3's response: botocore's StreamingBody has no read1
-        chunks, got = [], 0
-        with contextlib.closing(body):
-            while got < size:
-                if time.monotonic() > deadline:
-                    raise TooSlow(f"body of {size} bytes not received by its deadline ({got} bytes came)")
-                try:
-                    chunk = raw.read1(min(_READ_SIZE, size - got))
-                except (URLLib3Error, OSError) as e:
-                    raise Transient(f"body cut after {got} of {size} bytes: {e}") from e
-                if not chunk:
-                    raise Transient(f"body cut after {got} of {size} bytes")
-                chunks.append(chunk)
-                got += len(chunk)
-            raw.release_conn()  # read to its end: the connection is good for the next request
-        return b"".join(chunks)
+            headers["range"] = f"bytes={start}-{'' if length is None else start + length - 1}"
+        try:
+            return self._request("read", key, "GET", self._object_key(check_key(key)), headers=headers,
+                                 not_found=ObjectNotFound)
+        except _InvalidRange:  # the object exists; start is at or past its end
+            return b""
 
     def _deadline(self, size: int) -> float:
         """When a transfer of ``size`` bytes starting now must be over: the time a small
@@ -214,35 +154,32 @@ class S3Storage(Storage):
         return time.monotonic() + o.connect_timeout + o.read_timeout + size / o.min_transfer_rate
 
     def write_if_absent(self, key: str, data: bytes | BinaryIO, *, timestamp: datetime | None = None) -> str:
-        return self._put(key, data, timestamp, IfNoneMatch="*")
+        return self._put(key, data, timestamp, {"if-none-match": "*"})
 
     def write_if_match(
         self, key: str, data: bytes | BinaryIO, etag: str, *, timestamp: datetime | None = None
     ) -> str:
         # S3 answers 404 NoSuchKey for If-Match on a missing key (some servers say 412):
         # either way there was nothing to compare with.
-        return self._put(key, data, timestamp, IfMatch=f'"{_etag(etag)}"', not_found=PreconditionFailed)
+        return self._put(key, data, timestamp, {"if-match": f'"{_etag(etag)}"'}, not_found=PreconditionFailed)
 
     def _put(
         self,
         key: str,
         data: bytes | BinaryIO,
         timestamp: datetime | None,
+        condition: dict[str, str],
         not_found: type[StorageError] | None = None,
-        **condition: str,
     ) -> str:
         payload = Payload(data)
-        args = {"Bucket": self.bucket, "Key": self._object_key(check_key(key)), **condition}
+        headers = dict(condition)
         if timestamp is not None:
-            args["Metadata"] = {METADATA_TIMESTAMP: format_timestamp(timestamp)}
-
-        def attempt() -> str:
-            body = payload.sending(self._deadline(payload.size))
-            return _etag(self._client.put_object(Body=body, ContentLength=payload.size, **args)["ETag"])
-
+            headers["x-amz-meta-" + METADATA_TIMESTAMP] = format_timestamp(timestamp)
+        object_key = self._object_key(check_key(key))
         tries = Tries(self.options, f"{self}: write {key}", self._host)
         try:
-            return tries.run(lambda: self._attempt("write", key, attempt, not_found))
+            answer = tries.run(lambda: self._attempt("write", key, "PUT", object_key, (), headers, payload, not_found))
+            return _etag(answer.headers.get("etag", ""))
         except PreconditionFailed:
             if not tries.reached:
                 raise
@@ -255,79 +192,230 @@ class S3Storage(Storage):
 
     def _stored(self, key: str) -> ObjectInfo | None:
         """The object at ``key`` as HEAD describes it, or None if there is none."""
-        args = {"Bucket": self.bucket, "Key": self._object_key(key)}
         try:
-            head = self._request("read", key, lambda: self._client.head_object(**args), not_found=ObjectNotFound)
+            head = self._request("read", key, "HEAD", self._object_key(key), not_found=ObjectNotFound, answer=True)
         except ObjectNotFound:
             return None
-        return ObjectInfo(key, head["ContentLength"], _etag(head["ETag"]), head["LastModified"])
+        return ObjectInfo(key, int(head.headers.get("content-length", 0)), _etag(head.headers.get("etag", "")),
+                          parsedate_to_datetime(head.headers["last-modified"]))
 
     def delete(self, keys: Iterable[str]) -> None:
-        objects = [{"Key": self._object_key(check_key(k))} for k in keys]
-        for i in range(0, len(objects), MAX_DELETE_KEYS):
-            batch = objects[i : i + MAX_DELETE_KEYS]
-            first = self._storage_key(batch[0]["Key"])
-            out = self._request("delete", first, lambda b=batch: self._client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}))
-            if errors := out.get("Errors"):
-                e = errors[0]
-                error = StorageUnavailable if e.get("Code") in _TRANSIENT_CODES else StorageError
+        object_keys = [self._object_key(check_key(k)) for k in keys]
+        for i in range(0, len(object_keys), MAX_DELETE_KEYS):
+            batch = object_keys[i : i + MAX_DELETE_KEYS]
+            xml = "<Delete><Quiet>true</Quiet>" + "".join(
+                f"<Object><Key>{escape(k)}</Key></Object>" for k in batch) + "</Delete>"
+            body = xml.encode()
+            headers = {"content-md5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode(),
+                       "content-type": "application/xml"}
+            out = _xml(self._request("delete", self._storage_key(batch[0]), "POST", None, [("delete", "")],
+                                     headers, Payload(body)))
+            if errors := _all(out, "Error"):
+                e, code = errors[0], _text(errors[0], "Code")
+                error = StorageUnavailable if code in _TRANSIENT_CODES else StorageError
                 raise error(
-                    f"{self}: delete {self._storage_key(e['Key'])}: {e.get('Code')} {e.get('Message')}"
+                    f"{self}: delete {self._storage_key(_text(e, 'Key'))}: {code} {_text(e, 'Message')}"
                     f" ({len(errors)} of {len(batch)} keys failed)"
                 )
 
     # -- one request: capped, tried, translated ---------------------------------------
 
-    def _request(self, action: str, key: str, call: Callable[[], T],
-                 not_found: type[StorageError] | None = None) -> T:
-        """``call()`` tried as the options allow; errors in the project's tree."""
+    def _request(self, action: str, key: str, method: str, object_key: str | None,
+                 query: Iterable[tuple[str, str]] = (), headers: dict[str, str] | None = None,
+                 payload: Payload | None = None, not_found: type[StorageError] | None = None,
+                 answer: bool = False):
+        """One operation, tried as the options allow: the answer's body, or with ``answer``
+        the whole ``_Answer``; errors in the project's tree."""
         tries = Tries(self.options, f"{self}: {action} {key}", self._host)
-        return tries.run(lambda: self._attempt(action, key, call, not_found))
+        got = tries.run(lambda: self._attempt(action, key, method, object_key, query, headers or {}, payload,
+                                              not_found))
+        return got if answer else got.body
 
-    def _attempt(self, action: str, key: str, call: Callable[[], T], not_found: type[StorageError] | None) -> T:
+    def _attempt(self, action: str, key: str, method: str, object_key: str | None,
+                 query: Iterable[tuple[str, str]], headers: dict[str, str], payload: Payload | None,
+                 not_found: type[StorageError] | None) -> _Answer:
         """One try, holding one of the host's places in flight while it runs."""
-        with self._in_flight, self._errors(action, key, not_found):
-            return call()
-
-    # -- error translation ----------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _errors(self, action: str, key: str, not_found: type[StorageError] | None = None) -> Iterator[None]:
-        """Translate botocore errors raised inside into the project's error tree, or into
-        Transient for a failure another try may not meet (retry.Tries then decides).
-
-        ``not_found`` is what a missing key means for this call: ObjectNotFound on a
-        read, PreconditionFailed on write-if-match, a plain StorageError elsewhere.
-        """
         where = f"{self}: {action} {key}"
+        with self._in_flight:
+            try:
+                got = self._route.send(method, object_key, list(query), headers, payload, self._deadline)
+            except TooSlow as e:
+                raise Transient(str(e)) from e
+            except (NewConnectionError, ConnectTimeoutError) as e:  # refused, DNS, connect timeout: nothing sent
+                raise Transient(f"cannot connect: {e}", reached=False) from e
+            except (URLLib3Error, OSError) as e:  # sent, but no (whole) answer
+                raise Transient(f"no answer: {e}") from e
+        return _check(got, where, not_found)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: urllib3.HTTPHeaderDict
+    body: bytes
+
+
+class _InvalidRange(Exception):
+    """A ranged read starting at or past the object's end (S3's 416)."""
+
+
+def _check(got: _Answer, where: str, not_found: type[StorageError] | None) -> _Answer:
+    """``got`` if it is a success; else the project's error for it, or Transient for a
+    failure another try may not meet (retry.Tries then decides).
+
+    ``not_found`` is what a missing key means for this call: ObjectNotFound on a read,
+    PreconditionFailed on write-if-match, a plain StorageError elsewhere."""
+    status = got.status
+    if status < 300:
+        return got
+    code, message = _error_of(got)
+    if region := got.headers.get("x-amz-bucket-region"):
+        if status in (301, 307, 400):  # AWS: the bucket lives in another region than we signed for
+            raise StorageError(f"{where}: the bucket is in region {region}: add ?region={region} to the URL")
+    if status == 416 or code == "InvalidRange":
+        raise _InvalidRange()
+    if code in _PRECONDITION_CODES or status == 412:
+        raise PreconditionFailed(f"{where}: condition failed ({code})")
+    if not_found is not None and (code in _NOT_FOUND_CODES or status == 404):
+        raise not_found(f"{where}: object not found")
+    if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+        throttled = code in _THROTTLE_CODES or status in (429, 503)
+        raise Transient(
+            f"server error {status} {code}: {message}", throttled=throttled,
+            # A throttle is a refusal; a 500 may come after the write was applied.
+            retry_after=_retry_after(got.headers), reached=not throttled,
+        )
+    raise StorageError(f"{where}: {status} {code}: {message}")
+
+
+def _error_of(got: _Answer) -> tuple[str, str]:
+    """S3's error code and message from an error answer's XML (a HEAD has no body: the
+    status stands for the code then)."""
+    try:
+        root = _xml(got.body)
+    except StorageError:
+        root = None
+    if root is None:
+        return str(got.status), got.body[:200].decode("utf-8", "replace").strip() or str(got.status)
+    return _text(root, "Code", str(got.status)), _text(root, "Message", "")
+
+
+class _Route:
+    """Where requests for one bucket go and how: the endpoint's connection pool (shared
+    by every storage of the process that talks to that endpoint), path or virtual-host
+    addressing, the signer and the credentials."""
+
+    _pools: dict[tuple, urllib3.connectionpool.HTTPConnectionPool] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, bucket: str, base: urllib.parse.SplitResult, region: str, path_style: bool,
+                 pool: urllib3.connectionpool.HTTPConnectionPool):
+        self.bucket, self.region, self.path_style, self._pool = bucket, region, path_style, pool
+        self.endpoint_host = base.netloc
+        self.host = base.netloc if path_style else f"{bucket}.{base.netloc}"
+        self.https = base.scheme == "https"
+        self.signer = sigv4.Signer(region)
+
+    @classmethod
+    def of(cls, bucket: str, endpoint: str | None, region: str, path_style: bool, skip_verify: bool,
+           options: StorageOptions) -> _Route:
+        base = urllib.parse.urlsplit(endpoint or f"https://s3.{region}.amazonaws.com")
+        if base.scheme not in ("http", "https") or not base.hostname:
+            raise StorageError(f"s3: endpoint {endpoint!r} is not an http(s) URL")
+        host = base.netloc if path_style else f"{bucket}.{base.netloc}"
+        key = (base.scheme, host, skip_verify, options.connect_timeout, options.read_timeout, options.max_in_flight)
+        with cls._lock:
+            pool = cls._pools.get(key)
+            if pool is None:
+                tls = {}
+                if base.scheme == "https":
+                    tls = {"cert_reqs": "CERT_NONE"} if skip_verify else {"ca_certs": _ca_bundle()}
+                pool = cls._pools[key] = urllib3.connection_from_url(
+                    f"{base.scheme}://{host}", maxsize=options.max_in_flight, block=False, retries=False,
+                    timeout=urllib3.Timeout(connect=options.connect_timeout, read=options.read_timeout), **tls)
+        return cls(bucket, base, region, path_style, pool)
+
+    def send(self, method: str, object_key: str | None, query: list[tuple[str, str]], headers: dict[str, str],
+             payload: Payload | None, deadline_of: Callable[[int], float]) -> _Answer:
+        """One signed request and its whole answer, the body read within the deadline of
+        its size. A connection whose answer was not read to its end is closed, never
+        handed back to the pool in an unknown state."""
+        path = "/" + sigv4.quote(self.bucket) if self.path_style else ""
+        if object_key is not None:
+            path += "/" + sigv4.quote(object_key, safe="-_.~/")
+        path = path or "/"
+        qs = sigv4.canonical_query(query)
+        size = payload.size if payload is not None else 0
+        headers = dict(headers)
+        if payload is not None:
+            headers["content-length"] = str(size)
+        digest = (sigv4.UNSIGNED_PAYLOAD if self.https and payload is not None
+                  else payload.sha256() if payload is not None else sigv4.EMPTY_SHA256)
+        signed = self.signer.headers(_credentials(), method, self.host, path, qs, headers, digest,
+                                     datetime.now(timezone.utc))
+        deadline = deadline_of(size)
+        body = payload.sending(deadline) if payload is not None else None
+        response = self._pool.urlopen(method, path + ("?" + qs if qs else ""), body=body, headers=signed,
+                                      retries=False, redirect=False, preload_content=False,
+                                      assert_same_host=False)
         try:
-            yield
-        except ClientError as e:
-            code = _code(e)
-            meta = e.response.get("ResponseMetadata", {})
-            status = meta.get("HTTPStatusCode", 0)
-            message = e.response.get("Error", {}).get("Message") or code
-            if code in _PRECONDITION_CODES or status == 412:
-                raise PreconditionFailed(f"{where}: condition failed ({code})") from e
-            if not_found is not None and code in _NOT_FOUND_CODES:
-                raise not_found(f"{where}: object not found") from e
-            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-                throttled = code in _THROTTLE_CODES or status in (429, 503)
-                raise Transient(
-                    f"server error {status} {code}: {message}", throttled=throttled,
-                    # A throttle is a refusal; a 500 may come after the write was applied.
-                    retry_after=_retry_after(meta.get("HTTPHeaders", {})), reached=not throttled,
-                ) from e
-            raise StorageError(f"{where}: {status} {code}: {message}") from e
-        except BotoConnectionError as e:  # refused, DNS, connect timeout: nothing was sent
-            raise Transient(f"cannot connect: {e}", reached=False) from e
-        except (HTTPClientError, IncompleteReadError) as e:  # sent, but no (whole) answer
-            raise Transient(f"no answer: {e}") from e
-        except TooSlow as e:
-            raise Transient(str(e)) from e
-        except BotoCoreError as e:
-            raise StorageError(f"{where}: {e}") from e
+            length = response.headers.get("content-length")
+            data = b"" if method == "HEAD" else _read_body(response, None if length is None else int(length),
+                                                          deadline_of)
+        except BaseException:
+            response.close()  # closes the connection: the pool opens a new one in its place
+            response.release_conn()
+            raise
+        response.release_conn()
+        return _Answer(response.status, response.headers, data)
+
+
+def _read_body(response: urllib3.HTTPResponse, size: int | None, deadline_of: Callable[[int], float]) -> bytes:
+    """The answer's body within the transfer deadline of its size. The read timeout bounds
+    each socket read, not the body: a trickle that never stays silent that long would hold
+    the request for as long as it trickles, so the deadline is checked between reads."""
+    deadline = deadline_of(size or 0)
+    chunks, got = [], 0
+    while size is None or got < size:
+        if time.monotonic() > deadline:
+            raise TooSlow(f"body of {size} bytes not received by its deadline ({got} bytes came)")
+        try:
+            chunk = response.read1(_READ_SIZE if size is None else min(_READ_SIZE, size - got))
+        except (URLLib3Error, OSError) as e:
+            raise Transient(f"body cut after {got} of {size} bytes: {e}") from e
+        if not chunk:
+            if size is None:
+                break
+            raise Transient(f"body cut after {got} of {size} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _xml(body: bytes) -> ElementTree.Element:
+    try:
+        return ElementTree.fromstring(body)
+    except ElementTree.ParseError as e:
+        raise StorageError(f"s3: an answer that is not XML ({e}): {body[:200]!r}") from e
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _all(elem: ElementTree.Element, name: str) -> list[ElementTree.Element]:
+    """Children named ``name`` in any namespace (S3 answers in its 2006-03-01 namespace,
+    some servers in none)."""
+    return [child for child in elem if _local(child.tag) == name]
+
+
+def _text(elem: ElementTree.Element, name: str, default: str | None = None) -> str:
+    found = _all(elem, name)
+    if found:
+        return found[0].text or ""
+    if default is None:
+        raise StorageError(f"s3: answer without <{name}>")
+    return default
 
 
 _host_caps: dict[str, threading.BoundedSemaphore] = {}
@@ -344,7 +432,7 @@ def _host_cap(host: str, most: int) -> threading.BoundedSemaphore:
         return _host_caps[host]
 
 
-def _retry_after(headers: dict) -> float | None:
+def _retry_after(headers) -> float | None:  # noqa: ANN001 - urllib3's header dict
     """Retry-After in seconds, if the store sent it as a number (S3 does not send the date form)."""
     value = headers.get("retry-after", "")
     try:
@@ -353,28 +441,49 @@ def _retry_after(headers: dict) -> float | None:
         return None
 
 
-def _expect_continue_if_large(model, params, **kwargs) -> None:  # noqa: ANN001 - botocore's event arguments
-    """botocore's ``add_expect_header``, for bodies above EXPECT_CONTINUE_ABOVE only."""
-    if model.http.get("method") not in ("PUT", "POST"):
-        return
-    length = params["headers"].get("Content-Length")
-    if length is not None and int(length) > EXPECT_CONTINUE_ABOVE:
-        params["headers"]["Expect"] = "100-continue"
-
-
-_session: boto3.session.Session | None = None
+_session = None
 _session_lock = threading.Lock()
 
 
-def _new_client(*args: object, **kwargs: object):  # noqa: ANN202 - botocore's client type is generated
-    """A client from one process-wide session: building the first client loads the S3
-    service model, later ones reuse it, so a process opening thousands of tenants' URLs
-    pays for the loading once. Sessions are not thread-safe, hence the lock."""
+def _botocore_session():  # noqa: ANN202 - botocore's session
+    """One botocore session per process, for the AWS credentials chain and the configured
+    region (environment, shared config and credentials files, instance roles). Sessions
+    are not thread-safe, hence the lock."""
     global _session
     with _session_lock:
         if _session is None:
-            _session = boto3.session.Session()
-        return _session.client(*args, **kwargs)
+            import botocore.session
+
+            _session = botocore.session.get_session()
+        return _session
+
+
+_chain_credentials = None
+
+
+def _credentials() -> sigv4.Credentials:
+    """The chain's credentials, as of now (refreshable ones refresh themselves). Found
+    once per process, as botocore's client would."""
+    global _chain_credentials
+    if _chain_credentials is None:
+        found = _botocore_session().get_credentials()
+        if found is None:
+            raise StorageError("s3: no AWS credentials found (environment, ~/.aws files or an instance role)")
+        _chain_credentials = found
+    frozen = _chain_credentials.get_frozen_credentials()
+    return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+
+def _configured_region() -> str:
+    return _botocore_session().get_config_variable("region") or "us-east-1"
+
+
+def _ca_bundle() -> str | None:
+    """The CA bundle botocore would use (AWS_CA_BUNDLE, the config file's ca_bundle, else
+    certifi's)."""
+    from botocore.httpsession import get_cert_path
+
+    return _botocore_session().get_config_variable("ca_bundle") or get_cert_path(True)
 
 
 def format_timestamp(timestamp: datetime) -> str:
@@ -395,7 +504,3 @@ def format_timestamp(timestamp: datetime) -> str:
 def _etag(raw: str) -> str:
     """ETags without their HTTP quotes, the form every method takes and returns."""
     return raw.strip('"')
-
-
-def _code(error: ClientError) -> str:
-    return error.response.get("Error", {}).get("Code", "")
