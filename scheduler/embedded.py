@@ -23,7 +23,7 @@ from tenantsync.fleet import STORAGE_JOBS, Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.outcome import Outcome
 from tenantsync.process import RELEASE_EVERY, freeze_setup
-from tenantsync.server import serve_owner
+from tenantsync.serving import serve_owner
 
 from .dispatch import InProcessDispatcher
 from .job_process import JobProcess, fleet_jobs, storage_process

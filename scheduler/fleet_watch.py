@@ -9,7 +9,8 @@ from typing import Callable
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
-from tenantsync.server import serve_owner
+from tenantsync.observe import CachedCheck
+from tenantsync.serving import serve_owner
 
 from .owner import OnDemandVia
 from .queue import CeleryDispatcher, HostQueueRoute
@@ -25,10 +26,18 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     app = app or make_app(config)
     dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
     catalogue = open_catalogue(config)
-    stop_serving = serve_owner(OnDemandVia(catalogue, HostQueueRoute(dispatcher, config)), config, http, report)
+    broker = CachedCheck(lambda: _ping_broker(app))
+    stop_serving = serve_owner(OnDemandVia(catalogue, HostQueueRoute(dispatcher, config)), config, http, report,
+                               checks={"broker": broker})
     try:
         schedule = Schedule(config, catalogue, dispatcher, host_plans(config))
         Watcher(config, catalogue, dispatcher, report=report).run(stop, schedule.tick)
     finally:
         stop_serving()
         dispatcher.close()
+
+
+def _ping_broker(app) -> None:  # noqa: ANN001 - the Celery app
+    """Raise unless the broker accepts a connection now (one try, a few seconds at most)."""
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)

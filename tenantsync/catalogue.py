@@ -98,6 +98,7 @@ def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Upd
         "position": sa.case((newer, param("position", c.position)), else_=c.position),
         "last_sync_at": param("at", c.last_sync_at) if with_at else c.last_sync_at,
         "shipped_at": param("at", c.shipped_at) if with_at else c.shipped_at,
+        "pending_since": _still_pending(param("at", c.pending_since)) if with_at else c.pending_since,
         "bytes_stored": c.bytes_stored + param("bytes_added", c.bytes_stored),
         "last_error": None,
         "wal_bytes": param("wal_bytes", c.wal_bytes),
@@ -107,6 +108,15 @@ def _sync_statement(with_at: bool, with_lease: bool, with_state: bool) -> sa.Upd
     if with_state:
         values["state"] = sa.case((c.state.in_(REPLICATED), param("state", c.state)), else_=c.state)
     return sa.update(TENANTS).where(c.fleet == param("fleet", c.fleet), c.name == param("name", c.name)).values(values)
+
+
+def _still_pending(started: sa.ColumnElement) -> sa.Case:
+    """``pending_since`` after a pass that ``started``: a pass reads the WAL after it starts,
+    so every write recorded before then is shipped (None); a write recorded since is still
+    pending, and has waited at most since the pass started."""
+    c = TENANTS.c
+    later = sa.case((sa.or_(c.pending_since.is_(None), c.pending_since < started), started), else_=c.pending_since)
+    return sa.case((c.last_write_at > started, later), else_=None)
 
 
 def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
@@ -334,22 +344,26 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
         c = TENANTS.c
         at = _utc(at, "at")
         self._update(name, {"last_sync_at": sa.case((sa.or_(c.last_sync_at.is_(None), c.last_sync_at < at),
-                                                     sa.literal(at, c.last_sync_at.type)), else_=c.last_sync_at)})
+                                                     sa.literal(at, c.last_sync_at.type)), else_=c.last_sync_at),
+                            "pending_since": _still_pending(sa.literal(at, c.pending_since.type))})
 
     def record_writes(self, names: Iterable[str], at: datetime) -> None:
         """These tenants' databases were written at ``at`` (one batch of the watcher's
         events, one transaction). Only moves ``last_write_at`` forward, so events handled
-        out of order cannot make a tenant look older; names not in the catalogue are
-        ignored (a file that vanished between the event and this call)."""
+        out of order cannot make a tenant look older, and sets ``pending_since`` unless it
+        is set; names not in the catalogue are ignored (a file that vanished between the
+        event and this call)."""
         names = sorted(set(names))
         if not names:
             return
         at = _utc(at, "at")
-        col = TENANTS.c.last_write_at
+        col, pending = TENANTS.c.last_write_at, TENANTS.c.pending_since
         later = sa.case((sa.or_(col.is_(None), col < at), sa.literal(at, col.type)), else_=col)
+        first = sa.case((pending.is_(None), sa.literal(at, pending.type)), else_=pending)
         with self._tx(write=True) as s:
             for chunk in _chunks(names):
-                s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk)).values(last_write_at=later))
+                s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk))
+                          .values(last_write_at=later, pending_since=first))
 
     def record_error(self, name: str, message: str, wal_bytes: int | None = None) -> None:
         """An operation failed: state error, ``last_error`` = ``message``, and the WAL's

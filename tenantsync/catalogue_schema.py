@@ -196,6 +196,9 @@ TENANTS = sa.Table(
     # lease_expires_at, generation): a tenant woken after its lease lapsed renews it with
     # one conditional PUT on it, instead of reading the object first.
     sa.Column("lease_etag", sa.String(255)),
+    # Since when the tenant has had writes its replica does not hold (the first write
+    # recorded after a pass); None when it is current. Lag is measured from it.
+    sa.Column("pending_since", UTCDateTime),
     sa.Index("ix_tenants_fleet_host_state", "fleet", "host", "state"),
     sa.Index("ix_tenants_fleet_last_write_at", "fleet", "last_write_at"),
     sa.Index("ix_tenants_fleet_shipped_at", "fleet", "shipped_at"),
@@ -230,6 +233,7 @@ class TenantRecord:
     wal_bytes: int | None
     shipped_at: datetime | None
     lease_etag: str | None
+    pending_since: datetime | None
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))

@@ -143,7 +143,15 @@ def load_config(config_path, replica_url=None, broker=None, catalogue=None, glob
 def _run_fleet(cfg, http=None) -> None:
     if not cfg.globs:
         raise click.UsageError("no databases to watch: give a GLOB or 'globs:' in tenantsync.yml")
+    if http is not None:  # no token beyond loopback: refused before anything starts
+        from .api_guard import is_loopback
+        from .serving import api_token
+
+        api_token(cfg, is_loopback(http[0]))
+    from . import control, metrics
     from .storage import open_storage
+
+    metrics.use_directory(control.metrics_path(cfg))  # before anything is counted, children too
 
     storage = open_storage(cfg.replica, cfg.storage)
     if storage.kind == "file":  # an S3 bucket is checked by its first request
@@ -182,7 +190,10 @@ def watch(globs, replica_url, config_path, broker, catalogue) -> None:
 @fleet_options
 @click.option("--listen", type=Listen(), default="127.0.0.1:8080", show_default=True, help="HOST:PORT of the HTTP API.")
 def serve(globs, replica_url, config_path, broker, catalogue, listen) -> None:
-    """Like watch, plus the HTTP API: POST /tenants/NAME/hydrate, GET /tenants/NAME, GET /healthz."""
+    """Like watch, plus the HTTP API: POST /tenants/NAME/hydrate|archive|fork, GET /tenants/NAME,
+    GET /healthz, GET /openapi.json. POSTs need the bearer token (api-token or
+    TENANTSYNC_API_TOKEN; on loopback without one, the token file the log names), and so
+    does everything when listening beyond loopback, which is refused without a token."""
     _run_fleet(load_config(config_path, replica_url, broker, catalogue, globs), http=listen)
 
 
@@ -203,8 +214,8 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     rows = []
     for r in records:
         size = sum(os.path.getsize(p) for p in (r.path, r.path + "-wal") if os.path.exists(p))
-        lag = (r.last_write_at - r.last_sync_at).total_seconds() if r.last_write_at and r.last_sync_at else None
-        row = tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=max(lag, 0) if lag is not None else None,
+        lag = max(0.0, (now - r.pending_since).total_seconds()) if r.pending_since else 0.0
+        row = tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=lag,
                           idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None)
         if os.path.exists(r.path + "-wal"):  # this host's tenant: its WAL as it is now
             row["wal_bytes"] = os.path.getsize(r.path + "-wal")
@@ -219,6 +230,31 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
         wal = row["wal_bytes"] if row["wal_bytes"] is not None else "-"
         click.echo(f"{row['name']:30} {row['state']:9} {row['local_bytes']:>10} {wal:>10} {row['txid']:16} {lag:>6} "
                    f"{row['last_write_at'] or '-':25} {row['lease_holder'] or '-'}")
+
+
+@cli.command()
+@fleet_options
+@click.option("--json", "as_json", is_flag=True)
+def status(replica_url, config_path, broker, catalogue, as_json) -> None:
+    """The fleet at a glance: tenants by state, replication lag (p50, p99, max: how long the
+    oldest write not in the replica has waited), WAL bytes, the most lagging tenants."""
+    import json as jsonmod
+
+    from .catalogue import open_catalogue
+
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    summary = open_catalogue(cfg).fleet_view(datetime.now(timezone.utc)).summary()
+    if as_json:
+        click.echo(jsonmod.dumps({"fleet": cfg.fleet, **summary}, indent=2))
+        return
+    lag, wal = summary["lag_seconds"], summary["wal_bytes"]
+    states = ", ".join(f"{n:,} {state}" for state, n in summary["states"].items() if n) or "none"
+    click.echo(f"fleet {cfg.fleet}: {summary['tenants']:,} tenants ({states})")
+    click.echo(f"lag: p50 {lag['p50']:.2f} s, p99 {lag['p99']:.2f} s, max {lag['max']:.2f} s "
+               f"(max-lag {cfg.max_lag.total_seconds():g} s)")
+    click.echo(f"WAL on disk: {wal['total']:,} bytes, largest {wal['largest']:,}")
+    for row in summary["most_lagging"]:
+        click.echo(f"  {row['name']:30} lag {row['lag_seconds']:.2f} s")
 
 
 def _by_owner(cfg, call):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -80,10 +81,13 @@ def _path(name: str, action: str) -> str:
     return f"/tenants/{quote(name, safe='/')}/{action}"
 
 
-def over_http(url: str, timeout: float) -> Send:
+def over_http(url: str, timeout: float, token: str | None = None) -> Send:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
     def send(method: str, path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, json.loads(resp.read())
@@ -146,13 +150,15 @@ def _ondemand(config: Config) -> OnDemand:
 class Client:
     """``Client(config)`` or ``Client(url)`` (module docstring). ``timeout``: seconds to wait for
     an answer from the ``serve`` endpoint or the fleet's owner (NoAnswer after that; the call
-    goes on there, and a repeated hydration joins it)."""
+    goes on there, and a repeated hydration joins it). ``token``: the API's bearer token for
+    a URL (default ``$TENANTSYNC_API_TOKEN``); the control socket needs none."""
 
-    def __init__(self, target: Config | str, timeout: float = 60.0):
+    def __init__(self, target: Config | str, timeout: float = 60.0, token: str | None = None):
         self.timeout = timeout
         self._ondemand: OnDemand | None = None  # built at the first call no owner answered
         if isinstance(target, str):
-            self.config, self._api = None, Api(over_http(target.rstrip("/"), timeout))
+            token = token or os.environ.get("TENANTSYNC_API_TOKEN")
+            self.config, self._api = None, Api(over_http(target.rstrip("/"), timeout, token))
         else:
             self.config, self._api = target, None
 

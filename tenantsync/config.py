@@ -103,6 +103,11 @@ class Config:
     # database unshipped (history for disk: the replica later gets the whole database).
     wal_ceiling: int = 1 << 30
     at_wal_ceiling: str = AT_CEILING_GROW
+    # The HTTP API's bearer token (api_guard.py); unset: serve on loopback keeps one in the
+    # fleet's state directory, and refuses to listen beyond loopback. Never printed.
+    api_token: str | None = field(default=None, repr=False)
+    # /readyz fails while some tenant's replication lag is above this.
+    max_lag: timedelta = timedelta(seconds=60)
     # Timeouts, retries and requests in flight of object storage (``storage:``).
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -311,6 +316,8 @@ _FIELDS = {
     "max-local-bytes": ("max_local_bytes", _optional(_size)),
     "wal-ceiling": ("wal_ceiling", _size),
     "at-wal-ceiling": ("at_wal_ceiling", _choice(AT_CEILING_GROW, AT_CEILING_CHECKPOINT)),
+    "api-token": ("api_token", _optional(_text)),
+    "max-lag": ("max_lag", _positive),
 }
 # Key → (Levels field, parser), at the top level and under ``snapshot:`` (which wins).
 _LEVEL_FIELDS = {

@@ -4,7 +4,7 @@ a fleet's open tenants.
 ``tenantsync watch`` and ``serve`` (either runtime) own the host's open tenants: their
 captures, read marks and leases live there (scheduler/owner.py routes each job to the one
 process of its shard). A hydration or archival run by another process would race them
-through the catalogue, so the owner answers the HTTP API (server.py's handler) on a Unix
+through the catalogue, so the owner answers the HTTP API (server.py, served by serving.py) on a Unix
 domain socket in the fleet's state directory, and ``tenantsync archive``/``hydrate``/``fork``
 and ``Client(config)`` send their call there first (client.py). Nobody listening means no
 owner runs on this host: the caller acts in-process, and is the owner for that call.
@@ -53,10 +53,31 @@ class NoOwner(TenantSyncError):
     the call itself."""
 
 
+def _key(config: Config) -> str:
+    return hashlib.sha256(f"{config.fleet}\n{config.host}".encode()).hexdigest()[:12]
+
+
+def token_path(config: Config) -> str | None:
+    """``FLEETS_DIR/<slug>-<hash of fleet and host>.token``: the HTTP API's token when none
+    is configured (api_guard.token_file_token), in the same private directory as the
+    socket; None if that directory cannot be made."""
+    try:
+        _private_directory(FLEETS_DIR)
+    except OSError:
+        return None
+    return os.path.join(FLEETS_DIR, f"{fleet_slug(config.fleet)}-{_key(config)}.token")
+
+
+def metrics_path(config: Config) -> str:
+    """``FLEETS_DIR/<slug>-<hash of fleet and host>.metrics``: where every process of this
+    fleet on this host counts its metrics (metrics.use_directory)."""
+    return os.path.join(FLEETS_DIR, f"{fleet_slug(config.fleet)}-{_key(config)}.metrics")
+
+
 def socket_path(config: Config) -> str | None:
     """``FLEETS_DIR/<slug>-<hash of fleet and host>.sock``, its slug shortened to fit a
     socket address; None if the state directory itself is too deep for one."""
-    key = hashlib.sha256(f"{config.fleet}\n{config.host}".encode()).hexdigest()[:12]
+    key = _key(config)
     room = SUN_PATH_MAX - len(os.fsencode(os.path.join(FLEETS_DIR, f"-{key}.sock")))
     if room < 0:
         return None
@@ -107,7 +128,7 @@ class ControlSocket:
 def listen(serve: Callable[[str], object], config: Config,
            report: Callable[[str], None]) -> ControlSocket | None:
     """Serve the owner's API on the fleet's control socket: ``serve(path)`` binds a server
-    there (server.serve_unix). None, said through ``report``, if another live owner holds it
+    there (serving.Served over serving.unix_listener). None, said through ``report``, if another live owner holds it
     or there is no path for one: this process then runs without."""
     path = socket_path(config)
     if path is None:

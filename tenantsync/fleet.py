@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from . import compactor, tenants
+from . import compactor, metrics, tenants
 from .capture import Capture
 from .catalogue import Catalogue, TenantRecord, TenantState, open_catalogue
 from .config import AT_CEILING_CHECKPOINT, Config
@@ -151,6 +151,7 @@ class Fleet:
 
     # -- jobs -------------------------------------------------------------------
 
+    @metrics.counted("sync")
     def sync(self, name: str, *, archiving: bool = False) -> Outcome:
         """Ship what tenant ``name`` committed since its position; idempotent.
 
@@ -421,6 +422,7 @@ class Fleet:
         embedded dispatcher logs it once instead of once per tenant."""
         run = STORAGE_JOBS[job]
 
+        @metrics.counted(job)
         def one(name: str) -> Outcome:
             try:
                 return run(self, name, **kwargs)

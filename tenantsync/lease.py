@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from .config import Config
+from . import metrics
 from .errors import LeaseHeld, ObjectNotFound, PreconditionFailed, StorageError
 from .layout import LEASE_KEY
 from .storage.base import Storage
@@ -189,6 +190,8 @@ class Leaser:
                 if current is not None and current.owner != self.owner and not current.expired(self.now()):
                     raise self._held(current) from None
                 continue  # from what was just read
+            if current is not None and current.owner != self.owner:
+                metrics.lease_handover()  # taken over after its holder let it expire
             return Lease(wanted.owner, wanted.generation, wanted.expires_at, etag)
         if current is not None and current.owner != self.owner:
             raise self._held(current)
@@ -357,8 +360,10 @@ class HeldLease:
         lease has passed to another host, must not write (nor let the WAL restart). A
         clock comparison, no I/O: it also runs under the checkpoint barrier."""
         if self.lease is None:
+            metrics.fence_refusal()
             raise LeaseHeld(f"{self.leaser.storage}: lease not held by this process")
         if not self.leaser.held(self.lease):
+            metrics.fence_refusal()
             raise LeaseHeld(f"{self.leaser.storage}: lease generation {self.lease.generation} no longer held")
 
     def expired(self) -> bool:

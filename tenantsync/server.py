@@ -1,37 +1,41 @@
-"""``tenantsync serve``: the hydration API over HTTP, for applications in any language.
+"""The fleet owner's HTTP API (``tenantsync serve``, and the control socket), as a Starlette app.
 
     POST /tenants/{name}/hydrate   body {} or {"txid": N} / {"timestamp": "…"}  → 200 tenant JSON
     POST /tenants/{name}/fork      body {"source": "other.db"}, and a target      → 200 tenant JSON
     POST /tenants/{name}/archive                                               → 200 tenant JSON
     GET  /tenants/{name}                                                       → 200 tenant JSON
     GET  /healthz                                                              → 200 {"ok": true, …}
+    GET  /openapi.json                                                         → this, described
 
 Errors are JSON ``{"error": "<one line>", "type": "<its class>"}``, their status chosen by
 the error's type (``STATUS``; ``error_from`` turns an answer back into the error): 400 (a
-malformed body, a bad name or target), 404 (not a tenant of this fleet, or nothing in its
-replica), 409 (busy, aborted, or the catalogue's row does not match the fleet), 502 (the
-replica failed), 504 (the tenant's owner did not answer), 500 (a bug: its traceback goes
-to the log). A job that did nothing by design answers by why (``SKIPPED``, its reason in
-``skipped``): an archival refused because the tenant is in use is a 409 too.
-Requests are served by threads; hydrations of one tenant coalesce in ``OnDemand``. The owner
-of a fleet's tenants serves the same API on its control socket (``serve_owner``, control.py).
+malformed body, a bad name or target), 401 (no or a wrong token), 403 (a cross-site or
+foreign-host request), 404 (not a tenant of this fleet, or nothing in its replica), 408 (a
+body not sent in time), 409 (busy, aborted, or the catalogue's row does not match the
+fleet), 413 (a body too large), 502 (the replica failed), 504 (the tenant's owner did not
+answer), 500 (a bug: its traceback goes to the log). A job that did nothing by design
+answers by why (``SKIPPED``, its reason in ``skipped``): an archival refused because the
+tenant is in use is a 409 too.
+
+Who may call what is ``api_guard``'s; how it is served (uvicorn, TCP and the control
+socket) is ``serving``'s. Handlers that wait for a job run on a bounded thread pool;
+hydrations of one tenant coalesce in ``OnDemand``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
-import socket
-import socketserver
-import struct
-import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
 
-from . import control
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.convertors import StringConvertor, register_url_convertor
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from .catalogue import TenantRecord
 from .errors import InvalidArgument, NoAnswer, NotATenant, ReplicaEmpty, StorageError, TenantSyncError
 from .outcome import Archived, Skip, Skipped
@@ -39,14 +43,14 @@ from .targets import parse_timestamp, parse_txid
 from .tenants import check_name
 
 if TYPE_CHECKING:  # the watcher serves this API without the restore code it never runs
-    from .config import Config
     from .ondemand import OnDemand
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 10  # a hydrate body is a few bytes; anything larger is refused unread
-
-_ROUTE = re.compile(r"^/tenants/(?P<name>[^?]+?)(?:/(?P<action>hydrate|archive|fork))?/?$")
+# Seconds a client has to send its body: a short body under a long Content-Length must not
+# hold its request (and a worker thread) for ever.
+BODY_TIMEOUT = 10.0
 # The most specific class wins (the first in an error's method resolution order).
 STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, StorageError: 502, NoAnswer: 504,
           TenantSyncError: 409}
@@ -129,140 +133,183 @@ def fork_source(body: dict) -> str:
     return check_name(source)
 
 
-def make_handler(ondemand: OnDemand):
+class BodyRefused(InvalidArgument):
+    """A body too large (413) or not sent in time (408); nothing was read into memory past
+    MAX_BODY."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+async def json_body(request: Request) -> dict:
+    """The request's JSON object body ({} if empty), read within MAX_BODY and BODY_TIMEOUT."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise BodyRefused(f"a body of {declared} bytes (at most {MAX_BODY})", 413)
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise BodyRefused(f"a body of more than {MAX_BODY} bytes", 413)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise BodyRefused(f"the body was not sent within {BODY_TIMEOUT:g} s", 408) from None
+    except ClientDisconnect:
+        raise BodyRefused("the client went away before its body ended", 400) from None
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return body
+
+
+def answer_error(request: Request, e: Exception) -> JSONResponse:
+    """Every failure gets an answer: our errors by their type, a bug as a 500."""
+    if isinstance(e, BodyRefused):
+        return JSONResponse(error_body(e), e.status)
+    if isinstance(e, TenantSyncError):
+        return JSONResponse(error_body(e), status_of(e))
+    log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+    return JSONResponse({"error": f"internal error: {type(e).__name__}"}, 500)
+
+
+def answering(endpoint):  # noqa: ANN001, ANN201 - a Starlette endpoint
+    """``endpoint`` answering every failure itself (``answer_error``): an exception left to
+    Starlette would be answered and then raised again into the server's log."""
+
+    async def answered(request: Request) -> JSONResponse:
+        try:
+            return await endpoint(request)
+        except Exception as e:  # noqa: BLE001 - every failure is answered; a bug is logged there
+            return answer_error(request, e)
+
+    return answered
+
+
+def tenant_routes(ondemand: OnDemand) -> list[Route]:
+    """The tenant API's routes over ``ondemand`` (OnDemand, or OnDemandVia its owner)."""
     catalogue = ondemand.catalogue
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "tenantsync"
+    async def get_tenant(request: Request) -> JSONResponse:
+        name = check_name(request.path_params["name"])
+        record = await run_in_threadpool(catalogue.get, name)
+        if record is None:
+            raise NotATenant(f"tenant {name}: unknown")
+        return JSONResponse(tenant_json(record))
 
-        def log_message(self, fmt, *args):  # route through logging, not stderr
-            log.info("%s %s", self.address_string(), fmt % args)
+    async def act(request: Request) -> JSONResponse:
+        name, action = check_name(request.path_params["name"]), request.path_params["action"]
+        body = await json_body(request)
+        status, answer = await run_in_threadpool(_act, name, action, body)
+        return JSONResponse(answer, status)
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def _act(name: str, action: str, body: dict) -> tuple[int, dict]:
+        if action == "archive":
+            if body:
+                raise InvalidArgument("archive takes no body")
+            outcome = ondemand.archive(name)
+            return archive_answer(outcome, catalogue.get(name))
+        source = fork_source(body) if action == "fork" else None
+        result = ondemand.hydrate(name, source=source, **hydrate_target(body))
+        extra = {"restored": result.restored}
+        if result.moved_aside:
+            extra["moved_aside"] = result.moved_aside
+        return 200, tenant_json(catalogue.get(name), **extra)
 
-        def _body(self) -> dict:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise InvalidArgument("Content-Length is not a number") from None
-            if not length:
-                return {}
-            if not 0 < length <= MAX_BODY:
-                raise InvalidArgument(f"a body of {length} bytes (at most {MAX_BODY})")
-            try:
-                body = json.loads(self.rfile.read(length))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise InvalidArgument(f"the body is not JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise InvalidArgument("the body must be a JSON object")
-            return body
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "tenants": await run_in_threadpool(catalogue.count_by_state)})
 
-        def _tenant(self, m) -> str:
-            return check_name(unquote(m["name"]))
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(OPENAPI)
 
-        def do_GET(self):
-            if self.path.rstrip("/") == "/healthz":
-                return self._send(200, {"ok": True, "tenants": catalogue.count_by_state()})
-            m = _ROUTE.match(self.path)
-            if not m or m["action"]:
-                return self._send(404, {"error": f"no route {self.path}"})
-            self._answer(lambda: self._get(self._tenant(m)))
-
-        def _get(self, name: str) -> tuple[int, dict]:
-            record = catalogue.get(name)
-            if record is None:
-                raise NotATenant(f"tenant {name}: unknown")
-            return 200, tenant_json(record)
-
-        def do_POST(self):
-            m = _ROUTE.match(self.path)
-            if not m or not m["action"]:
-                return self._send(404, {"error": f"no route {self.path}"})
-            self._answer(lambda: self._post(self._tenant(m), m["action"], self._body()))
-
-        def _post(self, name: str, action: str, body: dict) -> tuple[int, dict]:
-            if action == "archive":
-                if body:
-                    raise InvalidArgument("archive takes no body")
-                outcome = ondemand.archive(name)
-                return archive_answer(outcome, catalogue.get(name))
-            source = fork_source(body) if action == "fork" else None
-            result = ondemand.hydrate(name, source=source, **hydrate_target(body))
-            extra = {"restored": result.restored}
-            if result.moved_aside:
-                extra["moved_aside"] = result.moved_aside
-            return 200, tenant_json(catalogue.get(name), **extra)
-
-        def _answer(self, handle) -> None:
-            """Every request gets an answer: our errors by their type, a bug as a 500."""
-            try:
-                status, body = handle()
-            except TenantSyncError as e:
-                status, body = status_of(e), error_body(e)
-            except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, answered
-                log.exception("%s %s failed", self.command, self.path)
-                status, body = 500, {"error": f"internal error: {type(e).__name__}"}
-            self._send(status, body)
-
-    return Handler
+    return [
+        Route("/healthz", answering(healthz), methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/tenants/{name:tenant}/{action:action}", answering(act), methods=["POST"]),
+        Route("/tenants/{name:tenant}", answering(get_tenant), methods=["GET"]),
+    ]
 
 
-def serve(ondemand: OnDemand, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    """A started-but-not-running server; call ``serve_forever()`` (or use a thread)."""
-    server = _Server((host, port), make_handler(ondemand))
-    server.daemon_threads = True
-    return server
+def make_app(ondemand: OnDemand, routes: list[Route] = ()) -> Starlette:
+    """The API as an ASGI app: the tenant routes and ``routes`` (metrics, pages); a route
+    that is not there is a JSON 404 (or 405) too."""
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"no route {request.method} {request.url.path}"},
+                            getattr(exc, "status_code", 404))
+
+    handlers = {404: not_found, 405: not_found}
+    return Starlette(routes=[*tenant_routes(ondemand), *routes], exception_handlers=handlers)
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 256  # the default 5 resets bursts of concurrent hydrations
+class _Action(StringConvertor):
+    """``{action:action}`` matches the three POST actions only, so a tenant name may hold
+    slashes (``a/b.db``) and ``GET /tenants/a/b.db`` is a tenant, not an action."""
+
+    regex = "hydrate|archive|fork"
 
 
-def serve_unix(ondemand: OnDemand, path: str) -> socketserver.UnixStreamServer:
-    """The same API on a Unix domain socket bound at ``path``; started-but-not-running, as
-    :func:`serve`'s. Its log names each caller by its pid (the kernel's peer credentials)."""
+class _Name(StringConvertor):
+    """``{name:tenant}``: any characters, line breaks included, so that a hostile name
+    reaches ``check_name`` and its 400 instead of falling through to "no route"."""
 
-    class LocalHandler(make_handler(ondemand)):
-        def address_string(self) -> str:  # a Unix socket's client_address is an empty str
-            pid, _, _ = struct.unpack("3i", self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                       struct.calcsize("3i")))
-            return f"pid {pid}"
-
-    return _UnixServer(path, LocalHandler)
+    regex = "[\\s\\S]+"
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    request_queue_size = _Server.request_queue_size
+register_url_convertor("action", _Action())
+register_url_convertor("tenant", _Name())
 
 
-def serve_owner(ondemand: OnDemand, config: Config, http: tuple[str, int] | None = None,
-                report: Callable[[str], None] | None = None) -> Callable[[], None]:
-    """Serve the API of the process owning the fleet's tenants on this host: on the fleet's
-    control socket (control.py) and, with ``http`` (host, port), over HTTP. Returns the
-    function that stops both. The one place that chooses the server, so replacing
-    http.server stays local to this module."""
-    report = report or (lambda line: log.warning("%s", line))
-    server = None if http is None else serve(ondemand, *http)  # a port in use fails here, first
-    try:
-        local = control.listen(lambda path: serve_unix(ondemand, path), config, report)
-    except BaseException:
-        if server is not None:
-            server.server_close()
-        raise
-    if server is not None:
-        threading.Thread(target=server.serve_forever, name="tenantsync-http", daemon=True).start()
+_TENANT = {"type": "object", "properties": {
+    "name": {"type": "string"}, "path": {"type": "string"}, "state": {"type": "string"},
+    "txid": {"type": "string", "description": "16 hex digits"},
+    "last_write_at": {"type": ["string", "null"], "format": "date-time"},
+    "last_sync_at": {"type": ["string", "null"], "format": "date-time"},
+    "lease_holder": {"type": ["string", "null"]}, "bytes_stored": {"type": ["integer", "null"]},
+    "wal_bytes": {"type": ["integer", "null"]}, "last_error": {"type": ["string", "null"]}}}
+_ERROR = {"type": "object", "required": ["error"],
+          "properties": {"error": {"type": "string"}, "type": {"type": "string"}, "skipped": {"type": "string"}}}
+_TARGET = {"type": "object", "additionalProperties": False, "properties": {
+    "txid": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+    "timestamp": {"type": "string", "format": "date-time"}}}
 
-    def stop() -> None:
-        if local is not None:
-            local.close()
-        if server is not None:
-            server.shutdown()
 
-    return stop
+def _op(summary: str, body: dict | None = None, secured: bool = True) -> dict:
+    op = {"summary": summary, "parameters": [{"name": "name", "in": "path", "required": True,
+                                              "schema": {"type": "string"}}],
+          "responses": {"200": {"description": "the tenant",
+                                "content": {"application/json": {"schema": _TENANT}}},
+                        "default": {"description": "an error, its status by its type",
+                                    "content": {"application/json": {"schema": _ERROR}}}}}
+    if body is not None:
+        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
+    if secured:
+        op["security"] = [{"bearer": []}]
+    return op
+
+
+#: The API described (OpenAPI 3.1); tests/test_api.py checks it names every route.
+OPENAPI = {
+    "openapi": "3.1.0",
+    "info": {"title": "tenantsync", "version": "1"},
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "paths": {
+        "/tenants/{name}": {"get": _op("A tenant's catalogue row", secured=False)},
+        "/tenants/{name}/hydrate": {"post": _op("Bring an archived tenant back (to a TXID or time)", _TARGET)},
+        "/tenants/{name}/fork": {"post": _op("A new tenant from another's replica", {
+            **_TARGET, "required": ["source"], "properties": {**_TARGET["properties"], "source": {"type": "string"}}})},
+        "/tenants/{name}/archive": {"post": _op("Ship, verify and remove a tenant's local files")},
+        "/healthz": {"get": {"summary": "Alive, with tenants by state", "responses": {"200": {"description": "ok"}}}},
+    },
+}

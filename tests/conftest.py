@@ -23,6 +23,10 @@ import pytest
 from . import seaweed
 from .ports import free_loopback_ports
 
+# Every HTTP API these tests start (and every process they start) requires this token;
+# tests of the token itself set or remove it explicitly.
+os.environ["TENANTSYNC_API_TOKEN"] = "test-token-3f9a"
+
 # -- where the servers come from ----------------------------------------------------
 
 

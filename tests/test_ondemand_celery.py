@@ -78,7 +78,8 @@ def expected_dump(rows: list) -> list:
 
 
 def call(url, method="GET", body=None, timeout=120):
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {os.environ['TENANTSYNC_API_TOKEN']}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -142,6 +143,7 @@ def run_ondemand(tmp_path, redis_server, s3_url, spawn, tenants: int,
     env = child_env(config_path) | {
         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "TENANTSYNC_API_TOKEN": os.environ["TENANTSYNC_API_TOKEN"],  # the token call() sends
     }
     data = tmp_path / "data"
 

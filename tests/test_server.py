@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -41,10 +42,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(url, method="GET", body=None):
+#: The API token of every fleet these tests serve over HTTP (set by conftest.py).
+TOKEN = os.environ["TENANTSYNC_API_TOKEN"]
+
+
+def call(url, method="GET", body=None, token=TOKEN):
     """(status, JSON answer); ``body`` is JSON-encoded unless it is bytes (sent as they are)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, method=method, data=data)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -53,28 +59,37 @@ def call(url, method="GET", body=None):
 
 
 
+@contextlib.contextmanager
+def embedded_fleet(cfg: Config, host: str = "127.0.0.1", up_within: float = 15):
+    """``cfg``'s embedded fleet on a thread, serving its API on ``host`` at a free port:
+    yields the base URL (asked through loopback) once /healthz answers."""
+    port = free_port()
+    stop = threading.Event()
+    thread = threading.Thread(target=embedded.run, args=(cfg, stop), kwargs={"http": (host, port)}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _up(base), up_within)
+        yield base
+    finally:
+        stop.set()
+        thread.join(60)
+
+
 @pytest.fixture
 def served(tmp_path, file_url):
     data = tmp_path / "data"
     data.mkdir()
-    port = free_port()
     cfg = Config(replica=file_url, globs=(f"{data}/*.db",), catalogue=f"sqlite:///{tmp_path}/cat.db",
-                 host="h1", idle_after=timedelta(seconds=1),
+                 host="h1", idle_after=timedelta(seconds=1), api_token=TOKEN,
                  archive_after=((f"{data}/*.db", timedelta(seconds=3)),))
-    stop = threading.Event()
-    thread = threading.Thread(target=embedded.run, args=(cfg, stop), kwargs={"http": ("127.0.0.1", port)},
-                              daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    assert wait_for(lambda: _up(base), 10)
-    yield cfg, base, data
-    stop.set()
-    thread.join(30)
+    with embedded_fleet(cfg) as base:
+        yield cfg, base, data
 
 
 def _up(base):
     try:
-        return call(base + "/healthz")[0] == 200
+        return call(base + "/healthz")[0] in (200, 401)
     except OSError:
         return False
 
@@ -127,7 +142,7 @@ def test_idle_tenants_are_archived_and_concurrent_hydrations_bring_them_back(ser
 def test_client_over_http_reports_failures_in_one_line(served):
     cfg, base, data = served
     with pytest.raises(TenantSyncError, match="no LTX files|unknown"):
-        Client(base).hydrate("missing.db")
+        Client(base, token=TOKEN).hydrate("missing.db")
     assert not (data / "missing.db").exists()
 
 
@@ -149,7 +164,7 @@ def serve_command(tmp_path, file_url):
     config = tmp_path / "tenantsync.yml"
     config.write_text(json.dumps({"replica": file_url, "globs": [f"{data}/*.db"], "host": "h1",
                                   "catalogue": f"sqlite:///{tmp_path}/cat.db", "idle-after": "10m",
-                                  "host-workers": 2}))
+                                  "host-workers": 2, "api-token": TOKEN}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     procs = []
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from celery.signals import celeryd_after_setup
 
 from scheduler.routing import PLAN_QUEUE, STORAGE_QUEUE, config_or_exit, make_app
+from tenantsync import control, metrics
 
 _plans_with_storage = True
 
@@ -23,6 +24,13 @@ def _add_plans(sender, instance, **_) -> None:
     queues = instance.app.amqp.queues
     if _plans_with_storage and STORAGE_QUEUE in queues.consume_from:
         queues.select_add(PLAN_QUEUE)
+
+
+@celeryd_after_setup.connect
+def _count_metrics(sender, instance, **_) -> None:
+    """A worker counts its jobs and requests where the host's /metrics adds them up
+    (tenantsync.metrics); Flower and beat, which import this app too, do not."""
+    metrics.use_directory(control.metrics_path(config))
 
 
 config = config_or_exit()  # read once: the launcher and the tasks' Fleet use it too

@@ -33,6 +33,7 @@ from xml.sax.saxutils import escape
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError as URLLib3Error, NewConnectionError
 
+from .. import metrics
 from ..errors import ObjectNotFound, PreconditionFailed, StorageError, StorageUnavailable
 from . import sigv4
 from .base import ObjectInfo, Storage, check_key, check_prefix, check_range, timestamp_ms
@@ -237,15 +238,20 @@ class S3Storage(Storage):
         """One try, holding one of the host's places in flight while it runs."""
         where = f"{self}: {action} {key}"
         with self._in_flight:
+            started, result, got = time.monotonic(), "unreachable", None
             try:
                 got = self._route.send(method, object_key, list(query), headers, payload, self._deadline)
+                result = _result(got)
+                return _check(got, where, not_found)
             except TooSlow as e:
                 raise Transient(str(e)) from e
             except (NewConnectionError, ConnectTimeoutError) as e:  # refused, DNS, connect timeout: nothing sent
                 raise Transient(f"cannot connect: {e}", reached=False) from e
             except (URLLib3Error, OSError) as e:  # sent, but no (whole) answer
                 raise Transient(f"no answer: {e}") from e
-        return _check(got, where, not_found)
+            finally:
+                metrics.store_request(action, result, time.monotonic() - started,
+                                      payload.size if payload is not None else 0, len(got.body) if got else 0)
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,15 @@ class _Answer:
     status: int
     headers: urllib3.HTTPHeaderDict
     body: bytes
+
+
+def _result(got: _Answer) -> str:
+    """An answer's result label in the request metrics: a handful of values, never a code
+    a server made up."""
+    if got.status < 300:
+        return "ok"
+    return {404: "not_found", 412: "precondition", 416: "not_found", 429: "throttled",
+            503: "throttled"}.get(got.status, "server_error" if got.status >= 500 else "refused")
 
 
 class _InvalidRange(Exception):
