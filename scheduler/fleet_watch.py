@@ -14,7 +14,8 @@ from tenantsync.serving import serve_owner
 
 from .owner import OnDemandVia
 from .queue import CeleryDispatcher, HostQueueRoute
-from .routing import make_app
+from .queue_metrics import QueueCollector
+from .routing import PLAN_QUEUE, STORAGE_QUEUE, make_app, shard_queue
 from .schedule import Schedule, host_plans
 from .watcher import Watcher
 
@@ -27,8 +28,10 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
     catalogue = open_catalogue(config)
     broker = CachedCheck(lambda: _ping_broker(app))
+    workers = config.host_processes(embedded=False)
+    queues = [*(shard_queue(config.host, i, workers) for i in range(workers)), STORAGE_QUEUE, PLAN_QUEUE]
     stop_serving = serve_owner(OnDemandVia(catalogue, HostQueueRoute(dispatcher, config)), config, http, report,
-                               checks={"broker": broker})
+                               checks={"broker": broker}, collectors=(QueueCollector(app, queues),))
     try:
         schedule = Schedule(config, catalogue, dispatcher, host_plans(config))
         Watcher(config, catalogue, dispatcher, report=report).run(stop, schedule.tick)

@@ -46,6 +46,8 @@ def shard_queue(host: str, index: int, host_workers: int) -> str:
 
 
 def make_app(config: configmod.Config) -> Celery:
+    from . import queue_metrics  # noqa: F401 - every message this process sends carries its send time
+
     broker = config.broker or "redis://127.0.0.1:6379/0"
     app = Celery("tenantsync", broker=broker, include=["workers.tasks"])
     app.conf.update(

@@ -179,14 +179,16 @@ class FleetCollector:
                                 value=view.wal_largest)
 
 
-def exposition(catalogue, max_lag: float) -> tuple[bytes, str]:  # noqa: ANN001 - a Catalogue
-    """The text a scrape gets, and its content type."""
+def exposition(catalogue, max_lag: float, collectors: tuple = ()) -> tuple[bytes, str]:  # noqa: ANN001
+    """The text a scrape gets, and its content type; ``collectors`` add what only the
+    runtime knows (the broker's queues in Celery mode)."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
     _instruments()  # every series exists from the first scrape on, at 0
     fleet = CollectorRegistry()
-    fleet.register(FleetCollector(catalogue, max_lag))
+    for collector in (FleetCollector(catalogue, max_lag), *collectors):
+        fleet.register(collector)
     if os.environ.get(ENV):
         processes = CollectorRegistry()
         MultiProcessCollector(processes)

@@ -65,12 +65,13 @@ class CachedCheck:
             self._error, self._at, self._running = error, time.monotonic(), None
 
 
-def observe_routes(catalogue, max_lag: float, checks: dict[str, CachedCheck]) -> list[Route]:  # noqa: ANN001
+def observe_routes(catalogue, max_lag: float, checks: dict[str, CachedCheck],  # noqa: ANN001
+                   collectors: tuple = ()) -> list[Route]:
     """``/metrics`` and ``/readyz`` over ``catalogue``; ``checks`` names what else must answer
-    ("store", "broker")."""
+    ("store", "broker"), ``collectors`` what else /metrics reports (the broker's queues)."""
 
     async def scrape(request: Request) -> Response:
-        text, content_type = await run_in_threadpool(metrics.exposition, catalogue, max_lag)
+        text, content_type = await run_in_threadpool(metrics.exposition, catalogue, max_lag, collectors)
         return Response(text, media_type=content_type)
 
     def ready() -> tuple[int, dict]:

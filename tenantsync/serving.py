@@ -176,15 +176,16 @@ def api_token(config: Config, loopback: bool) -> str:
 
 def serve_owner(ondemand: OnDemand, config: Config, http: tuple[str, int] | None = None,
                 report: Callable[[str], None] | None = None,
-                checks: dict[str, CachedCheck] | None = None) -> Callable[[], None]:
+                checks: dict[str, CachedCheck] | None = None, collectors: tuple = ()) -> Callable[[], None]:
     """Serve the API of the process owning the fleet's tenants on this host: on the fleet's
     control socket (control.py) and, with ``http`` (host, port), over TCP behind the token.
-    ``checks``: what /readyz asks besides the catalogue and the store (the broker).
+    ``checks``: what /readyz asks besides the catalogue and the store (the broker);
+    ``collectors``: what /metrics adds (the broker's queues).
     Returns the function that stops both."""
     report = report or (lambda line: log.warning("%s", line))
     store = open_storage(config.replica, config.storage)
     checks = {"store": CachedCheck(lambda: next(iter(store.list("readyz-probe/")), None)), **(checks or {})}
-    routes = observe_routes(ondemand.catalogue, config.max_lag.total_seconds(), checks)
+    routes = observe_routes(ondemand.catalogue, config.max_lag.total_seconds(), checks, collectors)
     routes += status_routes(ondemand.catalogue, store, config.fleet, config.host)
     app = make_app(ondemand, routes)
     tcp = None

@@ -189,3 +189,42 @@ def test_the_openapi_description_names_every_route(served):
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert ("security" in op) == (method == "post"), (path, method)
+
+
+def test_no_credential_signature_or_token_reaches_the_log_at_any_verbosity(tmp_path, s3_url):
+    """``serve -vv`` on S3, written to, asked with the right and a wrong token: its whole log
+    holds none of the AWS keys, no request signature and neither token."""
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIALOGSECRETTEST01", "AWS_SECRET_ACCESS_KEY": "s3cr3t-log-value-9f2",
+               "AWS_SESSION_TOKEN": "sess-token-log-7c1", "TENANTSYNC_API_TOKEN": "api-token-log-5e8"}
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows(conn := app_db(data / "a.db"), 3)
+    port = free_port()
+    env = dict(os.environ, **secrets, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tenantsync", "-vv", "serve", f"{data}/*.db", "--replica", s3_url,
+                                 "--catalogue", f"sqlite:///{tmp_path}/cat.db", "--listen", f"127.0.0.1:{port}"],
+                                env=env, cwd=tmp_path, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        token = secrets["TENANTSYNC_API_TOKEN"]
+        assert wait_for(lambda: _synced(base, "a.db"), 30), (tmp_path / "serve.log").read_text()[-3000:]
+        write_rows(conn, 2)
+        assert call(base + "/tenants/nobody.db/hydrate", "POST", {}, token=token)[0] == 404
+        assert call(base + "/tenants/a.db/archive", "POST", None, token="wrong-" + token)[0] == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        conn.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "PUT" in text or "sync" in text  # -vv did log the work
+    for name, value in [*secrets.items(), ("a signature", "Signature="), ("an Authorization header", "AWS4-HMAC")]:
+        assert value not in text, f"{name} is in the log"
+
+
+def _synced(base: str, name: str) -> bool:
+    try:
+        status, body = call(f"{base}/tenants/{name}")
+    except OSError:
+        return False
+    return status == 200 and body["txid"] != "0" * 16

@@ -175,14 +175,20 @@ def test_status_prints_the_fleet_and_its_most_lagging_tenants(tmp_path):
     assert "10 tenants (10 idle)" in text and "t00000.db" in text
 
 
-def test_the_grafana_dashboard_queries_only_metrics_that_exist(tmp_path):
+def test_the_grafana_dashboard_queries_only_metrics_that_exist(tmp_path, redis_server):
     import re
+
+    from scheduler.queue_metrics import QueueCollector
+    from scheduler.routing import make_app
+
+    app = make_app(Config(broker=redis_server.url, host="h1"))  # Celery mode's queue metrics too
 
     metrics.store_request("read", "ok", 0.01, received=1)
     metrics.job_done("sync", NothingNew("a"), 0.01)  # labelled series exist once used
     metrics.lease_handover()
     metrics.fence_refusal()
-    text, _ = metrics.exposition(open_catalogue(fleet_of(tmp_path, 3)), 60.0)
+    text, _ = metrics.exposition(open_catalogue(fleet_of(tmp_path, 3)), 60.0, (QueueCollector(app, ["storage"]),))
+    app.close()
     exposed = {sample.split("{")[0].split(" ")[0] for sample in text.decode().splitlines() if not sample.startswith("#")}
     dashboard = json.loads((open(os.path.join(ROOT, "compose", "grafana", "dashboards", "tenantsync.json"))).read())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
