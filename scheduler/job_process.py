@@ -35,6 +35,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+from tenantsync import logs
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
@@ -219,7 +220,7 @@ def child_main(fd: int) -> None:
         name, start, args, threads, nice, log_level = conn.recv()
     except (EOFError, OSError):
         return  # the parent is gone already
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
+    logs.configure(log_level, os.environ.get("TENANTSYNC_LOG_FORMAT", "text"), sys.stderr, {"process": name})
     if nice:
         os.nice(nice)
     try:

@@ -39,7 +39,7 @@ import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from . import l0
+from . import l0, logs
 from . import wal as walmod
 from .continuity import Broken, InMainFile, continuity, may_have_news, wal_empty
 from .errors import DatabaseError, PreconditionFailed, ReplicaConflict, TenantSyncError, sqlite_busy
@@ -568,7 +568,8 @@ class Capture:
     def _commit(self, pending: l0.PendingL0) -> SyncResult:
         """Upload, then advance the position: never the other way round."""
         try:
-            self._upload(pending)
+            with logs.about(txids=f"{pending.header.min_txid:016x}-{pending.header.max_txid:016x}"):
+                self._upload(pending)
         finally:
             pending.close()
         if pending.full is not None:

@@ -70,10 +70,14 @@ def _replica(url: str):
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), envvar="TENANTSYNC_LOG_FORMAT", default="text",
+              show_default=True, help="json: one object per line, with tenant, job and TXIDs (env TENANTSYNC_LOG_FORMAT).")
+def cli(verbose: int, log_format: str) -> None:
     """Continuous replication of SQLite databases to object storage."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from . import logs
+
+    os.environ["TENANTSYNC_LOG_FORMAT"] = log_format  # the fleet's child processes log alike
+    logs.configure(logging.WARNING - 10 * min(verbose, 2), log_format, sys.stderr)
 
 
 @cli.command()

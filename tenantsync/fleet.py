@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from . import compactor, metrics, tenants
+from . import compactor, tenants
+from .job_scope import tenant_job
 from .capture import Capture
 from .catalogue import Catalogue, TenantRecord, TenantState, open_catalogue
 from .config import AT_CEILING_CHECKPOINT, Config
@@ -151,7 +152,7 @@ class Fleet:
 
     # -- jobs -------------------------------------------------------------------
 
-    @metrics.counted("sync")
+    @tenant_job("sync")
     def sync(self, name: str, *, archiving: bool = False) -> Outcome:
         """Ship what tenant ``name`` committed since its position; idempotent.
 
@@ -422,7 +423,7 @@ class Fleet:
         embedded dispatcher logs it once instead of once per tenant."""
         run = STORAGE_JOBS[job]
 
-        @metrics.counted(job)
+        @tenant_job(job)
         def one(name: str) -> Outcome:
             try:
                 return run(self, name, **kwargs)

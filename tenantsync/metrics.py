@@ -14,7 +14,6 @@ tenants) and has no lag metric; LiteFS's ``litefs_db_lag_seconds`` is the model 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -103,26 +102,6 @@ def job_done(job: str, outcome: object, seconds: float) -> None:
     kind = "failed" if isinstance(outcome, BaseException) else type(outcome).__name__.lower()
     m.jobs.labels(job, kind).inc()
     m.job_seconds.labels(job).observe(seconds)
-
-
-def counted(job: str):  # noqa: ANN201 - a decorator
-    """Count each call of the decorated method (a tenant's job) by what it returned or raised."""
-
-    def decorate(method):  # noqa: ANN001, ANN202
-        @functools.wraps(method)
-        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            started = time.monotonic()
-            try:
-                outcome = method(*args, **kwargs)
-            except BaseException as e:
-                job_done(job, e, time.monotonic() - started)
-                raise
-            job_done(job, outcome, time.monotonic() - started)
-            return outcome
-
-        return call
-
-    return decorate
 
 
 def store_request(operation: str, result: str, seconds: float, sent: int = 0, received: int = 0) -> None:

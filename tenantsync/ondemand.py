@@ -18,7 +18,8 @@ import time
 from concurrent.futures import Future
 from datetime import datetime, timezone
 
-from . import compactor, metrics
+from . import compactor
+from .job_scope import tenant_job
 from .catalogue import REPLICATED, TenantState
 from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, TenantSyncError
 from .outcome import Archived, Failed, Hydrated, Skip, Skipped
@@ -110,7 +111,7 @@ class OnDemand:
 
     # -- hydration -----------------------------------------------------------------
 
-    @metrics.counted("hydrate")
+    @tenant_job("hydrate")
     def hydrate(self, name: str, *, txid: int | None = None, timestamp: datetime | None = None,
                 source: str | None = None) -> Hydrated:
         """Return once tenant ``name`` is local, complete and registered for replication.
@@ -235,7 +236,7 @@ class OnDemand:
 
     # -- archival ------------------------------------------------------------------
 
-    @metrics.counted("archive")
+    @tenant_job("archive")
     def archive(self, name: str) -> Archived | Skipped:
         """Ship, snapshot, verify, then remove the tenant's local files: Archived. Skipped if
         it was archived already, or is in use by another process (the files stay); other

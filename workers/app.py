@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
-from celery.signals import celeryd_after_setup
+import logging
+import os
+import sys
+
+from celery.signals import celeryd_after_setup, setup_logging
 
 from scheduler.routing import PLAN_QUEUE, STORAGE_QUEUE, config_or_exit, make_app
-from tenantsync import control, metrics
+from tenantsync import control, logs, metrics
 
 _plans_with_storage = True
 
@@ -31,6 +35,13 @@ def _count_metrics(sender, instance, **_) -> None:
     """A worker counts its jobs and requests where the host's /metrics adds them up
     (tenantsync.metrics); Flower and beat, which import this app too, do not."""
     metrics.use_directory(control.metrics_path(config))
+
+
+if os.environ.get("TENANTSYNC_LOG_FORMAT") == "json":
+    @setup_logging.connect
+    def _json_logs(loglevel=None, **_) -> None:  # noqa: ANN001
+        """One JSON object per line, as ``tenantsync --log-format json`` (Celery's own format otherwise)."""
+        logs.configure(loglevel or logging.WARNING, "json", sys.stderr)
 
 
 config = config_or_exit()  # read once: the launcher and the tasks' Fleet use it too

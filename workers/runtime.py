@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 
 from scheduler.queue import CeleryDispatcher
+from tenantsync import logs
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync.process import RELEASE_EVERY, freeze_setup, prepare_process
@@ -79,3 +80,19 @@ def _release_all(**_):
         stop.set()
         thread.join()
     fleet().shutdown()
+
+
+_job_marks: dict[str, object] = {}
+
+
+@task_prerun.connect
+def _mark_job(task_id: str, **_) -> None:
+    """Lines a task logs carry its Celery id (``--log-format json``), in the thread running it."""
+    _job_marks[task_id] = logs.enter(job_id=task_id)
+
+
+@task_postrun.connect
+def _unmark_job(task_id: str, **_) -> None:
+    token = _job_marks.pop(task_id, None)
+    if token is not None:
+        logs.leave(token)
