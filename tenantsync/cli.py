@@ -6,6 +6,7 @@ be reached: worth retrying); a traceback means a bug.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -115,9 +116,30 @@ def restore(replica_url: str, output: str, txid: int | None, timestamp: datetime
 
     if txid is not None and timestamp is not None:
         raise click.UsageError("--txid and --timestamp are exclusive")
-    result = do_restore(_replica(replica_url), output, txid=txid, timestamp=timestamp, force=force)
+    with _progress_bar(f"restore {os.path.basename(output)}") as progress:
+        result = do_restore(_replica(replica_url), output, txid=txid, timestamp=timestamp, force=force,
+                            progress=progress)
     as_of = result.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     click.echo(f"restored {output} txid={result.txid:016x} as-of={as_of} files={result.files} pages={result.pages}")
+
+
+@contextlib.contextmanager
+def _progress_bar(what: str):
+    """A ``progress(done, total)`` drawing a bar of bytes on stderr, if stderr is a terminal
+    (None otherwise: logs and pipes get no bar)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.refresh()  # the last step is drawn even when it came within mininterval
+
+        yield progress
 
 
 def fleet_options(f):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from collections import deque
+from collections.abc import Callable
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -176,8 +178,10 @@ def restore(
     txid: int | None = None,
     timestamp: datetime | None = None,
     force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RestoreResult:
-    """Rebuild the database at ``output``; nothing is left there unless it verified."""
+    """Rebuild the database at ``output``; nothing is left there unless it verified.
+    ``progress(done, total)`` is told the LTX bytes applied so far as they are."""
     output = os.path.abspath(output)
     if os.path.exists(output) and not force:
         raise OutputExists(f"{output}: already exists (use --force to replace it)")
@@ -186,7 +190,7 @@ def restore(
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tenantsync-restore-{os.getpid()}")
     try:
-        pages, size, page_size, commit, ms = _apply(replica, infos, tmp)
+        pages, size, page_size, commit, ms = _apply(replica, infos, tmp, _Progress(progress, infos))
         with ThreadPoolExecutor(1) as pool:
             # The disk writes back while SQLite checks the b-trees from the page cache.
             synced = pool.submit(_fsync_path, tmp)
@@ -205,7 +209,22 @@ def restore(
                          datetime.fromtimestamp(ms / 1000, timezone.utc))
 
 
-def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int, int, int, int]:
+class _Progress:
+    """The bytes of the plan's LTX files applied so far, told to ``report(done, total)``
+    (nothing without one); ranges of a large file count as their workers finish them."""
+
+    def __init__(self, report: Callable[[int, int], None] | None, infos: list[LTXInfo]):
+        self.report, self.total, self.done = report, sum(i.size for i in infos), 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        if self.report is not None:
+            with self._lock:
+                self.done += n
+                self.report(self.done, self.total)
+
+
+def _apply(replica: Replica, infos: list[LTXInfo], path: str, progress: _Progress) -> tuple[int, int, int, int, int]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     page_size = None
     pages = total = commit = ms = 0
@@ -218,7 +237,7 @@ def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int,
                 if data is None:
                     # Pages reach the file before its checksum is verified, as from Decoder:
                     # the caller deletes the file on any error.
-                    header, count = restore_pool.apply_file(replica, info, path)
+                    header, count = restore_pool.apply_file(replica, info, path, progress.add)
                 else:
                     dec = replica.decoder(info, data)
                     header = dec.header
@@ -228,6 +247,7 @@ def _apply(replica: Replica, infos: list[LTXInfo], path: str) -> tuple[int, int,
                     runs.flush()
                     count = runs.count
                     dec.close()
+                    progress.add(info.size)
                 if page_size not in (None, header.page_size):
                     raise RestoredCorrupt(f"{replica.url(info)}: page size {header.page_size} differs from {page_size}")
                 page_size, pages = header.page_size, pages + count

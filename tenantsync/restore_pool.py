@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import tenantsync
@@ -137,8 +138,10 @@ def _close() -> None:
         _pool.close()
 
 
-def apply_file(replica: Replica, info: LTXInfo, output: str) -> tuple[Header, int]:
-    """Write ``info``'s pages into ``output`` (a file that exists) and verify every checksum.
+def apply_file(replica: Replica, info: LTXInfo, output: str,
+               applied: Callable[[int], None] = lambda n: None) -> tuple[Header, int]:
+    """Write ``info``'s pages into ``output`` (a file that exists) and verify every checksum;
+    ``applied(n)`` is told the bytes of each range once it is written.
 
     Returns the header and the number of pages. Pages are in ``output`` before the file is
     known good, as with Decoder: the caller discards ``output`` on any error."""
@@ -161,7 +164,9 @@ def apply_file(replica: Replica, info: LTXInfo, output: str) -> tuple[Header, in
                "track": layout.header.is_snapshot and not layout.header.no_checksum}
 
         def decoded(start: int, end: int, rows: list) -> RangeSum:
-            return pool.run(RangeJob(data=read(start, end - start), start=start, rows=rows, **job))
+            done = pool.run(RangeJob(data=read(start, end - start), start=start, rows=rows, **job))
+            applied(end - start)
+            return done
 
         pending = deque(split(layout, RANGE))
         running: deque = deque()
