@@ -37,9 +37,8 @@ def use_directory(path: str) -> None:
     """Count this process's metrics in ``path`` (and its children's: the environment is
     inherited), removing the files of processes that are gone. Called by a fleet process
     before anything is counted; a process that counted already keeps counting in memory."""
-    if "prometheus_client" in sys.modules and os.environ.get(ENV) != path:
-        log.warning("metrics: prometheus_client was loaded before the metrics directory was set; "
-                    "this process's counts stay in its memory")
+    if _made:
+        log.warning("metrics: counted before the metrics directory was set; this process's counts stay in memory")
         return
     os.makedirs(path, mode=0o700, exist_ok=True)
     for entry in os.listdir(path):
@@ -50,6 +49,13 @@ def use_directory(path: str) -> None:
             except FileNotFoundError:
                 pass
     os.environ[ENV] = path
+    if "prometheus_client" in sys.modules:
+        # Loaded before this (the `celery` command loads its plugins first, Flower's with
+        # it), when the environment did not say multiprocess yet: prometheus_client picks
+        # its value class from the environment when it is imported, so pick it again.
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()
 
 
 def _alive(pid: int) -> bool:

@@ -27,7 +27,7 @@ from .api_guard import Guard, Policy, is_loopback, token_file_token
 from .errors import TenantSyncError
 from .observe import CachedCheck, observe_routes
 from .server import make_app
-from .status_page import status_routes
+from .status_page import login_routes, status_routes
 from .storage import open_storage
 
 if TYPE_CHECKING:
@@ -187,13 +187,14 @@ def serve_owner(ondemand: OnDemand, config: Config, http: tuple[str, int] | None
     checks = {"store": CachedCheck(lambda: next(iter(store.list("readyz-probe/")), None)), **(checks or {})}
     routes = observe_routes(ondemand.catalogue, config.max_lag.total_seconds(), checks, collectors)
     routes += status_routes(ondemand.catalogue, store, config.fleet, config.host)
-    app = make_app(ondemand, routes)
+    policy = None
+    if http is not None:
+        loopback = is_loopback(http[0])
+        policy = Policy(api_token(config, loopback), loopback)  # no token beyond loopback fails here, first
+    app = make_app(ondemand, routes + login_routes(policy))
     tcp = None
     if http is not None:
-        host, port = http
-        loopback = is_loopback(host)
-        policy = Policy(api_token(config, loopback), loopback)  # no token beyond loopback fails here, first
-        tcp = Served(Guard(app, policy), [tcp_listener(host, port)])  # then a port in use
+        tcp = Served(Guard(app, policy), [tcp_listener(*http)])  # then a port in use
     try:
         local = control.listen(lambda path: Served(Guard(app, Policy(None, True)), [unix_listener(path)]),
                                config, report)

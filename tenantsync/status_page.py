@@ -12,13 +12,14 @@ from __future__ import annotations
 import html
 import math
 from datetime import datetime, timezone
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, RedirectResponse
 from starlette.routing import Route
 
+from .api_guard import LOGIN_PATH, SESSION_COOKIE, Policy
 from .catalogue_reads import PAGE_SORTS
 from .errors import InvalidArgument, NotATenant
 from .replica import Replica
@@ -108,6 +109,41 @@ def _page(title: str, body: str) -> str:
             f"<meta name=viewport content='width=device-width'><link rel=icon href='data:,'>"
             f"<style>{_STYLE}</style></head>"
             f"<body>{body}<script>{_SCRIPT}</script></body></html>")
+
+
+def login_routes(policy: Policy | None) -> list[Route]:
+    """``/login``: beyond loopback, where a browser cannot send the token with its GETs, the
+    operator types it once and gets the page's session cookie (api_guard)."""
+
+    def form(message: str = "", status: int = 200, next_path: str = "/") -> HTMLResponse:
+        body = (f"<h1>tenantsync</h1><form method=post action='{LOGIN_PATH}'>"
+                f"<input type=hidden name=next value='{_e(next_path)}'>"
+                f"<input type=password name=token placeholder='API token' autofocus autocomplete=off> "
+                f"<button>Sign in</button></form><p class=error>{_e(message)}</p>")
+        return HTMLResponse(_page("tenantsync: sign in", body), status)
+
+    async def login(request: Request) -> HTMLResponse | RedirectResponse:
+        if request.method == "GET":
+            return form(next_path=_local_path(request.query_params.get("next", "/")))
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > 4096:
+                return form("the form is too large", 413)
+        fields = parse_qs(raw.decode("utf-8", "replace"))
+        given, next_path = fields.get("token", [""])[0], _local_path(fields.get("next", ["/"])[0])
+        if policy is None or policy.token is None or not policy.is_token(given):
+            return form("wrong token", 401, next_path)
+        answer = RedirectResponse(next_path, 303)
+        answer.set_cookie(SESSION_COOKIE, policy.session(), httponly=True, samesite="strict", path="/")
+        return answer
+
+    return [Route(LOGIN_PATH, answering(login), methods=["GET", "POST"])]
+
+
+def _local_path(path: str) -> str:
+    """``path`` if it is a path of this site, else ``/`` (no redirect elsewhere)."""
+    return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else "/"
 
 
 def status_routes(catalogue, store, fleet: str, host: str) -> list[Route]:  # noqa: ANN001

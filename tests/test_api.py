@@ -228,3 +228,35 @@ def _synced(base: str, name: str) -> bool:
     except OSError:
         return False
     return status == 200 and body["txid"] != "0" * 16
+
+
+def test_beyond_loopback_a_browser_signs_in_once_and_reads_the_page_with_its_cookie(tmp_path, file_url):
+    (tmp_path / "data").mkdir()
+    cfg = Config(replica=file_url, globs=(f"{tmp_path}/data/*.db",), catalogue=f"sqlite:///{tmp_path}/cat.db",
+                 host="h1", api_token=TOKEN)
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(), _NoRedirect())
+    html = {"Accept": "text/html"}
+    with embedded_fleet(cfg, host="0.0.0.0") as base:
+        with pytest.raises(urllib.error.HTTPError) as e:  # a browser is sent to sign in
+            opener.open(urllib.request.Request(base + "/?q=x", headers=html), timeout=10)
+        assert e.value.code == 303 and e.value.headers["Location"] == "/login?next=/"
+        with opener.open(urllib.request.Request(base + "/login", headers=html), timeout=10) as resp:
+            assert b"type=password" in resp.read()
+        for token, status in (("wrong", 401), (TOKEN, 303)):
+            form = urllib.parse.urlencode({"token": token, "next": "https://evil.example/"}).encode()
+            with pytest.raises(urllib.error.HTTPError) as e:
+                opener.open(urllib.request.Request(base + "/login", data=form, headers=html), timeout=10)
+            assert e.value.code == status
+        assert e.value.headers["Location"] == "/"  # never a redirect to another site
+        cookie = e.value.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
+        with opener.open(urllib.request.Request(base + "/", headers=html), timeout=10) as resp:
+            assert resp.status == 200 and b"tenantsync" in resp.read()
+        with pytest.raises(urllib.error.HTTPError) as e:  # the cookie admits reads, never a change
+            opener.open(urllib.request.Request(base + "/tenants/a.db/archive", data=b"", method="POST"), timeout=10)
+        assert e.value.code == 401
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - urllib's signature
+        return None

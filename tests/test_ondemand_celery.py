@@ -92,6 +92,17 @@ def call(url, method="GET", body=None, timeout=120):
         return None, {"error": repr(e)}
 
 
+def jobs_counted(base: str) -> dict[tuple[str, str], float]:
+    """(job, outcome) -> count, from the API's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {os.environ['TENANTSYNC_API_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        text = resp.read().decode()
+    return {(s.labels["job"], s.labels["outcome"]): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "tenantsync_jobs_total"}
+
+
 def serve_args(config_path, port: int) -> list[str]:
     script = os.path.join(BIN, "tenantsync")
     command = [script] if os.access(script, os.X_OK) else [os.path.join(BIN, "python"), "-m", "tenantsync"]
@@ -235,6 +246,8 @@ def run_ondemand(tmp_path, redis_server, s3_url, spawn, tenants: int,
         with ThreadPoolExecutor(HYDRATIONS) as pool:
             answers = list(pool.map(hydrate_together, names))
         timings["hydrate"] = time.monotonic() - t_hyd
+        # The watcher's /metrics counts what the worker processes did (the host's metrics directory).
+        counted = jobs_counted(base)
     finally:
         writer.stop_event.set()
         writer.join(30)
@@ -289,6 +302,8 @@ def run_ondemand(tmp_path, redis_server, s3_url, spawn, tenants: int,
     strays = stray_files(data)
     if strays:
         problems.append(f"temporary/partial files left in the data directory: {strays[:20]}")
+    if counted.get(("archive", "archived"), 0) < len(cold) or counted.get(("sync", "shipped"), 0) < tenants:
+        problems.append(f"/metrics counted fewer jobs than the workers did: {counted}")
     died = [p.name for p in procs if p not in (beat, server) and not p.alive()]
     if died:
         problems.append(f"died: {died}")
