@@ -142,7 +142,7 @@ def main() -> None:
     routes = {
         "/ (first page)": "/",
         "/?q=…&sort=lag (search, lag order)": "/?q=tenant-04&sort=lag&order=desc",
-        "/?page=150&sort=wal_bytes (deep page)": f"/?page={max(1, a.tenants // 100)}&sort=wal_bytes&order=desc",
+        "/?page=N/100&sort=wal_bytes (deep page)": f"/?page={max(1, a.tenants // 100)}&sort=wal_bytes&order=desc",
         "/t/NAME (tenant page)": f"/t/{asked}",
         "/metrics": "/metrics",
         "/readyz": "/readyz",
