@@ -54,7 +54,8 @@ class NoToken(TenantSyncError):
 
 class AccessLog:
     """One log line per request, as ``CLIENT "METHOD PATH HTTP/1.1" STATUS``; on the control
-    socket CLIENT is ``pid N``, the caller's pid from the kernel (``_PeerPid``)."""
+    socket CLIENT is ``pid N``, the caller's pid from the kernel (``_PeerPid``). Written when
+    the status is sent, before the body: a caller that has its answer finds the line."""
 
     def __init__(self, app):  # noqa: ANN001 - any ASGI app
         self.app = app
@@ -62,20 +63,25 @@ class AccessLog:
     async def __call__(self, scope, receive, send):  # noqa: ANN001 - ASGI
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 0
+        logged = False
+
+        def line(status: int) -> None:
+            nonlocal logged
+            logged = True
+            client = scope.get("client") or ("-", 0)
+            log.info('%s "%s %s HTTP/%s" %d', client[0], scope["method"], scope["path"],
+                     scope.get("http_version", "1.1"), status)
 
         async def sending(message):  # noqa: ANN001 - ASGI
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                line(message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            client = scope.get("client") or ("-", 0)
-            log.info('%s "%s %s HTTP/%s" %d', client[0], scope["method"], scope["path"],
-                     scope.get("http_version", "1.1"), status)
+            if not logged:
+                line(0)  # no answer was started (the client went away)
 
 
 class _PeerPid(H11Protocol):
