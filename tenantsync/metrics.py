@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -180,6 +181,16 @@ def exposition(catalogue, max_lag: float, collectors: tuple = ()) -> tuple[bytes
     else:
         processes = REGISTRY  # this process's own counters
     started = time.monotonic()
-    text = generate_latest(processes) + generate_latest(fleet)
+    for attempt in range(3):
+        try:
+            counted = generate_latest(processes)
+            break
+        except struct.error:
+            # A process that just started counting has created its file but not yet written
+            # its header (prometheus_client reads the directory without locks): read again.
+            if attempt == 2:
+                raise
+            time.sleep(0.01)
+    text = counted + generate_latest(fleet)
     log.debug("metrics: %d bytes in %.3f s", len(text), time.monotonic() - started)
     return text, CONTENT_TYPE_LATEST
