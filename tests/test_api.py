@@ -71,8 +71,10 @@ def test_every_malformed_request_gets_an_answer_in_bounded_time(served, monkeypa
         ("a hostile name", post("/tenants/..%2F..%2Fetc%2Fpasswd/hydrate", body=b"{}"), 400),
         ("archiving an unknown tenant", post("/tenants/nobody.db/archive"), 404),
         ("an unknown action", post("/tenants/a.db/explode", body=b"{}"), 405),
+        # Not ended: the server refuses once it holds more than it buffers, while the client
+        # has nothing left to send (a client still sending would meet a reset, not the answer).
         ("a head larger than the server buffers", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
-         + b"x" * 4_000_000 + b"\r\n\r\n", 400),
+         + b"x" * 64_000, 400),
         ("a request line that is not HTTP", b"HELLO\r\n\r\n", 400),
     ]
     for what, request, expected in cases:
