@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .catalogue_schema import _BY_NAME, TENANTS, TenantRecord, TenantState, _chunks, _utc
+from .catalogue_schema import _BY_NAME, TENANTS, TenantRecord, TenantState, _chunks, _utc, lag_seconds
 
 
 # Never synced first (NULLS FIRST, which SQLite and PostgreSQL both take), then the
@@ -122,7 +122,7 @@ class CatalogueReads:
             for state, n in s.execute(sa.select(c.state, sa.func.count()).where(self._mine).group_by(c.state)):
                 states[TenantState(state).value] = n
             pending = s.execute(sa.select(c.name, c.pending_since).where(self._mine, c.pending_since.is_not(None)))
-            lags = {name: max(0.0, (now - _utc(since, "pending_since")).total_seconds()) for name, since in pending}
+            lags = {name: lag_seconds(since, now) for name, since in pending}
             total, largest = s.execute(sa.select(sa.func.sum(c.wal_bytes), sa.func.max(c.wal_bytes))
                                        .where(self._mine)).one()
         return FleetView(states, lags, int(total or 0), int(largest or 0))

@@ -236,6 +236,11 @@ class TenantRecord:
     pending_since: datetime | None
 
 
+def lag_seconds(pending_since: datetime | None, now: datetime) -> float:
+    """How long a tenant's oldest write not in its replica has waited: 0 when none is pending."""
+    return 0.0 if pending_since is None else max(0.0, (now - pending_since).total_seconds())
+
+
 _RECORD_FIELDS = tuple(f.name for f in fields(TenantRecord))
 # Records are built from rows positionally.
 assert tuple(TENANTS.c.keys()) == _RECORD_FIELDS, "TenantRecord fields must follow the table's columns"

@@ -232,6 +232,7 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     import json as jsonmod
 
     from .catalogue import open_catalogue
+    from .catalogue_schema import lag_seconds
     from .server import tenant_json
 
     cfg = load_config(config_path, replica_url, broker, catalogue)
@@ -240,8 +241,7 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     rows = []
     for r in records:
         size = sum(os.path.getsize(p) for p in (r.path, r.path + "-wal") if os.path.exists(p))
-        lag = max(0.0, (now - r.pending_since).total_seconds()) if r.pending_since else 0.0
-        row = tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=lag,
+        row = tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=lag_seconds(r.pending_since, now),
                           idle_seconds=(now - r.last_write_at).total_seconds() if r.last_write_at else None)
         if os.path.exists(r.path + "-wal"):  # this host's tenant: its WAL as it is now
             row["wal_bytes"] = os.path.getsize(r.path + "-wal")

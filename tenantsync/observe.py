@@ -85,7 +85,8 @@ def observe_routes(catalogue, max_lag: float, checks: dict[str, CachedCheck],  #
                 failed[what] = error
         worst = view.worst(WORST_NAMED, above=max_lag)
         if worst:
-            failed["lag"] = f"{len([v for v in view.lags.values() if v > max_lag])} tenant(s) lag more than {max_lag:g} s"
+            over = sum(1 for lag in view.lags.values() if lag > max_lag)
+            failed["lag"] = f"{over} tenant(s) lag more than {max_lag:g} s"
         body = {"ready": not failed, "tenants": view.tenants, "max_lag": max_lag,
                 "worst_lag": max(view.lags.values(), default=0.0)}
         if failed:

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from .api_guard import LOGIN_PATH, SESSION_COOKIE, Policy
 from .catalogue_reads import PAGE_SORTS
+from .catalogue_schema import lag_seconds
 from .errors import InvalidArgument, NotATenant
 from .replica import Replica
 from .server import answering
@@ -187,9 +188,9 @@ def status_routes(catalogue, store, fleet: str, host: str) -> list[Route]:  # no
                 f"<td class=n>{_duration(lag) if lag is not None else '0'}</td>"
                 f"<td>{_ago(r.last_write_at, now)}</td><td>{_ago(r.last_sync_at, now)}</td>"
                 f"<td class=n>{_bytes(r.wal_bytes)}</td><td class=n>{_bytes(r.bytes_stored)}</td></tr>")
-        nav = (f"<nav>{'<a href=' + repr(_e(link(page=page - 1))) + '>‹ previous</a> ' if page > 1 else ''}"
-               f"page {page} of {pages} ({total:,} tenants{' matching' if search else ''})"
-               f"{' <a href=' + repr(_e(link(page=page + 1))) + '>next ›</a>' if page < pages else ''}</nav>")
+        previous = f"<a href='{_e(link(page=page - 1))}'>‹ previous</a> " if page > 1 else ""
+        following = f" <a href='{_e(link(page=page + 1))}'>next ›</a>" if page < pages else ""
+        nav = f"<nav>{previous}page {page} of {pages} ({total:,} tenants{' matching' if search else ''}){following}</nav>"
         body = (f"<h1>tenantsync <small>fleet {_e(fleet)} · host {_e(host)}</small></h1>"
                 f"<form class=search method=get><input name=q value='{_e(search)}' placeholder='search tenants' "
                 f"id=q><input type=hidden name=sort value='{_e(sort)}'><button>Search</button></form>"
@@ -207,7 +208,7 @@ def status_routes(catalogue, store, fleet: str, host: str) -> list[Route]:  # no
         levels = Replica(store.child(name)).all_files()
         files = [f for level in sorted(levels) for f in levels[level]]
         window = (min((f.created_at for f in files), default=None), max((f.created_at for f in files), default=None))
-        lag = catalogue.fleet_view(now).lags.get(name)
+        lag = lag_seconds(record.pending_since, now) if record.pending_since else None
         facts = [
             ("State", record.state.value), ("TXID", f"{record.txid or 0:016x}"),
             ("Lag", _duration(lag) if lag is not None else "0 (current)"),

@@ -154,9 +154,8 @@ def test_body_deadline_follows_its_size(proxied_s3_url, s3_proxy):
 
 
 def test_no_write_waits_for_100_continue(proxied_s3_url, s3_proxy):
-    """A PUT is one round trip: waiting for "100 Continue" would make it two (botocore's
-    client sent the header with every PUT). A large write refused by its condition then
-    costs its upload, which only a lost race pays."""
+    """A PUT is one round trip: waiting for "100 Continue" would make it two. A large
+    write refused by its condition then costs its upload, which only a lost race pays."""
     store = open_storage(proxied_s3_url)
     s3_proxy.reset_stats()
     store.write_if_absent("small", os.urandom(100_000))

@@ -7,9 +7,10 @@ message naming the URL and key.
 
 The requests are S3's REST calls made directly: signed by ``sigv4``, sent on urllib3
 connection pools shared by every storage of the process, answers parsed with
-ElementTree. botocore's client spent ~1.5 ms of CPU on each request, which at round
-trips of tens of milliseconds was what a fleet of many tenants waited for; its
-credentials chain is still what finds the keys. Every request is one ``_request``:
+ElementTree. botocore's client costs several times more CPU per request than the request
+itself (docs/BENCHMARKS.md, "CPU of a fresh tenant"), and a fleet starting or catching up
+many tenants is bound by that CPU, not by the round trips; botocore's credentials chain is
+still what finds the keys. Every request is one ``_request``:
 under the endpoint host's cap on requests in flight, tried by ``retry.Tries``, each try
 bounded by the options' timeouts and, for bodies, by a deadline in proportion to their size.
 """
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
@@ -40,8 +41,6 @@ from .base import ObjectInfo, Storage, check_key, check_prefix, check_range, tim
 from .options import StorageOptions
 from .payload import Payload, TooSlow
 from .retry import Transient, Tries
-
-T = TypeVar("T")
 
 #: User metadata key under which Litestream stores an LTX file's timestamp.
 METADATA_TIMESTAMP = "litestream-timestamp"
@@ -197,8 +196,9 @@ class S3Storage(Storage):
             head = self._request("read", key, "HEAD", self._object_key(key), not_found=ObjectNotFound, answer=True)
         except ObjectNotFound:
             return None
+        modified = head.headers.get("last-modified")
         return ObjectInfo(key, int(head.headers.get("content-length", 0)), _etag(head.headers.get("etag", "")),
-                          parsedate_to_datetime(head.headers["last-modified"]))
+                          parsedate_to_datetime(modified) if modified else datetime.now(timezone.utc))
 
     def delete(self, keys: Iterable[str]) -> None:
         object_keys = [self._object_key(check_key(k)) for k in keys]
@@ -308,9 +308,7 @@ def _error_of(got: _Answer) -> tuple[str, str]:
     status stands for the code then)."""
     try:
         root = _xml(got.body)
-    except StorageError:
-        root = None
-    if root is None:
+    except StorageError:  # no body, or not S3's XML (a proxy's page)
         return str(got.status), got.body[:200].decode("utf-8", "replace").strip() or str(got.status)
     return _text(root, "Code", str(got.status)), _text(root, "Message", "")
 
@@ -323,11 +321,10 @@ class _Route:
     _pools: dict[tuple, urllib3.connectionpool.HTTPConnectionPool] = {}
     _lock = threading.Lock()
 
-    def __init__(self, bucket: str, base: urllib.parse.SplitResult, region: str, path_style: bool,
+    def __init__(self, bucket: str, base: urllib.parse.SplitResult, host: str, region: str, path_style: bool,
                  pool: urllib3.connectionpool.HTTPConnectionPool):
-        self.bucket, self.region, self.path_style, self._pool = bucket, region, path_style, pool
+        self.bucket, self.host, self.path_style, self._pool = bucket, host, path_style, pool
         self.endpoint_host = base.netloc
-        self.host = base.netloc if path_style else f"{bucket}.{base.netloc}"
         self.https = base.scheme == "https"
         self.signer = sigv4.Signer(region)
 
@@ -348,7 +345,7 @@ class _Route:
                 pool = cls._pools[key] = urllib3.connection_from_url(
                     f"{base.scheme}://{host}", maxsize=options.max_in_flight, block=False, retries=False,
                     timeout=urllib3.Timeout(connect=options.connect_timeout, read=options.read_timeout), **tls)
-        return cls(bucket, base, region, path_style, pool)
+        return cls(bucket, base, host, region, path_style, pool)
 
     def send(self, method: str, object_key: str | None, query: list[tuple[str, str]], headers: dict[str, str],
              payload: Payload | None, deadline_of: Callable[[int], float]) -> _Answer:

@@ -1,10 +1,8 @@
 """AWS Signature Version 4 for S3 requests, in the form the S3 backend sends them.
 
-botocore signs the same way, but only as one step of a request pipeline that costs about
-1.5 ms of CPU per request on these machines (event hooks, endpoint rules, models,
-parsers): at 30 ms round trips, a fleet bringing up a thousand tenants (three requests
-each) spent its time there, not waiting for the store. Signing itself is two SHA-256s and
-four HMACs. Credentials still come from botocore's chain (environment, shared files,
+botocore signs the same way, but only as one step of a request pipeline (event hooks,
+endpoint rules, models, parsers) whose CPU is what a fleet bringing up many tenants at once
+waits for (docs/BENCHMARKS.md). Signing itself is two SHA-256s and four HMACs. Credentials still come from botocore's chain (environment, shared files,
 instance roles, their refresh), so nothing of how users give them changes.
 
 The algorithm: https://docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html
