@@ -89,7 +89,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "benchhost"
 SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, ts REAL, v TEXT)"
 TOOLS = ("ts-embedded", "ts-redis", "litestream")
-TOOL_LABEL = {"ts-embedded": "tenantsync embedded", "ts-redis": "tenantsync Redis", "litestream": "Litestream"}
+TOOL_LABEL = {"ts-embedded": "tenantsync embedded", "ts-redis": "tenantsync Redis", "litestream": "Litestream",
+              "ts-embedded-nometrics": "tenantsync embedded, metrics off"}
+#: What counting metrics costs: tenantsync embedded with TENANTSYNC_METRICS=off, beside the
+#: default (not in TOOLS: ask for it with --tools ts-embedded,ts-embedded-nometrics).
+NO_METRICS = {"TENANTSYNC_METRICS": "off"}
 
 
 def log(msg: str) -> None:
@@ -826,8 +830,11 @@ class Bench:
         root = os.path.join(self.root, f"n{n}", kind)
         shutil.rmtree(root, ignore_errors=True)
         log(f"N={n} {TOOL_LABEL[kind]}: copying {n} tenants")
-        cls = {"ts-embedded": Embedded, "ts-redis": RedisMode, "litestream": Litestream}[kind]
-        setup = cls(root, names, template, self.a)
+        if kind == "ts-embedded-nometrics":
+            setup = Embedded(root, names, template, self.a, extra_env=NO_METRICS)
+        else:
+            cls = {"ts-embedded": Embedded, "ts-redis": RedisMode, "litestream": Litestream}[kind]
+            setup = cls(root, names, template, self.a)
         res: dict = {"tool": kind, "tenants": n, "git": git_state()}
         try:
             self._run_tool(setup, res, names)
@@ -1221,8 +1228,10 @@ def report(results: dict) -> str:
     for n, runs in results["runs"].items():
         lines.append(f"\n### N = {int(n):,} tenants\n")
         head = ["", *[TOOL_LABEL[k] for k in tools]]
-        ratios = [k for k in tools if k != "litestream"] if "litestream" in tools else []
+        ratios = [k for k in tools if k in ("ts-embedded", "ts-redis")] if "litestream" in tools else []
         head += [f"{'emb' if k == 'ts-embedded' else 'redis'} / LS" for k in ratios]
+        metrics_ratio = {"ts-embedded", "ts-embedded-nometrics"} <= set(tools)
+        head += ["metrics on / off"] if metrics_ratio else []
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
 
@@ -1230,6 +1239,8 @@ def report(results: dict) -> str:
             vals = {k: getter(runs.get(k, {})) for k in tools}
             cells = [cell(runs.get(k, {}), vals[k]) for k in tools]
             rs = [ratio(vals[k], vals.get("litestream")) for k in ratios]
+            if metrics_ratio:
+                rs.append(ratio(vals["ts-embedded"], vals["ts-embedded-nometrics"]))
             lines.append("| " + " | ".join([label, *cells, *rs]) + " |")
 
         def startup_cell(r, v):

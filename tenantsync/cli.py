@@ -124,15 +124,17 @@ def restore(replica_url: str, output: str, txid: int | None, timestamp: datetime
 
 
 @contextlib.contextmanager
-def _progress_bar(what: str):
-    """A ``progress(done, total)`` drawing a bar of bytes on stderr, if stderr is a terminal
-    (None otherwise: logs and pipes get no bar)."""
+def _progress_bar(what: str, unit: str = "B"):
+    """A ``progress(done, total)`` drawing a bar on stderr (of bytes, or of ``unit``), if
+    stderr is a terminal (None otherwise: logs and pipes get no bar). Work done by the
+    fleet's owner over its socket reports no progress: its bar shows the time spent."""
     if not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False) as bar:
+    in_bytes = unit == "B"
+    with tqdm(desc=what, unit=unit, unit_scale=in_bytes, unit_divisor=1024, file=sys.stderr, leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -298,26 +300,48 @@ def _by_owner(cfg, call):
 def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
     """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _by_owner(cfg, lambda owner: owner.hydrate(name, txid=txid))
+    with _progress_bar(f"hydrate {name}") as progress:
+        result = _by_owner(cfg, lambda owner: owner.hydrate(name, txid=txid, progress=progress))
     _report_aside(name, result)
     click.echo(result.path)
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("names", nargs=-1, required=True)
 @fleet_options
-def archive(name, replica_url, config_path, broker, catalogue) -> None:
-    """Ship, snapshot and verify tenant NAME, then remove its local files."""
+def archive(names, replica_url, config_path, broker, catalogue) -> None:
+    """Ship, snapshot and verify each tenant NAME, then remove its local files.
+
+    One after the other; a tenant that cannot be archived is reported and the others go
+    on. The exit status is the worst of them."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
+    if len(names) == 1:
+        sys.exit(_archive_one(cfg, names[0]))  # an error ends it as any command's does
+    worst = 0
+    with _progress_bar(f"archive {len(names)} tenants", unit="tenant") as progress:
+        for done, name in enumerate(names, 1):
+            try:
+                worst = max(worst, _archive_one(cfg, name))
+            except TenantSyncError as e:
+                click.echo(f"tenantsync: error: {e}", err=True)
+                worst = max(worst, 3 if isinstance(e, StorageUnavailable) else 1)
+            if progress:
+                progress(done, len(names))
+    sys.exit(worst)
+
+
+def _archive_one(cfg, name: str) -> int:
+    """Archive one tenant: 0, or the exit status of its Skipped outcome."""
     outcome = _by_owner(cfg, lambda owner: owner.archive(name))
     if isinstance(outcome, Archived):
         click.echo(f"archived {name} txid={outcome.txid:016x} freed={outcome.freed}")
-        return
+        return 0
     status = SKIPPED_EXIT[outcome.reason]
     if status:
         click.echo(f"tenantsync: error: {outcome}", err=True)
-        sys.exit(status)
-    click.echo(str(outcome))
+    else:
+        click.echo(str(outcome))
+    return status
 
 
 @cli.command()
@@ -329,7 +353,9 @@ def archive(name, replica_url, config_path, broker, catalogue) -> None:
 def fork(name, new_name, replica_url, config_path, broker, catalogue, txid, timestamp) -> None:
     """Create tenant NEW_NAME from NAME's state at a TXID or time (default: latest)."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    result = _by_owner(cfg, lambda owner: owner.hydrate(new_name, source=name, txid=txid, timestamp=timestamp))
+    with _progress_bar(f"fork {name} as {new_name}") as progress:
+        result = _by_owner(cfg, lambda owner: owner.hydrate(new_name, source=name, txid=txid, timestamp=timestamp,
+                                                            progress=progress))
     _report_aside(new_name, result)
     click.echo(result.path)
 

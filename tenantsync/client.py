@@ -46,9 +46,10 @@ class Api:
         self.send = send
 
     def hydrate(self, name: str, *, txid: int | None = None, timestamp: datetime | None = None,
-                source: str | None = None) -> Hydrated:
+                source: str | None = None, progress: object = None) -> Hydrated:
         """As ``OnDemand.hydrate``; a fork (``source``) is ``POST .../fork``. Its ``txid`` is the
-        tenant's in the catalogue, which for a fork is 0 until it ships its first file."""
+        tenant's in the catalogue, which for a fork is 0 until it ships its first file.
+        ``progress`` is not told anything: the restore's progress stays with the owner."""
         body = {} if source is None else {"source": source}
         if txid is not None:
             body["txid"] = txid

@@ -28,6 +28,11 @@ from types import SimpleNamespace
 log = logging.getLogger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: ``TENANTSYNC_METRICS=off``: the processes count nothing (each call returns at once) and
+#: ``/metrics`` shows only what the catalogue says. For a host nobody scrapes, and for
+#: measuring what counting costs a sync (bench/fleet.py's ``ts-embedded-nometrics``).
+SWITCH = "TENANTSYNC_METRICS"
+_OFF = {"off", "0", "false", "no"}
 #: Seconds; lag and job durations from a commit batch (ms) to an outage (minutes).
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -73,14 +78,15 @@ _made: list[SimpleNamespace] = []
 _making = threading.Lock()
 
 
-def _instruments() -> SimpleNamespace:
+def _instruments() -> SimpleNamespace | None:
     """The counters, made once, on first use (prometheus_client reads ENV when it is
-    imported); under a lock, as two job threads may count their first job together."""
+    imported); under a lock, as two job threads may count their first job together.
+    None when SWITCH turns counting off."""
     if _made:
         return _made[0]
     with _making:
         if not _made:
-            _made.append(_make())
+            _made.append(None if os.environ.get(SWITCH, "on").lower() in _OFF else _make())
         return _made[0]
 
 
@@ -106,6 +112,8 @@ def _make() -> SimpleNamespace:
 def job_done(job: str, outcome: object, seconds: float) -> None:
     """One tenant's ``job`` ended with ``outcome`` (an Outcome, or the exception it raised)."""
     m = _instruments()
+    if m is None:
+        return
     kind = "failed" if isinstance(outcome, BaseException) else type(outcome).__name__.lower()
     m.jobs.labels(job, kind).inc()
     m.job_seconds.labels(job).observe(seconds)
@@ -113,6 +121,8 @@ def job_done(job: str, outcome: object, seconds: float) -> None:
 
 def store_request(operation: str, result: str, seconds: float, sent: int = 0, received: int = 0) -> None:
     m = _instruments()
+    if m is None:
+        return
     m.requests.labels(operation, result).inc()
     m.request_seconds.labels(operation).observe(seconds)
     if sent:
@@ -122,11 +132,13 @@ def store_request(operation: str, result: str, seconds: float, sent: int = 0, re
 
 
 def lease_handover() -> None:
-    _instruments().handovers.inc()
+    if m := _instruments():
+        m.handovers.inc()
 
 
 def fence_refusal() -> None:
-    _instruments().fenced.inc()
+    if m := _instruments():
+        m.fenced.inc()
 
 
 class FleetCollector:

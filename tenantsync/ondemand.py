@@ -26,7 +26,7 @@ from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
 from .position import DBStat, Position
 from .process import RELEASE_EVERY
-from .restore import restore
+from .restore import Progress, restore
 from .targets import MAX_TXID, check_timestamp
 from .tenants import check_name
 
@@ -113,12 +113,13 @@ class OnDemand:
 
     @tenant_job("hydrate")
     def hydrate(self, name: str, *, txid: int | None = None, timestamp: datetime | None = None,
-                source: str | None = None) -> Hydrated:
+                source: str | None = None, progress: Progress | None = None) -> Hydrated:
         """Return once tenant ``name`` is local, complete and registered for replication.
 
         Calls for the same tenant share one restore (the first does it, the others
         wait for its result); different tenants restore in parallel up to the limit.
         ``source``/``txid``/``timestamp`` make it a fork of another tenant's state.
+        ``progress(done, total)`` is told the bytes restored, as ``restore`` tells them.
         """
         _check_target(txid, timestamp)
         path = self.fleet.resolve(name)
@@ -133,7 +134,7 @@ class OnDemand:
             return future.result()
         try:
             with self._slots, self.fleet.tenant_lock(name):
-                result = self._hydrate(name, path, txid, timestamp, source)
+                result = self._hydrate(name, path, txid, timestamp, source, progress=progress)
             future.set_result(result)
             return result
         except BaseException as e:
@@ -143,7 +144,7 @@ class OnDemand:
             with self._guard:
                 self._inflight.pop(name, None)
 
-    def _hydrate(self, name, path, txid, timestamp, source, waited: float = 0.0) -> Hydrated:
+    def _hydrate(self, name, path, txid, timestamp, source, waited: float = 0.0, progress=None) -> Hydrated:
         record = self.catalogue.get(name)
         local = os.path.exists(path)
         if source is None and local and record is not None and record.state in REPLICATED:
@@ -164,7 +165,7 @@ class OnDemand:
                 # replicated from this replica, so it is kept aside, not taken as the tenant.
                 aside = _move_aside(path)
             replica = self.fleet.replica(source or name)
-            result = restore(replica, path, txid=txid, timestamp=timestamp)
+            result = restore(replica, path, txid=txid, timestamp=timestamp, progress=progress)
         except BaseException as e:
             if aside is not None:
                 _move_back(aside)

@@ -25,6 +25,9 @@ from .errors import InvalidArgument, OutputExists, ReplicaEmpty, ReplicaGap, Res
 from .page_runs import PageRuns
 from .replica import LEVELS, STREAM_ABOVE, LTXInfo, Replica
 
+#: ``progress(done, total)``: bytes of a restore applied so far, of its total.
+Progress = Callable[[int, int], None]
+
 log = logging.getLogger(__name__)
 
 # S3 listings give upload times truncated to the second; an LTX file is uploaded within
@@ -178,7 +181,7 @@ def restore(
     txid: int | None = None,
     timestamp: datetime | None = None,
     force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> RestoreResult:
     """Rebuild the database at ``output``; nothing is left there unless it verified.
     ``progress(done, total)`` is told the LTX bytes applied so far as they are."""

@@ -68,6 +68,29 @@ def test_series_are_the_same_for_10_and_1000_tenants(tmp_path):
     assert counts[10] == counts[1000], counts
 
 
+def test_metrics_switched_off_count_nothing_and_the_fleet_is_still_shown(tmp_path):
+    cfg = fleet_of(tmp_path, 10)
+    script = (
+        "import sys\n"
+        "from tenantsync import metrics\n"
+        "from tenantsync.catalogue import open_catalogue\n"
+        "from tenantsync.config import Config\n"
+        "from tenantsync.outcome import Shipped\n"
+        "metrics.job_done('sync', Shipped('a', 1, 1, 10), 0.01)\n"
+        "metrics.store_request('write', 'ok', 0.03, sent=100)\n"
+        "metrics.lease_handover(); metrics.fence_refusal()\n"
+        f"cfg = Config(replica={cfg.replica!r}, globs={cfg.globs!r}, catalogue={cfg.catalogue!r}, host='h1')\n"
+        "sys.stdout.write(metrics.exposition(open_catalogue(cfg), 60.0)[0].decode())\n")
+    env = {k: v for k, v in os.environ.items() if k != metrics.ENV}
+    for switch, counted in (("off", False), ("on", True)):
+        out = subprocess.run([sys.executable, "-c", script], env=dict(env, PYTHONPATH=ROOT, TENANTSYNC_METRICS=switch),
+                             capture_output=True, text=True, check=True).stdout
+        got = series(out)
+        assert got['tenantsync_tenants{"state": "idle"}'] == 10
+        assert ('tenantsync_jobs_total{"job": "sync", "outcome": "shipped"}' in got) is counted
+        assert ('tenantsync_store_requests_total{"operation": "write", "result": "ok"}' in got) is counted
+
+
 @pytest.fixture
 def proxied_fleet(tmp_path, proxied_s3_url, monkeypatch):
     from tenantsync import observe
