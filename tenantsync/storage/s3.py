@@ -89,9 +89,16 @@ class S3Storage(Storage):
                                 force_path_style, skip_verify, options)
         self._host = self._route.endpoint_host
         self._in_flight = _host_cap(self._host, options.max_in_flight)
+        self._url: str | None = None
 
     @property
     def url(self) -> str:
+        """The URL naming this storage (in every message: made once, not per request)."""
+        if self._url is None:
+            self._url = self._make_url()
+        return self._url
+
+    def _make_url(self) -> str:
         query = {}
         if self.endpoint:
             query["endpoint"] = self.endpoint
@@ -108,6 +115,7 @@ class S3Storage(Storage):
     def _child(self, prefix: str) -> S3Storage:
         clone = copy.copy(self)  # shares the route and its connections: cheap per tenant
         clone.prefix = self._object_key(prefix)
+        clone._url = None
         return clone
 
     # -- the one place keys are mapped between storage keys and object keys ---------
