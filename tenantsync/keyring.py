@@ -123,7 +123,9 @@ def load_keyring(path: str | None = None, environ: Mapping[str, str] | None = No
         return parse_keyring(text, source=f"keyring {path}")
     if ENV_VAR in environ:
         return parse_keyring(environ[ENV_VAR], source=f"keyring in ${ENV_VAR}")
-    raise KeyringError(f"no keyring: give a keyring file or set ${ENV_VAR} (a tenant's encryption keys are wrapped with it)")
+    raise KeyringError(
+        f"no keyring: give a keyring file or set ${ENV_VAR} (a tenant's encryption keys are wrapped with it)"
+    )
 
 
 def parse_keyring(text: str, source: str = "keyring") -> Keyring:
@@ -140,7 +142,8 @@ def parse_keyring(text: str, source: str = "keyring") -> Keyring:
         raise KeyringError(f"{source} must be a mapping with 'keys': {{name: base64 key, ...}} and 'current': name")
     unknown = sorted(set(raw) - {"keys", "current"})
     if unknown:
-        raise KeyringError(f"{source} has unknown field(s) {', '.join(map(repr, unknown))}: expected 'keys' and 'current'")
+        fields = ", ".join(map(repr, unknown))
+        raise KeyringError(f"{source} has unknown field(s) {fields}: expected 'keys' and 'current'")
     keys = {}
     for name, value in raw["keys"].items():
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -149,7 +152,9 @@ def parse_keyring(text: str, source: str = "keyring") -> Keyring:
     current = raw.get("current")
     if current is None:
         if len(keys) > 1:
-            raise KeyringError(f"{source} has {len(keys)} keys and no 'current': name the one new tenant keys are wrapped with")
+            raise KeyringError(
+                f"{source} has {len(keys)} keys and no 'current': name the one new tenant keys are wrapped with"
+            )
         (current,) = keys
     if not isinstance(current, str):
         raise KeyringError(f"{source}: 'current' must be a key name, not {current!r}")

@@ -273,7 +273,9 @@ class SealedStorage(Storage):
         if version != VERSION:
             raise SealedObjectError(f"{url} is sealed in format version {version}; this tenantsync reads {VERSION}")
         if key_id.hex() != self.key_id:
-            raise SealedObjectError(f"{url} is sealed with key id {key_id.hex()}, but this replica's key is {self.key_id}")
+            raise SealedObjectError(
+                f"{url} is sealed with key id {key_id.hex()}, but this replica's key is {self.key_id}"
+            )
         if segment_size != self.segment_size:
             raise SealedObjectError(
                 f"{url} is sealed in {segment_size}-byte segments; this replica reads {self.segment_size}-byte ones"
