@@ -232,31 +232,31 @@ class SealedStorage(Storage):
         # Bytes up to the end of the range's last segment (None: to the object's end).
         end = None if length is None else HEADER_BYTES + ((start + length - 1) // s + 1) * step
         if first * step <= ONE_REQUEST_SLACK:
-            blob = self.inner.read(key, 0, end)
-            header, body = blob[:HEADER_BYTES], blob[offset:]
+            blob = memoryview(self.inner.read(key, 0, end))  # a view: the body is not copied
+            header, body = blob[:HEADER_BYTES].tobytes(), blob[offset:]
             aead, size = self._open_header(key, header)
         else:
             header = self.inner.read(key, 0, HEADER_BYTES)
             aead, size = self._open_header(key, header)
             if start >= size:
                 return b""
-            body = self.inner.read(key, offset, min(end, sealed_size(size, s)) - offset if end else None)
+            body = memoryview(self.inner.read(key, offset, min(end, sealed_size(size, s)) - offset if end else None))
         if start >= size and start > 0:  # an empty object's one segment is still verified
             return b""
         last = max(1, -(-size // s)) - 1
         upto = last if length is None else min(last, (start + length - 1) // s)
         expected = (upto - first) * step + (size - last * s if upto == last else s) + TAG_BYTES
-        if len(body) < expected or (upto == last and end is None and len(body) > expected):
-            raise SealedObjectError(
-                f"{self.object_url(key)} is truncated or extended: {HEADER_BYTES + first * step + len(body)} bytes "
-                f"where its header promises {sealed_size(size, s)}"
-            )
+        if len(body) < expected:
+            raise SealedObjectError(f"{self.object_url(key)} is truncated: shorter than the "
+                                    f"{sealed_size(size, s)} bytes its header promises")
+        if upto == last and end is None and len(body) > expected:  # seen only when read to its end
+            raise SealedObjectError(f"{self.object_url(key)} is extended: longer than the "
+                                    f"{sealed_size(size, s)} bytes its header promises")
         bound = self._bound_key(key)
-        view = memoryview(body)
         plain = []
         for index in range(first, upto + 1):
             at = (index - first) * step
-            segment = view[at : at + step] if index < upto else view[at:expected]
+            segment = body[at : at + step] if index < upto else body[at:expected]
             plain.append(self._decrypt(aead, key, index, segment, bound + _SEGMENT_AAD.pack(index, index == last)))
         skip = start - first * s
         data = b"".join(plain)
