@@ -46,6 +46,17 @@ class StorageUnavailable(StorageError):
     """The backend could not be reached or answered with a transient error; safe to retry."""
 
 
+class SealedObjectError(StorageError):
+    """An object of an encrypted replica cannot be opened: it is not encrypted, truncated,
+    tampered with, moved from another key, or sealed with another tenant's key. Never
+    retried: the bytes will not change by asking again."""
+
+
+class KeyringError(TenantSyncError):
+    """The keyring or a tenant's wrapped key is unusable: a file missing or malformed, a
+    key name it lacks, or a wrapped key that does not open with the key it names."""
+
+
 class RestoreError(TenantSyncError):
     """A restore cannot produce a verified database (no files, gap in TXIDs, target outside)."""
 

@@ -1,4 +1,5 @@
-"""The storage contract: one suite, run on every backend, at the root and in a child.
+"""The storage contract: one suite, run on every backend, at the root and in a child,
+bare and through the encryption layer (SealedStorage must keep the contract it wraps).
 
 A backend is correct when it passes this file unchanged; backend-specific checks (where
 the timestamp is stored, the file backend's own lock) are the few tests at the end.
@@ -20,8 +21,19 @@ from tenantsync.errors import ObjectNotFound, PreconditionFailed, StorageError, 
 from tenantsync.storage import open_storage
 from tenantsync.storage.file import FileStorage
 from tenantsync.storage.s3 import S3Storage, format_timestamp
+from tenantsync.storage.sealed import SealedStorage
 
 HOSTILE_KEYS = ["../x", "/abs", "a//b", "", "a/./b", "a/..", "x/", ".tenantsync.lock", "d/.tenantsync-1.tmp"]
+
+
+@pytest.fixture(params=["plain", "sealed"])
+def storage(request, storage_url):
+    """A fresh, empty Storage, once per backend, bare or sealed. The sealed one's segments
+    are 100 bytes, so the suite's objects span several and its ranges cross their edges."""
+    store = open_storage(storage_url)
+    if request.param == "sealed":
+        store = SealedStorage(store, os.urandom(32), "0123456789abcdef", segment_size=100)
+    return store
 
 
 @pytest.fixture(params=["root", "child"])
@@ -199,6 +211,8 @@ def test_delete_is_idempotent(store):
 
 def stored_timestamp(request, store, key):
     """Where Litestream reads an LTX file's time: the mtime, or the S3 metadata string."""
+    if isinstance(store, SealedStorage):
+        store = store.inner
     if isinstance(store, FileStorage):
         return os.stat(os.path.join(store.root, key)).st_mtime_ns
     head = request.getfixturevalue("s3_client").head_object(Bucket=store.bucket, Key=f"{store.prefix}/{key}")
