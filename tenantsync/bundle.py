@@ -364,15 +364,15 @@ def verify_bundle(storage: Storage, key: str, expected_txid: int, expected_check
         raise BundleError(f"{url}: bundle holds txid {info.txid:016x}, expected {expected_txid:016x}")
     if info.ltx_checksum != expected_checksum:
         raise BundleError(f"{url}: bundle's LTX checksum is {info.ltx_checksum:016x}, expected {expected_checksum:016x}")
-    return _decode(storage, key, dictionaries, None)
+    return _decode(storage, key, dictionaries, None, fresh=True)
 
 
-def _decode(storage: Storage, key: str, dictionaries: Dictionaries | None, write) -> BundleInfo:
+def _decode(storage: Storage, key: str, dictionaries: Dictionaries | None, write, *, fresh: bool = False) -> BundleInfo:
     """Decompress the bundle frame by frame, handing each chunk to ``write`` (if any), and
-    check it against its manifest."""
+    check it against its manifest; ``fresh``: read its dictionary from storage, not the cache."""
     url = storage.object_url(key)
     info, head, start = _read_head(storage, key)
-    dictionary = _dictionary(info, dictionaries, url)
+    dictionary = _dictionary(info, dictionaries, url, fresh)
     decompressor = _decompressor(dictionary)
     sha, ltx, pgno = hashlib.sha256(), 0, 1
     with _Frames(storage, key, url, head, start, info.size) as frames:
@@ -393,12 +393,12 @@ def _decode(storage: Storage, key: str, dictionaries: Dictionaries | None, write
     return info
 
 
-def _dictionary(info: BundleInfo, dictionaries: Dictionaries | None, url: str):
+def _dictionary(info: BundleInfo, dictionaries: Dictionaries | None, url: str, fresh: bool):
     if info.dictionary_id is None:
         return None
     if dictionaries is None:
         raise DictionaryMissing(f"{url}: bundle needs zstd dictionary {info.dictionary_id} and no dictionaries were given")
-    return dictionaries.get(info.dictionary_id)
+    return (dictionaries.load if fresh else dictionaries.get)(info.dictionary_id)
 
 
 def _decompress(decompressor: zstandard.ZstdDecompressor, frame, expected: int, info: BundleInfo, what: str) -> bytes:

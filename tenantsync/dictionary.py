@@ -124,22 +124,35 @@ def _checked_id(raw: bytes, dict_id: int, storage: Storage) -> int:
     return dict_id
 
 
-_cache: OrderedDict[int, zstandard.ZstdCompressionDict] = OrderedDict()
+_cache: OrderedDict[tuple[str, int], zstandard.ZstdCompressionDict] = OrderedDict()
 _cache_guard = threading.Lock()
 
 
 class Dictionaries:
-    """The dictionaries stored at one fleet root, loaded on first use and kept (CACHED of
-    them, shared by the whole process: an id names one content wherever it is stored)."""
+    """The dictionaries stored at one fleet root, loaded on first use and kept (the CACHED
+    most recently used, shared by every instance in the process)."""
 
     def __init__(self, storage: Storage):
         self.storage = storage
 
     def get(self, dict_id: int) -> zstandard.ZstdCompressionDict:
+        """Dictionary ``dict_id``, from the cache when it was loaded before: for restores."""
+        key = (self.storage.url, dict_id)
         with _cache_guard:
-            if dict_id in _cache:
-                _cache.move_to_end(dict_id)
-                return _cache[dict_id]
+            if key in _cache:
+                _cache.move_to_end(key)
+                return _cache[key]
+        dictionary = self.load(dict_id)
+        with _cache_guard:
+            _cache[key] = dictionary
+            while len(_cache) > CACHED:
+                _cache.popitem(last=False)
+        return dictionary
+
+    def load(self, dict_id: int) -> zstandard.ZstdCompressionDict:
+        """Dictionary ``dict_id`` read from storage now and checked: what a bundle's
+        verification uses, since after it the LTX levels go and the stored copy is the
+        only one a later restore in another process can have."""
         key = dictionary_key(dict_id)
         try:
             raw = self.storage.read(key)
@@ -147,9 +160,4 @@ class Dictionaries:
             raise DictionaryMissing(f"{self.storage.object_url(key)}: zstd dictionary {dict_id} "
                                     f"is missing from the fleet's storage") from None
         _checked_id(raw, dict_id, self.storage)
-        dictionary = zstandard.ZstdCompressionDict(raw)
-        with _cache_guard:
-            _cache[dict_id] = dictionary
-            while len(_cache) > CACHED:
-                _cache.popitem(last=False)
-        return dictionary
+        return zstandard.ZstdCompressionDict(raw)
