@@ -3,7 +3,7 @@
 SaaS databases of one schema (issue 23's target: a bundle with a dictionary stores at most
 half the bytes of the LZ4 LTX snapshot of the same database).
 
-    python bench/bundles.py --out bundles.json                  # 1,000 tenants, ~3 minutes
+    python bench/bundles.py --out bundles.json                  # 1,000 tenants, ~1 minute
     python bench/bundles.py --tenants 200 --train 50 --levels 19 --dict-sizes 112
 
 The corpus: ``--tenants`` databases of one app (users, projects, tasks, comments: names,

@@ -31,8 +31,9 @@ from .errors import BundleError, DictionaryMissing, ObjectNotFound, Precondition
 from .storage.base import Storage
 
 PREFIX = "_dictionaries"
-#: Bytes of a trained dictionary. On the bench corpus 112 KiB stores fewer bytes per tenant
-#: than 64 KiB (bench/bundles.py --dict-sizes), and zstd's CLI default is the same 112 KiB.
+#: Bytes of a trained dictionary: zstd's CLI default. On the bench corpus it stores ~1% fewer
+#: bytes per tenant than 64 KiB (0.468 against 0.474 of the LZ4 snapshot at level 19), and the
+#: extra 48 KiB is stored once per fleet, not per tenant.
 DICT_SIZE = 112 << 10
 #: zstd's guidance: train on about 100 times the dictionary's size of samples.
 SAMPLE_RATIO = 100
