@@ -33,7 +33,7 @@ import struct
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import BinaryIO
 
@@ -306,11 +306,7 @@ def _read_head(storage: Storage, key: str) -> tuple[BundleInfo, bytes, int]:
     if crc64(raw) != crc:
         raise BundleError(f"{url}: bundle manifest checksum mismatch: stored {crc:016x}, computed {crc64(raw):016x}")
     info = _manifest(storage, key, 0, raw)
-    return _with_size(info, start + sum(info.frames)), head, start
-
-
-def _with_size(info: BundleInfo, size: int) -> BundleInfo:
-    return BundleInfo(**{**info.__dict__, "size": size})
+    return replace(info, size=start + sum(info.frames)), head, start
 
 
 # -- reading -------------------------------------------------------------------------------

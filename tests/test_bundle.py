@@ -176,10 +176,6 @@ def _flip(at):
     return change
 
 
-def _manifest_start(data):
-    return bundle._PREFIX.size
-
-
 CORRUPTIONS = {
     "magic": (_flip(lambda d: 0), "bad magic"),
     "manifest length": (_flip(lambda d: 5), "truncated bundle|over the"),
