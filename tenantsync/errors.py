@@ -138,6 +138,16 @@ class RestoredCorrupt(RestoreError):
     ``quick_check``); nothing was left at the output path."""
 
 
+class BundleError(TenantSyncError):
+    """A cold bundle cannot be written, or does not hold what it should: malformed, truncated,
+    failing a checksum or naming another TXID. Nothing was left at a restore's output path,
+    and a failed verification means the tenant's LTX levels must be kept."""
+
+
+class DictionaryMissing(BundleError):
+    """A bundle was compressed with a zstd dictionary that the fleet's storage does not hold."""
+
+
 def sqlite_busy(e: sqlite3.Error) -> bool:
     """Whether SQLite failed only because a lock is held elsewhere (worth retrying):
     SQLITE_BUSY for another connection's lock on the file, SQLITE_LOCKED for a conflict

@@ -75,3 +75,24 @@ def parse_ltx_key(kind: str, key: str) -> tuple[int, int, int] | None:
         return None
     return level, min_txid, max_txid
 
+
+
+#: Cold bundles (``bundle.py``): one object per archived state, named by its TXID. Neither
+#: Litestream client parses this directory (not ``ltx/<n>``, not four hex digits), so its
+#: restores and retention ignore it, as they ignore ``lock.json``.
+BUNDLE_PREFIX = "bundle"
+_BUNDLE = re.compile(BUNDLE_PREFIX + r"/([0-9a-f]{16})\.tsb")
+
+
+def bundle_key(txid: int) -> str:
+    """Key of the bundle holding the database at ``txid``: ``bundle/<txid %016x>.tsb``."""
+    if not 1 <= txid < 1 << 64:
+        raise ValueError(f"invalid bundle TXID {txid}")
+    return f"{BUNDLE_PREFIX}/{txid:016x}.tsb"
+
+
+def parse_bundle_key(key: str) -> int | None:
+    """The TXID a bundle key names, or None for any other key (listings hold LTX files too)."""
+    m = _BUNDLE.fullmatch(key)
+    txid = int(m.group(1), 16) if m else 0
+    return txid or None
