@@ -60,13 +60,29 @@ class Listen(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-def _replica(url: str):
+def _replica(url: str, keyring_file: str | None = None):
     """The replica at ``url``. Imported here, not at the top: the LTX codec pulls in numpy,
-    and commands that never touch a replica (``--help``, ``tenants``) should start fast."""
+    and commands that never touch a replica (``--help``, ``tenants``) should start fast.
+
+    Given a keyring (``keyring_file``, or the keyring in $TENANTSYNC_KEYRING), a replica
+    holding a tenant key is opened sealed: the tenant is the URL's last path segment, the
+    name its fleet gave it."""
+    from .keyring import ENV_VAR, load_keyring
     from .replica import Replica
     from .storage import open_storage
 
-    return Replica(open_storage(url))
+    storage = open_storage(url)
+    if keyring_file is None and ENV_VAR not in os.environ:
+        return Replica(storage)
+    from . import tenant_key
+    from .errors import ObjectNotFound
+
+    tenant = url.partition("?")[0].rstrip("/").rpartition("/")[2]
+    try:
+        key = tenant_key.load(storage, tenant, load_keyring(keyring_file))
+    except ObjectNotFound:
+        return Replica(storage)  # a plain replica
+    return Replica(key.seal(storage))
 
 
 @click.group()
@@ -110,14 +126,17 @@ def _report(result) -> None:
 @click.option("--txid", type=TXID, default=None, help="Restore to this TXID (decimal or 16 hex digits).")
 @click.option("--timestamp", type=TIMESTAMP, default=None, help="Restore to the last state before this RFC 3339 time.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def restore(replica_url: str, output: str, txid: int | None, timestamp: datetime | None, force: bool) -> None:
+@click.option("--keyring-file", default=None, envvar="TENANTSYNC_KEYRING_FILE",
+              help="Keyring of an encrypted replica (default: the keyring in $TENANTSYNC_KEYRING).")
+def restore(replica_url: str, output: str, txid: int | None, timestamp: datetime | None, force: bool,
+            keyring_file: str | None) -> None:
     """Restore a database from a replica into OUTPUT."""
     from .restore import restore as do_restore
 
     if txid is not None and timestamp is not None:
         raise click.UsageError("--txid and --timestamp are exclusive")
     with _progress_bar(f"restore {os.path.basename(output)}") as progress:
-        result = do_restore(_replica(replica_url), output, txid=txid, timestamp=timestamp, force=force,
+        result = do_restore(_replica(replica_url, keyring_file), output, txid=txid, timestamp=timestamp, force=force,
                             progress=progress)
     as_of = result.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     click.echo(f"restored {output} txid={result.txid:016x} as-of={as_of} files={result.files} pages={result.pages}")
@@ -417,8 +436,16 @@ def ltx() -> None:
 def ltx_dump(source: str) -> None:
     """Print an LTX file's header, pages and checksums (a path or an object URL)."""
     from .ltx import Decoder
+    from .storage.sealed import sealed_header
 
     data, name = _read_source(source)
+    sealed = sealed_header(data)
+    if sealed is not None:  # what its header says; the pages need the tenant's key
+        click.echo(f"file:        {name} ({len(data)} bytes)")
+        click.echo(f"encrypted, key id {sealed.key_id} (tenantsync sealed v{sealed.version}, "
+                   f"{sealed.segment_size}-byte segments)")
+        click.echo(f"plaintext size: {sealed.plaintext_size}")
+        return
     dec = Decoder(data, name=name)
     h = dec.header
     ts = datetime.fromtimestamp(h.timestamp / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")

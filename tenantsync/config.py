@@ -108,6 +108,12 @@ class Config:
     api_token: str | None = field(default=None, repr=False)
     # /readyz fails while some tenant's replication lag is above this.
     max_lag: timedelta = timedelta(seconds=60)
+    # Encryption at rest (storage/sealed.py): every tenant's replica objects sealed under a
+    # data key of its own, wrapped by the current key of the keyring (a file; unset: the
+    # TENANTSYNC_KEYRING variable holds the keyring itself). Off: replicas stay plain
+    # Litestream replicas.
+    encrypt: bool = False
+    keyring: str | None = None
     # Timeouts, retries and requests in flight of object storage (``storage:``).
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -318,6 +324,8 @@ _FIELDS = {
     "at-wal-ceiling": ("at_wal_ceiling", _choice(AT_CEILING_GROW, AT_CEILING_CHECKPOINT)),
     "api-token": ("api_token", _optional(_text)),
     "max-lag": ("max_lag", _positive),
+    "encrypt": ("encrypt", _flag),
+    "keyring-file": ("keyring", _optional(_text)),
 }
 # Key → (Levels field, parser), at the top level and under ``snapshot:`` (which wins).
 _LEVEL_FIELDS = {

@@ -32,7 +32,10 @@ from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcom
 from .position import Position
 from .process import max_open_tenants, return_freed_memory
 from .replica import Replica
-from .storage import open_storage
+from . import tenant_key
+from .keyring import Keyring, load_keyring
+from .storage import Storage, open_storage
+from .tenant_key import TenantKey
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +117,36 @@ class Fleet:
         self._storage_times_written = time.monotonic()
         # Tenants whose WAL passed wal-ceiling while the store failed, reported once until they ship.
         self._over_ceiling: set[str] = set()
+        # Encrypted fleets: the keyring (loaded at the first key needed) and each tenant's data key.
+        self._keyring: Keyring | None = None
+        self._keys: dict[str, TenantKey] = {}
 
     def replica(self, name: str) -> Replica:
-        """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL."""
-        return Replica(self.storage.child(name))
+        """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL;
+        with ``encrypt``, every object in it sealed under the tenant's data key."""
+        storage = self.storage.child(name)
+        if self.config.encrypt:
+            storage = self.tenant_key(name, storage).seal(storage)
+        return Replica(storage)
+
+    def tenant_key(self, name: str, storage: Storage | None = None) -> TenantKey:
+        """Tenant ``name``'s data key: read (or, for a new replica, created) once per process,
+        then kept, so an encrypted fleet's syncs cost no extra request. The key never leaves
+        the process: a job names the tenant, and each process unwraps with its own keyring."""
+        with self._guard:
+            known = self._keys.get(name)
+        if known is not None:
+            return known
+        if self._keyring is None:
+            self._keyring = load_keyring(self.config.keyring)
+        key = tenant_key.load_or_create(storage or self.storage.child(name), name, self._keyring)
+        with self._guard:
+            return self._keys.setdefault(name, key)
+
+    def forget_key(self, name: str) -> None:
+        """Drop the cached key of ``name`` (its key was rewrapped, or shredded)."""
+        with self._guard:
+            self._keys.pop(name, None)
 
     def _leaser(self, name: str) -> Leaser:
         return Leaser(self.storage.child(name), owner=self.owner, ttl=self.config.lease_ttl)

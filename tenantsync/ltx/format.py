@@ -15,6 +15,9 @@ import numpy as np
 from tenantsync.errors import LTXError
 
 MAGIC = b"LTX1"
+#: The magic of an object tenantsync sealed (storage/sealed.py): named, so a reader without
+#: the keyring is told what it holds instead of "bad magic".
+SEALED_MAGIC = b"TSE1"
 HEADER_SIZE = 100
 PAGE_HEADER_SIZE = 6
 TRAILER_SIZE = 16
@@ -103,6 +106,9 @@ class Header:
         if len(b) < HEADER_SIZE:
             raise LTXError(f"{label(name)}: header truncated: {len(b)} of {HEADER_SIZE} bytes")
         magic, *fields = _HEADER.unpack_from(b)
+        if magic == SEALED_MAGIC:
+            raise LTXError(f"{label(name)}: encrypted by tenantsync, not a plain LTX file: "
+                           "open its replica with the fleet's keyring ('encrypt' and 'keyring' in tenantsync.yml)")
         if magic != MAGIC:
             raise LTXError(f"{label(name)}: bad magic {magic!r}, not an LTX file")
         header = cls(*fields)

@@ -1,0 +1,182 @@
+"""An encrypted fleet (``encrypt: true``) through every job, on file:// and S3.
+
+What it promises: every object holding tenant data is sealed under the tenant's own data
+key (no plaintext row in the store), the jobs (sync, compact, snapshot, retain, restore
+at a TXID, archive, hydrate, fork) work on sealed replicas as on plain ones, a reader
+without the right key is refused in one line with no output file, and Litestream
+refuses the objects instead of misreading them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+
+from tenantsync.catalogue import open_catalogue
+from tenantsync.config import Config
+from tenantsync.errors import KeyringError
+from tenantsync.fleet import Fleet
+from tenantsync.keyring import ENV_VAR
+from tenantsync.ondemand import OnDemand
+from tenantsync.outcome import Archived
+from tenantsync.restore import restore
+from tenantsync.storage import open_storage
+from tenantsync.storage.sealed import KEY_OBJECT, sealed_header
+
+from .dbutil import app_db, dump
+from .peer import LITESTREAM, peer_env
+from .test_server import ROOT
+
+MARKER = "confidential-row-7f3a"
+
+
+def keyring_text(name: str, seed: bytes) -> str:
+    return json.dumps({"keys": {name: base64.b64encode(seed * (32 // len(seed))).decode()}, "current": name})
+
+
+@pytest.fixture
+def fleet(tmp_path, storage_url, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, keyring_text("k1", b"\x01"))
+    (tmp_path / "data").mkdir()
+    cfg = Config(replica=storage_url, globs=(f"{tmp_path}/data/*.db",), catalogue=f"sqlite:///{tmp_path}/cat.db",
+                 host="h1", idle_after=timedelta(seconds=1), encrypt=True)
+    f = Fleet(cfg, open_catalogue(cfg))
+    yield f
+    f.close()
+
+
+def write(conn, start: int, n: int) -> None:
+    with conn:
+        conn.executemany("INSERT INTO t(v) VALUES (?)", [(f"{MARKER} {i}",) for i in range(start, start + n)])
+
+
+def raw_objects(storage_url: str) -> dict[str, bytes]:
+    """Every object under the fleet's root as stored, read without any key."""
+    store = open_storage(storage_url)
+    return {info.key: store.read(info.key) for info in store.list("")}
+
+
+def tenant_url(storage_url: str, name: str = "acme.db") -> str:
+    base, sep, query = storage_url.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def new_tenant(fleet, tmp_path, name: str = "acme.db"):
+    path = str(tmp_path / "data" / name)
+    conn = app_db(path)
+    conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
+    fleet.catalogue.discover(name, path, "h1")
+    return path, conn
+
+
+def test_every_job_works_on_sealed_replicas_and_no_plaintext_is_stored(tmp_path, fleet, storage_url):
+    path, conn = new_tenant(fleet, tmp_path)
+    txids, states = [], []
+    for i in range(4):
+        write(conn, i * 50, 50)
+        txids.append(fleet.sync("acme.db").txid)
+        states.append(dump(path))
+    fleet.compact("acme.db", 1, force=True)
+    fleet.snapshot("acme.db", force=True)
+    fleet.retain("acme.db")
+    write(conn, 200, 10)
+    fleet.sync("acme.db")
+    expected = dump(path)
+
+    objects = raw_objects(storage_url)
+    data_objects = {k: v for k, v in objects.items() if k.endswith(".ltx")}
+    assert len(data_objects) >= 3
+    for key, body in data_objects.items():
+        assert sealed_header(body) is not None, key
+        assert MARKER.encode() not in body, key
+    assert "acme.db/" + KEY_OBJECT in objects
+
+    out = tmp_path / "restored.db"
+    restore(fleet.replica("acme.db"), str(out))
+    assert dump(str(out)) == expected
+    at = tmp_path / "at.db"
+    restore(fleet.replica("acme.db"), str(at), txid=txids[1])
+    assert dump(str(at)) == states[1]
+
+    conn.close()
+    od = OnDemand(fleet)
+    assert isinstance(od.archive("acme.db"), Archived) and not os.path.exists(path)
+    assert od.hydrate("acme.db").restored and dump(path) == expected
+    fork = od.hydrate("copy.db", source="acme.db")
+    assert dump(fork.path) == expected
+    fleet.sync("copy.db")  # the fork's replica is sealed under a key of its own
+    copy_key = json.loads(raw_objects(storage_url)["copy.db/" + KEY_OBJECT])
+    acme_key = json.loads(raw_objects(storage_url)["acme.db/" + KEY_OBJECT])
+    assert copy_key["key_id"] != acme_key["key_id"] and copy_key["tenant"] == "copy.db"
+
+
+def test_a_wrong_or_missing_keyring_is_refused_in_one_line_and_leaves_no_file(tmp_path, fleet, storage_url,
+                                                                            monkeypatch):
+    path, conn = new_tenant(fleet, tmp_path)
+    write(conn, 0, 20)
+    fleet.sync("acme.db")
+    conn.close()
+    cfg = fleet.config
+    for keyring, error in ((keyring_text("k1", b"\x02"), "does not open"), (None, "no keyring")):
+        if keyring is None:
+            monkeypatch.delenv(ENV_VAR)
+        else:
+            monkeypatch.setenv(ENV_VAR, keyring)
+        other = Fleet(cfg, open_catalogue(cfg))
+        out = tmp_path / "out.db"
+        with pytest.raises(KeyringError) as info:
+            restore(other.replica("acme.db"), str(out))
+        assert error in str(info.value) and "\n" not in str(info.value)
+        assert not out.exists() and not [p for p in os.listdir(tmp_path) if "restore" in p]
+        other.close()
+
+
+def test_readers_without_the_key_are_told_it_is_encrypted(tmp_path, fleet, storage_url):
+    path, conn = new_tenant(fleet, tmp_path)
+    write(conn, 0, 20)
+    fleet.sync("acme.db")
+    conn.close()
+    # tenantsync's own restore of the replica without the keyring: one line naming it.
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    proc = subprocess.run([sys.executable, "-m", "tenantsync", "restore", "--replica", tenant_url(storage_url),
+                           "-o", str(tmp_path / "plain.db")], capture_output=True, text=True,
+                          env=dict(env, PYTHONPATH=ROOT), timeout=60)
+    assert proc.returncode == 1 and "encrypted by tenantsync" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "plain.db").exists()
+    # With the keyring in a file: restored.
+    keyring = tmp_path / "keyring.json"
+    keyring.write_text(os.environ[ENV_VAR])
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    proc = subprocess.run([sys.executable, "-m", "tenantsync", "restore", "--replica", tenant_url(storage_url),
+                           "--keyring-file", str(keyring), "-o", str(tmp_path / "plain.db")], capture_output=True,
+                          text=True, env=dict(env, PYTHONPATH=ROOT), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert dump(str(tmp_path / "plain.db")) == dump(path)
+    # Litestream refuses the sealed files instead of restoring something wrong.
+    proc = subprocess.run([LITESTREAM, "restore", "-o", str(tmp_path / "ls.db"), tenant_url(storage_url)], env=peer_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and not (tmp_path / "ls.db").exists(), proc.stderr
+    assert "magic" in proc.stderr.lower() or "invalid" in proc.stderr.lower(), proc.stderr
+
+
+def test_ltx_dump_names_a_sealed_object_and_its_key(tmp_path, fleet, storage_url):
+    path, conn = new_tenant(fleet, tmp_path)
+    write(conn, 0, 5)
+    fleet.sync("acme.db")
+    conn.close()
+    sealed = next(body for key, body in raw_objects(storage_url).items() if key.endswith(".ltx"))
+    dumped = tmp_path / "one.ltx"
+    dumped.write_bytes(sealed)
+    proc = subprocess.run([sys.executable, "-m", "tenantsync", "ltx", "dump", str(dumped)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header = sealed_header(sealed)
+    assert f"encrypted, key id {header.key_id}" in proc.stdout, proc.stdout
+    assert f"plaintext size: {header.plaintext_size}" in proc.stdout, proc.stdout
