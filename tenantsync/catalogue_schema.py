@@ -87,6 +87,15 @@ class TenantState(str, enum.Enum):
     ``last_error``).
     """
 
+    shredded = "shredded"
+    """Erased on purpose (``tenantsync shred``): its wrapped data key and its replica were
+    deleted, so nothing sealed under that key can be read again. The row stays as the
+    record of it (``last_error`` says when).
+
+    Entered: from any state but hydrating and archiving, with no local database left.
+    Left: never; hydrating or syncing the name is refused.
+    """
+
 
 def _states(states) -> list[TenantState]:
     """``states`` (members or their values) as TenantStates in one order, so a statement

@@ -427,6 +427,60 @@ def retain(replica_url: str, config_path: str | None) -> None:
 
 
 @cli.group()
+def keys() -> None:
+    """Key-encryption keys of an encrypted fleet (README: Encryption at rest)."""
+
+
+@keys.command("generate")
+@click.argument("name")
+def keys_generate(name: str) -> None:
+    """Print a new random KEK as a keyring entry (add it to the keyring file)."""
+    from .keyring import generate_kek
+
+    click.echo(f"{name}: {generate_kek()}")
+
+
+@keys.command("rotate")
+@fleet_options
+@click.option("--to", "to", default=None, help="The KEK to rewrap under (default: the keyring's current).")
+def keys_rotate(replica_url, config_path, broker, catalogue, to) -> None:
+    """Rewrap every tenant's data key under one KEK, rewriting no data; the old KEK can
+    then leave the keyring."""
+    from .fleet import Fleet
+    from .keys import rotate
+
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    fleet = Fleet(cfg)
+    try:
+        done = rotate(fleet, to)
+    finally:
+        fleet.close()
+    click.echo(f"key {done.kek}: {len(done.rewrapped)} rewrapped, {len(done.already)} already, "
+               f"{len(done.keyless)} without a key")
+
+
+@cli.command()
+@click.argument("name")
+@fleet_options
+@click.option("--yes", is_flag=True, help="Do not ask: erase it.")
+def shred(name, replica_url, config_path, broker, catalogue, yes) -> None:
+    """Erase tenant NAME's replica and its key for good (its local database must be gone)."""
+    from .fleet import Fleet
+    from .keys import shred as do_shred
+
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    if not yes:
+        click.confirm(f"erase tenant {name} from {cfg.replica} for good?", abort=True)
+    fleet = Fleet(cfg)
+    try:
+        deleted = do_shred(fleet, name)
+    finally:
+        fleet.close()
+    encrypted = "its key and " if cfg.encrypt else ""
+    click.echo(f"shredded {name}: {encrypted}{deleted} objects deleted")
+
+
+@cli.group()
 def ltx() -> None:
     """Inspect LTX files and replicas."""
 

@@ -76,6 +76,10 @@ class InvalidArgument(TenantSyncError, ValueError):
         super().__init__(f"{argument}: {message}" if argument else message)
 
 
+class Shredded(TenantSyncError):
+    """The tenant was shredded: its replica and key are gone, and its name is refused."""
+
+
 class NotATenant(TenantSyncError):
     """The name is not a tenant of this fleet: it matches none of its globs, or its path
     leaves the glob's directory (a symbolic link). Nothing was created or touched."""

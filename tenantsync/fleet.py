@@ -484,7 +484,7 @@ class Fleet:
         if active is not None:
             return active
         record = self.catalogue.get(name)
-        if record is None or record.state in (TenantState.archived, TenantState.hydrating):
+        if record is None or record.state in (TenantState.archived, TenantState.hydrating, TenantState.shredded):
             return None
         if record.state == TenantState.archiving and not archiving:
             return None

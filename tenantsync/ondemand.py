@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from . import compactor
 from .job_scope import tenant_job
 from .catalogue import REPLICATED, TenantState
-from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, TenantSyncError
+from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, Shredded, TenantSyncError
 from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
 from .position import DBStat, Position
@@ -146,6 +146,9 @@ class OnDemand:
 
     def _hydrate(self, name, path, txid, timestamp, source, waited: float = 0.0, progress=None) -> Hydrated:
         record = self.catalogue.get(name)
+        refuse_shredded(record, name)
+        if source is not None:
+            refuse_shredded(self.catalogue.get(source), source)
         local = os.path.exists(path)
         if source is None and local and record is not None and record.state in REPLICATED:
             return Hydrated(name, path, record.txid or 0, restored=False)  # its own file, replicated
@@ -320,6 +323,12 @@ class OnDemand:
 # States a hydration may start from, and the ones whose local file is the tenant's own.
 _HYDRATE_FROM = {TenantState.archived, TenantState.idle, TenantState.error, TenantState.active}
 _ARCHIVE_FROM = {TenantState.active, TenantState.idle}
+
+def refuse_shredded(record, name: str) -> None:  # noqa: ANN001 - a TenantRecord or None
+    """Raise Shredded if the catalogue says ``name`` was shredded."""
+    if record is not None and record.state is TenantState.shredded:
+        raise Shredded(f"tenant {name} was shredded ({record.last_error or 'erased'}): its data is gone for good")
+
 
 
 def _check_target(txid, timestamp) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
-from tenantsync.errors import KeyringError
+from tenantsync.errors import KeyringError, TenantSyncError
 from tenantsync.fleet import Fleet
 from tenantsync.keyring import ENV_VAR
 from tenantsync.ondemand import OnDemand
@@ -180,3 +180,74 @@ def test_ltx_dump_names_a_sealed_object_and_its_key(tmp_path, fleet, storage_url
     header = sealed_header(sealed)
     assert f"encrypted, key id {header.key_id}" in proc.stdout, proc.stdout
     assert f"plaintext size: {header.plaintext_size}" in proc.stdout, proc.stdout
+
+
+def two_keys(current: str, *names: str) -> str:
+    seeds = {"k1": b"\x01", "k2": b"\x03"}
+    return json.dumps({"keys": {n: base64.b64encode(seeds[n] * 32).decode() for n in names}, "current": current})
+
+
+def test_rotation_rewraps_every_tenant_and_the_old_kek_can_then_go(tmp_path, fleet, monkeypatch):
+    from tenantsync.keys import rotate
+
+    expected = {}
+    for name in ("a.db", "b.db"):
+        path, conn = new_tenant(fleet, tmp_path, name)
+        write(conn, 0, 30)
+        fleet.sync(name)
+        expected[name] = dump(path)
+        conn.close()
+    cfg = fleet.config
+    monkeypatch.setenv(ENV_VAR, two_keys("k2", "k1", "k2"))
+    both = Fleet(cfg, open_catalogue(cfg))
+    done = rotate(both)
+    assert (done.kek, sorted(done.rewrapped), done.already) == ("k2", ["a.db", "b.db"], [])
+    assert sorted(rotate(both).already) == ["a.db", "b.db"]  # idempotent
+    both.close()
+    monkeypatch.setenv(ENV_VAR, two_keys("k2", "k2"))  # k1 removed from the keyring
+    newer = Fleet(cfg, open_catalogue(cfg))
+    for name, rows in expected.items():
+        out = tmp_path / f"out-{name}"
+        restore(newer.replica(name), str(out))
+        assert dump(str(out)) == rows
+    newer.close()
+
+
+def test_shred_erases_the_tenant_and_an_old_copy_of_its_key_opens_nothing_once_its_kek_is_gone(
+        tmp_path, fleet, storage_url, monkeypatch):
+    from tenantsync.errors import Shredded
+    from tenantsync.keys import rotate, shred
+
+    path, conn = new_tenant(fleet, tmp_path, "gone.db")
+    write(conn, 0, 30)
+    fleet.sync("gone.db")
+    conn.close()
+    with pytest.raises(TenantSyncError, match="its database is still here"):
+        shred(fleet, "gone.db")
+    kept = {k: v for k, v in raw_objects(storage_url).items() if k.startswith("gone.db/")}  # as a versioned bucket keeps them
+    assert isinstance(OnDemand(fleet).archive("gone.db"), Archived)
+    assert shred(fleet, "gone.db") >= 2
+    assert not [k for k in raw_objects(storage_url) if k.startswith("gone.db/")]
+    assert fleet.catalogue.get("gone.db").state.value == "shredded"
+    with pytest.raises(Shredded, match="gone.db was shredded"):
+        OnDemand(fleet).hydrate("gone.db")
+    assert not os.path.exists(path)
+
+    # Old versions brought back: with the KEK that wrapped them still in the keyring they
+    # would open (README), so erasure that must outlast such copies ends with a rotation
+    # and the old KEK's removal; after that the copies are noise.
+    store = open_storage(storage_url)
+    for key, body in kept.items():
+        store.write_if_absent(key, body)
+    cfg = fleet.config
+    monkeypatch.setenv(ENV_VAR, two_keys("k2", "k1", "k2"))
+    rotating = Fleet(cfg, open_catalogue(cfg))
+    assert "gone.db" not in rotate(rotating).rewrapped  # shredded tenants are not rewrapped
+    rotating.close()
+    monkeypatch.setenv(ENV_VAR, two_keys("k2", "k2"))
+    after = Fleet(cfg, open_catalogue(cfg))
+    out = tmp_path / "resurrected.db"
+    with pytest.raises(KeyringError, match="no key 'k1'"):
+        restore(after.replica("gone.db"), str(out))
+    assert not out.exists()
+    after.close()
