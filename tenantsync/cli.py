@@ -426,6 +426,48 @@ def retain(replica_url: str, config_path: str | None) -> None:
     click.echo(f"deleted {len(deleted)} files")
 
 
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@fleet_options
+def freeze(names, replica_url, config_path, broker, catalogue) -> None:
+    """Turn archived tenants' replicas into one zstd bundle each (LTX files go once it verified)."""
+    from .cold import freeze_tenant
+    from .fleet import Fleet
+
+    fleet = Fleet(load_config(config_path, replica_url, broker, catalogue))
+    try:
+        with _progress_bar(f"freeze {len(names)} tenants", unit="tenant") as progress:
+            for done, name in enumerate(names, 1):
+                info = freeze_tenant(fleet, name)
+                click.echo(f"frozen {name} txid={info.txid:016x} bytes={info.size}")
+                if progress:
+                    progress(done, len(names))
+    finally:
+        fleet.close()
+
+
+@cli.command()
+@click.argument("name")
+@fleet_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="A plain SQLite file.")
+@click.option("--to-replica", "to_replica", help="A plain Litestream replica URL instead (one level-9 snapshot).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def export(name, replica_url, config_path, broker, catalogue, output, to_replica, force) -> None:
+    """Write tenant NAME's newest state, from any tier, as a plain SQLite file or replica."""
+    from .cold import export as do_export
+    from .fleet import Fleet
+
+    if (output is None) == (to_replica is None):
+        raise click.UsageError("give -o FILE or --to-replica URL")
+    fleet = Fleet(load_config(config_path, replica_url, broker, catalogue))
+    try:
+        with _progress_bar(f"export {name}") as progress:
+            txid = do_export(fleet, name, output, replica_url=to_replica, force=force, progress=progress)
+    finally:
+        fleet.close()
+    click.echo(f"exported {name} txid={txid:016x} to {output or to_replica}")
+
+
 @cli.group()
 def keys() -> None:
     """Key-encryption keys of an encrypted fleet (README: Encryption at rest)."""

@@ -18,7 +18,8 @@ import time
 from concurrent.futures import Future
 from datetime import datetime, timezone
 
-from . import compactor
+from . import cold, compactor
+from .dictionary import Dictionaries
 from .job_scope import tenant_job
 from .catalogue import REPLICATED, TenantState
 from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, Shredded, TenantSyncError
@@ -168,7 +169,7 @@ class OnDemand:
                 # replicated from this replica, so it is kept aside, not taken as the tenant.
                 aside = _move_aside(path)
             replica = self.fleet.replica(source or name)
-            result = restore(replica, path, txid=txid, timestamp=timestamp, progress=progress)
+            result = self._restore(replica, path, txid, timestamp, progress)
         except BaseException as e:
             if aside is not None:
                 _move_back(aside)
@@ -191,6 +192,15 @@ class OnDemand:
             log.warning("tenant %s: %s was not the replica's database; kept as %s", name, path, aside[0])
         log.info("hydrated %s at txid %016x into %s", name, result.txid, path)
         return Hydrated(name, path, result.txid, restored=True, moved_aside=aside[0] if aside else None)
+
+    def _restore(self, replica, path, txid, timestamp, progress):
+        """``restore``, after thawing a frozen replica (cold.py) back into LTX levels."""
+        try:
+            return restore(replica, path, txid=txid, timestamp=timestamp, progress=progress)
+        except ReplicaEmpty:
+            if cold.thaw(replica, dictionaries=Dictionaries(self.fleet.storage)) is None:
+                raise
+            return restore(replica, path, txid=txid, timestamp=timestamp, progress=progress)
 
     def _wait_for_other(self, name, path, txid, timestamp, source, waited: float) -> Hydrated:
         """Another process is hydrating or archiving this tenant: wait for it to finish,

@@ -1,0 +1,165 @@
+"""Cold tenants: an archived tenant's replica as one zstd bundle, and back.
+
+Most tenants of a SaaS sit archived for months as a handful of LTX files each. ``freeze``
+turns such a replica into one bundle object (bundle.py; sealed like every other object
+when the fleet encrypts, compressed first): it restores the newest state to a temporary
+file, writes the bundle, verifies it by reading it back against the LTX chain's own
+state restored from the LTX files, and only then deletes them. ``thaw`` reverses it before a
+hydration: the bundle's image becomes a level-9 snapshot (TXIDs 1..N, as Litestream's
+layout wants), so restore, hydration and the next sync go on exactly as for any replica,
+at the next TXID; the bundle goes once the snapshot is stored.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from datetime import datetime, timezone
+
+from . import layout
+from .bundle import BundleInfo, restore_bundle, verify_bundle, write_bundle
+from .dictionary import Dictionaries
+from .catalogue import TenantState
+from .errors import ReplicaEmpty, TenantSyncError
+from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, database_checksum, lock_pgno
+from .replica import Replica
+from .restore import restore
+from .tenants import check_name
+
+log = logging.getLogger(__name__)
+
+#: Pages read from the thawed image per call while encoding the snapshot.
+_PAGES_PER_READ = 256
+
+
+def bundle_keys(replica: Replica) -> list[str]:
+    """The replica's bundle objects, oldest TXID first."""
+    return sorted(info.key for info in replica.storage.list(layout.BUNDLE_PREFIX + "/")
+                  if layout.parse_bundle_key(info.key) is not None)
+
+
+def freeze(replica: Replica, *, dictionary=None, dictionaries: Dictionaries | None = None,  # noqa: ANN001
+           work_dir: str | None = None) -> BundleInfo:
+    """Replace the replica's LTX files by one bundle of its newest state; returns it.
+
+    The LTX files are deleted only after the stored bundle verified against the state the
+    LTX chain restores to (read back from the store, dictionary included): a failure at any
+    step leaves every LTX file in place. Safe to repeat: a bundle already stored for that
+    TXID is verified and kept."""
+    with tempfile.TemporaryDirectory(prefix="tenantsync-freeze-", dir=work_dir) as tmp:
+        image = os.path.join(tmp, "image.db")
+        result = restore(replica, image)  # ReplicaEmpty for a replica with nothing to freeze
+        expected = image_checksum(image)
+        info = write_bundle(replica.storage, image, result.txid, dictionary=dictionary)
+    verify_bundle(replica.storage, info.key, result.txid, expected, dictionaries=dictionaries)
+    files = [f for level in replica.all_files().values() for f in level]
+    replica.delete(files)
+    log.info("%s: frozen at txid %016x into %s (%d bytes), %d LTX files deleted", replica, info.txid, info.key,
+             info.size, len(files))
+    return info
+
+
+def thaw(replica: Replica, *, dictionaries: Dictionaries | None = None, work_dir: str | None = None) -> int | None:
+    """Put a frozen replica back into Litestream's layout: its bundle as the level-9
+    snapshot 1..TXID, then the bundle deleted. Returns the TXID, or None when the replica
+    holds no bundle. A replica holding LTX files beside a bundle (a freeze that stopped
+    before its deletions, or a thaw before its own) keeps them: only the bundle goes."""
+    keys = bundle_keys(replica)
+    if not keys:
+        return None
+    newest = keys[-1]
+    with tempfile.TemporaryDirectory(prefix="tenantsync-thaw-", dir=work_dir) as tmp:
+        image = os.path.join(tmp, "image.db")
+        info = restore_bundle(replica.storage, newest, image, dictionaries=dictionaries)
+        if not any(replica.all_files().values()):
+            header, data = snapshot_of(image, info.txid, info.page_size, info.page_count)
+            replica.write(layout.SNAPSHOT_LEVEL, header, data, len(data))
+    replica.storage.delete(keys)
+    log.info("%s: thawed txid %016x from %s", replica, info.txid, newest)
+    return info.txid
+
+
+def restore_any_tier(replica: Replica, output: str, *, force: bool = False, progress=None,  # noqa: ANN001
+                     dictionaries: Dictionaries | None = None) -> int:
+    """The newest state into ``output``, from the LTX levels or, for a frozen replica, from
+    its bundle read in place (the replica stays frozen); returns its TXID."""
+    try:
+        return restore(replica, output, force=force, progress=progress).txid
+    except ReplicaEmpty:
+        keys = bundle_keys(replica)
+        if not keys:
+            raise
+        return restore_bundle(replica.storage, keys[-1], output, dictionaries=dictionaries, force=force).txid
+
+
+def image_checksum(image: str) -> int:
+    """LTX's checksum of the database file ``image`` (the post-apply checksum of its state),
+    computed from the restored file itself: a bundle must hold exactly these pages."""
+    page_size = _page_size(image)
+    with open(image, "rb") as f:
+        return database_checksum(enumerate(iter(lambda: f.read(page_size), b""), 1))
+
+
+def _page_size(image: str) -> int:
+    with open(image, "rb") as f:
+        size = int.from_bytes(f.read(100)[16:18], "big")
+    return 65536 if size == 1 else size  # SQLite's encoding of 64 KiB
+
+
+def snapshot_of(image: str, txid: int, page_size: int, page_count: int) -> tuple[Header, bytes]:
+    """The level-9 LTX file (TXIDs 1..``txid``) of the database file ``image``, with no
+    post-apply checksum, as the snapshots compaction writes (superfly/ltx's compactor)."""
+    header = Header(flags=HEADER_FLAG_NO_CHECKSUM, page_size=page_size, commit=page_count, min_txid=1,
+                    max_txid=txid, timestamp=int(datetime.now(timezone.utc).timestamp() * 1000))
+    buf = io.BytesIO()
+    encoder = Encoder(buf, header)
+    skip = lock_pgno(page_size)
+    with open(image, "rb") as f:
+        pgno = 1
+        while chunk := f.read(page_size * _PAGES_PER_READ):
+            for offset in range(0, len(chunk), page_size):
+                if pgno != skip:
+                    encoder.add_page(pgno, chunk[offset:offset + page_size])
+                pgno += 1
+    encoder.close()
+    return header, buf.getvalue()
+
+
+# -- a fleet's tenants -----------------------------------------------------------------------
+
+
+def freeze_tenant(fleet, name: str) -> BundleInfo:  # noqa: ANN001 - a Fleet
+    """``freeze`` tenant ``name``'s replica; only an archived tenant (no local database,
+    nothing left to ship) is frozen. Encrypted fleets bundle without a dictionary: a
+    dictionary is trained on tenants' pages and is stored once for the fleet, in the clear."""
+    name = check_name(name)
+    with fleet.tenant_lock(name):
+        record = fleet.catalogue.get(name)
+        if record is None or record.state is not TenantState.archived:
+            state = "unknown" if record is None else record.state.value
+            raise TenantSyncError(f"tenant {name} is {state}: only archived tenants are frozen")
+        return freeze(fleet.replica(name), dictionaries=Dictionaries(fleet.storage))
+
+
+def export(fleet, name: str, output: str | None, *, replica_url: str | None = None,  # noqa: ANN001
+           force: bool = False, progress=None) -> int:  # noqa: ANN001
+    """Tenant ``name``'s newest state from any tier (LTX levels or bundle, sealed or not) as a
+    plain SQLite file at ``output``, or with ``replica_url`` as a plain Litestream replica
+    there (one level-9 snapshot); returns its TXID. ``progress`` as restore's (LTX tier)."""
+    replica = fleet.replica(check_name(name))
+    dictionaries = Dictionaries(fleet.storage)
+    if replica_url is None:
+        return restore_any_tier(replica, output, force=force, progress=progress, dictionaries=dictionaries)
+    from .storage import open_storage
+
+    target = Replica(open_storage(replica_url))
+    with tempfile.TemporaryDirectory(prefix="tenantsync-export-") as tmp:
+        image = os.path.join(tmp, "image.db")
+        txid = restore_any_tier(replica, image, progress=progress, dictionaries=dictionaries)
+        page_size = _page_size(image)
+        count = os.path.getsize(image) // page_size
+        header, body = snapshot_of(image, txid, page_size, count)
+        target.write(layout.SNAPSHOT_LEVEL, header, body, len(body))
+    return txid
