@@ -58,6 +58,7 @@ Everything listens on and talks to 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import ctypes
 import functools
@@ -90,10 +91,14 @@ HOST = "benchhost"
 SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, ts REAL, v TEXT)"
 TOOLS = ("ts-embedded", "ts-redis", "litestream")
 TOOL_LABEL = {"ts-embedded": "tenantsync embedded", "ts-redis": "tenantsync Redis", "litestream": "Litestream",
-              "ts-embedded-nometrics": "tenantsync embedded, metrics off"}
+              "ts-embedded-nometrics": "tenantsync embedded, metrics off",
+              "ts-embedded-encrypted": "tenantsync embedded, encrypted"}
 #: What counting metrics costs: tenantsync embedded with TENANTSYNC_METRICS=off, beside the
 #: default (not in TOOLS: ask for it with --tools ts-embedded,ts-embedded-nometrics).
 NO_METRICS = {"TENANTSYNC_METRICS": "off"}
+#: What encryption at rest costs: tenantsync embedded with `encrypt: true` and a keyring in the
+#: environment (ask for it with --tools ts-embedded,ts-embedded-encrypted).
+KEYRING = {"TENANTSYNC_KEYRING": json.dumps({"keys": {"bench": base64.b64encode(b"bench-kek" * 3 + b"12345").decode()}})}
 
 
 def log(msg: str) -> None:
@@ -677,7 +682,7 @@ class Setup:
 
 
 class Tenantsync(Setup):
-    def __init__(self, root, names, template, args, broker: str | None = None, **kw):
+    def __init__(self, root, names, template, args, broker: str | None = None, encrypt: bool = False, **kw):
         super().__init__(root, names, template, args, **kw)
         self.kind = "ts-redis" if broker else "ts-embedded"
         self.broker = broker
@@ -690,6 +695,8 @@ class Tenantsync(Setup):
         }
         if args.sync_threads:
             raw["sync-threads"] = args.sync_threads
+        if encrypt:
+            raw["encrypt"] = True
         if broker:
             raw["broker"] = broker
             raw["host-workers"] = args.host_workers
@@ -832,6 +839,8 @@ class Bench:
         log(f"N={n} {TOOL_LABEL[kind]}: copying {n} tenants")
         if kind == "ts-embedded-nometrics":
             setup = Embedded(root, names, template, self.a, extra_env=NO_METRICS)
+        elif kind == "ts-embedded-encrypted":
+            setup = Embedded(root, names, template, self.a, extra_env=KEYRING, encrypt=True)
         else:
             cls = {"ts-embedded": Embedded, "ts-redis": RedisMode, "litestream": Litestream}[kind]
             setup = cls(root, names, template, self.a)
@@ -1232,6 +1241,8 @@ def report(results: dict) -> str:
         head += [f"{'emb' if k == 'ts-embedded' else 'redis'} / LS" for k in ratios]
         metrics_ratio = {"ts-embedded", "ts-embedded-nometrics"} <= set(tools)
         head += ["metrics on / off"] if metrics_ratio else []
+        sealed_ratio = {"ts-embedded", "ts-embedded-encrypted"} <= set(tools)
+        head += ["encrypted / plain"] if sealed_ratio else []
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
 
@@ -1241,6 +1252,8 @@ def report(results: dict) -> str:
             rs = [ratio(vals[k], vals.get("litestream")) for k in ratios]
             if metrics_ratio:
                 rs.append(ratio(vals["ts-embedded"], vals["ts-embedded-nometrics"]))
+            if sealed_ratio:
+                rs.append(ratio(vals["ts-embedded-encrypted"], vals["ts-embedded"]))
             lines.append("| " + " | ".join([label, *cells, *rs]) + " |")
 
         def startup_cell(r, v):
