@@ -32,13 +32,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import core  # noqa: E402 - bench/core.py, for its database builder
+from observe import percentile  # noqa: E402 - bench/observe.py's nearest-rank percentile
 
 MODES = ("plain", "encrypted")
-
-
-def percentile(xs: list[float], p: float) -> float:
-    ranked = sorted(xs)
-    return ranked[min(len(ranked) - 1, max(0, round(p / 100 * len(ranked) + 0.5) - 1))]
 
 
 def build_small(path: str, size: int) -> None:

@@ -41,10 +41,12 @@ import zstandard
 
 from . import layout
 from .dictionary import Dictionaries
-from .errors import BundleError, DictionaryMissing, OutputExists, PreconditionFailed
+from .errors import BundleError, DictionaryMissing, PreconditionFailed
 from .ltx.checksum import crc64, page_checksum
 from .ltx.format import CHECKSUM_FLAG, lock_pgno
+from .output import put_in_place, remove_quietly, temporary_beside
 from .storage.base import Storage
+from .tenants import header_page_size
 
 MAGIC = b"TSB1"
 FORMAT = 1
@@ -54,11 +56,10 @@ MAX_MANIFEST = 64 << 20
 
 #: Image bytes per zstd frame: the memory a restore holds, and a multiple of every page size.
 FRAME_SIZE = 1 << 20
-#: zstd level of new bundles. A bundle is written once, when a tenant goes cold, and read on
-#: each hydration, which zstd decompresses at the same speed whatever the level. On the bench
-#: corpus (bench/bundles.py, 900 tenants of ~66 KB) level 19 stores 10-14% fewer bytes than
-#: level 3 (0.468 against 0.542 of the LZ4 snapshot, with a dictionary) for ~6 ms more per
-#: tenant at p50 (30 ms at p99), spent once by a background job; restores take 1.0 ms either way.
+#: zstd level of new bundles. A bundle is written once, when a tenant goes cold, by a
+#: background job, and read on each hydration, which zstd decompresses at the same speed
+#: whatever the level: the slow, dense end of the scale costs once and saves bytes for
+#: months (docs/BENCHMARKS.md, cold bundles).
 DEFAULT_LEVEL = 19
 
 #: The first read of a bundle: a small tenant's whole object comes in one GET.
@@ -69,7 +70,6 @@ READ_BLOCK = 8 << 20
 # be written ahead of them: in memory for a small tenant, on disk beyond this.
 SPOOL_BYTES = 64 << 20
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 @dataclass(frozen=True)
@@ -165,13 +165,9 @@ def _opened(db):
 
 
 def _page_size(first: bytes, name: str) -> int:
-    """The page size a SQLite header gives (bytes 16-17, where 1 means 65536)."""
-    if len(first) < 100 or not first.startswith(_SQLITE_MAGIC):
-        raise BundleError(f"{name}: not a SQLite database (no SQLite header)")
-    size = int.from_bytes(first[16:18], "big")
-    size = 65536 if size == 1 else size
-    if size < 512 or size & (size - 1):
-        raise BundleError(f"{name}: SQLite header gives an invalid page size {size}")
+    size = header_page_size(first)
+    if size is None:
+        raise BundleError(f"{name}: not a SQLite database (no SQLite header with a valid page size)")
     return size
 
 
@@ -323,12 +319,7 @@ def restore_bundle(storage: Storage, key: str, out_path: str, *, dictionaries: D
     Unlike an LTX restore there is no ``quick_check``: the checksums prove the bytes are the
     ones bundled, which were a verified database. Raises OutputExists unless ``force``.
     """
-    output = os.path.abspath(out_path)
-    if os.path.exists(output) and not force:
-        raise OutputExists(f"{output}: already exists (use --force to replace it)")
-    directory = os.path.dirname(output)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(output)}.tenantsync-bundle-{os.getpid()}")
+    output, tmp = temporary_beside(out_path, force, "bundle")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -336,15 +327,9 @@ def restore_bundle(storage: Storage, key: str, out_path: str, *, dictionaries: D
             os.fsync(fd)
         finally:
             os.close(fd)
-        for suffix in ("-wal", "-shm"):
-            # A stale WAL beside the new file would be replayed over it by SQLite.
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(output + suffix)
-        os.replace(tmp, output)
-        _fsync_directory(directory)
+        put_in_place(tmp, output)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        remove_quietly(tmp)
         raise
     return info
 
@@ -475,11 +460,3 @@ def _write_all(fd: int, chunk) -> None:
     while view:
         view = view[os.write(fd, view):]
 
-
-def _fsync_directory(directory: str) -> None:
-    """The rename is durable only once its directory is."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -373,6 +373,11 @@ class Catalogue(CatalogueReads, Marks, LegacyRows):
             values["wal_bytes"] = wal_bytes
         self._update(name, values)
 
+    def record_shredded(self, name: str, at: datetime) -> None:
+        """The tenant was erased (keys.shred): state shredded, ``last_error`` says when."""
+        self._update(name, {"state": TenantState.shredded,
+                            "last_error": f"shredded at {at.isoformat(timespec='seconds')}"})
+
     def record_lease(self, name: str, holder: str | None, expires_at: datetime | None, generation: int,
                      etag: str | None = None) -> None:
         """Mirror of the tenant's lease (the lease itself lives in object storage), with

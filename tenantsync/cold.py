@@ -22,11 +22,11 @@ from . import layout
 from .bundle import BundleInfo, restore_bundle, verify_bundle, write_bundle
 from .dictionary import Dictionaries
 from .catalogue import TenantState
-from .errors import ReplicaEmpty, TenantSyncError
+from .errors import ReplicaEmpty, WrongState
 from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, database_checksum, lock_pgno
 from .replica import Replica
 from .restore import restore
-from .tenants import check_name
+from .tenants import check_name, header_page_size
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,9 @@ def image_checksum(image: str) -> int:
 
 
 def _page_size(image: str) -> int:
+    """The page size of ``image``, a database tenantsync itself restored (so a valid one)."""
     with open(image, "rb") as f:
-        size = int.from_bytes(f.read(100)[16:18], "big")
-    return 65536 if size == 1 else size  # SQLite's encoding of 64 KiB
+        return header_page_size(f.read(100))
 
 
 def snapshot_of(image: str, txid: int, page_size: int, page_count: int) -> tuple[Header, bytes]:
@@ -139,7 +139,7 @@ def freeze_tenant(fleet, name: str) -> BundleInfo:  # noqa: ANN001 - a Fleet
         record = fleet.catalogue.get(name)
         if record is None or record.state is not TenantState.archived:
             state = "unknown" if record is None else record.state.value
-            raise TenantSyncError(f"tenant {name} is {state}: only archived tenants are frozen")
+            raise WrongState(f"tenant {name} is {state}: only archived tenants are frozen")
         return freeze(fleet.replica(name), dictionaries=Dictionaries(fleet.storage))
 
 

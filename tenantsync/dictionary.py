@@ -29,11 +29,11 @@ import zstandard
 
 from .errors import BundleError, DictionaryMissing, ObjectNotFound, PreconditionFailed
 from .storage.base import Storage
+from .tenants import header_page_size
 
 PREFIX = "_dictionaries"
-#: Bytes of a trained dictionary: zstd's CLI default. On the bench corpus it stores ~1% fewer
-#: bytes per tenant than 64 KiB (0.468 against 0.474 of the LZ4 snapshot at level 19), and the
-#: extra 48 KiB is stored once per fleet, not per tenant.
+#: Bytes of a trained dictionary: zstd's CLI default. Larger than the 64 KiB often used, as
+#: it is stored once per fleet, not per tenant (docs/BENCHMARKS.md, cold bundles).
 DICT_SIZE = 112 << 10
 #: zstd's guidance: train on about 100 times the dictionary's size of samples.
 SAMPLE_RATIO = 100
@@ -74,11 +74,9 @@ def train(db_paths: Iterable[str | os.PathLike], *, size: int = DICT_SIZE, seed:
 
 def _sample_pages(path: str | os.PathLike, budget: int, rng: random.Random) -> list[bytes]:
     with open(path, "rb") as f:
-        header = f.read(100)
-        page_size = int.from_bytes(header[16:18], "big") if header.startswith(b"SQLite format 3\x00") else 0
-        if page_size not in (1, 512, 1024, 2048, 4096, 8192, 16384, 32768):
+        page_size = header_page_size(f.read(100))
+        if page_size is None:
             raise BundleError(f"{path}: not a SQLite database, cannot sample its pages")
-        page_size = 65536 if page_size == 1 else page_size
         count = os.fstat(f.fileno()).st_size // page_size
         chosen = sorted(rng.sample(range(count), min(count, max(1, budget // page_size))))
         pages = []

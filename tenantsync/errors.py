@@ -80,6 +80,16 @@ class Shredded(TenantSyncError):
     """The tenant was shredded: its replica and key are gone, and its name is refused."""
 
 
+class StillLocal(TenantSyncError):
+    """The tenant's database is still on this host: an operation on its replica alone
+    (shredding) would leave the application's copy, so it is refused."""
+
+
+class WrongState(TenantSyncError):
+    """The tenant's catalogue state forbids the operation now (only an archived tenant is
+    frozen; a tenant being hydrated or archived is not shredded)."""
+
+
 class NotATenant(TenantSyncError):
     """The name is not a tenant of this fleet: it matches none of its globs, or its path
     leaves the glob's directory (a symbolic link). Nothing was created or touched."""

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from . import tenant_key
 from .catalogue import TenantState
-from .errors import ObjectNotFound, TenantSyncError
+from .errors import ObjectNotFound, StillLocal, WrongState
 from .keyring import load_keyring
 from .ondemand import SIDE_FILES
 from .tenants import check_name
@@ -59,7 +59,7 @@ def rotate(fleet, to: str | None = None) -> Rotation:  # noqa: ANN001 - a Fleet
             return name, "keyless"
         if before.kek == target:
             return name, "already"
-        tenant_key.rewrap(storage, name, keyring, target)
+        tenant_key.rewrap(storage, name, keyring, target, current=before)
         fleet.forget_key(name)
         return name, "rewrapped"
 
@@ -80,21 +80,20 @@ def shred(fleet, name: str) -> int:  # noqa: ANN001 - a Fleet
     path = fleet.resolve(name)
     local = [p for p in (path, *(path + s for s in SIDE_FILES)) if os.path.exists(p)]
     if local:
-        raise TenantSyncError(f"tenant {name}: its database is still here ({local[0]}): archive or delete it "
+        raise StillLocal(f"tenant {name}: its database is still here ({local[0]}): archive or delete it "
                               "first; shred erases the replica only")
     with fleet.tenant_lock(name):
         if fleet.catalogue.get(name) is None:
             fleet.catalogue.discover(name, path, fleet.config.host)
         if not fleet.catalogue.transition(name, TenantState.shredded, expected=_SHRED_FROM):
             state = fleet.catalogue.get(name).state.value
-            raise TenantSyncError(f"tenant {name}: cannot shred it while it is {state}")
+            raise WrongState(f"tenant {name}: cannot shred it while it is {state}")
         storage = fleet.storage.child(name)
         tenant_key.delete(storage)  # first: from here on nothing of it can be decrypted
         fleet.forget_key(name)
         keys = [info.key for info in storage.list("")]
         storage.delete(keys)
-        fleet.catalogue.record_error(name, f"shredded at {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
-        fleet.catalogue.transition(name, TenantState.shredded)  # record_error moved it to error
+        fleet.catalogue.record_shredded(name, datetime.now(timezone.utc))
     log.warning("shredded tenant %s: its key and %d objects deleted", name, len(keys))
     return len(keys)
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from . import layout, restore_pool
-from .errors import InvalidArgument, OutputExists, ReplicaEmpty, ReplicaGap, RestoredCorrupt, TargetUnavailable
+from .errors import InvalidArgument, ReplicaEmpty, ReplicaGap, RestoredCorrupt, TargetUnavailable
+from .output import fsync_path, put_in_place, remove_quietly, temporary_beside
 from .page_runs import PageRuns
 from .replica import LEVELS, STREAM_ABOVE, LTXInfo, Replica
 
@@ -185,27 +186,18 @@ def restore(
 ) -> RestoreResult:
     """Rebuild the database at ``output``; nothing is left there unless it verified.
     ``progress(done, total)`` is told the LTX bytes applied so far as they are."""
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not force:
-        raise OutputExists(f"{output}: already exists (use --force to replace it)")
+    output, tmp = temporary_beside(output, force, "restore")
     infos = plan(replica, txid, timestamp)
-    directory = os.path.dirname(output)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(output)}.tenantsync-restore-{os.getpid()}")
     try:
         pages, size, page_size, commit, ms = _apply(replica, infos, tmp, _Progress(progress, infos))
         with ThreadPoolExecutor(1) as pool:
             # The disk writes back while SQLite checks the b-trees from the page cache.
-            synced = pool.submit(_fsync_path, tmp)
+            synced = pool.submit(fsync_path, tmp)
             _structure_check(tmp, output)
             synced.result()
-        for suffix in ("-wal", "-shm"):
-            # A stale WAL beside the new file would be replayed over it by SQLite.
-            _remove(output + suffix)
-        os.replace(tmp, output)
-        _fsync_path(directory)
+        put_in_place(tmp, output)
     except BaseException:
-        _remove(tmp)
+        remove_quietly(tmp)
         raise
     log.info("restored %s to txid %016x from %d files", output, infos[-1].max_txid, len(infos))
     return RestoreResult(infos[-1].max_txid, len(infos), pages, size, page_size, commit,
@@ -313,19 +305,4 @@ def _structure_check(path: str, output: str) -> None:
     if rows != [("ok",)]:
         raise RestoredCorrupt(f"{output}: restored database failed quick_check: {rows[0][0]}")
 
-
-def _fsync_path(path: str) -> None:
-    """fsync a file or a directory by name (any descriptor flushes the whole file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 

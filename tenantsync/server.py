@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .catalogue import TenantRecord
-from .errors import InvalidArgument, NoAnswer, NotATenant, ReplicaEmpty, StorageError, TenantSyncError
+from .errors import InvalidArgument, NoAnswer, NotATenant, ReplicaEmpty, Shredded, StorageError, TenantSyncError
 from .outcome import Archived, Skip, Skipped
 from .targets import parse_timestamp, parse_txid
 from .tenants import check_name
@@ -52,8 +52,8 @@ MAX_BODY = 64 << 10  # a hydrate body is a few bytes; anything larger is refused
 # hold its request (and a worker thread) for ever.
 BODY_TIMEOUT = 10.0
 # The most specific class wins (the first in an error's method resolution order).
-STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, StorageError: 502, NoAnswer: 504,
-          TenantSyncError: 409}
+STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, Shredded: 410, StorageError: 502,
+          NoAnswer: 504, TenantSyncError: 409}
 # A Skipped outcome's status, by its reason: archived already is what was asked for.
 SKIPPED = {Skip.ALREADY_ARCHIVED: 200, Skip.IN_USE: 409}
 # An answer's error of a type this process does not know comes back as its status's most general one.

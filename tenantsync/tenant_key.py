@@ -80,19 +80,22 @@ def load(storage: Storage, tenant: str, keyring: Keyring) -> TenantKey:
     return _open(storage, tenant, keyring, storage.read(KEY_OBJECT), etag)
 
 
-def rewrap(storage: Storage, tenant: str, keyring: Keyring, new_kek: str) -> TenantKey:
+def rewrap(storage: Storage, tenant: str, keyring: Keyring, new_kek: str,
+           current: TenantKey | None = None) -> TenantKey:
     """Wrap the tenant's data key with ``new_kek`` in place (compare-and-swap on the stored
     object), so a KEK can be retired without re-encrypting any data. A no-op when it is
-    already wrapped with ``new_kek``."""
+    already wrapped with ``new_kek``. ``current``: the key as just loaded, if the caller
+    has it (its etag guards the write; a stale one only costs a fresh load)."""
     target = keyring.get(new_kek)
     for _ in range(_REWRAP_TRIES):
-        current = load(storage, tenant, keyring)
+        current = current or load(storage, tenant, keyring)
         if current.kek == new_kek:
             return current
         try:
             etag = storage.write_if_match(KEY_OBJECT, _document(tenant, current.data_key, target), current.etag)
         except PreconditionFailed:
-            continue  # rewrapped (or recreated) meanwhile: look again
+            current = None  # rewrapped (or recreated) meanwhile: look again
+            continue
         return TenantKey(tenant, current.key_id, new_kek, etag, current.data_key)
     raise KeyringError(f"{storage.object_url(KEY_OBJECT)}: changed {_REWRAP_TRIES} times while being rewrapped")
 

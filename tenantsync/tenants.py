@@ -26,6 +26,16 @@ SIDE_SUFFIXES = ("-wal", "-shm", "-journal", "-tenantsync.json")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+def header_page_size(head: bytes) -> int | None:
+    """The page size a SQLite database header (its first 100 bytes) gives, or None if
+    ``head`` is no such header or names no valid page size (bytes 16-17; 1 means 65536)."""
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        return None
+    size = int.from_bytes(head[16:18], "big")
+    size = 65536 if size == 1 else size
+    return size if 512 <= size <= 65536 and not size & (size - 1) else None
+
+
 def shard(name: str, shards: int) -> int:
     """Which of ``shards`` processes serves tenant ``name``: all of a tenant's jobs must
     reach the one process holding its open capture, read mark and lease. A stable hash

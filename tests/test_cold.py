@@ -17,7 +17,7 @@ from tenantsync import cold, layout
 from tenantsync.bundle import write_bundle
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
-from tenantsync.errors import BundleError, TenantSyncError
+from tenantsync.errors import BundleError, WrongState
 from tenantsync.fleet import Fleet
 from tenantsync.keyring import ENV_VAR
 from tenantsync.ondemand import OnDemand
@@ -118,7 +118,7 @@ def test_only_archived_tenants_are_frozen(tmp_path, fleet):
     fleet.catalogue.discover("live.db", path, "h1")
     write_rows(conn, 5)
     fleet.sync("live.db")
-    with pytest.raises(TenantSyncError, match="live.db is active: only archived tenants are frozen"):
+    with pytest.raises(WrongState, match="live.db is active: only archived tenants are frozen"):
         cold.freeze_tenant(fleet, "live.db")
     conn.close()
 

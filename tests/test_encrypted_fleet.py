@@ -20,7 +20,7 @@ import pytest
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
-from tenantsync.errors import KeyringError, TenantSyncError
+from tenantsync.errors import KeyringError, StillLocal
 from tenantsync.fleet import Fleet
 from tenantsync.keyring import ENV_VAR
 from tenantsync.ondemand import OnDemand
@@ -222,7 +222,7 @@ def test_shred_erases_the_tenant_and_an_old_copy_of_its_key_opens_nothing_once_i
     write(conn, 0, 30)
     fleet.sync("gone.db")
     conn.close()
-    with pytest.raises(TenantSyncError, match="its database is still here"):
+    with pytest.raises(StillLocal, match="its database is still here"):
         shred(fleet, "gone.db")
     kept = {k: v for k, v in raw_objects(storage_url).items() if k.startswith("gone.db/")}  # as a versioned bucket keeps them
     assert isinstance(OnDemand(fleet).archive("gone.db"), Archived)
