@@ -61,7 +61,10 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     local.recover()  # hydrations and archivals a killed predecessor left half done
     route = ShardRoute({"sync": fleet.sync, "hydrate": local.hydrate, "archive": local.archive}, shards)
     ondemand = OnDemandVia(local.catalogue, route)
-    jobs = {"sync": functools.partial(route, "sync"), "archive": ondemand.archive}
+    # A freeze (zstd at level 19) runs in the niced storage process, a process of this host,
+    # so its freezing mark is undone here if that process dies.
+    jobs = {"sync": functools.partial(route, "sync"), "archive": ondemand.archive,
+            "freeze": functools.partial(storage.run, "freeze")}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
     dispatcher = InProcessDispatcher(jobs, workers=config.threads_per_process(), on_result=on_result, shards=len(shards) + 1,
                                      batched=STORAGE_JOBS)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from tenantsync import logs
 from tenantsync.catalogue import open_catalogue
+from tenantsync.cold import freeze_tenant
 from tenantsync.config import Config
 from tenantsync.errors import TenantSyncError
 from tenantsync.outcome import Failed
@@ -270,7 +271,7 @@ def storage_process(config: Config) -> JobProcess:
 
 
 def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
-    """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive, hydrate) and the
+    """A child's ``Fleet``: the jobs of its shard of tenants (sync, archive, hydrate, freeze) and the
     storage-only ones, which take a batch of tenants (only the storage child is sent those).
     With ``release_every``, it releases its idle tenants itself."""
     prepare_process()
@@ -288,6 +289,7 @@ def fleet_jobs(config: Config, release_every: float | None) -> ChildJobs:
         fleet.shutdown()
 
     jobs = {"sync": fleet.sync, "archive": ondemand.archive, "hydrate": ondemand.hydrate,
+            "freeze": functools.partial(freeze_tenant, fleet),
             **{job: functools.partial(fleet.for_each, job) for job in STORAGE_JOBS}}
     return jobs, close
 

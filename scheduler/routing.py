@@ -21,7 +21,10 @@ from celery import Celery
 from tenantsync import config as configmod
 from tenantsync.tenants import shard
 
-HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.hydrate", "tenantsync.release_idle"}
+# Jobs for a host's queue. A freeze only touches object storage, but its catalogue mark must
+# be undone by the tenant's host if its worker dies (a hydration waits on it): its host's too.
+HOST_JOBS = {"tenantsync.sync", "tenantsync.archive", "tenantsync.freeze", "tenantsync.hydrate",
+             "tenantsync.release_idle"}
 STORAGE_QUEUE = "storage"
 # Beat's plans (tenantsync.plan) have their own queue, taken by every worker that takes storage
 # jobs or is started with --storage: a plan is a quick query that enqueues storage jobs, sent

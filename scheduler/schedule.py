@@ -1,11 +1,13 @@
-"""Periodic decisions: which tenants need compaction, snapshots, retention or a catch-up sync.
+"""Periodic decisions: which tenants need compaction, snapshots, retention, a catch-up sync,
+archival or freezing.
 
 One policy serves both modes. Storage plans (compaction per level, snapshots, retention)
 only touch object storage, so in Celery mode beat runs them as the ``tenantsync.plan`` task
 on any worker, for the whole fleet. Host plans (catch-up, archival) are about one host's
 local files (a lagging or failed tenant can only be synced by its host, and the disk budget
-of ``max-local-bytes`` is per host), so each host's watcher runs them for its own tenants
-from its loop (:meth:`Schedule.tick`), in both modes. Only tenants whose replica changed
+of ``max-local-bytes`` is per host; freezing is the host's too, see ``host_plans``), so each
+host's watcher runs them for its own tenants from its loop (:meth:`Schedule.tick`), in both
+modes. Only tenants whose replica changed
 since the job last ran are touched, so idle tenants cost nothing. Runs are aligned to the
 wall clock like Litestream's (every 30 s at :00 and :30, …).
 """
@@ -30,14 +32,23 @@ CATCH_UP_AFTER = timedelta(seconds=5)
 # A tenant whose last sync failed is tried again this long after (each failure restarts it).
 RETRY_ERRORS_AFTER = timedelta(minutes=2)
 ARCHIVE_EVERY = timedelta(minutes=1)
+FREEZE_EVERY = timedelta(hours=1)
 LOCAL_STATES = (TenantState.active, TenantState.idle)
-HOST_PLANS = ("catch-up", "archive")
 
 
 def archive_every(config: Config) -> timedelta:
     """Check once a minute, or twice per ``archive-after`` when that is shorter."""
-    shortest = min((after for _, after in config.archive_after), default=ARCHIVE_EVERY)
-    return max(timedelta(seconds=1), min(ARCHIVE_EVERY, shortest / 2))
+    return _every(config.archive_after, ARCHIVE_EVERY)
+
+
+def freeze_every(config: Config) -> timedelta:
+    """Check once an hour, or twice per ``cold-after`` when that is shorter."""
+    return _every(config.cold_after, FREEZE_EVERY)
+
+
+def _every(delays, most: timedelta) -> timedelta:
+    shortest = min((after for _, after in delays), default=most)
+    return max(timedelta(seconds=1), min(most, shortest / 2))
 
 
 def local_bytes(path: str) -> int:
@@ -64,6 +75,17 @@ def archival_candidates(config: Config, tenants: list, now: datetime) -> list[st
             if t.name not in chosen and t.state == TenantState.idle:
                 chosen.append(t.name)
                 total -= sizes[t.name]
+    return chosen
+
+
+def freeze_candidates(config: Config, archived: list, now: datetime) -> list[str]:
+    """Archived tenants whose glob's ``cold-after`` has passed since they were archived (their
+    last sync: the archival's, as an archived tenant is synced no more)."""
+    chosen = []
+    for t in archived:
+        after = config.cold_after_for(t.path)
+        if after is not None and t.last_sync_at is not None and t.last_sync_at < now - after:
+            chosen.append(t.name)
     return chosen
 
 
@@ -99,10 +121,14 @@ def beat_schedule(config: Config) -> dict:
 
 
 def host_plans(config: Config) -> dict:
-    """This host's plans and their intervals: catch-up, and archival when configured."""
+    """This host's plans and their intervals: catch-up, and archival and freezing when
+    configured. Freezing is a host plan although it only touches object storage: its mark
+    must be undone by the tenant's host if its process dies (a hydration waits on it)."""
     every = {"catch-up": CATCH_UP_EVERY}
     if config.archive_after or config.max_local_bytes:
         every["archive"] = archive_every(config)
+    if config.cold_after:
+        every["freeze"] = freeze_every(config)
     return every
 
 
@@ -123,7 +149,8 @@ class Schedule:
         return sum(self.run(key, now) for key, every in self.every.items() if self._due(key, every, now))
 
     def run(self, key, now: datetime | None = None) -> int:
-        """Enqueue one plan's jobs now: a level number, 9 (snapshots), "retain" or "catch-up".
+        """Enqueue one plan's jobs now: a level number, 9 (snapshots), "retain", or a host
+        plan ("catch-up", "archive", "freeze").
 
         Only tenants that shipped within the last two intervals are touched: everything
         they wrote since the previous run is then covered (the second interval catches a
@@ -139,6 +166,9 @@ class Schedule:
         if key == "archive":
             tenants = self.catalogue.records(host=self.config.host)
             return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))
+        if key == "freeze":
+            archived = self.catalogue.records(TenantState.archived, host=self.config.host)
+            return self.dispatcher.submit("freeze", freeze_candidates(self.config, archived, now))
         names = self.catalogue.shipped_since(now - 2 * self.every[key])
         if key == "retain":
             return self.dispatcher.submit("retain", names)

@@ -55,10 +55,11 @@ from .catalogue_legacy import LegacyRows
 from .catalogue_marks import Marks
 from .catalogue_migrations import SCHEMA_HEAD, VERSION_TABLE, alembic_config, upgrade_to_head
 from .catalogue_reads import CatalogueReads
-from .catalogue_schema import (_BY_NAME, METADATA, TENANTS, CatalogueError, TenantRecord, TenantState,
+from .catalogue_schema import (_BY_NAME, MARKED, METADATA, TENANTS, CatalogueError, TenantRecord, TenantState,
                                UnknownTenant, _chunks, _now, _states, _utc)
 
 __all__ = [
+    "MARKED",
     "METADATA",
     "SCHEMA_HEAD",
     "VERSION_TABLE",
@@ -75,8 +76,8 @@ __all__ = [
 _BULK_ROWS = 5000
 
 
-# The states a sync may move a tenant between. The others belong to a hydration or an
-# archival (mark / unmark), which a sync in another process, racing it, must not undo.
+# The states a sync may move a tenant between. The others belong to a hydration, an
+# archival or a freeze (mark / unmark), which a sync in another process, racing it, must not undo.
 REPLICATED = (TenantState.active, TenantState.idle, TenantState.error)
 
 

@@ -1,7 +1,7 @@
-"""Marks: a hydration or archival in progress, owned by one process.
+"""Marks: a hydration, archival or freeze in progress, owned by one process.
 
 Its own module because a mark is a small protocol of its own: ``mark`` (or ``claim_new``
-for a tenant not in the catalogue yet) moves a tenant to hydrating or archiving and notes
+for a tenant not in the catalogue yet) moves a tenant to hydrating, archiving or freezing and notes
 the process and the state it came from, ``unmark`` ends the work or undoes it, and
 ``marked`` lists what a process that died may have left (``ondemand`` recovers those).
 Mixed into ``Catalogue`` (``tenantsync.catalogue``), which provides ``_mine``, ``_tx``,
@@ -14,14 +14,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .catalogue_schema import TENANTS, TenantRecord, TenantState, _now, _states
+from .catalogue_schema import MARKED, TENANTS, TenantRecord, TenantState, _now, _states
 
 
 class Marks:
     """The hydration and archival marks of one fleet's tenants."""
 
     def mark(self, name: str, to: TenantState, *, expected: set[TenantState], owner: str) -> bool:
-        """Move the tenant to ``to`` (hydrating or archiving) from one of ``expected``, as
+        """Move the tenant to ``to`` (one of MARKED) from one of ``expected``, as
         :meth:`transition` does, and note ``owner`` (the process doing it) and the state
         it came from, in the same UPDATE: :meth:`unmark` puts that state back if the work
         fails, and ``OnDemand.recover`` if the owner dies."""
@@ -42,7 +42,7 @@ class Marks:
             return len(s.execute(stmt.returning(TENANTS.c.name)).all()) == 1
 
     def unmark(self, name: str, owner: str, *, error: str | None = None, **finished: Any) -> bool:
-        """End ``owner``'s hydration or archival of ``name`` in one write.
+        """End ``owner``'s hydration, archival or freeze of ``name`` in one write.
 
         With ``finished`` (``state`` and the columns the work set, e.g. ``txid``,
         ``position``, ``last_sync_at``, ``archived_txid``), those are stored. Without, the
@@ -63,8 +63,8 @@ class Marks:
             return s.execute(back).rowcount == 1
 
     def marked(self, host: str) -> list[TenantRecord]:
-        """This fleet's tenants of ``host`` in hydrating or archiving (marked by a process, or
+        """This fleet's tenants of ``host`` in a marked state (MARKED: marked by a process, or
         without an owner: left so by a version before marks)."""
-        busy = [TenantState.hydrating, TenantState.archiving]
+        busy = list(MARKED)
         return self._select(sa.select(*TENANTS.c).where(self._mine, TENANTS.c.host == host,
                                                         TENANTS.c.state.in_(busy)))

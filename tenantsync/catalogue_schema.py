@@ -66,8 +66,9 @@ class TenantState(str, enum.Enum):
     TXID the replica ends at, which a later hydration must reach.
 
     Entered: from ``archiving``.
-    Left: for ``hydrating`` when the tenant is needed again, by exactly one process
-    (``mark`` is a compare-and-set: two processes racing from archived cannot both win).
+    Left: for ``hydrating`` when the tenant is needed again, or for ``freezing`` once it
+    has been archived for its ``cold-after``, by exactly one process (``mark`` is a
+    compare-and-set: two processes racing from archived cannot both win).
     """
 
     hydrating = "hydrating"
@@ -87,6 +88,25 @@ class TenantState(str, enum.Enum):
     ``last_error``).
     """
 
+    freezing = "freezing"
+    """Its replica is being turned into one bundle (cold.py), by exactly one process of the
+    tenant's host, noted as for archiving.
+
+    Entered: from ``archived`` by ``mark`` (a freeze job: ``cold-after`` or ``tenantsync freeze``).
+    Left: for ``frozen`` once the bundle verified and the LTX files are gone; back to
+    ``archived`` if anything fails, or if the marking process died (``OnDemand.recover``).
+    A hydration waits for it: the freeze deletes the LTX files the restore would read.
+    """
+
+    frozen = "frozen"
+    """Archived, with the replica held as one bundle object instead of LTX levels: no point
+    in time before the bundle's TXID can be restored any more.
+
+    Entered: from ``freezing``.
+    Left: for ``hydrating`` when the tenant is needed again (the hydration thaws the bundle
+    back into a level-9 snapshot first).
+    """
+
     shredded = "shredded"
     """Erased on purpose (``tenantsync shred``): its wrapped data key and its replica were
     deleted, so nothing sealed under that key can be read again. The row stays as the
@@ -95,6 +115,10 @@ class TenantState(str, enum.Enum):
     Entered: from any state but hydrating and archiving, with no local database left.
     Left: never; hydrating or syncing the name is refused.
     """
+
+
+# The states one process holds a tenant in while it works on it (catalogue_marks.Marks).
+MARKED = (TenantState.hydrating, TenantState.archiving, TenantState.freezing)
 
 
 def _states(states) -> list[TenantState]:

@@ -19,14 +19,14 @@ import click
 
 from .config import Config, ConfigError, parse_listen
 from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
-from .outcome import Archived, Outcome, Shipped, Skip
+from .outcome import Archived, Frozen, Outcome, Shipped, Skip
 from .targets import parse_timestamp, parse_txid
 
 log = logging.getLogger("tenantsync")
 
 # Exit status of a command whose job was Skipped, by why: an archival refused because the
 # tenant is in use did not do what was asked (1, as an error); archived already did.
-SKIPPED_EXIT = {Skip.ALREADY_ARCHIVED: 0, Skip.IN_USE: 1}
+SKIPPED_EXIT = {Skip.ALREADY_ARCHIVED: 0, Skip.IN_USE: 1, Skip.ALREADY_FROZEN: 0, Skip.NOT_ARCHIVED: 1}
 
 
 class Target(click.ParamType):
@@ -430,20 +430,40 @@ def retain(replica_url: str, config_path: str | None) -> None:
 @click.argument("names", nargs=-1, required=True)
 @fleet_options
 def freeze(names, replica_url, config_path, broker, catalogue) -> None:
-    """Turn archived tenants' replicas into one zstd bundle each (LTX files go once it verified)."""
+    """Turn archived tenants' replicas into one zstd bundle each (LTX files go once it verified).
+
+    One after the other; a tenant that cannot be frozen is reported and the others go on.
+    The exit status is the worst of them."""
     from .cold import freeze_tenant
     from .fleet import Fleet
 
     fleet = Fleet(load_config(config_path, replica_url, broker, catalogue))
+    worst = 0
     try:
         with _progress_bar(f"freeze {len(names)} tenants", unit="tenant") as progress:
             for done, name in enumerate(names, 1):
-                info = freeze_tenant(fleet, name)
-                click.echo(f"frozen {name} txid={info.txid:016x} bytes={info.size}")
+                try:
+                    worst = max(worst, _reported(freeze_tenant(fleet, name)))
+                except TenantSyncError as e:
+                    if len(names) == 1:
+                        raise
+                    click.echo(f"tenantsync: error: {e}", err=True)
+                    worst = max(worst, 3 if isinstance(e, StorageUnavailable) else 1)
                 if progress:
                     progress(done, len(names))
     finally:
         fleet.close()
+    sys.exit(worst)
+
+
+def _reported(outcome) -> int:  # noqa: ANN001 - Frozen or Skipped
+    """One freeze's line: 0, or the exit status of its Skipped outcome."""
+    if isinstance(outcome, Frozen):
+        click.echo(f"frozen {outcome.tenant} txid={outcome.txid:016x} bytes={outcome.bytes}")
+        return 0
+    status = SKIPPED_EXIT[outcome.reason]
+    click.echo(f"tenantsync: error: {outcome}" if status else str(outcome), err=bool(status))
+    return status
 
 
 @cli.command()

@@ -22,8 +22,11 @@ from . import layout
 from .bundle import BundleInfo, restore_bundle, verify_bundle, write_bundle
 from .dictionary import Dictionaries
 from .catalogue import TenantState
-from .errors import ReplicaEmpty, WrongState
+from .errors import NotATenant, ReplicaEmpty, TenantSyncError
+from .job_scope import tenant_job
 from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, database_checksum, lock_pgno
+from .outcome import Frozen, Skip, Skipped
+from .owner import this_process
 from .replica import Replica
 from .restore import restore
 from .tenants import check_name, header_page_size
@@ -130,17 +133,37 @@ def snapshot_of(image: str, txid: int, page_size: int, page_count: int) -> tuple
 # -- a fleet's tenants -----------------------------------------------------------------------
 
 
-def freeze_tenant(fleet, name: str) -> BundleInfo:  # noqa: ANN001 - a Fleet
-    """``freeze`` tenant ``name``'s replica; only an archived tenant (no local database,
-    nothing left to ship) is frozen. Encrypted fleets bundle without a dictionary: a
+@tenant_job("freeze")
+def freeze_tenant(fleet, name: str) -> Frozen | Skipped:  # noqa: ANN001 - a Fleet
+    """``freeze`` tenant ``name``'s replica: Frozen, or Skipped when it is frozen already or
+    not archived (hydrated since the schedule chose it, or never archived).
+
+    The tenant is marked ``freezing`` by this process for the while (the catalogue's
+    compare-and-set from ``archived``): a hydration waits for the mark instead of restoring
+    from LTX files this freeze is about to delete, and a mark left by a process that died
+    is undone as an archival's is. Encrypted fleets bundle without a dictionary: a
     dictionary is trained on tenants' pages and is stored once for the fleet, in the clear."""
     name = check_name(name)
-    with fleet.tenant_lock(name):
-        record = fleet.catalogue.get(name)
-        if record is None or record.state is not TenantState.archived:
-            state = "unknown" if record is None else record.state.value
-            raise WrongState(f"tenant {name} is {state}: only archived tenants are frozen")
-        return freeze(fleet.replica(name), dictionaries=Dictionaries(fleet.storage))
+    catalogue = fleet.catalogue
+    record = catalogue.get(name)
+    if record is None:
+        raise NotATenant(f"tenant {name}: unknown to the catalogue")
+    if record.state is TenantState.frozen:
+        return Skipped(name, Skip.ALREADY_FROZEN)
+    owner = this_process(fleet.config.host)
+    if not catalogue.mark(name, TenantState.freezing, expected={TenantState.archived}, owner=owner):
+        state = (catalogue.get(name) or record).state.value
+        return Skipped(name, Skip.NOT_ARCHIVED, f"tenant {name} is {state}: only archived tenants are frozen")
+    try:
+        info = freeze(fleet.replica(name), dictionaries=Dictionaries(fleet.storage))
+    except BaseException as e:
+        catalogue.unmark(name, owner, error=f"freeze: {e}" if isinstance(e, TenantSyncError) else None)
+        raise
+    if not catalogue.unmark(name, owner, state=TenantState.frozen):
+        # Recovered as dead meanwhile (back to archived): still right, as a hydration thaws
+        # whatever the replica holds.
+        log.warning("tenant %s: frozen, but its freezing mark was taken over; left archived", name)
+    return Frozen(name, info.txid, info.key, info.size)
 
 
 def export(fleet, name: str, output: str | None, *, replica_url: str | None = None,  # noqa: ANN001

@@ -95,6 +95,8 @@ class Config:
     levels: Levels = field(default_factory=Levels)
     # (glob, idle time after which its tenants are archived); first matching glob wins.
     archive_after: tuple[tuple[str, timedelta], ...] = ()
+    # (glob, time archived after which its tenants are frozen into one bundle, cold.py).
+    cold_after: tuple[tuple[str, timedelta], ...] = ()
     # Archive least recently written idle tenants while local tenants exceed this.
     max_local_bytes: int | None = None
     # While the store fails, a tenant's WAL keeps every unshipped frame and grows with its
@@ -165,15 +167,23 @@ class Config:
         return self.catalogue or f"sqlite:///{default_catalogue_path(self.fleet)}"
 
     def archive_after_for(self, path: str) -> timedelta | None:
-        from fnmatch import fnmatchcase
+        return _delay_for(self.archive_after, path)
 
-        for pattern, after in self.archive_after:
-            if fnmatchcase(path, os.path.abspath(pattern)):
-                return after
-        return None
+    def cold_after_for(self, path: str) -> timedelta | None:
+        return _delay_for(self.cold_after, path)
 
     def with_overrides(self, **changes) -> "Config":
         return replace(self, **{k: v for k, v in changes.items() if v not in (None, ())})
+
+
+def _delay_for(delays: tuple[tuple[str, timedelta], ...], path: str) -> timedelta | None:
+    """The delay of the first glob of ``delays`` that ``path`` matches."""
+    from fnmatch import fnmatchcase
+
+    for pattern, after in delays:
+        if fnmatchcase(path, os.path.abspath(pattern)):
+            return after
+    return None
 
 
 # The directory of each fleet's files on this host (its default catalogue, its owner's socket).
@@ -304,7 +314,9 @@ def _mapping(value, what: str, known) -> dict:
 
 
 _positive = _duration()
-_archive_after = _optional(_positive)  # null on a glob: never archive its tenants
+_delay = _optional(_positive)  # null on a glob: never archive (or freeze) its tenants
+# Per-glob delays: each may be given at the top level (the default) and on a globs entry.
+_GLOB_DELAYS = ("archive-after", "cold-after")
 
 # Config key → (Config field, parser); a key absent keeps the field's default.
 _FIELDS = {
@@ -354,7 +366,7 @@ _STORAGE_FIELDS = {
 # Old key → its new name. Files and environments written for the old name keep working,
 # with one warning line for each use naming the new one.
 _RENAMED = {"workers": "sync-threads"}  # "workers" also named Celery's worker processes
-_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, *_RENAMED, "levels", "snapshot", "globs", "archive-after", "storage"}
+_KNOWN = {*_FIELDS, *_LEVEL_FIELDS, *_RENAMED, "levels", "snapshot", "globs", *_GLOB_DELAYS, "storage"}
 
 
 def env_var(key: str) -> str:
@@ -398,34 +410,37 @@ def from_dict(raw: dict, names: dict | None = None) -> Config:
         levels = replace(levels, intervals=_level_intervals(raw["levels"]))
     snapshot = _mapping(raw["snapshot"], "snapshot", _SNAPSHOT_FIELDS) if "snapshot" in raw else {}
     levels = replace(levels, **_parsed(raw, _LEVEL_FIELDS) | _parsed(snapshot, _SNAPSHOT_FIELDS, "snapshot."))
-    globs, archive_after = _globs(raw.get("globs", []), raw.get("archive-after"), names.get("globs", "globs"))
+    globs, delays = _globs(raw.get("globs", []), {key: raw.get(key) for key in _GLOB_DELAYS}, names.get("globs", "globs"))
     storage = _mapping(raw["storage"], "storage", _STORAGE_FIELDS) if "storage" in raw else {}
-    return replace(Config(), **_parsed(raw, _FIELDS, names=names), globs=globs, archive_after=archive_after,
-                   levels=levels, storage=StorageOptions(**_parsed(storage, _STORAGE_FIELDS, "storage.")))
+    return replace(Config(), **_parsed(raw, _FIELDS, names=names), globs=globs, archive_after=delays["archive-after"],
+                   cold_after=delays["cold-after"], levels=levels, storage=StorageOptions(**_parsed(storage, _STORAGE_FIELDS, "storage.")))
 
 
-def _globs(value, archive_after, key: str) -> tuple[tuple[str, ...], tuple[tuple[str, timedelta], ...]]:
-    """``globs:`` (one or a list, each a string or ``{path: GLOB, archive-after: 7d}``) as the
-    patterns and each one's archival delay (the top-level ``archive-after`` by default)."""
+def _globs(value, defaults: dict, key: str) -> tuple[tuple[str, ...], dict[str, tuple[tuple[str, timedelta], ...]]]:
+    """``globs:`` (one or a list, each a string or ``{path: GLOB, archive-after: 7d, cold-after:
+    90d}``) as the patterns and, per delay of _GLOB_DELAYS, each glob's (the top-level value
+    ``defaults`` holds by default; null: none for that glob)."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list):
         raise ConfigError(f"{key}: expected a glob or a list of globs, got {value!r}")
-    default = _archive_after(archive_after, "archive-after")
-    patterns, delays = [], []
+    defaults = {name: _delay(after, name) for name, after in defaults.items()}
+    patterns: list[str] = []
+    delays: dict[str, list] = {name: [] for name in _GLOB_DELAYS}
     for item in items:
+        entry = {}
         if isinstance(item, dict):
-            entry = _mapping(item, "globs entry", ("path", "archive-after"))
+            entry = _mapping(item, "globs entry", ("path", *_GLOB_DELAYS))
             if "path" not in entry:
                 raise ConfigError(f"{key}: entry {item!r} has no 'path'")
-            pattern, after = _name(entry["path"], f"{key} entry path"), default
-            if "archive-after" in entry:
-                after = _archive_after(entry["archive-after"], f"archive-after of {pattern}")
+            pattern = _name(entry["path"], f"{key} entry path")
         else:
-            pattern, after = _name(item, f"{key} entry"), default
+            pattern = _name(item, f"{key} entry")
         patterns.append(pattern)
-        if after is not None:
-            delays.append((pattern, after))
-    return tuple(patterns), tuple(delays)
+        for name in _GLOB_DELAYS:
+            after = _delay(entry[name], f"{name} of {pattern}") if name in entry else defaults[name]
+            if after is not None:
+                delays[name].append((pattern, after))
+    return tuple(patterns), {name: tuple(found) for name, found in delays.items()}
 
 
 def _level_intervals(items) -> dict[int, timedelta]:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from . import compactor, tenants
 from .job_scope import tenant_job
 from .capture import Capture
-from .catalogue import Catalogue, TenantRecord, TenantState, open_catalogue
+from .catalogue import REPLICATED, Catalogue, TenantRecord, TenantState, open_catalogue
 from .config import AT_CEILING_CHECKPOINT, Config
 from .errors import DatabaseError, LeaseHeld, NotATenant, ReplicaConflict, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
 from .lease import HeldLease, Lease, Leaser
@@ -484,7 +484,7 @@ class Fleet:
         if active is not None:
             return active
         record = self.catalogue.get(name)
-        if record is None or record.state in (TenantState.archived, TenantState.hydrating, TenantState.shredded):
+        if record is None or record.state not in REPLICATED + (TenantState.archiving,):
             return None
         if record.state == TenantState.archiving and not archiving:
             return None

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: Tenants rewrapped at once: each is a read and a conditional write, round trips on S3.
 ROTATE_THREADS = 16
 #: States a tenant may be shredded from: not while another process restores or archives it.
-_SHRED_FROM = {TenantState.active, TenantState.idle, TenantState.error, TenantState.archived,
+_SHRED_FROM = {TenantState.active, TenantState.idle, TenantState.error, TenantState.archived, TenantState.frozen,
                TenantState.shredded}
 
 

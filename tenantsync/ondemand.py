@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from . import cold, compactor
 from .dictionary import Dictionaries
 from .job_scope import tenant_job
-from .catalogue import REPLICATED, TenantState
+from .catalogue import MARKED, REPLICATED, TenantState
 from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, Shredded, TenantSyncError
 from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
@@ -203,12 +203,12 @@ class OnDemand:
             return restore(replica, path, txid=txid, timestamp=timestamp, progress=progress)
 
     def _wait_for_other(self, name, path, txid, timestamp, source, waited: float) -> Hydrated:
-        """Another process is hydrating or archiving this tenant: wait for it to finish,
+        """Another process is hydrating, archiving or freezing this tenant: wait for it to finish,
         then hydrate as asked. A mark whose process has died is undone at once."""
         deadline = time.monotonic() + WAIT_FOR_OTHER - waited
         while True:
             record = self.catalogue.get(name)
-            if record is None or record.state not in (TenantState.hydrating, TenantState.archiving):
+            if record is None or record.state not in MARKED:
                 return self._hydrate(name, path, txid, timestamp, source, WAIT_FOR_OTHER - (deadline - time.monotonic()))
             if self._recover_dead(record):
                 continue
@@ -259,9 +259,9 @@ class OnDemand:
         record = self.catalogue.get(name)
         if record is None:
             raise NotATenant(f"tenant {name}: unknown to the catalogue (not discovered yet)")
-        if record.state == TenantState.archived:
+        if record.state in (TenantState.archived, TenantState.frozen):
             return Skipped(name, Skip.ALREADY_ARCHIVED)
-        if record.state in (TenantState.archiving, TenantState.hydrating) and self._recover_dead(record):
+        if record.state in MARKED and self._recover_dead(record):
             record = self.catalogue.get(name)
         if not self.catalogue.mark(name, TenantState.archiving, expected=_ARCHIVE_FROM, owner=self.owner):
             raise ArchiveAborted(f"tenant {name}: cannot archive from state {self.catalogue.get(name).state.value}")
@@ -331,7 +331,7 @@ class OnDemand:
 
 
 # States a hydration may start from, and the ones whose local file is the tenant's own.
-_HYDRATE_FROM = {TenantState.archived, TenantState.idle, TenantState.error, TenantState.active}
+_HYDRATE_FROM = {TenantState.archived, TenantState.frozen, TenantState.idle, TenantState.error, TenantState.active}
 _ARCHIVE_FROM = {TenantState.active, TenantState.idle}
 
 def refuse_shredded(record, name: str) -> None:  # noqa: ANN001 - a TenantRecord or None

@@ -1,6 +1,6 @@
 """What one job did to one tenant: the typed outcomes every job returns.
 
-A job (sync, compact, snapshot, retain, archive, hydrate, fork) returns exactly one
+A job (sync, compact, snapshot, retain, archive, freeze, hydrate, fork) returns exactly one
 outcome per tenant, and the runtimes (the embedded dispatcher, the Celery tasks, the CLI,
 the HTTP API) decide what comes next from its type alone: a ``Contended`` tenant is
 offered again after ``retry_after``, a ``Failed`` one with a transient error is retried
@@ -23,6 +23,8 @@ class Skip(enum.Enum):
     NOTHING_TO_WRITE = "not due yet, or nothing new to merge"
     IN_USE = "in use by the application or another process"
     ALREADY_ARCHIVED = "already archived"
+    ALREADY_FROZEN = "already frozen"
+    NOT_ARCHIVED = "not archived: only archived tenants are frozen"
 
 
 class Full(enum.Enum):
@@ -126,6 +128,17 @@ class Archived:
 
 
 @dataclass(frozen=True)
+class Frozen:
+    """The tenant's replica is one bundle object (``key``, ``bytes``) of its state at ``txid``;
+    its LTX files are gone."""
+
+    tenant: str
+    txid: int
+    key: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Hydrated:
     """The tenant is local at ``path`` as of ``txid``; ``restored`` if it was fetched (False:
     it was local and replicated already). ``moved_aside`` is where a file found at ``path``
@@ -138,7 +151,7 @@ class Hydrated:
     moved_aside: str | None = None
 
 
-Outcome = Shipped | NothingNew | Contended | Skipped | Failed | Written | Deleted | Archived | Hydrated
+Outcome = Shipped | NothingNew | Contended | Skipped | Failed | Written | Deleted | Archived | Frozen | Hydrated
 
 
 def as_dict(outcome: Outcome) -> dict:
@@ -163,7 +176,8 @@ def failed(tenant: str, error: BaseException) -> Failed:
 # The enum-valued fields, for reading ``as_dict``'s member names back.
 _ENUMS = {"full": Full, "why": Contention, "reason": Skip}
 # The outcomes that cross the broker, by ``as_dict``'s ``outcome`` (not Failed: see from_dict).
-_KINDS = {cls.__name__: cls for cls in (Shipped, NothingNew, Contended, Skipped, Written, Deleted, Archived, Hydrated)}
+_KINDS = {cls.__name__: cls for cls in (Shipped, NothingNew, Contended, Skipped, Written, Deleted, Archived, Frozen,
+                                              Hydrated)}
 
 
 def from_dict(data: dict) -> Outcome:

@@ -40,7 +40,7 @@ h1 small{font-weight:normal;color:#666;font-size:.7em}.cards{display:flex;flex-w
 .card{border:1px solid #ddd;border-radius:6px;padding:.5em .8em;min-width:8em}.card b{display:block;font-size:1.3em}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3em .5em;border-bottom:1px solid #eee}
 th a{color:inherit}td.n{font-variant-numeric:tabular-nums}.error{color:#b00}.active{color:#070}
-.archived{color:#666}nav{margin:.6em 0}form.search input{width:18em}pre{white-space:pre-wrap}
+.archived,.frozen{color:#666}nav{margin:.6em 0}form.search input{width:18em}pre{white-space:pre-wrap}
 #actions input{width:22em}#result{margin-left:1em}
 """
 

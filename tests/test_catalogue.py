@@ -292,7 +292,7 @@ def test_discover_many_10k(cat):
     assert cat.discover_many(items, "h1") == 0  # all known: nothing written
     assert written == 9_999
     assert cat.count_by_state() == {"active": 1, "idle": 9_999, "archiving": 0, "archived": 0,
-                                    "hydrating": 0, "error": 0, "shredded": 0}
+                                    "hydrating": 0, "error": 0, "freezing": 0, "frozen": 0, "shredded": 0}
     kept = cat.get("tenant-00042")
     assert (kept.state, kept.txid, kept.position) == (S.active, 9, {"k": 1})
     listed = cat.records(host="h1")
@@ -481,7 +481,8 @@ def test_get_list_and_count_by_state(cat):
     assert [t.name for t in cat.records(host="h1")] == ["a", "c"]
     assert [t.name for t in cat.records(state=S.active, host="h1")] == []
     assert [t.name for t in cat.records(state=S.active, host="h2")] == ["b"]
-    assert cat.count_by_state() == {"active": 1, "idle": 1, "archiving": 0, "archived": 0, "hydrating": 0, "error": 1, "shredded": 0}
+    assert cat.count_by_state() == {"active": 1, "idle": 1, "archiving": 0, "archived": 0, "hydrating": 0, "error": 1,
+                                    "freezing": 0, "frozen": 0, "shredded": 0}
 
 
 # -- scheduler queries ------------------------------------------------------------------

@@ -15,13 +15,13 @@ import pytest
 
 from tenantsync import cold, layout
 from tenantsync.bundle import write_bundle
-from tenantsync.catalogue import open_catalogue
+from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
-from tenantsync.errors import BundleError, WrongState
+from tenantsync.errors import BundleError
 from tenantsync.fleet import Fleet
 from tenantsync.keyring import ENV_VAR
 from tenantsync.ondemand import OnDemand
-from tenantsync.outcome import Archived
+from tenantsync.outcome import Archived, Frozen, Skip, Skipped
 from tenantsync.storage import open_storage
 from tenantsync.storage.sealed import sealed_header
 
@@ -65,7 +65,9 @@ def stored(fleet, name: str) -> list[str]:
 def test_freeze_leaves_one_bundle_and_hydration_thaws_it_and_replication_goes_on(tmp_path, fleet, storage_url):
     path, expected, txid = archived_tenant(fleet, tmp_path)
     info = cold.freeze_tenant(fleet, "acme.db")
-    assert info.txid == txid
+    assert isinstance(info, Frozen) and info.txid == txid
+    assert fleet.catalogue.get("acme.db").state is TenantState.frozen
+    assert cold.freeze_tenant(fleet, "acme.db") == Skipped("acme.db", Skip.ALREADY_FROZEN)
     left = stored(fleet, "acme.db")
     assert [k for k in left if k.endswith(".ltx")] == []
     assert layout.bundle_key(txid) in left
@@ -79,6 +81,7 @@ def test_freeze_leaves_one_bundle_and_hydration_thaws_it_and_replication_goes_on
 
     hydrated = OnDemand(fleet).hydrate("acme.db")
     assert hydrated.restored and hydrated.txid == txid and dump(path) == expected
+    assert fleet.catalogue.get("acme.db").state is TenantState.active
     assert not [k for k in stored(fleet, "acme.db") if k.startswith("bundle/")]
     conn = app_db(path)
     write_rows(conn, 5)
@@ -107,6 +110,8 @@ def test_a_bundle_that_fails_verification_leaves_every_ltx_file(tmp_path, fleet)
     fleet.replica("acme.db").storage.write_if_absent(info.key, bytes(body))
     with pytest.raises(BundleError):
         cold.freeze_tenant(fleet, "acme.db")
+    record = fleet.catalogue.get("acme.db")  # the mark undone, the failure said
+    assert record.state is TenantState.archived and record.last_error.startswith("freeze: ")
     assert [k for k in stored(fleet, "acme.db") if k.endswith(".ltx")] == [k for k in before if k.endswith(".ltx")]
     fleet.replica("acme.db").storage.delete([info.key])
     assert OnDemand(fleet).hydrate("acme.db").restored and dump(path) == expected
@@ -118,8 +123,9 @@ def test_only_archived_tenants_are_frozen(tmp_path, fleet):
     fleet.catalogue.discover("live.db", path, "h1")
     write_rows(conn, 5)
     fleet.sync("live.db")
-    with pytest.raises(WrongState, match="live.db is active: only archived tenants are frozen"):
-        cold.freeze_tenant(fleet, "live.db")
+    skipped = cold.freeze_tenant(fleet, "live.db")
+    assert skipped.reason is Skip.NOT_ARCHIVED and str(skipped) == "tenant live.db is active: only archived tenants are frozen"
+    assert fleet.catalogue.get("live.db").state is TenantState.active
     conn.close()
 
 

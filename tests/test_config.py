@@ -124,6 +124,8 @@ CPU_CAP = 2 * (os.cpu_count() or 1)
     ({"globs": [{"path": 7}]}, r"^globs entry path: expected a string, got 7$"),
     ({"globs": [{"path": "/x", "archive": "7d"}]}, r"^unknown globs entry key\(s\): archive$"),
     ({"globs": [{"archive-after": "7d"}]}, r"^globs: entry .* has no 'path'$"),
+    ({"cold-after": "soon"}, r"^cold-after: "),
+    ({"globs": [{"path": "/x", "cold-after": -1}]}, r"^cold-after of /x: "),
     ({"sync-threads": True}, r"^sync-threads: expected a positive integer, got True$"),
     ({"sync-threads": 2.5}, r"^sync-threads: expected a positive integer, got 2.5$"),
     ({"sync-threads": [8]}, r"^sync-threads: expected a positive integer, got \[8\]$"),
@@ -204,8 +206,9 @@ def test_an_environment_override_is_checked_and_named_by_its_variable(var, value
 def test_accepted_values_keep_their_meaning():
     cfg = from_dict({
         "max-local-bytes": "10GiB", "debounce": 0, "broker": None, "host-workers": CPU_CAP, "sync-threads": "64",
-        "archive-after": "7d", "globs": ["/a/*.db", {"path": "/b/*.db", "archive-after": None},
+        "archive-after": "7d", "globs": ["/a/*.db", {"path": "/b/*.db", "archive-after": None, "cold-after": "30d"},
                                          {"path": "/c/*.db", "archive-after": "1d"}],
+        "cold-after": "90d",
         "retention": "48h", "snapshot": {"interval": "12h"}, "idle-after": 1.5,
     })
     assert cfg.max_local_bytes == 10 * 2**30
@@ -213,6 +216,9 @@ def test_accepted_values_keep_their_meaning():
     assert cfg.host_workers == CPU_CAP and cfg.sync_threads == 64
     assert cfg.globs == ("/a/*.db", "/b/*.db", "/c/*.db")
     assert cfg.archive_after == (("/a/*.db", timedelta(days=7)), ("/c/*.db", timedelta(days=1)))  # null: never
+    assert cfg.cold_after == (("/a/*.db", timedelta(days=90)), ("/b/*.db", timedelta(days=30)),
+                              ("/c/*.db", timedelta(days=90)))
+    assert cfg.cold_after_for("/b/x.db") == timedelta(days=30) and from_dict({}).cold_after_for("/a/x.db") is None
     assert cfg.levels.retention == timedelta(hours=48) and cfg.levels.snapshot_interval == timedelta(hours=12)
     assert cfg.idle_after == timedelta(seconds=1.5)
     assert from_dict({"max-local-bytes": "500MB"}).max_local_bytes == 500_000_000

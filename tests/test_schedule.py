@@ -113,3 +113,29 @@ def test_over_the_disk_budget_the_least_recently_written_idle_tenants_are_archiv
     # Without cold-a: b, c, d, e = 4000 bytes > 2500; b (3 h) then c (1 h) bring it to 2000.
     assert schedule_mod.archival_candidates(cfg, tenants, now) == ["cold-a.db", "b.db", "c.db"]
     assert schedule_mod.archival_candidates(plans_config(tmp_path), tenants, now) == []
+
+
+def test_freeze_is_offered_to_this_hosts_tenants_archived_past_their_globs_cold_after(tmp_path):
+    """``cold-after`` per glob, counted from the archival (an archived tenant's last sync);
+    tenants not archived, archived too recently, of a glob without it, of another host, or
+    frozen already are left alone; without ``cold-after`` there is no freeze plan at all."""
+    from scheduler.schedule import host_plans
+
+    assert "freeze" not in host_plans(plans_config(tmp_path))
+    cfg = plans_config(tmp_path, cold_after=((f"{tmp_path}/cold-*.db", timedelta(days=30)),))
+    assert host_plans(cfg)["freeze"] == schedule_mod.FREEZE_EVERY
+    cat = open_catalogue(cfg)
+    now = datetime.now(timezone.utc)
+    for name, host, state, ago in (("cold-old.db", "h", TenantState.archived, 31),
+                                   ("cold-new.db", "h", TenantState.archived, 29),
+                                   ("cold-live.db", "h", TenantState.idle, 40),
+                                   ("cold-done.db", "h", TenantState.frozen, 60),
+                                   ("cold-theirs.db", "other", TenantState.archived, 60),
+                                   ("warm.db", "h", TenantState.archived, 90)):
+        cat.discover(name, f"{tmp_path}/{name}", host)
+        cat.record_sync(name, txid=1, position=None, at=now - timedelta(days=ago), state=TenantState.active)
+        if state is not TenantState.active:
+            assert cat.transition(name, state)
+    rec = Recorder()
+    assert Schedule(cfg, cat, rec, host_plans(cfg)).run("freeze", now) == 1
+    assert rec.jobs == [("freeze", "cold-old.db", {})]

@@ -17,6 +17,7 @@ from celery import Task
 
 from scheduler.admission import BACKOFF_MAX, TRANSIENT_RETRIES, Ended
 from scheduler.schedule import Schedule, storage_plans
+from tenantsync.cold import freeze_tenant
 from tenantsync.errors import StorageUnavailable
 from tenantsync.outcome import Failed, Outcome, as_dict
 from tenantsync.targets import parse_timestamp
@@ -77,6 +78,15 @@ def archive(self, name: str) -> dict:
     result: ``OnDemand.archive``'s outcome, as ``as_dict`` fields, since it crosses the broker
     as JSON)."""
     ended = dispatcher().run_jobs("archive", [name], ondemand().archive, {}, batched=False,
+                                  attempt=self.request.retries)
+    return as_dict(_handed_on(self, ended)[name])
+
+
+@app.task(name="tenantsync.freeze", bind=True, ignore_result=True)
+def freeze(self, name: str) -> dict:
+    """Freeze one archived tenant past its ``cold-after`` into one bundle (the host's schedule's
+    candidates): ``freeze_tenant``'s outcome as ``as_dict`` fields."""
+    ended = dispatcher().run_jobs("freeze", [name], functools.partial(freeze_tenant, fleet()), {}, batched=False,
                                   attempt=self.request.retries)
     return as_dict(_handed_on(self, ended)[name])
 
