@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import click
 
 from .config import Config, ConfigError, parse_listen
+from .dictionary import SAMPLE_TENANTS
 from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
 from .outcome import Archived, Frozen, Outcome, Shipped, Skip
 from .targets import parse_timestamp, parse_txid
@@ -486,6 +487,54 @@ def export(name, replica_url, config_path, broker, catalogue, output, to_replica
     finally:
         fleet.close()
     click.echo(f"exported {name} txid={txid:016x} to {output or to_replica}")
+
+
+@cli.group()
+def dictionary() -> None:
+    """The fleet's zstd dictionary for cold bundles (README: Cold tenants)."""
+
+
+@dictionary.command("train")
+@click.argument("paths", nargs=-1, type=click.Path(dir_okay=False))
+@fleet_options
+@click.option("--sample", type=click.IntRange(1), default=SAMPLE_TENANTS, show_default=True,
+              help="Without PATHs: train on at most this many of this host's tenant databases, drawn at random.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws of tenants and pages.")
+def dictionary_train(paths, replica_url, config_path, broker, catalogue, sample, seed) -> None:
+    """Train a dictionary on PATHs (default: a sample of this host's tenants) and publish it
+    as the one new bundles use. Earlier dictionaries stay: bundles name theirs."""
+    from .dictionary import train_for_fleet
+    from .fleet import Fleet
+
+    fleet = Fleet(load_config(config_path, replica_url, broker, catalogue))
+    try:
+        trained, databases = train_for_fleet(fleet, paths, sample=sample, seed=seed)
+    finally:
+        fleet.close()
+    click.echo(f"dictionary {trained.dict_id()}: {len(trained.as_bytes())} bytes trained on {databases} databases, "
+               f"now current")
+
+
+@dictionary.command("list")
+@fleet_options
+def dictionary_list(replica_url, config_path, broker, catalogue) -> None:
+    """List the stored dictionaries: id, bytes, when stored, and which one is current."""
+    from .dictionary import Dictionaries, dictionary_key
+    from .errors import DictionaryMissing
+    from .storage import open_storage
+
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    dictionaries = Dictionaries(open_storage(cfg.replica, cfg.storage))
+    published, stored = dictionaries.published(), dictionaries.stored()
+    click.echo(f"{'id':>10}  {'bytes':>8}  {'stored':29}  current")
+    for dict_id, info in sorted(stored.items(), key=lambda item: item[1].modified):
+        current = f"yes, trained on {published.databases} databases" if published and published.id == dict_id else ""
+        when = info.modified.isoformat(timespec="milliseconds")
+        click.echo(f"{dict_id:>10}  {info.size:>8}  {when:29}  {current}".rstrip())
+    if published and published.id not in stored:
+        missing = dictionaries.storage.object_url(dictionary_key(published.id))
+        raise DictionaryMissing(f"{missing}: the current dictionary is missing; "
+                                f"publish another (tenantsync dictionary train)")
 
 
 @cli.group()

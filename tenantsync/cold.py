@@ -141,7 +141,8 @@ def freeze_tenant(fleet, name: str) -> Frozen | Skipped:  # noqa: ANN001 - a Fle
     The tenant is marked ``freezing`` by this process for the while (the catalogue's
     compare-and-set from ``archived``): a hydration waits for the mark instead of restoring
     from LTX files this freeze is about to delete, and a mark left by a process that died
-    is undone as an archival's is. Encrypted fleets bundle without a dictionary: a
+    is undone as an archival's is. The bundle is compressed with the fleet's current
+    dictionary (``tenantsync dictionary train``), except in an encrypted fleet: a
     dictionary is trained on tenants' pages and is stored once for the fleet, in the clear."""
     name = check_name(name)
     catalogue = fleet.catalogue
@@ -155,7 +156,9 @@ def freeze_tenant(fleet, name: str) -> Frozen | Skipped:  # noqa: ANN001 - a Fle
         state = (catalogue.get(name) or record).state.value
         return Skipped(name, Skip.NOT_ARCHIVED, f"tenant {name} is {state}: only archived tenants are frozen")
     try:
-        info = freeze(fleet.replica(name), dictionaries=Dictionaries(fleet.storage))
+        dictionaries = Dictionaries(fleet.storage)
+        dictionary = None if fleet.config.encrypt else dictionaries.current()
+        info = freeze(fleet.replica(name), dictionary=dictionary, dictionaries=dictionaries)
     except BaseException as e:
         catalogue.unmark(name, owner, error=f"freeze: {e}" if isinstance(e, TenantSyncError) else None)
         raise

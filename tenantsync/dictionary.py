@@ -13,30 +13,47 @@ trainings never share one (short of a 31-bit hash collision, which write-if-abse
 refuses), and a loaded object is checked against the id it was asked for. Each training is
 a new version; a bundle names the one it was written with, so a dictionary must be kept as
 long as any bundle names it.
+
+One object says which version is the fleet's current one, the one new bundles are compressed
+with: ``_dictionaries/current.json``, ``{"id", "trained_at", "databases", "bytes"}``.
+Publishing a dictionary stores it, then moves that pointer by compare-and-swap on its etag,
+and deletes nothing. Encrypted fleets publish none (``train_for_fleet``): a dictionary holds
+fragments of the sampled tenants' pages in the clear, and shredding a tenant could not erase
+them from the one object every bundle needs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import re
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import zstandard
 
-from .errors import BundleError, DictionaryMissing, ObjectNotFound, PreconditionFailed
-from .storage.base import Storage
+from .errors import BundleError, DictionaryMissing, EncryptedFleet, ObjectNotFound, PreconditionFailed
+from .storage.base import ObjectInfo, Storage
 from .tenants import header_page_size
 
 PREFIX = "_dictionaries"
+#: The pointer to the fleet's current dictionary.
+CURRENT_KEY = f"{PREFIX}/current.json"
 #: Bytes of a trained dictionary: zstd's CLI default. Larger than the 64 KiB often used, as
 #: it is stored once per fleet, not per tenant (docs/BENCHMARKS.md, cold bundles).
 DICT_SIZE = 112 << 10
 #: zstd's guidance: train on about 100 times the dictionary's size of samples.
 SAMPLE_RATIO = 100
+#: Local tenants a dictionary is trained on when no databases are named: SAMPLE_RATIO ×
+#: DICT_SIZE of pages spread over this many is about 14 pages of 4 KiB each, so the values of
+#: many tenants are in it rather than many pages of a few.
+SAMPLE_TENANTS = 200
 #: Dictionaries kept loaded in this process; each is ~100 KiB plus zstd's digested tables.
 CACHED = 16
 
@@ -44,6 +61,9 @@ _HEADER = struct.Struct("<II")  # zstd dictionary magic, dictionary id (little-e
 _ZDICT_MAGIC = 0xEC30A437
 # zstd reserves ids below 32768 and from 2**31 on for registered and future use.
 _ID_LOW, _ID_HIGH = 32768, 1 << 31
+_KEY = re.compile(re.escape(PREFIX) + r"/([0-9]+)\.zdict")
+# What current.json holds, each with its JSON type.
+_POINTER_FIELDS = {"id": int, "trained_at": str, "databases": int, "bytes": int}
 
 
 def dictionary_key(dict_id: int) -> str:
@@ -123,6 +143,67 @@ def _checked_id(raw: bytes, dict_id: int, storage: Storage) -> int:
     return dict_id
 
 
+@dataclass(frozen=True)
+class Published:
+    """What ``current.json`` says: the current dictionary's id, when it was trained, on how
+    many databases, and its ``size`` in bytes (listed without reading the dictionary)."""
+
+    id: int
+    trained_at: datetime
+    databases: int
+    size: int
+
+    def encode(self) -> bytes:
+        trained_at = self.trained_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return json.dumps({"id": self.id, "trained_at": trained_at, "databases": self.databases,
+                           "bytes": self.size}).encode()
+
+
+def publish(storage: Storage, dictionary: zstandard.ZstdCompressionDict, *, databases: int) -> int:
+    """Store ``dictionary`` (trained on ``databases`` databases) at the fleet root ``storage``
+    and make it the current one, which bundles written from now on are compressed with;
+    return its id. The dictionary it replaces stays: bundles written with it name it.
+
+    The pointer moves by compare-and-swap on the etag listed just before, so of two
+    publishes racing one loses instead of both believing they won; the loser lists again and
+    retries once (the later publish is current), and a third change meanwhile is an error."""
+    dict_id = store(storage, dictionary)
+    pointer = Published(dict_id, datetime.now(timezone.utc), databases, len(dictionary.as_bytes())).encode()
+    try:
+        _set_pointer(storage, pointer)
+    except PreconditionFailed:
+        try:
+            _set_pointer(storage, pointer)
+        except PreconditionFailed:
+            raise BundleError(f"{storage.object_url(CURRENT_KEY)}: changed by other publishes while this one set it: "
+                              f"dictionary {dict_id} is stored but not current; publish it again") from None
+    return dict_id
+
+
+def _set_pointer(storage: Storage, pointer: bytes) -> None:
+    """Write ``current.json`` over the version there now: ``list`` gives its etag (the
+    storage has no read with etag), none listed means the first publish."""
+    etag = next((o.etag for o in storage.list(CURRENT_KEY) if o.key == CURRENT_KEY), None)
+    if etag is None:
+        storage.write_if_absent(CURRENT_KEY, pointer)
+    else:
+        storage.write_if_match(CURRENT_KEY, pointer, etag)
+
+
+def _decode_pointer(data: bytes, url: str) -> Published:
+    """The pointer stored at ``url``; BundleError when it is anything else, which a publish
+    overwrites (it reads no more than the etag)."""
+    try:
+        fields = json.loads(data)
+        if not isinstance(fields, dict) or any(type(fields.get(k)) is not t for k, t in _POINTER_FIELDS.items()):
+            raise ValueError(f"expected a JSON object of {', '.join(_POINTER_FIELDS)}")
+        return Published(fields["id"], datetime.fromisoformat(fields["trained_at"]), fields["databases"],
+                         fields["bytes"])
+    except ValueError as e:
+        raise BundleError(f"{url}: not a current-dictionary pointer ({e}): "
+                          f"publish a dictionary again (tenantsync dictionary train)") from None
+
+
 _cache: OrderedDict[tuple[str, int], zstandard.ZstdCompressionDict] = OrderedDict()
 _cache_guard = threading.Lock()
 
@@ -160,3 +241,69 @@ class Dictionaries:
                                     f"is missing from the fleet's storage") from None
         _checked_id(raw, dict_id, self.storage)
         return zstandard.ZstdCompressionDict(raw)
+
+    def published(self) -> Published | None:
+        """What the current-dictionary pointer says, or None before the first publish."""
+        try:
+            data = self.storage.read(CURRENT_KEY)
+        except ObjectNotFound:
+            return None
+        return _decode_pointer(data, self.storage.object_url(CURRENT_KEY))
+
+    def current(self) -> zstandard.ZstdCompressionDict | None:
+        """The fleet's current dictionary, to compress new bundles with; None when none was
+        published (bundles are then written without). The pointer is read on every call, as
+        another process may publish; the dictionary comes from the cache when it is there,
+        as its bytes never change (a bundle's verification reads the stored copy)."""
+        published = self.published()
+        if published is None:
+            return None
+        try:
+            return self.get(published.id)
+        except DictionaryMissing as e:
+            pointer = self.storage.object_url(CURRENT_KEY)
+            raise DictionaryMissing(f"{pointer} names a dictionary that is gone: {e}") from None
+
+    def stored(self) -> dict[int, ObjectInfo]:
+        """Every dictionary stored at the fleet root, by id."""
+        found = {}
+        for info in self.storage.list(PREFIX + "/"):
+            if match := _KEY.fullmatch(info.key):
+                found[int(match[1])] = info
+        return found
+
+
+# -- a fleet's dictionary --------------------------------------------------------------------
+
+
+def local_sample(fleet, count: int, seed: int) -> list[str]:  # noqa: ANN001 - a Fleet
+    """Up to ``count`` of the tenant databases on this host, drawn at random (``seed``): the
+    files of those it replicates (active, idle, error) that are here and not empty. Only local
+    files: any other tenant's pages would need a restore first."""
+    from .catalogue import REPLICATED  # here: bundle restores import this module, not the catalogue
+
+    paths = [r.path for r in fleet.catalogue.records(host=fleet.config.host)
+             if r.state in REPLICATED and os.path.isfile(r.path) and os.path.getsize(r.path)]
+    return random.Random(seed).sample(paths, min(count, len(paths)))
+
+
+def train_for_fleet(fleet, paths: Iterable[str] = (), *, sample: int = SAMPLE_TENANTS,  # noqa: ANN001 - a Fleet
+                    seed: int = 0) -> tuple[zstandard.ZstdCompressionDict, int]:
+    """Train a dictionary on the databases ``paths``, or on ``local_sample(sample, seed)``
+    without them, and publish it as the fleet's current one; return it and the number of
+    databases it was trained on.
+
+    Refused on an encrypted fleet: the dictionary would hold fragments of the sampled
+    tenants' pages in the clear, in the one object every bundle needs, so shredding a tenant
+    could not erase it from there. Encrypted fleets bundle without a dictionary."""
+    if fleet.config.encrypt:
+        raise EncryptedFleet(f"fleet {fleet.config.fleet} is encrypted: a fleet dictionary would hold fragments of its "
+                             f"tenants' pages in the clear, shared by every bundle, so shred could not erase a tenant "
+                             f"from it; encrypted fleets bundle without a dictionary")
+    paths = list(paths) or local_sample(fleet, sample, seed)
+    if not paths:
+        raise BundleError(f"no database to train a dictionary on: fleet {fleet.config.fleet} has no tenant database "
+                          f"on host {fleet.config.host}; name database files to train on")
+    dictionary = train(paths, seed=seed)
+    publish(fleet.storage, dictionary, databases=len(paths))
+    return dictionary, len(paths)

@@ -162,6 +162,12 @@ class DictionaryMissing(BundleError):
     """A bundle was compressed with a zstd dictionary that the fleet's storage does not hold."""
 
 
+class EncryptedFleet(TenantSyncError):
+    """The fleet encrypts its replicas, and the operation would store tenants' data in the
+    clear beside them (a fleet dictionary holds fragments of their pages): refused, nothing
+    was stored."""
+
+
 def sqlite_busy(e: sqlite3.Error) -> bool:
     """Whether SQLite failed only because a lock is held elsewhere (worth retrying):
     SQLITE_BUSY for another connection's lock on the file, SQLITE_LOCKED for a conflict

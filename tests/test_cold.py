@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pytest
 
-from tenantsync import cold, layout
-from tenantsync.bundle import write_bundle
+from tenantsync import cold, dictionary, layout
+from tenantsync.bundle import read_manifest, write_bundle
 from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync.errors import BundleError
@@ -162,3 +162,21 @@ def test_freeze_and_export_from_the_command_line(tmp_path, fleet, storage_url):
     assert dump(str(tmp_path / "out.db")) == expected
     proc = run("export", "acme.db")
     assert proc.returncode == 2 and "give -o FILE or --to-replica URL" in proc.stderr
+
+
+def test_freezing_compresses_with_the_fleets_current_dictionary_except_when_encrypted(tmp_path, fleet):
+    """A published dictionary names itself in every bundle frozen after it (and a hydration
+    reads it back); an encrypted fleet's bundles name none, whatever the pointer says."""
+    path, expected, txid = archived_tenant(fleet, tmp_path)
+    corpus = []
+    for i in range(4):
+        sample = str(tmp_path / f"sample{i}.db")
+        conn = app_db(sample)
+        write_rows(conn, 300)
+        conn.close()  # checkpointed: the pages are in the file trained on
+        corpus.append(sample)
+    dict_id = dictionary.publish(fleet.storage, dictionary.train(corpus, size=16 << 10), databases=len(corpus))
+    frozen = cold.freeze_tenant(fleet, "acme.db")
+    manifest = read_manifest(fleet.replica("acme.db").storage, frozen.key)
+    assert manifest.dictionary_id == (None if fleet.config.encrypt else dict_id)
+    assert OnDemand(fleet).hydrate("acme.db").restored and dump(path) == expected
