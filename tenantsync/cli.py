@@ -575,7 +575,8 @@ def keys_rotate(replica_url, config_path, broker, catalogue, to) -> None:
 @fleet_options
 @click.option("--yes", is_flag=True, help="Do not ask: erase it.")
 def shred(name, replica_url, config_path, broker, catalogue, yes) -> None:
-    """Erase tenant NAME's replica and its key for good (its local database must be gone)."""
+    """Erase tenant NAME's replica and its key for good, with every old version a versioned
+    bucket keeps of them (its local database must be gone)."""
     from .fleet import Fleet
     from .keys import shred as do_shred
 
@@ -584,11 +585,11 @@ def shred(name, replica_url, config_path, broker, catalogue, yes) -> None:
         click.confirm(f"erase tenant {name} from {cfg.replica} for good?", abort=True)
     fleet = Fleet(cfg)
     try:
-        deleted = do_shred(fleet, name)
+        erased = do_shred(fleet, name)
     finally:
         fleet.close()
-    encrypted = "its key and " if cfg.encrypt else ""
-    click.echo(f"shredded {name}: {encrypted}{deleted} objects deleted")
+    key = "key deleted, " if cfg.encrypt else ""
+    click.echo(f"shredded {name}: {key}{erased.objects} objects and {erased.versions} old versions deleted")
 
 
 @cli.group()

@@ -80,6 +80,12 @@ class Shredded(TenantSyncError):
     """The tenant was shredded: its replica and key are gone, and its name is refused."""
 
 
+class VersionsRemain(TenantSyncError):
+    """A tenant was shredded (its key and objects deleted, the catalogue says so) but the
+    bucket refused to delete some old versions of them (an object lock, a policy): the
+    message names one and says how erasure is still reached."""
+
+
 class StillLocal(TenantSyncError):
     """The tenant's database is still on this host: an operation on its replica alone
     (shredding) would leave the application's copy, so it is refused."""

@@ -4,9 +4,11 @@ Rotation rewraps each tenant's data key under another KEK (one small compare-and
 per tenant, no data rewritten); once every tenant is rewrapped the old KEK can leave the
 keyring. Shredding deletes a tenant's wrapped key first and then its replica: from the
 first step on, whatever copy of its objects remains anywhere is ciphertext under a key
-nobody holds. A copy of the *wrapped key* kept elsewhere (an old version in a versioned
-bucket, a bucket backup) still opens with the KEK that wrapped it, so erasure that must
-survive such copies ends with a rotation and the old KEK's removal (README).
+nobody holds. Then it deletes every old version and delete marker the bucket keeps under
+the tenant's prefix (``Storage.delete_all_versions``), the wrapped key's included. A copy
+of the *wrapped key* kept where shred cannot reach (a backup or replication of the bucket,
+or versions an object lock refuses to delete) still opens with the KEK that wrapped it, so
+erasure that must survive such copies ends with a rotation and the old KEK's removal (README).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import datetime, timezone
 
 from . import tenant_key
 from .catalogue import TenantState
-from .errors import ObjectNotFound, StillLocal, WrongState
+from .errors import ObjectNotFound, StillLocal, StorageError, VersionsRemain, WrongState
 from .keyring import load_keyring
 from .ondemand import SIDE_FILES
 from .tenants import check_name
@@ -31,6 +33,15 @@ ROTATE_THREADS = 16
 #: States a tenant may be shredded from: not while another process restores or archives it.
 _SHRED_FROM = {TenantState.active, TenantState.idle, TenantState.error, TenantState.archived, TenantState.frozen,
                TenantState.shredded}
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What a shred deleted: the replica's objects, then the old versions and delete
+    markers the bucket kept under the tenant's prefix (0 where the store keeps none)."""
+
+    objects: int
+    versions: int
 
 
 @dataclass
@@ -71,11 +82,14 @@ def rotate(fleet, to: str | None = None) -> Rotation:  # noqa: ANN001 - a Fleet
     return done
 
 
-def shred(fleet, name: str) -> int:  # noqa: ANN001 - a Fleet
+def shred(fleet, name: str) -> Erased:  # noqa: ANN001 - a Fleet
     """Erase tenant ``name``: its wrapped key, then every object of its replica; the catalogue
-    records it as shredded. Refused while its database is on this host (archive or delete it
-    first: shredding never touches local files) or while it is being hydrated or archived.
-    Safe to repeat after a failure part-way. Returns the number of objects deleted."""
+    records it as shredded; then every old version and delete marker the bucket keeps under
+    ``<name>/`` (a versioned S3 bucket), so no stored copy of its key is left to open.
+    Refused while its database is on this host (archive or delete it first: shredding never
+    touches local files) or while it is being hydrated or archived. Safe to repeat after a
+    failure part-way. Raises VersionsRemain, after all the rest is done, if the bucket
+    refuses to delete some old versions (an object lock)."""
     name = check_name(name)
     path = fleet.resolve(name)
     local = [p for p in (path, *(path + s for s in SIDE_FILES)) if os.path.exists(p)]
@@ -94,6 +108,18 @@ def shred(fleet, name: str) -> int:  # noqa: ANN001 - a Fleet
         keys = [info.key for info in storage.list("")]
         storage.delete(keys)
         fleet.catalogue.record_shredded(name, datetime.now(timezone.utc))
-    log.warning("shredded tenant %s: its key and %d objects deleted", name, len(keys))
-    return len(keys)
-
+        try:
+            # The trailing "/" keeps tenant "a" off the objects of tenant "ab".
+            versions = fleet.storage.delete_all_versions(name + "/")
+        except StorageError as e:  # the one report of it: the CLI prints it as its one line
+            if fleet.config.encrypt:
+                done, then = "its key and ", (", or rotate the KEK (tenantsync keys rotate) and remove the old one "
+                                              "from the keyring (README, Encryption at rest)")
+            else:
+                done, then = "", " (they are not encrypted: until then they hold its data)"
+            raise VersionsRemain(
+                f"tenant {name}: {done}{len(keys)} objects are deleted and it is recorded as shredded, but old "
+                f"versions remain ({e}): run shred again once the bucket lets them go{then}"
+            ) from e
+    log.warning("shredded tenant %s: its key, %d objects and %d old versions deleted", name, len(keys), versions)
+    return Erased(len(keys), versions)

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -32,6 +32,7 @@ from tenantsync.storage.sealed import KEY_OBJECT, sealed_header
 from .dbutil import app_db, dump
 from .peer import LITESTREAM, peer_env
 from .test_server import ROOT
+from .test_storage import stored_versions, versioned_bucket
 
 MARKER = "confidential-row-7f3a"
 
@@ -40,13 +41,19 @@ def keyring_text(name: str, seed: bytes) -> str:
     return json.dumps({"keys": {name: base64.b64encode(seed * (32 // len(seed))).decode()}, "current": name})
 
 
+def encrypted_fleet(tmp_path, replica_url: str) -> Fleet:
+    """An encrypted fleet of ``tmp_path/data/*.db`` replicating to ``replica_url`` (the
+    keyring is the environment's)."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    cfg = Config(replica=replica_url, globs=(f"{tmp_path}/data/*.db",), catalogue=f"sqlite:///{tmp_path}/cat.db",
+                 host="h1", idle_after=timedelta(seconds=1), encrypt=True)
+    return Fleet(cfg, open_catalogue(cfg))
+
+
 @pytest.fixture
 def fleet(tmp_path, storage_url, monkeypatch):
     monkeypatch.setenv(ENV_VAR, keyring_text("k1", b"\x01"))
-    (tmp_path / "data").mkdir()
-    cfg = Config(replica=storage_url, globs=(f"{tmp_path}/data/*.db",), catalogue=f"sqlite:///{tmp_path}/cat.db",
-                 host="h1", idle_after=timedelta(seconds=1), encrypt=True)
-    f = Fleet(cfg, open_catalogue(cfg))
+    f = encrypted_fleet(tmp_path, storage_url)
     yield f
     f.close()
 
@@ -224,18 +231,20 @@ def test_shred_erases_the_tenant_and_an_old_copy_of_its_key_opens_nothing_once_i
     conn.close()
     with pytest.raises(StillLocal, match="its database is still here"):
         shred(fleet, "gone.db")
-    kept = {k: v for k, v in raw_objects(storage_url).items() if k.startswith("gone.db/")}  # as a versioned bucket keeps them
+    kept = {k: v for k, v in raw_objects(storage_url).items() if k.startswith("gone.db/")}  # as a bucket's backup keeps them
     assert isinstance(OnDemand(fleet).archive("gone.db"), Archived)
-    assert shred(fleet, "gone.db") >= 2
+    erased = shred(fleet, "gone.db")
+    assert erased.objects >= 2 and erased.versions == 0  # neither file:// nor this bucket keeps versions
     assert not [k for k in raw_objects(storage_url) if k.startswith("gone.db/")]
     assert fleet.catalogue.get("gone.db").state.value == "shredded"
     with pytest.raises(Shredded, match="gone.db was shredded"):
         OnDemand(fleet).hydrate("gone.db")
     assert not os.path.exists(path)
 
-    # Old versions brought back: with the KEK that wrapped them still in the keyring they
-    # would open (README), so erasure that must outlast such copies ends with a rotation
-    # and the old KEK's removal; after that the copies are noise.
+    # Copies brought back from beyond shred's reach (a backup of the bucket): with the KEK
+    # that wrapped them still in the keyring they would open (README), so erasure that must
+    # outlast such copies ends with a rotation and the old KEK's removal; after that the
+    # copies are noise.
     store = open_storage(storage_url)
     for key, body in kept.items():
         store.write_if_absent(key, body)
@@ -251,3 +260,89 @@ def test_shred_erases_the_tenant_and_an_old_copy_of_its_key_opens_nothing_once_i
         restore(after.replica("gone.db"), str(out))
     assert not out.exists()
     after.close()
+
+
+# -- shredding on a versioned bucket ----------------------------------------------
+
+
+def cli_shred(tmp_path, fleet, name):
+    """``tenantsync shred NAME --yes`` against ``fleet``'s replica and catalogue."""
+    cfg = fleet.config
+    config = tmp_path / "tenantsync.yml"
+    config.write_text(json.dumps({"replica": cfg.replica, "globs": list(cfg.globs), "catalogue": cfg.catalogue,
+                                  "host": cfg.host, "encrypt": True}))  # JSON is YAML
+    return subprocess.run([sys.executable, "-m", "tenantsync", "shred", name, "--yes", "--config", str(config)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60,
+                          cwd=tmp_path)
+
+
+def synced_and_compacted(fleet, tmp_path, name):
+    """A tenant synced, written again, compacted and synced once more (old versions of
+    its lease, L0 files deleted by compaction): its rows."""
+    path, conn = new_tenant(fleet, tmp_path, name)
+    for start in (0, 30):
+        write(conn, start, 30)
+        fleet.sync(name)
+    fleet.compact(name, 1, force=True)
+    write(conn, 60, 5)
+    fleet.sync(name)
+    conn.close()
+    return dump(path)
+
+
+def test_shred_on_a_versioned_bucket_leaves_no_version_of_the_tenant_and_spares_its_neighbour(
+        tmp_path, s3_server, s3_client, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    monkeypatch.setenv(ENV_VAR, keyring_text("k1", b"\x01"))
+    bucket, url = versioned_bucket(s3_server, s3_client)
+    fleet = encrypted_fleet(tmp_path, url)
+    rows = {name: synced_and_compacted(fleet, tmp_path, name) for name in ("gone.db", "gone.db-eu.db")}
+    assert isinstance(OnDemand(fleet).archive("gone.db"), Archived)
+    before = stored_versions(s3_client, bucket, "replica/gone.db/")
+    neighbour = stored_versions(s3_client, bucket, "replica/gone.db-eu.db/")
+    current = {"replica/" + k for k in raw_objects(url) if k.startswith("gone.db/")}
+    assert f"replica/gone.db/{KEY_OBJECT}" in current and len(before) > len(current)  # it has a history
+
+    proc = cli_shred(tmp_path, fleet, "gone.db")
+    assert proc.returncode == 0, proc.stderr
+    # Every entry kept before, and the delete markers shred's own deletes left: the key's
+    # and one per object.
+    n = len(current) - 1
+    assert proc.stdout == f"shredded gone.db: key deleted, {n} objects and {len(before) + n + 1} old versions deleted\n"
+    left = s3_client.list_object_versions(Bucket=bucket, Prefix="replica/gone.db/")
+    assert "Versions" not in left and "DeleteMarkers" not in left
+    for key, version in before:  # no old copy of anything (the wrapped key's included) to restore from
+        with pytest.raises(ClientError, match="NoSuchVersion|NoSuchKey"):
+            s3_client.get_object(Bucket=bucket, Key=key, VersionId=version)
+    assert fleet.catalogue.get("gone.db").state.value == "shredded"
+
+    assert stored_versions(s3_client, bucket, "replica/gone.db-eu.db/") == neighbour
+    out = tmp_path / "eu.db"
+    restore(fleet.replica("gone.db-eu.db"), str(out))
+    assert dump(str(out)) == rows["gone.db-eu.db"]
+    fleet.close()
+
+
+def test_shred_on_a_bucket_that_refuses_to_delete_a_version_says_so_after_erasing_the_rest(
+        tmp_path, s3_server, s3_client, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, keyring_text("k1", b"\x01"))
+    bucket, url = versioned_bucket(s3_server, s3_client, ObjectLockEnabledForBucket=True)
+    fleet = encrypted_fleet(tmp_path, url)
+    synced_and_compacted(fleet, tmp_path, "gone.db")
+    assert isinstance(OnDemand(fleet).archive("gone.db"), Archived)
+    key = f"replica/gone.db/{KEY_OBJECT}"
+    (locked,) = [v["VersionId"] for v in s3_client.list_object_versions(Bucket=bucket, Prefix=key)["Versions"]]
+    s3_client.put_object_retention(Bucket=bucket, Key=key, VersionId=locked, Retention={
+        "Mode": "COMPLIANCE", "RetainUntilDate": datetime.now(timezone.utc) + timedelta(days=1)})
+
+    proc = cli_shred(tmp_path, fleet, "gone.db")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for said in ("objects are deleted and it is recorded as shredded", "old versions remain",
+                 f"gone.db/{KEY_OBJECT} (version {locked}): AccessDenied", "tenantsync keys rotate"):
+        assert said in proc.stderr, proc.stderr
+    assert fleet.catalogue.get("gone.db").state.value == "shredded"
+    assert not [k for k in raw_objects(url) if k.startswith("gone.db/")]  # the key's delete marker stays on top
+    left = s3_client.list_object_versions(Bucket=bucket, Prefix="replica/gone.db/")
+    assert [(v["Key"], v["VersionId"]) for v in left["Versions"]] == [(key, locked)]
+    fleet.close()

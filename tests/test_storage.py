@@ -13,13 +13,15 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from tenantsync.errors import ObjectNotFound, PreconditionFailed, StorageError, StorageUnavailable
 from tenantsync.storage import open_storage
 from tenantsync.storage.file import FileStorage
+from tenantsync.storage import s3 as s3_module
 from tenantsync.storage.s3 import S3Storage, format_timestamp
 from tenantsync.storage.sealed import SealedStorage
 
@@ -206,6 +208,20 @@ def test_delete_is_idempotent(store):
     assert store.read("ltx/0/a.ltx") == b"again"
 
 
+def test_delete_all_versions_erases_a_prefix_and_nothing_beside_it(store):
+    """On a store that keeps no versions (file://, an unversioned bucket) every version is
+    the current one: they go, and only under the prefix ("a/" is not "ab/" nor "a.x")."""
+    for key in ("a/1", "a/2", "ab/1", "a.x", "b/a/1"):
+        store.write_if_absent(key, key.encode())
+    etag = store.write_if_absent("a/lock.json", b"1")
+    store.write_if_match("a/lock.json", b"2", etag)
+    store.delete(["a/2"])
+    assert store.delete_all_versions("a/") == 2  # a/1, a/lock.json
+    assert keys_of(store) == ["a.x", "ab/1", "b/a/1"]
+    assert store.delete_all_versions("a/") == 0
+    assert store.read("ab/1") == b"ab/1"
+
+
 # -- timestamps --------------------------------------------------------------------
 
 
@@ -264,6 +280,7 @@ def test_hostile_keys_are_rejected_everywhere(store, tmp_path):
         ]
         if key not in ("", "x/"):  # both are valid list prefixes
             calls.append(lambda: list(store.list(key)))
+            calls.append(lambda: store.delete_all_versions(key))
         for call in calls:
             with pytest.raises(StorageError, match="invalid storage key") as e:
                 call()
@@ -406,3 +423,91 @@ def test_file_etag_changes_when_the_same_bytes_are_rewritten(file_url):
         etag = store.write_if_match("lock.json", b"same", etag)
         assert etag not in seen
         seen.add(etag)
+
+
+# -- S3 bucket versioning: delete_all_versions -------------------------------------
+
+
+def versioned_bucket(s3_server, s3_client, **create):
+    """A fresh bucket with versioning enabled, created with ``create`` (object lock, say):
+    its name, and the URL of a replica root in it (objects under ``replica/``)."""
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket, **create)
+    s3_client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return bucket, f"s3://{bucket}/replica?endpoint={s3_server}&region=us-east-1&forcePathStyle=true"
+
+
+def stored_versions(s3_client, bucket, prefix):
+    """Every (key, version id) the bucket keeps under ``prefix``: versions and delete markers."""
+    found = set()
+    for page in s3_client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        found |= {(v["Key"], v["VersionId"]) for v in page.get("Versions", []) + page.get("DeleteMarkers", [])}
+    return found
+
+
+def fill_with_history(store):
+    """Objects with old versions and delete markers: overwritten, deleted, written anew."""
+    for i in range(5):
+        store.write_if_absent(f"k/{i}", b"v1")
+    etag = store.write_if_absent("lock.json", b"0")
+    for i in range(1, 4):
+        etag = store.write_if_match("lock.json", str(i).encode(), etag)
+    store.delete(["k/0", "k/1", "k/2"])
+    store.write_if_absent("k/0", b"v2")
+
+
+@pytest.mark.parametrize("layer", ["plain", "sealed"])
+def test_delete_all_versions_purges_every_version_and_delete_marker_of_a_versioned_bucket(
+        s3_server, s3_client, monkeypatch, layer):
+    bucket, url = versioned_bucket(s3_server, s3_client)
+    root = open_storage(url)
+    if layer == "sealed":  # the layer hands the call to the store it wraps
+        root = SealedStorage(root, os.urandom(32), "0123456789abcdef", segment_size=100)
+    for name in ("tenants/a", "tenants/ab"):
+        fill_with_history(root.child(name))
+    doomed = stored_versions(s3_client, bucket, "replica/tenants/a/")
+    neighbour = stored_versions(s3_client, bucket, "replica/tenants/ab")
+    assert len(doomed) == 5 + 4 + 3 + 1  # k/* first versions, lock.json's four, three markers, k/0 anew
+
+    # Small pages and batches: several pages, a page ending inside one key's versions.
+    monkeypatch.setattr(s3_module, "MAX_LIST_KEYS", 3)
+    monkeypatch.setattr(s3_module, "MAX_DELETE_KEYS", 2)
+    pages = []
+    listed = S3Storage._versions_page
+    monkeypatch.setattr(S3Storage, "_versions_page", lambda self, *a: pages.append(a) or listed(self, *a))
+    assert root.delete_all_versions("tenants/a/") == len(doomed)
+    assert len(pages) > 6
+    assert [a[1] for a in pages].count(None) == 3  # one round: two passes and the final look
+
+    assert s3_client.list_object_versions(Bucket=bucket, Prefix="replica/tenants/a/").keys().isdisjoint(
+        {"Versions", "DeleteMarkers"})
+    assert stored_versions(s3_client, bucket, "replica/tenants/ab") == neighbour
+    assert root.child("tenants/ab").read("k/0") == b"v2"
+    assert keys_of(root) == ["tenants/ab/k/0", "tenants/ab/k/3", "tenants/ab/k/4", "tenants/ab/lock.json"]
+    assert root.delete_all_versions("tenants/a/") == 0
+
+
+def test_a_refused_version_is_named_and_keeps_its_delete_marker(s3_server, s3_client):
+    """An object lock refuses one version: the error names it, the other versions go, and
+    no delete marker does, so the deleted object does not become current again."""
+    bucket, url = versioned_bucket(s3_server, s3_client, ObjectLockEnabledForBucket=True)
+    store = open_storage(url).child("t")
+    fill_with_history(store)
+    store.delete(["k/3"])
+    locked = s3_client.list_object_versions(Bucket=bucket, Prefix="replica/t/k/3")["Versions"][0]["VersionId"]
+    s3_client.put_object_retention(Bucket=bucket, Key="replica/t/k/3", VersionId=locked, Retention={
+        "Mode": "GOVERNANCE", "RetainUntilDate": datetime.now(timezone.utc) + timedelta(days=1)})
+
+    with pytest.raises(StorageError, match=f"delete version k/3 \\(version {locked}\\): AccessDenied") as e:
+        store.delete_all_versions("")
+    assert not isinstance(e.value, StorageUnavailable) and "\n" not in str(e.value)
+    assert "1 of 10 versions failed" in str(e.value), e.value
+    listed = s3_client.list_object_versions(Bucket=bucket, Prefix="replica/t/")
+    assert [(v["Key"], v["VersionId"]) for v in listed.get("Versions", [])] == [("replica/t/k/3", locked)]
+    assert len(listed["DeleteMarkers"]) == 4  # k/0, k/1, k/2 and k/3's: none removed
+    assert keys_of(store) == []  # nothing deleted came back
+
+    s3_client.put_object_retention(Bucket=bucket, Key="replica/t/k/3", VersionId=locked, BypassGovernanceRetention=True,
+                                   Retention={})
+    assert store.delete_all_versions("") == 5  # the lock lifted: the version and the four markers
+    assert stored_versions(s3_client, bucket, "replica/t/") == set()

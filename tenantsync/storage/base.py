@@ -1,7 +1,8 @@
-"""The storage contract every backend implements: five operations on flat keys.
+"""The storage contract every backend implements: five operations on flat keys, and a
+sixth for erasure (``delete_all_versions``).
 
 Everything above this layer (replica layout, leases, retention, restore) is written
-against these five calls only, so a backend is correct when it passes the one contract
+against these calls only, so a backend is correct when it passes the one contract
 suite in ``tests/test_storage.py``. Keys are ``/``-separated and relative to the storage
 root; the same key validation runs on every backend so that a key accepted on S3 is
 also safe as a file path (a hostile tenant name can never escape the root).
@@ -106,6 +107,25 @@ class Storage(abc.ABC):
 
         Batched where the backend allows it (S3 DeleteObjects, 1000 keys a request).
         """
+
+    def delete_all_versions(self, prefix: str) -> int:
+        """Delete every stored version of every object whose key starts with ``prefix``, the
+        current ones included, and every delete marker; return how many were removed.
+
+        This is erasure, not cleanup: afterwards nothing under ``prefix`` can be read back,
+        listed, or restored from the bucket's history (``keys.shred`` deletes the objects
+        first, so what it removes here are their old versions and delete markers).
+        ``prefix`` is a string prefix as in ``list``: end it with ``/`` to mean a directory.
+        A backend that keeps no versions (file://) holds only the current objects: they
+        are what this deletes (by default, as ``delete`` would), so once they are deleted
+        there is nothing left to remove and it returns 0.
+
+        Raises StorageError naming the key if the backend refuses to delete one (an S3
+        object lock, a policy denying version deletion); what it could delete stays deleted.
+        """
+        keys = [info.key for info in self.list(check_prefix(prefix))]
+        self.delete(keys)
+        return len(keys)
 
     def child(self, prefix: str) -> Storage:
         """The same backend scoped under ``prefix``: its keys are ``prefix/<key>`` here.

@@ -47,6 +47,9 @@ METADATA_TIMESTAMP = "litestream-timestamp"
 
 #: Most keys one DeleteObjects request accepts.
 MAX_DELETE_KEYS = 1000
+#: Most entries asked for in one ListObjectVersions page (S3's own maximum; some servers
+#: default to fewer, so it is always sent).
+MAX_LIST_KEYS = 1000
 
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
@@ -211,21 +214,121 @@ class S3Storage(Storage):
     def delete(self, keys: Iterable[str]) -> None:
         object_keys = [self._object_key(check_key(k)) for k in keys]
         for i in range(0, len(object_keys), MAX_DELETE_KEYS):
-            batch = object_keys[i : i + MAX_DELETE_KEYS]
-            xml = "<Delete><Quiet>true</Quiet>" + "".join(
-                f"<Object><Key>{escape(k)}</Key></Object>" for k in batch) + "</Delete>"
-            body = xml.encode()
-            headers = {"content-md5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode(),
-                       "content-type": "application/xml"}
-            out = _xml(self._request("delete", self._storage_key(batch[0]), "POST", None, [("delete", "")],
-                                     headers, Payload(body)))
-            if errors := _all(out, "Error"):
-                e, code = errors[0], _text(errors[0], "Code")
-                error = StorageUnavailable if code in _TRANSIENT_CODES else StorageError
-                raise error(
-                    f"{self}: delete {self._storage_key(_text(e, 'Key'))}: {code} {_text(e, 'Message')}"
-                    f" ({len(errors)} of {len(batch)} keys failed)"
-                )
+            batch = [_Version(k, None, False) for k in object_keys[i : i + MAX_DELETE_KEYS]]
+            if refused := self._delete_objects("delete", batch):
+                raise self._refusal("delete", refused, f"{len(batch)} keys")
+
+    def delete_all_versions(self, prefix: str) -> int:
+        """ListObjectVersions, and DeleteObjects naming each version, in two passes: every
+        version first, then every delete marker. A refusal in the first pass (an object
+        lock, a policy) raises before any marker goes, so no deleted object ever becomes
+        current again by losing the marker on top of it. Each pass deletes page by page
+        and holds back the entry a page's listing continues after until the next page is
+        listed, so the listing's markers always name an entry that still exists. A final
+        look catches what a pass could not see (versions written meanwhile); the passes
+        repeat while they delete something."""
+        object_prefix = self._object_key(check_prefix(prefix))
+        where = self._storage_key(object_prefix) or "/"
+        removed = 0
+        while True:
+            this_round = 0
+            for markers in (False, True):
+                deleted, refused, tried = self._delete_versions(object_prefix, markers)
+                this_round += deleted
+                if refused:
+                    kept = ", the delete markers kept" if not markers else ""
+                    raise self._refusal("delete version", refused, f"{tried} {'entries' if markers else 'versions'}",
+                                        f"; {removed + this_round} deleted{kept}")
+            removed += this_round
+            left, _ = self._versions_page(object_prefix, None, 1)
+            if not left:
+                return removed
+            if not this_round:
+                raise StorageError(f"{self}: delete all versions {where}: {self._storage_key(left[0].key)} "
+                                   f"(version {left[0].version_id}) is still listed after a pass that deleted nothing")
+
+    def _delete_versions(self, object_prefix: str, markers: bool) -> tuple[int, list[tuple[_Version, str, str]], int]:
+        """One pass over the versions under ``object_prefix``, deleting every ``Version``
+        (and, with ``markers``, every ``DeleteMarker`` too). Returns how many were deleted,
+        the refusals, and how many were tried."""
+        deleted, refused, tried = 0, [], 0
+        held, after = None, None
+        while True:
+            entries, after = self._versions_page(object_prefix, after)
+            doomed = ([held] if held else []) + [v for v in entries if markers or not v.marker]
+            held = None
+            if after is not None:  # the next page is listed after this entry: it goes with that page
+                for i, v in enumerate(doomed):
+                    if (v.key, v.version_id) == after:
+                        held = doomed.pop(i)
+                        break
+            for i in range(0, len(doomed), MAX_DELETE_KEYS):
+                batch = doomed[i : i + MAX_DELETE_KEYS]
+                failed = self._delete_objects("delete_versions", batch)
+                deleted, tried = deleted + len(batch) - len(failed), tried + len(batch)
+                refused += failed
+            if after is None:
+                return deleted, refused, tried
+
+    def _versions_page(self, object_prefix: str, after: tuple[str, str] | None,
+                       most: int | None = None) -> tuple[list[_Version], tuple[str, str] | None]:
+        """One page of ListObjectVersions under ``object_prefix``, listed after the entry
+        ``after`` (key and version id); the entries and the entry the next page follows
+        (None on the last page)."""
+        query = [("versions", ""), ("prefix", object_prefix), ("max-keys", str(most or MAX_LIST_KEYS)),
+                 ("encoding-type", "url")]
+        if after is not None:
+            query.append(("key-marker", after[0]))
+            if after[1]:
+                query.append(("version-id-marker", after[1]))
+        where = self._storage_key(object_prefix) or "/"
+        page = _xml(self._request("list_versions", where, "GET", None, query))
+        # Keys are URL-encoded only when the answer says so (some servers ignore the request).
+        decode = urllib.parse.unquote_plus if _text(page, "EncodingType", "") == "url" else str
+        entries = []
+        for elem in page:
+            kind = _local(elem.tag)
+            if kind in ("Version", "DeleteMarker"):
+                key = decode(_text(elem, "Key"))
+                if not key.startswith(object_prefix):  # never delete what was not asked for
+                    raise StorageError(f"{self}: list versions {where}: the answer holds {key!r}, outside the prefix")
+                entries.append(_Version(key, _text(elem, "VersionId", "null"), kind == "DeleteMarker"))
+        if _text(page, "IsTruncated", "false") != "true":
+            return entries, None
+        next_key, next_version = _text(page, "NextKeyMarker", ""), _text(page, "NextVersionIdMarker", "")
+        if not next_key or not entries:
+            raise StorageError(f"{self}: list versions {where}: a truncated answer without where the next page starts")
+        return entries, (decode(next_key), next_version)
+
+    def _delete_objects(self, action: str, batch: list[_Version]) -> list[tuple[_Version, str, str]]:
+        """One DeleteObjects request (quiet: the answer lists only failures); the entries
+        it did not delete, each with S3's code and message."""
+        xml = "<Delete><Quiet>true</Quiet>" + "".join(
+            f"<Object><Key>{escape(v.key)}</Key>"
+            + (f"<VersionId>{escape(v.version_id)}</VersionId>" if v.version_id is not None else "")
+            + "</Object>" for v in batch) + "</Delete>"
+        body = xml.encode()
+        headers = {"content-md5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode(),
+                   "content-type": "application/xml"}
+        out = _xml(self._request(action, self._storage_key(batch[0].key), "POST", None, [("delete", "")],
+                                 headers, Payload(body)))
+        failed = []
+        for e in _all(out, "Error"):
+            key, version = _text(e, "Key", ""), _text(e, "VersionId", "") or None
+            if version is None:  # not every server says which version: the one asked for, if that is clear
+                asked = {v.version_id for v in batch if v.key == key}
+                version = asked.pop() if len(asked) == 1 else None
+            failed.append((_Version(key, version, False), _text(e, "Code", "?"), _text(e, "Message", "")))
+        return failed
+
+    def _refusal(self, action: str, refused: list[tuple[_Version, str, str]], of: str, note: str = "") -> StorageError:
+        """The error for entries DeleteObjects did not delete, naming the first that will not
+        go by asking again (else the first): StorageUnavailable if all may go on a retry."""
+        lasting = [r for r in refused if r[1] not in _TRANSIENT_CODES]
+        (v, code, message), error = (lasting or refused)[0], StorageError if lasting else StorageUnavailable
+        version = f" (version {v.version_id})" if v.version_id is not None else ""
+        return error(f"{self}: {action} {self._storage_key(v.key)}{version}: {code} {message}"
+                     f" ({len(refused)} of {of} failed{note})")
 
     # -- one request: capped, tried, translated ---------------------------------------
 
@@ -260,6 +363,17 @@ class S3Storage(Storage):
             finally:
                 metrics.store_request(action, result, time.monotonic() - started,
                                       payload.size if payload is not None else 0, len(got.body) if got else 0)
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One entry of ListObjectVersions: an object key (with the storage's prefix), its
+    version id (None: the current object, as ``delete`` names it) and whether it is a
+    delete marker."""
+
+    key: str
+    version_id: str | None
+    marker: bool
 
 
 @dataclass(frozen=True)

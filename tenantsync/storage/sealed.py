@@ -161,7 +161,7 @@ class SealedStorage(Storage):
         child._scope = f"{self._scope}{prefix}/"
         return child
 
-    # -- list and delete: keys as they are, sizes of the plaintext ---------------------
+    # -- list and deletes: keys as they are, sizes of the plaintext --------------------
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         for info in self.inner.list(check_prefix(prefix)):
@@ -175,6 +175,9 @@ class SealedStorage(Storage):
 
     def delete(self, keys: Iterable[str]) -> None:
         self.inner.delete(keys)
+
+    def delete_all_versions(self, prefix: str) -> int:
+        return self.inner.delete_all_versions(check_prefix(prefix))  # the inner store's versions: all of them
 
     # -- writes: sealed once per call, so the inner store's retries resend the same bytes --
 
