@@ -297,7 +297,13 @@ def _choice(*choices: str):
     return parse
 
 
+# A flag from an environment variable is text: YAML 1.2's spellings of true and false.
+_FLAG_TEXT = {"true": True, "false": False}
+
+
 def _flag(value, key: str) -> bool:
+    if isinstance(value, str) and value.strip().lower() in _FLAG_TEXT:
+        return _FLAG_TEXT[value.strip().lower()]
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value

@@ -62,6 +62,11 @@ def test_levels_in_litestreams_form_take_their_level_from_their_position(tmp_pat
     assert load(str(path), env={}).levels.intervals == {1: timedelta(seconds=10), 2: timedelta(minutes=1)}
 
 
+def test_flags_from_the_environment_are_text():
+    assert load(None, env={"TENANTSYNC_ENCRYPT": "true"}).encrypt is True
+    assert load(None, env={"TENANTSYNC_ENCRYPT": "False"}).encrypt is False
+
+
 def test_host_workers_split_the_tenants_over_stable_queues():
     from scheduler.routing import host_queue
 
@@ -194,6 +199,7 @@ def test_from_dict_refuses_a_bad_value_naming_the_key_and_the_value(raw, message
     ("TENANTSYNC_AT_WAL_CEILING", "drop", r"^TENANTSYNC_AT_WAL_CEILING: expected one of grow, checkpoint, got 'drop'$"),
     ("TENANTSYNC_HOST_WORKERS", "1000", rf"^TENANTSYNC_HOST_WORKERS: '1000' is more than {CPU_CAP} "),
     ("TENANTSYNC_HOST_WORKERS", "two", r"^TENANTSYNC_HOST_WORKERS: expected a positive integer, got 'two'$"),
+    ("TENANTSYNC_ENCRYPT", "yes please", r"^TENANTSYNC_ENCRYPT: expected true or false, got 'yes please'$"),
 ])
 def test_an_environment_override_is_checked_and_named_by_its_variable(var, value, message):
     if message is None:
