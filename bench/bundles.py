@@ -5,6 +5,7 @@ half the bytes of the LZ4 LTX snapshot of the same database).
 
     python bench/bundles.py --out bundles.json                  # 1,000 tenants, ~1 minute
     python bench/bundles.py --tenants 200 --train 50 --levels 19 --dict-sizes 112
+    python bench/bundles.py --tenants 300 --levels 19 --dict-sizes 112 --hydrate 200 --replica s3://…
 
 The corpus: ``--tenants`` databases of one app (users, projects, tasks, comments: names,
 emails, sentences, ISO timestamps, statuses), sized by a seeded RNG (log-uniform number of
@@ -20,8 +21,11 @@ over the others, which the dictionary never saw. Per tenant:
 
 Times are per tenant on file:// in a temporary directory: bundle write (compress + durable
 write), bundle restore (``restore_bundle``: read, decompress, verify, fsync, rename), and for
-comparison the restore of the LTX snapshot alone (``restore.restore``). Prints a markdown
-table; ``--out`` writes everything as JSON.
+comparison the restore of the LTX snapshot alone (``restore.restore``). Then ``--hydrate``
+of the measured tenants go through a real fleet (sync, archive, every other one frozen with a
+published dictionary): hydration p50/p99 from the LTX snapshot vs from the bundle (the thaw
+included), and the objects a frozen tenant's replica holds. Prints markdown tables; ``--out``
+writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -208,6 +212,55 @@ def snapshot_restores(paths: list[str], snapshots: list[tuple[Header, bytes]], w
     return times
 
 
+def fleet_hydrations(paths: list[str], training: list[str], work: str, replica: str | None) -> dict:
+    """Hydration through a real fleet (``OnDemand.hydrate``) of archived tenants, every other
+    one frozen first (``freeze_tenant`` with a published dictionary): p50/p99 from the LTX
+    snapshot vs from the bundle (its thaw included), and the objects a frozen tenant leaves."""
+    from tenantsync.catalogue import open_catalogue
+    from tenantsync.cold import freeze_tenant
+    from tenantsync.config import Config
+    from tenantsync.fleet import Fleet
+    from tenantsync.ondemand import OnDemand
+
+    data = os.path.join(work, "hydrate-data")
+    os.makedirs(data)
+    cfg = Config(replica=replica or open_storage(os.path.join(work, "hydrate-replica")).url,
+                 globs=(os.path.join(data, "*.db"),), catalogue=f"sqlite:///{work}/hydrate-catalogue.db",
+                 host="bench", idle_after=timedelta(seconds=1))
+    fleet = Fleet(cfg, open_catalogue(cfg))
+    ondemand = OnDemand(fleet)
+    dictionary.publish(fleet.storage, dictionary.train(training), databases=len(training))
+    frozen, objects, rows = [], [], {}
+    try:
+        for i, source in enumerate(paths):
+            name = f"h{i:04d}.db"
+            path = os.path.join(data, name)
+            shutil.copyfile(source, path)
+            with sqlite3.connect(path) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+            fleet.catalogue.discover(name, path, cfg.host)
+            fleet.sync(name)
+            ondemand.archive(name)
+            if i % 2:
+                freeze_tenant(fleet, name)
+                frozen.append(name)
+                objects.append(sorted(info.key for info in fleet.storage.child(name).list("")))
+        times: dict[str, list[float]] = {"snapshot": [], "bundle": []}
+        for i in range(len(paths)):
+            name = f"h{i:04d}.db"
+            t = time.perf_counter()
+            ondemand.hydrate(name)
+            times["bundle" if name in frozen else "snapshot"].append(time.perf_counter() - t)
+        for kind, xs in times.items():
+            rows[kind] = {"tenants": len(xs), "p50_ms": 1000 * pct(xs, .5), "p99_ms": 1000 * pct(xs, .99),
+                          "max_ms": 1000 * max(xs)}
+    finally:
+        fleet.close()
+    kinds = sorted({key.split("/")[0] for keys in objects for key in keys})
+    return {"replica": cfg.replica, "hydrate": rows, "objects_per_frozen_mean": statistics.fmean(map(len, objects)),
+            "object_kinds": kinds, "example": objects[0] if objects else []}
+
+
 def report(res: dict) -> str:
     c = res["corpus"]
     rows = res["rows"]
@@ -227,6 +280,13 @@ def report(res: dict) -> str:
     lines += ["", "Dictionaries: " + "; ".join(
         f"{d['dict_kib']} KiB at level {d['level']}: {d['dict_bytes']:,} bytes, trained in {d['train_s']:.1f} s"
         for d in res["dictionaries"]) + " (one object for the whole fleet)."]
+    if "fleet" in res:
+        f = res["fleet"]
+        lines += ["", f"Hydration through a fleet ({f['replica'].split('?')[0]}), archived tenants, every other one frozen:",
+                  "", "| hydrated from | tenants | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {kind} | {r['tenants']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} |"
+                  for kind, r in f["hydrate"].items()]
+        lines += ["", f"Objects per frozen tenant: {f['objects_per_frozen_mean']:.2f} (e.g. {', '.join(f['example'])})."]
     return "\n".join(lines)
 
 
@@ -237,6 +297,9 @@ def main() -> None:
     p.add_argument("--levels", default="3,19", help="zstd levels of the bundles, comma-separated")
     p.add_argument("--dict-sizes", default="64,112", help="dictionary sizes in KiB, comma-separated")
     p.add_argument("--seed", type=int, default=23)
+    p.add_argument("--hydrate", type=int, default=200,
+                   help="measured tenants also archived in a fleet and hydrated, half of them frozen first (0: none)")
+    p.add_argument("--replica", help="the hydration fleet's replica URL (default: file:// in the work directory)")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -269,6 +332,10 @@ def main() -> None:
                 if dict_kib:
                     res["dictionaries"].append({k: r[k] for k in ("level", "dict_kib", "dict_bytes", "train_s")})
         res["rows"] = rows
+        if a.hydrate:
+            t = time.perf_counter()
+            res["fleet"] = fleet_hydrations(measured[:a.hydrate], training, work, a.replica)
+            print(f"fleet hydrations: {time.perf_counter() - t:.1f} s", file=sys.stderr)
         text = report(res)
         print(text)
         res["report"] = text

@@ -4,10 +4,10 @@ Most tenants of a SaaS sit archived for months as a handful of LTX files each. `
 turns such a replica into one bundle object (bundle.py; sealed like every other object
 when the fleet encrypts, compressed first): it restores the newest state to a temporary
 file, writes the bundle, verifies it by reading it back against the LTX chain's own
-state restored from the LTX files, and only then deletes them. ``thaw`` reverses it before a
-hydration: the bundle's image becomes a level-9 snapshot (TXIDs 1..N, as Litestream's
-layout wants), so restore, hydration and the next sync go on exactly as for any replica,
-at the next TXID; the bundle goes once the snapshot is stored.
+state restored from the LTX files, and only then deletes them. ``thaw_into`` reverses it in
+a hydration: the bundle's image is restored to the tenant's path and becomes a level-9
+snapshot (TXIDs 1..N, as Litestream's layout wants), so restore and the next sync go on
+exactly as for any replica, at the next TXID; the bundle goes once the snapshot is stored.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from . import layout
 from .bundle import BundleInfo, restore_bundle, verify_bundle, write_bundle
 from .dictionary import Dictionaries
 from .catalogue import TenantState
-from .errors import NotATenant, ReplicaEmpty, TenantSyncError
+from .errors import NotATenant, ReplicaEmpty, TargetUnavailable, TenantSyncError
 from .job_scope import tenant_job
 from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, database_checksum, lock_pgno
 from .outcome import Frozen, Skip, Skipped
 from .owner import this_process
 from .replica import Replica
-from .restore import restore
+from .output import remove_quietly
+from .restore import RestoreResult, restore
 from .tenants import check_name, header_page_size
 
 log = logging.getLogger(__name__)
@@ -64,24 +65,37 @@ def freeze(replica: Replica, *, dictionary=None, dictionaries: Dictionaries | No
     return info
 
 
-def thaw(replica: Replica, *, dictionaries: Dictionaries | None = None, work_dir: str | None = None) -> int | None:
-    """Put a frozen replica back into Litestream's layout: its bundle as the level-9
-    snapshot 1..TXID, then the bundle deleted. Returns the TXID, or None when the replica
-    holds no bundle. A replica holding LTX files beside a bundle (a freeze that stopped
-    before its deletions, or a thaw before its own) keeps them: only the bundle goes."""
+def thaw_into(replica: Replica, output: str, *, dictionaries: Dictionaries | None = None,
+              txid: int | None = None, timestamp: datetime | None = None) -> RestoreResult | None:
+    """Put a frozen replica back into Litestream's layout, restoring its state into ``output``
+    on the way; None when the replica holds no bundle.
+
+    The bundle is decoded once, straight into ``output`` (checked as ``restore_bundle``
+    checks it), and the level-9 snapshot 1..TXID is encoded from that file, so a hydration of
+    a frozen tenant costs about what one from a snapshot does; the bundle goes once the
+    snapshot is stored (replication then resumes at TXID+1). A frozen tenant keeps no
+    history: a ``timestamp``, or a ``txid`` other than the bundle's, is refused (TargetUnavailable)
+    and the replica stays frozen. A replica holding LTX files beside its bundle (a freeze
+    that stopped before its deletions) keeps them: only the bundle goes. The result's
+    ``timestamp`` is the bundle's creation (a bundle keeps no transaction time)."""
     keys = bundle_keys(replica)
     if not keys:
         return None
-    newest = keys[-1]
-    with tempfile.TemporaryDirectory(prefix="tenantsync-thaw-", dir=work_dir) as tmp:
-        image = os.path.join(tmp, "image.db")
-        info = restore_bundle(replica.storage, newest, image, dictionaries=dictionaries)
-        if not any(replica.all_files().values()):
-            header, data = snapshot_of(image, info.txid, info.page_size, info.page_count)
-            replica.write(layout.SNAPSHOT_LEVEL, header, data, len(data))
+    if timestamp is not None:
+        raise TargetUnavailable(f"{replica}: frozen into {keys[-1]}, it keeps no point in time: "
+                             "restore its newest state (no target)")
+    info = restore_bundle(replica.storage, keys[-1], output, dictionaries=dictionaries)
+    if txid is not None and txid != info.txid:
+        remove_quietly(output)
+        raise TargetUnavailable(f"{replica}: frozen at txid {info.txid:016x} into {keys[-1]}, it keeps no "
+                             f"earlier or later state: txid {txid:016x} cannot be restored")
+    if not any(replica.all_files().values()):
+        header, data = snapshot_of(output, info.txid, info.page_size, info.page_count)
+        replica.write(layout.SNAPSHOT_LEVEL, header, data, len(data))
     replica.storage.delete(keys)
-    log.info("%s: thawed txid %016x from %s", replica, info.txid, newest)
-    return info.txid
+    log.info("%s: thawed txid %016x from %s into %s", replica, info.txid, keys[-1], output)
+    return RestoreResult(txid=info.txid, files=1, pages=info.page_count, size=info.page_count * info.page_size,
+                         page_size=info.page_size, commit=info.page_count, timestamp=info.created)
 
 
 def restore_any_tier(replica: Replica, output: str, *, force: bool = False, progress=None,  # noqa: ANN001

@@ -194,13 +194,15 @@ class OnDemand:
         return Hydrated(name, path, result.txid, restored=True, moved_aside=aside[0] if aside else None)
 
     def _restore(self, replica, path, txid, timestamp, progress):
-        """``restore``, after thawing a frozen replica (cold.py) back into LTX levels."""
+        """``restore``; a frozen replica (cold.py) is thawed, its state restored on the way."""
         try:
             return restore(replica, path, txid=txid, timestamp=timestamp, progress=progress)
         except ReplicaEmpty:
-            if cold.thaw(replica, dictionaries=Dictionaries(self.fleet.storage)) is None:
+            result = cold.thaw_into(replica, path, dictionaries=Dictionaries(self.fleet.storage), txid=txid,
+                                    timestamp=timestamp)
+            if result is None:
                 raise
-            return restore(replica, path, txid=txid, timestamp=timestamp, progress=progress)
+            return result
 
     def _wait_for_other(self, name, path, txid, timestamp, source, waited: float) -> Hydrated:
         """Another process is hydrating, archiving or freezing this tenant: wait for it to finish,

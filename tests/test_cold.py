@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -17,7 +17,7 @@ from tenantsync import cold, dictionary, layout
 from tenantsync.bundle import read_manifest, write_bundle
 from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
-from tenantsync.errors import BundleError
+from tenantsync.errors import BundleError, TargetUnavailable
 from tenantsync.fleet import Fleet
 from tenantsync.keyring import ENV_VAR
 from tenantsync.ondemand import OnDemand
@@ -180,3 +180,17 @@ def test_freezing_compresses_with_the_fleets_current_dictionary_except_when_encr
     manifest = read_manifest(fleet.replica("acme.db").storage, frozen.key)
     assert manifest.dictionary_id == (None if fleet.config.encrypt else dict_id)
     assert OnDemand(fleet).hydrate("acme.db").restored and dump(path) == expected
+
+
+def test_a_frozen_tenant_hydrates_at_its_bundles_txid_and_refuses_an_older_one(tmp_path, fleet):
+    """The bundle's TXID is there; anything older is gone with the LTX history: refused in one
+    error, nothing written, the tenant still frozen (its bundle kept)."""
+    path, expected, txid = archived_tenant(fleet, tmp_path)
+    cold.freeze_tenant(fleet, "acme.db")
+    for target in ({"txid": txid - 1}, {"timestamp": datetime.now(timezone.utc)}):
+        with pytest.raises(TargetUnavailable, match="frozen"):
+            OnDemand(fleet).hydrate("acme.db", **target)
+        assert not os.path.exists(path) and fleet.catalogue.get("acme.db").state is TenantState.frozen
+        assert layout.bundle_key(txid) in stored(fleet, "acme.db")
+    hydrated = OnDemand(fleet).hydrate("acme.db", txid=txid)
+    assert hydrated.restored and hydrated.txid == txid and dump(path) == expected
