@@ -38,7 +38,6 @@ import io
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,11 +69,6 @@ _KEY_ID = re.compile(r"[0-9a-f]{16}")
 KEY_OBJECT = "tenantsync-key.json"
 #: Object names stored as they are (see the module docstring), wherever they are.
 PLAIN_NAMES = frozenset({LEASE_KEY, KEY_OBJECT})
-
-#: Sealed data kept in memory before spilling to a temp file. Writes of up to this size
-#: (most L0 files) never touch the disk; larger ones never hold more than this plus a
-#: segment, whatever the input's size.
-SPOOL_BYTES = 8 << 20
 
 #: A ranged read fetches from the object's start, header and segments in one request, when
 #: that costs at most this many extra bytes; further in, it reads the header first (two
@@ -195,9 +189,8 @@ class SealedStorage(Storage):
         with self._seal(key, data) as sealed:
             return self.inner.write_if_match(key, sealed, etag, timestamp=timestamp)
 
-    def _seal(self, key: str, data: bytes | BinaryIO) -> BinaryIO:
-        """The sealed object for ``data`` as a file at its start: in memory up to
-        SPOOL_BYTES, on disk beyond, read from ``data`` one segment at a time."""
+    def _seal(self, key: str, data: bytes | BinaryIO) -> _Sealing:
+        """The sealed object for ``data``, encrypted as it is read (one segment held)."""
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         start = source.tell()
         size = source.seek(0, io.SEEK_END) - start
@@ -206,22 +199,8 @@ class SealedStorage(Storage):
         aead = AESGCM(self._object_key(salt))
         fields = _FIELDS.pack(MAGIC, VERSION, self.segment_size, bytes.fromhex(self.key_id), size, salt)
         bound = self._bound_key(key)
-        out = tempfile.SpooledTemporaryFile(SPOOL_BYTES)
-        try:
-            out.write(fields + aead.encrypt(_HEADER_NONCE, b"", fields + bound))
-            segments = max(1, -(-size // self.segment_size))
-            for index in range(segments):
-                last = index == segments - 1
-                want = size - index * self.segment_size if last else self.segment_size
-                chunk = source.read(want)
-                if len(chunk) != want:
-                    raise StorageError(f"{self.object_url(key)}: the data to write ended early (it changed while read)")
-                out.write(aead.encrypt(_nonce(index), chunk, bound + _SEGMENT_AAD.pack(index, last)))
-            out.seek(0)
-        except BaseException:
-            out.close()
-            raise
-        return out
+        header = fields + aead.encrypt(_HEADER_NONCE, b"", fields + bound)
+        return _Sealing(source, start, size, header, aead, bound, self.segment_size, self.object_url(key))
 
     # -- read: only the segments covering the range, each verified --------------------
 
@@ -308,6 +287,80 @@ class SealedStorage(Storage):
         """The key every tag binds: relative to the sealed root, so an object copied into
         another tenant's child (same data key or not) does not open there."""
         return (self._scope + key).encode()
+
+
+class _Sealing(io.RawIOBase):
+    """A sealed object made as it is read: the header, then each segment encrypted when the
+    reader reaches it, from ``source`` (seekable, the plaintext from ``start``). The inner
+    store reads a write's body more than once (hashes, a retry, a comparison after a lost
+    answer), each time from its start: the same salt gives the same bytes, with no copy of
+    the sealed object on disk or in memory.
+
+    Encrypting a segment again under its nonce is safe only for the same plaintext: each
+    segment's tag from the first pass is kept, and a segment whose plaintext changed between
+    passes (its tag differs) is refused before its bytes leave."""
+
+    def __init__(self, source: BinaryIO, start: int, size: int, header: bytes, aead: AESGCM, bound: bytes,
+                 segment_size: int, url: str):
+        super().__init__()
+        self._source, self._start, self._size = source, start, size
+        self._header, self._aead, self._bound, self._url = header, aead, bound, url
+        self._segment_size = segment_size
+        self._segments = max(1, -(-size // segment_size))
+        self._total = sealed_size(size, segment_size)
+        self._pos = 0
+        self._held: tuple[int, bytes] | None = None
+        self._tags: dict[int, bytes] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._total}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self._total if n is None or n < 0 else min(self._total, self._pos + n)
+        pieces = []
+        step = self._segment_size + TAG_BYTES
+        while self._pos < end:
+            if self._pos < HEADER_BYTES:
+                piece = self._header[self._pos:end]
+            else:
+                index, offset = divmod(self._pos - HEADER_BYTES, step)
+                piece = self._segment(index)[offset:offset + end - self._pos]
+            pieces.append(piece)
+            self._pos += len(piece)
+        return b"".join(pieces)
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _segment(self, index: int) -> bytes:
+        if self._held is not None and self._held[0] == index:
+            return self._held[1]
+        last = index == self._segments - 1
+        want = self._size - index * self._segment_size if last else self._segment_size
+        self._source.seek(self._start + index * self._segment_size)
+        chunk = self._source.read(want)
+        if len(chunk) != want:
+            raise StorageError(f"{self._url}: the data to write ended early (it changed while read)")
+        sealed = self._aead.encrypt(_nonce(index), chunk, self._bound + _SEGMENT_AAD.pack(index, last))
+        if self._tags.setdefault(index, sealed[-TAG_BYTES:]) != sealed[-TAG_BYTES:]:
+            raise StorageError(f"{self._url}: the data to write changed while it was sent")
+        self._held = (index, sealed)
+        return sealed
 
 
 def _nonce(index: int) -> bytes:
