@@ -221,6 +221,7 @@ def fleet_hydrations(paths: list[str], training: list[str], work: str, replica: 
     from tenantsync.config import Config
     from tenantsync.fleet import Fleet
     from tenantsync.ondemand import OnDemand
+    from tenantsync.outcome import Archived, Frozen
 
     data = os.path.join(work, "hydrate-data")
     os.makedirs(data)
@@ -236,21 +237,28 @@ def fleet_hydrations(paths: list[str], training: list[str], work: str, replica: 
             name = f"h{i:04d}.db"
             path = os.path.join(data, name)
             shutil.copyfile(source, path)
-            with sqlite3.connect(path) as conn:
-                conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(path)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.close()
             fleet.catalogue.discover(name, path, cfg.host)
             fleet.sync(name)
-            ondemand.archive(name)
+            archived = ondemand.archive(name)
+            if not isinstance(archived, Archived):
+                raise SystemExit(f"bench: {name} was not archived: {archived}")
             if i % 2:
-                freeze_tenant(fleet, name)
+                outcome = freeze_tenant(fleet, name)
+                if not isinstance(outcome, Frozen):
+                    raise SystemExit(f"bench: {name} was not frozen: {outcome}")
                 frozen.append(name)
                 objects.append(sorted(info.key for info in fleet.storage.child(name).list("")))
         times: dict[str, list[float]] = {"snapshot": [], "bundle": []}
         for i in range(len(paths)):
             name = f"h{i:04d}.db"
             t = time.perf_counter()
-            ondemand.hydrate(name)
+            hydrated = ondemand.hydrate(name)
             times["bundle" if name in frozen else "snapshot"].append(time.perf_counter() - t)
+            if not hydrated.restored:
+                raise SystemExit(f"bench: {name} was not restored: {hydrated}")
         for kind, xs in times.items():
             rows[kind] = {"tenants": len(xs), "p50_ms": 1000 * pct(xs, .5), "p99_ms": 1000 * pct(xs, .99),
                           "max_ms": 1000 * max(xs)}

@@ -2,12 +2,12 @@
 """Encryption at rest, on vs off in one run: shipping and restoring a large database, and
 hydrating a 1 MB tenant, with the same fleet code and a ``file://`` replica.
 
-    python bench/sealed.py                       # 300 MB, 3 restores and 50 hydrations per mode
+    python bench/sealed.py                       # 300 MB, 3 ships, 3 restores, 50 hydrations per mode
     python bench/sealed.py --size-mb 100 --json out.json
 
 Each mode is a Fleet (``encrypt`` off / on, a keyring in the environment) over its own
-replica root. ``ship``: the first sync of the database (one full snapshot: LZ4 frames,
-sealed when encrypted), seconds. ``restore``: ``restore.restore`` of the newest state into
+replica root. ``ship``: the first sync of a fresh copy of the database (one full snapshot:
+LZ4 frames, sealed when encrypted), seconds, the modes alternating. ``restore``: ``restore.restore`` of the newest state into
 a new file, the modes alternating so the disk's own variation falls on both; MB/s of the
 database. ``hydrate``: a 1 MB tenant archived and hydrated again and again (OnDemand, as
 ``tenantsync hydrate`` runs it), per-hydration times. Commit-to-replica lag with
@@ -64,6 +64,7 @@ def fleet_for(work: str, mode: str):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-mb", type=int, default=300)
+    p.add_argument("--ships", type=int, default=3, help="first syncs of a fresh copy of the database per mode")
     p.add_argument("--restores", type=int, default=3)
     p.add_argument("--hydrations", type=int, default=50)
     p.add_argument("--json")
@@ -79,17 +80,25 @@ def main() -> None:
         core.Bench.build_big(big, a.size_mb)
         small = os.path.join(work, "small.db")
         build_small(small, 2**20)
-        fleets = {}
+        fleets, roots = {}, {}
         for mode in MODES:
-            fleet, root = fleet_for(work, mode)
-            fleets[mode] = fleet
-            for name, src in (("big.db", big), ("small.db", small)):
-                shutil.copy(src, os.path.join(root, "data", name))
-                fleet.catalogue.discover(name, os.path.join(root, "data", name), "bench")
-            t = time.perf_counter()
-            fleet.sync("big.db")
-            out["modes"][mode]["ship_s"] = time.perf_counter() - t
-            fleet.sync("small.db")
+            fleets[mode], roots[mode] = fleet_for(work, mode)
+            shutil.copy(small, os.path.join(roots[mode], "data", "small.db"))
+            fleets[mode].catalogue.discover("small.db", os.path.join(roots[mode], "data", "small.db"), "bench")
+            fleets[mode].sync("small.db")
+        # Each ship is the first sync of a fresh copy (a new tenant), the modes alternating.
+        for i in range(a.ships):
+            for mode in MODES if i % 2 == 0 else reversed(MODES):
+                name = "big.db" if i == a.ships - 1 else f"big{i}.db"  # the last one is restored below
+                path = os.path.join(roots[mode], "data", name)
+                shutil.copy(big, path)
+                fleets[mode].catalogue.discover(name, path, "bench")
+                t = time.perf_counter()
+                fleets[mode].sync(name)
+                out["modes"][mode].setdefault("ship_s", []).append(time.perf_counter() - t)
+                fleets[mode].release(name)
+                if name != "big.db":
+                    os.remove(path)
         size = os.path.getsize(big)
         for i in range(a.restores):
             for mode in MODES if i % 2 == 0 else reversed(MODES):
@@ -98,25 +107,27 @@ def main() -> None:
                 restore(fleets[mode].replica("big.db"), target, force=True)
                 out["modes"][mode].setdefault("restore_s", []).append(time.perf_counter() - t)
                 os.remove(target)
-        for mode in MODES:
-            od = OnDemand(fleets[mode])
-            times = []
-            for _ in range(a.hydrations):
-                od.archive("small.db")
+        ondemand = {mode: OnDemand(fleets[mode]) for mode in MODES}
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for i in range(a.hydrations):  # the modes alternating, as for restores
+            for mode in MODES if i % 2 == 0 else reversed(MODES):
+                ondemand[mode].archive("small.db")
                 t = time.perf_counter()
-                od.hydrate("small.db")
-                times.append(time.perf_counter() - t)
-            out["modes"][mode]["hydrate_ms"] = {"p50": percentile(times, 50) * 1000,
-                                                "p99": percentile(times, 99) * 1000, "n": len(times)}
+                ondemand[mode].hydrate("small.db")
+                times[mode].append(time.perf_counter() - t)
+        for mode in MODES:
+            out["modes"][mode]["hydrate_ms"] = {"p50": percentile(times[mode], 50) * 1000,
+                                                "p99": percentile(times[mode], 99) * 1000, "n": a.hydrations}
         for mode in MODES:
             m = out["modes"][mode]
             m["restore_mbps"] = size / 1e6 / min(m["restore_s"])
+            m["ship_best_s"] = min(m["ship_s"])
             fleets[mode].close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     plain, sealed = out["modes"]["plain"], out["modes"]["encrypted"]
-    rows = [("ship the database (first sync, full snapshot)", f"{plain['ship_s']:.2f} s", f"{sealed['ship_s']:.2f} s",
-             sealed["ship_s"] / plain["ship_s"]),
+    rows = [(f"ship the database (first sync, full snapshot), best of {a.ships}", f"{plain['ship_best_s']:.2f} s",
+             f"{sealed['ship_best_s']:.2f} s", sealed["ship_best_s"] / plain["ship_best_s"]),
             (f"restore {size / 1e6:,.0f} MB, best of {a.restores}", f"{plain['restore_mbps']:.0f} MB/s",
              f"{sealed['restore_mbps']:.0f} MB/s", sealed["restore_mbps"] / plain["restore_mbps"]),
             ("hydrate a 1 MB tenant: p50", f"{plain['hydrate_ms']['p50']:.1f} ms",

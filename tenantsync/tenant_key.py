@@ -38,12 +38,13 @@ _REWRAP_TRIES = 5
 @dataclass(frozen=True)
 class TenantKey:
     """One tenant's data key as loaded: ``kek`` names the KEK it is wrapped with, ``etag``
-    the stored object's version (what ``rewrap`` compares against)."""
+    the stored object's version (what ``rewrap`` compares against; None when it was loaded
+    for its data key alone)."""
 
     tenant: str
     key_id: str
     kek: str
-    etag: str
+    etag: str | None
     data_key: bytes = field(repr=False)
 
     def seal(self, storage: Storage, *, segment_size: int = DEFAULT_SEGMENT_SIZE) -> SealedStorage:
@@ -60,9 +61,10 @@ def key_id(data_key: bytes) -> str:
 def load_or_create(storage: Storage, tenant: str, keyring: Keyring) -> TenantKey:
     """The tenant's data key, created and stored wrapped by the keyring's current KEK if the
     replica has none yet. Of several processes creating it at once, one writes and the others
-    read its key back, so all of them encrypt under the same key."""
+    read its key back, so all of them encrypt under the same key. Loaded without its etag:
+    one request for a tenant that has a key."""
     try:
-        return load(storage, tenant, keyring)
+        return load(storage, tenant, keyring, etag=False)
     except ObjectNotFound:
         pass
     data_key = os.urandom(KEY_BYTES)
@@ -70,14 +72,18 @@ def load_or_create(storage: Storage, tenant: str, keyring: Keyring) -> TenantKey
     try:
         etag = storage.write_if_absent(KEY_OBJECT, _document(tenant, data_key, kek))
     except PreconditionFailed:  # another process created it first: use theirs
-        return load(storage, tenant, keyring)
+        return load(storage, tenant, keyring, etag=False)
     return TenantKey(tenant, key_id(data_key), kek.key_id, etag, data_key)
 
 
-def load(storage: Storage, tenant: str, keyring: Keyring) -> TenantKey:
-    """The tenant's stored data key, unwrapped; ObjectNotFound if the replica has none."""
-    etag = _etag(storage)
-    return _open(storage, tenant, keyring, storage.read(KEY_OBJECT), etag)
+def load(storage: Storage, tenant: str, keyring: Keyring, *, etag: bool = True) -> TenantKey:
+    """The tenant's stored data key, unwrapped; ObjectNotFound if the replica has none.
+
+    With ``etag``, the object's etag too, for a compare-and-swap on it (``rewrap``): the
+    storage interface's read gives none, so it is listed first (two requests; in that order
+    the content read is never older than the etag)."""
+    version = _etag(storage) if etag else None
+    return _open(storage, tenant, keyring, storage.read(KEY_OBJECT), version)
 
 
 def rewrap(storage: Storage, tenant: str, keyring: Keyring, new_kek: str,
@@ -88,7 +94,8 @@ def rewrap(storage: Storage, tenant: str, keyring: Keyring, new_kek: str,
     has it (its etag guards the write; a stale one only costs a fresh load)."""
     target = keyring.get(new_kek)
     for _ in range(_REWRAP_TRIES):
-        current = current or load(storage, tenant, keyring)
+        if current is None or current.etag is None:
+            current = load(storage, tenant, keyring)
         if current.kek == new_kek:
             return current
         try:
@@ -116,7 +123,7 @@ def _document(tenant: str, data_key: bytes, kek: KeyEncryptor) -> bytes:
     }).encode()
 
 
-def _open(storage: Storage, tenant: str, keyring: Keyring, raw: bytes, etag: str) -> TenantKey:
+def _open(storage: Storage, tenant: str, keyring: Keyring, raw: bytes, etag: str | None) -> TenantKey:
     url = storage.object_url(KEY_OBJECT)
     try:
         doc = json.loads(raw)

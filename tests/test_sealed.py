@@ -433,7 +433,9 @@ def test_tenant_keys_on_s3_through_the_sealed_store(s3_url):
     ring = keyring()
     key = tenant_key.load_or_create(bare, "acme.db", ring)
     store = key.seal(bare, segment_size=SEGMENT)
-    assert tenant_key.load_or_create(store, "acme.db", ring) == key
+    again = tenant_key.load_or_create(store, "acme.db", ring)
+    assert (again.key_id, again.kek, again.data_key, again.etag) == (key.key_id, key.kek, key.data_key, None)
+    assert tenant_key.load(store, "acme.db", ring).etag == key.etag  # listed, for a compare-and-swap
     store.write_if_absent(KEY, MARKER * 5)
     assert store.read(KEY, 70, 200) == (MARKER * 5)[70:270]
     assert MARKER not in bare.read(KEY)
