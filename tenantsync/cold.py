@@ -22,8 +22,9 @@ from . import layout
 from .bundle import BundleInfo, restore_bundle, verify_bundle, write_bundle
 from .dictionary import Dictionaries
 from .catalogue import TenantState
-from .errors import NotATenant, ReplicaEmpty, TargetUnavailable, TenantSyncError
+from .errors import NotATenant, ObjectNotFound, ReplicaEmpty, TargetUnavailable, TenantSyncError
 from .job_scope import tenant_job
+from .lease import decode_lease
 from .ltx import HEADER_FLAG_NO_CHECKSUM, Encoder, Header, database_checksum, lock_pgno
 from .outcome import Frozen, Skip, Skipped
 from .owner import this_process
@@ -50,8 +51,8 @@ def freeze(replica: Replica, *, dictionary=None, dictionaries: Dictionaries | No
 
     The LTX files are deleted only after the stored bundle verified against the state the
     LTX chain restores to (read back from the store, dictionary included): a failure at any
-    step leaves every LTX file in place. Safe to repeat: a bundle already stored for that
-    TXID is verified and kept."""
+    step leaves every LTX file in place; the lease object goes with them once it has lapsed.
+    Safe to repeat: a bundle already stored for that TXID is verified and kept."""
     with tempfile.TemporaryDirectory(prefix="tenantsync-freeze-", dir=work_dir) as tmp:
         image = os.path.join(tmp, "image.db")
         result = restore(replica, image)  # ReplicaEmpty for a replica with nothing to freeze
@@ -60,9 +61,23 @@ def freeze(replica: Replica, *, dictionary=None, dictionaries: Dictionaries | No
     verify_bundle(replica.storage, info.key, result.txid, expected, dictionaries=dictionaries)
     files = [f for level in replica.all_files().values() for f in level]
     replica.delete(files)
+    _drop_lapsed_lease(replica.storage)
     log.info("%s: frozen at txid %016x into %s (%d bytes), %d LTX files deleted", replica, info.txid, info.key,
              info.size, len(files))
     return info
+
+
+def _drop_lapsed_lease(storage) -> None:  # noqa: ANN001 - the replica's Storage
+    """Delete the replica's lease object if it has lapsed (an archived tenant's was given
+    up), so a frozen replica is its bundle alone (and its key). The next writer creates a new
+    lease, as after Litestream's own release, which deletes it. A lease someone holds, or one
+    this version cannot read, stays."""
+    try:
+        _, expires_at, _ = decode_lease(storage.read(layout.LEASE_KEY))
+    except (ObjectNotFound, ValueError):
+        return
+    if expires_at < datetime.now(timezone.utc):
+        storage.delete([layout.LEASE_KEY])
 
 
 def thaw_into(replica: Replica, output: str, *, dictionaries: Dictionaries | None = None,

@@ -20,6 +20,7 @@ from tenantsync.config import Config
 from tenantsync.errors import BundleError, TargetUnavailable
 from tenantsync.fleet import Fleet
 from tenantsync.keyring import ENV_VAR
+from tenantsync.lease import Leaser
 from tenantsync.ondemand import OnDemand
 from tenantsync.outcome import Archived, Frozen, Skip, Skipped
 from tenantsync.storage import open_storage
@@ -71,7 +72,8 @@ def test_freeze_leaves_one_bundle_and_hydration_thaws_it_and_replication_goes_on
     left = stored(fleet, "acme.db")
     assert [k for k in left if k.endswith(".ltx")] == []
     assert layout.bundle_key(txid) in left
-    assert set(left) <= {layout.bundle_key(txid), layout.LEASE_KEY, "tenantsync-key.json"}
+    # One object (and the key): the archival's lapsed lease went with the LTX files.
+    assert set(left) == {layout.bundle_key(txid)} | ({"tenantsync-key.json"} if fleet.config.encrypt else set())
     raw = open_storage(storage_url).child("acme.db").read(layout.bundle_key(txid))
     assert (sealed_header(raw) is not None) is fleet.config.encrypt  # compressed, then sealed
 
@@ -194,3 +196,11 @@ def test_a_frozen_tenant_hydrates_at_its_bundles_txid_and_refuses_an_older_one(t
         assert layout.bundle_key(txid) in stored(fleet, "acme.db")
     hydrated = OnDemand(fleet).hydrate("acme.db", txid=txid)
     assert hydrated.restored and hydrated.txid == txid and dump(path) == expected
+
+
+def test_freezing_keeps_a_lease_someone_holds(tmp_path, fleet):
+    """Only a lapsed lease goes with the LTX files: one a process holds is its own."""
+    archived_tenant(fleet, tmp_path)
+    Leaser(fleet.storage.child("acme.db"), owner="another-host").acquire()
+    cold.freeze_tenant(fleet, "acme.db")
+    assert layout.LEASE_KEY in stored(fleet, "acme.db")
