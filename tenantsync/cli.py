@@ -27,6 +27,9 @@ log = logging.getLogger("tenantsync")
 
 # Exit status of a command whose job was Skipped, by why: an archival refused because the
 # tenant is in use did not do what was asked (1, as an error); archived already did.
+# catalogue_schema.TenantState's values, written out so that the CLI starts without
+# importing SQLAlchemy (tests/test_catalogue.py checks the two agree).
+TENANT_STATES = ("active", "idle", "archiving", "archived", "hydrating", "error", "freezing", "frozen", "shredded")
 SKIPPED_EXIT = {Skip.ALREADY_ARCHIVED: 0, Skip.IN_USE: 1, Skip.ALREADY_FROZEN: 0, Skip.NOT_ARCHIVED: 1}
 
 
@@ -247,7 +250,7 @@ def serve(globs, replica_url, config_path, broker, catalogue, listen) -> None:
 
 @cli.command()
 @fleet_options
-@click.option("--state", type=click.Choice(["active", "idle", "archiving", "archived", "hydrating", "error"]))
+@click.option("--state", type=click.Choice(TENANT_STATES))
 @click.option("--json", "as_json", is_flag=True)
 def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None:
     """List tenants: name, state, size, TXID, lag, last write, lease holder."""

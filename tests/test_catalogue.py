@@ -624,3 +624,9 @@ def test_a_mark_is_undone_to_the_state_it_came_from_and_a_claimed_row_leaves_not
     assert cat.unmark("a", "h1/1/1", state=S.active, txid=12, last_error=None)
     a = cat.get("a")
     assert (a.state, a.txid, a.mark_owner, a.last_error) == (S.active, 12, None, None)
+
+
+def test_the_cli_offers_every_state_to_filter_on():
+    from tenantsync.cli import TENANT_STATES
+
+    assert sorted(TENANT_STATES) == sorted(s.value for s in TenantState)
