@@ -43,6 +43,7 @@ from . import l0, logs
 from . import wal as walmod
 from .continuity import Broken, InMainFile, continuity, may_have_news, wal_empty
 from .errors import DatabaseError, PreconditionFailed, ReplicaConflict, TenantSyncError, sqlite_busy
+from .fence import file_node_id
 from .outcome import Full
 from .position import DBStat, Position
 from .replica import Replica
@@ -130,6 +131,8 @@ class Capture:
     ):
         self.path = os.path.abspath(db_path)
         self.wal_path = self.path + "-wal"
+        # The database file's identity, written into every L0 header (fence.py); set on open.
+        self.node_id = 0
         self.replica = replica
         self.position = position
         self.on_position = on_position
@@ -348,6 +351,7 @@ class Capture:
             os.close(fd)
             raise DatabaseError(f"{self.path}: not a SQLite database")
         self._fd = fd
+        self.node_id = file_node_id(os.fstat(fd))
         try:
             self._reader = _connect(self.path, self.busy_timeout)
             mode = self._reader.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -558,12 +562,12 @@ class Capture:
                 # the next pass checks one frame header instead of scanning the WAL.
                 self._set_position(pos.advanced(checksum=cont.checksum))
             return None
-        return l0.incremental(pos, header, new, cont.offset)
+        return l0.incremental(pos, header, new, cont.offset, self.node_id)
 
     def _prepare_full(self, pos: Position | None, header: walmod.WALHeader | None, wal_size: int,
                       why: Full) -> l0.PendingL0:
         return l0.full(pos, header, wal_size, why, path=self.path, wal_path=self.wal_path,
-                       fd=self._fd, reader=self._reader)
+                       fd=self._fd, reader=self._reader, node_id=self.node_id)
 
     def _commit(self, pending: l0.PendingL0) -> SyncResult:
         """Upload, then advance the position: never the other way round."""

@@ -55,6 +55,7 @@ from .catalogue_legacy import LegacyRows
 from .catalogue_marks import Marks
 from .catalogue_migrations import SCHEMA_HEAD, VERSION_TABLE, alembic_config, upgrade_to_head
 from .catalogue_reads import CatalogueReads
+from .catalogue_fenced import FencedCopies, FencedCopy
 from .catalogue_schema import (_BY_NAME, MARKED, METADATA, TENANTS, CatalogueError, TenantRecord, TenantState,
                                UnknownTenant, _chunks, _now, _states, _utc)
 
@@ -65,6 +66,7 @@ __all__ = [
     "VERSION_TABLE",
     "Catalogue",
     "CatalogueError",
+    "FencedCopy",
     "TenantRecord",
     "TenantState",
     "UnknownTenant",
@@ -129,7 +131,7 @@ def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
             catalogue._writers.forget()
 
 
-class Catalogue(CatalogueReads, Marks, LegacyRows):
+class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
     """The tenants of one fleet in the catalogue at ``url``: ``sqlite:///PATH`` (embedded)
     or ``postgresql+psycopg://…`` (fleet). Opening it creates or upgrades the schema.
 

@@ -250,7 +250,7 @@ def serve(globs, replica_url, config_path, broker, catalogue, listen) -> None:
 
 @cli.command()
 @fleet_options
-@click.option("--state", type=click.Choice(TENANT_STATES))
+@click.option("--state", type=click.Choice((*TENANT_STATES, "fenced")))
 @click.option("--json", "as_json", is_flag=True)
 def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None:
     """List tenants: name, state, size, TXID, lag, last write, lease holder."""
@@ -261,9 +261,12 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
     from .server import tenant_json
 
     cfg = load_config(config_path, replica_url, broker, catalogue)
-    records = open_catalogue(cfg).records(state=state)
+    cat = open_catalogue(cfg)
+    records = [] if state == "fenced" else cat.records(state=state)
     now = datetime.now(timezone.utc)
     rows = []
+    if state in (None, "fenced"):
+        rows += [_fenced_row(copy) for copy in cat.fenced(cfg.host)]
     for r in records:
         size = sum(os.path.getsize(p) for p in (r.path, r.path + "-wal") if os.path.exists(p))
         row = tenant_json(r, fleet=r.fleet, local_bytes=size, lag_seconds=lag_seconds(r.pending_since, now),
@@ -281,6 +284,32 @@ def tenants(replica_url, config_path, broker, catalogue, state, as_json) -> None
         wal = row["wal_bytes"] if row["wal_bytes"] is not None else "-"
         click.echo(f"{row['name']:30} {row['state']:9} {row['local_bytes']:>10} {wal:>10} {row['txid']:16} {lag:>6} "
                    f"{row['last_write_at'] or '-':25} {row['lease_holder'] or '-'}")
+
+
+def _fenced_row(copy) -> dict:  # noqa: ANN001 - a FencedCopy
+    """A fenced copy (catalogue_fenced.py) as a ``tenants`` row: this host's files, aside."""
+    size = sum(os.path.getsize(p) for p in (copy.aside, copy.aside + "-wal") if os.path.exists(p))
+    wal = copy.aside + "-wal"
+    return {"name": copy.name, "state": "fenced", "local_bytes": size,
+            "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else None, "txid": f"{copy.txid:016x}",
+            "lag_seconds": None, "last_write_at": None, "lease_holder": None, "path": copy.path,
+            "aside": copy.aside, "reason": copy.reason, "fenced_at": copy.fenced_at.isoformat()}
+
+
+@cli.command()
+@click.argument("name")
+@fleet_options
+def unfence(name, replica_url, config_path, broker, catalogue) -> None:
+    """Forget NAME's fenced copy on this host (its files stay where they were moved): the
+    name is synced here again, once it is hydrated or put back. Decide on the files first."""
+    from .catalogue import open_catalogue
+
+    cfg = load_config(config_path, replica_url, broker, catalogue)
+    cat = open_catalogue(cfg)
+    copies = [c for c in cat.fenced(cfg.host) if c.name == name]
+    if not copies or not cat.unfence(cfg.host, name):
+        raise click.ClickException(f"tenant {name} has no fenced copy on host {cfg.host}")
+    click.echo(f"unfenced {name} on host {cfg.host}; its fenced files are at {copies[0].aside}")
 
 
 @cli.command()

@@ -37,7 +37,7 @@ def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool
     """Merge contiguous files into one at ``level``; the newest image of each page wins.
 
     The header follows superfly/ltx's compactor: first input's min TXID and pre-apply
-    checksum, last input's max TXID, commit and timestamp, NoChecksum, no WAL fields.
+    checksum, last input's max TXID, commit, timestamp and node id, NoChecksum, no WAL fields.
     Pages above the final commit are dropped. Inputs are verified before anything is written.
     ``sources`` are the inputs' bytes when the caller has already read them.
     """
@@ -61,6 +61,7 @@ def merge(replica: Replica, inputs: list[LTXInfo], level: int, *, snapshot: bool
         max_txid=last.max_txid,
         timestamp=last.timestamp,
         pre_apply_checksum=0 if min_txid == 1 else first.pre_apply_checksum,
+        node_id=last.node_id,  # who wrote the newest commits in it (fence.py)
     )
     with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
         enc = Encoder(spool, header)

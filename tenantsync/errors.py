@@ -121,6 +121,12 @@ class Unshipped(TenantSyncError):
     are in state error: a sync or the final release failed); the message names them."""
 
 
+class Fenced(TenantSyncError):
+    """Another host took the tenant over and wrote its replica past this host's copy (a
+    failover while this host was gone or cut off): this host must neither upload its copy,
+    which would write over the other host's commits, nor delete it."""
+
+
 class LeaseHeld(TenantSyncError):
     """Another owner holds the replica's lease, or took it over from us: the message
     names the replica, the holder and when its lease expires (also as attributes, for

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from . import compactor, tenants
+from . import compactor, fence, tenants
 from .job_scope import tenant_job
 from .capture import Capture
-from .catalogue import REPLICATED, Catalogue, TenantRecord, TenantState, open_catalogue
+from .catalogue import REPLICATED, Catalogue, FencedCopy, TenantRecord, TenantState, open_catalogue
 from .config import AT_CEILING_CHECKPOINT, Config
-from .errors import DatabaseError, LeaseHeld, NotATenant, ReplicaConflict, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
+from .errors import DatabaseError, Fenced, LeaseHeld, NotATenant, ReplicaConflict, StorageError, StorageUnavailable, TenantMismatch, TenantSyncError
 from .lease import HeldLease, Lease, Leaser
 from .outcome import (Contended, Contention, Deleted, Failed, NothingNew, Outcome, Shipped, Skip, Skipped,
                       Written, failed)
@@ -120,6 +120,8 @@ class Fleet:
         # Encrypted fleets: the keyring (loaded at the first key needed) and each tenant's data key.
         self._keyring: Keyring | None = None
         self._keys: dict[str, TenantKey] = {}
+        # This host's fenced tenants (fence.py), loaded at the first sync.
+        self._fenced: set[str] | None = None
 
     def replica(self, name: str) -> Replica:
         """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL;
@@ -195,6 +197,8 @@ class Fleet:
             # What it ships is what was committed before now: recorded as the sync's time, a
             # write landing while it runs is still seen as unsynced (catch-up, caught-up checks).
             started = _now()
+            if self._is_fenced(name):
+                return Skipped(name, Skip.FENCED)
             active = self._activate(name, archiving)
             if active is None:
                 return Skipped(name, Skip.NOT_REPLICABLE)
@@ -210,11 +214,12 @@ class Fleet:
     def _pass(self, name: str, active: _Active) -> Outcome:
         """Hold the lease and run one capture pass: what it did, as an outcome."""
         try:
-            held = self._leases[name]
-            held.hold()
+            held = self._hold(name, active)
             if held.renewed:
                 active.capture.trust_position()
             result = active.capture.sync_once()
+        except Fenced as e:
+            return self._fence(name, active, e)
         except LeaseHeld as e:
             log.warning("%s", e)
             return Contended(name, Contention.LEASE_HELD, CONTENDED_RETRY, str(e))
@@ -373,7 +378,7 @@ class Fleet:
                 # lapsed by now, so re-taking it only to close would cost a conditional write
                 # per release for nothing.
                 if not active.capture.shipped_all() and not held.held():
-                    held.hold()
+                    self._hold(name, active)
                 started = _now()
                 shipped = active.capture.release()
                 # Given up before the catalogue write, so the write says so too: one
@@ -391,6 +396,9 @@ class Fleet:
                                                wal_bytes=wal_size(active.capture))
                 elif lease is not None:
                     self.catalogue.record_lease(name, *lease)
+            except Fenced as e:
+                self._fence(name, active, e)
+                return True
             except (LeaseHeld, ReplicaConflict) as e:
                 log.info("%s: closed without a final pass: %s", name, e)
             except StorageError as e:
@@ -538,6 +546,43 @@ class Fleet:
             return True
         finally:
             lock.release()
+
+    def _hold(self, name: str, active: _Active) -> HeldLease:
+        """Hold the tenant's lease (``HeldLease.hold``). Taken over from another owner who
+        wrote the replica past this process's position: Fenced (fence.py), with the lease
+        held, which ``_fence`` gives back."""
+        held = self._leases[name]
+        held.hold()
+        if held.handed_over and (fenced := fence.moved_on(active.capture, name, held.lease.taken_from)):
+            raise fenced
+        return held
+
+    def _fence(self, name: str, active: _Active, error: Fenced) -> Skipped:
+        """Stop replicating ``name`` on this host for good: its lease given back to the host
+        that moved it on, its capture closed unshipped, its files moved aside and the copy
+        recorded (``tenantsync tenants`` shows it fenced). Said once, here."""
+        held = self._leases.get(name)
+        if held is not None:
+            held.give_up()
+        self._drop(name, keep_lease=False)
+        path, pos = active.capture.path, active.capture.position
+        aside, _ = fence.move_aside(path, "fenced")
+        self.catalogue.record_fenced(FencedCopy(self.catalogue.fleet, self.config.host, name, path, aside, str(error),
+                                                pos.txid if pos is not None else 0, _now()))
+        with self._guard:
+            self._fenced_names().add(name)
+        log.warning("%s; its files were moved to %s", error, aside)
+        return Skipped(name, Skip.FENCED, f"{error}; its files are at {aside}")
+
+    def _is_fenced(self, name: str) -> bool:
+        with self._guard:
+            return name in self._fenced_names()
+
+    def _fenced_names(self) -> set[str]:
+        """This host's fenced names, read from the catalogue once per process (under _guard)."""
+        if self._fenced is None:
+            self._fenced = {copy.name for copy in self.catalogue.fenced(self.config.host)}
+        return self._fenced
 
     def _drop(self, name: str, keep_lease: bool = True) -> None:
         """Close the tenant's capture. Its lease is kept (until it expires) unless

@@ -23,7 +23,7 @@ from . import tenant_key
 from .catalogue import TenantState
 from .errors import ObjectNotFound, StillLocal, StorageError, VersionsRemain, WrongState
 from .keyring import load_keyring
-from .ondemand import SIDE_FILES
+from .fence import SIDE_FILES
 from .tenants import check_name
 
 log = logging.getLogger(__name__)

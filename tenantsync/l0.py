@@ -96,17 +96,18 @@ def committed_frames(wal_path: str, header: walmod.WALHeader, wal_size: int, sta
     return Committed(offset, checksum, commit, pages)
 
 
-def incremental(pos: Position, header: walmod.WALHeader, new: Committed, start: int) -> PendingL0:
-    """The L0 at the next TXID holding the WAL frames ``new`` found from ``start`` (not empty)."""
+def incremental(pos: Position, header: walmod.WALHeader, new: Committed, start: int, node_id: int = 0) -> PendingL0:
+    """The L0 at the next TXID holding the WAL frames ``new`` found from ``start`` (not empty);
+    ``node_id`` names the database file it was read from (fence.file_node_id)."""
     lock = lock_pgno(pos.page_size)
     pages = [(p, new.pages[p]) for p in sorted(new.pages) if p <= new.commit and p != lock]
-    hdr = _header(header.page_size, new.commit, pos.txid + 1, header, start, new.end - start)
+    hdr = _header(header.page_size, new.commit, pos.txid + 1, header, start, new.end - start, node_id)
     blob = encode_file(hdr, pages)
     return PendingL0(hdr, blob, len(blob), Position.after_l0(hdr, checksum=new.checksum), len(pages))
 
 
 def full(pos: Position | None, header: walmod.WALHeader | None, wal_size: int, why: Full, *,
-         path: str, wal_path: str, fd: int, reader: sqlite3.Connection) -> PendingL0:
+         path: str, wal_path: str, fd: int, reader: sqlite3.Connection, node_id: int = 0) -> PendingL0:
     """Every page of the current database state at the next TXID.
 
     ``fd`` reads the main file and ``reader`` holds our read mark: reading the main file
@@ -133,7 +134,7 @@ def full(pos: Position | None, header: walmod.WALHeader | None, wal_size: int, w
     # (32, 0) with no committed frames: "start of a WAL, nothing yet", the position
     # Litestream (and Position.of_replica) can continue from; (0, 0) stops it.
     hdr = _header(page_size, commit, 1 if pos is None else pos.txid + 1, header, walmod.WAL_HEADER_SIZE,
-                  scan.end_offset - walmod.WAL_HEADER_SIZE if in_wal else 0)
+                  scan.end_offset - walmod.WAL_HEADER_SIZE if in_wal else 0, node_id)
     spool = tempfile.SpooledTemporaryFile(SPOOL_BYTES)
     try:
         enc = Encoder(spool, hdr)
@@ -155,7 +156,7 @@ def full(pos: Position | None, header: walmod.WALHeader | None, wal_size: int, w
 
 
 def _header(page_size: int, commit: int, txid: int, wal: walmod.WALHeader | None,
-            wal_offset: int, wal_size: int) -> Header:
+            wal_offset: int, wal_size: int, node_id: int) -> Header:
     return Header(
         flags=HEADER_FLAG_NO_CHECKSUM,
         page_size=page_size,
@@ -167,6 +168,7 @@ def _header(page_size: int, commit: int, txid: int, wal: walmod.WALHeader | None
         wal_size=wal_size,
         wal_salt1=wal.salt1 if wal else 0,
         wal_salt2=wal.salt2 if wal else 0,
+        node_id=node_id,
     )
 
 

@@ -45,7 +45,7 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from .config import Config
@@ -73,6 +73,8 @@ class Lease:
     generation: int
     expires_at: datetime
     etag: str
+    # Set by ``Leaser.acquire`` when it took the lease over from another owner: who held it.
+    taken_from: str = field(default="", compare=False)
 
     def expired(self, now: datetime) -> bool:
         """True once ``now`` is past ``expires_at``: anyone may take it over then."""
@@ -190,9 +192,10 @@ class Leaser:
                 if current is not None and current.owner != self.owner and not current.expired(self.now()):
                     raise self._held(current) from None
                 continue  # from what was just read
-            if current is not None and current.owner != self.owner:
+            taken_from = current.owner if current is not None and current.owner != self.owner else ""
+            if taken_from:
                 metrics.lease_handover()  # taken over after its holder let it expire
-            return Lease(wanted.owner, wanted.generation, wanted.expires_at, etag)
+            return Lease(wanted.owner, wanted.generation, wanted.expires_at, etag, taken_from)
         if current is not None and current.owner != self.owner:
             raise self._held(current)
         raise LeaseHeld(
@@ -312,7 +315,7 @@ class HeldLease:
     counting, with no cycle for the garbage collector to find.
     """
 
-    __slots__ = ("leaser", "lease", "renewed", "_unrecorded", "_never_held", "_presumed")
+    __slots__ = ("leaser", "lease", "renewed", "handed_over", "_unrecorded", "_never_held", "_presumed")
 
     def __init__(self, leaser: Leaser, never_held: bool = False, presumed: Lease | None = None):
         self.leaser = leaser
@@ -327,11 +330,14 @@ class HeldLease:
         # (same owner, same generation: a takeover always increments it). Nobody else can
         # then have written to the replica, so a position recorded under it still stands.
         self.renewed = False
+        # Whether the last hold took the lease over from another owner, who may have written
+        # the replica since this process's position (Fleet fences the tenant if so).
+        self.handed_over = False
 
     def hold(self) -> None:
         """Take the lease, or renew it once half its TTL has passed (well inside the
         margin ``held`` keeps); raise LeaseHeld, and hold nothing, if another owner has it."""
-        self.renewed = False
+        self.renewed = self.handed_over = False
         lease = self.lease
         if lease is not None and self.leaser.now() < lease.expires_at - self.leaser.ttl / 2:
             return
@@ -348,6 +354,7 @@ class HeldLease:
             raise
         self.renewed = (before is not None and before.owner == self.lease.owner
                         and before.generation == self.lease.generation)
+        self.handed_over = bool(self.lease.taken_from)
         self._unrecorded = True
 
     def held(self) -> bool:

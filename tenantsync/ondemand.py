@@ -22,6 +22,7 @@ from . import cold, compactor
 from .dictionary import Dictionaries
 from .job_scope import tenant_job
 from .catalogue import MARKED, REPLICATED, TenantState
+from .fence import SIDE_FILES, move_aside, move_back
 from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, Shredded, TenantSyncError
 from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
@@ -33,7 +34,6 @@ from .tenants import check_name
 
 log = logging.getLogger(__name__)
 
-SIDE_FILES = ("-wal", "-shm")
 COMPARE_CHUNK = 8 << 20
 WAIT_FOR_OTHER = 120.0
 # A fleet process (of this host) holding a tenant that another process archives lets go of it
@@ -167,12 +167,12 @@ class OnDemand:
             if local and source is None:
                 # Archived (or unknown to the catalogue) yet a file is there: not something
                 # replicated from this replica, so it is kept aside, not taken as the tenant.
-                aside = _move_aside(path)
+                aside = move_aside(path, "unknown")
             replica = self.fleet.replica(source or name)
             result = self._restore(replica, path, txid, timestamp, progress)
         except BaseException as e:
             if aside is not None:
-                _move_back(aside)
+                move_back(aside)
             if source is None and local and record is None and isinstance(e, ReplicaEmpty):
                 # A new database the watcher has not found yet: it is the tenant.
                 self.catalogue.unmark(name, self.owner, state=TenantState.idle)
@@ -356,23 +356,3 @@ def _check_target(txid, timestamp) -> None:
 
 def _quarantine(path: str) -> str:
     return f"{os.path.dirname(path)}/.{os.path.basename(path)}.archiving"
-
-
-def _move_aside(path: str) -> tuple[str, list[tuple[str, str]]]:
-    """Rename the database at ``path`` and its side files to ``.NAME.unknown-TIME``; the
-    first element is the new name of the database (told in the log and the answer)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    aside = f"{os.path.dirname(path)}/.{os.path.basename(path)}.unknown-{stamp}"
-    moved = []
-    for suffix in ("", *SIDE_FILES):
-        if os.path.exists(path + suffix):
-            os.rename(path + suffix, aside + suffix)
-            moved.append((path + suffix, aside + suffix))
-    return aside, moved
-
-
-def _move_back(aside: tuple[str, list[tuple[str, str]]]) -> None:
-    """Undo :func:`_move_aside`: each file it moved goes back unless its place is taken."""
-    for original, moved in aside[1]:
-        if not os.path.exists(original):
-            os.rename(moved, original)

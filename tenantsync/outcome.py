@@ -25,6 +25,7 @@ class Skip(enum.Enum):
     ALREADY_ARCHIVED = "already archived"
     ALREADY_FROZEN = "already frozen"
     NOT_ARCHIVED = "not archived: only archived tenants are frozen"
+    FENCED = "fenced: another host took it over; this host's copy is kept aside, never uploaded"
 
 
 class Full(enum.Enum):

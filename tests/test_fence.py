@@ -1,0 +1,138 @@
+"""Fencing: a host that takes a tenant's lease back after another host moved it on.
+
+Two hosts (``a`` and ``b``: their own data directories, catalogues and Fleets, one replica
+root on file:// or S3), a short lease TTL. Host a replicates a tenant and is cut off;
+host b hydrates it from the replica and writes on. When host a comes back and takes the
+lease over, its copy is behind: it must upload nothing, keep its files aside and say the
+tenant is fenced, and the replica must restore to host b's database. A handover with
+nothing written in between (host b hydrated the tenant but wrote nothing) is no reason to
+fence: host a replicates on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+
+from tenantsync.catalogue import open_catalogue
+from tenantsync.config import Config
+from tenantsync.fleet import Fleet
+from tenantsync.ondemand import OnDemand
+from tenantsync.outcome import Contended, Shipped, Skip, Skipped
+from tenantsync.restore import restore
+
+from .dbutil import app_db, dump, write_rows
+
+TTL = timedelta(seconds=1)
+
+
+def host(tmp_path, name: str, url: str) -> Fleet:
+    root = tmp_path / name
+    (root / "data").mkdir(parents=True)
+    cfg = Config(replica=url, globs=(f"{root}/data/*.db",), catalogue=f"sqlite:///{root}/catalogue.db", host=name,
+                 lease_ttl=TTL, idle_after=timedelta(seconds=60))
+    return Fleet(cfg, open_catalogue(cfg))
+
+
+@pytest.fixture
+def hosts(tmp_path, storage_url):
+    fleets = host(tmp_path, "a", storage_url), host(tmp_path, "b", storage_url)
+    yield fleets
+    for fleet in fleets:
+        fleet.close()
+
+
+def replicated_on(fleet: Fleet, name: str = "t.db", rows: int = 10):
+    """Tenant ``name`` written on ``fleet``'s host and shipped: (path, open connection)."""
+    path = os.path.join(os.path.dirname(fleet.config.globs[0]), name)
+    conn = app_db(path)
+    write_rows(conn, rows)
+    fleet.catalogue.discover(name, path, fleet.config.host)
+    assert isinstance(fleet.sync(name), Shipped)
+    return path, conn
+
+
+def newest_txid(fleet: Fleet, name: str = "t.db") -> int:
+    return fleet.replica(name).max_txid()
+
+
+def lapse() -> None:
+    time.sleep(TTL.total_seconds() * 1.5)
+
+
+def test_a_host_back_after_its_tenant_moved_on_uploads_nothing_and_keeps_its_copy_aside(tmp_path, hosts):
+    a, b = hosts
+    path_a, conn_a = replicated_on(a)
+    lapse()  # host a is cut off: its lease lapses
+
+    hydrated = OnDemand(b).hydrate("t.db")
+    conn_b = app_db(hydrated.path)
+    write_rows(conn_b, 7)
+    assert isinstance(b.sync("t.db"), Shipped)  # takes the lease over from a, writes on
+    conn_b.close()
+    b.release("t.db")  # idle: lease given up, host a may take it
+    moved_to = newest_txid(b)
+    expected = dump(hydrated.path)
+
+    write_rows(conn_a, 3)  # host a's application wrote meanwhile: commits only it has
+    mine = dump(path_a)
+    outcomes = [a.sync("t.db") for _ in range(3)]  # its old lease, then the takeover
+    fenced = [o for o in outcomes if isinstance(o, Skipped) and o.reason is Skip.FENCED]
+    assert fenced, outcomes
+    assert all(isinstance(o, (Contended, Skipped)) for o in outcomes), outcomes
+    assert "fenced" in str(fenced[0]) and "wrote its replica up to txid" in str(fenced[0])
+
+    assert newest_txid(b) == moved_to  # nothing of host a's copy uploaded
+    out = tmp_path / "restored.db"
+    restore(b.replica("t.db"), str(out))
+    assert dump(str(out)) == expected
+    conn_a.close()
+    (copy,) = a.catalogue.fenced("a")
+    assert not os.path.exists(path_a) and copy.path == path_a and os.path.exists(copy.aside)
+    assert dump(copy.aside) == mine  # kept, with the commits the replica never got
+    assert a.sync("t.db") == Skipped("t.db", Skip.FENCED)  # and never synced here again
+
+
+def test_a_lease_handed_over_with_nothing_written_since_is_no_reason_to_fence(tmp_path, hosts):
+    a, b = hosts
+    path_a, conn_a = replicated_on(a)
+    lapse()
+    b_lease = b._leaser("t.db")
+    b_lease.release(b_lease.acquire())  # another host held the lease and wrote nothing
+    write_rows(conn_a, 4)
+    outcomes = [a.sync("t.db") for _ in range(2)]  # its old lease (lost), then the takeover
+    shipped = [o for o in outcomes if isinstance(o, Shipped)]
+    assert len(shipped) == 1 and shipped[0].full is None, outcomes
+    assert a.catalogue.fenced("a") == []
+    conn_a.close()
+
+
+def test_tenants_lists_a_fenced_copy_and_unfence_lets_it_be_synced_again(tmp_path, hosts):
+    a, b = hosts
+    path_a, conn_a = replicated_on(a)
+    lapse()
+    hydrated = OnDemand(b).hydrate("t.db")
+    conn_b = app_db(hydrated.path)
+    write_rows(conn_b, 2)
+    b.sync("t.db")
+    conn_b.close()
+    b.release("t.db")
+    write_rows(conn_a, 1)
+    conn_a.close()
+    for _ in range(3):
+        a.sync("t.db")
+    config = tmp_path / "a.yml"
+    config.write_text(f"replica: {a.config.replica}\ncatalogue: {a.config.catalogue}\nhost: a\n"
+                      f"globs: [{a.config.globs[0]}]\n")
+    cli = [sys.executable, "-m", "tenantsync"]
+    listed = subprocess.run([*cli, "tenants", "--config", str(config), "--state", "fenced"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "t.db" in listed and "fenced" in listed, listed
+    unfenced = subprocess.run([*cli, "unfence", "t.db", "--config", str(config)], capture_output=True, text=True)
+    assert unfenced.returncode == 0 and ".t.db.fenced-" in unfenced.stdout, unfenced.stdout + unfenced.stderr
+    assert a.catalogue.fenced("a") == []
