@@ -63,8 +63,9 @@ class Marks:
             return s.execute(back).rowcount == 1
 
     def marked(self, host: str) -> list[TenantRecord]:
-        """This fleet's tenants of ``host`` in a marked state (MARKED: marked by a process, or
-        without an owner: left so by a version before marks)."""
-        busy = list(MARKED)
-        return self._select(sa.select(*TENANTS.c).where(self._mine, TENANTS.c.host == host,
-                                                        TENANTS.c.state.in_(busy)))
+        """This fleet's tenants in a marked state (MARKED) of ``host``, or marked by one of its
+        processes (a hydration taking another host's tenant over): marked by a process, or
+        without an owner (left so by a version before marks)."""
+        c = TENANTS.c
+        ours = sa.or_(c.host == host, c.mark_owner.startswith(f"{host}/", autoescape=True))
+        return self._select(sa.select(*TENANTS.c).where(self._mine, ours, c.state.in_(list(MARKED))))

@@ -547,6 +547,24 @@ class Fleet:
         finally:
             lock.release()
 
+    def take_over(self, name: str) -> None:
+        """Hold tenant ``name``'s lease before it is hydrated here from its replica, when it
+        may be another host's (a failover): raises LeaseHeld while that host's lease is
+        live, and once it is held here that host can upload nothing more (its fence checks
+        the lease before every upload), so the restore reads the state it will continue.
+        The tenant's first sync here renews this lease instead of taking it again. A
+        replica with no lease object (never replicated, or released by Litestream, which
+        deletes it) has nothing to take over: no object is created for it here."""
+        with self._guard:
+            held = self._leases.get(name)
+        if held is None:
+            current = self._leaser(name).read()
+            if current is None:
+                return
+            with self._guard:
+                held = self._leases.setdefault(name, HeldLease(self._leaser(name), presumed=current))
+        held.hold()
+
     def _hold(self, name: str, active: _Active) -> HeldLease:
         """Hold the tenant's lease (``HeldLease.hold``). Taken over from another owner who
         wrote the replica past this process's position: Fenced (fence.py), with the lease

@@ -168,6 +168,8 @@ class OnDemand:
                 # Archived (or unknown to the catalogue) yet a file is there: not something
                 # replicated from this replica, so it is kept aside, not taken as the tenant.
                 aside = move_aside(path, "unknown")
+            if source is None and (record is None or record.host != self.fleet.config.host):
+                self.fleet.take_over(name)  # another host's, perhaps: not while it holds the lease
             replica = self.fleet.replica(source or name)
             result = self._restore(replica, path, txid, timestamp, progress)
         except BaseException as e:
@@ -187,7 +189,7 @@ class OnDemand:
         else:
             position, txid_now = None, 0  # a fork starts its own replica with a full snapshot at TXID 1
         self.catalogue.unmark(name, self.owner, state=TenantState.active, txid=txid_now, position=position,
-                              last_sync_at=now, last_error=None)
+                              last_sync_at=now, last_error=None, host=self.fleet.config.host)
         if aside is not None:
             log.warning("tenant %s: %s was not the replica's database; kept as %s", name, path, aside[0])
         log.info("hydrated %s at txid %016x into %s", name, result.txid, path)

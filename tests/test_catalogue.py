@@ -609,6 +609,11 @@ def test_a_mark_is_undone_to_the_state_it_came_from_and_a_claimed_row_leaves_not
     assert cat.mark("a", S.hydrating, expected={S.archived}, owner="h1/1/1")
     assert not cat.mark("a", S.hydrating, expected={S.archived}, owner="h1/2/2")  # exactly one wins
     assert [r.name for r in cat.marked("h1")] == ["a"] and cat.marked("h2") == []
+    cat.discover("b", "/srv/b.db", "h3")  # another host's, being taken over by a process of h2
+    assert cat.mark("b", S.hydrating, expected={S.idle}, owner="h2/7/7")
+    assert [r.name for r in cat.marked("h2")] == ["b"]  # h2 undoes its own process's mark
+    assert [r.name for r in cat.marked("h1")] == ["a"] and cat.marked("h") == []
+    assert cat.unmark("b", "h2/7/7")
     assert not cat.unmark("a", "h1/2/2")  # only the owner ends its mark
     assert cat.unmark("a", "h1/1/1", error="hydrate: boom")
     a = cat.get("a")

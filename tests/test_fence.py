@@ -23,6 +23,7 @@ from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
+from tenantsync.errors import LeaseHeld
 from tenantsync.outcome import Contended, Shipped, Skip, Skipped
 from tenantsync.restore import restore
 
@@ -136,3 +137,22 @@ def test_tenants_lists_a_fenced_copy_and_unfence_lets_it_be_synced_again(tmp_pat
     unfenced = subprocess.run([*cli, "unfence", "t.db", "--config", str(config)], capture_output=True, text=True)
     assert unfenced.returncode == 0 and ".t.db.fenced-" in unfenced.stdout, unfenced.stdout + unfenced.stderr
     assert a.catalogue.fenced("a") == []
+
+
+def test_a_failover_hydration_waits_for_the_old_hosts_lease_and_then_holds_it(tmp_path, hosts):
+    """Hydrating another host's tenant is refused while that host's lease is live; after it
+    lapses the hydration takes the lease before it restores, so the old host, were it only
+    cut off, can upload nothing more."""
+    a, b = hosts
+    path_a, conn_a = replicated_on(a)
+    with pytest.raises(LeaseHeld, match="lease held by a"):
+        OnDemand(b).hydrate("t.db")
+    assert b.catalogue.get("t.db") is None and not os.listdir(os.path.dirname(b.config.globs[0]))
+    lapse()
+    hydrated = OnDemand(b).hydrate("t.db")
+    assert hydrated.restored and dump(hydrated.path) == dump(path_a)
+    assert b._leaser("t.db").read().owner == "b"
+    write_rows(conn_a, 2)  # the old host, back before the new one wrote anything
+    assert isinstance(a.sync("t.db"), Contended)
+    assert newest_txid(a) == hydrated.txid
+    conn_a.close()
