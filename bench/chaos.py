@@ -47,9 +47,6 @@ from collections import Counter
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
-os.environ.update(AWS_ACCESS_KEY_ID="chaos", AWS_SECRET_ACCESS_KEY="chaos", AWS_DEFAULT_REGION="us-east-1",
-                  AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
-os.environ.pop("AWS_CA_BUNDLE", None)
 BIN = os.path.dirname(sys.executable)
 
 from tests import seaweed  # noqa: E402
@@ -61,6 +58,8 @@ from tenantsync.config import load as load_config  # noqa: E402
 from tenantsync.replica import Replica  # noqa: E402
 from tenantsync.restore import restore  # noqa: E402
 from tenantsync.storage import open_storage  # noqa: E402
+
+seaweed.use_local_credentials("chaos")
 
 HOSTS = ("a", "b")
 TTL = 3.0

@@ -32,9 +32,6 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
-os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                  AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
-os.environ.pop("AWS_CA_BUNDLE", None)
 TOKEN = uuid.uuid4().hex
 BIN = os.path.dirname(sys.executable)
 
@@ -43,6 +40,8 @@ from tests.dbutil import app_db, dump, write_rows  # noqa: E402
 from tests.ports import free_loopback_ports  # noqa: E402
 from tenantsync.catalogue import open_catalogue  # noqa: E402
 from tenantsync.config import load as load_config  # noqa: E402
+
+seaweed.use_local_credentials("bench")
 
 
 def host(work: str, name: str, replica: str, ttl: str) -> tuple[str, str]:

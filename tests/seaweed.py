@@ -18,6 +18,15 @@ from pathlib import Path
 
 from .ports import free_loopback_ports
 
+def use_local_credentials(name: str) -> None:
+    """Credentials for a server on loopback, for this process and the tools it starts: the
+    admin identity ``name``/``name`` (SeaweedFS takes the environment's), no AWS profile or
+    config file, and no CA bundle (Litestream will not start with one set)."""
+    os.environ.update(AWS_ACCESS_KEY_ID=name, AWS_SECRET_ACCESS_KEY=name, AWS_DEFAULT_REGION="us-east-1",
+                      AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+    os.environ.pop("AWS_CA_BUNDLE", None)
+
+
 #: Every TCP port `weed mini` opens, each set explicitly: its defaults (8333, 9333, ...,
 #: gRPC at +10000) would collide with other runs. WebDAV, Iceberg and Lance are off.
 PORT_FLAGS = (
