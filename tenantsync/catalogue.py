@@ -354,15 +354,19 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
         """These tenants' databases were written at ``at`` (one batch of the watcher's
         events, one transaction). Only moves ``last_write_at`` forward, so events handled
         out of order cannot make a tenant look older, and sets ``pending_since`` unless it
-        is set; names not in the catalogue are ignored (a file that vanished between the
-        event and this call)."""
+        is set or a pass started since ``at`` (it read the WAL after it started, so it
+        shipped these writes: a batch recorded after that pass's own write must not leave
+        the tenant pending, looking ever more behind, with nothing left to ship); names not
+        in the catalogue are ignored (a file that vanished between the event and this call)."""
         names = sorted(set(names))
         if not names:
             return
         at = _utc(at, "at")
-        col, pending = TENANTS.c.last_write_at, TENANTS.c.pending_since
+        c = TENANTS.c
+        col, pending = c.last_write_at, c.pending_since
         later = sa.case((sa.or_(col.is_(None), col < at), sa.literal(at, col.type)), else_=col)
-        first = sa.case((pending.is_(None), sa.literal(at, pending.type)), else_=pending)
+        unshipped = sa.and_(pending.is_(None), sa.or_(c.last_sync_at.is_(None), c.last_sync_at < at))
+        first = sa.case((unshipped, sa.literal(at, pending.type)), else_=pending)
         with self._tx(write=True) as s:
             for chunk in _chunks(names):
                 s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk))
