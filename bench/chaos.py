@@ -22,8 +22,8 @@ Every ``--check-every`` faults the campaign drains: faults healed, writes stoppe
 tenant waited for until its host's catalogue has it shipped. Then, for every tenant: its
 replica restores (tenantsync's restore; Litestream's for ``--oracle-every``-th tenant) to
 exactly the database its host holds, ``integrity_check`` passes, and its L0 TXIDs are
-contiguous (no gap: write-if-absent makes a duplicate impossible); a failed-over tenant's old
-host lists it as fenced and its fenced copy kept its commits. A failure prints the seed and
+contiguous (no gap: write-if-absent makes a duplicate impossible); of a failed-over tenant's
+two copies exactly one is fenced (see ``settle_failovers``). A failure prints the seed and
 the event log, and exits 1. The summary counts faults by kind, transactions written,
 transactions lost, replicas inconsistent, and the slowest drain and failover.
 """
@@ -268,7 +268,11 @@ class Campaign:
     def failover(self, dead: Host) -> None:
         """Kill ``dead`` whole, hydrate some of its tenants on the other host, bring it back."""
         other = next(h for h in self.hosts.values() if h is not dead)
-        mine = sorted(t for t, h in self.writers.where.items() if h == dead.name and t not in self.fenced)
+        # Not a tenant whose copy the other host has fenced before: it would stay fenced there
+        # (an operator unfences it first; README "Failover and fencing").
+        theirs = {c.name for c in other.catalogue.fenced(other.name)}
+        mine = sorted(t for t, h in self.writers.where.items()
+                      if h == dead.name and t not in self.fenced and t not in theirs)
         moving = self.rng.sample(mine, min(len(mine), self.a.failover_tenants))
         self.writers.paused.add(dead.name)
         time.sleep(0.3)  # a transaction in flight ends
@@ -305,6 +309,7 @@ class Campaign:
         for host in self.hosts.values():
             if not host.alive():
                 host.start()
+        self.settle_failovers(started)
         pending = dict(self.writers.where)
         while pending:
             for tenant, host in list(pending.items()):
@@ -320,15 +325,33 @@ class Campaign:
         store = open_storage(self.direct)
         for i, (tenant, host) in enumerate(sorted(self.writers.where.items())):
             self.check(store, tenant, self.hosts[host], oracle=i % self.a.oracle_every == 0)
-        unfenced = dict(self.fenced)  # its old host syncs its stale copy at the latest by its catch-up plan
-        while unfenced:
-            for tenant, old in list(unfenced.items()):
-                if any(c.name == tenant for c in self.hosts[old].catalogue.fenced(old)):
-                    del unfenced[tenant]
-            if unfenced and time.monotonic() - started > self.a.drain_timeout:
-                raise Failure(f"host(s) back after a failover did not fence {sorted(unfenced)}")
-            time.sleep(0.2)
         self.writers.start(self.hosts)
+
+    def settle_failovers(self, started: float) -> None:
+        """Wait until each failed-over tenant has exactly one copy fenced: the copy that
+        shipped first after the failover continues the replica and the other is fenced. The
+        new host's usually ships first; the old host's can, when every write the new host
+        made failed to ship (a store fault) until its lease lapsed: its copy was then still
+        at the replica's head, and the application's writes there are what the replica
+        holds. Either way nothing shipped is written over. The application follows the
+        copy that continues."""
+        unsettled = dict(self.fenced)
+        while unsettled:
+            for tenant, old in list(unsettled.items()):
+                new = self.writers.where[tenant]
+                old_fenced = any(c.name == tenant for c in self.hosts[old].catalogue.fenced(old))
+                new_fenced = any(c.name == tenant for c in self.hosts[new].catalogue.fenced(new))
+                if old_fenced and new_fenced:
+                    raise Failure(f"{tenant}: fenced on both hosts: no copy continues its replica")
+                if new_fenced:
+                    self.writers.where[tenant] = old
+                    self.log(f"{tenant}: host {old}'s copy shipped first after the failover; host {new} fenced")
+                if old_fenced or new_fenced:
+                    del unsettled[tenant]
+                    del self.fenced[tenant]
+            if unsettled and time.monotonic() - started > self.a.drain_timeout:
+                raise Failure(f"no copy fenced after a failover of {sorted(unsettled)}")
+            time.sleep(0.2)
 
     def check(self, store, tenant: str, host: Host, oracle: bool) -> None:
         source = dump(os.path.join(host.data, tenant))
