@@ -39,7 +39,7 @@ from tenantsync import logs
 from tenantsync.catalogue import open_catalogue
 from tenantsync.cold import freeze_tenant
 from tenantsync.config import Config
-from tenantsync.errors import TenantSyncError
+from tenantsync.errors import TenantSyncError, WorkerDied
 from tenantsync.outcome import Failed
 from tenantsync.fleet import STORAGE_JOBS, Fleet
 from tenantsync.ondemand import OnDemand
@@ -144,7 +144,7 @@ class _Child:
         future: Future = Future()
         with self._lock:
             if not self.alive:
-                raise TenantSyncError(f"{job}: the {self.name} process has exited; it restarts")
+                raise WorkerDied(f"{job}: the {self.name} process has exited; it restarts")
             i = next(self._ids)
             self._pending[i] = future
             try:
@@ -174,7 +174,7 @@ class _Child:
             log.error("the %s process died (exit code %s) with %d jobs; it restarts at the next job",
                       self.name, code, len(pending))
         for future in pending.values():
-            future.set_exception(TenantSyncError(f"the {self.name} process died (exit code {code}); it restarts"))
+            future.set_exception(WorkerDied(f"the {self.name} process died (exit code {code}); it restarts"))
 
     def close(self, timeout: float) -> None:
         with self._lock:

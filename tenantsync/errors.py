@@ -121,6 +121,11 @@ class Unshipped(TenantSyncError):
     are in state error: a sync or the final release failed); the message names them."""
 
 
+class WorkerDied(TenantSyncError):
+    """The process running a job died under it (a SIGKILL, the OOM killer) and is started
+    again for the next job: the job did not finish, and is worth running again there."""
+
+
 class Fenced(TenantSyncError):
     """Another host took the tenant over and wrote its replica past this host's copy (a
     failover while this host was gone or cut off): this host must neither upload its copy,
