@@ -45,7 +45,7 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from .config import Config
@@ -186,9 +186,12 @@ class Leaser:
                 else:
                     etag = self.storage.write_if_match(LEASE_KEY, data, current.etag)
             except PreconditionFailed:
-                current = self.read()
+                replaced, current = current, self.read()
                 if wanted._same_content(current):
-                    return current  # our write landed; a client retry then lost to it
+                    # Our write landed; a client retry then lost to it. Taken from whoever
+                    # held the version it replaced, as if its answer had come.
+                    taken = replaced.owner if replaced is not None and replaced.owner != self.owner else ""
+                    return replace(current, taken_from=taken)
                 if current is not None and current.owner != self.owner and not current.expired(self.now()):
                     raise self._held(current) from None
                 continue  # from what was just read
