@@ -571,8 +571,10 @@ class Fleet:
         held, which ``_fence`` gives back."""
         held = self._leases[name]
         held.hold()
-        if held.handed_over and (fenced := fence.moved_on(active.capture, name, held.lease.taken_from)):
-            raise fenced
+        if held.handed_over:
+            if fenced := fence.moved_on(active.capture, name, held.lease.taken_from or "another host"):
+                raise fenced
+            held.handed_over = False  # checked: this copy is the replica's head
         return held
 
     def _fence(self, name: str, active: _Active, error: Fenced) -> Skipped:

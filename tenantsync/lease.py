@@ -333,14 +333,16 @@ class HeldLease:
         # (same owner, same generation: a takeover always increments it). Nobody else can
         # then have written to the replica, so a position recorded under it still stands.
         self.renewed = False
-        # Whether the last hold took the lease over from another owner, who may have written
-        # the replica since this process's position (Fleet fences the tenant if so).
+        # Whether a hold took the lease over from another owner, who may have written the
+        # replica since this process's position, and the fleet has not checked yet (it fences
+        # the tenant if so, or clears this). Kept across holds: a check that failed (the store
+        # did not answer) is made again by the next pass, before anything is uploaded.
         self.handed_over = False
 
     def hold(self) -> None:
         """Take the lease, or renew it once half its TTL has passed (well inside the
         margin ``held`` keeps); raise LeaseHeld, and hold nothing, if another owner has it."""
-        self.renewed = self.handed_over = False
+        self.renewed = False
         lease = self.lease
         if lease is not None and self.leaser.now() < lease.expires_at - self.leaser.ttl / 2:
             return
@@ -357,7 +359,7 @@ class HeldLease:
             raise
         self.renewed = (before is not None and before.owner == self.lease.owner
                         and before.generation == self.lease.generation)
-        self.handed_over = bool(self.lease.taken_from)
+        self.handed_over = self.handed_over or bool(self.lease.taken_from)
         self._unrecorded = True
 
     def held(self) -> bool:

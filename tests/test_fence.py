@@ -23,7 +23,8 @@ from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
-from tenantsync.errors import LeaseHeld
+from tenantsync import fence
+from tenantsync.errors import LeaseHeld, StorageUnavailable
 from tenantsync.outcome import Contended, Shipped, Skip, Skipped
 from tenantsync.restore import restore
 
@@ -155,4 +156,34 @@ def test_a_failover_hydration_waits_for_the_old_hosts_lease_and_then_holds_it(tm
     write_rows(conn_a, 2)  # the old host, back before the new one wrote anything
     assert isinstance(a.sync("t.db"), Contended)
     assert newest_txid(a) == hydrated.txid
+    conn_a.close()
+
+
+def test_a_replica_check_the_store_did_not_answer_is_made_again_before_any_upload(tmp_path, hosts, monkeypatch):
+    """The check after a takeover failed (the store did not answer): the next pass, holding
+    the lease already, must check again rather than upload (found by bench/chaos.py, seed
+    2406: the old host shipped its stale copy over the new host's commits)."""
+    a, b = hosts
+    path_a, conn_a = replicated_on(a)
+    lapse()
+    hydrated = OnDemand(b).hydrate("t.db")
+    conn_b = app_db(hydrated.path)
+    write_rows(conn_b, 3)
+    assert isinstance(b.sync("t.db"), Shipped)
+    conn_b.close()
+    b.release("t.db")
+    moved_to = newest_txid(b)
+    real, calls = fence.moved_on, []
+
+    def store_away_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise StorageUnavailable("list /: no answer (the test's outage)")
+        return real(*args)
+
+    monkeypatch.setattr(fence, "moved_on", store_away_once)
+    write_rows(conn_a, 1)
+    outcomes = [a.sync("t.db") for _ in range(4)]
+    assert any(isinstance(o, Skipped) and o.reason is Skip.FENCED for o in outcomes), outcomes
+    assert len(calls) >= 2 and newest_txid(b) == moved_to  # checked again; nothing uploaded
     conn_a.close()
