@@ -318,8 +318,7 @@ def test_a_child_dying_fails_its_jobs_in_flight_and_the_next_job_starts_another(
         waiting.join(15)
         assert not waiting.is_alive() and "process died (exit code -9)" in str(errors[0].value)
         # Worth running again (the admission policy retries transient failures): a sync lost
-        # with its process left the tenant's last commits unshipped until its next write
-        # (found by bench/chaos.py, seed 2406).
+        # with its process would leave the tenant's last commits unshipped until its next write.
         assert errors[0].type is WorkerDied and failed("a", errors[0].value).transient
         assert jobs.run("pid", "a")["pid"] not in (first, os.getpid())
         assert not (tmp_path / "closed").exists()  # killed: its close never ran

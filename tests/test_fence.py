@@ -63,6 +63,18 @@ def newest_txid(fleet: Fleet, name: str = "t.db") -> int:
     return fleet.replica(name).max_txid()
 
 
+def moved_on_by(b: Fleet, rows: int) -> tuple[str, int]:
+    """Host ``b`` hydrates the tenant, its application writes ``rows`` there, it ships and
+    goes idle (lease given up): (its path, the replica's newest TXID)."""
+    hydrated = OnDemand(b).hydrate("t.db")
+    conn_b = app_db(hydrated.path)
+    write_rows(conn_b, rows)
+    assert isinstance(b.sync("t.db"), Shipped)
+    conn_b.close()
+    b.release("t.db")
+    return hydrated.path, newest_txid(b)
+
+
 def lapse() -> None:
     time.sleep(TTL.total_seconds() * 1.5)
 
@@ -72,14 +84,8 @@ def test_a_host_back_after_its_tenant_moved_on_uploads_nothing_and_keeps_its_cop
     path_a, conn_a = replicated_on(a)
     lapse()  # host a is cut off: its lease lapses
 
-    hydrated = OnDemand(b).hydrate("t.db")
-    conn_b = app_db(hydrated.path)
-    write_rows(conn_b, 7)
-    assert isinstance(b.sync("t.db"), Shipped)  # takes the lease over from a, writes on
-    conn_b.close()
-    b.release("t.db")  # idle: lease given up, host a may take it
-    moved_to = newest_txid(b)
-    expected = dump(hydrated.path)
+    path_b, moved_to = moved_on_by(b, 7)  # takes the lease over from a, writes on, goes idle
+    expected = dump(path_b)
 
     write_rows(conn_a, 3)  # host a's application wrote meanwhile: commits only it has
     mine = dump(path_a)
@@ -114,16 +120,11 @@ def test_a_lease_handed_over_with_nothing_written_since_is_no_reason_to_fence(tm
     conn_a.close()
 
 
-def test_tenants_lists_a_fenced_copy_and_unfence_lets_it_be_synced_again(tmp_path, hosts):
+def test_tenants_lists_a_fenced_copy_and_unfence_forgets_it(tmp_path, hosts):
     a, b = hosts
     path_a, conn_a = replicated_on(a)
     lapse()
-    hydrated = OnDemand(b).hydrate("t.db")
-    conn_b = app_db(hydrated.path)
-    write_rows(conn_b, 2)
-    b.sync("t.db")
-    conn_b.close()
-    b.release("t.db")
+    moved_on_by(b, 2)
     write_rows(conn_a, 1)
     conn_a.close()
     for _ in range(3):
@@ -161,18 +162,11 @@ def test_a_failover_hydration_waits_for_the_old_hosts_lease_and_then_holds_it(tm
 
 def test_a_replica_check_the_store_did_not_answer_is_made_again_before_any_upload(tmp_path, hosts, monkeypatch):
     """The check after a takeover failed (the store did not answer): the next pass, holding
-    the lease already, must check again rather than upload (found by bench/chaos.py, seed
-    2406: the old host shipped its stale copy over the new host's commits)."""
+    the lease already, must check again rather than upload."""
     a, b = hosts
     path_a, conn_a = replicated_on(a)
     lapse()
-    hydrated = OnDemand(b).hydrate("t.db")
-    conn_b = app_db(hydrated.path)
-    write_rows(conn_b, 3)
-    assert isinstance(b.sync("t.db"), Shipped)
-    conn_b.close()
-    b.release("t.db")
-    moved_to = newest_txid(b)
+    _, moved_to = moved_on_by(b, 3)
     real, calls = fence.moved_on, []
 
     def store_away_once(*args):

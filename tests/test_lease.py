@@ -328,8 +328,8 @@ def test_write_that_landed_but_reported_412_is_ours(storage, clock, op):
         lease = me.acquire()
     assert lease == me.read()
     assert lease.owner == "me"
-    # Who it was taken from survives the lost answer: a takeover the fleet must check the
-    # replica after (fence.py) was taken as our own lease (found by bench/chaos.py, seed 2406).
+    # Who it was taken from survives the lost answer: else a takeover the fleet must check
+    # the replica after (fence.py) is taken as our own lease.
     assert lease.taken_from == ("old" if op == "acquire-expired" else "")
 
 
