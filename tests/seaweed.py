@@ -66,6 +66,7 @@ class Seaweed:
                 *(f"-{flag}={port}" for flag, port in ports.items()),
             ]
             log_path = data / "weed.log"
+            self.args, self.data = args, data
             with open(log_path, "wb") as log:
                 self.proc = subprocess.Popen(args, cwd=data, stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=log)
@@ -88,12 +89,28 @@ class Seaweed:
         deadline = time.monotonic() + START_WITHIN
         while self.proc.poll() is None and time.monotonic() < deadline:
             try:
-                self.client.create_bucket(Bucket="ready-probe")
+                try:
+                    self.client.create_bucket(Bucket="ready-probe")
+                except self.client.exceptions.BucketAlreadyOwnedByYou:
+                    pass  # started again on its data
                 self.client.put_object(Bucket="ready-probe", Key="probe", Body=b"ok")
                 return True
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.1)
         return False
+
+    def kill(self) -> None:
+        """SIGKILL: a crash of the whole server (master, volume, filer and S3 gateway)."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def start_again(self) -> None:
+        """Start it again after :meth:`kill`, on the same ports and data."""
+        with open(self.data / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(self.args, cwd=self.data, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        if not self._ready():
+            raise RuntimeError("weed mini did not start again; log:\n"
+                               + (self.data / "weed.log").read_text(errors="replace")[-2000:])
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)  # graceful shutdown takes about 4 s
