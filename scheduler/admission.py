@@ -57,8 +57,9 @@ class AdmissionStore(Protocol):
     separate steps a request could miss the pending mark that a finishing job is clearing,
     and its dirty mark then be lost."""
 
-    def request(self, names: list[str]) -> list[bool]:
-        """Per tenant: admitted (now pending), else marked dirty."""
+    def request(self, names: list[str], stale_after: float | None = None) -> list[bool]:
+        """Per tenant: admitted (now pending), else marked dirty. With ``stale_after``, a
+        tenant pending for that many seconds is admitted again (its job may be lost)."""
 
     def finish(self, names: list[str]) -> list[bool]:
         """Per tenant: clear pending; whether it was marked dirty (the mark is cleared)."""
@@ -82,7 +83,9 @@ class MemoryStore:
         self._once: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def request(self, names: list[str]) -> list[bool]:
+    def request(self, names: list[str], stale_after: float | None = None) -> list[bool]:
+        # ``stale_after`` does not apply: this process's marks end with its jobs, whose
+        # processes' deaths it sees (WorkerDied).
         with self._lock:
             admitted = [name not in self._pending for name in names]
             self._dirty.update(name for name, ok in zip(names, admitted) if not ok)
@@ -169,13 +172,14 @@ class AdmittingDispatcher(ABC):
         """Ask for a sync of ``name``; False if one was already pending (now marked dirty)."""
         return self.request_syncs([name]) == 1
 
-    def request_syncs(self, names) -> int:
-        """Admit a sync for each of ``names`` without one pending, mark the others dirty;
-        how many were admitted (and started)."""
+    def request_syncs(self, names, stale_after: float | None = None) -> int:
+        """Admit a sync for each of ``names`` without one pending (or pending for longer
+        than ``stale_after`` seconds), mark the others dirty; how many were admitted (and
+        started)."""
         names = list(dict.fromkeys(names))
         if not names:
             return 0
-        admitted = [name for name, ok in zip(names, self.store.request(names)) if ok]
+        admitted = [name for name, ok in zip(names, self.store.request(names, stale_after)) if ok]
         if admitted:
             self._start_syncs(admitted)
         return len(admitted)

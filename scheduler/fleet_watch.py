@@ -25,7 +25,8 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     """Watch until ``stop``; ``app`` is the Celery app to send with (a worker running the
     watcher passes its own), else one is made from ``config``."""
     app = app or make_app(config)
-    dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False))
+    dispatcher = CeleryDispatcher(app, config.host, host_workers=config.host_processes(embedded=False),
+                                  fleet=config.fleet)
     catalogue = open_catalogue(config)
     broker = CachedCheck(lambda: _ping_broker(app))
     workers = config.host_processes(embedded=False)

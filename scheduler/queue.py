@@ -31,7 +31,7 @@ REDIS_RETRIES = 20
 
 
 class CeleryDispatcher(AdmittingDispatcher):
-    def __init__(self, app: Celery, host: str, redis_url: str | None = None, host_workers: int = 1):
+    def __init__(self, app: Celery, host: str, redis_url: str | None = None, host_workers: int = 1, fleet: str = ""):
         self.app = app
         self.host, self.host_workers = host, host_workers
         self.redis = redis.Redis.from_url(
@@ -39,7 +39,7 @@ class CeleryDispatcher(AdmittingDispatcher):
             retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), REDIS_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        super().__init__(RedisStore(self.redis))
+        super().__init__(RedisStore(self.redis, fleet, host))
 
     def host_queue(self, name: str) -> str:
         return host_queue(self.host, name, self.host_workers)

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_EVERY = timedelta(seconds=15)
 CATCH_UP_AFTER = timedelta(seconds=5)
+# A lagging tenant whose sync has been pending this long is requested again: its job may
+# have died with a killed worker (a retry waiting out its countdown comes back only after the
+# broker's visibility timeout). A duplicate of a job that was only slow finds nothing new.
+STALE_PENDING = timedelta(seconds=30)
 # A tenant whose last sync failed is tried again this long after (each failure restarts it).
 RETRY_ERRORS_AFTER = timedelta(minutes=2)
 ARCHIVE_EVERY = timedelta(minutes=1)
@@ -162,7 +166,7 @@ class Schedule:
         if key == "catch-up":
             names = [t.name for t in self.catalogue.lagging(now, CATCH_UP_AFTER, host=self.config.host)]
             names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
-            return self.dispatcher.request_syncs(names)
+            return self.dispatcher.request_syncs(names, stale_after=STALE_PENDING.total_seconds())
         if key == "archive":
             tenants = self.catalogue.records(host=self.config.host)
             return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))

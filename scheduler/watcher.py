@@ -25,7 +25,7 @@ from typing import Callable
 from tenantsync import tenants
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
-from tenantsync.errors import TenantSyncError
+from tenantsync.errors import CatalogueUnavailable, TenantSyncError
 from tenantsync.file_events import STOP_CHECK, Change, FileEvents
 from tenantsync.position import DBStat
 from tenantsync.tenants import SQLITE_MAGIC
@@ -34,6 +34,8 @@ from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
+# Seconds before a rescan that the catalogue did not answer is tried again.
+CATALOGUE_RETRY = 1.0
 # Side files an application's write changes: the WAL, or in a database out of WAL mode
 # (journal_mode=DELETE) the rollback journal, created and deleted around each write.
 WRITE_SUFFIXES = ("-wal", "-journal")
@@ -53,9 +55,14 @@ class Watcher:
         self._stats: dict[str, DBStat | None] = {}
         self._last_rescan = 0.0
         self._events: FileEvents | None = None
+        # Writes seen while the catalogue did not answer, not recorded yet: name -> first time.
+        self._unrecorded: dict[str, datetime] = {}
+        self._catalogue_down: CatalogueUnavailable | None = None
 
     def rescan(self) -> list[str]:
         """Register every matching database; request a first sync for new ones."""
+        if self._unrecorded:
+            self._record_writes(set(), datetime.now(timezone.utc))
         found, problems = tenants.scan(self.patterns)
         for path, problem in problems.items():
             self._report_once(path, f"skipping {path}: {problem}")
@@ -85,7 +92,7 @@ class Watcher:
         if changed:
             log.info("%d tenants' files changed outside the WAL (%s, ...): synced", len(changed), changed[0])
             self.dispatcher.request_syncs(changed)
-            self.catalogue.record_writes(changed, datetime.now(timezone.utc))
+            self._record_writes(set(changed), datetime.now(timezone.utc))
         if self._events is not None:
             lost = self._events.rearm_missing([path + "-wal" for path in self.known])
             if lost:
@@ -133,9 +140,23 @@ class Watcher:
         now = datetime.now(timezone.utc)
         self.dispatcher.request_syncs(touched)
         # After the requests, in one transaction: the jobs need not wait for this.
-        self.catalogue.record_writes(touched, now)
+        self._record_writes(touched, now)
         if rescan:
             self.rescan()
+
+    def _record_writes(self, names: set[str], at: datetime) -> None:
+        """``record_writes``; while the catalogue does not answer, the names are kept (with
+        their first write's time) and recorded with the next batch that gets through, so
+        the catalogue shows them behind, as they are."""
+        for name in names:
+            self._unrecorded.setdefault(name, at)
+        by_time: dict[datetime, list[str]] = {}
+        for name, first in self._unrecorded.items():
+            by_time.setdefault(first, []).append(name)
+        for first, batch in sorted(by_time.items()):
+            self.catalogue.record_writes(batch, first, self.config.host)
+            for name in batch:
+                del self._unrecorded[name]
 
     def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
         """Watch until ``stop`` is set; ``tick`` (the schedules) runs about once a second on a
@@ -153,7 +174,7 @@ class Watcher:
             planner = threading.Thread(target=_tick_every_second, args=(tick, done), name="tenantsync-plans",
                                        daemon=True)
         try:
-            self.rescan()
+            self._survive(self.rescan)
             if planner is not None:
                 planner.start()
             debounce = self.config.debounce.total_seconds()
@@ -162,15 +183,33 @@ class Watcher:
                 changes = self._events.read(STOP_CHECK, debounce)
                 changes = {c for c in changes if self._interesting(*c)}
                 if changes:
-                    self.handle(changes)
+                    self._survive(self.handle, changes)
                 if time.monotonic() - self._last_rescan > self.config.rescan_interval.total_seconds():
-                    self.rescan()
+                    self._survive(self.rescan)
         finally:
             done.set()
             if planner is not None and planner.is_alive():
                 planner.join()
             self._events.close()
             self._events = None
+
+    def _survive(self, step: Callable, *args) -> None:
+        """Run one step of the loop through a catalogue outage: the syncs it requested are
+        on their way (the jobs wait for the catalogue themselves), writes it could not
+        record are kept (``_record_writes``), and a rescan (which records them too) runs
+        within CATALOGUE_RETRY seconds. Said once when the catalogue stops answering and once when
+        it answers again."""
+        try:
+            step(*args)
+        except CatalogueUnavailable as e:
+            if self._catalogue_down is None:
+                log.error("%s; the watcher goes on, and retries", e)
+            self._catalogue_down = e
+            self._last_rescan = time.monotonic() - self.config.rescan_interval.total_seconds() + CATALOGUE_RETRY
+            return
+        if self._catalogue_down is not None:
+            log.warning("the catalogue answers again")
+            self._catalogue_down = None
 
     def _changed(self) -> list[str]:
         """Known tenants whose main file changed since the last rescan in a way no sync

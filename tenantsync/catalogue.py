@@ -56,6 +56,7 @@ from .catalogue_marks import Marks
 from .catalogue_migrations import SCHEMA_HEAD, VERSION_TABLE, alembic_config, upgrade_to_head
 from .catalogue_reads import CatalogueReads
 from .catalogue_fenced import FencedCopies, FencedCopy
+from .errors import CatalogueUnavailable
 from .catalogue_schema import (_BY_NAME, MARKED, METADATA, TENANTS, CatalogueError, TenantRecord, TenantState,
                                UnknownTenant, _chunks, _now, _states, _utc)
 
@@ -184,6 +185,20 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[sa.Connection]:
+        """A transaction. A database that cannot be reached, or drops the connection
+        during it, raises CatalogueUnavailable (one line, and a transient failure for the
+        jobs): the transaction did not commit."""
+        try:
+            with self._transaction(write) as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+            if self.dialect == "sqlite" and not e.connection_invalidated:
+                raise  # a local file's error (locked, corrupt, full) is not an outage
+            reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+            raise CatalogueUnavailable(f"catalogue {self.url.render_as_string(hide_password=True)}: {reason}") from e
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[sa.Connection]:
         # Core connections, not ORM sessions: a session's bookkeeping would be a large
         # share of every sync's catalogue time, and no caller needs an identity map.
         if not (write and self.dialect == "sqlite"):
@@ -216,15 +231,21 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
 
     @staticmethod
     def _on_conflict(stmt):
-        """… ON CONFLICT (fleet, name) DO UPDATE path/host WHERE either changed.
+        """… ON CONFLICT (fleet, name) DO UPDATE path WHERE the host is the same and the
+        path changed.
 
         A new tenant is inserted idle; an existing one keeps its state, TXID, position
-        and times, and its row is only written when its path or host differ."""
+        and times, and its row is only written when the same host found it at another
+        path. Discovery never moves a tenant to another host: in a catalogue that hosts
+        share, a file of the same name on a second host is a copy (a host back after its
+        tenants failed over, or a name two hosts both use), and taking the row would hand
+        it the other host's position, as if that were its own. Its sync fences it
+        instead (``Fleet.sync``); a tenant moves between hosts by hydration only."""
         ex = stmt.excluded
         return stmt.on_conflict_do_update(
             index_elements=[TENANTS.c.fleet, TENANTS.c.name],
-            set_={"path": ex.path, "host": ex.host, "updated_at": ex.updated_at},
-            where=sa.or_(TENANTS.c.path != ex.path, TENANTS.c.host != ex.host),
+            set_={"path": ex.path, "updated_at": ex.updated_at},
+            where=sa.and_(TENANTS.c.host == ex.host, TENANTS.c.path != ex.path),
         )
 
     def _new_row(self, name: str, path: str, host: str, now: datetime) -> dict[str, Any]:
@@ -244,8 +265,9 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
     def discover(self, name: str, path: str, host: str) -> TenantRecord:
         """Register tenant ``name`` at ``path`` on ``host``; idempotent.
 
-        Missing: inserted with state idle. Present: path and host are updated if they
-        changed; state, TXID, position and every time are left as they are."""
+        Missing: inserted with state idle. Present: its path is updated if ``host`` is its
+        host and the path changed (see ``_on_conflict``); state, TXID, position and every
+        time are left as they are. Returns the row, whichever host it is of."""
         with self._tx(write=True) as s:
             self._adopt(s, [(name, path)])
             s.execute(self._on_conflict(self._insert()), self._new_row(name, path, host, _now()))
@@ -260,8 +282,8 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
         two array parameters per statement, which spares the driver from parsing
         thousands of placeholders.
 
-        Returns how many rows were written: tenants inserted plus tenants whose path or
-        host changed (0 when everything was already known as given). A name given twice
+        Returns how many rows were written: tenants inserted plus this host's tenants
+        whose path changed (0 when everything was already known as given). A name given twice
         takes its last path. Rows are written in name order, so two hosts discovering
         overlapping sets at once cannot deadlock on PostgreSQL."""
         now = _now()
@@ -350,14 +372,15 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
                                                      sa.literal(at, c.last_sync_at.type)), else_=c.last_sync_at),
                             "pending_since": _still_pending(sa.literal(at, c.pending_since.type))})
 
-    def record_writes(self, names: Iterable[str], at: datetime) -> None:
+    def record_writes(self, names: Iterable[str], at: datetime, host: str | None = None) -> None:
         """These tenants' databases were written at ``at`` (one batch of the watcher's
         events, one transaction). Only moves ``last_write_at`` forward, so events handled
         out of order cannot make a tenant look older, and sets ``pending_since`` unless it
         is set or a pass started since ``at`` (it read the WAL after it started, so it
         shipped these writes: a batch recorded after that pass's own write must not leave
         the tenant pending, looking ever more behind, with nothing left to ship); names not
-        in the catalogue are ignored (a file that vanished between the event and this call)."""
+        in the catalogue are ignored (a file that vanished between the event and this call),
+        as are, given ``host``, other hosts' tenants (writes to a copy fenced here)."""
         names = sorted(set(names))
         if not names:
             return
@@ -369,8 +392,10 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
         first = sa.case((unshipped, sa.literal(at, pending.type)), else_=pending)
         with self._tx(write=True) as s:
             for chunk in _chunks(names):
-                s.execute(sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk))
-                          .values(last_write_at=later, pending_since=first))
+                rows = sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk))
+                if host is not None:
+                    rows = rows.where(TENANTS.c.host == host)
+                s.execute(rows.values(last_write_at=later, pending_since=first))
 
     def record_error(self, name: str, message: str, wal_bytes: int | None = None) -> None:
         """An operation failed: state error, ``last_error`` = ``message``, and the WAL's

@@ -59,11 +59,13 @@ class FencedCopies:
             s.execute(sa.delete(FENCED).where(*self._fenced_key(copy.host, copy.name)))
             s.execute(sa.insert(FENCED).values(row))
 
-    def fenced(self, host: str | None = None) -> list[FencedCopy]:
-        """The fenced copies, of ``host`` only if given, by name."""
+    def fenced(self, host: str | None = None, name: str | None = None) -> list[FencedCopy]:
+        """The fenced copies, of ``host`` and of tenant ``name`` only if given, by name."""
         stmt = sa.select(*FENCED.c).where(FENCED.c.fleet == self.fleet).order_by(FENCED.c.name, FENCED.c.host)
         if host is not None:
             stmt = stmt.where(FENCED.c.host == host)
+        if name is not None:
+            stmt = stmt.where(FENCED.c.name == name)
         with self._tx(write=False) as s:
             return [FencedCopy(*row) for row in s.execute(stmt)]
 

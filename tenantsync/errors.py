@@ -46,6 +46,12 @@ class StorageUnavailable(StorageError):
     """The backend could not be reached or answered with a transient error; safe to retry."""
 
 
+class CatalogueUnavailable(TenantSyncError):
+    """The catalogue's database did not answer (a PostgreSQL restart, a network cut, a
+    connection it dropped): nothing was written, and trying again later is safe, as after a
+    store outage."""
+
+
 class SealedObjectError(StorageError):
     """An object of an encrypted replica cannot be opened: it is not encrypted, truncated,
     tampered with, moved from another key, or sealed with another tenant's key. Never
@@ -135,12 +141,14 @@ class Fenced(TenantSyncError):
 class LeaseHeld(TenantSyncError):
     """Another owner holds the replica's lease, or took it over from us: the message
     names the replica, the holder and when its lease expires (also as attributes, for
-    scheduling the retry: ``owner`` a str, ``expires_at`` a UTC datetime; None when unknown)."""
+    scheduling the retry: ``owner`` a str, ``expires_at`` a UTC datetime, ``generation`` an
+    int; None when unknown)."""
 
-    def __init__(self, message: str, owner: str | None = None, expires_at=None):
+    def __init__(self, message: str, owner: str | None = None, expires_at=None, generation: int | None = None):
         super().__init__(message)
         self.owner = owner
         self.expires_at = expires_at
+        self.generation = generation
 
 
 # --- capture, restore and SQLite: one class or code per case a caller tells apart --------

@@ -66,6 +66,8 @@ STORAGE_TIMES_EVERY = 5.0
 # held by another host may be released at any moment (a deploy hands tenants over at once),
 # and a dead holder's lapses after lease-ttl: a short, fixed delay serves all three.
 CONTENDED_RETRY = 1.0
+# Seconds between reads of this host's fenced names (see Fleet._fenced_names).
+FENCED_READ_EVERY = 5.0
 
 
 def _recorded_lease(record: TenantRecord) -> Lease | None:
@@ -120,8 +122,9 @@ class Fleet:
         # Encrypted fleets: the keyring (loaded at the first key needed) and each tenant's data key.
         self._keyring: Keyring | None = None
         self._keys: dict[str, TenantKey] = {}
-        # This host's fenced tenants (fence.py), loaded at the first sync.
+        # This host's fenced tenants (fence.py), loaded at the first sync, read again now and then.
         self._fenced: set[str] | None = None
+        self._fenced_read_at = 0.0
 
     def replica(self, name: str) -> Replica:
         """A tenant's replica: its name is its prefix, itself a valid Litestream replica URL;
@@ -164,7 +167,8 @@ class Fleet:
         catalogue row at another path raises TenantMismatch (the three named). With globs,
         the name must match one (tenants.locate); without (a one-shot command given only a
         replica), the catalogue must know it, at a path that ends in its name and is no
-        symbolic link. Nothing is created or touched here."""
+        symbolic link. Another host's row names that host's path: a hydration here takes the
+        tenant over to this host's. Nothing is created or touched here."""
         name = tenants.check_name(name)
         record = self.catalogue.get(name)
         if self.patterns:
@@ -176,7 +180,7 @@ class Fleet:
             path = record.path
             if not path.endswith(os.sep + name) or os.path.islink(path):
                 raise TenantMismatch(f"tenant {name}: the catalogue's path {path} is not a file named {name}")
-        if record is not None and record.path != path:
+        if record is not None and record.path != path and record.host == self.config.host:
             raise TenantMismatch(f"tenant {name}: the catalogue holds it at {record.path}, the fleet's globs put it "
                                  f"at {path}, replica {self.storage}/{name}: nothing touched")
         return path
@@ -199,7 +203,10 @@ class Fleet:
             started = _now()
             if self._is_fenced(name):
                 return Skipped(name, Skip.FENCED)
-            active = self._activate(name, archiving)
+            try:
+                active = self._activate(name, archiving)
+            except Fenced as e:
+                return self._fence(name, e, path=self._local_path(name))
             if active is None:
                 return Skipped(name, Skip.NOT_REPLICABLE)
             if not active.capture.has_news():
@@ -219,10 +226,9 @@ class Fleet:
                 active.capture.trust_position()
             result = active.capture.sync_once()
         except Fenced as e:
-            return self._fence(name, active, e)
+            return self._fence(name, e, active=active)
         except LeaseHeld as e:
-            log.warning("%s", e)
-            return Contended(name, Contention.LEASE_HELD, CONTENDED_RETRY, str(e))
+            return self._lease_held(name, active, e)
         except ReplicaConflict as e:
             log.warning("%s: %s", name, e)
             return Contended(name, Contention.TXID_TAKEN, CONTENDED_RETRY, str(e))
@@ -250,7 +256,10 @@ class Fleet:
         - Failed: state error with the message, so `tenantsync tenants` shows the tenant
           failing, not idle, and the catch-up schedule retries it;
         - Contended and Skipped: nothing; the tenant is another writer's or job's now, and
-          that one records it.
+          that one records it. But commits found and not shipped because another owner
+          holds the lease are recorded as a write (``record_writes``): the catch-up plan
+          then asks again once the retries end, even if no file event comes (a write made
+          before the watcher started), until the lease is free or the copy fenced.
         """
         name = outcome.tenant
         if isinstance(outcome, Shipped):
@@ -263,6 +272,8 @@ class Fleet:
             self.catalogue.record_caught_up(name, started)
         elif isinstance(outcome, Failed):
             self.catalogue.record_error(name, str(outcome.error), wal_bytes=wal_size(capture))
+        elif isinstance(outcome, Contended) and outcome.why is Contention.LEASE_HELD:
+            self.catalogue.record_writes([name], started, self.config.host)
 
     def _past_ceiling(self, name: str, capture: Capture) -> None:
         """What a failed pass does once the WAL it keeps holds more than ``wal-ceiling``:
@@ -397,7 +408,7 @@ class Fleet:
                 elif lease is not None:
                     self.catalogue.record_lease(name, *lease)
             except Fenced as e:
-                self._fence(name, active, e)
+                self._fence(name, e, active=active)
                 return True
             except (LeaseHeld, ReplicaConflict) as e:
                 log.info("%s: closed without a final pass: %s", name, e)
@@ -496,6 +507,10 @@ class Fleet:
             return None
         if record.state == TenantState.archiving and not archiving:
             return None
+        if record.host != self.config.host:
+            raise Fenced(f"tenant {name}: host {record.host} holds it in the catalogue (it moved there, or that host "
+                         f"uses the name too), not this host ({self.config.host}): this host's copy is fenced, "
+                         "nothing of it uploaded")
         position = Position.from_dict(record.position) if record.position else None
         capture = Capture(record.path, self.replica(name), position=position)
         active = _Active(capture, time.monotonic())
@@ -577,31 +592,62 @@ class Fleet:
             held.handed_over = False  # checked: this copy is the replica's head
         return held
 
-    def _fence(self, name: str, active: _Active, error: Fenced) -> Skipped:
+    def _lease_held(self, name: str, active: _Active, error: LeaseHeld) -> Outcome:
+        """Another owner holds the lease: Contended, retried later. Unless it took the lease
+        over from this host (a newer generation than this host held) and wrote on from its
+        own copy: this one is fenced now, not once that owner's lease lapses (an active
+        tenant's never does). A replica check the store did not answer is made again at the
+        next try."""
+        if self._leases[name].taken_over(error):
+            try:
+                fenced = fence.moved_on(active.capture, name, error.owner)
+            except StorageError as e:
+                log.info("%s: the replica check after a takeover failed, made again at the next try: %s", name, e)
+                fenced = None
+            if fenced is not None:
+                return self._fence(name, fenced, active=active)
+        log.warning("%s", error)
+        return Contended(name, Contention.LEASE_HELD, CONTENDED_RETRY, str(error))
+
+    def _fence(self, name: str, error: Fenced, *, active: _Active | None = None, path: str | None = None) -> Skipped:
         """Stop replicating ``name`` on this host for good: its lease given back to the host
-        that moved it on, its capture closed unshipped, its files moved aside and the copy
-        recorded (``tenantsync tenants`` shows it fenced). Said once, here."""
+        that moved it on, its capture (``active``, if open) closed unshipped, its files
+        (at ``path`` if no capture is open) moved aside and the copy recorded (``tenantsync
+        tenants`` shows it fenced). Said once, here."""
         held = self._leases.get(name)
         if held is not None:
             held.give_up()
         self._drop(name, keep_lease=False)
-        path, pos = active.capture.path, active.capture.position
-        aside, _ = fence.move_aside(path, "fenced")
-        self.catalogue.record_fenced(FencedCopy(self.catalogue.fleet, self.config.host, name, path, aside, str(error),
-                                                pos.txid if pos is not None else 0, _now()))
+        pos = None
+        if active is not None:
+            path, pos = active.capture.path, active.capture.position
+        aside = fence.move_aside(path, "fenced")[0] if path is not None and os.path.exists(path) else path or ""
+        self.catalogue.record_fenced(FencedCopy(self.catalogue.fleet, self.config.host, name, path or "", aside,
+                                                str(error), pos.txid if pos is not None else 0, _now()))
         with self._guard:
             self._fenced_names().add(name)
         log.warning("%s; its files were moved to %s", error, aside)
         return Skipped(name, Skip.FENCED, f"{error}; its files are at {aside}")
+
+    def _local_path(self, name: str) -> str | None:
+        """Where this host's globs put tenant ``name``, if anywhere."""
+        try:
+            return tenants.locate(self.patterns, name) if self.patterns else None
+        except NotATenant:
+            return None
 
     def _is_fenced(self, name: str) -> bool:
         with self._guard:
             return name in self._fenced_names()
 
     def _fenced_names(self) -> set[str]:
-        """This host's fenced names, read from the catalogue once per process (under _guard)."""
-        if self._fenced is None:
+        """This host's fenced names (under _guard), read from the catalogue again every
+        FENCED_READ_EVERY seconds: one query per interval, not one per sync, and an
+        operator's ``tenantsync unfence`` reaches a running fleet within it."""
+        now = time.monotonic()
+        if self._fenced is None or now - self._fenced_read_at > FENCED_READ_EVERY:
             self._fenced = {copy.name for copy in self.catalogue.fenced(self.config.host)}
+            self._fenced_read_at = now
         return self._fenced
 
     def _drop(self, name: str, keep_lease: bool = True) -> None:

@@ -289,6 +289,7 @@ class Leaser:
             f"{format_time(current.expires_at, digits=3)}; retrying after it expires",
             owner=current.owner,
             expires_at=current.expires_at,
+            generation=current.generation,
         )
 
     def _lost(self, lease: Lease, current: Lease | None) -> LeaseHeld:
@@ -300,6 +301,7 @@ class Leaser:
             f"until {format_time(current.expires_at, digits=3)}",
             owner=current.owner,
             expires_at=current.expires_at,
+            generation=current.generation,
         )
 
 
@@ -318,7 +320,8 @@ class HeldLease:
     counting, with no cycle for the garbage collector to find.
     """
 
-    __slots__ = ("leaser", "lease", "renewed", "handed_over", "_unrecorded", "_never_held", "_presumed")
+    __slots__ = ("leaser", "lease", "renewed", "handed_over", "known_generation", "_unrecorded", "_never_held",
+                 "_presumed")
 
     def __init__(self, leaser: Leaser, never_held: bool = False, presumed: Lease | None = None):
         self.leaser = leaser
@@ -338,6 +341,9 @@ class HeldLease:
         # the tenant if so, or clears this). Kept across holds: a check that failed (the store
         # did not answer) is made again by the next pass, before anything is uploaded.
         self.handed_over = False
+        # The newest generation this process knows its host held (held here, or recorded
+        # in the catalogue): another owner's lease of a newer one was taken over from it.
+        self.known_generation = presumed.generation if presumed is not None and presumed.owner == leaser.owner else 0
 
     def hold(self) -> None:
         """Take the lease, or renew it once half its TTL has passed (well inside the
@@ -360,7 +366,15 @@ class HeldLease:
         self.renewed = (before is not None and before.owner == self.lease.owner
                         and before.generation == self.lease.generation)
         self.handed_over = self.handed_over or bool(self.lease.taken_from)
+        self.known_generation = max(self.known_generation, self.lease.generation)
         self._unrecorded = True
+
+    def taken_over(self, error: LeaseHeld) -> bool:
+        """Whether ``error`` (from :meth:`hold`) says another owner holds a generation newer
+        than any this host held: the lease was taken over from it while it was gone or cut
+        off (or, never held here, another host replicates a tenant of that name)."""
+        return (error.owner not in (None, self.leaser.owner) and error.generation is not None
+                and error.generation > self.known_generation)
 
     def held(self) -> bool:
         """Whether a write fenced by the lease may go ahead now (``Leaser.held``)."""

@@ -23,7 +23,7 @@ from .dictionary import Dictionaries
 from .job_scope import tenant_job
 from .catalogue import MARKED, REPLICATED, TenantState
 from .fence import SIDE_FILES, move_aside, move_back
-from .errors import ArchiveAborted, InvalidArgument, NotATenant, ReplicaEmpty, Shredded, TenantSyncError
+from .errors import ArchiveAborted, Fenced, InvalidArgument, NotATenant, ReplicaEmpty, Shredded, TenantSyncError
 from .outcome import Archived, Failed, Hydrated, Skip, Skipped
 from .owner import is_alive, this_process
 from .position import DBStat, Position
@@ -124,6 +124,7 @@ class OnDemand:
         """
         _check_target(txid, timestamp)
         path = self.fleet.resolve(name)
+        self._refuse_fenced(name)
         if source is not None:
             source = check_name(source)
         with self._guard:
@@ -145,13 +146,23 @@ class OnDemand:
             with self._guard:
                 self._inflight.pop(name, None)
 
+    def _refuse_fenced(self, name: str) -> None:
+        """A name fenced on this host is not synced here (Fleet.sync): hydrated, it would
+        look replicated and ship nothing. The operator unfences it first, having dealt with
+        the fenced files."""
+        host = self.fleet.config.host
+        for copy in self.catalogue.fenced(host, name):
+            raise Fenced(f"tenant {name}: a fenced copy of it is on host {host} (files at {copy.aside}): "
+                             f"run `tenantsync unfence {name}` there before hydrating it")
+
     def _hydrate(self, name, path, txid, timestamp, source, waited: float = 0.0, progress=None) -> Hydrated:
         record = self.catalogue.get(name)
         refuse_shredded(record, name)
         if source is not None:
             refuse_shredded(self.catalogue.get(source), source)
         local = os.path.exists(path)
-        if source is None and local and record is not None and record.state in REPLICATED:
+        mine = record is not None and record.host == self.fleet.config.host
+        if source is None and local and mine and record.state in REPLICATED:
             return Hydrated(name, path, record.txid or 0, restored=False)  # its own file, replicated
         if record is None:
             marked = self.catalogue.claim_new(name, path, self.fleet.config.host, self.owner)
@@ -165,10 +176,11 @@ class OnDemand:
         aside = None
         try:
             if local and source is None:
-                # Archived (or unknown to the catalogue) yet a file is there: not something
-                # replicated from this replica, so it is kept aside, not taken as the tenant.
+                # Archived, unknown to the catalogue or another host's, yet a file is there:
+                # not something replicated from this replica (here), so it is kept aside, not
+                # taken as the tenant.
                 aside = move_aside(path, "unknown")
-            if source is None and (record is None or record.host != self.fleet.config.host):
+            if source is None and not mine:
                 self.fleet.take_over(name)  # another host's, perhaps: not while it holds the lease
             replica = self.fleet.replica(source or name)
             result = self._restore(replica, path, txid, timestamp, progress)
@@ -189,7 +201,7 @@ class OnDemand:
         else:
             position, txid_now = None, 0  # a fork starts its own replica with a full snapshot at TXID 1
         self.catalogue.unmark(name, self.owner, state=TenantState.active, txid=txid_now, position=position,
-                              last_sync_at=now, last_error=None, host=self.fleet.config.host)
+                              last_sync_at=now, last_error=None, host=self.fleet.config.host, path=path)
         if aside is not None:
             log.warning("tenant %s: %s was not the replica's database; kept as %s", name, path, aside[0])
         log.info("hydrated %s at txid %016x into %s", name, result.txid, path)

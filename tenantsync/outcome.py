@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, fields
 
-from .errors import StorageUnavailable, WorkerDied
+from .errors import CatalogueUnavailable, StorageUnavailable, WorkerDied
 
 
 class Skip(enum.Enum):
@@ -170,9 +170,10 @@ def as_dict(outcome: Outcome) -> dict:
 
 
 def failed(tenant: str, error: BaseException) -> Failed:
-    """A job's exception as its outcome: storage that cannot be reached, or a process that
-    died under the job (its commits would otherwise wait for the next write), is worth a retry."""
-    return Failed(tenant, error, transient=isinstance(error, (StorageUnavailable, WorkerDied)))
+    """A job's exception as its outcome: storage or a catalogue that cannot be reached, or
+    a process that died under the job (its commits would otherwise wait for the next
+    write), is worth a retry."""
+    return Failed(tenant, error, transient=isinstance(error, (StorageUnavailable, CatalogueUnavailable, WorkerDied)))
 
 
 # The enum-valued fields, for reading ``as_dict``'s member names back.

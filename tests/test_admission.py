@@ -141,3 +141,38 @@ def test_redis_marks_expire_so_a_killed_worker_cannot_wedge_a_tenant(redis_serve
         assert all(0 < client.ttl(key) <= PENDING_TTL for key in keys), [client.ttl(k) for k in keys]
     finally:
         client.close()
+
+
+def test_hosts_and_fleets_sharing_a_redis_keep_their_own_sync_marks(redis_server):
+    """A file of one name on two hosts (an old host's fenced copy after a failover) or in two
+    fleets: a request on one must not be swallowed as pending by the other's. Storage jobs
+    are the fleet's: asked for by two hosts, they run once."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        a, b = RedisStore(client, "s3://bucket/fleet", "a"), RedisStore(client, "s3://bucket/fleet", "b")
+        other_fleet = RedisStore(client, "s3://bucket/other", "a")
+        assert a.request(["t.db"]) == [True]
+        assert b.request(["t.db"]) == [True] and other_fleet.request(["t.db"]) == [True]
+        assert a.request(["t.db"]) == [False]  # its own pending sync: marked dirty
+        assert b.finish(["t.db"]) == [False] and a.finish(["t.db"]) == [True]
+        compact = job_key("compact", {"level": 1})
+        assert a.claim(compact, ["t.db"]) == [True] and b.claim(compact, ["t.db"]) == [False]
+        assert other_fleet.claim(compact, ["t.db"]) == [True]
+        assert a.claim("archive", ["t.db"]) == [True] and b.claim("archive", ["t.db"]) == [True]
+    finally:
+        client.close()
+
+
+def test_a_catch_up_request_admits_a_sync_pending_for_too_long_again(redis_server):
+    """A sync whose job died with a killed worker leaves its tenant pending: a catch-up
+    request (stale_after) admits it again once the mark is that old, not before."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        store = RedisStore(client, "s3://bucket/fleet", "a")
+        assert store.request(["t.db"]) == [True]
+        assert store.request(["t.db"], stale_after=30) == [False]  # pending for under 30 s
+        client.set(store.sync_keys("t.db")[0], int(client.time()[0]) - 31)  # set 31 s ago
+        assert store.request(["t.db"], stale_after=30) == [True]
+        assert store.request(["t.db"], stale_after=30) == [False]  # the new mark is fresh
+    finally:
+        client.close()

@@ -276,11 +276,14 @@ def test_discover_inserts_idle_and_is_idempotent(cat):
     again = cat.discover("acme", "/srv/acme.db", "h1")
     assert again == before  # nothing written, not even updated_at
 
-    moved = cat.discover("acme", "/data/acme.db", "h2")
-    assert (moved.path, moved.host) == ("/data/acme.db", "h2")
+    moved = cat.discover("acme", "/data/acme.db", "h1")
+    assert (moved.path, moved.host) == ("/data/acme.db", "h1")
     assert (moved.state, moved.txid, moved.position, moved.bytes_stored) == \
         (S.active, 7, {"txid": 7, "wal_offset": 4096}, 100)
     assert moved.created_at == before.created_at and moved.updated_at > before.updated_at
+
+    # Another host's file of the same name is a copy: the row stays host h1's, untouched.
+    assert cat.discover("acme", "/elsewhere/acme.db", "h2") == moved
 
 
 def test_discover_many_10k(cat):
@@ -298,13 +301,14 @@ def test_discover_many_10k(cat):
     listed = cat.records(host="h1")
     assert [t.name for t in listed] == [name for name, _ in items]
 
-    # Moved tenants (new path or host) are updated, the rest untouched; duplicates: last wins.
+    # Moved tenants (new path) are updated, the rest untouched; duplicates: last wins.
     moved = [("tenant-00001", "/new/1.db"), ("tenant-00002", "/new/2.db"), ("tenant-00002", "/new/2b.db")]
     assert cat.discover_many(moved, "h1") == 2
     assert cat.get("tenant-00002").path == "/new/2b.db"
-    assert cat.discover_many(items[:3], "h2") == 3
-    assert [t.name for t in cat.records(host="h2")] == ["tenant-00000", "tenant-00001", "tenant-00002"]
-    assert cat.get("tenant-00001").path == "/srv/tenants/00001.db"
+    # Another host finding files of these names takes no row; a name new to the catalogue is its.
+    assert cat.discover_many(items[:3] + [("only-h2", "/srv/only-h2.db")], "h2") == 1
+    assert [t.name for t in cat.records(host="h2")] == ["only-h2"]
+    assert cat.get("tenant-00001").path == "/new/1.db"
     assert cat.discover_many([], "h1") == 0
 
 

@@ -15,16 +15,17 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from tenantsync.catalogue import open_catalogue
 from tenantsync.config import Config
+from tenantsync import fleet as fleet_module
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync import fence
-from tenantsync.errors import LeaseHeld, StorageUnavailable
+from tenantsync.errors import Fenced, LeaseHeld, StorageUnavailable
 from tenantsync.outcome import Contended, Shipped, Skip, Skipped
 from tenantsync.restore import restore
 
@@ -55,8 +56,19 @@ def replicated_on(fleet: Fleet, name: str = "t.db", rows: int = 10):
     conn = app_db(path)
     write_rows(conn, rows)
     fleet.catalogue.discover(name, path, fleet.config.host)
-    assert isinstance(fleet.sync(name), Shipped)
+    ship(fleet, name)
     return path, conn
+
+
+def ship(fleet: Fleet, name: str = "t.db") -> None:
+    """Sync until the pass ships: a pass that outlasted the 1-s lease (a loaded machine)
+    is Contended and retried, as the fleet's jobs are."""
+    for _ in range(5):
+        outcome = fleet.sync(name)
+        if isinstance(outcome, Shipped):
+            return
+        assert isinstance(outcome, Contended), outcome
+    raise AssertionError(f"{name} not shipped: {outcome}")
 
 
 def newest_txid(fleet: Fleet, name: str = "t.db") -> int:
@@ -69,7 +81,7 @@ def moved_on_by(b: Fleet, rows: int) -> tuple[str, int]:
     hydrated = OnDemand(b).hydrate("t.db")
     conn_b = app_db(hydrated.path)
     write_rows(conn_b, rows)
-    assert isinstance(b.sync("t.db"), Shipped)
+    ship(b)
     conn_b.close()
     b.release("t.db")
     return hydrated.path, newest_txid(b)
@@ -181,3 +193,109 @@ def test_a_replica_check_the_store_did_not_answer_is_made_again_before_any_uploa
     assert any(isinstance(o, Skipped) and o.reason is Skip.FENCED for o in outcomes), outcomes
     assert len(calls) >= 2 and newest_txid(b) == moved_to  # checked again; nothing uploaded
     conn_a.close()
+
+
+# -- hosts sharing one catalogue (fleet mode) -------------------------------------------
+
+
+@pytest.fixture
+def sharing(tmp_path, storage_url):
+    """Hosts ``a`` and ``b`` with their own data directories and one catalogue."""
+    shared = f"sqlite:///{tmp_path}/shared.db"
+    fleets = []
+    for name in ("a", "b"):
+        (tmp_path / name / "data").mkdir(parents=True)
+        cfg = Config(replica=storage_url, globs=(f"{tmp_path}/{name}/data/*.db",), catalogue=shared, host=name,
+                     lease_ttl=TTL, idle_after=timedelta(seconds=60))
+        fleets.append(Fleet(cfg, open_catalogue(cfg)))
+    yield fleets
+    for fleet in fleets:
+        fleet.close()
+
+
+def test_with_one_catalogue_a_host_back_after_a_failover_finds_the_tenant_is_the_other_hosts(sharing):
+    a, b = sharing
+    path_a, conn_a = replicated_on(a)
+    a.close()  # host a dies with the tenant
+    lapse()
+    path_b, moved_to = moved_on_by(b, 5)
+    row = b.catalogue.get("t.db")
+    assert (row.host, row.path) == ("b", path_b)  # the hydration moved it to host b, at b's path
+
+    a = Fleet(a.config, open_catalogue(a.config))  # host a back: its watcher finds its old copy
+    write_rows(conn_a, 2)
+    conn_a.close()
+    mine = dump(path_a)
+    a.catalogue.discover("t.db", path_a, "a")
+    a.catalogue.record_writes(["t.db"], row.last_sync_at + timedelta(seconds=1), "a")
+    assert b.catalogue.get("t.db") == row  # neither moved to host a nor made to look behind
+
+    outcome = a.sync("t.db")
+    assert isinstance(outcome, Skipped) and outcome.reason is Skip.FENCED
+    assert "host b holds it in the catalogue" in outcome.detail
+    (copy,) = a.catalogue.fenced("a")
+    assert not os.path.exists(path_a) and dump(copy.aside) == mine  # kept aside, never uploaded
+    assert newest_txid(b) == moved_to and b.catalogue.get("t.db") == row
+    a.close()
+
+
+def test_a_hydration_of_a_name_fenced_on_this_host_is_refused_until_it_is_unfenced(sharing, monkeypatch):
+    a, b = sharing
+    path_a, conn_a = replicated_on(a)
+    conn_a.close()
+    a.release("t.db", keep_lease=False)
+    moved_on_by(b, 3)
+    assert a.sync("t.db").reason is Skip.FENCED  # a's copy: the tenant is host b's now
+    b.release("t.db", keep_lease=False)
+
+    with pytest.raises(Fenced, match=r"a fenced copy of it is on host a .*`tenantsync unfence t.db`"):
+        OnDemand(a).hydrate("t.db")
+    assert a.catalogue.get("t.db").host == "b"
+    assert a.catalogue.unfence("a", "t.db")
+    monkeypatch.setattr(fleet_module, "FENCED_READ_EVERY", 0.0)  # the fleet reads the unfence at once
+    hydrated = OnDemand(a).hydrate("t.db")  # taken back to host a, from the replica
+    assert hydrated.restored and dump(hydrated.path) == dump(b.catalogue.get("t.db").path)
+    assert (a.catalogue.get("t.db").host, a.catalogue.get("t.db").path) == ("a", path_a)
+    conn = app_db(path_a)
+    write_rows(conn, 1)
+    conn.close()
+    ship(a)
+
+
+def test_a_host_back_while_the_new_owner_keeps_the_lease_live_is_fenced_at_once(tmp_path, hosts):
+    """The tenant's new host writes on and holds its lease: the old host, back, does not wait
+    for a lease that never lapses; seeing it taken over to a newer generation, it checks the
+    replica and fences its copy now."""
+    a, b = hosts
+    path_a, conn_a = replicated_on(a)
+    lapse()
+    hydrated = OnDemand(b).hydrate("t.db")
+    conn_b = app_db(hydrated.path)
+    write_rows(conn_b, 2)
+    ship(b)  # host b holds the lease, live
+    moved_to = newest_txid(b)
+
+    write_rows(conn_a, 1)
+    conn_a.close()
+    outcome = a.sync("t.db")
+    assert isinstance(outcome, Skipped) and outcome.reason is Skip.FENCED, outcome
+    assert newest_txid(b) == moved_to and not os.path.exists(path_a)
+    write_rows(conn_b, 1)
+    conn_b.close()
+    ship(b)  # host b goes on, its lease untouched
+
+
+def test_commits_a_held_lease_keeps_from_shipping_leave_the_tenant_lagging_for_the_catch_up(tmp_path, hosts):
+    """Another host holds the lease and wrote nothing: not fenced, Contended; the commits it
+    keeps from shipping make the tenant lagging, so the catch-up plan asks again after the
+    retries, even with no file event to come."""
+    a, b = hosts
+    path_a, conn_a = replicated_on(a)
+    lapse()
+    b._leaser("t.db").acquire()  # host b takes the lease and writes nothing
+    write_rows(conn_a, 1)
+    conn_a.close()
+    assert isinstance(a.sync("t.db"), Contended)
+    later = datetime.now(timezone.utc) + timedelta(seconds=10)
+    assert [t.name for t in a.catalogue.lagging(later, timedelta(seconds=5), host="a")] == ["t.db"]
+    assert a.catalogue.fenced("a") == []

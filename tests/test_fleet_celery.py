@@ -545,7 +545,7 @@ def test_sync_requests_go_out_in_batches_and_a_broken_tenant_holds_back_no_other
         catalogue.discover(name, str(tmp_path / "data" / name), host)
 
     app = make_app(cfg)
-    dispatcher = CeleryDispatcher(app, host)
+    dispatcher = CeleryDispatcher(app, host, fleet=cfg.fleet)  # the workers' marks
     r = redis.Redis.from_url(redis_server.url)
     try:
         assert dispatcher.request_syncs(names) == len(names)
@@ -665,7 +665,7 @@ def test_a_storage_worker_starts_its_storage_child_on_demand_which_dies_with_it(
     assert ".> plans " in banner and ".> storage " not in banner, worker.tail()
     assert _children_of(worker.proc.pid) == []
     app = make_app(cfg)
-    dispatcher = CeleryDispatcher(app, "lone")
+    dispatcher = CeleryDispatcher(app, "lone", fleet=cfg.fleet)  # the workers' marks
     try:
         dispatcher.submit("compact", [name], level=1)
     finally:
@@ -733,7 +733,6 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
     fall between them and the mark then waited for the catch-up check."""
     import queue as queuemod
 
-    from scheduler.admission_redis import sync_keys
     from scheduler.queue import CeleryDispatcher
     from scheduler.routing import make_app
 
@@ -773,7 +772,7 @@ def test_a_write_while_its_tenants_sync_finishes_is_never_left_unsynced(tmp_path
             assert state["idle"].wait(5) and sent.empty()
             stranded += max(state["synced_from"]) < state["writes"]
             state["synced_from"].clear()
-            dispatcher.redis.delete(*sync_keys("a.db"))  # next round from a clean state
+            dispatcher.redis.delete(*dispatcher.store.sync_keys("a.db"))  # next round from a clean state
     finally:
         sent.put(None)
         thread.join()
@@ -792,7 +791,7 @@ def test_an_api_call_no_worker_answers_is_one_sentence_naming_the_queue(tmp_path
 
     cfg = load_config(write_config(tmp_path, redis_server.url, host="nobody"), env={})
     app = make_app(cfg)
-    dispatcher = CeleryDispatcher(app, "nobody")
+    dispatcher = CeleryDispatcher(app, "nobody", fleet=cfg.fleet)  # the workers' marks
     try:
         with pytest.raises(NoAnswer, match=r"archive a\.db: no answer within 0\.5 s from a worker of queue "
                                            r"host\.nobody .*; the job stays queued"):
@@ -894,7 +893,7 @@ def test_flower_lists_sync_and_hydrate_jobs_for_a_tenant(tmp_path, redis_server,
     from scheduler.routing import make_app
 
     app = make_app(cfg)
-    dispatcher = CeleryDispatcher(app, HOST)
+    dispatcher = CeleryDispatcher(app, HOST, fleet=cfg.fleet)  # the workers' marks
     try:
         found = {}
 

@@ -20,7 +20,7 @@ class Recorder:
         self.syncs: list[str] = []
         self.jobs: list[tuple] = []
 
-    def request_syncs(self, names) -> int:
+    def request_syncs(self, names, stale_after=None) -> int:
         names = list(names)
         self.syncs.extend(names)
         return len(names)

@@ -25,7 +25,7 @@ class Recorder:
     def __init__(self):
         self.syncs: list[str] = []
 
-    def request_syncs(self, names) -> int:
+    def request_syncs(self, names, stale_after=None) -> int:
         names = list(names)
         self.syncs.extend(names)
         return len(names)

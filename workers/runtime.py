@@ -49,7 +49,8 @@ def fleet() -> Fleet:
 
 @singleton
 def dispatcher() -> CeleryDispatcher:
-    return CeleryDispatcher(app, fleet().config.host, host_workers=fleet().config.host_processes(embedded=False))
+    cfg = fleet().config
+    return CeleryDispatcher(app, cfg.host, host_workers=cfg.host_processes(embedded=False), fleet=cfg.fleet)
 
 
 @singleton
