@@ -371,10 +371,12 @@ class Campaign:
         """Kill ``dead`` whole, hydrate some of its tenants on the other host, bring it back."""
         other = next(h for h in self.hosts.values() if h is not dead)
         # Not a tenant whose copy the other host has fenced before: it would stay fenced there
-        # (an operator unfences it first; README "Failover and fencing").
+        # (an operator unfences it first; README "Failover and fencing"). Nor one that never
+        # shipped: it dies with its host (its replica is empty, nothing was acknowledged).
         theirs = {c.name for c in other.catalogue.fenced(other.name)}
+        shipped = {r.name for r in dead.catalogue.records(host=dead.name) if r.txid > 0}
         mine = sorted(t for t, h in self.writers.where.items()
-                      if h == dead.name and t not in self.fenced and t not in theirs)
+                      if h == dead.name and t in shipped and t not in self.fenced and t not in theirs)
         moving = self.rng.sample(mine, min(len(mine), self.a.failover_tenants))
         self.writers.paused.add(dead.name)
         time.sleep(0.3)  # a transaction in flight ends

@@ -161,14 +161,15 @@ class Fleet:
         with self._guard:
             return self._locks.setdefault(name, threading.RLock())
 
-    def resolve(self, name: str) -> str:
+    def resolve(self, name: str, take_over: bool = False) -> str:
         """The local path of tenant ``name`` of this fleet, checked before anything acts on
         it: a name that is not the fleet's tenant raises BadTenantName or NotATenant, and a
         catalogue row at another path raises TenantMismatch (the three named). With globs,
         the name must match one (tenants.locate); without (a one-shot command given only a
         replica), the catalogue must know it, at a path that ends in its name and is no
-        symbolic link. Another host's row names that host's path: a hydration here takes the
-        tenant over to this host's. Nothing is created or touched here."""
+        symbolic link. A row of another host raises TenantMismatch too (naming that host),
+        unless ``take_over``: a hydration moves the tenant to this host, from the replica,
+        wherever that host kept it. Nothing is created or touched here."""
         name = tenants.check_name(name)
         record = self.catalogue.get(name)
         if self.patterns:
@@ -180,6 +181,10 @@ class Fleet:
             path = record.path
             if not path.endswith(os.sep + name) or os.path.islink(path):
                 raise TenantMismatch(f"tenant {name}: the catalogue's path {path} is not a file named {name}")
+        if record is not None and record.host != self.config.host and not take_over:
+            raise TenantMismatch(f"tenant {name}: the catalogue gives it to host {record.host} (at {record.path}), "
+                                 f"not this host ({self.config.host}), replica {self.storage}/{name}: nothing touched "
+                                 "(hydrate it here to move it here)")
         if record is not None and record.path != path and record.host == self.config.host:
             raise TenantMismatch(f"tenant {name}: the catalogue holds it at {record.path}, the fleet's globs put it "
                                  f"at {path}, replica {self.storage}/{name}: nothing touched")
@@ -206,7 +211,7 @@ class Fleet:
             try:
                 active = self._activate(name, archiving)
             except Fenced as e:
-                return self._fence(name, e, path=self._local_path(name))
+                return self._fence(name, e, path=self._local_path(name), in_place=True)
             if active is None:
                 return Skipped(name, Skip.NOT_REPLICABLE)
             if not active.capture.has_news():
@@ -609,11 +614,17 @@ class Fleet:
         log.warning("%s", error)
         return Contended(name, Contention.LEASE_HELD, CONTENDED_RETRY, str(error))
 
-    def _fence(self, name: str, error: Fenced, *, active: _Active | None = None, path: str | None = None) -> Skipped:
+    def _fence(self, name: str, error: Fenced, *, active: _Active | None = None, path: str | None = None,
+               in_place: bool = False) -> Skipped:
         """Stop replicating ``name`` on this host for good: its lease given back to the host
         that moved it on, its capture (``active``, if open) closed unshipped, its files
         (at ``path`` if no capture is open) moved aside and the copy recorded (``tenantsync
-        tenants`` shows it fenced). Said once, here."""
+        tenants`` shows it fenced). Said once, here.
+
+        ``in_place``: the files stay where they are. For a copy fenced because the catalogue
+        gives the tenant to another host: that is a row's word, not the replica's, and a
+        host running under the wrong ``host:`` name must not have every tenant's file
+        taken from under its application. Nothing of it is uploaded either way."""
         held = self._leases.get(name)
         if held is not None:
             held.give_up()
@@ -621,13 +632,15 @@ class Fleet:
         pos = None
         if active is not None:
             path, pos = active.capture.path, active.capture.position
-        aside = fence.move_aside(path, "fenced")[0] if path is not None and os.path.exists(path) else path or ""
+        moved = path is not None and not in_place and os.path.exists(path)
+        aside = fence.move_aside(path, "fenced")[0] if moved else path or ""
         self.catalogue.record_fenced(FencedCopy(self.catalogue.fleet, self.config.host, name, path or "", aside,
                                                 str(error), pos.txid if pos is not None else 0, _now()))
         with self._guard:
             self._fenced_names().add(name)
-        log.warning("%s; its files were moved to %s", error, aside)
-        return Skipped(name, Skip.FENCED, f"{error}; its files are at {aside}")
+        where = f"its files were moved to {aside}" if moved else f"its files are kept at {aside}"
+        log.warning("%s; %s", error, where)
+        return Skipped(name, Skip.FENCED, f"{error}; {where}")
 
     def _local_path(self, name: str) -> str | None:
         """Where this host's globs put tenant ``name``, if anywhere."""

@@ -123,7 +123,7 @@ class OnDemand:
         ``progress(done, total)`` is told the bytes restored, as ``restore`` tells them.
         """
         _check_target(txid, timestamp)
-        path = self.fleet.resolve(name)
+        path = self.fleet.resolve(name, take_over=True)
         self._refuse_fenced(name)
         if source is not None:
             source = check_name(source)

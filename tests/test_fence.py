@@ -234,7 +234,8 @@ def test_with_one_catalogue_a_host_back_after_a_failover_finds_the_tenant_is_the
     assert isinstance(outcome, Skipped) and outcome.reason is Skip.FENCED
     assert "host b holds it in the catalogue" in outcome.detail
     (copy,) = a.catalogue.fenced("a")
-    assert not os.path.exists(path_a) and dump(copy.aside) == mine  # kept aside, never uploaded
+    assert copy.aside == path_a and dump(path_a) == mine  # kept where it is (a row's word), never uploaded
+    assert a.sync("t.db").reason is Skip.FENCED
     assert newest_txid(b) == moved_to and b.catalogue.get("t.db") == row
     a.close()
 

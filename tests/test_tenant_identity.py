@@ -117,10 +117,19 @@ def test_1_a_row_at_another_path_is_refused_naming_row_path_and_replica(tmp_path
     cfg = Config(replica=f"file://{replica}", globs=(f"{data}/*.db",), catalogue=f"sqlite:///{tmp_path}/cat.db")
     Catalogue(cfg.catalogue, fleet=cfg.fleet).discover("app.db", str(tmp_path / "elsewhere" / "app.db"), "h")
     (tmp_path / "tenantsync.yml").write_text(
-        f"replica: file://{replica}\ncatalogue: sqlite:///{tmp_path}/cat.db\nglobs: ['{data}/*.db']\n")
+        f"replica: file://{replica}\ncatalogue: sqlite:///{tmp_path}/cat.db\nglobs: ['{data}/*.db']\nhost: h\n")
     for args in (("archive", "app.db"), ("hydrate", "app.db")):
         proc = tenantsync(*args, "--config", tmp_path / "tenantsync.yml", cwd=tmp_path)
         one_line_error(proc, str(tmp_path / "elsewhere" / "app.db"), str(data / "app.db"), str(replica))
+    assert (tmp_path / "elsewhere" / "app.db").exists() and (data / "app.db").exists()
+    assert not replica.exists()
+
+    # Under another host name the row is that host's tenant: archiving it here is refused,
+    # naming the host (a hydration here would move it here, from its replica).
+    (tmp_path / "other.yml").write_text(
+        f"replica: file://{replica}\ncatalogue: sqlite:///{tmp_path}/cat.db\nglobs: ['{data}/*.db']\nhost: other\n")
+    proc = tenantsync("archive", "app.db", "--config", tmp_path / "other.yml", cwd=tmp_path)
+    one_line_error(proc, "host h", "not this host (other)", str(replica))
     assert (tmp_path / "elsewhere" / "app.db").exists() and (data / "app.db").exists()
     assert not replica.exists()
 
