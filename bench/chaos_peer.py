@@ -27,12 +27,23 @@ the campaign goes on. The harness itself fails (exit 1, with the seed and the ev
 when it cannot run: no store or proxy, no litestream binary, an exception of its own.
 
 Counts, as chaos.py's summary: faults by kind, transactions written, transactions lost (a row
-counts once however many checks found it missing; ``lost_final``: missing at the last check),
+counts once however many checks found it missing; ``lost_final``: missing at the last check,
+``lost_shipped_later``: missing at a check, in the replica at the last one),
 replicas inconsistent and checked (each tenant at each check), the slowest drain (from the
 writes' stop to the end of the restore that found the last replica equal: it includes the
 restores' own time, see ``restore_pass_max_s``); and the restores run, those that errored, and
 restored databases failing ``integrity_check``. Only the application's table is compared:
 Litestream keeps tables of its own in the databases it replicates.
+
+What Litestream 0.5.17 does here (seed 2406): its S3 requests have no timeout of their own,
+so a request the proxy's blackhole holds is waited for until the process ends, and its
+database ships nothing meanwhile (a 3-s blackhole left 20 of 20 tenants behind for 40 s; a
+restart shipped them at once). The proxy keeps a held connection open, so TCP keepalive does
+not end it either: here the wait lasts until the next SIGKILL. Behind a real partition that
+dropped the connection's state, keepalive probes (if its client sends them) would end it
+after minutes, still longer than the default drain timeout. And ``litestream replicate`` exits at start when a -wal or
+-shm file of the directory vanishes while it scans it (the application closing its last
+connection removes them): ``peer_exits``.
 """
 
 from __future__ import annotations
@@ -279,15 +290,16 @@ class Campaign(chaos.Campaign):
     # -- the result ---------------------------------------------------------------------
 
     def summary(self) -> dict:
+        lost = sum(map(len, self.missing.values()))
         return {"seed": self.a.seed, "peer": f"litestream {self.version}", "faults": dict(self.faults),
                 "faults_total": sum(self.faults.values()), "not_applicable": NOT_APPLICABLE,
-                "transactions": self.writers.written, "lost": sum(map(len, self.missing.values())),
-                "lost_final": self.lost_final, "inconsistent": self.inconsistent, "replicas_checked": self.checked,
-                "extra_rows": self.extra, "corrupt": self.corrupt, "drain_max_s": max(self.drains, default=None),
-                "drains_timed_out": self.timed_out, "restores": self.restores, "restore_errors": self.restore_errors,
+                "transactions": self.writers.written, "lost": lost, "lost_final": self.lost_final,
+                "lost_shipped_later": lost - self.lost_final, "inconsistent": self.inconsistent,
+                "replicas_checked": self.checked, "extra_rows": self.extra, "corrupt": self.corrupt,
+                "drain_max_s": max(self.drains, default=None), "drains_timed_out": self.timed_out,
+                "restores": self.restores, "restore_errors": self.restore_errors,
                 "restore_pass_max_s": max(self.passes, default=None), "peer_exits": self.peer_exits,
-                "peer_log_errors": self.host.errors(), "failovers": None,
-                "writer_errors": len(self.writers.errors)}
+                "peer_log_errors": self.host.errors(), "failovers": None, "writer_errors": len(self.writers.errors)}
 
     def close(self) -> None:
         if hasattr(self, "writers"):

@@ -25,6 +25,7 @@ def sane(result: dict, faults: int, tenants: int, checks: int) -> None:
     assert result["replicas_checked"] == checks * tenants and result["transactions"] > 0
     assert 0 <= result["inconsistent"] <= result["replicas_checked"]
     assert 0 <= result["lost_final"] <= result["lost"] <= result["transactions"]
+    assert result["lost_shipped_later"] == result["lost"] - result["lost_final"]
     assert result["restores"] >= result["replicas_checked"] and 0 <= result["restore_errors"] <= result["restores"]
     assert result["drains_timed_out"] <= checks and result["drain_max_s"] is not None
     assert result["writer_errors"] == 0
