@@ -134,6 +134,10 @@ class Campaign(chaos.Campaign):
 
     def __init__(self, a: argparse.Namespace):
         super().__init__(a)
+        # Not chaos.py's tenantsync-chaos-*: a clean-up of that campaign's leftovers must not
+        # take this one's files (it did, mid-run).
+        os.rmdir(self.work)
+        self.work = tempfile.mkdtemp(prefix="litestream-chaos-")
         self.passes: list[float] = []  # seconds one restore of every pending tenant took
         self.missing: dict[str, set] = {}  # tenant -> rows a check found its replica lacking
         self.lost_final = self.timed_out = self.extra = 0
