@@ -138,6 +138,7 @@ class Campaign(chaos.Campaign):
         # take this one's files (it did, mid-run).
         os.rmdir(self.work)
         self.work = tempfile.mkdtemp(prefix="litestream-chaos-")
+        self.rounds: list[dict] = []  # each check: tenants behind, its drain, requests held
         self.passes: list[float] = []  # seconds one restore of every pending tenant took
         self.missing: dict[str, set] = {}  # tenant -> rows a check found its replica lacking
         self.lost_final = self.timed_out = self.extra = 0
@@ -259,15 +260,19 @@ class Campaign(chaos.Campaign):
             if errors:
                 self.log(f"{len(errors)} of {len(pending)} restores errored, e.g. {'; '.join(errors[:3])}")
             pending = [t for t in pending if last[t][0] != sources[t]]
+            self.revive()  # as a supervisor would; a litestream that exited ships nothing
             if not pending or time.monotonic() - started > self.a.drain_timeout:
                 break
             time.sleep(0.5)
         if pending:
             self.timed_out += 1
         self.drains.append(time.monotonic() - started if pending else caught_up)
+        # No fault is on: a request still in the proxy is one its blackhole holds.
+        held = self.proxy.stats()["in_flight"]
+        self.rounds.append({"behind": len(pending), "seconds": round(self.drains[-1], 1), "held_requests": held})
         self.log(f"drain: {len(tenants) - len(pending)}/{len(tenants)} replicas equal their database after "
                  f"{self.drains[-1]:.1f} s ({len(self.passes) - first} restore passes, the first over every "
-                 f"tenant {self.passes[first]:.1f} s)")
+                 f"tenant {self.passes[first]:.1f} s); litestream up, {held} of its requests held by the proxy")
         self.lost_final = 0
         for tenant in tenants:
             self.judge(tenant, sources[tenant], *last[tenant])
@@ -303,7 +308,8 @@ class Campaign(chaos.Campaign):
                 "drain_max_s": max(self.drains, default=None), "drains_timed_out": self.timed_out,
                 "restores": self.restores, "restore_errors": self.restore_errors,
                 "restore_pass_max_s": max(self.passes, default=None), "peer_exits": self.peer_exits,
-                "peer_log_errors": self.host.errors(), "failovers": None, "writer_errors": len(self.writers.errors)}
+                "peer_log_errors": self.host.errors(), "failovers": None, "writer_errors": len(self.writers.errors),
+                "rounds": self.rounds}
 
     def close(self) -> None:
         if hasattr(self, "writers"):

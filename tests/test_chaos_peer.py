@@ -28,6 +28,7 @@ def sane(result: dict, faults: int, tenants: int, checks: int) -> None:
     assert result["lost_shipped_later"] == result["lost"] - result["lost_final"]
     assert result["restores"] >= result["replicas_checked"] and 0 <= result["restore_errors"] <= result["restores"]
     assert result["drains_timed_out"] <= checks and result["drain_max_s"] is not None
+    assert len(result["rounds"]) == checks and all(0 <= r["behind"] <= tenants for r in result["rounds"])
     assert result["writer_errors"] == 0
     assert len(result["events"]) > faults
 
