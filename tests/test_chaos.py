@@ -19,10 +19,11 @@ from .test_fleet_celery import ROOT
 SEED = int(os.environ.get("TENANTSYNC_CHAOS_SEED", "24"))
 
 
-def campaign(tmp_path, *args: str) -> dict:
+def campaign(tmp_path, *args: str, script: str = "chaos.py") -> dict:
+    """Run bench/``script`` (chaos.py, or the peer's chaos_peer.py) with ``args``: its JSON."""
     out = tmp_path / "chaos.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSYNC_") or k == "TENANTSYNC_SERVERS"}
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "chaos.py"), "--seed", str(SEED),
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--seed", str(SEED),
                            "--json", str(out), *args], capture_output=True, text=True, env=env, timeout=3000)
     assert done.returncode == 0, done.stderr[-6000:]
     return json.loads(out.read_text())
