@@ -64,6 +64,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     # A freeze (zstd at level 19) runs in the niced storage process, a process of this host,
     # so its freezing mark is undone here if that process dies.
     jobs = {"sync": functools.partial(route, "sync"), "archive": ondemand.archive,
+            "hydrate": functools.partial(route, "hydrate"),  # the failover plan's
             "freeze": functools.partial(storage.run, "freeze")}
     jobs |= {job: functools.partial(storage.run, job) for job in STORAGE_JOBS}
     dispatcher = InProcessDispatcher(jobs, workers=config.threads_per_process(), on_result=on_result, shards=len(shards) + 1,

@@ -22,6 +22,7 @@ from tenantsync import layout
 from tenantsync.catalogue import Catalogue, TenantState
 from tenantsync.config import Config
 from tenantsync.levels import aligned
+from tenantsync.tenants import shard
 
 from .dispatch import Dispatcher
 
@@ -36,6 +37,10 @@ STALE_PENDING = timedelta(seconds=30)
 # A tenant whose last sync failed is tried again this long after (each failure restarts it).
 RETRY_ERRORS_AFTER = timedelta(minutes=2)
 ARCHIVE_EVERY = timedelta(minutes=1)
+# How often a host says it is alive (catalogue_hosts.py), and, with failover-after, looks for
+# hosts that stopped.
+HEARTBEAT_EVERY = timedelta(seconds=5)
+FAILOVER_EVERY = timedelta(seconds=5)
 FREEZE_EVERY = timedelta(hours=1)
 LOCAL_STATES = (TenantState.active, TenantState.idle)
 
@@ -124,11 +129,28 @@ def beat_schedule(config: Config) -> dict:
     }
 
 
+def failover_candidates(config: Config, catalogue: Catalogue, now: datetime) -> list[str]:
+    """The active tenants of hosts not seen for ``failover-after`` that this host hydrates:
+    the live hosts (this one among them) share them out by a stable hash of the name, so
+    each is asked of one host (two asking would be safe: the hydration mark and the lease
+    let one through). None while this host's own heartbeat is stale (its catalogue writes
+    fail): it cannot tell who is alive."""
+    cutoff = now - config.failover_after
+    seen = catalogue.hosts_seen()
+    live = sorted(host for host, at in seen.items() if at >= cutoff)
+    if config.host not in live:
+        return []
+    dead = [host for host, at in seen.items() if at < cutoff]
+    return [t.name for t in catalogue.orphaned(dead) if live[shard(t.name, len(live))] == config.host]
+
+
 def host_plans(config: Config) -> dict:
-    """This host's plans and their intervals: catch-up, and archival and freezing when
-    configured. Freezing is a host plan although it only touches object storage: its mark
+    """This host's plans and their intervals: catch-up, the heartbeat, and failover,
+    archival and freezing when configured. Freezing is a host plan although it only touches object storage: its mark
     must be undone by the tenant's host if its process dies (a hydration waits on it)."""
-    every = {"catch-up": CATCH_UP_EVERY}
+    every = {"catch-up": CATCH_UP_EVERY, "heartbeat": HEARTBEAT_EVERY}
+    if config.failover_after:
+        every["failover"] = FAILOVER_EVERY
     if config.archive_after or config.max_local_bytes:
         every["archive"] = archive_every(config)
     if config.cold_after:
@@ -154,7 +176,7 @@ class Schedule:
 
     def run(self, key, now: datetime | None = None) -> int:
         """Enqueue one plan's jobs now: a level number, 9 (snapshots), "retain", or a host
-        plan ("catch-up", "archive", "freeze").
+        plan ("catch-up", "heartbeat", "failover", "archive", "freeze").
 
         Only tenants that shipped within the last two intervals are touched: everything
         they wrote since the previous run is then covered (the second interval catches a
@@ -167,6 +189,11 @@ class Schedule:
             names = [t.name for t in self.catalogue.lagging(now, CATCH_UP_AFTER, host=self.config.host)]
             names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
             return self.dispatcher.request_syncs(names, stale_after=STALE_PENDING.total_seconds())
+        if key == "heartbeat":
+            self.catalogue.heartbeat(self.config.host, now)
+            return 0
+        if key == "failover":
+            return self.dispatcher.submit("hydrate", failover_candidates(self.config, self.catalogue, now))
         if key == "archive":
             tenants = self.catalogue.records(host=self.config.host)
             return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))

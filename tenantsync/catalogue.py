@@ -56,6 +56,7 @@ from .catalogue_marks import Marks
 from .catalogue_migrations import SCHEMA_HEAD, VERSION_TABLE, alembic_config, upgrade_to_head
 from .catalogue_reads import CatalogueReads
 from .catalogue_fenced import FencedCopies, FencedCopy
+from .catalogue_hosts import Hosts
 from .errors import CatalogueUnavailable
 from .catalogue_schema import (_BY_NAME, MARKED, METADATA, TENANTS, CatalogueError, TenantRecord, TenantState,
                                UnknownTenant, _chunks, _now, _states, _utc)
@@ -132,7 +133,7 @@ def _forget_pool(ref: "weakref.ref[Catalogue]") -> None:
             catalogue._writers.forget()
 
 
-class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
+class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies, Hosts):
     """The tenants of one fleet in the catalogue at ``url``: ``sqlite:///PATH`` (embedded)
     or ``postgresql+psycopg://…`` (fleet). Opening it creates or upgrades the schema.
 
@@ -215,8 +216,12 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies):
                 yield conn
 
     def _insert(self):
+        return self._dialect_insert(TENANTS)
+
+    def _dialect_insert(self, table: sa.Table):
+        """An INSERT with this dialect's ON CONFLICT clauses."""
         insert = pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert
-        return insert(TENANTS)
+        return insert(table)
 
     def _update(self, name: str, values: dict[str, Any]) -> None:
         """Update one tenant's row; raise UnknownTenant if there is none."""

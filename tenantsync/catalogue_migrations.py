@@ -24,7 +24,7 @@ VERSION_TABLE = "tenantsync_alembic_version"
 # The newest migration's revision. A process that finds the schema there skips Alembic,
 # whose import (with Mako and Pygments) would weigh on every worker's and watcher's memory;
 # tests/test_catalogue.py checks this against the migrations directory.
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 # Key of the PostgreSQL advisory lock held while migrating (any fixed 63-bit number;
 # this one is the ASCII of "tsyncmig").
 _MIGRATE_LOCK_KEY = 0x7473796E636D6967

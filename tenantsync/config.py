@@ -110,6 +110,9 @@ class Config:
     api_token: str | None = field(default=None, repr=False)
     # /readyz fails while some tenant's replication lag is above this.
     max_lag: timedelta = timedelta(seconds=60)
+    # Automatic failover (catalogue_hosts.py): this host hydrates its share of the active
+    # tenants of a host not seen for this long. Unset: only on demand (``hydrate``).
+    failover_after: timedelta | None = None
     # Encryption at rest (storage/sealed.py): every tenant's replica objects sealed under a
     # data key of its own, wrapped by the current key of the keyring (a file; unset: the
     # TENANTSYNC_KEYRING variable holds the keyring itself). Off: replicas stay plain
@@ -342,6 +345,7 @@ _FIELDS = {
     "at-wal-ceiling": ("at_wal_ceiling", _choice(AT_CEILING_GROW, AT_CEILING_CHECKPOINT)),
     "api-token": ("api_token", _optional(_text)),
     "max-lag": ("max_lag", _positive),
+    "failover-after": ("failover_after", _optional(_positive)),
     "encrypt": ("encrypt", _flag),
     "keyring-file": ("keyring", _optional(_text)),
 }
@@ -418,8 +422,15 @@ def from_dict(raw: dict, names: dict | None = None) -> Config:
     levels = replace(levels, **_parsed(raw, _LEVEL_FIELDS) | _parsed(snapshot, _SNAPSHOT_FIELDS, "snapshot."))
     globs, delays = _globs(raw.get("globs", []), {key: raw.get(key) for key in _GLOB_DELAYS}, names.get("globs", "globs"))
     storage = _mapping(raw["storage"], "storage", _STORAGE_FIELDS) if "storage" in raw else {}
-    return replace(Config(), **_parsed(raw, _FIELDS, names=names), globs=globs, archive_after=delays["archive-after"],
-                   cold_after=delays["cold-after"], levels=levels, storage=StorageOptions(**_parsed(storage, _STORAGE_FIELDS, "storage.")))
+    config = replace(Config(), **_parsed(raw, _FIELDS, names=names), globs=globs, archive_after=delays["archive-after"],
+                     cold_after=delays["cold-after"], levels=levels,
+                     storage=StorageOptions(**_parsed(storage, _STORAGE_FIELDS, "storage.")))
+    if config.failover_after is not None and config.failover_after <= config.lease_ttl:
+        # A host not seen for less than a lease's term may still hold its tenants' leases:
+        # every hydration would be refused until they lapse.
+        raise ConfigError(f"{names.get('failover-after', 'failover-after')}: {raw['failover-after']!r} is not longer "
+                          f"than lease-ttl ({config.lease_ttl.total_seconds():g}s)")
+    return config
 
 
 def _globs(value, defaults: dict, key: str) -> tuple[tuple[str, ...], dict[str, tuple[tuple[str, timedelta], ...]]]:

@@ -154,6 +154,8 @@ CPU_CAP = 2 * (os.cpu_count() or 1)
     ({"retention": "0s"}, r"^retention: expected a duration above zero, got '0s'$"),
     ({"l0-retention": None}, r"^l0-retention: None is not a duration"),
     ({"archive-after": 0}, r"^archive-after: expected a duration above zero, got 0$"),
+    ({"failover-after": "30s"}, r"^failover-after: '30s' is not longer than lease-ttl \(30s\)$"),
+    ({"failover-after": "1m", "lease-ttl": "2m"}, r"^failover-after: '1m' is not longer than lease-ttl \(120s\)$"),
     ({"archive-after": "soon"}, r"^archive-after: 'soon' is not a duration"),  # even with no globs
     ({"globs": [{"path": "/x", "archive-after": "0s"}]}, r"^archive-after of /x: expected a duration above zero"),
     # snapshot and levels

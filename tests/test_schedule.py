@@ -76,7 +76,7 @@ def test_host_plans_touch_only_this_hosts_tenants_and_beat_runs_only_storage_pla
         cat.record_writes([name], now - timedelta(seconds=30))  # written after its last sync
     rec = Recorder()
     watcher_plans = Schedule(cfg, cat, rec, host_plans(cfg))
-    assert set(watcher_plans.every) == {"catch-up", "archive"}
+    assert set(watcher_plans.every) == {"catch-up", "heartbeat", "archive"}
     watcher_plans.run("catch-up", now)
     assert rec.syncs == ["mine.db"]
     assert sorted(e["args"][0] for e in beat_schedule(cfg).values() if isinstance(e["args"][0], str)) == ["retain"]
@@ -139,3 +139,45 @@ def test_freeze_is_offered_to_this_hosts_tenants_archived_past_their_globs_cold_
     rec = Recorder()
     assert Schedule(cfg, cat, rec, host_plans(cfg)).run("freeze", now) == 1
     assert rec.jobs == [("freeze", "cold-old.db", {})]
+
+
+def test_failover_hands_the_active_tenants_of_a_host_not_seen_to_one_live_host_each(tmp_path):
+    """Hosts a and c alive, b not seen for longer than failover-after, d never seen (a version
+    before heartbeats: never taken for dead). b's active tenants are shared between a and c,
+    each asked of exactly one; its idle ones and every live host's stay where they are."""
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+    hosts = {name: plans_config(tmp_path, host=name, failover_after=timedelta(seconds=30)) for name in "abc"}
+    catalogue = open_catalogue(hosts["a"])
+    for i in range(40):
+        catalogue.discover(f"b{i:02d}.db", f"/data/b{i:02d}.db", "b")
+        catalogue.record_sync(f"b{i:02d}.db", txid=1, position=None, at=now, state=TenantState.active)
+    catalogue.discover("b-idle.db", "/data/b-idle.db", "b")
+    for host, name in (("c", "c0.db"), ("d", "d0.db")):
+        catalogue.discover(name, f"/data/{name}", host)
+        catalogue.record_sync(name, txid=1, position=None, at=now, state=TenantState.active)
+    catalogue.heartbeat("a", now - timedelta(seconds=2))
+    catalogue.heartbeat("c", now - timedelta(seconds=29))
+    catalogue.heartbeat("b", now - timedelta(seconds=31))
+
+    shares = {}
+    for name in "ac":
+        recorder = Recorder()
+        assert Schedule(hosts[name], catalogue, recorder, {}).run("failover", now) == len(recorder.jobs)
+        assert {(job, str(kwargs)) for job, _, kwargs in recorder.jobs} == {("hydrate", "{}")}
+        shares[name] = {tenant for _, tenant, _ in recorder.jobs}
+    assert shares["a"] | shares["c"] == {f"b{i:02d}.db" for i in range(40)} and not shares["a"] & shares["c"]
+    assert shares["a"] and shares["c"]
+
+    catalogue.heartbeat("a", now - timedelta(seconds=31))  # a's own heartbeat stale: it cannot judge
+    recorder = Recorder()
+    assert Schedule(hosts["a"], catalogue, recorder, {}).run("failover", now) == 0 and recorder.jobs == []
+
+
+def test_every_host_says_it_is_alive_and_failover_runs_only_where_configured(tmp_path):
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+    plain, failing_over = plans_config(tmp_path), plans_config(tmp_path, failover_after=timedelta(minutes=1))
+    assert "heartbeat" in schedule_mod.host_plans(plain) and "failover" not in schedule_mod.host_plans(plain)
+    assert schedule_mod.host_plans(failing_over)["failover"] == schedule_mod.FAILOVER_EVERY
+    catalogue = open_catalogue(plain)
+    Schedule(plain, catalogue, Recorder(), {}).run("heartbeat", now)
+    assert catalogue.hosts_seen() == {"h": now}

@@ -98,7 +98,10 @@ def hydrate(name: str, txid: int | None = None, timestamp: str | None = None, so
     waiting for this result; unreachable storage backs off as the admission policy does (a
     caller waits, so no once-key). ``timestamp`` is RFC 3339 text, as JSON carries it."""
     when = None if timestamp is None else parse_timestamp(timestamp)
-    return as_dict(ondemand().hydrate(name, txid=txid, timestamp=when, source=source))
+    try:
+        return as_dict(ondemand().hydrate(name, txid=txid, timestamp=when, source=source))
+    finally:  # the failover plan's once-key (scheduler/schedule.py), if it sent this job
+        dispatcher().store.release("hydrate", [name])
 
 
 @app.task(name="tenantsync.release_idle", ignore_result=True)
