@@ -71,6 +71,8 @@ seaweed.use_local_credentials("chaos")
 
 HOSTS = ("a", "b")
 TTL = 3.0
+# Seconds one `tenantsync hydrate` of a failover may take before it is asked again.
+HYDRATE_WAIT = 30.0
 
 
 class Failure(Exception):
@@ -257,6 +259,7 @@ class Campaign:
         self.fenced: dict[str, str] = {}  # tenant -> the host that must have fenced it
         self.checked = self.inconsistent = self.lost = 0
         self.beat = self.redis = self.postgres = None
+        self.exits: Counter = Counter()  # processes that exited on their own, by kind
 
     def log(self, text: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {text}"
@@ -321,7 +324,19 @@ class Campaign:
                    "kill-store": 3, "blackhole": 10, "resets": 8, "slowdown": 12, "failover": 10},
     }
 
+    def revive(self) -> None:
+        """Start again every process that exited on its own (not by the campaign's fault), as
+        its supervisor would (compose's ``restart: unless-stopped``), counting each by kind:
+        a Celery worker exits when the broker connection breaks in kombu's reconnect."""
+        procs = [(f"host {h.name}'s {p.name}", p) for h in self.hosts.values() for p in h.procs.values()]
+        for what, proc in procs + ([("beat", self.beat)] if self.beat is not None else []):
+            if proc.proc is not None and not proc.alive():
+                self.exits[proc.name.rstrip("0123456789")] += 1
+                self.log(f"{what} exited on its own (status {proc.proc.returncode}); started again")
+                proc.start()
+
     def fault(self) -> None:
+        self.revive()
         kinds = self.KINDS[self.a.mode] | dict(self.a.weight)
         kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
         live = [h for h in self.hosts.values() if h.alive()]
@@ -385,11 +400,16 @@ class Campaign:
         self.log(f"host {dead.name} killed whole; failing over {', '.join(moving)} to host {other.name}")
         for tenant in moving:
             while True:
-                done = subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", tenant, "--config",
-                                       other.config], env=other.env(), capture_output=True, text=True)
+                self.revive()
+                try:
+                    done = subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", tenant, "--config",
+                                           other.config], env=other.env(), capture_output=True, text=True,
+                                          timeout=HYDRATE_WAIT)
+                except subprocess.TimeoutExpired:  # no answer yet (a worker that died is started again)
+                    done = subprocess.CompletedProcess([], 1, "", f"no answer within {HYDRATE_WAIT:g} s")
                 if done.returncode == 0:
                     break
-                if time.monotonic() - killed > TTL + 30 or "lease" not in done.stderr:
+                if time.monotonic() - killed > TTL + 60 or not ("lease" in done.stderr or "no answer" in done.stderr):
                     raise Failure(f"hydrate {tenant} on host {other.name} failed: {done.stderr.strip()}")
                 time.sleep(0.1)
             self.failovers.append(time.monotonic() - killed)
@@ -410,9 +430,7 @@ class Campaign:
         self.writers.stop()
         started = time.monotonic()
         time.sleep(1.0)  # the last commits' file events reach the watchers (and their catalogues)
-        for host in self.hosts.values():
-            if not host.alive():
-                host.start()
+        self.revive()
         self.settle_failovers(started)
         pending = dict(self.writers.where)
         while pending:
@@ -425,6 +443,7 @@ class Campaign:
                 raise Failure(f"{len(pending)} tenants not caught up {self.a.drain_timeout:.0f} s after the faults "
                               f"stopped: {sorted(pending)[:10]}")
             time.sleep(0.2)
+            self.revive()
         self.drains.append(time.monotonic() - started)
         self.log(f"drained in {self.drains[-1]:.1f} s; checking {len(self.writers.where)} replicas")
         store = open_storage(self.direct)
@@ -502,6 +521,7 @@ class Campaign:
                 "transactions": self.writers.written, "lost": self.lost, "inconsistent": self.inconsistent,
                 "replicas_checked": self.checked, "failovers": len(self.failovers),
                 "failover_max_s": max(self.failovers, default=None), "drain_max_s": max(self.drains, default=None),
+                "exits_on_their_own": dict(self.exits),
                 "writer_errors": len(self.writers.errors)}
 
     def close(self) -> None:
