@@ -260,6 +260,7 @@ class Campaign:
         self.checked = self.inconsistent = self.lost = 0
         self.beat = self.redis = self.postgres = None
         self.exits: Counter = Counter()  # processes that exited on their own, by kind
+        self.down: set[str] = set()  # hosts killed whole by a failover, until it starts them again
 
     def log(self, text: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {text}"
@@ -328,7 +329,8 @@ class Campaign:
         """Start again every process that exited on its own (not by the campaign's fault), as
         its supervisor would (compose's ``restart: unless-stopped``), counting each by kind:
         a Celery worker exits when the broker connection breaks in kombu's reconnect."""
-        procs = [(f"host {h.name}'s {p.name}", p) for h in self.hosts.values() for p in h.procs.values()]
+        procs = [(f"host {h.name}'s {p.name}", p) for h in self.hosts.values() if h.name not in self.down
+                 for p in h.procs.values()]
         for what, proc in procs + ([("beat", self.beat)] if self.beat is not None else []):
             if proc.proc is not None and not proc.alive():
                 self.exits[proc.name.rstrip("0123456789")] += 1
@@ -395,6 +397,7 @@ class Campaign:
         moving = self.rng.sample(mine, min(len(mine), self.a.failover_tenants))
         self.writers.paused.add(dead.name)
         time.sleep(0.3)  # a transaction in flight ends
+        self.down.add(dead.name)
         dead.kill(whole=True)
         killed = time.monotonic()
         self.log(f"host {dead.name} killed whole; failing over {', '.join(moving)} to host {other.name}")
@@ -418,6 +421,7 @@ class Campaign:
             self.writers.write(other, tenant)  # the application, moved, writes there first
         time.sleep(self.rng.uniform(0, 2))
         dead.start()
+        self.down.discard(dead.name)
         self.writers.paused.discard(dead.name)
         for tenant in moving:  # the old host's application writes its stale copy once more
             self.writers.write(dead, tenant)

@@ -187,7 +187,8 @@ class Campaign(chaos.Campaign):
 
     def fault(self) -> None:
         self.revive()
-        kind = self.rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+        kinds = KINDS | {kind: n for kind, n in self.a.weight if kind in KINDS}
+        kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
         if kind in ("kill-watcher", "kill-child"):
             self.host.kill()
             self.log(f"SIGKILL litestream ({kind}{': it has no children' if kind == 'kill-child' else ''})")
@@ -328,6 +329,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--faults", type=int, default=30)
+    p.add_argument("--weight", action="append", default=[], metavar="KIND=N", type=chaos._weight,
+                   help="a fault kind's weight instead of KINDS's (0: never), e.g. blackhole=0")
     p.add_argument("--tenants", type=int, default=200)
     p.add_argument("--rate", type=float, default=40, help="transactions per second, over every tenant")
     p.add_argument("--check-every", type=int, default=10)
