@@ -544,6 +544,10 @@ class Campaign:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
+def _interrupt(signum, frame) -> None:  # noqa: ANN001 - a signal handler
+    raise KeyboardInterrupt
+
+
 def _weight(text: str) -> tuple[str, int]:
     kind, _, n = text.partition("=")
     if not n.isdigit() or not any(kind in kinds for kinds in Campaign.KINDS.values()):
@@ -569,6 +573,7 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     a.seed = a.seed if a.seed is not None else random.randrange(1 << 31)
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped: its servers and hosts stopped too
     campaign = Campaign(a)
     try:
         result = campaign.run()
