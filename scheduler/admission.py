@@ -181,7 +181,12 @@ class AdmittingDispatcher(ABC):
             return 0
         admitted = [name for name, ok in zip(names, self.store.request(names, stale_after)) if ok]
         if admitted:
-            self._start_syncs(admitted)
+            try:
+                self._start_syncs(admitted)
+            except BaseException:
+                # Not sent: no mark may say they are (it would swallow every later request).
+                self.store.finish(admitted)
+                raise
         return len(admitted)
 
     def submit(self, job: str, names, **kwargs) -> int:
@@ -192,7 +197,11 @@ class AdmittingDispatcher(ABC):
             return 0
         admitted = [name for name, ok in zip(names, self.store.claim(job_key(job, kwargs), names)) if ok]
         if admitted:
-            self._start_jobs(job, admitted, kwargs)
+            try:
+                self._start_jobs(job, admitted, kwargs)
+            except BaseException:
+                self.store.release(job_key(job, kwargs), admitted)  # not sent: free to ask again
+                raise
         return len(admitted)
 
     def run_syncs(self, names: list[str], sync: Callable[[str], Any], attempt: int = 0) -> Ended:

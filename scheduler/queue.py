@@ -11,13 +11,16 @@ The tasks (workers/tasks.py) run their tenants with this dispatcher's ``run_sync
 
 from __future__ import annotations
 
+import contextlib
+
+import kombu.exceptions
 import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as ResultTimeout
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from tenantsync.errors import NoAnswer
+from tenantsync.errors import BrokerUnavailable, NoAnswer
 from tenantsync.outcome import from_dict
 from tenantsync.tenants import locate, patterns
 
@@ -48,14 +51,19 @@ class CeleryDispatcher(AdmittingDispatcher):
         by_queue: dict[str, list[str]] = {}
         for name in names:
             by_queue.setdefault(self.host_queue(name), []).append(name)
-        for queue, queued in by_queue.items():
-            for batch in batches(queued, SYNC_BATCH):
-                self.app.send_task("tenantsync.sync", args=[batch], queue=queue, ignore_result=True)
+        with _publishing():
+            for queue, queued in by_queue.items():
+                for batch in batches(queued, SYNC_BATCH):
+                    self.app.send_task("tenantsync.sync", args=[batch], queue=queue, ignore_result=True)
 
     def _start_jobs(self, job: str, names: list[str], kwargs: dict) -> None:
         """Storage-only jobs go to the shared queue, STORAGE_BATCH tenants per message; jobs
         on local files to each tenant's host queue, one per message."""
         task = f"tenantsync.{job}"
+        with _publishing():
+            self._send_jobs(task, names, kwargs)
+
+    def _send_jobs(self, task: str, names: list[str], kwargs: dict) -> None:
         if task in HOST_JOBS:
             for name in names:
                 self.app.send_task(task, args=[name], kwargs=kwargs, queue=self.host_queue(name), ignore_result=True)
@@ -65,6 +73,16 @@ class CeleryDispatcher(AdmittingDispatcher):
 
     def close(self) -> None:
         self.redis.close()
+
+
+@contextlib.contextmanager
+def _publishing():
+    """A publish the broker refused through every retry (``task_publish_retry_policy``) is
+    BrokerUnavailable, one line: the caller keeps what it could not send."""
+    try:
+        yield
+    except (kombu.exceptions.OperationalError, redis.ConnectionError, redis.TimeoutError) as e:
+        raise BrokerUnavailable(f"broker: the job was not sent: {e}") from e
 
 
 class HostQueueRoute:

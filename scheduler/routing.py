@@ -71,6 +71,11 @@ def make_app(config: configmod.Config) -> Celery:
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
+        # A publish retries through a broker restart (Celery's default gives up in under a
+        # second): about half a minute, as the admission marks' Redis calls (queue.py).
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 40, "interval_start": 0, "interval_step": 0.25,
+                                   "interval_max": 1.0},
         worker_send_task_events=False,
         task_send_sent_event=False,
         task_default_queue=STORAGE_QUEUE,

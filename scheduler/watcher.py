@@ -25,7 +25,7 @@ from typing import Callable
 from tenantsync import tenants
 from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
-from tenantsync.errors import CatalogueUnavailable, TenantSyncError
+from tenantsync.errors import BrokerUnavailable, CatalogueUnavailable, TenantSyncError
 from tenantsync.file_events import STOP_CHECK, Change, FileEvents
 from tenantsync.position import DBStat
 from tenantsync.tenants import SQLITE_MAGIC
@@ -57,12 +57,15 @@ class Watcher:
         self._events: FileEvents | None = None
         # Writes seen while the catalogue did not answer, not recorded yet: name -> first time.
         self._unrecorded: dict[str, datetime] = {}
-        self._catalogue_down: CatalogueUnavailable | None = None
+        # Syncs requested while the broker did not take them, to ask for again.
+        self._unsent: set[str] = set()
+        self._down: TenantSyncError | None = None
 
     def rescan(self) -> list[str]:
         """Register every matching database; request a first sync for new ones."""
         if self._unrecorded:
             self._record_writes(set(), datetime.now(timezone.utc))
+        self._request(set())
         found, problems = tenants.scan(self.patterns)
         for path, problem in problems.items():
             self._report_once(path, f"skipping {path}: {problem}")
@@ -83,7 +86,7 @@ class Watcher:
                 self.known[path] = name
                 if self._events is not None:
                     self._events.arm(path + "-wal")
-            self.dispatcher.request_syncs(name for name, _ in fresh)
+            self._request({name for name, _ in fresh})
         gone = set(self.known) - set(found.values())
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
@@ -91,14 +94,14 @@ class Watcher:
         changed = self._changed()
         if changed:
             log.info("%d tenants' files changed outside the WAL (%s, ...): synced", len(changed), changed[0])
-            self.dispatcher.request_syncs(changed)
+            self._request(set(changed))
             self._record_writes(set(changed), datetime.now(timezone.utc))
         if self._events is not None:
             lost = self._events.rearm_missing([path + "-wal" for path in self.known])
             if lost:
                 log.warning("%d tenants' WALs were not watched (%s, ...): watched again, and synced",
                             len(lost), lost[0])
-                self.dispatcher.request_syncs(self.known[wal[: -len("-wal")]] for wal in lost)
+                self._request({self.known[wal[: -len("-wal")]] for wal in lost})
         self._last_rescan = time.monotonic()
         return [name for name, _ in fresh]
 
@@ -138,11 +141,21 @@ class Watcher:
                 # mode, whose writes would never show in a -wal. Its sync ships it whole.
                 touched.add(self.known[path])
         now = datetime.now(timezone.utc)
-        self.dispatcher.request_syncs(touched)
-        # After the requests, in one transaction: the jobs need not wait for this.
-        self._record_writes(touched, now)
+        try:
+            self._request(touched)
+        finally:  # after the requests, in one transaction (the jobs need not wait for this)
+            self._record_writes(touched, now)
         if rescan:
             self.rescan()
+
+    def _request(self, names: set[str]) -> None:
+        """``request_syncs``; while the broker does not take them, the names are kept and
+        asked for again with the next request that gets through (the rescan within
+        CATALOGUE_RETRY asks for them if no event comes)."""
+        self._unsent |= names
+        if self._unsent:
+            self.dispatcher.request_syncs(sorted(self._unsent))
+            self._unsent.clear()
 
     def _record_writes(self, names: set[str], at: datetime) -> None:
         """``record_writes``; while the catalogue does not answer, the names are kept (with
@@ -194,22 +207,22 @@ class Watcher:
             self._events = None
 
     def _survive(self, step: Callable, *args) -> None:
-        """Run one step of the loop through a catalogue outage: the syncs it requested are
-        on their way (the jobs wait for the catalogue themselves), writes it could not
-        record are kept (``_record_writes``), and a rescan (which records them too) runs
-        within CATALOGUE_RETRY seconds. Said once when the catalogue stops answering and once when
-        it answers again."""
+        """Run one step of the loop through a catalogue or broker outage: syncs the broker
+        did not take are kept (``_request``), as are writes the catalogue could not record
+        (``_record_writes``), and a rescan (which sends and records them) runs within
+        CATALOGUE_RETRY seconds. Said once when one stops answering and once when all
+        answer again."""
         try:
             step(*args)
-        except CatalogueUnavailable as e:
-            if self._catalogue_down is None:
+        except (CatalogueUnavailable, BrokerUnavailable) as e:
+            if self._down is None:
                 log.error("%s; the watcher goes on, and retries", e)
-            self._catalogue_down = e
+            self._down = e
             self._last_rescan = time.monotonic() - self.config.rescan_interval.total_seconds() + CATALOGUE_RETRY
             return
-        if self._catalogue_down is not None:
-            log.warning("the catalogue answers again")
-            self._catalogue_down = None
+        if self._down is not None:
+            log.warning("the %s answers again", "catalogue" if isinstance(self._down, CatalogueUnavailable) else "broker")
+            self._down = None
 
     def _changed(self) -> list[str]:
         """Known tenants whose main file changed since the last rescan in a way no sync

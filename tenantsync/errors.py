@@ -46,6 +46,11 @@ class StorageUnavailable(StorageError):
     """The backend could not be reached or answered with a transient error; safe to retry."""
 
 
+class BrokerUnavailable(TenantSyncError):
+    """The broker did not take a job (Redis restarting, cut off) within the publish retries:
+    nothing was sent, and asking again later is safe."""
+
+
 class CatalogueUnavailable(TenantSyncError):
     """The catalogue's database did not answer (a PostgreSQL restart, a network cut, a
     connection it dropped): nothing was written, and trying again later is safe, as after a

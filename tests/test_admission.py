@@ -176,3 +176,32 @@ def test_a_catch_up_request_admits_a_sync_pending_for_too_long_again(redis_serve
         assert store.request(["t.db"], stale_after=30) == [False]  # the new mark is fresh
     finally:
         client.close()
+
+
+def test_syncs_the_broker_did_not_take_leave_no_mark_and_say_so_in_one_line(redis_server, monkeypatch):
+    """A publish refused through its retries (Redis restarting) is BrokerUnavailable, and
+    the pending marks just set are cleared: a mark for a job never sent would swallow every
+    later request for its tenant."""
+    import kombu.exceptions
+
+    from scheduler.queue import CeleryDispatcher
+    from scheduler.routing import make_app
+    from tenantsync.config import Config
+    from tenantsync.errors import BrokerUnavailable
+
+    app = make_app(Config(replica="file:///tmp/r", broker=redis_server.url, host="h"))
+    dispatcher = CeleryDispatcher(app, "h", fleet="file:///tmp/r")
+
+    def refused(*args, **kwargs):
+        raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+    monkeypatch.setattr(app, "send_task", refused)
+    try:
+        with pytest.raises(BrokerUnavailable, match="^broker: the job was not sent: Error 111"):
+            dispatcher.request_syncs(["t.db"])
+        with pytest.raises(BrokerUnavailable):
+            dispatcher.submit("compact", ["t.db"], level=1)
+        assert dispatcher.store.request(["t.db"]) == [True]  # no mark was left
+        assert dispatcher.store.claim(job_key("compact", {"level": 1}), ["t.db"]) == [True]
+    finally:
+        dispatcher.close()

@@ -186,3 +186,26 @@ def test_the_rescan_syncs_a_tenant_whose_main_file_changed_unless_its_capture_re
     assert catalogue.get("a.db").last_write_at is not None
     w.rescan()  # nothing changed since
     assert w.dispatcher.syncs == ["a.db"]
+
+
+def test_syncs_the_broker_did_not_take_are_asked_for_again_and_the_writes_recorded(watcher, caplog):
+    """The broker refuses a batch (Redis restarting): the watcher goes on, records the
+    writes, and asks for those syncs again with the next request that gets through."""
+    from tenantsync.errors import BrokerUnavailable
+
+    w, data, catalogue = watcher
+    asked, refuse = [], [True]
+
+    def request_syncs(names, stale_after=None):
+        if refuse.pop() if refuse else False:
+            raise BrokerUnavailable("broker: the job was not sent: Error 111")
+        asked.extend(names)
+        return len(list(names))
+
+    w.dispatcher.request_syncs = request_syncs
+    w._survive(w.handle, {(Change.modified, f"{data}/a.db-wal")})
+    assert asked == [] and catalogue.get("a.db").last_write_at is not None
+    w._survive(w.handle, {(Change.modified, f"{data}/b.db-wal")})
+    assert sorted(asked) == ["a.db", "b.db"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "scheduler.watcher"]
+    assert any("the watcher goes on" in m for m in logged) and "the broker answers again" in logged
