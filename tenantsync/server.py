@@ -12,8 +12,8 @@ the error's type (``STATUS``; ``error_from`` turns an answer back into the error
 malformed body, a bad name or target), 401 (no or a wrong token), 403 (a cross-site or
 foreign-host request), 404 (not a tenant of this fleet, or nothing in its replica), 408 (a
 body not sent in time), 409 (busy, aborted, or the catalogue's row does not match the
-fleet), 413 (a body too large), 502 (the replica failed), 504 (the tenant's owner did not
-answer), 500 (a bug: its traceback goes to the log). A job that did nothing by design
+fleet), 413 (a body too large), 502 (the replica failed), 503 (the broker or the catalogue
+did not answer: ask again), 504 (the tenant's owner did not answer), 500 (a bug: its traceback goes to the log). A job that did nothing by design
 answers by why (``SKIPPED``, its reason in ``skipped``): an archival refused because the
 tenant is in use is a 409 too.
 
@@ -37,7 +37,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .catalogue import TenantRecord
-from .errors import InvalidArgument, NoAnswer, NotATenant, ReplicaEmpty, Shredded, StorageError, TenantSyncError
+from .errors import (BrokerUnavailable, CatalogueUnavailable, InvalidArgument, NoAnswer, NotATenant, ReplicaEmpty,
+                     Shredded, StorageError, TenantSyncError)
 from .outcome import Archived, Skip, Skipped
 from .targets import parse_timestamp, parse_txid
 from .tenants import check_name
@@ -53,7 +54,7 @@ MAX_BODY = 64 << 10  # a hydrate body is a few bytes; anything larger is refused
 BODY_TIMEOUT = 10.0
 # The most specific class wins (the first in an error's method resolution order).
 STATUS = {InvalidArgument: 400, NotATenant: 404, ReplicaEmpty: 404, Shredded: 410, StorageError: 502,
-          NoAnswer: 504, TenantSyncError: 409}
+          BrokerUnavailable: 503, CatalogueUnavailable: 503, NoAnswer: 504, TenantSyncError: 409}
 # A Skipped outcome's status, by its reason: archived already is what was asked for.
 SKIPPED = {Skip.ALREADY_ARCHIVED: 200, Skip.IN_USE: 409}
 # An answer's error of a type this process does not know comes back as its status's most general one.
