@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # Seconds before a rescan that the catalogue did not answer is tried again.
 CATALOGUE_RETRY = 1.0
+# A tenant's first sync request from this process, or after its WAL watch was lost, admits
+# a sync pending for longer than this: the job may have died with a killed worker.
+FRESH_STALE = 1.0
 # Side files an application's write changes: the WAL, or in a database out of WAL mode
 # (journal_mode=DELETE) the rollback journal, created and deleted around each write.
 WRITE_SUFFIXES = ("-wal", "-journal")
@@ -86,7 +89,9 @@ class Watcher:
                 self.known[path] = name
                 if self._events is not None:
                     self._events.arm(path + "-wal")
-            self._request({name for name, _ in fresh})
+            # New to this process: a pending mark left from before it started (a job lost with
+            # a killed worker, until the broker redelivers it) must not swallow the first sync.
+            self._request({name for name, _ in fresh}, stale_after=FRESH_STALE)
         gone = set(self.known) - set(found.values())
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
@@ -101,7 +106,7 @@ class Watcher:
             if lost:
                 log.warning("%d tenants' WALs were not watched (%s, ...): watched again, and synced",
                             len(lost), lost[0])
-                self._request({self.known[wal[: -len("-wal")]] for wal in lost})
+                self._request({self.known[wal[: -len("-wal")]] for wal in lost}, stale_after=FRESH_STALE)
         self._last_rescan = time.monotonic()
         return [name for name, _ in fresh]
 
@@ -148,13 +153,14 @@ class Watcher:
         if rescan:
             self.rescan()
 
-    def _request(self, names: set[str]) -> None:
-        """``request_syncs``; while the broker does not take them, the names are kept and
-        asked for again with the next request that gets through (the rescan within
-        CATALOGUE_RETRY asks for them if no event comes)."""
+    def _request(self, names: set[str], stale_after: float | None = None) -> None:
+        """``request_syncs`` (``stale_after``: see ``AdmittingDispatcher.request_syncs``);
+        while the broker does not take them, the names are kept and asked for again with
+        the next request that gets through (the rescan within CATALOGUE_RETRY asks for them
+        if no event comes)."""
         self._unsent |= names
         if self._unsent:
-            self.dispatcher.request_syncs(sorted(self._unsent))
+            self.dispatcher.request_syncs(sorted(self._unsent), stale_after=stale_after)
             self._unsent.clear()
 
     def _record_writes(self, names: set[str], at: datetime) -> None:

@@ -209,3 +209,30 @@ def test_syncs_the_broker_did_not_take_are_asked_for_again_and_the_writes_record
     assert sorted(asked) == ["a.db", "b.db"]
     logged = [r.getMessage() for r in caplog.records if r.name == "scheduler.watcher"]
     assert any("the watcher goes on" in m for m in logged) and "the broker answers again" in logged
+
+
+def test_a_watchers_first_requests_admit_a_sync_left_pending_from_before_it_started(tmp_path):
+    """A watcher (re)started after its host's processes were killed: a pending mark a lost
+    job left must not swallow its first sync of each tenant (its commits made while it was
+    down have no file event), so those requests take over marks older than FRESH_STALE;
+    later ones from file events do not."""
+    from scheduler.watcher import FRESH_STALE
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows(app_db(str(data / "a.db")), 3)
+    config = Config(replica=f"file://{tmp_path}/replica", globs=(f"{data}/*.db",),
+                    catalogue=f"sqlite:///{tmp_path}/catalogue.db", host="h")
+    asked = []
+
+    class Stale(Recorder):
+        def request_syncs(self, names, stale_after=None):
+            asked.append((sorted(names), stale_after))
+            return len(asked[-1][0])
+
+    catalogue = open_catalogue(config)
+    w = Watcher(config, catalogue, Stale(), report=lambda line: None)
+    w.rescan()
+    w.handle({(Change.modified, f"{data}/a.db-wal")})
+    assert asked == [(["a.db"], FRESH_STALE), (["a.db"], None)]
+    catalogue.close()
