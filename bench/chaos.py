@@ -43,6 +43,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -350,8 +351,8 @@ class Campaign:
             host.start()
         elif kind == "kill-child":
             children = host.children()
-            if not children:
-                return self.faults.update(["kill-child-none-running"])
+            if not children:  # none running now (started on demand): draw another fault
+                return self.fault()
             pid = self.rng.choice(children)
             os.kill(pid, signal.SIGKILL)
             self.log(f"SIGKILL host {host.name}'s child {pid}")
@@ -524,6 +525,7 @@ class Campaign:
         return {"seed": self.a.seed, "faults": dict(self.faults), "faults_total": sum(self.faults.values()),
                 "transactions": self.writers.written, "lost": self.lost, "inconsistent": self.inconsistent,
                 "replicas_checked": self.checked, "failovers": len(self.failovers),
+                "failover_p50_s": statistics.median(self.failovers) if self.failovers else None,
                 "failover_max_s": max(self.failovers, default=None), "drain_max_s": max(self.drains, default=None),
                 "exits_on_their_own": dict(self.exits),
                 "writer_errors": len(self.writers.errors)}
