@@ -72,6 +72,8 @@ seaweed.use_local_credentials("chaos")
 
 HOSTS = ("a", "b")
 TTL = 3.0
+# The store's misbehaviour the proxy plays (Campaign.storm).
+STORMS = ("blackhole", "resets", "slowdown")
 # Seconds one `tenantsync hydrate` of a failover may take before it is asked again.
 HYDRATE_WAIT = 30.0
 
@@ -362,28 +364,40 @@ class Campaign:
             self.log(f"SIGKILL host {host.name}'s {worker.name}")
             time.sleep(self.rng.uniform(0, 2))
             worker.start()
-        elif kind in ("kill-beat", "kill-redis", "kill-postgres", "kill-store"):
-            server = {"kill-beat": self.beat, "kill-redis": self.redis, "kill-postgres": self.postgres,
-                      "kill-store": self.store}[kind]
+        elif kind == "kill-store":
+            self.kill_store()
+        elif kind in ("kill-beat", "kill-redis", "kill-postgres"):
+            server = {"kill-beat": self.beat, "kill-redis": self.redis, "kill-postgres": self.postgres}[kind]
             server.kill()
             self.log(f"SIGKILL {kind[5:]}")
             time.sleep(self.rng.uniform(0, 2))
-            server.start_again() if server is self.store else server.start()
-        elif kind in ("blackhole", "resets", "slowdown"):
-            seconds = self.rng.uniform(1, 5)
-            if kind == "blackhole":
-                self.proxy.blackhole()
-            elif kind == "resets":
-                self.proxy.reset(share=self.rng.uniform(0.3, 0.9))
-            else:
-                self.proxy.error(503, "SlowDown", share=self.rng.uniform(0.3, 0.9))
-            self.log(f"store {kind} for {seconds:.1f} s")
-            time.sleep(seconds)
-            self.proxy.heal()
+            server.start()
+        elif kind in STORMS:
+            self.storm(kind)
         else:
             self.failover(host)
         self.faults[kind] += 1
         time.sleep(self.rng.uniform(0.2, 1.5))
+
+    def kill_store(self) -> None:
+        """SIGKILL SeaweedFS, and start it again on its data after up to 2 s."""
+        self.store.kill()
+        self.log("SIGKILL store")
+        time.sleep(self.rng.uniform(0, 2))
+        self.store.start_again()
+
+    def storm(self, kind: str) -> None:
+        """One of STORMS through the proxy for 1-5 s, then healed."""
+        seconds = self.rng.uniform(1, 5)
+        if kind == "blackhole":
+            self.proxy.blackhole()
+        elif kind == "resets":
+            self.proxy.reset(share=self.rng.uniform(0.3, 0.9))
+        else:
+            self.proxy.error(503, "SlowDown", share=self.rng.uniform(0.3, 0.9))
+        self.log(f"store {kind} for {seconds:.1f} s")
+        time.sleep(seconds)
+        self.proxy.heal()
 
     def failover(self, dead: Host) -> None:
         """Kill ``dead`` whole, hydrate some of its tenants on the other host, bring it back."""

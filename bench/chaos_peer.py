@@ -195,21 +195,9 @@ class Campaign(chaos.Campaign):
             time.sleep(self.rng.uniform(0, 2))
             self.host.start()
         elif kind == "kill-store":
-            self.store.kill()
-            self.log("SIGKILL store")
-            time.sleep(self.rng.uniform(0, 2))
-            self.store.start_again()
+            self.kill_store()
         else:
-            seconds = self.rng.uniform(1, 5)
-            if kind == "blackhole":
-                self.proxy.blackhole()
-            elif kind == "resets":
-                self.proxy.reset(share=self.rng.uniform(0.3, 0.9))
-            else:
-                self.proxy.error(503, "SlowDown", share=self.rng.uniform(0.3, 0.9))
-            self.log(f"store {kind} for {seconds:.1f} s")
-            time.sleep(seconds)
-            self.proxy.heal()
+            self.storm(kind)
         self.faults[kind] += 1
         time.sleep(self.rng.uniform(0.2, 1.5))
 
