@@ -486,13 +486,16 @@ class Capture:
         index, pos = self._wal_index(), self.position
         if index is None or pos is None or not index.fully_backfilled:
             return None
-        return _Backfilled(index.salt1, index.salt2, index.end_offset(pos.page_size), DBStat.of(self.path))
+        return _Backfilled(index.salt1, index.salt2, index.end_offset(pos.page_size),
+                          DBStat.settled(self.path, pos.db_stat))
 
     def _mark_backfilled(self, backfill: _Backfilled | None) -> None:
         pos = self.position
         if backfill is None or pos is None:
             return
         same_end = pos.wal_offset == backfill.end and (pos.salt1, pos.salt2) == (backfill.salt1, backfill.salt2)
+        if same_end and pos.backfilled:
+            return  # proved again under our newer read mark, with the stat as it is now
         if pos.wal_offset == 0 or same_end:
             self._set_position(pos.advanced(backfilled=True, db_stat=backfill.db_stat))
             self._position_under_mark()
@@ -613,7 +616,7 @@ class Capture:
             return
         if index.of_generation(pos.salt1, pos.salt2) and index.fully_backfilled \
                 and pos.wal_offset == index.end_offset(pos.page_size):
-            self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.of(self.path)))
+            self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.settled(self.path, pos.db_stat)))
 
     # Called right before every upload, and before a checkpoint copies frames not yet
     # shipped; raises (e.g. LeaseHeld) if this process may no longer write the replica.

@@ -151,7 +151,7 @@ def full(pos: Position | None, header: walmod.WALHeader | None, wal_size: int, w
     else:
         # Everything is in the main file, and our read mark stops anyone copying
         # new frames into it: the stat taken now anchors the next pass.
-        position = Position.after_l0(hdr, db_stat=DBStat.of(path))
+        position = Position.after_l0(hdr, db_stat=DBStat.settled(path))
     return PendingL0(hdr, spool, size, position, commit, why)
 
 

@@ -196,7 +196,7 @@ class OnDemand:
         now = datetime.now(timezone.utc)
         if source is None:
             position = Position.after_restore(result.txid, result.page_size, result.commit,
-                                              DBStat.of(path)).to_dict()
+                                              DBStat.settled(path)).to_dict()
             txid_now = result.txid
         else:
             position, txid_now = None, 0  # a fork starts its own replica with a full snapshot at TXID 1

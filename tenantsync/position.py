@@ -8,6 +8,7 @@ last L0 header) can hold it, and no process has to stay alive per tenant.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 
 from .wal import WAL_HEADER_SIZE
@@ -33,6 +34,41 @@ class DBStat:
         except FileNotFoundError:
             return None
         return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def settled(cls, path: str, known: "DBStat | None" = None) -> "DBStat | None":
+        """The stat to keep as proof, taken while nothing can write the main file (our
+        read mark is held, or the file is ours alone).
+
+        The kernel stamps writes with a coarse clock: a checkpoint a few milliseconds
+        after the one that set the stat can leave size and mtime equal, and the proof
+        would then hold over frames nobody shipped. So a fresh mtime is moved one
+        nanosecond back: no later write can be stamped earlier than the one that set it.
+        ``known`` is the proof already kept: if the file still matches it nothing has
+        been written since, and it is kept as it is (moving the mtime again would make a
+        value an earlier proof may hold).
+        """
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        stat = cls(st.st_ino, st.st_size, st.st_mtime_ns)
+        if stat == known or time.time_ns() - st.st_mtime_ns > SETTLED_NS:
+            return stat
+        back = st.st_mtime_ns - (2 if known is not None and known.mtime_ns == st.st_mtime_ns - 1 else 1)
+        try:
+            os.utime(path, ns=(st.st_atime_ns, back))
+        except PermissionError:
+            # Not the file's owner: wait (the file cannot change meanwhile) until the
+            # clock has moved on, so the next write gets another mtime.
+            time.sleep(max(0.0, (st.st_mtime_ns + SETTLED_NS - time.time_ns()) / 1e9))
+            return stat
+        return cls(st.st_ino, st.st_size, back)
+
+
+# Older than this, an mtime cannot be given again by the kernel's coarse clock (its tick
+# is 1 to 10 ms); a margin for a clock read late on a loaded machine.
+SETTLED_NS = 50_000_000
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from tenantsync import wal as walmod
 from tenantsync.capture import Capture
 from tenantsync.continuity import Broken, InMainFile, Resume, continuity, may_have_news
 from tenantsync.outcome import Full
+from tenantsync.position import SETTLED_NS, DBStat
 from tenantsync.replica import Replica
 from tenantsync.storage import open_storage
 
@@ -118,3 +120,47 @@ def test_after_our_release_the_unchanged_main_file_proves_continuity(tmp_path):
     other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the main file changes behind us
     other.close()
     assert judge(db, pos) == Broken(Full.WAL_TRUNCATED)
+
+
+def _stamp(path, mtime_ns):
+    os.utime(path, ns=(os.stat(path).st_atime_ns, mtime_ns))
+
+
+def test_a_settled_stat_is_not_one_a_write_in_the_same_clock_tick_can_give(tmp_path):
+    """Kernels before 6.13 stamp writes with a coarse clock (1 to 10 ms): an application
+    checkpoint in the tick of ours would leave size and mtime as we recorded them, and
+    the proof would hold over a commit nobody shipped. Simulated here by stamping the
+    file as such a kernel would (this machine's kernel gives fine-grained stamps)."""
+    db = tmp_path / "a.db"
+    db.write_bytes(b"x" * 4096)
+    tick = time.time_ns()
+    _stamp(db, tick)  # just written by our checkpoint
+    proof = DBStat.settled(str(db))
+    assert proof == DBStat.of(str(db)) and proof.mtime_ns == tick - 1
+    db.write_bytes(b"y" * 4096)  # the application's checkpoint in the same tick: same size, same stamp
+    _stamp(db, tick)
+    assert DBStat.of(str(db)) != proof
+    again = DBStat.settled(str(db), known=proof)  # proved once more after that write
+    assert again.mtime_ns == tick - 2, "not the value the earlier proof holds"
+    assert DBStat.settled(str(db), known=again) == again == DBStat.of(str(db)), "kept while unchanged"
+
+
+def test_an_old_stat_is_kept_as_it_is(tmp_path):
+    db = tmp_path / "a.db"
+    db.write_bytes(b"x" * 4096)
+    old = time.time_ns() - 10 * SETTLED_NS
+    _stamp(db, old)
+    assert DBStat.settled(str(db)).mtime_ns == old == os.stat(db).st_mtime_ns
+
+
+def test_a_release_keeps_one_proof_that_matches_the_file(tmp_path):
+    """The checkpoint under the barrier and the read mark taken after it both prove the
+    backfill: the position must keep the stat the file has, not the first of two."""
+    db = str(tmp_path / "a.db")
+    conn = app_db(db)
+    write_rows(conn, 10)
+    cap = Capture(db, Replica(open_storage(f"file://{tmp_path}/replica")))
+    cap.sync_once()
+    cap.release()
+    assert cap.position.backfilled and cap.position.db_stat == DBStat.of(db)
+    conn.close()
