@@ -108,7 +108,9 @@ def test_after_our_release_the_unchanged_main_file_proves_continuity(tmp_path):
     cap.sync_once()
     cap.release()
     pos = cap.position
-    assert pos.backfilled
+    # The barrier's checkpoint and the read mark taken after it both prove the backfill:
+    # the position keeps the stat the file has, not the first of two.
+    assert pos.backfilled and pos.db_stat == DBStat.of(db)
     conn.close()  # the last connection: SQLite checkpoints and deletes the WAL
     assert not os.path.exists(db + "-wal")
     assert judge(db, pos) == InMainFile()
@@ -152,15 +154,3 @@ def test_an_old_stat_is_kept_as_it_is(tmp_path):
     _stamp(db, old)
     assert DBStat.settled(str(db)).mtime_ns == old == os.stat(db).st_mtime_ns
 
-
-def test_a_release_keeps_one_proof_that_matches_the_file(tmp_path):
-    """The checkpoint under the barrier and the read mark taken after it both prove the
-    backfill: the position must keep the stat the file has, not the first of two."""
-    db = str(tmp_path / "a.db")
-    conn = app_db(db)
-    write_rows(conn, 10)
-    cap = Capture(db, Replica(open_storage(f"file://{tmp_path}/replica")))
-    cap.sync_once()
-    cap.release()
-    assert cap.position.backfilled and cap.position.db_stat == DBStat.of(db)
-    conn.close()
