@@ -513,7 +513,7 @@ class Campaign:
             self.inconsistent += 1
             self.lost += max(0, missing or 0)
             raise Failure(f"{tenant}: its replica (txid {restored.txid:016x}) restores to {len(got[0][1])} rows, "
-                          f"host {host.name} holds {len(source[0][1])}")
+                          f"host {host.name} holds {len(source[0][1])}\n{self.state_of(tenant, host)}")
         l0 = sorted(f.max_txid for f in replica.all_files().get(0, []))
         if l0 and l0 != list(range(l0[0], l0[-1] + 1)):
             raise Failure(f"{tenant}: L0 TXIDs not contiguous: {l0}")
@@ -523,6 +523,20 @@ class Campaign:
             if dump(out + ".ls") != source:
                 raise Failure(f"{tenant}: Litestream restores another database than host {host.name}'s")
             os.remove(out + ".ls")
+
+    def state_of(self, tenant: str, host: Host) -> str:
+        """What a failed check prints besides the seed: the tenant's catalogue row and its
+        files on the host, to tell which proof let the unshipped commit pass."""
+        row = host.catalogue.get(tenant)
+        lines = [f"catalogue row: {row!r}"]
+        for suffix in ("", "-wal", "-shm"):
+            path = os.path.join(host.data, tenant + suffix)
+            try:
+                st = os.stat(path)
+                lines.append(f"{path}: ino {st.st_ino} size {st.st_size} mtime_ns {st.st_mtime_ns}")
+            except FileNotFoundError:
+                lines.append(f"{path}: absent")
+        return "\n".join(lines)
 
     # -- the run ------------------------------------------------------------------------
 
