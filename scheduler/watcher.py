@@ -58,8 +58,9 @@ class Watcher:
         self._stats: dict[str, DBStat | None] = {}
         self._last_rescan = 0.0
         self._events: FileEvents | None = None
-        # Writes seen while the catalogue did not answer, not recorded yet: name -> first time.
-        self._unrecorded: dict[str, datetime] = {}
+        # Writes seen while the catalogue did not answer, not recorded yet: name -> the
+        # times of the first and of the last of them.
+        self._unrecorded: dict[str, tuple[datetime, datetime]] = {}
         # Syncs requested while the broker did not take them, to ask for again.
         self._unsent: set[str] = set()
         self._down: TenantSyncError | None = None
@@ -165,15 +166,18 @@ class Watcher:
 
     def _record_writes(self, names: set[str], at: datetime) -> None:
         """``record_writes``; while the catalogue does not answer, the names are kept (with
-        their first write's time) and recorded with the next batch that gets through, so
-        the catalogue shows them behind, as they are."""
+        their first and last writes' times) and recorded with the next batch that gets
+        through, so the catalogue shows them behind, as they are. The last time matters:
+        a pass that started between the first and the last write did not ship the last,
+        and the catch-up plan, which finds a sync lost with a killed worker, goes by it."""
         for name in names:
-            self._unrecorded.setdefault(name, at)
-        by_time: dict[datetime, list[str]] = {}
-        for name, first in self._unrecorded.items():
-            by_time.setdefault(first, []).append(name)
-        for first, batch in sorted(by_time.items()):
-            self.catalogue.record_writes(batch, first, self.config.host)
+            first, _ = self._unrecorded.get(name, (at, at))
+            self._unrecorded[name] = (first, at)
+        by_times: dict[tuple[datetime, datetime], list[str]] = {}
+        for name, times in self._unrecorded.items():
+            by_times.setdefault(times, []).append(name)
+        for (first, last), batch in sorted(by_times.items()):
+            self.catalogue.record_writes(batch, last, self.config.host, since=first)
             for name in batch:
                 del self._unrecorded[name]
 

@@ -377,24 +377,28 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies, Hosts):
                                                      sa.literal(at, c.last_sync_at.type)), else_=c.last_sync_at),
                             "pending_since": _still_pending(sa.literal(at, c.pending_since.type))})
 
-    def record_writes(self, names: Iterable[str], at: datetime, host: str | None = None) -> None:
+    def record_writes(self, names: Iterable[str], at: datetime, host: str | None = None,
+                      since: datetime | None = None) -> None:
         """These tenants' databases were written at ``at`` (one batch of the watcher's
-        events, one transaction). Only moves ``last_write_at`` forward, so events handled
-        out of order cannot make a tenant look older, and sets ``pending_since`` unless it
-        is set or a pass started since ``at`` (it read the WAL after it started, so it
-        shipped these writes: a batch recorded after that pass's own write must not leave
-        the tenant pending, looking ever more behind, with nothing left to ship); names not
-        in the catalogue are ignored (a file that vanished between the event and this call),
-        as are, given ``host``, other hosts' tenants (writes to a copy fenced here)."""
+        events, one transaction; with ``since``, writes from then until ``at``, seen while
+        the catalogue did not answer). Only moves ``last_write_at`` forward, so events
+        handled out of order cannot make a tenant look older, and sets ``pending_since``
+        (to ``since``) unless it is set or a pass started since ``at`` (it read the WAL
+        after it started, so it shipped these writes: a batch recorded after that pass's
+        own write must not leave the tenant pending, looking ever more behind, with
+        nothing left to ship); names not in the catalogue are ignored (a file that
+        vanished between the event and this call), as are, given ``host``, other hosts'
+        tenants (writes to a copy fenced here)."""
         names = sorted(set(names))
         if not names:
             return
         at = _utc(at, "at")
+        since = at if since is None else min(_utc(since, "since"), at)
         c = TENANTS.c
         col, pending = c.last_write_at, c.pending_since
         later = sa.case((sa.or_(col.is_(None), col < at), sa.literal(at, col.type)), else_=col)
         unshipped = sa.and_(pending.is_(None), sa.or_(c.last_sync_at.is_(None), c.last_sync_at < at))
-        first = sa.case((unshipped, sa.literal(at, pending.type)), else_=pending)
+        first = sa.case((unshipped, sa.literal(since, pending.type)), else_=pending)
         with self._tx(write=True) as s:
             for chunk in _chunks(names):
                 rows = sa.update(TENANTS).where(self._mine, TENANTS.c.name.in_(chunk))

@@ -236,3 +236,34 @@ def test_a_watchers_first_requests_admit_a_sync_left_pending_from_before_it_star
     w.handle({(Change.modified, f"{data}/a.db-wal")})
     assert asked == [(["a.db"], FRESH_STALE), (["a.db"], None)]
     catalogue.close()
+
+
+def test_writes_seen_in_a_catalogue_outage_are_recorded_with_the_last_ones_time(watcher, monkeypatch):
+    """Two writes while the catalogue does not answer the watcher, and between them a pass
+    that recorded the tenant shipped: the second write must leave it pending, or the
+    catch-up plan never asks again for a sync lost with a killed worker (found by
+    bench/chaos.py --mode celery, seed 2407: a replica one row behind while the catalogue
+    said it shipped, after PostgreSQL and worker kills)."""
+    from datetime import datetime, timezone
+
+    from tenantsync.errors import CatalogueUnavailable
+
+    w, data, catalogue = watcher
+    record, down = catalogue.record_writes, [True]
+
+    def record_writes(*args, **kwargs):
+        if down[0]:
+            raise CatalogueUnavailable("catalogue: connection refused")
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(catalogue, "record_writes", record_writes)
+    w._survive(w.handle, {(Change.modified, f"{data}/a.db-wal")})
+    passed = datetime.now(timezone.utc)
+    catalogue.record_caught_up("a.db", passed)  # a pass started after the first write
+    time.sleep(0.002)
+    w._survive(w.handle, {(Change.modified, f"{data}/a.db-wal")})  # the second write, after that pass
+    down[0] = False
+    w._survive(w.handle, set())
+    row = catalogue.get("a.db")
+    assert row.last_write_at > passed and row.pending_since is not None
+    assert row.pending_since < passed, "pending since the first write not recorded"
