@@ -1,7 +1,9 @@
 """The ``tenantsync`` command line: thin wrappers over the core calls.
 
-Every TenantSyncError becomes one line on stderr and exit status 1 (3 when storage cannot
-be reached: worth retrying); a traceback means a bug.
+Every TenantSyncError becomes one line on stderr and exit status 1, or 3 when the same
+command is worth running again as it is (``RETRY_LATER``: storage, the catalogue or the
+broker unreachable, a lease another host holds until it lapses, an owner process that did
+not answer or died); a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import click
 
 from .config import Config, ConfigError, parse_listen
 from .dictionary import SAMPLE_TENANTS
-from .errors import InvalidArgument, StorageUnavailable, TenantSyncError
+from .errors import (BrokerUnavailable, CatalogueUnavailable, InvalidArgument, LeaseHeld, NoAnswer, StorageUnavailable,
+                     TenantSyncError, WorkerDied)
 from .outcome import Archived, Frozen, Outcome, Shipped, Skip
 from .targets import parse_timestamp, parse_txid
 
@@ -692,6 +695,11 @@ def _read_source(source: str) -> tuple[bytes, str]:
     return storage.read(key), source
 
 
+# Errors that say nothing is wrong with the command, only with the moment: exit status 3,
+# so a script (a failover loop) retries on the status, not on the message's words.
+RETRY_LATER = (StorageUnavailable, CatalogueUnavailable, BrokerUnavailable, LeaseHeld, NoAnswer, WorkerDied)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
@@ -704,7 +712,7 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except StorageUnavailable as e:
+    except RETRY_LATER as e:
         click.echo(f"tenantsync: error: {e}", err=True)
         sys.exit(3)
     except TenantSyncError as e:

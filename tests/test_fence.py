@@ -34,11 +34,11 @@ from .dbutil import app_db, dump, write_rows
 TTL = timedelta(seconds=1)
 
 
-def host(tmp_path, name: str, url: str) -> Fleet:
+def host(tmp_path, name: str, url: str, ttl: timedelta = TTL) -> Fleet:
     root = tmp_path / name
     (root / "data").mkdir(parents=True)
     cfg = Config(replica=url, globs=(f"{root}/data/*.db",), catalogue=f"sqlite:///{root}/catalogue.db", host=name,
-                 lease_ttl=TTL, idle_after=timedelta(seconds=60))
+                 lease_ttl=ttl, idle_after=timedelta(seconds=60))
     return Fleet(cfg, open_catalogue(cfg))
 
 
@@ -300,3 +300,22 @@ def test_commits_a_held_lease_keeps_from_shipping_leave_the_tenant_lagging_for_t
     later = datetime.now(timezone.utc) + timedelta(seconds=10)
     assert [t.name for t in a.catalogue.lagging(later, timedelta(seconds=5), host="a")] == ["t.db"]
     assert a.catalogue.fenced("a") == []
+
+
+def test_the_cli_exits_3_on_a_lease_held_elsewhere_so_a_failover_script_retries_on_the_status(tmp_path, storage_url):
+    """A host's lease still live: ``tenantsync hydrate`` on the other host is one error line
+    naming the holder and exit status 3 (worth running again as it is), not 1."""
+    import json
+
+    a = host(tmp_path, "a", storage_url, ttl=timedelta(seconds=60))
+    try:
+        replicated_on(a)
+        config = tmp_path / "b.json"
+        config.write_text(json.dumps({"replica": storage_url, "catalogue": f"sqlite:///{tmp_path}/b.db", "host": "b",
+                                      "globs": [f"{tmp_path}/b-data/*.db"]}))
+        done = subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", "t.db", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 3, done.stderr
+        assert done.stderr.count("\n") == 1 and "lease held by a" in done.stderr
+    finally:
+        a.close()
