@@ -27,7 +27,8 @@ from tenantsync.catalogue import Catalogue
 from tenantsync.config import Config
 from tenantsync.errors import BrokerUnavailable, CatalogueUnavailable, TenantSyncError
 from tenantsync.file_events import STOP_CHECK, Change, FileEvents
-from tenantsync.position import DBStat
+from tenantsync.continuity import may_have_news
+from tenantsync.position import DBStat, Position
 from tenantsync.tenants import SQLITE_MAGIC
 
 from .dispatch import Dispatcher
@@ -93,6 +94,7 @@ class Watcher:
             # New to this process: a pending mark left from before it started (a job lost with
             # a killed worker, until the broker redelivers it) must not swallow the first sync.
             self._request({name for name, _ in fresh}, stale_after=FRESH_STALE)
+            self._record_writes(self._unshipped(fresh), datetime.now(timezone.utc))
         gone = set(self.known) - set(found.values())
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
@@ -107,7 +109,9 @@ class Watcher:
             if lost:
                 log.warning("%d tenants' WALs were not watched (%s, ...): watched again, and synced",
                             len(lost), lost[0])
-                self._request({self.known[wal[: -len("-wal")]] for wal in lost}, stale_after=FRESH_STALE)
+                unwatched = [(self.known[wal[: -len("-wal")]], wal[: -len("-wal")]) for wal in lost]
+                self._request({name for name, _ in unwatched}, stale_after=FRESH_STALE)
+                self._record_writes(self._unshipped(unwatched), datetime.now(timezone.utc))
         self._last_rescan = time.monotonic()
         return [name for name, _ in fresh]
 
@@ -233,6 +237,20 @@ class Watcher:
         if self._down is not None:
             log.warning("the %s answers again", "catalogue" if isinstance(self._down, CatalogueUnavailable) else "broker")
             self._down = None
+
+    def _unshipped(self, tenants_: list[tuple[str, str]]) -> set[str]:
+        """Those of ``(name, path)`` whose files may hold a commit past the position the
+        catalogue records (``may_have_news``), or that never shipped.
+
+        No event told of their writes: this process was starting (the watcher killed, or
+        its host), or the WAL was not watched. The sync requested for them ships those
+        writes; recorded as written, they are also the catch-up plan's if that job is lost
+        (a worker killed before it ran, its pending mark then swallowing every request
+        until it is stale). One catalogue query, a WAL header and one frame header each."""
+        positions = self.catalogue.positions(name for name, _ in tenants_)
+        return {name for name, path in tenants_ if name in positions
+                and (positions[name] is None
+                     or may_have_news(Position.from_dict(positions[name]), path + "-wal", path))}
 
     def _changed(self) -> list[str]:
         """Known tenants whose main file changed since the last rescan in a way no sync
