@@ -93,8 +93,9 @@ class Watcher:
                     self._events.arm(path + "-wal")
             # New to this process: a pending mark left from before it started (a job lost with
             # a killed worker, until the broker redelivers it) must not swallow the first sync.
+            now = datetime.now(timezone.utc)  # before the request: its pass clears the record
             self._request({name for name, _ in fresh}, stale_after=FRESH_STALE)
-            self._record_writes(self._unshipped(fresh), datetime.now(timezone.utc))
+            self._record_writes(self._unshipped(fresh), now)
         gone = set(self.known) - set(found.values())
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
@@ -110,8 +111,9 @@ class Watcher:
                 log.warning("%d tenants' WALs were not watched (%s, ...): watched again, and synced",
                             len(lost), lost[0])
                 unwatched = [(self.known[wal[: -len("-wal")]], wal[: -len("-wal")]) for wal in lost]
+                now = datetime.now(timezone.utc)
                 self._request({name for name, _ in unwatched}, stale_after=FRESH_STALE)
-                self._record_writes(self._unshipped(unwatched), datetime.now(timezone.utc))
+                self._record_writes(self._unshipped(unwatched), now)
         self._last_rescan = time.monotonic()
         return [name for name, _ in fresh]
 
