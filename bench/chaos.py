@@ -422,9 +422,11 @@ class Campaign:
             while True:
                 self.revive()
                 try:
+                    # --wait: it takes the tenant as soon as the dead host's lease lapses;
+                    # not longer, so that a worker of this host that died is started again.
                     done = subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", tenant, "--config",
-                                           other.config], env=other.env(), capture_output=True, text=True,
-                                          timeout=HYDRATE_WAIT)
+                                           other.config, "--wait", f"{TTL + 2:g}"], env=other.env(),
+                                          capture_output=True, text=True, timeout=HYDRATE_WAIT)
                 except subprocess.TimeoutExpired:  # no answer yet (a worker that died is started again)
                     done = subprocess.CompletedProcess([], RETRY_LATER, "", f"no answer within {HYDRATE_WAIT:g} s")
                 if done.returncode == 0:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -352,13 +353,37 @@ def _by_owner(cfg, call):
 @click.argument("name")
 @fleet_options
 @click.option("--txid", type=TXID, default=None)
-def hydrate(name, replica_url, config_path, broker, catalogue, txid) -> None:
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+              help="Try again for up to SECONDS while the error is worth retrying (exit status 3: "
+                   "another host's lease still live, no answer): a failover returns as soon as the "
+                   "dead host's lease lapses.")
+def hydrate(name, replica_url, config_path, broker, catalogue, txid, wait) -> None:
     """Bring tenant NAME back from the replica (no-op if it is local); prints its path."""
     cfg = load_config(config_path, replica_url, broker, catalogue)
     with _progress_bar(f"hydrate {name}") as progress:
-        result = _by_owner(cfg, lambda owner: owner.hydrate(name, txid=txid, progress=progress))
+        result = _retrying(wait, lambda: _by_owner(cfg, lambda owner: owner.hydrate(name, txid=txid,
+                                                                                   progress=progress)))
     _report_aside(name, result)
     click.echo(result.path)
+
+
+def _retrying(wait: float, call: Callable):
+    """``call()``, made again while it raises an error of ``RETRY_LATER`` until ``wait``
+    seconds have passed (then that error ends the command as any does). A lease whose
+    expiry is known is waited for until then; else every ``RETRY_POLL`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return call()
+        except RETRY_LATER as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            pause = RETRY_POLL
+            expires = getattr(e, "expires_at", None)
+            if expires is not None:
+                pause = max(RETRY_POLL / 4, (expires - datetime.now(timezone.utc)).total_seconds())
+            time.sleep(min(left, pause))
 
 
 @cli.command()
@@ -379,7 +404,7 @@ def archive(names, replica_url, config_path, broker, catalogue) -> None:
                 worst = max(worst, _archive_one(cfg, name))
             except TenantSyncError as e:
                 click.echo(f"tenantsync: error: {e}", err=True)
-                worst = max(worst, 3 if isinstance(e, StorageUnavailable) else 1)
+                worst = max(worst, 3 if isinstance(e, RETRY_LATER) else 1)
             if progress:
                 progress(done, len(names))
     sys.exit(worst)
@@ -484,7 +509,7 @@ def freeze(names, replica_url, config_path, broker, catalogue) -> None:
                     if len(names) == 1:
                         raise
                     click.echo(f"tenantsync: error: {e}", err=True)
-                    worst = max(worst, 3 if isinstance(e, StorageUnavailable) else 1)
+                    worst = max(worst, 3 if isinstance(e, RETRY_LATER) else 1)
                 if progress:
                     progress(done, len(names))
     finally:
@@ -698,6 +723,8 @@ def _read_source(source: str) -> tuple[bytes, str]:
 # Errors that say nothing is wrong with the command, only with the moment: exit status 3,
 # so a script (a failover loop) retries on the status, not on the message's words.
 RETRY_LATER = (StorageUnavailable, CatalogueUnavailable, BrokerUnavailable, LeaseHeld, NoAnswer, WorkerDied)
+# Seconds between the attempts of ``hydrate --wait`` when the error does not say when to retry.
+RETRY_POLL = 0.2
 
 
 def main() -> None:

@@ -302,20 +302,43 @@ def test_commits_a_held_lease_keeps_from_shipping_leave_the_tenant_lagging_for_t
     assert a.catalogue.fenced("a") == []
 
 
-def test_the_cli_exits_3_on_a_lease_held_elsewhere_so_a_failover_script_retries_on_the_status(tmp_path, storage_url):
-    """A host's lease still live: ``tenantsync hydrate`` on the other host is one error line
-    naming the holder and exit status 3 (worth running again as it is), not 1."""
+def hydrate_on_b(tmp_path, storage_url, *args) -> subprocess.CompletedProcess:
+    """``tenantsync hydrate t.db`` on a host b of its own (config file, catalogue, data)."""
     import json
 
+    config = tmp_path / "b.json"
+    config.write_text(json.dumps({"replica": storage_url, "catalogue": f"sqlite:///{tmp_path}/b.db", "host": "b",
+                                  "globs": [f"{tmp_path}/b-data/*.db"]}))
+    return subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", "t.db", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_exits_3_on_a_lease_held_elsewhere_so_a_failover_script_retries_on_the_status(tmp_path, storage_url):
+    """A host's lease still live: ``tenantsync hydrate`` on the other host is one error line
+    naming the holder and exit status 3 (worth running again as it is), not 1; with
+    ``--wait`` shorter than the lease, the same after that wait."""
     a = host(tmp_path, "a", storage_url, ttl=timedelta(seconds=60))
     try:
         replicated_on(a)
-        config = tmp_path / "b.json"
-        config.write_text(json.dumps({"replica": storage_url, "catalogue": f"sqlite:///{tmp_path}/b.db", "host": "b",
-                                      "globs": [f"{tmp_path}/b-data/*.db"]}))
-        done = subprocess.run([sys.executable, "-m", "tenantsync", "hydrate", "t.db", "--config", str(config)],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 3, done.stderr
-        assert done.stderr.count("\n") == 1 and "lease held by a" in done.stderr
+        for args in ((), ("--wait", "0.5")):
+            done = hydrate_on_b(tmp_path, storage_url, *args)
+            assert done.returncode == 3, done.stderr
+            assert done.stderr.count("\n") == 1 and "lease held by a" in done.stderr
+    finally:
+        a.close()
+
+
+def test_hydrate_with_wait_takes_the_tenant_over_once_the_dead_hosts_lease_lapses(tmp_path, storage_url):
+    """A failover script's ``hydrate NAME --wait 60``: it returns after the lease lapses,
+    not before, with the tenant as the old host shipped it."""
+    a = host(tmp_path, "a", storage_url, ttl=timedelta(seconds=6))
+    try:
+        path_a, conn_a = replicated_on(a)
+        conn_a.close()
+        expires = a._leaser("t.db").read().expires_at
+        done = hydrate_on_b(tmp_path, storage_url, "--wait", "60")
+        assert done.returncode == 0, done.stderr
+        assert datetime.now(timezone.utc) >= expires
+        assert dump(done.stdout.strip()) == dump(path_a)
     finally:
         a.close()
