@@ -38,6 +38,7 @@ transactions lost, replicas inconsistent, and the slowest drain and failover.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -58,7 +59,7 @@ sys.path.insert(0, REPO)
 BIN = os.path.dirname(sys.executable)
 
 from tests import seaweed, servers  # noqa: E402
-from tests.dbutil import app_db, dump  # noqa: E402
+from tests.dbutil import app_db, dump, write_rows  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.peer import litestream  # noqa: E402
 from tests.ports import free_loopback_ports  # noqa: E402
@@ -260,6 +261,8 @@ class Campaign:
         self.events: list[str] = []
         self.faults: Counter = Counter()
         self.failovers: list[float] = []
+        self.big: set[str] = set()  # the 1 MB tenants (setup)
+        self.big_failovers: list[float] = []
         self.drains: list[float] = []
         self.fenced: dict[str, str] = {}  # tenant -> the host that must have fenced it
         self.checked = self.inconsistent = self.lost = 0
@@ -292,6 +295,11 @@ class Campaign:
             tenant = f"t{i:04d}.db"
             self.writers.where[tenant] = host.name
             self.writers.write(host, tenant)
+            if i < len(HOSTS):  # each host's first tenant: 1 MB, hydrated first in its failovers
+                self.big.add(tenant)
+                conn = app_db(os.path.join(host.data, tenant))
+                write_rows(conn, 16, size=64 << 10)
+                conn.close()
         for host in self.hosts.values():
             host.start()
         if self.beat is not None:
@@ -411,7 +419,10 @@ class Campaign:
         shipped = {r.name for r in dead.catalogue.records(host=dead.name) if r.txid > 0}
         mine = sorted(t for t, h in self.writers.where.items()
                       if h == dead.name and t in shipped and t not in self.fenced and t not in theirs)
-        moving = self.rng.sample(mine, min(len(mine), self.a.failover_tenants))
+        # The dead host's 1 MB tenant first, when it has one (the failover figure of a 1 MB tenant).
+        big = sorted(self.big.intersection(mine))
+        rest = [t for t in mine if t not in self.big]
+        moving = big + self.rng.sample(rest, max(0, min(len(rest), self.a.failover_tenants - len(big))))
         self.writers.paused.add(dead.name)
         time.sleep(0.3)  # a transaction in flight ends
         self.down.add(dead.name)
@@ -435,6 +446,8 @@ class Campaign:
                     raise Failure(f"hydrate {tenant} on host {other.name} failed: {done.stderr.strip()}")
                 time.sleep(0.1)
             self.failovers.append(time.monotonic() - killed)
+            if tenant in self.big:
+                self.big_failovers.append(self.failovers[-1])
             self.writers.where[tenant] = other.name
             self.fenced[tenant] = dead.name
             self.writers.write(other, tenant)  # the application, moved, writes there first
@@ -496,9 +509,24 @@ class Campaign:
                 if old_fenced or new_fenced:
                     del unsettled[tenant]
                     del self.fenced[tenant]
+                    if tenant in self.big:
+                        self.discard_fenced(tenant, new if new_fenced else old)
             if unsettled and time.monotonic() - started > self.a.drain_timeout:
                 raise Failure(f"no copy fenced after a failover of {sorted(unsettled)}")
             time.sleep(0.2)
+
+    def discard_fenced(self, tenant: str, host: str) -> None:
+        """The operator's decision on a 1 MB tenant's fenced copy: its files deleted and the
+        copy unfenced (README "Failover and fencing"), so the tenant can fail over to that
+        host again (its failover time is measured each time)."""
+        catalogue = self.hosts[host].catalogue
+        for copy in [c for c in catalogue.fenced(host) if c.name == tenant]:
+            for base in {copy.path, copy.aside} - {""}:
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(base + suffix)
+            catalogue.unfence(host, tenant)
+        self.log(f"{tenant}: host {host}'s fenced copy deleted and unfenced")
 
     def check(self, store, tenant: str, host: Host, oracle: bool) -> None:
         source = dump(os.path.join(host.data, tenant))
@@ -559,6 +587,9 @@ class Campaign:
                 "replicas_checked": self.checked, "failovers": len(self.failovers),
                 "failover_p50_s": statistics.median(self.failovers) if self.failovers else None,
                 "failover_max_s": max(self.failovers, default=None), "drain_max_s": max(self.drains, default=None),
+                "failovers_1mb": len(self.big_failovers),
+                "failover_1mb_p50_s": statistics.median(self.big_failovers) if self.big_failovers else None,
+                "failover_1mb_max_s": max(self.big_failovers, default=None),
                 "exits_on_their_own": dict(self.exits),
                 "writer_errors": len(self.writers.errors)}
 

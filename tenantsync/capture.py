@@ -299,6 +299,10 @@ class Capture:
             tail.close()
             raise
 
+    def is_open(self) -> bool:
+        """Whether its handles are open: a pass ran since it was made or released."""
+        return self._fd is not None
+
     def release(self) -> SyncResult:
         """Ship everything, checkpoint it, and close every handle (the tenant went idle)."""
         if not self._open():

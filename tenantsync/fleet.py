@@ -214,6 +214,11 @@ class Fleet:
                 return self._fence(name, e, path=self._local_path(name), in_place=True)
             if active is None:
                 return Skipped(name, Skip.NOT_REPLICABLE)
+            if not active.capture.is_open() and not os.path.exists(active.capture.path):
+                # Neither the lease nor a fence for files that are not here: an operator who
+                # deleted a fenced copy and unfenced it hydrates the tenant here later.
+                self._drop(name)
+                return Skipped(name, Skip.GONE)
             if not active.capture.has_news():
                 self._drop(name)  # stays idle: nothing opened, no lease taken
                 outcome: Outcome = NothingNew(name)

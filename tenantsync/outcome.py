@@ -26,6 +26,7 @@ class Skip(enum.Enum):
     ALREADY_FROZEN = "already frozen"
     NOT_ARCHIVED = "not archived: only archived tenants are frozen"
     FENCED = "fenced: another host took it over; this host's copy is kept aside, never uploaded"
+    GONE = "its file is not on this host (deleted, or moved away): nothing to ship; hydrate brings it back"
 
 
 class Full(enum.Enum):

@@ -132,11 +132,16 @@ def test_a_lease_handed_over_with_nothing_written_since_is_no_reason_to_fence(tm
     conn_a.close()
 
 
-def test_tenants_lists_a_fenced_copy_and_unfence_forgets_it(tmp_path, hosts):
+def test_tenants_lists_a_fenced_copy_and_once_unfenced_the_tenant_hydrates_there(tmp_path, hosts, monkeypatch):
+    """The operator decides on the fenced files (here: they stay aside) and unfences: a
+    sync there then neither takes the lease nor fences again (the tenant's file is not
+    there), and a hydration there brings the replica's state (found by bench/chaos.py:
+    the old host's next sync fenced it again and the hydration was refused)."""
+    monkeypatch.setattr(fleet_module, "FENCED_READ_EVERY", 0.0)  # the CLI's unfence seen at once
     a, b = hosts
     path_a, conn_a = replicated_on(a)
     lapse()
-    moved_on_by(b, 2)
+    path_b, _ = moved_on_by(b, 2)
     write_rows(conn_a, 1)
     conn_a.close()
     for _ in range(3):
@@ -151,6 +156,9 @@ def test_tenants_lists_a_fenced_copy_and_unfence_forgets_it(tmp_path, hosts):
     unfenced = subprocess.run([*cli, "unfence", "t.db", "--config", str(config)], capture_output=True, text=True)
     assert unfenced.returncode == 0 and ".t.db.fenced-" in unfenced.stdout, unfenced.stdout + unfenced.stderr
     assert a.catalogue.fenced("a") == []
+    assert a.sync("t.db") == Skipped("t.db", Skip.GONE) and a.catalogue.fenced("a") == []
+    hydrated = OnDemand(a).hydrate("t.db")  # b released it: its lease is given up
+    assert hydrated.restored and dump(hydrated.path) == dump(path_b)
 
 
 def test_a_failover_hydration_waits_for_the_old_hosts_lease_and_then_holds_it(tmp_path, hosts):
