@@ -369,13 +369,18 @@ class Catalogue(CatalogueReads, Marks, LegacyRows, FencedCopies, Hosts):
                          {"b_" + k: v for k, v in values.items()})
 
     def record_caught_up(self, name: str, at: datetime) -> None:
-        """A pass found nothing to ship at ``at``: the replica is current. Only
-        ``last_sync_at`` moves (forward); state and position stay as they are."""
+        """A pass found nothing to ship at ``at``: the replica is current. ``last_sync_at``
+        moves (forward); a tenant in ``error`` is active again, its error cleared (a failed
+        pass, a lease renewal the store dropped, had left nothing unshipped: else this pass
+        would have shipped it, not found nothing); position and other states stay."""
         c = TENANTS.c
         at = _utc(at, "at")
+        failed = c.state == TenantState.error
         self._update(name, {"last_sync_at": sa.case((sa.or_(c.last_sync_at.is_(None), c.last_sync_at < at),
                                                      sa.literal(at, c.last_sync_at.type)), else_=c.last_sync_at),
-                            "pending_since": _still_pending(sa.literal(at, c.pending_since.type))})
+                            "pending_since": _still_pending(sa.literal(at, c.pending_since.type)),
+                            "state": sa.case((failed, sa.literal(TenantState.active, c.state.type)), else_=c.state),
+                            "last_error": sa.case((failed, sa.null()), else_=c.last_error)})
 
     def record_writes(self, names: Iterable[str], at: datetime, host: str | None = None,
                       since: datetime | None = None) -> None:

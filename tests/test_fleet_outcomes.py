@@ -206,3 +206,19 @@ def test_a_tenant_woken_after_its_lease_lapsed_renews_it_with_one_request(tmp_pa
         conn.close()
     finally:
         fleet.close()
+
+
+def test_a_pass_finding_nothing_to_ship_ends_a_tenants_error(tmp_path, fleet):
+    """A failed pass left the tenant in error (here: the store dropped its lease renewal,
+    as the fault proxy's resets did in bench/chaos.py seed 2411) with nothing unshipped: the
+    next pass finds nothing new, which says the replica is current, so the tenant is active
+    again. It stayed in error until its next write, and the campaign's drain waited for it
+    in vain."""
+    conn = tenant(fleet, tmp_path, "a.db")
+    assert isinstance(fleet.sync("a.db"), Shipped)
+    fleet.catalogue.record_error("a.db", "write lock.json: no answer: Connection reset by peer")
+    assert fleet.catalogue.get("a.db").state is TenantState.error
+    assert fleet.sync("a.db") == NothingNew("a.db")
+    row = fleet.catalogue.get("a.db")
+    assert (row.state, row.last_error) == (TenantState.active, None)
+    conn.close()
