@@ -295,7 +295,7 @@ class Campaign:
             tenant = f"t{i:04d}.db"
             self.writers.where[tenant] = host.name
             self.writers.write(host, tenant)
-            if i < len(HOSTS) and self.a.mode == "embedded":  # each host's first tenant: 1 MB (see RELIABILITY "Open")
+            if i < len(HOSTS):  # each host's first tenant: 1 MB, hydrated first in its failovers
                 self.big.add(tenant)
                 conn = app_db(os.path.join(host.data, tenant))
                 write_rows(conn, 16, size=64 << 10)

@@ -105,6 +105,9 @@ class Watcher:
             log.info("%d tenants' files changed outside the WAL (%s, ...): synced", len(changed), changed[0])
             self._request(set(changed))
             self._record_writes(set(changed), datetime.now(timezone.utc))
+        unfenced = self._unfenced_elsewhere()
+        if unfenced:
+            self._request(unfenced, stale_after=FRESH_STALE)
         if self._events is not None:
             lost = self._events.rearm_missing([path + "-wal" for path in self.known])
             if lost:
@@ -253,6 +256,16 @@ class Watcher:
         return {name for name, path in tenants_ if name in positions
                 and (positions[name] is None
                      or may_have_news(Position.from_dict(positions[name]), path + "-wal", path))}
+
+    def _unfenced_elsewhere(self) -> set[str]:
+        """Local tenants whose row is another host's (they moved there: a failover while
+        this host was gone) and whose copy here is not fenced yet. A sync fences it; the
+        first one requested at start can be lost (a Redis restart), and as the row is not
+        this host's no plan asks again: so each rescan does, until it is fenced."""
+        elsewhere = self.catalogue.elsewhere(self.known.values(), self.config.host)
+        if not elsewhere:
+            return set()
+        return elsewhere - {copy.name for copy in self.catalogue.fenced(self.config.host)}
 
     def _changed(self) -> list[str]:
         """Known tenants whose main file changed since the last rescan in a way no sync

@@ -304,3 +304,25 @@ def test_a_starting_watcher_records_the_writes_made_while_none_ran(tmp_path):
     for conn in conns.values():
         conn.close()
     catalogue.close()
+
+
+def test_each_rescan_asks_for_a_local_copy_of_a_tenant_moved_elsewhere_until_it_is_fenced(watcher):
+    """The tenant moved to another host while this one was gone (one shared catalogue): a
+    sync here fences this copy. The first request, at start, can be lost with its job (a
+    Redis restart), and the row is not this host's, so no plan asks again: each rescan does
+    (found by bench/chaos.py --mode celery, seed 24: copies never fenced)."""
+    import sqlalchemy as sa
+    from datetime import datetime, timezone
+
+    from tenantsync.catalogue_fenced import FencedCopy
+
+    w, data, catalogue = watcher
+    with catalogue.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE tenants SET host = 'other' WHERE name = 'a.db'"))
+    w.rescan()
+    assert w.dispatcher.syncs == ["a.db"]
+    catalogue.record_fenced(FencedCopy(catalogue.fleet, "h", "a.db", str(data / "a.db"), str(data / "a.db"),
+                                       "moved on", 1, datetime.now(timezone.utc)))
+    w.dispatcher.syncs.clear()
+    w.rescan()
+    assert w.dispatcher.syncs == []
