@@ -64,6 +64,7 @@ from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.peer import litestream  # noqa: E402
 from tests.ports import free_loopback_ports  # noqa: E402
 from tenantsync.catalogue import open_catalogue  # noqa: E402
+from tenantsync.cli import EXIT_RETRY  # noqa: E402
 from tenantsync.config import load as load_config  # noqa: E402
 from tenantsync.replica import Replica  # noqa: E402
 from tenantsync.restore import restore  # noqa: E402
@@ -77,8 +78,6 @@ TTL = 3.0
 STORMS = ("blackhole", "resets", "slowdown")
 # Seconds one `tenantsync hydrate` of a failover may take before it is asked again.
 HYDRATE_WAIT = 30.0
-# tenantsync's exit status for an error worth retrying as it is (a lease not lapsed yet, no answer).
-RETRY_LATER = 3
 
 
 class Failure(Exception):
@@ -439,10 +438,10 @@ class Campaign:
                                            other.config, "--wait", f"{TTL + 2:g}"], env=other.env(),
                                           capture_output=True, text=True, timeout=HYDRATE_WAIT)
                 except subprocess.TimeoutExpired:  # no answer yet (a worker that died is started again)
-                    done = subprocess.CompletedProcess([], RETRY_LATER, "", f"no answer within {HYDRATE_WAIT:g} s")
+                    done = subprocess.CompletedProcess([], EXIT_RETRY, "", f"no answer within {HYDRATE_WAIT:g} s")
                 if done.returncode == 0:
                     break
-                if time.monotonic() - killed > TTL + 60 or done.returncode != RETRY_LATER:
+                if time.monotonic() - killed > TTL + 60 or done.returncode != EXIT_RETRY:
                     raise Failure(f"hydrate {tenant} on host {other.name} failed: {done.stderr.strip()}")
                 time.sleep(0.1)
             self.failovers.append(time.monotonic() - killed)
@@ -520,7 +519,7 @@ class Campaign:
         copy unfenced (README "Failover and fencing"), so the tenant can fail over to that
         host again (its failover time is measured each time)."""
         catalogue = self.hosts[host].catalogue
-        for copy in [c for c in catalogue.fenced(host) if c.name == tenant]:
+        for copy in catalogue.fenced(host, tenant):
             for base in {copy.path, copy.aside} - {""}:
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(FileNotFoundError):

@@ -91,11 +91,7 @@ class Watcher:
                 self.known[path] = name
                 if self._events is not None:
                     self._events.arm(path + "-wal")
-            # New to this process: a pending mark left from before it started (a job lost with
-            # a killed worker, until the broker redelivers it) must not swallow the first sync.
-            now = datetime.now(timezone.utc)  # before the request: its pass clears the record
-            self._request({name for name, _ in fresh}, stale_after=FRESH_STALE)
-            self._record_writes(self._unshipped(fresh), now)
+            self._request_unevented(fresh)
         gone = set(self.known) - set(found.values())
         for path in gone:
             log.info("tenant %s: %s disappeared", self.known[path], path)
@@ -105,7 +101,10 @@ class Watcher:
             log.info("%d tenants' files changed outside the WAL (%s, ...): synced", len(changed), changed[0])
             self._request(set(changed))
             self._record_writes(set(changed), datetime.now(timezone.utc))
-        unfenced = self._unfenced_elsewhere()
+        # Local copies of tenants that moved to another host (a failover while this one was
+        # gone) are fenced by a sync here. The one requested at start can be lost (a Redis
+        # restart), and no plan asks for another host's row: so each rescan asks, until then.
+        unfenced = self.catalogue.unfenced_elsewhere(self.known.values(), self.config.host)
         if unfenced:
             self._request(unfenced, stale_after=FRESH_STALE)
         if self._events is not None:
@@ -113,10 +112,7 @@ class Watcher:
             if lost:
                 log.warning("%d tenants' WALs were not watched (%s, ...): watched again, and synced",
                             len(lost), lost[0])
-                unwatched = [(self.known[wal[: -len("-wal")]], wal[: -len("-wal")]) for wal in lost]
-                now = datetime.now(timezone.utc)
-                self._request({name for name, _ in unwatched}, stale_after=FRESH_STALE)
-                self._record_writes(self._unshipped(unwatched), now)
+                self._request_unevented([(self.known[wal[: -len("-wal")]], wal[: -len("-wal")]) for wal in lost])
         self._last_rescan = time.monotonic()
         return [name for name, _ in fresh]
 
@@ -243,29 +239,25 @@ class Watcher:
             log.warning("the %s answers again", "catalogue" if isinstance(self._down, CatalogueUnavailable) else "broker")
             self._down = None
 
-    def _unshipped(self, tenants_: list[tuple[str, str]]) -> set[str]:
-        """Those of ``(name, path)`` whose files may hold a commit past the position the
-        catalogue records (``may_have_news``), or that never shipped.
+    def _request_unevented(self, tenants_: list[tuple[str, str]]) -> None:
+        """Sync ``(name, path)`` tenants whose writes may have sent no event: new to this
+        process (all of them when it starts: the watcher or its host was killed), or whose
+        WAL was not watched.
 
-        No event told of their writes: this process was starting (the watcher killed, or
-        its host), or the WAL was not watched. The sync requested for them ships those
-        writes; recorded as written, they are also the catch-up plan's if that job is lost
-        (a worker killed before it ran, its pending mark then swallowing every request
-        until it is stale). One catalogue query, a WAL header and one frame header each."""
+        The request takes over a pending mark older than FRESH_STALE: one left from before
+        (a job lost with a killed worker, until the broker redelivers it) must not swallow
+        it. Those whose files may hold a commit past the catalogue's position
+        (``may_have_news``), or that never shipped, are also recorded as written, so the
+        catch-up plan asks again if this sync's job is lost too; the time is taken before
+        the request, so the pass it starts clears the record. One catalogue query, and a
+        WAL header and one frame header a tenant."""
+        now = datetime.now(timezone.utc)
+        self._request({name for name, _ in tenants_}, stale_after=FRESH_STALE)
         positions = self.catalogue.positions(name for name, _ in tenants_)
-        return {name for name, path in tenants_ if name in positions
-                and (positions[name] is None
-                     or may_have_news(Position.from_dict(positions[name]), path + "-wal", path))}
-
-    def _unfenced_elsewhere(self) -> set[str]:
-        """Local tenants whose row is another host's (they moved there: a failover while
-        this host was gone) and whose copy here is not fenced yet. A sync fences it; the
-        first one requested at start can be lost (a Redis restart), and as the row is not
-        this host's no plan asks again: so each rescan does, until it is fenced."""
-        elsewhere = self.catalogue.elsewhere(self.known.values(), self.config.host)
-        if not elsewhere:
-            return set()
-        return elsewhere - {copy.name for copy in self.catalogue.fenced(self.config.host)}
+        self._record_writes({name for name, path in tenants_ if name in positions
+                             and (positions[name] is None
+                                  or may_have_news(Position.from_dict(positions[name]), path + "-wal", path))},
+                            now)
 
     def _changed(self) -> list[str]:
         """Known tenants whose main file changed since the last rescan in a way no sync

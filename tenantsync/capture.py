@@ -247,7 +247,7 @@ class Capture:
             self._end_read()
             backfill = self._passive_checkpoint(wait)
             if not truncate:
-                self._begin_read()
+                self._begin_read(proof=backfill.db_stat if backfill is not None else None)
         finally:
             barrier.execute("ROLLBACK")
         self._next_checkpoint = time.monotonic() + self.checkpoint_gap
@@ -379,11 +379,13 @@ class Capture:
             self._writer = _connect(self.path, 0)
         return self._writer
 
-    def _begin_read(self) -> None:
+    def _begin_read(self, proof: DBStat | None = None) -> None:
+        """Take the read mark; ``proof``: the main file's stat just settled under the
+        barrier, kept as it is if the mark proves the backfill again."""
         _read_snapshot(self._reader)
         self._mark = _Mark.HELD
         self._note_mark()
-        self._note_backfilled()
+        self._note_backfilled(proof)
 
     def _note_mark(self) -> None:
         self._mark_bound = self._wal_index()
@@ -606,7 +608,7 @@ class Capture:
                     return None
         return walmod.read_index(self._shm_fd)
 
-    def _note_backfilled(self) -> None:
+    def _note_backfilled(self, proof: DBStat | None = None) -> None:
         """Right after taking a read mark: if every frame up to the position is in the
         main file and the WAL ends there, say so.
 
@@ -620,7 +622,7 @@ class Capture:
             return
         if index.of_generation(pos.salt1, pos.salt2) and index.fully_backfilled \
                 and pos.wal_offset == index.end_offset(pos.page_size):
-            self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.settled(self.path, pos.db_stat)))
+            self._set_position(pos.advanced(backfilled=True, db_stat=DBStat.settled(self.path, proof or pos.db_stat)))
 
     # Called right before every upload, and before a checkpoint copies frames not yet
     # shipped; raises (e.g. LeaseHeld) if this process may no longer write the replica.

@@ -12,12 +12,13 @@ files. Mixed into ``Catalogue`` (``tenantsync.catalogue``), which provides ``_tx
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
 
-from .catalogue_schema import METADATA, UTCDateTime, _utc
+from .catalogue_schema import METADATA, TENANTS, UTCDateTime, _chunks, _utc
 
 FENCED = sa.Table(
     "fenced",
@@ -58,6 +59,17 @@ class FencedCopies:
         with self._tx(write=True) as s:
             s.execute(sa.delete(FENCED).where(*self._fenced_key(copy.host, copy.name)))
             s.execute(sa.insert(FENCED).values(row))
+
+    def unfenced_elsewhere(self, names: Iterable[str], host: str) -> set[str]:
+        """Those of ``names`` whose row is another host's than ``host`` (a shared catalogue:
+        the tenant moved there) and whose copy on ``host`` is not fenced yet: one query."""
+        names = sorted(set(names))
+        fenced_here = sa.exists().where(FENCED.c.fleet == self.fleet, FENCED.c.host == host,
+                                        FENCED.c.name == TENANTS.c.name)
+        with self._tx(write=False) as s:
+            return {name for chunk in _chunks(names)
+                    for name in s.scalars(sa.select(TENANTS.c.name).where(
+                        self._mine, TENANTS.c.name.in_(chunk), TENANTS.c.host != host, ~fenced_here))}
 
     def fenced(self, host: str | None = None, name: str | None = None) -> list[FencedCopy]:
         """The fenced copies, of ``host`` and of tenant ``name`` only if given, by name."""

@@ -85,15 +85,6 @@ class CatalogueReads:
         with self._tx(write=False) as s:
             return list(s.scalars(stmt))
 
-    def elsewhere(self, names: Iterable[str], host: str) -> set[str]:
-        """Those of ``names`` whose row is another host's than ``host`` (a shared catalogue:
-        the tenant moved there), in one transaction."""
-        names = sorted(set(names))
-        with self._tx(write=False) as s:
-            return {name for chunk in _chunks(names)
-                    for name in s.scalars(sa.select(TENANTS.c.name).where(
-                        self._mine, TENANTS.c.name.in_(chunk), TENANTS.c.host != host))}
-
     def positions(self, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
         """``{name: stored capture position}`` of those ``names`` in the catalogue, in one
         transaction: the watcher's rescan asks for the tenants whose main file changed."""

@@ -34,6 +34,12 @@ log = logging.getLogger("tenantsync")
 # catalogue_schema.TenantState's values, written out so that the CLI starts without
 # importing SQLAlchemy (tests/test_catalogue.py checks the two agree).
 TENANT_STATES = ("active", "idle", "archiving", "archived", "hydrating", "error", "freezing", "frozen", "shredded")
+# Errors that say nothing is wrong with the command, only with the moment: exit status
+# EXIT_RETRY, so a script (a failover loop) retries on the status, not on the message's words.
+RETRY_LATER = (StorageUnavailable, CatalogueUnavailable, BrokerUnavailable, LeaseHeld, NoAnswer, WorkerDied)
+EXIT_RETRY = 3
+# Seconds between the attempts of ``hydrate --wait`` when the error does not say when to retry.
+RETRY_POLL = 0.2
 SKIPPED_EXIT = {Skip.ALREADY_ARCHIVED: 0, Skip.IN_USE: 1, Skip.ALREADY_FROZEN: 0, Skip.NOT_ARCHIVED: 1}
 
 
@@ -380,9 +386,8 @@ def _retrying(wait: float, call: Callable):
             if left <= 0:
                 raise
             pause = RETRY_POLL
-            expires = getattr(e, "expires_at", None)
-            if expires is not None:
-                pause = max(RETRY_POLL / 4, (expires - datetime.now(timezone.utc)).total_seconds())
+            if isinstance(e, LeaseHeld) and e.expires_at is not None:
+                pause = max(RETRY_POLL / 4, (e.expires_at - datetime.now(timezone.utc)).total_seconds())
             time.sleep(min(left, pause))
 
 
@@ -404,7 +409,7 @@ def archive(names, replica_url, config_path, broker, catalogue) -> None:
                 worst = max(worst, _archive_one(cfg, name))
             except TenantSyncError as e:
                 click.echo(f"tenantsync: error: {e}", err=True)
-                worst = max(worst, 3 if isinstance(e, RETRY_LATER) else 1)
+                worst = max(worst, _exit_status(e))
             if progress:
                 progress(done, len(names))
     sys.exit(worst)
@@ -509,7 +514,7 @@ def freeze(names, replica_url, config_path, broker, catalogue) -> None:
                     if len(names) == 1:
                         raise
                     click.echo(f"tenantsync: error: {e}", err=True)
-                    worst = max(worst, 3 if isinstance(e, RETRY_LATER) else 1)
+                    worst = max(worst, _exit_status(e))
                 if progress:
                     progress(done, len(names))
     finally:
@@ -720,11 +725,8 @@ def _read_source(source: str) -> tuple[bytes, str]:
     return storage.read(key), source
 
 
-# Errors that say nothing is wrong with the command, only with the moment: exit status 3,
-# so a script (a failover loop) retries on the status, not on the message's words.
-RETRY_LATER = (StorageUnavailable, CatalogueUnavailable, BrokerUnavailable, LeaseHeld, NoAnswer, WorkerDied)
-# Seconds between the attempts of ``hydrate --wait`` when the error does not say when to retry.
-RETRY_POLL = 0.2
+def _exit_status(error: TenantSyncError) -> int:
+    return EXIT_RETRY if isinstance(error, RETRY_LATER) else 1
 
 
 def main() -> None:
@@ -739,12 +741,9 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except RETRY_LATER as e:
-        click.echo(f"tenantsync: error: {e}", err=True)
-        sys.exit(3)
     except TenantSyncError as e:
         click.echo(f"tenantsync: error: {e}", err=True)
-        sys.exit(1)
+        sys.exit(_exit_status(e))
     except OSError as e:
         click.echo(f"tenantsync: error: {e.filename or ''}: {e.strerror}", err=True)
         sys.exit(1)

@@ -135,8 +135,7 @@ def test_a_lease_handed_over_with_nothing_written_since_is_no_reason_to_fence(tm
 def test_tenants_lists_a_fenced_copy_and_once_unfenced_the_tenant_hydrates_there(tmp_path, hosts, monkeypatch):
     """The operator decides on the fenced files (here: they stay aside) and unfences: a
     sync there then neither takes the lease nor fences again (the tenant's file is not
-    there), and a hydration there brings the replica's state (found by bench/chaos.py:
-    the old host's next sync fenced it again and the hydration was refused)."""
+    there), and a hydration there brings the replica's state."""
     monkeypatch.setattr(fleet_module, "FENCED_READ_EVERY", 0.0)  # the CLI's unfence seen at once
     a, b = hosts
     path_a, conn_a = replicated_on(a)

@@ -209,11 +209,9 @@ def test_a_tenant_woken_after_its_lease_lapsed_renews_it_with_one_request(tmp_pa
 
 
 def test_a_pass_finding_nothing_to_ship_ends_a_tenants_error(tmp_path, fleet):
-    """A failed pass left the tenant in error (here: the store dropped its lease renewal,
-    as the fault proxy's resets did in bench/chaos.py seed 2411) with nothing unshipped: the
-    next pass finds nothing new, which says the replica is current, so the tenant is active
-    again. It stayed in error until its next write, and the campaign's drain waited for it
-    in vain."""
+    """A failed pass left the tenant in error (a lease renewal the store dropped) with
+    nothing unshipped: the next pass finds nothing new, which says the replica is current,
+    so the tenant is active again, not failing /readyz until its next write."""
     conn = tenant(fleet, tmp_path, "a.db")
     assert isinstance(fleet.sync("a.db"), Shipped)
     fleet.catalogue.record_error("a.db", "write lock.json: no answer: Connection reset by peer")

@@ -242,9 +242,8 @@ def test_a_watchers_first_requests_admit_a_sync_left_pending_from_before_it_star
 def test_writes_seen_in_a_catalogue_outage_are_recorded_with_the_last_ones_time(watcher, monkeypatch):
     """Two writes while the catalogue does not answer the watcher, and between them a pass
     that recorded the tenant shipped: the second write must leave it pending, or the
-    catch-up plan never asks again for a sync lost with a killed worker (found by
-    bench/chaos.py --mode celery, seed 2407: a replica one row behind while the catalogue
-    said it shipped, after PostgreSQL and worker kills)."""
+    catch-up plan never asks again for a sync lost with a killed worker, and the replica
+    stays behind while the catalogue says it shipped."""
     from datetime import datetime, timezone
 
     from tenantsync.errors import CatalogueUnavailable
@@ -274,9 +273,8 @@ def test_a_starting_watcher_records_the_writes_made_while_none_ran(tmp_path):
     """A commit made while no watcher ran (it was killed, or its host) sent no event: the
     new watcher requests a first sync of every tenant, and records as written those whose
     WAL holds a commit past the catalogue's position, so the catch-up plan asks again if
-    that sync's job is lost with a killed worker (found by bench/chaos.py --mode celery,
-    seed 2407: a replica one row behind, the commit made as the watcher was SIGKILLed, the
-    catalogue saying nothing pending). A tenant with nothing new is not marked."""
+    that sync's job is lost with a killed worker. A tenant with nothing new is not
+    marked."""
     from tenantsync.fleet import Fleet
 
     data = tmp_path / "data"
@@ -309,8 +307,8 @@ def test_a_starting_watcher_records_the_writes_made_while_none_ran(tmp_path):
 def test_each_rescan_asks_for_a_local_copy_of_a_tenant_moved_elsewhere_until_it_is_fenced(watcher):
     """The tenant moved to another host while this one was gone (one shared catalogue): a
     sync here fences this copy. The first request, at start, can be lost with its job (a
-    Redis restart), and the row is not this host's, so no plan asks again: each rescan does
-    (found by bench/chaos.py --mode celery, seed 24: copies never fenced)."""
+    Redis restart), and the row is not this host's, so no plan asks again: each rescan
+    does."""
     import sqlalchemy as sa
     from datetime import datetime, timezone
 
