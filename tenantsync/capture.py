@@ -58,6 +58,10 @@ DEFAULT_TRUNCATE_PAGES = 121359
 # writes for a few milliseconds, so at thousands of commits a second a checkpoint after
 # every pass would cost it a large share of its throughput. TRUNCATE is not held back.
 CHECKPOINT_GAP = 0.25
+# How long a pass waits for SQLite's wal-index to count a commit already in the WAL file
+# (see :meth:`Capture._await_indexing`), polling every INDEXING_POLL seconds.
+INDEXING_WAIT = 0.25
+INDEXING_POLL = 0.005
 # Byte of the -shm file SQLite locks to checkpoint (WAL_CKPT_LOCK at UNIX_SHM_BASE 120 + 1,
 # https://www.sqlite.org/walformat.html "Locks").
 SHM_CHECKPOINT_LOCK = 121
@@ -161,11 +165,16 @@ class Capture:
         self._mark = _Mark.NONE
         # Set when the database file was swapped under us: the next pass writes every page.
         self._must_write_full: Full | None = None
+        # Set by a pass that left a commit in the WAL unread because SQLite's wal-index did
+        # not count it yet (:meth:`_await_indexing`): its caller must not take the pass as
+        # covering every write made before it started.
+        self.commit_unindexed = False
 
     # -- public passes -------------------------------------------------------
 
     def sync_once(self) -> SyncResult:
         """Ship every transaction committed since the position as one L0 file."""
+        self.commit_unindexed = False
         if not self._open():
             return SyncResult(None)
         result = self._ship()
@@ -564,7 +573,7 @@ class Capture:
             return self._prepare_full(pos, header, wal_size, cont.why)
         if isinstance(cont, InMainFile):
             return None
-        new = l0.committed_frames(self.wal_path, header, wal_size, cont.offset, cont.checksum, self._wal_index())
+        new = self._await_indexing(header, wal_size, cont.offset, cont.checksum)
         if new.end == cont.offset:
             if pos.checksum is None and cont.offset == pos.wal_offset:
                 # A position rebuilt from an L0 header: keep the checksum just proved, so
@@ -572,6 +581,38 @@ class Capture:
                 self._set_position(pos.advanced(checksum=cont.checksum))
             return None
         return l0.incremental(pos, header, new, cont.offset, self.node_id)
+
+    def _await_indexing(self, header: walmod.WALHeader, wal_size: int, start: int,
+                        checksum: tuple[int, int]) -> l0.Committed:
+        """The committed frames from ``start``, bounded by SQLite's wal-index, once the index
+        counts every commit the WAL file held as the pass began (``wal_size``).
+
+        A writer appends its commit to the WAL file first and counts it in the wal-index
+        after; the watcher's event comes from the first step, so the pass it starts can
+        run in between (a writer descheduled on a loaded host: found by bench/chaos.py).
+        Stopping at the index there, a pass would find nothing new, and its caller record
+        the tenant as shipped up to the pass's start, which the unread commit precedes:
+        nothing would ask for it again. So while a verified commit lies past the index,
+        the pass waits for the index (INDEXING_WAIT at most) and reads again; still not
+        counted (a writer killed mid-commit: the next writer overwrites those frames, or a
+        recovery counts them), it sets ``commit_unindexed`` for its caller. Costs one
+        frame-header read when the index ends before the file: an older WAL generation's
+        frames (after a restart) have other salts and are not read on."""
+        deadline = time.monotonic() + INDEXING_WAIT
+        while True:
+            new = l0.committed_frames(self.wal_path, header, wal_size, start, checksum, self._wal_index())
+            if new.end + header.frame_size > wal_size:
+                return new
+            frame = walmod.read_range(self.wal_path, new.end, new.end + walmod.FRAME_HEADER_SIZE)
+            if frame[8:16] != header.salt1.to_bytes(4, "big") + header.salt2.to_bytes(4, "big"):
+                return new
+            past = l0.committed_frames(self.wal_path, header, wal_size, new.end, new.checksum, None)
+            if past.end == new.end:  # frames of a transaction not committed yet: its commit sends its own event
+                return new
+            if time.monotonic() >= deadline:
+                self.commit_unindexed = True
+                return new
+            time.sleep(INDEXING_POLL)
 
     def _prepare_full(self, pos: Position | None, header: walmod.WALHeader | None, wal_size: int,
                       why: Full) -> l0.PendingL0:

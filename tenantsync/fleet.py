@@ -219,13 +219,19 @@ class Fleet:
                 # deleted a fenced copy and unfenced it hydrates the tenant here later.
                 self._drop(name)
                 return Skipped(name, Skip.GONE)
+            unindexed = False
             if not active.capture.has_news():
                 self._drop(name)  # stays idle: nothing opened, no lease taken
                 outcome: Outcome = NothingNew(name)
             else:
                 outcome = self._pass(name, active)
+                unindexed = active.capture.commit_unindexed
             # Within an archival the tenant stays archiving; otherwise a shipping pass makes it active.
             self._record(outcome, active.capture, started, state=None if archiving else TenantState.active)
+            if unindexed:
+                # A commit made before the pass that SQLite had not counted yet: a write after
+                # it, so the catch-up plan asks again (Capture._await_indexing).
+                self.catalogue.record_writes([name], _now(), self.config.host)
             return outcome
 
     def _pass(self, name: str, active: _Active) -> Outcome:

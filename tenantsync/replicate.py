@@ -75,7 +75,9 @@ def _follow(capture: Capture, events: FileEvents, stop: threading.Event, interva
         if not changed and time.monotonic() < due:
             continue
         result = _pass(capture.sync_once, capture.path, report)
-        if result is not None and result.follow_up and not stop.wait(FOLLOW_UP):
+        # A commit the pass found not yet counted by SQLite (Capture._await_indexing) gets
+        # its pass now, not at the next interval.
+        if result is not None and (result.follow_up or capture.commit_unindexed) and not stop.wait(FOLLOW_UP):
             _pass(capture.sync_once, capture.path, report)
         due = time.monotonic() + interval
 

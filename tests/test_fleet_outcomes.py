@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import threading
 import time
 import weakref
 from datetime import timedelta
@@ -19,9 +20,10 @@ from tenantsync.errors import StorageError
 from tenantsync.fleet import CONTENDED_RETRY, Fleet
 from tenantsync.lease import Leaser
 from tenantsync.outcome import Contended, Contention, Failed, NothingNew, Shipped, Skip, Skipped
+from tenantsync.restore import restore
 from tenantsync.storage import open_storage
 
-from .dbutil import app_db, write_rows
+from .dbutil import app_db, dump, write_rows
 from .test_fleet_embedded import fleet_config
 
 
@@ -219,4 +221,49 @@ def test_a_pass_finding_nothing_to_ship_ends_a_tenants_error(tmp_path, fleet):
     assert fleet.sync("a.db") == NothingNew("a.db")
     row = fleet.catalogue.get("a.db")
     assert (row.state, row.last_error) == (TenantState.active, None)
+    conn.close()
+
+
+def test_a_commit_sqlite_has_not_counted_yet_is_waited_for_and_else_left_as_a_write(tmp_path, fleet):
+    """A writer appends its commit to the WAL, then counts it in the wal-index; the watcher's
+    event comes from the first step, so a pass can run in between. Found by bench/chaos.py:
+    that pass stopped at the index, found nothing new, and the tenant was recorded as
+    shipped up to the pass's start, which the commit preceded: nothing asked for it again.
+    The window is made here by putting back the index header as it was before the commit."""
+    conn = tenant(fleet, tmp_path, "a.db")
+    path = str(tmp_path / "data" / "a.db")
+    assert isinstance(fleet.sync("a.db"), Shipped)
+
+    def commit_uncounted() -> bytes:
+        with open(path + "-shm", "rb") as f:
+            before = f.read(96)  # the wal-index header's two copies
+        write_rows(conn, 1)
+        with open(path + "-shm", "r+b") as f:
+            after = f.read(96)
+            f.seek(0)
+            f.write(before)
+        return after
+
+    def count(after: bytes) -> None:
+        with open(path + "-shm", "r+b") as f:
+            f.write(after)
+
+    # Counted 50 ms into the pass: the pass waits for it and ships it.
+    after = commit_uncounted()
+    threading.Timer(0.05, count, (after,)).start()
+    assert isinstance(fleet.sync("a.db"), Shipped)
+    assert fleet.catalogue.get("a.db").pending_since is None
+
+    # Not counted within the wait (the writer descheduled longer): nothing shipped yet, and
+    # the tenant is left written, so the catch-up plan asks again.
+    after = commit_uncounted()
+    assert fleet.sync("a.db") == NothingNew("a.db")
+    row = fleet.catalogue.get("a.db")
+    assert row.pending_since is not None and row.last_write_at > row.last_sync_at
+    count(after)
+    assert isinstance(fleet.sync("a.db"), Shipped)
+    assert fleet.catalogue.get("a.db").pending_since is None
+    out = str(tmp_path / "restored.db")
+    restore(fleet.replica("a.db"), out)
+    assert dump(out) == dump(path)
     conn.close()
