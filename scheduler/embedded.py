@@ -76,7 +76,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
     releaser = fleet.start_releasing(RELEASE_EVERY, stop)
     freeze_setup()
     try:
-        watcher.run(stop, schedule.tick)
+        watcher.run(stop, schedule.tick, schedule.say_alive)
     finally:
         releaser.join()
         stop_serving()

@@ -35,7 +35,7 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
                                checks={"broker": broker}, collectors=(QueueCollector(app, queues),))
     try:
         schedule = Schedule(config, catalogue, dispatcher, host_plans(config))
-        Watcher(config, catalogue, dispatcher, report=report).run(stop, schedule.tick)
+        Watcher(config, catalogue, dispatcher, report=report).run(stop, schedule.tick, schedule.say_alive)
     finally:
         stop_serving()
         dispatcher.close()

@@ -134,14 +134,18 @@ def failover_candidates(config: Config, catalogue: Catalogue, now: datetime) -> 
     the live hosts (this one among them) share them out by a stable hash of the name, so
     each is asked of one host (two asking would be safe: the hydration mark and the lease
     let one through). None while this host's own heartbeat is stale (its catalogue writes
-    fail): it cannot tell who is alive."""
+    fail): it cannot tell who is alive. Not a tenant whose copy on this host is fenced: the
+    hydration would be refused (Fenced) at every round until an operator decides on that
+    copy (``tenantsync tenants`` shows it), so it waits for that decision."""
     cutoff = now - config.failover_after
     seen = catalogue.hosts_seen()
     live = sorted(host for host, at in seen.items() if at >= cutoff)
     if config.host not in live:
         return []
     dead = [host for host, at in seen.items() if at < cutoff]
-    return [t.name for t in catalogue.orphaned(dead) if live[shard(t.name, len(live))] == config.host]
+    mine = [t.name for t in catalogue.orphaned(dead) if live[shard(t.name, len(live))] == config.host]
+    fenced_here = {copy.name for copy in catalogue.fenced(config.host)} if mine else set()
+    return [name for name in mine if name not in fenced_here]
 
 
 def host_plans(config: Config) -> dict:
@@ -173,6 +177,11 @@ class Schedule:
         runner and the fleet watcher call this; Celery beat calls :meth:`run` per plan)."""
         now = now or datetime.now(timezone.utc)
         return sum(self.run(key, now) for key, every in self.every.items() if self._due(key, every, now))
+
+    def say_alive(self) -> None:
+        """The heartbeat plan now, when this schedule has it (Watcher.run, at start)."""
+        if "heartbeat" in self.every:
+            self.run("heartbeat")
 
     def run(self, key, now: datetime | None = None) -> int:
         """Enqueue one plan's jobs now: a level number, 9 (snapshots), "retain", or a host

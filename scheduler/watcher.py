@@ -186,11 +186,17 @@ class Watcher:
             for name in batch:
                 del self._unrecorded[name]
 
-    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None,
+            alive: Callable[[], None] | None = None) -> None:
         """Watch until ``stop`` is set; ``tick`` (the schedules) runs about once a second on a
         thread of its own: a plan round at 10,000 tenants (a catalogue query and thousands of
         job submissions, three plans at once on a 5-minute boundary) held this loop, and every
-        commit waiting for its event to be read, for a few tenths of a second."""
+        commit waiting for its event to be read, for a few tenths of a second.
+
+        ``alive`` (the host's heartbeat) runs once before the first rescan: the syncs that
+        rescan asks for make this host's tenants active again, and until the host says it is
+        alive, a host that was away longer than ``failover-after`` still looks dead to the
+        others, whose failover plan hydrates the active tenants of dead hosts."""
         roots: dict[str, int] = {}
         for p in self.patterns:
             depth = os.path.relpath(p.glob, p.base).count(os.sep)
@@ -202,6 +208,8 @@ class Watcher:
             planner = threading.Thread(target=_tick_every_second, args=(tick, done), name="tenantsync-plans",
                                        daemon=True)
         try:
+            if alive is not None:
+                self._survive(alive)
             self._survive(self.rescan)
             if planner is not None:
                 planner.start()

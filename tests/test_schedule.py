@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 from scheduler import schedule as schedule_mod
 from scheduler.schedule import Schedule
-from tenantsync.catalogue import TenantState, open_catalogue
+from tenantsync.catalogue import FencedCopy, TenantState, open_catalogue
 from tenantsync.config import Config
 
 
@@ -168,6 +168,14 @@ def test_failover_hands_the_active_tenants_of_a_host_not_seen_to_one_live_host_e
     assert shares["a"] | shares["c"] == {f"b{i:02d}.db" for i in range(40)} and not shares["a"] & shares["c"]
     assert shares["a"] and shares["c"]
 
+    # A copy of one of a's share fenced on a (it failed over from a earlier, and no operator
+    # has decided on it yet): a leaves that one alone; hydrating it would be refused.
+    fenced = sorted(shares["a"])[0]
+    catalogue.record_fenced(FencedCopy("", "a", fenced, f"/data/{fenced}", f"/data/{fenced}.fenced", "test", 1, now))
+    recorder = Recorder()
+    Schedule(hosts["a"], catalogue, recorder, {}).run("failover", now)
+    assert {tenant for _, tenant, _ in recorder.jobs} == shares["a"] - {fenced}
+
     catalogue.heartbeat("a", now - timedelta(seconds=31))  # a's own heartbeat stale: it cannot judge
     recorder = Recorder()
     assert Schedule(hosts["a"], catalogue, recorder, {}).run("failover", now) == 0 and recorder.jobs == []
@@ -181,3 +189,9 @@ def test_every_host_says_it_is_alive_and_failover_runs_only_where_configured(tmp
     catalogue = open_catalogue(plain)
     Schedule(plain, catalogue, Recorder(), {}).run("heartbeat", now)
     assert catalogue.hosts_seen() == {"h": now}
+    starting = plans_config(tmp_path, host="s")
+    Schedule(starting, catalogue, Recorder(), schedule_mod.storage_plans(starting)).say_alive()  # beat's: none
+    assert set(catalogue.hosts_seen()) == {"h"}
+    before = datetime.now(timezone.utc)
+    Schedule(starting, catalogue, Recorder(), schedule_mod.host_plans(starting)).say_alive()  # a watcher's start
+    assert catalogue.hosts_seen()["s"] >= before

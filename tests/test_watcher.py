@@ -94,6 +94,29 @@ def test_main_file_changes_and_deleted_wals_are_not_writes(watcher):
     assert w.dispatcher.syncs == []
 
 
+def test_a_starting_watcher_says_its_host_is_alive_before_it_asks_for_any_sync(watcher):
+    """A host back after longer than failover-after looks dead to the others until its
+    heartbeat; the syncs its first rescan asks for make its tenants active, and the failover
+    plan hydrates the active tenants of dead hosts elsewhere. So the heartbeat comes first."""
+    _, _, catalogue = watcher
+    w = Watcher(watcher[0].config, catalogue, Recorder(), report=lambda line: None)
+    stop, order = threading.Event(), []
+
+    def alive():
+        order.append(("alive", list(w.dispatcher.syncs)))
+
+    runner = threading.Thread(target=w.run, args=(stop, None, alive))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(w.dispatcher.syncs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join(10)
+    assert order == [("alive", [])] and sorted(w.dispatcher.syncs) == ["a.db", "b.db"]
+
+
 def test_writes_are_requested_while_a_plan_round_runs_and_a_failing_round_does_not_stop_the_plans(watcher, caplog):
     """The schedules run on their own thread: a long plan round (thousands of submissions at
     10,000 tenants) does not hold the event loop, and one that fails is logged, not fatal: a
