@@ -23,7 +23,13 @@ host killed whole (every process, its application's writes stop), some of its te
 hydrated on the other host (``tenantsync hydrate``, asked again while the dead host's lease
 is live; the time from the kill to the answer is measured) whose application writes them
 there at once, then the dead host back, its application writing its stale copies once
-more: those must be fenced, not uploaded.
+more: those must be fenced, not uploaded. In Celery mode, also an automatic failover
+(``host-down``): a host killed whole until the other host's failover plan has hydrated its
+active tenants by itself (``failover-after``, 10 s; the time from the kill to each tenant's
+row moving is measured). The application follows a tenant whose catalogue row moves
+(``follow_moves``), as one asking the catalogue where a tenant lives would. Once a
+failover has settled, the campaign deletes the fenced copy and unfences it, as an operator
+would.
 
 Every ``--check-every`` faults the campaign drains: faults healed, writes stopped, every live
 tenant waited for until its host's catalogue has it shipped. Then, for every tenant: its
@@ -66,6 +72,7 @@ from tests.ports import free_loopback_ports  # noqa: E402
 from tenantsync.catalogue import open_catalogue  # noqa: E402
 from tenantsync.cli import EXIT_RETRY  # noqa: E402
 from tenantsync.config import load as load_config  # noqa: E402
+from tenantsync.errors import TenantSyncError  # noqa: E402
 from tenantsync.replica import Replica  # noqa: E402
 from tenantsync.restore import restore  # noqa: E402
 from tenantsync.storage import open_storage  # noqa: E402
@@ -78,6 +85,9 @@ TTL = 3.0
 STORMS = ("blackhole", "resets", "slowdown")
 # Seconds one `tenantsync hydrate` of a failover may take before it is asked again.
 HYDRATE_WAIT = 30.0
+# Celery mode: a host not seen for this long has its active tenants hydrated on the other
+# host by that host's failover plan (automatic failover: the ``host-down`` fault).
+FAILOVER_AFTER = 10.0
 
 
 class Failure(Exception):
@@ -140,7 +150,7 @@ class Host:
         raw = {"replica": replica, "catalogue": f"sqlite:///{self.root}/catalogue.db", "host": name,
                "globs": [f"{self.data}/*.db"], "lease-ttl": f"{TTL:g}s", "idle-after": "2s", "host-workers": 2}
         if fleet:
-            raw |= fleet
+            raw |= fleet | {"failover-after": f"{FAILOVER_AFTER:g}s"}
         with open(self.config, "w") as f:
             json.dump(raw, f)
         self.cfg = load_config(self.config, env={})
@@ -260,6 +270,7 @@ class Campaign:
         self.events: list[str] = []
         self.faults: Counter = Counter()
         self.failovers: list[float] = []
+        self.auto_failovers: list[float] = []  # kill to the tenant's row moved, by the failover plan
         self.big: set[str] = set()  # the 1 MB tenants (setup)
         self.big_failovers: list[float] = []
         self.drains: list[float] = []
@@ -334,7 +345,7 @@ class Campaign:
         "embedded": {"kill-watcher": 25, "kill-child": 25, "kill-store": 3, "blackhole": 12, "resets": 10,
                      "slowdown": 15, "failover": 10},
         "celery": {"kill-watcher": 15, "kill-worker": 30, "kill-beat": 4, "kill-redis": 4, "kill-postgres": 4,
-                   "kill-store": 3, "blackhole": 10, "resets": 8, "slowdown": 12, "failover": 10},
+                   "kill-store": 3, "blackhole": 10, "resets": 8, "slowdown": 12, "failover": 10, "host-down": 4},
     }
 
     def revive(self) -> None:
@@ -351,6 +362,7 @@ class Campaign:
 
     def fault(self) -> None:
         self.revive()
+        self.follow_moves()
         kinds = self.KINDS[self.a.mode] | dict(self.a.weight)
         kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
         live = [h for h in self.hosts.values() if h.alive()]
@@ -383,6 +395,8 @@ class Campaign:
             server.start()
         elif kind in STORMS:
             self.storm(kind)
+        elif kind == "host-down":
+            self.host_down(host)
         else:
             self.failover(host)
         self.faults[kind] += 1
@@ -458,6 +472,82 @@ class Campaign:
             self.writers.write(dead, tenant)
         self.log(f"host {dead.name} back; its stale copies written: they must be fenced")
 
+    def host_down(self, dead: Host) -> None:
+        """Kill ``dead`` whole and let the other host's failover plan hydrate its active
+        tenants by itself (``failover-after``), nobody calling ``hydrate``; bring it back
+        once none is left on it, its application writing the stale copies once more."""
+        other = next(h for h in self.hosts.values() if h is not dead)
+        deadline = time.monotonic() + 10  # a host in use: after a check, its tenants are active again within seconds
+        while not self.orphans(dead, other) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.writers.paused.add(dead.name)
+        time.sleep(0.3)  # a transaction in flight ends
+        self.down.add(dead.name)
+        dead.kill(whole=True)
+        killed = time.monotonic()
+        self.log(f"host {dead.name} killed whole with {len(self.orphans(dead, other) or [])} active tenants; "
+                 f"host {other.name}'s failover plan is to take them")
+        moved: list[str] = []
+        while True:
+            self.revive()
+            for tenant in self.follow_moves():
+                self.auto_failovers.append(time.monotonic() - killed)
+                moved.append(tenant)
+            left = self.orphans(dead, other)
+            if left == [] and (moved or time.monotonic() - killed > FAILOVER_AFTER + 10):
+                break
+            if time.monotonic() - killed > FAILOVER_AFTER + 60:
+                raise Failure(f"host {dead.name}'s active tenants not failed over {FAILOVER_AFTER + 60:.0f} s after "
+                              f"its death: {sorted(left or [])[:10]}")
+            time.sleep(0.2)
+        for tenant in moved:
+            self.writers.write(other, tenant)  # the application, moved, writes there first
+        time.sleep(self.rng.uniform(0, 2))
+        dead.start()
+        self.down.discard(dead.name)
+        self.writers.paused.discard(dead.name)
+        for tenant in moved:
+            self.writers.write(dead, tenant)
+        self.log(f"host {dead.name} back after {len(moved)} tenants failed over by themselves; its stale copies "
+                 "written: they must be fenced")
+
+    def orphans(self, dead: Host, other: Host) -> list[str] | None:
+        """``dead``'s tenants the failover plan of ``other`` is to take: active or being
+        hydrated, and not fenced on ``other`` (that plan leaves those to an operator); None
+        while the catalogue does not answer."""
+        try:
+            rows = other.catalogue.records(host=dead.name)
+            theirs = {c.name for c in other.catalogue.fenced(other.name)}
+        except TenantSyncError:
+            return None
+        return [r.name for r in rows if r.state.value in ("active", "hydrating") and r.name not in theirs]
+
+    def follow_moves(self) -> list[str]:
+        """Celery mode: tenants whose row in the shared catalogue names another host than the
+        one the application writes them on, moved there by a failover plan (``host_down``,
+        or a host that looked dead for ``failover-after`` while a failover was under way).
+        The application follows, as one that asks the catalogue where a tenant lives, and
+        the copy left behind must be fenced (``settle_failovers``). Not a tenant whose last
+        move is not settled yet: it is followed once it is."""
+        if self.a.mode != "celery":
+            return []
+        try:
+            rows = self.hosts[HOSTS[0]].catalogue.records()
+        except TenantSyncError:
+            return []  # the catalogue is down (a PostgreSQL kill): at the next fault
+        moved = []
+        for row in rows:
+            old = self.writers.where.get(row.name)
+            if (old is None or row.host == old or row.host not in self.hosts or row.name in self.fenced
+                    or row.state.value not in ("active", "idle")):
+                continue
+            self.writers.where[row.name] = row.host
+            self.fenced[row.name] = old
+            moved.append(row.name)
+        if moved:
+            self.log(f"moved by a failover plan: {', '.join(moved)}")
+        return moved
+
     # -- checks -------------------------------------------------------------------------
 
     def drain_and_check(self) -> None:
@@ -467,6 +557,8 @@ class Campaign:
         time.sleep(1.0)  # the last commits' file events reach the watchers (and their catalogues)
         self.revive()
         self.settle_failovers(started)
+        while self.follow_moves():
+            self.settle_failovers(started)
         pending = dict(self.writers.where)
         while pending:
             for tenant, host in list(pending.items()):
@@ -508,16 +600,16 @@ class Campaign:
                 if old_fenced or new_fenced:
                     del unsettled[tenant]
                     del self.fenced[tenant]
-                    if tenant in self.big:
-                        self.discard_fenced(tenant, new if new_fenced else old)
+                    self.discard_fenced(tenant, new if new_fenced else old)
             if unsettled and time.monotonic() - started > self.a.drain_timeout:
                 raise Failure(f"no copy fenced after a failover of {sorted(unsettled)}")
             time.sleep(0.2)
 
     def discard_fenced(self, tenant: str, host: str) -> None:
-        """The operator's decision on a 1 MB tenant's fenced copy: its files deleted and the
-        copy unfenced (README "Failover and fencing"), so the tenant can fail over to that
-        host again (its failover time is measured each time)."""
+        """The operator's decision on a fenced copy: its files deleted and the copy unfenced
+        (README "Failover and fencing"), so the tenant can fail over to that host again (a
+        failover plan leaves a tenant fenced on its host alone; the 1 MB tenants' failover
+        time is measured each time)."""
         catalogue = self.hosts[host].catalogue
         for copy in catalogue.fenced(host, tenant):
             for base in {copy.path, copy.aside} - {""}:
@@ -586,6 +678,9 @@ class Campaign:
                 "replicas_checked": self.checked, "failovers": len(self.failovers),
                 "failover_p50_s": statistics.median(self.failovers) if self.failovers else None,
                 "failover_max_s": max(self.failovers, default=None), "drain_max_s": max(self.drains, default=None),
+                "auto_failovers": len(self.auto_failovers),
+                "auto_failover_p50_s": statistics.median(self.auto_failovers) if self.auto_failovers else None,
+                "auto_failover_max_s": max(self.auto_failovers, default=None),
                 "failovers_1mb": len(self.big_failovers),
                 "failover_1mb_p50_s": statistics.median(self.big_failovers) if self.big_failovers else None,
                 "failover_1mb_max_s": max(self.big_failovers, default=None),
@@ -636,6 +731,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
+    if a.mode == "embedded" and dict(a.weight).get("host-down"):
+        p.error("host-down needs --mode celery: automatic failover needs a catalogue the hosts share")
     a.seed = a.seed if a.seed is not None else random.randrange(1 << 31)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped: its servers and hosts stopped too
     campaign = Campaign(a)

@@ -2,7 +2,8 @@
 faults (watcher and child SIGKILLs, SeaweedFS killed, store blackholes, resets and SlowDown
 storms, whole-host failovers), a drain and a full check every 5; and two Celery hosts
 sharing Redis and a PostgreSQL catalogue, 16 faults over 30 tenants (also worker, beat,
-Redis and PostgreSQL kills). The soak variant runs the size
+Redis and PostgreSQL kills, and hosts killed until the other's failover plan takes their
+active tenants by itself). The soak variant runs the size
 docs/RELIABILITY.md reports. A failure prints the seed and the event log."""
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def test_a_small_fault_campaign_loses_nothing(tmp_path):
 
 
 def test_a_small_fault_campaign_on_celery_hosts_sharing_redis_and_postgresql_loses_nothing(tmp_path):
-    result = campaign(tmp_path, "--mode", "celery", "--faults", "16", "--tenants", "30", "--check-every", "4")
+    result = campaign(tmp_path, "--mode", "celery", "--faults", "16", "--tenants", "30", "--check-every", "4",
+                      "--weight", "host-down=15")
     assert result["faults_total"] == 16 and result["lost"] == 0 and result["inconsistent"] == 0
     assert result["replicas_checked"] == 4 * 30 and result["writer_errors"] == 0
+    assert result["faults"].get("host-down", 0) >= 1 and result["auto_failovers"] >= 1  # automatic failover ran
 
 
 @pytest.mark.soak
