@@ -210,8 +210,13 @@ class Fleet:
                 return Skipped(name, Skip.FENCED)
             try:
                 active = self._activate(name, archiving)
-            except Fenced as e:
-                return self._fence(name, e, path=self._local_path(name), in_place=True)
+            except Fenced as e:  # the row is another host's
+                path = self._local_path(name)
+                if path is None or not os.path.exists(path):
+                    # No copy here to fence (an operator deleted the fenced one and unfenced
+                    # it): a fence recorded now would refuse the tenant's next failover here.
+                    return Skipped(name, Skip.GONE)
+                return self._fence(name, e, path=path, in_place=True)
             if active is None:
                 return Skipped(name, Skip.NOT_REPLICABLE)
             if not active.capture.is_open() and not os.path.exists(active.capture.path):

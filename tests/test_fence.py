@@ -349,3 +349,25 @@ def test_hydrate_with_wait_takes_the_tenant_over_once_the_dead_hosts_lease_lapse
         assert dump(done.stdout.strip()) == dump(path_a)
     finally:
         a.close()
+
+
+def test_with_one_catalogue_a_sync_of_a_deleted_and_unfenced_copy_fences_nothing_again(sharing, monkeypatch):
+    """The operator deleted a's fenced copy and unfenced it; a's watcher, which still knew
+    the file, asked for a sync of the name whose row is host b's. That sync must find the
+    file gone, not fence it again: a later failover to host a would be refused (found by
+    bench/chaos.py --mode celery seed 2410, where the campaign deletes settled copies)."""
+    monkeypatch.setattr(fleet_module, "FENCED_READ_EVERY", 0.0)
+    a, b = sharing
+    path_a, conn_a = replicated_on(a)
+    conn_a.close()
+    a.release("t.db", keep_lease=False)
+    moved_on_by(b, 3)
+    assert a.sync("t.db").reason is Skip.FENCED
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path_a + suffix):
+            os.remove(path_a + suffix)
+    assert a.catalogue.unfence("a", "t.db")
+    assert a.sync("t.db") == Skipped("t.db", Skip.GONE) and a.catalogue.fenced("a") == []
+    b.release("t.db", keep_lease=False)
+    hydrated = OnDemand(a).hydrate("t.db")
+    assert hydrated.restored and dump(hydrated.path) == dump(b.catalogue.get("t.db").path)
