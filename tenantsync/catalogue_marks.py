@@ -10,11 +10,20 @@ Mixed into ``Catalogue`` (``tenantsync.catalogue``), which provides ``_mine``, `
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import sqlalchemy as sa
 
 from .catalogue_schema import MARKED, TENANTS, TenantRecord, TenantState, _now, _states
+from .errors import CatalogueUnavailable
+
+# How long ``unmark`` keeps trying while the catalogue does not answer (a PostgreSQL
+# restart), every UNMARK_RETRY seconds. A mark left set names a process still alive, so no
+# recovery and no other hydration takes it for dead: the tenant would stay marked, no sync
+# shipping it and no failover plan asking for it (found by bench/chaos.py).
+UNMARK_PATIENCE = 60.0
+UNMARK_RETRY = 0.5
 
 
 class Marks:
@@ -48,7 +57,18 @@ class Marks:
         ``position``, ``last_sync_at``, ``archived_txid``), those are stored. Without, the
         work is undone: the tenant goes back to the state it was marked from, with
         ``error`` as its ``last_error``; a row :meth:`claim_new` inserted is deleted.
-        False if ``owner`` no longer holds the mark (it was recovered as dead)."""
+        False if ``owner`` no longer holds the mark (it was recovered as dead). Tried again
+        while the catalogue does not answer, for UNMARK_PATIENCE seconds."""
+        deadline = time.monotonic() + UNMARK_PATIENCE
+        while True:
+            try:
+                return self._unmark(name, owner, error, finished)
+            except CatalogueUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(UNMARK_RETRY)
+
+    def _unmark(self, name: str, owner: str, error: str | None, finished: dict) -> bool:
         c = TENANTS.c
         mine = sa.and_(self._mine, c.name == name, c.mark_owner == owner)
         with self._tx(write=True) as s:

@@ -226,7 +226,7 @@ class OnDemand:
             record = self.catalogue.get(name)
             if record is None or record.state not in MARKED:
                 return self._hydrate(name, path, txid, timestamp, source, WAIT_FOR_OTHER - (deadline - time.monotonic()))
-            if self._recover_dead(record):
+            if self._recover_dead(record) or self._recover_own(record):
                 continue
             if time.monotonic() > deadline:
                 raise Busy(f"tenant {name}: {record.mark_owner or 'another process'} has been "
@@ -240,6 +240,16 @@ class OnDemand:
         (killed mid-call): each goes back to the state it was marked from. Called when a
         long-running process starts; ``_wait_for_other`` does it for one tenant."""
         return [r.name for r in self.catalogue.marked(self.fleet.config.host) if self._recover_dead(r)]
+
+    def _recover_own(self, record) -> bool:
+        """Undo a hydrating mark of this process's own: called under the tenant's lock, under
+        which every hydration of this process marks and unmarks, so none of its is running;
+        the mark is one whose undoing failed (the catalogue did not answer for longer than
+        UNMARK_PATIENCE)."""
+        if record.mark_owner != self.owner or record.state != TenantState.hydrating:
+            return False
+        log.warning("tenant %s: hydrating mark of this process left by a failed hydration: undone", record.name)
+        return self.catalogue.unmark(record.name, self.owner, error="hydrate: its mark was left set")
 
     def _recover_dead(self, record) -> bool:
         """Undo ``record``'s mark if the process that made it is gone. A mark without an

@@ -19,13 +19,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tenantsync.catalogue import open_catalogue
+from tenantsync import catalogue_marks
+from tenantsync import ondemand as ondemand_module
+from tenantsync.catalogue import TenantState, open_catalogue
 from tenantsync.config import Config
 from tenantsync import fleet as fleet_module
 from tenantsync.fleet import Fleet
 from tenantsync.ondemand import OnDemand
 from tenantsync import fence
-from tenantsync.errors import Fenced, LeaseHeld, StorageUnavailable
+from tenantsync.errors import CatalogueUnavailable, Fenced, LeaseHeld, StorageUnavailable
 from tenantsync.outcome import Contended, Shipped, Skip, Skipped
 from tenantsync.restore import restore
 
@@ -371,3 +373,39 @@ def test_with_one_catalogue_a_sync_of_a_deleted_and_unfenced_copy_fences_nothing
     b.release("t.db", keep_lease=False)
     hydrated = OnDemand(a).hydrate("t.db")
     assert hydrated.restored and dump(hydrated.path) == dump(b.catalogue.get("t.db").path)
+
+
+def test_a_failed_failover_hydration_undoes_its_mark_through_a_catalogue_outage(sharing, monkeypatch):
+    """A failover plan's hydration refused (the old host's lease live) while PostgreSQL
+    restarted: its mark was left set, naming a live worker, so no recovery took it for dead;
+    the tenant stayed hydrating, its host's syncs skipping it and no plan asking for it
+    (found by bench/chaos.py --mode celery seed 2410). The undoing is tried again until the
+    catalogue answers; and a mark of the process's own still left is undone by its next
+    hydration, which holds the tenant's lock."""
+    a, b = sharing
+    path_a, conn_a = replicated_on(a)
+    before = b.catalogue.get("t.db")
+    calls = []
+    real = b.catalogue._unmark
+
+    def restarting(*args):
+        calls.append(args)
+        if len(calls) <= 2:
+            raise CatalogueUnavailable("catalogue postgresql://127.0.0.1/chaos: connection refused")
+        return real(*args)
+
+    monkeypatch.setattr(catalogue_marks, "UNMARK_RETRY", 0.01)
+    monkeypatch.setattr(b.catalogue, "_unmark", restarting)
+    ondemand = OnDemand(b)
+    with pytest.raises(LeaseHeld):
+        ondemand.hydrate("t.db")
+    row = b.catalogue.get("t.db")
+    assert len(calls) == 3 and (row.state, row.mark_owner, row.host) == (before.state, None, "a")
+
+    monkeypatch.setattr(ondemand_module, "WAIT_FOR_OTHER", 2.0)
+    assert b.catalogue.mark("t.db", TenantState.hydrating, expected={before.state}, owner=ondemand.owner)
+    conn_a.close()
+    a.release("t.db", keep_lease=False)
+    hydrated = ondemand.hydrate("t.db")
+    assert hydrated.restored and dump(hydrated.path) == dump(path_a)
+    assert (b.catalogue.get("t.db").host, b.catalogue.get("t.db").state) == ("b", TenantState.active)
