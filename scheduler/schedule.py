@@ -129,8 +129,9 @@ def beat_schedule(config: Config) -> dict:
     }
 
 
-def failover_candidates(config: Config, catalogue: Catalogue, now: datetime) -> list[str]:
-    """The active tenants of hosts not seen for ``failover-after`` that this host hydrates:
+def failover_candidates(config: Config, catalogue: Catalogue, now: datetime) -> dict[str, list[str]]:
+    """The active tenants of hosts not seen for ``failover-after`` that this host hydrates,
+    by dead host:
     the live hosts (this one among them) share them out by a stable hash of the name, so
     each is asked of one host (two asking would be safe: the hydration mark and the lease
     let one through). None while this host's own heartbeat is stale (its catalogue writes
@@ -141,11 +142,15 @@ def failover_candidates(config: Config, catalogue: Catalogue, now: datetime) -> 
     seen = catalogue.hosts_seen()
     live = sorted(host for host, at in seen.items() if at >= cutoff)
     if config.host not in live:
-        return []
+        return {}
     dead = [host for host, at in seen.items() if at < cutoff]
-    mine = [t.name for t in catalogue.orphaned(dead) if live[shard(t.name, len(live))] == config.host]
+    mine = [t for t in catalogue.orphaned(dead) if live[shard(t.name, len(live))] == config.host]
     fenced_here = {copy.name for copy in catalogue.fenced(config.host)} if mine else set()
-    return [name for name in mine if name not in fenced_here]
+    by_host: dict[str, list[str]] = {}
+    for t in mine:
+        if t.name not in fenced_here:
+            by_host.setdefault(t.host, []).append(t.name)
+    return by_host
 
 
 def host_plans(config: Config) -> dict:
@@ -202,7 +207,10 @@ class Schedule:
             self.catalogue.heartbeat(self.config.host, now)
             return 0
         if key == "failover":
-            return self.dispatcher.submit("hydrate", failover_candidates(self.config, self.catalogue, now))
+            # Each job checks again that the host is still dead (OnDemand.hydrate's
+            # ``failover_from``): it may run after the host came back (a queue behind).
+            return sum(self.dispatcher.submit("hydrate", names, failover_from=host)
+                       for host, names in failover_candidates(self.config, self.catalogue, now).items())
         if key == "archive":
             tenants = self.catalogue.records(host=self.config.host)
             return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))

@@ -27,6 +27,7 @@ class Skip(enum.Enum):
     NOT_ARCHIVED = "not archived: only archived tenants are frozen"
     FENCED = "fenced: another host took it over; this host's copy is kept aside, never uploaded"
     GONE = "its file is not on this host (deleted, or moved away): nothing to ship; hydrate brings it back"
+    HOST_BACK = "its host is alive again, or the tenant moved: the failover is not needed"
 
 
 class Full(enum.Enum):

@@ -11,6 +11,7 @@ fence: host a replicates on.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -409,3 +410,24 @@ def test_a_failed_failover_hydration_undoes_its_mark_through_a_catalogue_outage(
     hydrated = ondemand.hydrate("t.db")
     assert hydrated.restored and dump(hydrated.path) == dump(path_a)
     assert (b.catalogue.get("t.db").host, b.catalogue.get("t.db").state) == ("b", TenantState.active)
+
+
+def test_a_failover_plans_hydration_that_runs_after_the_host_came_back_takes_nothing(sharing):
+    """The failover plan's job can run after the host it was sent for came back (a queue
+    behind others): it must not take a tenant that host's application is using again. It
+    checks at once that the host is still not seen and the tenant still its and active."""
+    a, b = sharing
+    path_a, conn_a = replicated_on(a)
+    conn_a.close()
+    a.close()  # host a dies with the tenant active
+    lapse()
+    b = Fleet(dataclasses.replace(b.config, failover_after=timedelta(seconds=10)), b.catalogue)
+    now = datetime.now(timezone.utc)
+    b.catalogue.heartbeat("a", now)  # a is back
+    assert OnDemand(b).hydrate("t.db", failover_from="a") == Skipped("t.db", Skip.HOST_BACK)
+    assert OnDemand(b).hydrate("t.db", failover_from="c") == Skipped("t.db", Skip.HOST_BACK)  # not c's
+    assert b.catalogue.get("t.db").host == "a" and not os.listdir(os.path.dirname(b.config.globs[0]))
+    b.catalogue.heartbeat("a", now - timedelta(seconds=11))  # a not seen for longer than failover-after
+    hydrated = OnDemand(b).hydrate("t.db", failover_from="a")
+    assert hydrated.restored and dump(hydrated.path) == dump(path_a) and b.catalogue.get("t.db").host == "b"
+    b.close()

@@ -163,7 +163,7 @@ def test_failover_hands_the_active_tenants_of_a_host_not_seen_to_one_live_host_e
     for name in "ac":
         recorder = Recorder()
         assert Schedule(hosts[name], catalogue, recorder, {}).run("failover", now) == len(recorder.jobs)
-        assert {(job, str(kwargs)) for job, _, kwargs in recorder.jobs} == {("hydrate", "{}")}
+        assert {(job, str(kwargs)) for job, _, kwargs in recorder.jobs} == {("hydrate", "{'failover_from': 'b'}")}
         shares[name] = {tenant for _, tenant, _ in recorder.jobs}
     assert shares["a"] | shares["c"] == {f"b{i:02d}.db" for i in range(40)} and not shares["a"] & shares["c"]
     assert shares["a"] and shares["c"]

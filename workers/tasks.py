@@ -15,7 +15,7 @@ import functools
 
 from celery import Task
 
-from scheduler.admission import BACKOFF_MAX, TRANSIENT_RETRIES, Ended
+from scheduler.admission import BACKOFF_MAX, TRANSIENT_RETRIES, Ended, job_key
 from scheduler.schedule import Schedule, storage_plans
 from tenantsync.cold import freeze_tenant
 from tenantsync.errors import StorageUnavailable
@@ -93,15 +93,18 @@ def freeze(self, name: str) -> dict:
 
 @app.task(name="tenantsync.hydrate", autoretry_for=(StorageUnavailable,), retry_backoff=1,
           retry_backoff_max=BACKOFF_MAX, retry_jitter=True, max_retries=TRANSIENT_RETRIES)
-def hydrate(name: str, txid: int | None = None, timestamp: str | None = None, source: str | None = None) -> dict:
+def hydrate(name: str, txid: int | None = None, timestamp: str | None = None, source: str | None = None,
+            failover_from: str | None = None) -> dict:
     """Hydrate one tenant (with ``source``, fork it from that tenant's replica) for an API call
-    waiting for this result; unreachable storage backs off as the admission policy does (a
-    caller waits, so no once-key). ``timestamp`` is RFC 3339 text, as JSON carries it."""
+    waiting for this result, or for the failover plan (``failover_from``: the dead host);
+    unreachable storage backs off as the admission policy does (a caller waits, so no
+    once-key). ``timestamp`` is RFC 3339 text, as JSON carries it."""
     when = None if timestamp is None else parse_timestamp(timestamp)
     try:
-        return as_dict(ondemand().hydrate(name, txid=txid, timestamp=when, source=source))
-    finally:  # the failover plan's once-key (scheduler/schedule.py), if it sent this job
-        dispatcher().store.release("hydrate", [name])
+        return as_dict(ondemand().hydrate(name, txid=txid, timestamp=when, source=source, failover_from=failover_from))
+    finally:
+        if failover_from is not None:  # the failover plan's once-key (scheduler/schedule.py)
+            dispatcher().store.release(job_key("hydrate", {"failover_from": failover_from}), [name])
 
 
 @app.task(name="tenantsync.release_idle", ignore_result=True)
