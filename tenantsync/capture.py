@@ -250,7 +250,7 @@ class Capture:
             log.info("%s: checkpoint skipped, the application held the write lock for %.3f s", self.path, wait)
             return result
         try:
-            tail = self._prepare()
+            tail = self._prepare(patience=0.0)  # under the barrier no commit is under way
             if tail is not None:
                 self._fence_tail(tail)
             self._end_read()
@@ -560,8 +560,9 @@ class Capture:
         pending = self._prepare()
         return SyncResult(None) if pending is None else self._commit(pending)
 
-    def _prepare(self) -> l0.PendingL0 | None:
-        """Read and encode what is new since the position; None if nothing is."""
+    def _prepare(self, patience: float = INDEXING_WAIT) -> l0.PendingL0 | None:
+        """Read and encode what is new since the position; None if nothing is. ``patience``:
+        how long to wait for SQLite to count a commit already in the WAL (_await_indexing)."""
         pos = self._resolve_position()
         header, wal_size = walmod.read_header(self.wal_path)
         if pos is None:
@@ -573,7 +574,7 @@ class Capture:
             return self._prepare_full(pos, header, wal_size, cont.why)
         if isinstance(cont, InMainFile):
             return None
-        new = self._await_indexing(header, wal_size, cont.offset, cont.checksum)
+        new = self._await_indexing(header, wal_size, cont.offset, cont.checksum, patience)
         if new.end == cont.offset:
             if pos.checksum is None and cont.offset == pos.wal_offset:
                 # A position rebuilt from an L0 header: keep the checksum just proved, so
@@ -583,7 +584,7 @@ class Capture:
         return l0.incremental(pos, header, new, cont.offset, self.node_id)
 
     def _await_indexing(self, header: walmod.WALHeader, wal_size: int, start: int,
-                        checksum: tuple[int, int]) -> l0.Committed:
+                        checksum: tuple[int, int], patience: float) -> l0.Committed:
         """The committed frames from ``start``, bounded by SQLite's wal-index, once the index
         counts every commit the WAL file held as the pass began (``wal_size``).
 
@@ -593,12 +594,12 @@ class Capture:
         Stopping at the index there, a pass would find nothing new, and its caller record
         the tenant as shipped up to the pass's start, which the unread commit precedes:
         nothing would ask for it again. So while a verified commit lies past the index,
-        the pass waits for the index (INDEXING_WAIT at most) and reads again; still not
+        the pass waits for the index (``patience`` at most) and reads again; still not
         counted (a writer killed mid-commit: the next writer overwrites those frames, or a
         recovery counts them), it sets ``commit_unindexed`` for its caller. Costs one
         frame-header read when the index ends before the file: an older WAL generation's
         frames (after a restart) have other salts and are not read on."""
-        deadline = time.monotonic() + INDEXING_WAIT
+        deadline = time.monotonic() + patience
         while True:
             new = l0.committed_frames(self.wal_path, header, wal_size, start, checksum, self._wal_index())
             if new.end + header.frame_size > wal_size:
