@@ -129,9 +129,12 @@ def beat_schedule(config: Config) -> dict:
     }
 
 
-def failover_candidates(config: Config, catalogue: Catalogue, now: datetime) -> dict[str, list[str]]:
+def failover_candidates(config: Config, catalogue: Catalogue,
+                        now: datetime) -> dict[tuple[str, datetime], list[str]]:
     """The active tenants of hosts not seen for ``failover-after`` that this host hydrates,
-    by dead host:
+    by dead host and when it was last seen (its death: a host that came back and died
+    again is a new one, whose jobs are not held back by an earlier death's, lost with a
+    killed worker and not redelivered before the broker's visibility timeout):
     the live hosts (this one among them) share them out by a stable hash of the name, so
     each is asked of one host (two asking would be safe: the hydration mark and the lease
     let one through). None while this host's own heartbeat is stale (its catalogue writes
@@ -146,11 +149,11 @@ def failover_candidates(config: Config, catalogue: Catalogue, now: datetime) -> 
     dead = [host for host, at in seen.items() if at < cutoff]
     mine = [t for t in catalogue.orphaned(dead) if live[shard(t.name, len(live))] == config.host]
     fenced_here = {copy.name for copy in catalogue.fenced(config.host)} if mine else set()
-    by_host: dict[str, list[str]] = {}
+    by_death: dict[tuple[str, datetime], list[str]] = {}
     for t in mine:
         if t.name not in fenced_here:
-            by_host.setdefault(t.host, []).append(t.name)
-    return by_host
+            by_death.setdefault((t.host, seen[t.host]), []).append(t.name)
+    return by_death
 
 
 def host_plans(config: Config) -> dict:
@@ -207,10 +210,11 @@ class Schedule:
             self.catalogue.heartbeat(self.config.host, now)
             return 0
         if key == "failover":
-            # Each job checks again that the host is still dead (OnDemand.hydrate's
-            # ``failover_from``): it may run after the host came back (a queue behind).
-            return sum(self.dispatcher.submit("hydrate", names, failover_from=host)
-                       for host, names in failover_candidates(self.config, self.catalogue, now).items())
+            # Each job checks again that the host is still dead, not seen since
+            # ``dead_since`` (OnDemand.hydrate): it may run after the host came back (a queue
+            # behind, or redelivered after its worker was killed).
+            return sum(self.dispatcher.submit("hydrate", names, failover_from=host, dead_since=seen.isoformat())
+                       for (host, seen), names in failover_candidates(self.config, self.catalogue, now).items())
         if key == "archive":
             tenants = self.catalogue.records(host=self.config.host)
             return self.dispatcher.submit("archive", archival_candidates(self.config, tenants, now))

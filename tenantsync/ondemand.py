@@ -115,7 +115,7 @@ class OnDemand:
     @tenant_job("hydrate")
     def hydrate(self, name: str, *, txid: int | None = None, timestamp: datetime | None = None,
                 source: str | None = None, progress: Progress | None = None,
-                failover_from: str | None = None) -> Hydrated | Skipped:
+                failover_from: str | None = None, dead_since: str | None = None) -> Hydrated | Skipped:
         """Return once tenant ``name`` is local, complete and registered for replication.
 
         Calls for the same tenant share one restore (the first does it, the others
@@ -123,9 +123,11 @@ class OnDemand:
         ``source``/``txid``/``timestamp`` make it a fork of another tenant's state.
         ``progress(done, total)`` is told the bytes restored, as ``restore`` tells them.
         ``failover_from`` (the failover plan's jobs): the dead host the tenant is taken
-        from; Skipped ``HOST_BACK`` unless its row is still that host's and active and the
-        host still not seen for ``failover-after`` (a job queued behind others can run
-        after the host came back, and would take a tenant its application is using).
+        from, last seen at ``dead_since`` (RFC 3339 text, a job argument); Skipped
+        ``HOST_BACK`` unless its row is still that host's and active and the host still not
+        seen for ``failover-after``, nor since ``dead_since`` (a job queued behind others,
+        or redelivered after its worker died, can run after the host came back, and would
+        take a tenant its application is using).
         """
         _check_target(txid, timestamp)
         path = self.fleet.resolve(name, take_over=True)
@@ -141,7 +143,7 @@ class OnDemand:
             return future.result()
         try:
             with self._slots, self.fleet.tenant_lock(name):
-                if failover_from is not None and not self._still_orphaned(name, failover_from):
+                if failover_from is not None and not self._still_orphaned(name, failover_from, dead_since):
                     result = Skipped(name, Skip.HOST_BACK)
                 else:
                     result = self._hydrate(name, path, txid, timestamp, source, progress=progress)
@@ -154,15 +156,18 @@ class OnDemand:
             with self._guard:
                 self._inflight.pop(name, None)
 
-    def _still_orphaned(self, name: str, host: str) -> bool:
+    def _still_orphaned(self, name: str, host: str, dead_since: str | None) -> bool:
         """Whether tenant ``name`` is still ``host``'s, active, and ``host`` not seen for
-        ``failover-after`` (a host never seen is never taken for dead; on a host not
-        configured with ``failover-after``, the plan that sent the job judged)."""
+        ``failover-after`` nor since ``dead_since`` (a host never seen is never taken for
+        dead; on a host not configured with ``failover-after``, the plan that sent the job
+        judged)."""
         record = self.catalogue.get(name)
         if record is None or record.host != host or record.state != TenantState.active:
             return False
-        after = self.fleet.config.failover_after
         seen = self.catalogue.hosts_seen().get(host)
+        if dead_since is not None and (seen is None or seen > datetime.fromisoformat(dead_since)):
+            return False
+        after = self.fleet.config.failover_after
         return after is None or seen is not None and seen < datetime.now(timezone.utc) - after
 
     def _refuse_fenced(self, name: str) -> None:

@@ -427,7 +427,12 @@ def test_a_failover_plans_hydration_that_runs_after_the_host_came_back_takes_not
     assert OnDemand(b).hydrate("t.db", failover_from="a") == Skipped("t.db", Skip.HOST_BACK)
     assert OnDemand(b).hydrate("t.db", failover_from="c") == Skipped("t.db", Skip.HOST_BACK)  # not c's
     assert b.catalogue.get("t.db").host == "a" and not os.listdir(os.path.dirname(b.config.globs[0]))
+    earlier_death = (now - timedelta(seconds=20)).isoformat()
     b.catalogue.heartbeat("a", now - timedelta(seconds=11))  # a not seen for longer than failover-after
-    hydrated = OnDemand(b).hydrate("t.db", failover_from="a")
+    # A job of a's earlier death (redelivered after its worker died): a was seen since.
+    assert OnDemand(b).hydrate("t.db", failover_from="a", dead_since=earlier_death) == Skipped("t.db", Skip.HOST_BACK)
+    assert b.catalogue.get("t.db").host == "a" and not os.listdir(os.path.dirname(b.config.globs[0]))
+    dead_since = (now - timedelta(seconds=11)).isoformat()
+    hydrated = OnDemand(b).hydrate("t.db", failover_from="a", dead_since=dead_since)
     assert hydrated.restored and dump(hydrated.path) == dump(path_a) and b.catalogue.get("t.db").host == "b"
     b.close()

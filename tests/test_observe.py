@@ -112,7 +112,13 @@ def test_readyz_fails_while_the_store_is_away_and_lag_passes_max_lag(proxied_fle
         status, body = call(base + "/tenants/a.db")
         return status == 200 and body["txid"] != "0" * 16
 
-    assert wait_for(lambda: shipped() and call(base + "/readyz")[0] == 200, 30)
+    last = {}
+
+    def ready() -> bool:
+        last["readyz"] = call(base + "/readyz")
+        return shipped() and last["readyz"][0] == 200
+
+    assert wait_for(ready, 30), last  # what /readyz said last, if it never was ready
     s3_proxy.blackhole()
     try:
         write_rows(conn, 2)  # cannot ship: its lag grows past max-lag (2 s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from scheduler import schedule as schedule_mod
+from scheduler.admission import AdmittingDispatcher, MemoryStore
 from scheduler.schedule import Schedule
 from tenantsync.catalogue import FencedCopy, TenantState, open_catalogue
 from tenantsync.config import Config
@@ -163,7 +164,9 @@ def test_failover_hands_the_active_tenants_of_a_host_not_seen_to_one_live_host_e
     for name in "ac":
         recorder = Recorder()
         assert Schedule(hosts[name], catalogue, recorder, {}).run("failover", now) == len(recorder.jobs)
-        assert {(job, str(kwargs)) for job, _, kwargs in recorder.jobs} == {("hydrate", "{'failover_from': 'b'}")}
+        b_seen = (now - timedelta(seconds=31)).isoformat()
+        assert {(job, str(kwargs)) for job, _, kwargs in recorder.jobs} == {
+            ("hydrate", str({"failover_from": "b", "dead_since": b_seen}))}
         shares[name] = {tenant for _, tenant, _ in recorder.jobs}
     assert shares["a"] | shares["c"] == {f"b{i:02d}.db" for i in range(40)} and not shares["a"] & shares["c"]
     assert shares["a"] and shares["c"]
@@ -179,6 +182,48 @@ def test_failover_hands_the_active_tenants_of_a_host_not_seen_to_one_live_host_e
     catalogue.heartbeat("a", now - timedelta(seconds=31))  # a's own heartbeat stale: it cannot judge
     recorder = Recorder()
     assert Schedule(hosts["a"], catalogue, recorder, {}).run("failover", now) == 0 and recorder.jobs == []
+
+
+class Admitting(AdmittingDispatcher):
+    """The real admission policy (once-keys in memory); jobs recorded, never run: every
+    job sent is one lost with a killed worker, its once-key still held."""
+
+    def __init__(self):
+        super().__init__(MemoryStore())
+        self.sent: list[tuple] = []
+
+    def _start_syncs(self, names):
+        raise AssertionError("no syncs here")
+
+    def _start_jobs(self, job, names, kwargs):
+        self.sent.extend((job, name, kwargs["failover_from"], kwargs["dead_since"]) for name in names)
+
+
+def test_a_host_that_dies_again_is_failed_over_again_though_its_last_deaths_jobs_were_lost(tmp_path):
+    """Host b dies; a's failover plan sends the hydration of b's tenant, and the worker running
+    it is killed: its once-key stays held until the broker redelivers the job (Celery's
+    visibility timeout, 120 s) or the key expires. b comes back and dies again before that: the
+    new death's hydration must be sent at once, not wait for the lost one."""
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+    cfg = plans_config(tmp_path, host="a", failover_after=timedelta(seconds=10))
+    catalogue = open_catalogue(cfg)
+    catalogue.discover("t.db", "/data/t.db", "b")
+    catalogue.record_sync("t.db", txid=1, position=None, at=now, state=TenantState.active)
+    dispatcher = Admitting()
+    plans = Schedule(cfg, catalogue, dispatcher, {})
+
+    first_death = now - timedelta(seconds=11)
+    catalogue.heartbeat("a", now)
+    catalogue.heartbeat("b", first_death)
+    assert plans.run("failover", now) == 1
+    assert plans.run("failover", now + timedelta(seconds=5)) == 0  # that death's job is still out
+    second_death = now + timedelta(seconds=30)  # b was back meanwhile, and died again
+    catalogue.heartbeat("b", second_death)
+    later = second_death + timedelta(seconds=11)
+    catalogue.heartbeat("a", later)
+    assert plans.run("failover", later) == 1
+    assert dispatcher.sent == [("hydrate", "t.db", "b", first_death.isoformat()),
+                               ("hydrate", "t.db", "b", second_death.isoformat())]
 
 
 def test_every_host_says_it_is_alive_and_failover_runs_only_where_configured(tmp_path):

@@ -94,17 +94,20 @@ def freeze(self, name: str) -> dict:
 @app.task(name="tenantsync.hydrate", autoretry_for=(StorageUnavailable,), retry_backoff=1,
           retry_backoff_max=BACKOFF_MAX, retry_jitter=True, max_retries=TRANSIENT_RETRIES)
 def hydrate(name: str, txid: int | None = None, timestamp: str | None = None, source: str | None = None,
-            failover_from: str | None = None) -> dict:
+            failover_from: str | None = None, dead_since: str | None = None) -> dict:
     """Hydrate one tenant (with ``source``, fork it from that tenant's replica) for an API call
-    waiting for this result, or for the failover plan (``failover_from``: the dead host);
+    waiting for this result, or for the failover plan (``failover_from``: the dead host, last
+    seen at ``dead_since``);
     unreachable storage backs off as the admission policy does (a caller waits, so no
     once-key). ``timestamp`` is RFC 3339 text, as JSON carries it."""
     when = None if timestamp is None else parse_timestamp(timestamp)
     try:
-        return as_dict(ondemand().hydrate(name, txid=txid, timestamp=when, source=source, failover_from=failover_from))
+        return as_dict(ondemand().hydrate(name, txid=txid, timestamp=when, source=source, failover_from=failover_from,
+                                          dead_since=dead_since))
     finally:
         if failover_from is not None:  # the failover plan's once-key (scheduler/schedule.py)
-            dispatcher().store.release(job_key("hydrate", {"failover_from": failover_from}), [name])
+            key = job_key("hydrate", {"failover_from": failover_from, "dead_since": dead_since})
+            dispatcher().store.release(key, [name])
 
 
 @app.task(name="tenantsync.release_idle", ignore_result=True)
