@@ -684,6 +684,9 @@ class Campaign:
                 "failovers_1mb": len(self.big_failovers),
                 "failover_1mb_p50_s": statistics.median(self.big_failovers) if self.big_failovers else None,
                 "failover_1mb_max_s": max(self.big_failovers, default=None),
+                # Every sample, not only the median and maximum: the tail's shape is the figure.
+                "samples_s": {"failover": _rounded(self.failovers), "failover_1mb": _rounded(self.big_failovers),
+                              "auto_failover": _rounded(self.auto_failovers)},
                 "exits_on_their_own": dict(self.exits),
                 "writer_errors": len(self.writers.errors)}
 
@@ -701,6 +704,10 @@ class Campaign:
             self.store.stop()
         if not self.a.keep:
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _rounded(seconds: list[float]) -> list[float]:
+    return sorted(round(x, 2) for x in seconds)
 
 
 def _interrupt(signum, frame) -> None:  # noqa: ANN001 - a signal handler
