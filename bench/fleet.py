@@ -695,6 +695,8 @@ class Tenantsync(Setup):
         }
         if args.sync_threads:
             raw["sync-threads"] = args.sync_threads
+        if getattr(args, "idle_after", None):
+            raw["idle-after"] = args.idle_after
         if encrypt:
             raw["encrypt"] = True
         if broker:

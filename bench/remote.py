@@ -701,6 +701,7 @@ def main() -> None:
     p.add_argument("--log-size", type=int, default=1_000_000, help="requests the proxy's log keeps")
     p.add_argument("--nofile", type=int, default=None, help="RLIMIT_NOFILE for the tools (default inherited)")
     p.add_argument("--sync-threads", type=int, default=None, help="tenantsync config sync-threads")
+    p.add_argument("--idle-after", default=None, help="tenantsync config idle-after (30s by default)")
     p.add_argument("--workdir")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", help="write the raw results here (after every section)")
