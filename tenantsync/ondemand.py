@@ -124,10 +124,9 @@ class OnDemand:
         ``progress(done, total)`` is told the bytes restored, as ``restore`` tells them.
         ``failover_from`` (the failover plan's jobs): the dead host the tenant is taken
         from, last seen at ``dead_since`` (RFC 3339 text, a job argument); Skipped
-        ``HOST_BACK`` unless its row is still that host's and active and the host still not
-        seen for ``failover-after``, nor since ``dead_since`` (a job queued behind others,
-        or redelivered after its worker died, can run after the host came back, and would
-        take a tenant its application is using).
+        ``HOST_BACK`` unless its row is still that host's and active and the host not seen
+        since (a job queued behind others, or redelivered after its worker died, can run
+        after the host came back, and would take a tenant its application is using).
         """
         _check_target(txid, timestamp)
         path = self.fleet.resolve(name, take_over=True)
@@ -157,18 +156,15 @@ class OnDemand:
                 self._inflight.pop(name, None)
 
     def _still_orphaned(self, name: str, host: str, dead_since: str | None) -> bool:
-        """Whether tenant ``name`` is still ``host``'s, active, and ``host`` not seen for
-        ``failover-after`` nor since ``dead_since`` (a host never seen is never taken for
-        dead; on a host not configured with ``failover-after``, the plan that sent the job
-        judged)."""
+        """Whether tenant ``name`` is still ``host``'s, active, and ``host`` not seen since
+        ``dead_since``, when the plan that sent the job judged it dead (not seen for
+        ``failover-after``): nothing since then can have made it less dead. A job without
+        ``dead_since`` (queued by a version before it) takes nothing: the plan sends its own."""
         record = self.catalogue.get(name)
-        if record is None or record.host != host or record.state != TenantState.active:
+        if record is None or record.host != host or record.state != TenantState.active or dead_since is None:
             return False
         seen = self.catalogue.hosts_seen().get(host)
-        if dead_since is not None and (seen is None or seen > datetime.fromisoformat(dead_since)):
-            return False
-        after = self.fleet.config.failover_after
-        return after is None or seen is not None and seen < datetime.now(timezone.utc) - after
+        return seen is not None and seen <= datetime.fromisoformat(dead_since)
 
     def _refuse_fenced(self, name: str) -> None:
         """A name fenced on this host is not synced here (Fleet.sync): hydrated, it would

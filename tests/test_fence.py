@@ -424,10 +424,11 @@ def test_a_failover_plans_hydration_that_runs_after_the_host_came_back_takes_not
     b = Fleet(dataclasses.replace(b.config, failover_after=timedelta(seconds=10)), b.catalogue)
     now = datetime.now(timezone.utc)
     b.catalogue.heartbeat("a", now)  # a is back
-    assert OnDemand(b).hydrate("t.db", failover_from="a") == Skipped("t.db", Skip.HOST_BACK)
-    assert OnDemand(b).hydrate("t.db", failover_from="c") == Skipped("t.db", Skip.HOST_BACK)  # not c's
+    earlier_death = (now - timedelta(seconds=20)).isoformat()  # when the plan judged a dead
+    assert OnDemand(b).hydrate("t.db", failover_from="a", dead_since=earlier_death) == Skipped("t.db", Skip.HOST_BACK)
+    assert OnDemand(b).hydrate("t.db", failover_from="c", dead_since=earlier_death) == Skipped("t.db", Skip.HOST_BACK)
+    assert OnDemand(b).hydrate("t.db", failover_from="a") == Skipped("t.db", Skip.HOST_BACK)  # an older version's job
     assert b.catalogue.get("t.db").host == "a" and not os.listdir(os.path.dirname(b.config.globs[0]))
-    earlier_death = (now - timedelta(seconds=20)).isoformat()
     b.catalogue.heartbeat("a", now - timedelta(seconds=11))  # a not seen for longer than failover-after
     # A job of a's earlier death (redelivered after its worker died): a was seen since.
     assert OnDemand(b).hydrate("t.db", failover_from="a", dead_since=earlier_death) == Skipped("t.db", Skip.HOST_BACK)
