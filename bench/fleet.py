@@ -655,9 +655,9 @@ class Setup:
 
     stop_timeout = 120.0
 
-    def stop(self) -> None:
-        for c in reversed(self.children):
-            c.stop(self.stop_timeout)
+    def stop(self) -> dict[str, float]:
+        """Stop every child, last started first; seconds from SIGTERM to exit, by child."""
+        return {c.name: c.stop(self.stop_timeout) for c in reversed(self.children)}
 
     def log_counts(self) -> dict:
         """Cumulative counts of tenantsync's contention warnings in every log."""
@@ -706,6 +706,11 @@ class Tenantsync(Setup):
             json.dump(raw, f, indent=2)  # JSON is YAML
         self.env["TENANTSYNC_CONFIG"] = self.config
         self.watcher: Child | None = None
+
+    def open_tenants(self) -> int:
+        """Tenants the catalogue says are open (state active): what a stop has to release."""
+        with sqlite3.connect(f"file:{os.path.join(self.root, 'catalogue.db')}?mode=ro", uri=True, timeout=30) as conn:
+            return conn.execute("SELECT count(*) FROM tenants WHERE state = 'active'").fetchone()[0]
 
     def watcher_args(self) -> list[str]:
         script = os.path.join(BIN, "tenantsync")

@@ -343,7 +343,12 @@ class Bench:
                 res["failure"] = repr(e)
             finally:
                 res["errors"] = setup.errors()
-                setup.stop()
+                # A stop with the tenants of the start still open (with --idle-after longer than
+                # the start): every one gets its final pass and gives its lease up.
+                res["open_at_stop"] = setup.open_tenants() if kind == "ts-embedded" and setup.alive() else None
+                res["stop_s"] = max(setup.stop().values(), default=None)
+                log(f"  stopped in {res['stop_s']:.2f} s (SIGTERM to exit)"
+                    + (f", {res['open_at_stop']} tenants open" if res["open_at_stop"] is not None else ""))
                 self.cleanup(setup.root)
             out[tool] = res
         return out
@@ -625,6 +630,9 @@ def report(r: dict) -> str:
             core.fmt_ratio(tsec, lsec))
         add("   requests during it, by method", "", str((ls.get("fresh") or {}).get("requests")),
             str((ts.get("fresh") or {}).get("requests")), "")
+        if ts.get("stop_s") is not None:
+            add(f"   stop after it (SIGTERM to exit; tenantsync: {ts.get('open_at_stop')} tenants open)", "",
+                s(ls.get("stop_s")), s(ts["stop_s"]), core.fmt_ratio(ts["stop_s"], ls.get("stop_s")))
         tl, ll = ts.get("lag"), ls.get("lag")
         if tl or ll:
             def lagc(x, k):

@@ -81,9 +81,14 @@ def run(config: Config, stop: threading.Event, report: Callable[[str], None] | N
         releaser.join()
         stop_serving()
         dispatcher.close()
-        for child in [storage, *shards]:
-            child.close()
+        # Each process releases its own tenants (Fleet.shutdown), all at once: one process
+        # after another, a host's stop took the sum of theirs.
+        closing = [threading.Thread(target=child.close, name=f"close-{child.name}") for child in [storage, *shards]]
+        for thread in closing:
+            thread.start()
         fleet.shutdown()
+        for thread in closing:
+            thread.join()
     _check_shipped(config, catalogue)
 
 

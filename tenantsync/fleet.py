@@ -19,6 +19,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 from . import compactor, fence, tenants
 from .job_scope import tenant_job
@@ -314,25 +315,18 @@ class Fleet:
             log.warning("%s: the store has not taken its writes and its WAL holds %s: kept, growing until the "
                         "store answers (at-wal-ceiling: grow)", name, ceiling)
 
-    def release_idle(self, idle_after: float | None = None, keep_leases: bool = True) -> list[str]:
+    def release_idle(self, idle_after: float | None = None) -> list[str]:
         """Checkpoint and close tenants not synced for ``idle_after`` seconds; their leases
-        are kept until they expire unless ``keep_leases`` is false (shutting down)."""
+        are kept until they expire (:meth:`shutdown` gives them up)."""
         limit = self.config.idle_after.total_seconds() if idle_after is None else idle_after
         cutoff = time.monotonic() - limit
         with self._guard:
             idle = [n for n, a in self._active.items() if a.last_used < cutoff]
         released = [name for name in idle
-                    if self.release(name, unused_since=cutoff, keep_lease=keep_leases, keep_unshipped=keep_leases)]
-        with self._guard:  # forget the kept leases that have expired; give up all when leaving
-            gone = {n: held for n, held in self._leases.items()
-                    if n not in self._active and (not keep_leases or held.expired())}
-            for name in gone:
+                    if self.release(name, unused_since=cutoff, keep_lease=True, keep_unshipped=True)]
+        with self._guard:  # forget the kept leases that have expired
+            for name in [n for n, held in self._leases.items() if n not in self._active and held.expired()]:
                 del self._leases[name]
-        if not keep_leases:
-            for name, held in gone.items():
-                given_up = held.give_up()
-                if given_up is not None:
-                    self.catalogue.record_lease(name, *given_up)
         if released:
             return_freed_memory()
         return released
@@ -379,9 +373,46 @@ class Fleet:
 
     def shutdown(self) -> None:
         """Release every open tenant and give up every lease, kept ones included (a deploy:
-        the next process takes over at once), then close."""
-        self.release_idle(0, keep_leases=False)
+        the next process takes over at once), then close.
+
+        On as many threads as the process syncs with: each release is a final pass, a
+        checkpoint, a catalogue write and a lease write, mostly round trips, and one after
+        another 5,000 open tenants at a 30 ms store took minutes, past any service
+        manager's stop timeout. The kept leases are given up after the releases, also in
+        parallel; the per-host cap (``storage: max-in-flight``) still bounds the requests."""
+        with self._guard:
+            open_now = list(self._active)
+        self._each(lambda name: self.release(name, keep_lease=False), open_now)
+        with self._guard:  # the leases kept by earlier idle releases, of tenants now closed
+            kept = {n: held for n, held in self._leases.items() if n not in self._active}
+            for name in kept:
+                del self._leases[name]
+
+        def give_up(name: str) -> None:
+            given_up = kept[name].give_up()
+            if given_up is not None:
+                self.catalogue.record_lease(name, *given_up)
+        self._each(give_up, list(kept))
+        if open_now:
+            return_freed_memory()
         self.close()
+
+    def _each(self, work: Callable[[str], object], names: list[str]) -> None:
+        """``work(name)`` for every name on up to ``threads_per_process`` threads; a
+        failure is logged and the others go on (a stop must reach every tenant)."""
+        def one(name: str) -> None:
+            try:
+                work(name)
+            except Exception:  # noqa: BLE001 - logged; the rest of the stop goes on
+                log.exception("%s: stopping it failed", name)
+
+        threads = min(len(names), self.config.threads_per_process())
+        if threads <= 1:
+            for name in names:
+                one(name)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="tenantsync-stop") as pool:
+            list(pool.map(one, names))
 
     def release(self, name: str, unused_since: float | None = None, keep_lease: bool = False,
                 keep_unshipped: bool = False) -> bool:
