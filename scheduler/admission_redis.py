@@ -21,9 +21,9 @@ from .routing import HOST_JOBS
 
 PENDING_TTL = 300
 
-# Per tenant (KEYS: pending, dirty, pending, dirty, ...): admit a sync, else mark it dirty.
-# A pending key holds the server time it was set at; one older than ARGV[2] seconds (if
-# above 0) is taken as orphaned and the sync admitted again.
+# Per tenant (KEYS: pending, dirty, pending, dirty, ...): admit a sync, else mark it dirty
+# (if ARGV[3] is 1). A pending key holds the server time it was set at; one older than
+# ARGV[2] seconds (if above 0) is taken as orphaned and the sync admitted again.
 _REQUEST = """
 local now = tonumber(redis.call('TIME')[1])
 local stale = tonumber(ARGV[2])
@@ -35,7 +35,9 @@ for i = 1, #KEYS, 2 do
     redis.call('SET', KEYS[i], now, 'EX', ARGV[1])
     admitted[#admitted + 1] = 1
   else
-    redis.call('SET', KEYS[i + 1], 1, 'EX', ARGV[1])
+    if ARGV[3] == '1' then
+      redis.call('SET', KEYS[i + 1], 1, 'EX', ARGV[1])
+    end
     admitted[#admitted + 1] = 0
   end
 end
@@ -91,8 +93,8 @@ class RedisStore:
     def sync_keys(self, name: str) -> tuple[str, str]:
         return sync_keys(name, self.host_scope)
 
-    def request(self, names: list[str], stale_after: float | None = None) -> list[bool]:
-        args = [PENDING_TTL, int(stale_after or 0)]
+    def request(self, names: list[str], stale_after: float | None = None, dirty: bool = True) -> list[bool]:
+        args = [PENDING_TTL, int(stale_after or 0), 1 if dirty else 0]
         return [bool(ok) for ok in self._request(keys=self._sync_keys(names), args=args)]
 
     def finish(self, names: list[str]) -> list[bool]:

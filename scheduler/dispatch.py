@@ -27,9 +27,10 @@ class Dispatcher(Protocol):
     def request_sync(self, name: str) -> bool:
         """Ask for a sync of ``name``; False if one was already pending (now marked dirty)."""
 
-    def request_syncs(self, names, stale_after: float | None = None) -> int:
+    def request_syncs(self, names, stale_after: float | None = None, writes: bool = True) -> int:
         """``request_sync`` for each of ``names`` (one watcher batch); how many were queued.
-        ``stale_after``: a sync pending that long is taken as lost and requested again."""
+        ``stale_after``: a sync pending that long is taken as lost and requested again.
+        ``writes`` false: not for new writes (a pending sync is not marked dirty)."""
 
     def submit(self, job: str, names, **kwargs) -> int:
         """Run a storage-only or maintenance job (compact, snapshot, retain, archive) for each

@@ -205,7 +205,7 @@ class Schedule:
         if key == "catch-up":
             names = [t.name for t in self.catalogue.lagging(now, CATCH_UP_AFTER, host=self.config.host)]
             names += self.catalogue.failing(now - RETRY_ERRORS_AFTER, host=self.config.host)
-            return self.dispatcher.request_syncs(names, stale_after=STALE_PENDING.total_seconds())
+            return self.dispatcher.request_syncs(names, stale_after=STALE_PENDING.total_seconds(), writes=False)
         if key == "heartbeat":
             self.catalogue.heartbeat(self.config.host, now)
             return 0

@@ -108,7 +108,12 @@ class Watcher:
         if unfenced:
             self._request(unfenced, stale_after=FRESH_STALE)
         if self._events is not None:
-            lost = self._events.rearm_missing([path + "-wal" for path in self.known])
+            # Armed first, then looked at: a write after this shows as an event. An empty WAL
+            # holds no commit: usually one a sync job of ours just opened, its directory event
+            # not read yet (a start of thousands of tenants); synced, each would be a second,
+            # empty pass.
+            lost = [wal for wal in self._events.rearm_missing([path + "-wal" for path in self.known])
+                    if _has_frames(wal)]
             if lost:
                 log.warning("%d tenants' WALs were not watched (%s, ...): watched again, and synced",
                             len(lost), lost[0])

@@ -11,6 +11,7 @@ pick a tenant up where another left it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -592,9 +593,13 @@ class Fleet:
             released += 1
 
     def _release_least_recent(self, keep: str | None) -> bool:
-        """Release the least recently synced open tenant that no job is using now."""
+        """Release the least recently synced open tenant that no job is using now. Only
+        the oldest few are looked at (twice as many as jobs can hold at once): a list of
+        every open tenant, made for each release, took a tenth of a process's time once
+        thousands were open in a start of 10,000."""
         with self._guard:
-            candidates = [n for n in self._active if n != keep]
+            candidates = list(itertools.islice((n for n in self._active if n != keep),
+                                               2 * self.config.threads_per_process() + 8))
         for name in candidates:
             if self._release_unless_busy(name, keep_lease=True):
                 log.info("%s: released early, %d tenants open (limit %d)", name, len(self._active), self.max_open)

@@ -68,6 +68,13 @@ def scenario(d: Recorder) -> list:
     step((len(passes), ended.retry, type(ended.outcomes["a"]).__name__))
     step(d.run_syncs(["b"], NothingNew).retry)  # b was not marked: ends, not admitted again
     step(d.request_syncs(["b"]))  # ended: admitted again
+    # A request for a tenant found behind, not for a new write (the catch-up plan), leaves a
+    # pending sync unmarked: that sync reads the WAL when it runs, and no empty pass follows.
+    step(d.request_syncs(["e"]))
+    step(d.request_syncs(["e"], writes=False))
+    passes_e: list = []
+    step((d.run_syncs(["e"], lambda name: passes_e.append(name) or Shipped(name, 1, 1, 4096)).retry, passes_e))
+    step(d.request_syncs(["e"], writes=False))  # ended: admitted again
 
     # Maintenance jobs: one per (job, tenant, arguments) until it has run.
     step(d.submit("compact", ["x", "x", "y"], level=1))
@@ -114,11 +121,12 @@ def scenario(d: Recorder) -> list:
 EXPECTED = [
     1, 1,
     (1 + AGAIN_ROUNDS, {}, "Shipped"), {}, 1,
+    1, 0, ({}, ["e"]), 1,
     2, 0, 1, {}, 1,
     1, ["c"], 0, (["c", "c"], {}), 1,
     1, ["z"], 0, ["z"], {}, 1,
     1, ({}, False), 1,
-    [("sync", "a"), ("sync", "b"), ("sync", "a"), ("sync", "b"),
+    [("sync", "a"), ("sync", "b"), ("sync", "a"), ("sync", "b"), ("sync", "e"), ("sync", "e"),
      ("compact", "x", "y", ("level", 1)), ("compact", "x", ("level", 2)), ("compact", "x", ("level", 1)),
      ("sync", "c"), ("sync", "c"),
      ("compact", "z", ("level", 3)), ("compact", "z", ("level", 3)),

@@ -21,9 +21,10 @@ class Recorder:
         self.syncs: list[str] = []
         self.jobs: list[tuple] = []
 
-    def request_syncs(self, names, stale_after=None) -> int:
+    def request_syncs(self, names, stale_after=None, writes=True) -> int:
         names = list(names)
         self.syncs.extend(names)
+        self.for_writes = writes
         return len(names)
 
     def submit(self, job: str, names, **kwargs) -> int:
@@ -46,6 +47,7 @@ def test_catch_up_retries_a_failed_tenant_once_its_error_is_old_enough(tmp_path)
     assert rec.syncs == []  # it failed just now
     plans.run("catch-up", now + schedule_mod.RETRY_ERRORS_AFTER + timedelta(seconds=1))
     assert rec.syncs == ["failed-first-sync"]
+    assert rec.for_writes is False  # found behind, not written: a pending sync is not marked dirty
 
 
 def test_compaction_is_offered_only_to_tenants_synced_within_two_intervals(tmp_path):

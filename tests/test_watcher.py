@@ -162,7 +162,12 @@ def test_the_rescan_watches_and_syncs_a_tenant_whose_wal_watch_was_lost(watcher,
     w, data, _catalogue = watcher
     conn = app_db(str(data / "a.db"))  # keeps a.db's WAL; b.db has none
     write_rows(conn, 1)
-    w._events = FileEvents({str(data): 0})  # a.db-wal not armed: as if its watch were lost
+    # b.db's connection only reads: its WAL is empty, as a sync job's own is when the job has
+    # just opened the tenant (and its directory event is not read yet): nothing to ship.
+    reader = app_db(str(data / "b.db"))
+    reader.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    assert os.path.getsize(data / "b.db-wal") == 0
+    w._events = FileEvents({str(data): 0})  # neither WAL armed: as if their watches were lost
     try:
         with caplog.at_level(logging.WARNING, logger="scheduler.watcher"):
             w.rescan()
@@ -172,11 +177,13 @@ def test_the_rescan_watches_and_syncs_a_tenant_whose_wal_watch_was_lost(watcher,
         w.rescan()
         assert w.dispatcher.syncs == []  # watched again: nothing more to do
         write_rows(conn, 1)
-        assert w._events.read(1, 0) == {(Change.modified, f"{data}/a.db-wal")}
+        write_rows(reader, 1)
+        assert w._events.read(1, 0.1) == {(Change.modified, f"{data}/a.db-wal"), (Change.modified, f"{data}/b.db-wal")}
     finally:
         w._events.close()
         w._events = None
         conn.close()
+        reader.close()
 
 
 def test_a_file_moved_over_a_tenant_and_a_rollback_journal_are_writes(watcher):
