@@ -32,6 +32,7 @@ from .ltx import HEADER_SIZE, Header
 from .ltx.format import label
 from .ltx.ranges import RangeJob, RangeSum, read_layout, split, tail_range, verify
 from .replica import LTXInfo, Replica
+from .storage.file import FileStorage
 from .restore_worker import FRAME, read_message
 
 # Below this a file decodes faster in-process than through the workers' pipes.
@@ -163,8 +164,12 @@ def apply_file(replica: Replica, info: LTXInfo, output: str,
         job = {"name": name, "page_size": layout.header.page_size, "output": output,
                "track": layout.header.is_snapshot and not layout.header.no_checksum}
 
+        # A file:// replica's ranges are read by the workers themselves (restore_worker.py).
+        local = (replica.storage.root, info.key) if isinstance(replica.storage, FileStorage) else None
+
         def decoded(start: int, end: int, rows: list) -> RangeSum:
-            done = pool.run(RangeJob(data=read(start, end - start), start=start, rows=rows, **job))
+            data = b"" if local else read(start, end - start)
+            done = pool.run(RangeJob(data=data, start=start, rows=rows, source=local, end=end, **job))
             applied(end - start)
             return done
 

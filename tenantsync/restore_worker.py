@@ -7,11 +7,15 @@ input, so unpickling it trusts no one else.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import struct
 import sys
 
-from tenantsync.ltx.ranges import decode_range
+from tenantsync.errors import LTXError
+from tenantsync.ltx.format import label
+from tenantsync.ltx.ranges import RangeJob, decode_range
+from tenantsync.storage.file import FileStorage
 
 FRAME = struct.Struct(">Q")  # length prefix of every message
 
@@ -38,6 +42,21 @@ def _reply(out, message) -> None:
     out.flush()
 
 
+def _with_data(job: RangeJob) -> RangeJob:
+    """The job with its bytes: read here from a ``file://`` replica (``job.source``), which
+    spares the parent reading them and both sides copying them through the pipe (on two
+    cores, a tenth of a large restore's time)."""
+    if job.source is None:
+        return job
+    root, key = job.source
+    length = job.end - job.start
+    data = FileStorage(root).read(key, job.start, length)
+    if len(data) != length:  # replaced by a shorter object since it was listed
+        raise LTXError(f"{label(job.name)}: truncated: {length} bytes needed at offset {job.start}, "
+                       f"only {len(data)} left")
+    return dataclasses.replace(job, data=data, source=None)
+
+
 def main() -> None:
     source, out = sys.stdin.buffer, sys.stdout.buffer
     while True:
@@ -46,7 +65,7 @@ def main() -> None:
         except EOFError:
             return
         try:
-            reply = (True, decode_range(job))
+            reply = (True, decode_range(_with_data(job)))
         except Exception as e:  # the parent raises it in the restore that sent the job
             reply = (False, e)
         _reply(out, reply)

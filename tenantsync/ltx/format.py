@@ -6,13 +6,16 @@ tenantsync writes, and tenantsync restores from what Litestream wrote.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from tenantsync.errors import LTXError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"LTX1"
 #: The magic of an object tenantsync sealed (storage/sealed.py): named, so a reader without
@@ -35,7 +38,21 @@ _FILENAME = re.compile(r"([0-9a-f]{16})-([0-9a-f]{16})\.ltx")
 # A varint of 9 bytes carries 63 bits: enough for any pgno, offset or size, and it keeps
 # the vectorised decoding inside uint64 without overflow checks.
 _MAX_VARINT_LEN = 9
-_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, _MAX_VARINT_LEN + 1)], dtype=np.uint64)
+
+
+def numpy():  # noqa: ANN201 - the numpy module
+    """numpy, imported on first use: the restore worker processes (restore_worker.py) never
+    touch a page index, and importing numpy was half of their start-up, which a restore of
+    a few hundred MB waits for."""
+    import numpy
+
+    return numpy
+
+
+@functools.cache
+def _varint_limits() -> np.ndarray:
+    np = numpy()
+    return np.array([1 << (7 * k) for k in range(1, _MAX_VARINT_LEN + 1)], dtype=np.uint64)
 
 
 def label(name: str) -> str:
@@ -173,6 +190,7 @@ def encode_page_index(entries: list[int]) -> bytes:
     """Page index as Go writes it: (pgno, offset, size) varints, a 0 terminator, then the
     u64 length of both. `entries` is flat (pgno, offset, size, pgno, ...): a quarter
     million tuples for a 1 GB snapshot would cost more to build than the varints."""
+    np = numpy()
     values = np.zeros(len(entries) + 1, dtype=np.uint64)
     values[:-1] = entries
     body = _encode_uvarints(values)
@@ -197,7 +215,8 @@ def decode_page_index(body, name: str = "") -> np.ndarray:
 def _encode_uvarints(values: np.ndarray) -> bytes:
     """One row of 7-bit groups per value, continuation bits set, then the unused tail
     groups dropped: row-major boolean indexing leaves the bytes in file order."""
-    lengths = np.searchsorted(_VARINT_LIMITS, values, side="right") + 1
+    np = numpy()
+    lengths = np.searchsorted(_varint_limits(), values, side="right") + 1
     cols = np.arange(int(lengths.max()))
     groups = (values[:, None] >> (7 * cols).astype(np.uint64)).astype(np.uint8) & 0x7F
     groups |= (cols < lengths[:, None] - 1).astype(np.uint8) << 7
@@ -205,6 +224,7 @@ def _encode_uvarints(values: np.ndarray) -> bytes:
 
 
 def _decode_uvarints(data) -> np.ndarray:
+    np = numpy()
     raw = np.frombuffer(data, dtype=np.uint8)
     if len(raw) == 0 or raw[-1] & 0x80:
         raise ValueError("unterminated varint")

@@ -17,20 +17,22 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import lz4.block
 import lz4.frame
-import numpy as np
 
 from tenantsync.errors import LTXError
 from tenantsync.ltx.checksum import crc64, crc64_combine, page_checksum
 from tenantsync.ltx.decoder import check_file_checksum, check_post_apply, check_snapshot_pages
 from tenantsync.ltx.format import (
     CHECKSUM_FLAG, HEADER_SIZE, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, TRAILER_SIZE, Header,
-    decode_page_index, encode_page_index, label, lock_pgno,
+    decode_page_index, encode_page_index, label, lock_pgno, numpy,
 )
 from tenantsync.page_runs import PageRuns
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _HEAD = struct.Struct(">IH")
 _SIZE = struct.Struct(">I")
@@ -66,6 +68,10 @@ class RangeJob:
     page_size: int
     track: bool  # sum page checksums (snapshots that carry a post-apply checksum)
     output: str  # database file the pages are written into
+    # With data empty: (root, key) of a file:// replica's file the worker reads the range
+    # from itself, up to ``end`` (restore_worker.py).
+    source: tuple[str, str] | None = None
+    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ def _check_index(layout: Layout, size: int) -> None:
     name, header, rows, tail = layout.name, layout.header, layout.rows, layout.tail
     if encode_page_index(rows.ravel()) != tail[PAGE_HEADER_SIZE:-TRAILER_SIZE]:
         _fail(name, "page index does not match the page frames")
+    np = numpy()
     pgnos = rows[:, 0].astype(np.int64)
     offsets, sizes = rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
     starts = np.concatenate(([HEADER_SIZE], offsets + sizes))
@@ -123,7 +130,7 @@ def split(layout: Layout, target: int) -> list[tuple[int, int, list]]:
     rows = layout.rows
     if not len(rows):
         return []
-    starts = rows[:, 1]
+    starts, np = rows[:, 1], numpy()
     cuts = np.searchsorted(starts, np.arange(int(starts[0]), int(starts[-1]) + 1, target)[1:], side="left")
     bounds = [0, *sorted(set(cuts.tolist()) - {0, len(rows)}), len(rows)]
     out = []
