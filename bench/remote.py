@@ -108,6 +108,11 @@ class Store:
         endpoint = self.server.endpoint if direct else self.url
         return f"s3://{bucket}/{prefix}?endpoint={endpoint}&region=us-east-1&forcePathStyle=true"
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds the S3 server and the proxy have used so far: on these two cores they
+        take their share of every request from the tools measured."""
+        return {"store": fleet.proc_cpu(self.server.proc.pid) or 0.0, "proxy": fleet.proc_cpu(self.proxy.pid) or 0.0}
+
     def control(self, name: str, **kwargs) -> dict:
         return control(self.url, name, **kwargs)
 
@@ -329,9 +334,15 @@ class Bench:
             res: dict = {"load_start": fleet.load()}
             follow = ProxyLog(self.store, bucket)
             try:
+                cpu0 = self.store.cpu()
                 wall0 = time.time()
                 setup.start()
                 res["fresh"] = st = self.wait_replicated(setup, follow, names, wall0)
+                # CPU seconds until then: the tool's processes since they started, the
+                # store's and the proxy's since the start (what bounds a start on 2 cores).
+                st["cpu_s"] = {"tool": sum(fleet.group_cpu(setup.pgids()).values()),
+                               **{k: v - cpu0[k] for k, v in self.store.cpu().items()}}
+                log(f"  CPU: {', '.join(f'{k} {v:.1f} s' for k, v in st['cpu_s'].items())}")
                 log(f"  {st['replicated']}/{n} replicated, all after {fleet.fmt_s(st['seconds'])} "
                     f"(50 % {fleet.fmt_s(st['t50'])}); requests {st['requests']}; load {st['load']}")
                 if smallest and "idle" in a.only and setup.alive():
@@ -630,6 +641,10 @@ def report(r: dict) -> str:
             core.fmt_ratio(tsec, lsec))
         add("   requests during it, by method", "", str((ls.get("fresh") or {}).get("requests")),
             str((ts.get("fresh") or {}).get("requests")), "")
+        def cpu(x):
+            c = (x.get("fresh") or {}).get("cpu_s")
+            return "–" if not c else f"{c['tool']:.1f} / {c['store']:.1f} / {c['proxy']:.1f} s"
+        add("   CPU until then: the tool / the S3 server / the proxy", "", cpu(ls), cpu(ts), "")
         if ts.get("stop_s") is not None:
             add(f"   stop after it (SIGTERM to exit; tenantsync: {ts.get('open_at_stop')} tenants open)", "",
                 s(ls.get("stop_s")), s(ts["stop_s"]), core.fmt_ratio(ts["stop_s"], ls.get("stop_s")))
