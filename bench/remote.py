@@ -184,6 +184,23 @@ class ProxyLog:
 LEVEL_DIR = re.compile(r"[0-9a-f]{4}")
 
 
+def job_counts(config_path: str) -> dict[str, int]:
+    """tenantsync's jobs so far by kind and outcome (``sync shipped``, ``sync nothingnew``...),
+    from the metrics every process of the fleet counts on this host (control.metrics_path):
+    a start should cost one sync per tenant, not a shipped one and an empty one."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from tenantsync.config import load
+    from tenantsync.control import metrics_path
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_path(load(config_path)))
+    return {f"{s.labels['job']} {s.labels['outcome']}": int(s.value)
+            for metric in registry.collect() if metric.name == "tenantsync_jobs"
+            for s in metric.samples if s.name == "tenantsync_jobs_total"}
+
+
 def is_list(key: str) -> bool:
     """A bucket listing (ProxyLog keeps its query string, without the ``?`` for a bucket URL)."""
     return "list-type=" in key or "prefix=" in key
@@ -343,6 +360,9 @@ class Bench:
                 st["cpu_s"] = {"tool": sum(fleet.group_cpu(setup.pgids()).values()),
                                **{k: v - cpu0[k] for k, v in self.store.cpu().items()}}
                 log(f"  CPU: {', '.join(f'{k} {v:.1f} s' for k, v in st['cpu_s'].items())}")
+                if kind == "ts-embedded":
+                    st["jobs"] = job_counts(setup.config)
+                    log(f"  jobs: {st['jobs']}")
                 log(f"  {st['replicated']}/{n} replicated, all after {fleet.fmt_s(st['seconds'])} "
                     f"(50 % {fleet.fmt_s(st['t50'])}); requests {st['requests']}; load {st['load']}")
                 if smallest and "idle" in a.only and setup.alive():
@@ -645,6 +665,7 @@ def report(r: dict) -> str:
             c = (x.get("fresh") or {}).get("cpu_s")
             return "–" if not c else f"{c['tool']:.1f} / {c['store']:.1f} / {c['proxy']:.1f} s"
         add("   CPU until then: the tool / the S3 server / the proxy", "", cpu(ls), cpu(ts), "")
+        add("   jobs until then, by outcome", "", "", str((ts.get("fresh") or {}).get("jobs", "–")), "")
         if ts.get("stop_s") is not None:
             add(f"   stop after it (SIGTERM to exit; tenantsync: {ts.get('open_at_stop')} tenants open)", "",
                 s(ls.get("stop_s")), s(ts["stop_s"]), core.fmt_ratio(ts["stop_s"], ls.get("stop_s")))

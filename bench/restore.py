@@ -30,7 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import core  # noqa: E402  (bench/core.py: builder, replicators, CLI restores, floor)
 
 
-def one_size(bench: core.Bench, size_mb: int, rounds: int) -> dict:
+def restore_with(checkout: str, replica_dir: str, out: str) -> dict:
+    """``tenantsync restore`` of tenantsync's replica by the code in another checkout (--compare)."""
+    env = dict(core.tool_env(), PYTHONPATH=checkout)
+    cmd = [sys.executable, "-m", "tenantsync", "restore", "--replica", "file://" + replica_dir, "-o", out]
+    t = time.monotonic()
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=checkout)
+    return {"seconds": time.monotonic() - t}
+
+
+def one_size(bench: core.Bench, size_mb: int, rounds: int, compare: str | None = None) -> dict:
     d = os.path.join(bench.root, f"{size_mb}mb")
     os.makedirs(d)
     src = os.path.join(d, "source.db")
@@ -39,7 +48,7 @@ def one_size(bench: core.Bench, size_mb: int, rounds: int) -> dict:
     size = os.path.getsize(src)
     replicas = {tool: bench.replicate_once(tool, src, os.path.join(d, tool))[0] for tool in core.TOOLS}
     out = os.path.join(d, "out.db")
-    runs: dict = {"floor": [], **{tool: [] for tool in core.TOOLS}}
+    runs: dict = {"floor": [], **{tool: [] for tool in core.TOOLS}, **({"compare": []} if compare else {})}
     for r in range(rounds):
         load = core.loadavg()
         runs["floor"].append({"seconds": core.write_floor(size, d), "load": load})
@@ -51,6 +60,9 @@ def one_size(bench: core.Bench, size_mb: int, rounds: int) -> dict:
                 ru["same_as_source"] = bench.same_content(src, out, tool)
             os.remove(out)
             runs[tool].append(ru)
+        if compare:
+            runs["compare"].append(restore_with(compare, replicas["tenantsync"], out) | {"load": core.loadavg()})
+            os.remove(out)
         core.log("  round %d: " % (r + 1) + ", ".join(
             f"{k} {v[-1]['seconds']:.2f} s" for k, v in runs.items()))
     shutil.rmtree(d, ignore_errors=True)
@@ -60,6 +72,7 @@ def one_size(bench: core.Bench, size_mb: int, rounds: int) -> dict:
 def report(results: dict) -> str:
     lines = ["| database | disk floor (write + fsync) | tenantsync | Litestream 0.5.17 | tenantsync / floor, best rounds "
              "(median of each round's) | Litestream / floor, same |", "|---|---|---|---|---|---|"]
+    compared: list[str] = []
     for size_mb, res in results.items():
         size, runs = res["db_bytes"], res["runs"]
         best = {k: min(x["seconds"] for x in v) for k, v in runs.items()}
@@ -75,8 +88,13 @@ def report(results: dict) -> str:
         lines.append(f"| {size / 1e6:.0f} MB | {cell('floor')} | {cell('tenantsync')} | {cell('litestream')} | "
                      f"**{best['floor'] / best['tenantsync']:.2f}** ({paired('tenantsync'):.2f}) | "
                      f"{best['floor'] / best['litestream']:.2f} ({paired('litestream'):.2f}) |")
+        if "compare" in runs:
+            ts, other = ([x["seconds"] for x in runs[k]] for k in ("tenantsync", "compare"))
+            compared.append(f"{size / 1e6:.0f} MB: --compare {cell('compare')}, median {statistics.median(other):.2f} s "
+                            f"against {statistics.median(ts):.2f} s; this code faster in "
+                            f"{sum(a < b for a, b in zip(ts, other))} of {len(ts)} rounds")
     loads = ", ".join(f"{x['load']:.1f}" for res in results.values() for v in res["runs"].values() for x in v)
-    lines += ["", f"Load average (1 min) before each measurement: {loads}"]
+    lines += [""] + compared + ["", f"Load average (1 min) before each measurement: {loads}"]
     return "\n".join(lines)
 
 
@@ -88,6 +106,8 @@ def main() -> None:
     p.add_argument("--workdir", help="scratch directory on the filesystem to measure (default: under $TMPDIR)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--compare", metavar="CHECKOUT", help="also time `tenantsync restore` by the code in another "
+                   "checkout (an earlier commit) in every round, on tenantsync's replica")
     a = p.parse_args()
     bench = core.Bench(argparse.Namespace(workdir=a.workdir or tempfile.mkdtemp(prefix="tenantsync-restore-bench-"),
                                           keep=a.keep, quiet=a.quiet))
@@ -95,7 +115,7 @@ def main() -> None:
     results = {}
     try:
         for size_mb in (int(x) for x in a.sizes.split(",")):
-            results[size_mb] = one_size(bench, size_mb, a.rounds)
+            results[size_mb] = one_size(bench, size_mb, a.rounds, a.compare)
     finally:
         if a.json:
             with open(a.json, "w") as f:
