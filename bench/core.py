@@ -415,17 +415,23 @@ class Bench:
         new_db(db)
         return db, os.path.join(d, "replica")
 
-    def restore(self, tool: str, replica_dir: str, out: str, txid: str | None = None) -> dict:
+    def restore(self, tool: str, replica_dir: str, out: str, txid: str | None = None,
+                checkout: str | None = None) -> dict:
+        """One restore by ``tool``'s CLI; with ``checkout``, tenantsync's code from that
+        directory (an earlier commit) instead of this one."""
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(out + suffix):
                 os.remove(out + suffix)
         url = "file://" + replica_dir
+        env = tool_env()
         if tool == "tenantsync":
-            cmd = tenantsync_cmd() + ["restore", "--replica", url, "-o", out]
+            cmd = ([sys.executable, "-m", "tenantsync"] if checkout else tenantsync_cmd()) + ["restore", "--replica", url, "-o", out]
+            if checkout:
+                env["PYTHONPATH"] = checkout
         else:
             cmd = [os.path.join(BIN, "litestream"), "restore", "-o", out, url]
         t = time.monotonic()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         ru = wait_rusage(p, 900)
         ru["seconds"] = time.monotonic() - t
         ru["stderr"] = p.stderr.read().decode(errors="replace")[-1000:]

@@ -30,15 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import core  # noqa: E402  (bench/core.py: builder, replicators, CLI restores, floor)
 
 
-def restore_with(checkout: str, replica_dir: str, out: str) -> dict:
-    """``tenantsync restore`` of tenantsync's replica by the code in another checkout (--compare)."""
-    env = dict(core.tool_env(), PYTHONPATH=checkout)
-    cmd = [sys.executable, "-m", "tenantsync", "restore", "--replica", "file://" + replica_dir, "-o", out]
-    t = time.monotonic()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=checkout)
-    return {"seconds": time.monotonic() - t}
-
-
 def one_size(bench: core.Bench, size_mb: int, rounds: int, compare: str | None = None) -> dict:
     d = os.path.join(bench.root, f"{size_mb}mb")
     os.makedirs(d)
@@ -61,7 +52,8 @@ def one_size(bench: core.Bench, size_mb: int, rounds: int, compare: str | None =
             os.remove(out)
             runs[tool].append(ru)
         if compare:
-            runs["compare"].append(restore_with(compare, replicas["tenantsync"], out) | {"load": core.loadavg()})
+            load = core.loadavg()
+            runs["compare"].append(bench.restore("tenantsync", replicas["tenantsync"], out, checkout=compare) | {"load": load})
             os.remove(out)
         core.log("  round %d: " % (r + 1) + ", ".join(
             f"{k} {v[-1]['seconds']:.2f} s" for k, v in runs.items()))

@@ -182,8 +182,8 @@ class AdmittingDispatcher(ABC):
         ``writes`` false: the request is not for writes seen just now but for tenants found
         behind (the catch-up plan), so one with a sync pending is left as it is: that sync
         reads the WAL when it runs. Marked dirty, each would run a second, empty pass after
-        it; in a start of 5,000 tenants, where most wait in the queue past the plan's 5 s,
-        4,014 such passes ran beside the 5,000 that shipped (docs/BENCHMARKS.md, R9)."""
+        it, and in a large start most tenants wait in the queue longer than the plan's
+        5 s."""
         names = list(dict.fromkeys(names))
         if not names:
             return 0

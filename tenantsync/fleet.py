@@ -377,13 +377,13 @@ class Fleet:
         the next process takes over at once), then close.
 
         On as many threads as the process syncs with: each release is a final pass, a
-        checkpoint, a catalogue write and a lease write, mostly round trips, and one after
-        another 5,000 open tenants at a 30 ms store took minutes, past any service
-        manager's stop timeout. The kept leases are given up after the releases, also in
-        parallel; the per-host cap (``storage: max-in-flight``) still bounds the requests."""
+        checkpoint, a catalogue write and a lease write, mostly round trips, so one after
+        another thousands of open tenants on a distant store outlast a service manager's
+        stop timeout. The kept leases are given up after the releases, also in parallel;
+        the per-host cap (``storage: max-in-flight``) still bounds the requests."""
         with self._guard:
             open_now = list(self._active)
-        self._each(lambda name: self.release(name, keep_lease=False), open_now)
+        self._stop_each(lambda name: self.release(name, keep_lease=False), open_now)
         with self._guard:  # the leases kept by earlier idle releases, of tenants now closed
             kept = {n: held for n, held in self._leases.items() if n not in self._active}
             for name in kept:
@@ -393,27 +393,21 @@ class Fleet:
             given_up = kept[name].give_up()
             if given_up is not None:
                 self.catalogue.record_lease(name, *given_up)
-        self._each(give_up, list(kept))
+        self._stop_each(give_up, list(kept))
         if open_now:
             return_freed_memory()
         self.close()
 
-    def _each(self, work: Callable[[str], object], names: list[str]) -> None:
-        """``work(name)`` for every name on up to ``threads_per_process`` threads; a
-        failure is logged and the others go on (a stop must reach every tenant)."""
+    def _stop_each(self, work: Callable[[str], object], names: list[str]) -> None:
+        """``work(name)`` for every name on the sync threads' number of threads; a failure
+        is logged and the others go on (a stop must reach every tenant)."""
         def one(name: str) -> None:
             try:
                 work(name)
             except Exception:  # noqa: BLE001 - logged; the rest of the stop goes on
                 log.exception("%s: stopping it failed", name)
 
-        threads = min(len(names), self.config.threads_per_process())
-        if threads <= 1:
-            for name in names:
-                one(name)
-            return
-        with ThreadPoolExecutor(threads, thread_name_prefix="tenantsync-stop") as pool:
-            list(pool.map(one, names))
+        _for_all(one, names, self.config.threads_per_process(), "tenantsync-stop")
 
     def release(self, name: str, unused_since: float | None = None, keep_lease: bool = False,
                 keep_unshipped: bool = False) -> bool:
@@ -533,12 +527,7 @@ class Fleet:
             except Exception as e:  # noqa: BLE001 - returned to the caller, which logs it
                 return failed(name, e)
 
-        threads = min(len(names), self.config.storage_job_threads())
-        if threads <= 1:
-            return {name: one(name) for name in names}
-        with ThreadPoolExecutor(threads, thread_name_prefix="tenantsync-storage-job") as pool:
-            futures = {name: pool.submit(one, name) for name in names}
-            return {name: future.result() for name, future in futures.items()}
+        return _for_all(one, names, self.config.storage_job_threads(), "tenantsync-storage-job")
 
     def close(self) -> None:
         with self._guard:
@@ -594,9 +583,9 @@ class Fleet:
 
     def _release_least_recent(self, keep: str | None) -> bool:
         """Release the least recently synced open tenant that no job is using now. Only
-        the oldest few are looked at (twice as many as jobs can hold at once): a list of
-        every open tenant, made for each release, took a tenth of a process's time once
-        thousands were open in a start of 10,000."""
+        the oldest few are looked at (twice as many as jobs can hold at once): this runs
+        once per tenant opened past the cap, so listing every open tenant each time would
+        cost in proportion to thousands of them."""
         with self._guard:
             candidates = list(itertools.islice((n for n in self._active if n != keep),
                                                2 * self.config.threads_per_process() + 8))
@@ -725,6 +714,18 @@ class Fleet:
                 del self._leases[name]
         if active is not None:
             active.capture.close()
+
+
+def _for_all(work: Callable[[str], Outcome | None], names: list[str], threads: int,
+             prefix: str) -> dict[str, Outcome | None]:
+    """``{name: work(name)}``, on up to ``threads`` threads (in this one for a single
+    thread); the first exception a call raised, in ``names`` order, is raised."""
+    threads = min(len(names), threads)
+    if threads <= 1:
+        return {name: work(name) for name in names}
+    with ThreadPoolExecutor(threads, thread_name_prefix=prefix) as pool:
+        futures = {name: pool.submit(work, name) for name in names}
+        return {name: future.result() for name, future in futures.items()}
 
 
 # The storage-only jobs for_each runs, by name.

@@ -27,10 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tenantsync
 
-from .errors import LTXError, RestoreError
+from .errors import RestoreError
 from .ltx import HEADER_SIZE, Header
-from .ltx.format import label
-from .ltx.ranges import RangeJob, RangeSum, read_layout, split, tail_range, verify
+from .ltx.ranges import RangeJob, RangeSum, exactly, read_layout, split, tail_range, verify
 from .replica import LTXInfo, Replica
 from .storage.file import FileStorage
 from .restore_worker import FRAME, read_message
@@ -149,11 +148,7 @@ def apply_file(replica: Replica, info: LTXInfo, output: str,
     name = replica.url(info)
 
     def read(offset: int, length: int) -> bytes:
-        data = replica.storage.read(info.key, offset, length)
-        if len(data) != length:  # replaced by a shorter object since it was listed
-            raise LTXError(f"{label(name)}: truncated: {length} bytes needed at offset {offset}, "
-                           f"only {len(data)} left")
-        return data
+        return exactly(name, replica.storage.read(info.key, offset, length), offset, length)
 
     pool = warm_up()
     with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="tenantsync-restore-range") as fetchers:
@@ -169,7 +164,7 @@ def apply_file(replica: Replica, info: LTXInfo, output: str,
 
         def decoded(start: int, end: int, rows: list) -> RangeSum:
             data = b"" if local else read(start, end - start)
-            done = pool.run(RangeJob(data=data, start=start, rows=rows, source=local, end=end, **job))
+            done = pool.run(RangeJob(data=data, start=start, rows=rows, source=local, **job))
             applied(end - start)
             return done
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from tenantsync.errors import LTXError
 
+# numpy is imported inside the functions that use it: the restore workers
+# (restore_worker.py) never touch a page index, and start up without it.
 if TYPE_CHECKING:
     import numpy as np
 
@@ -40,18 +42,10 @@ _FILENAME = re.compile(r"([0-9a-f]{16})-([0-9a-f]{16})\.ltx")
 _MAX_VARINT_LEN = 9
 
 
-def numpy():  # noqa: ANN201 - the numpy module
-    """numpy, imported on first use: the restore worker processes (restore_worker.py) never
-    touch a page index, and importing numpy was half of their start-up, which a restore of
-    a few hundred MB waits for."""
-    import numpy
-
-    return numpy
-
-
 @functools.cache
 def _varint_limits() -> np.ndarray:
-    np = numpy()
+    import numpy as np
+
     return np.array([1 << (7 * k) for k in range(1, _MAX_VARINT_LEN + 1)], dtype=np.uint64)
 
 
@@ -190,7 +184,8 @@ def encode_page_index(entries: list[int]) -> bytes:
     """Page index as Go writes it: (pgno, offset, size) varints, a 0 terminator, then the
     u64 length of both. `entries` is flat (pgno, offset, size, pgno, ...): a quarter
     million tuples for a 1 GB snapshot would cost more to build than the varints."""
-    np = numpy()
+    import numpy as np
+
     values = np.zeros(len(entries) + 1, dtype=np.uint64)
     values[:-1] = entries
     body = _encode_uvarints(values)
@@ -215,7 +210,8 @@ def decode_page_index(body, name: str = "") -> np.ndarray:
 def _encode_uvarints(values: np.ndarray) -> bytes:
     """One row of 7-bit groups per value, continuation bits set, then the unused tail
     groups dropped: row-major boolean indexing leaves the bytes in file order."""
-    np = numpy()
+    import numpy as np
+
     lengths = np.searchsorted(_varint_limits(), values, side="right") + 1
     cols = np.arange(int(lengths.max()))
     groups = (values[:, None] >> (7 * cols).astype(np.uint64)).astype(np.uint8) & 0x7F
@@ -224,7 +220,8 @@ def _encode_uvarints(values: np.ndarray) -> bytes:
 
 
 def _decode_uvarints(data) -> np.ndarray:
-    np = numpy()
+    import numpy as np
+
     raw = np.frombuffer(data, dtype=np.uint8)
     if len(raw) == 0 or raw[-1] & 0x80:
         raise ValueError("unterminated varint")

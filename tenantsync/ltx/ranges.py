@@ -27,10 +27,12 @@ from tenantsync.ltx.checksum import crc64, crc64_combine, page_checksum
 from tenantsync.ltx.decoder import check_file_checksum, check_post_apply, check_snapshot_pages
 from tenantsync.ltx.format import (
     CHECKSUM_FLAG, HEADER_SIZE, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, TRAILER_SIZE, Header,
-    decode_page_index, encode_page_index, label, lock_pgno, numpy,
+    decode_page_index, encode_page_index, label, lock_pgno,
 )
 from tenantsync.page_runs import PageRuns
 
+# numpy is imported inside the functions that use it: the restore workers
+# (restore_worker.py) never touch a page index, and start up without it.
 if TYPE_CHECKING:
     import numpy as np
 
@@ -69,9 +71,13 @@ class RangeJob:
     track: bool  # sum page checksums (snapshots that carry a post-apply checksum)
     output: str  # database file the pages are written into
     # With data empty: (root, key) of a file:// replica's file the worker reads the range
-    # from itself, up to ``end`` (restore_worker.py).
+    # from itself, up to the end of its last frame (restore_worker.py).
     source: tuple[str, str] | None = None
-    end: int = 0
+
+    @property
+    def end(self) -> int:
+        """File offset just past the range's last frame."""
+        return self.rows[-2] + self.rows[-1]
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,14 @@ class RangeSum:
     crc: int  # CRC-64 of the range's frame headers and decompressed pages, as hashed by Decoder
     length: int  # bytes that CRC covers
     db_checksum: int  # XOR of the range's page checksums (0 unless tracked)
+
+
+def exactly(name: str, data: bytes, offset: int, length: int) -> bytes:
+    """``data``, read at ``offset``, if it holds the ``length`` bytes asked for; LTXError if
+    the object was replaced by a shorter one since it was listed."""
+    if len(data) != length:
+        _fail(name, f"truncated: {length} bytes needed at offset {offset}, only {len(data)} left")
+    return data
 
 
 def tail_range(size: int) -> tuple[int, int]:
@@ -112,7 +126,8 @@ def _check_index(layout: Layout, size: int) -> None:
     name, header, rows, tail = layout.name, layout.header, layout.rows, layout.tail
     if encode_page_index(rows.ravel()) != tail[PAGE_HEADER_SIZE:-TRAILER_SIZE]:
         _fail(name, "page index does not match the page frames")
-    np = numpy()
+    import numpy as np
+
     pgnos = rows[:, 0].astype(np.int64)
     offsets, sizes = rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
     starts = np.concatenate(([HEADER_SIZE], offsets + sizes))
@@ -130,7 +145,9 @@ def split(layout: Layout, target: int) -> list[tuple[int, int, list]]:
     rows = layout.rows
     if not len(rows):
         return []
-    starts, np = rows[:, 1], numpy()
+    import numpy as np
+
+    starts = rows[:, 1]
     cuts = np.searchsorted(starts, np.arange(int(starts[0]), int(starts[-1]) + 1, target)[1:], side="left")
     bounds = [0, *sorted(set(cuts.tolist()) - {0, len(rows)}), len(rows)]
     out = []
