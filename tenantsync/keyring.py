@@ -32,9 +32,6 @@ import re
 from collections.abc import Mapping
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from .errors import KeyringError
 
 ENV_VAR = "TENANTSYNC_KEYRING"
@@ -67,6 +64,10 @@ class LocalKek:
     def __init__(self, key_id: str, key: bytes):
         if len(key) != KEY_BYTES:
             raise KeyringError(f"key {key_id!r} is {len(key)} bytes: a key must be {KEY_BYTES} bytes (256 bits)")
+        # cryptography is imported here, not at the top: a command on a plain replica
+        # (a CLI restore) does not pay for loading it.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self.key_id = key_id
         self._aead = AESGCM(key)
 
@@ -78,6 +79,8 @@ class LocalKek:
         return nonce + self._aead.encrypt(nonce, data_key, context)
 
     def unwrap(self, blob: bytes, context: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
         try:
             return self._aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], context)
         except (InvalidTag, ValueError):  # ValueError: a blob too short to hold a nonce

@@ -68,7 +68,6 @@ class _Worker:
 
     def close(self) -> None:
         self.proc.stdin.close()  # the worker exits at end of input
-        self.proc.wait()
 
 
 class _Pool:
@@ -95,8 +94,11 @@ class _Pool:
         return value
 
     def close(self) -> None:
+        # All told first, then awaited: the workers exit side by side.
         for w in self.workers:
             w.close()
+        for w in self.workers:
+            w.proc.wait()
 
 
 _pool: _Pool | None = None
