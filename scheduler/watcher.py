@@ -255,22 +255,30 @@ class Watcher:
     def _request_unevented(self, tenants_: list[tuple[str, str]]) -> None:
         """Sync ``(name, path)`` tenants whose writes may have sent no event: new to this
         process (all of them when it starts: the watcher or its host was killed), or whose
-        WAL was not watched.
+        WAL was not watched. Only those whose files may hold a commit past the catalogue's
+        position (``may_have_news``: what a pass would find) or that never shipped are
+        synced, so a restart of a host whose thousands of tenants were stopped cleanly costs
+        a WAL header each, not a pass each, before new writes are shipped again. (A local
+        copy of a tenant now on another host is asked for by every rescan until fenced.)
 
         The request takes over a pending mark older than FRESH_STALE: one left from before
         (a job lost with a killed worker, until the broker redelivers it) must not swallow
-        it. Those whose files may hold a commit past the catalogue's position
-        (``may_have_news``), or that never shipped, are also recorded as written, so the
-        catch-up plan asks again if this sync's job is lost too; the time is taken before
-        the request, so the pass it starts clears the record. One catalogue query, and a
-        WAL header and one frame header a tenant."""
+        it. Those with news are also recorded as written, so the catch-up plan asks again if
+        this sync's job is lost too; the time is taken before the request, so the pass it
+        starts clears the record. One catalogue query, and a WAL header and one frame header
+        a tenant."""
         now = datetime.now(timezone.utc)
-        self._request({name for name, _ in tenants_}, stale_after=FRESH_STALE)
-        positions = self.catalogue.positions(name for name, _ in tenants_)
-        self._record_writes({name for name, path in tenants_ if name in positions
-                             and (positions[name] is None
-                                  or may_have_news(Position.from_dict(positions[name]), path + "-wal", path))},
-                            now)
+        try:
+            positions = self.catalogue.positions(name for name, _ in tenants_)
+        except CatalogueUnavailable:
+            # Which have news cannot be told: all are synced, as the rescan will not ask again.
+            self._request({name for name, _ in tenants_}, stale_after=FRESH_STALE)
+            raise
+        news = {name for name, path in tenants_ if name in positions
+                and (positions[name] is None
+                     or may_have_news(Position.from_dict(positions[name]), path + "-wal", path))}
+        self._request(news, stale_after=FRESH_STALE)
+        self._record_writes(news, now)
 
     def _changed(self) -> list[str]:
         """Known tenants whose main file changed since the last rescan in a way no sync

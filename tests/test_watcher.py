@@ -299,12 +299,14 @@ def test_writes_seen_in_a_catalogue_outage_are_recorded_with_the_last_ones_time(
     assert row.pending_since < passed, "pending since the first write not recorded"
 
 
-def test_a_starting_watcher_records_the_writes_made_while_none_ran(tmp_path):
+def test_a_starting_watcher_syncs_and_records_only_the_tenants_written_while_none_ran(tmp_path):
     """A commit made while no watcher ran (it was killed, or its host) sent no event: the
-    new watcher requests a first sync of every tenant, and records as written those whose
-    WAL holds a commit past the catalogue's position, so the catch-up plan asks again if
-    that sync's job is lost with a killed worker. A tenant with nothing new is not
-    marked."""
+    new watcher syncs the tenants whose files may hold a commit past the catalogue's
+    position (in the WAL, or in a main file rewritten outside it) or that never shipped,
+    and records them as written, so the catch-up plan asks again if that sync's job is
+    lost with a killed worker. A tenant with nothing new is neither synced nor marked: a
+    restart of thousands of clean tenants must not queue a pass for each ahead of their
+    next writes."""
     from tenantsync.fleet import Fleet
 
     data = tmp_path / "data"
@@ -312,25 +314,58 @@ def test_a_starting_watcher_records_the_writes_made_while_none_ran(tmp_path):
     config = Config(replica=f"file://{tmp_path}/replica", globs=(f"{data}/*.db",),
                     catalogue=f"sqlite:///{tmp_path}/catalogue.db", host="h")
     catalogue = open_catalogue(config)
-    conns = {name: app_db(str(data / name)) for name in ("a.db", "b.db", "c.db")}
+    conns = {name: app_db(str(data / name)) for name in ("a.db", "b.db", "c.db", "d.db")}
     for conn in conns.values():
         write_rows(conn, 3)
-    catalogue.discover_many([(name, str(data / name)) for name in ("a.db", "b.db")], "h")
+    shipped = ("a.db", "b.db", "d.db")
+    catalogue.discover_many([(name, str(data / name)) for name in shipped], "h")
     fleet = Fleet(config, catalogue)
     try:
-        for name in ("a.db", "b.db"):
+        for name in shipped:
             assert fleet.sync(name).txid == 1
     finally:
         fleet.close()
-    write_rows(conns["a.db"], 1)  # while no watcher runs
+    # While no watcher runs: a commit in a's WAL, and d taken out of WAL mode and written
+    # (its -wal is gone, the commit is in the main file only).
+    write_rows(conns["a.db"], 1)
+    conns["d.db"].execute("PRAGMA journal_mode=DELETE")
+    write_rows(conns["d.db"], 1)
+    assert not os.path.exists(data / "d.db-wal")
     w = Watcher(config, catalogue, Recorder(), report=lambda line: None)
-    assert sorted(w.rescan()) == ["a.db", "b.db", "c.db"]
-    assert sorted(w.dispatcher.syncs) == ["a.db", "b.db", "c.db"]
+    assert sorted(w.rescan()) == ["a.db", "b.db", "c.db", "d.db"]
+    assert sorted(w.dispatcher.syncs) == ["a.db", "c.db", "d.db"]
     assert catalogue.get("a.db").pending_since is not None
     assert catalogue.get("c.db").pending_since is not None, "never shipped"
+    assert catalogue.get("d.db").pending_since is not None
     assert catalogue.get("b.db").pending_since is None
     for conn in conns.values():
         conn.close()
+    catalogue.close()
+
+
+def test_a_starting_watcher_that_cannot_read_the_catalogue_syncs_every_new_tenant(tmp_path, monkeypatch):
+    """Which tenants have news needs the catalogue's positions: without them every tenant
+    new to the watcher is synced, since no later rescan asks for a tenant it knows."""
+    from tenantsync.errors import CatalogueUnavailable
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.db", "b.db"):
+        conn = app_db(str(data / name))
+        write_rows(conn, 1)
+        conn.close()
+    config = Config(replica=f"file://{tmp_path}/replica", globs=(f"{data}/*.db",),
+                    catalogue=f"sqlite:///{tmp_path}/catalogue.db", host="h")
+    catalogue = open_catalogue(config)
+
+    def refused(names):
+        raise CatalogueUnavailable("catalogue: connection refused")
+
+    monkeypatch.setattr(catalogue, "positions", refused)
+    w = Watcher(config, catalogue, Recorder(), report=lambda line: None)
+    with pytest.raises(CatalogueUnavailable):
+        w.rescan()
+    assert sorted(w.dispatcher.syncs) == ["a.db", "b.db"]
     catalogue.close()
 
 
