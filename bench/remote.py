@@ -29,6 +29,11 @@ Sections (``--only``):
    (200) at random over the tenants, and fleet.py's visibility rule.
 4. idle     -- at the smallest N, after fresh and ``--settle`` s: requests counted by the proxy
    over ``--idle-window`` s, per tenant per hour.
+   restart  -- at each N, after fresh, ``--settle`` s and then 5 s without a request (the
+   start's compactions done), and the stop: the tool started again over the same
+   tenants and replica, fleet.py's writer at ``--rate`` from the start for
+   ``--restart-write-seconds`` (5) over all tenants: the lag of those writes (a deploy's
+   restart), and the tool's CPU and requests until ``--drain`` s after the writer.
 5. hydrate  -- bench/hydrate.py's latency run (``OnDemand.hydrate`` of an archived 1 MB
    tenant, ``litestream restore`` beside it) with its replica URL pointing at the proxy.
 6. restore  -- a ``--size-mb`` database (bench/core.py's builder) replicated by each tool
@@ -69,7 +74,7 @@ sys.path.insert(0, REPO)
 from tests import seaweed  # noqa: E402
 from tests.faultproxy import control  # noqa: E402
 
-SECTIONS = ("lag1", "fresh", "lagN", "idle", "hydrate", "restore", "outage")
+SECTIONS = ("lag1", "fresh", "lagN", "idle", "restart", "hydrate", "restore", "outage")
 TOOLS = ("tenantsync", "litestream")
 log = core.log
 
@@ -369,6 +374,9 @@ class Bench:
                     res["idle"] = self.idle(n, bucket)
                 if smallest and "lagN" in a.only and st["seconds"] is not None and setup.alive():
                     res["lag"] = self.lag_fleet(setup, bucket, names, follow)
+                if "restart" in a.only and st["seconds"] is not None and setup.alive():
+                    # A deploy restarts a settled fleet: the start's compactions done first.
+                    res["settled_s"] = self.settle(follow)
             except Exception as e:  # noqa: BLE001 - record and go on with the other tool
                 log(f"  {tool}: {e!r}")
                 res["failure"] = repr(e)
@@ -380,9 +388,53 @@ class Bench:
                 res["stop_s"] = max(setup.stop().values(), default=None)
                 log(f"  stopped in {res['stop_s']:.2f} s (SIGTERM to exit)"
                     + (f", {res['open_at_stop']} tenants open" if res["open_at_stop"] is not None else ""))
-                self.cleanup(setup.root)
+            if "restart" in a.only and (res.get("fresh") or {}).get("seconds") is not None:
+                try:
+                    res["restart"] = self.restart(setup, bucket, names)
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    log(f"  restart {tool}: {e!r}")
+                    res["restart"] = {"failure": repr(e)}
+                finally:
+                    setup.stop()
+            self.cleanup(setup.root)
             out[tool] = res
         return out
+
+    def settle(self, follow: ProxyLog, quiet: float = 5.0, limit: float = 600.0) -> float:
+        """Wait ``--settle`` s, then until the tool has sent no request for ``quiet`` s
+        (at most ``limit`` s in all): seconds waited."""
+        t = time.monotonic()
+        time.sleep(self.a.settle)
+        while time.monotonic() - t < limit:
+            last = max((at for at, *_ in follow.poll().entries), default=0.0)
+            if time.time() - last >= quiet:
+                break
+            time.sleep(1)
+        waited = time.monotonic() - t
+        log(f"  settled: no request for {quiet:.0f} s, {waited:.0f} s after the start was replicated")
+        return waited
+
+    def restart(self, setup, bucket: str, names: list[str]) -> dict:
+        """The tool started again over the same tenants and replica, as a deploy does, with
+        writes at ``--rate`` from its start: how long they wait while it starts, and what the
+        start costs (CPU and requests) with nothing else to do."""
+        a = self.a
+        log(f"  restart: writes at {a.rate:.0f}/s over {len(names)} tenants for {a.restart_write_seconds:.0f} s "
+            f"from the start")
+        follow = ProxyLog(self.store, bucket)
+        follow.poll()
+        seen = len(follow.entries)
+        wall0 = time.time()
+        setup.start()
+        vis = self.written(setup, bucket, names, follow, a.restart_write_seconds, wall0)
+        vis["cpu_tool"] = sum(fleet.group_cpu(setup.pgids()).values())
+        vis["window"] = time.time() - wall0
+        vis["requests"] = dict(collections.Counter(request_kind(method, key)
+                                                   for _at, method, key, _s in follow.poll().entries[seen:]))
+        log(f"  restart: lag p50 {fleet.fmt_s(vis['p50'])} p99 {fleet.fmt_s(vis['p99'])} max {fleet.fmt_s(vis['max'])}; "
+            f"{vis['seen']}/{vis['commits']} seen; CPU {vis['cpu_tool']:.1f} s in {vis['window']:.0f} s; "
+            f"requests {vis['requests']}; load {fleet.load()}")
+        return vis
 
     def idle(self, n: int, bucket: str) -> dict:
         a = self.a
@@ -434,20 +486,25 @@ class Bench:
             return body is not None and fleet.l0_holds(body, value)
         return arrivals, holds
 
-    def lag_fleet(self, setup, bucket: str, names: list[str], follow: ProxyLog) -> dict:
-        a = self.a
-        log(f"  lagN: {a.rate:.0f} writes/s over {len(names)} tenants for {a.lag_seconds:.0f} s")
-        wall0 = time.time()
-        proc, commit_log = self.writer(setup, names, a.lag_seconds)
+    def written(self, setup, bucket: str, names: list[str], follow: ProxyLog, seconds: float, since: float) -> dict:
+        """The writer over ``names`` for ``seconds``, then ``--drain`` s: fleet.visibility of
+        its commits in the L0 files acknowledged from ``since`` on."""
+        proc, commit_log = self.writer(setup, names, seconds)
         stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"writer failed: {stderr[-2000:]}")
-        time.sleep(a.drain)
+        time.sleep(self.a.drain)
         with open(commit_log) as f:
             commits = json.load(f)
-        arrivals, holds = self.landed(bucket, follow, wall0)
+        arrivals, holds = self.landed(bucket, follow, since)
         vis = fleet.visibility(commits, arrivals, set(names), holds=holds)
         vis["writer"] = json.loads(stdout.strip().splitlines()[-1])
+        return vis
+
+    def lag_fleet(self, setup, bucket: str, names: list[str], follow: ProxyLog) -> dict:
+        a = self.a
+        log(f"  lagN: {a.rate:.0f} writes/s over {len(names)} tenants for {a.lag_seconds:.0f} s")
+        vis = self.written(setup, bucket, names, follow, a.lag_seconds, time.time())
         log(f"  lag p50 {fleet.fmt_s(vis['p50'])} p99 {fleet.fmt_s(vis['p99'])} max {fleet.fmt_s(vis['max'])}; "
             f"{vis['seen']}/{vis['commits']} seen, {vis['missing']} missing; load {fleet.load()}")
         return vis
@@ -605,7 +662,7 @@ class Bench:
         fleet.make_template(template)
         steps = [("lag1", self.lag1), ("hydrate", self.hydrate), ("restore", self.restore),
                  ("outage", lambda: self.outage(template))]
-        if {"fresh", "lagN", "idle"} & a.only:
+        if {"fresh", "lagN", "idle", "restart"} & a.only:
             r["fleet"] = {}
             for n in a.tenants:
                 r["fleet"][str(n)] = self.fleet(n, template)
@@ -669,6 +726,22 @@ def report(r: dict) -> str:
         if ts.get("stop_s") is not None:
             add(f"   stop after it (SIGTERM to exit; tenantsync: {ts.get('open_at_stop')} tenants open)", "",
                 s(ls.get("stop_s")), s(ts["stop_s"]), core.fmt_ratio(ts["stop_s"], ls.get("stop_s")))
+        tr, lr = ts.get("restart"), ls.get("restart")
+        if tr or lr:
+            def rlag(x, k):
+                if not x or "failure" in x:
+                    return (x or {}).get("failure", "–")
+                return "unseen" if k == "p99" and x.get("p99_unseen") else s(x[k])
+
+            def rcost(x):
+                if not x or "failure" in x:
+                    return "–"
+                return f"{x['cpu_tool']:.1f} s CPU in {x['window']:.0f} s; {x['requests']}"
+            add(f"   restart over the {int(n):,} tenants, writes at {a['rate']:.0f}/s from its start: lag p50", "",
+                rlag(lr, "p50"), rlag(tr, "p50"), core.fmt_ratio((tr or {}).get("p50"), (lr or {}).get("p50")))
+            add("   p99 / max", "", f"{rlag(lr, 'p99')} / {rlag(lr, 'max')}", f"{rlag(tr, 'p99')} / {rlag(tr, 'max')}",
+                core.fmt_ratio((tr or {}).get("p99"), (lr or {}).get("p99")))
+            add("   the restart's cost until the writes drained", "", rcost(lr), rcost(tr), "")
         tl, ll = ts.get("lag"), ls.get("lag")
         if tl or ll:
             def lagc(x, k):
@@ -733,6 +806,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=200, help="writes/s over the tenants (lagN, outage)")
     p.add_argument("--lag-seconds", type=float, help="writer run for lag1 and lagN (30; quick 10)")
     p.add_argument("--drain", type=float, help="seconds after a writer before counting (10; quick 5)")
+    p.add_argument("--restart-write-seconds", type=float, default=5, help="restart: writer run from the start")
     p.add_argument("--settle", type=float, help="idle seconds before the idle count (60; quick 10)")
     p.add_argument("--idle-window", type=float, help="idle counting window (60; quick 10)")
     p.add_argument("--startup-timeout", type=float, help="fresh: give up after (120; quick 60)")
