@@ -29,8 +29,8 @@ Sections (``--only``):
    (200) at random over the tenants, and fleet.py's visibility rule.
 4. idle     -- at the smallest N, after fresh and ``--settle`` s: requests counted by the proxy
    over ``--idle-window`` s, per tenant per hour.
-   restart  -- at each N, after fresh, ``--settle`` s and then 5 s without a request (the
-   start's compactions done), and the stop: the tool started again over the same
+   restart  -- at each N, after fresh, ``--settle`` s and then 5 s without a PUT or DELETE
+   (the start's compactions done), and the stop: the tool started again over the same
    tenants and replica, fleet.py's writer at ``--rate`` from the start for
    ``--restart-write-seconds`` (5) over all tenants: the lag of those writes (a deploy's
    restart), and the tool's CPU and requests until ``--drain`` s after the writer.
@@ -400,18 +400,19 @@ class Bench:
             out[tool] = res
         return out
 
-    def settle(self, follow: ProxyLog, quiet: float = 5.0, limit: float = 600.0) -> float:
-        """Wait ``--settle`` s, then until the tool has sent no request for ``quiet`` s
-        (at most ``limit`` s in all): seconds waited."""
+    def settle(self, follow: ProxyLog, quiet: float = 5.0, limit: float = 300.0) -> float:
+        """Wait ``--settle`` s, then until the tool has written nothing (no PUT or DELETE) for
+        ``quiet`` s, at most ``limit`` s in all: seconds waited. Reads do not count: Litestream
+        lists every level of every database once a second however idle it is."""
         t = time.monotonic()
         time.sleep(self.a.settle)
         while time.monotonic() - t < limit:
-            last = max((at for at, *_ in follow.poll().entries), default=0.0)
+            last = max((at for at, method, *_ in follow.poll().entries if method in ("PUT", "DELETE")), default=0.0)
             if time.time() - last >= quiet:
                 break
             time.sleep(1)
         waited = time.monotonic() - t
-        log(f"  settled: no request for {quiet:.0f} s, {waited:.0f} s after the start was replicated")
+        log(f"  settled: nothing written for {quiet:.0f} s, {waited:.0f} s after the start was replicated")
         return waited
 
     def restart(self, setup, bucket: str, names: list[str]) -> dict:
