@@ -72,6 +72,11 @@ class Pattern:
         return len(parts) == len(wanted) and all(fnmatchcase(p, w) for p, w in zip(parts, wanted))
 
     def name_of(self, path: str) -> str:
+        # A normalised path below the base (as glob gives them) is cut at the base's length:
+        # relpath on every file of a big fleet was a large share of a rescan.
+        prefix = self.base if self.base.endswith(os.sep) else self.base + os.sep
+        if path.startswith(prefix) and os.path.normpath(path) == path:
+            return check_name(path[len(prefix):])
         return check_name(os.path.relpath(path, self.base))
 
 
@@ -110,13 +115,21 @@ def locate(patterns: list[Pattern], name: str) -> str:
     raise NotATenant(f"tenant {name!r}: not a tenant of this fleet (its globs: {globs})")
 
 
-def check_inside(pattern: Pattern, path: str) -> None:
+def check_inside(pattern: Pattern, path: str, inside: dict[str, bool] | None = None) -> None:
     """Raise NotATenant if ``path`` is a symbolic link or is reached through one below
     ``pattern``'s directory (the directory itself may be a link: that is the operator's
-    choice of where the data lives)."""
-    relative = os.path.relpath(path, pattern.base)
-    expected = os.path.join(os.path.realpath(pattern.base), os.path.dirname(relative))
-    if os.path.realpath(os.path.dirname(path)) != os.path.normpath(expected):
+    choice of where the data lives). ``inside`` keeps each directory's answer for the
+    rest of one scan: resolving the same directory for each of its thousands of files
+    was most of a rescan's time."""
+    directory = os.path.dirname(path)
+    known = None if inside is None else inside.get(directory)
+    if known is None:
+        relative = os.path.relpath(directory, pattern.base)
+        expected = os.path.normpath(os.path.join(os.path.realpath(pattern.base), relative))
+        known = os.path.realpath(directory) == expected
+        if inside is not None:
+            inside[directory] = known
+    if not known:
         raise NotATenant(f"{path}: leaves {pattern.base} through a symbolic link; not a tenant")
     if os.path.islink(path):
         raise NotATenant(f"{path}: is a symbolic link to {os.path.realpath(path)}; not a tenant")
@@ -132,6 +145,7 @@ def scan(patterns: list[Pattern]) -> tuple[dict[str, str], dict[str, str]]:
     found: dict[str, str] = {}
     problems: dict[str, str] = {}
     for pattern in patterns:
+        inside: dict[str, bool] = {}
         for path in globmod.iglob(pattern.glob):
             if is_side_file(path):
                 continue
@@ -144,7 +158,7 @@ def scan(patterns: list[Pattern]) -> tuple[dict[str, str], dict[str, str]]:
                 continue
             try:
                 name = pattern.name_of(path)
-                check_inside(pattern, path)
+                check_inside(pattern, path, inside)
             except (BadTenantName, NotATenant) as e:
                 problems[path] = str(e)
                 continue

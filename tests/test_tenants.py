@@ -25,3 +25,27 @@ def test_scan_skips_side_files_and_reports_bad_names(tmp_path):
     found, problems = scan([Pattern.parse(f"{tmp_path}/*.db")])
     assert sorted(found) == ["a.db", "b.db"]
     assert list(problems) == [f"{tmp_path}/bad name.db"]
+
+
+def test_scan_refuses_every_file_reached_through_a_linked_directory_and_takes_the_others(tmp_path):
+    """Each directory is resolved once per scan: the answer for a linked directory must not
+    leak to its siblings, nor a real directory's to a linked one, whichever comes first."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    for d in (data / "acme", data / "zeta", outside):
+        d.mkdir(parents=True)
+    (data / "lnk").symlink_to(outside)
+    for d in (data / "acme", data / "zeta", outside):
+        for name in ("a.db", "b.db"):
+            (d / name).write_bytes(b"x")
+    (data / "acme" / "c.db").symlink_to(outside / "a.db")
+    found, problems = scan([Pattern.parse(f"{data}/*/*.db")])
+    assert sorted(found) == ["acme/a.db", "acme/b.db", "zeta/a.db", "zeta/b.db"]
+    assert sorted(problems) == [f"{data}/acme/c.db", f"{data}/lnk/a.db", f"{data}/lnk/b.db"]
+    assert all("symbolic link" in problem for problem in problems.values())
+
+
+def test_name_of_a_path_not_in_normal_form_is_still_its_path_below_the_base(tmp_path):
+    p = Pattern.parse(f"{tmp_path}/*.db")
+    assert p.name_of(f"{tmp_path}/./x.db") == "x.db"
+    assert p.name_of(f"{tmp_path}/a/../x.db") == "x.db"
+    assert Pattern.parse("/*.db").name_of("/x.db") == "x.db"
