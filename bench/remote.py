@@ -206,6 +206,11 @@ def job_counts(config_path: str) -> dict[str, int]:
             for s in metric.samples if s.name == "tenantsync_jobs_total"}
 
 
+def tool_cpu(setup) -> float:  # noqa: ANN001 - a fleet.py setup
+    """CPU seconds of every process of the tool's setup since it started."""
+    return sum(fleet.group_cpu(setup.pgids()).values())
+
+
 def is_list(key: str) -> bool:
     """A bucket listing (ProxyLog keeps its query string, without the ``?`` for a bucket URL)."""
     return "list-type=" in key or "prefix=" in key
@@ -362,7 +367,7 @@ class Bench:
                 res["fresh"] = st = self.wait_replicated(setup, follow, names, wall0)
                 # CPU seconds until then: the tool's processes since they started, the
                 # store's and the proxy's since the start (what bounds a start on 2 cores).
-                st["cpu_s"] = {"tool": sum(fleet.group_cpu(setup.pgids()).values()),
+                st["cpu_s"] = {"tool": tool_cpu(setup),
                                **{k: v - cpu0[k] for k, v in self.store.cpu().items()}}
                 log(f"  CPU: {', '.join(f'{k} {v:.1f} s' for k, v in st['cpu_s'].items())}")
                 if kind == "ts-embedded":
@@ -428,7 +433,7 @@ class Bench:
         wall0 = time.time()
         setup.start()
         vis = self.written(setup, bucket, names, follow, a.restart_write_seconds, wall0)
-        vis["cpu_tool"] = sum(fleet.group_cpu(setup.pgids()).values())
+        vis["cpu_tool"] = tool_cpu(setup)
         vis["window"] = time.time() - wall0
         vis["requests"] = dict(collections.Counter(request_kind(method, key)
                                                    for _at, method, key, _s in follow.poll().entries[seen:]))

@@ -73,7 +73,8 @@ class Pattern:
 
     def name_of(self, path: str) -> str:
         # A normalised path below the base (as glob gives them) is cut at the base's length:
-        # relpath on every file of a big fleet was a large share of a rescan.
+        # relpath makes both paths absolute and compares them part by part, for every file
+        # of the fleet at every rescan.
         prefix = self.base if self.base.endswith(os.sep) else self.base + os.sep
         if path.startswith(prefix) and os.path.normpath(path) == path:
             return check_name(path[len(prefix):])
@@ -119,8 +120,8 @@ def check_inside(pattern: Pattern, path: str, inside: dict[str, bool] | None = N
     """Raise NotATenant if ``path`` is a symbolic link or is reached through one below
     ``pattern``'s directory (the directory itself may be a link: that is the operator's
     choice of where the data lives). ``inside`` keeps each directory's answer for the
-    rest of one scan: resolving the same directory for each of its thousands of files
-    was most of a rescan's time."""
+    rest of one scan: a directory holds thousands of tenants, and resolving it is a
+    system call per path component."""
     directory = os.path.dirname(path)
     known = None if inside is None else inside.get(directory)
     if known is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -63,30 +64,39 @@ def assert_replicas_match(tmp_path, url, paths, wait: float = 0.0):
         assert dump(str(out)) == dump(path), name
 
 
+@contextlib.contextmanager
+def fleet_thread(cfg: Config, processes: int = 1):
+    """The embedded fleet in a thread for the block: yields (results, problems), the
+    ``(job, outcome)`` of every job and the lines reported; stops it after, and fails if
+    it does not end."""
+    stop = threading.Event()
+    results, problems = [], []
+    thread = threading.Thread(
+        target=embedded.run, args=(cfg, stop),
+        kwargs=dict(report=problems.append, on_result=lambda job, r: results.append((job, r)),
+                    processes=processes),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        yield results, problems
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive(), "the embedded fleet did not stop within 30 s"
+
+
 @pytest.fixture
 def running(tmp_path, file_url):
     """Start the embedded fleet in a thread; yields (config, results list); stops it after."""
     (tmp_path / "data").mkdir()
-    started = {}
+    with contextlib.ExitStack() as started:
+        def start(processes=1, **kw):
+            cfg = fleet_config(tmp_path, file_url, **kw)
+            results, problems = started.enter_context(fleet_thread(cfg, processes))
+            return cfg, results, problems
 
-    def start(processes=1, **kw):
-        cfg = fleet_config(tmp_path, file_url, **kw)
-        stop = threading.Event()
-        results, problems = [], []
-        thread = threading.Thread(
-            target=embedded.run, args=(cfg, stop),
-            kwargs=dict(report=problems.append, on_result=lambda job, r: results.append((job, r)),
-                        processes=processes),
-            daemon=True,
-        )
-        thread.start()
-        started.update(stop=stop, thread=thread)
-        return cfg, results, problems
-
-    yield start
-    if started:
-        started["stop"].set()
-        started["thread"].join(30)
+        yield start
 
 
 def test_every_tenant_written_at_random_is_replicated(tmp_path, file_url, running):
@@ -119,18 +129,9 @@ def test_a_restart_syncs_only_the_tenants_written_while_the_fleet_was_stopped(tm
     catalogue = open_catalogue(cfg)
 
     def run_until(done):
-        stop, results = threading.Event(), []
-        thread = threading.Thread(target=embedded.run, args=(cfg, stop),
-                                  kwargs=dict(on_result=lambda job, r: results.append((job, r)), processes=1),
-                                  daemon=True)
-        thread.start()
-        try:
+        with fleet_thread(cfg) as (results, _problems):
             assert wait_for(done, 30)
             time.sleep(1.0)  # room for any other sync the start would ask for
-        finally:
-            stop.set()
-            thread.join(30)
-        assert not thread.is_alive()
         return sorted(r.tenant for job, r in results if job == "sync")
 
     assert len(run_until(lambda: [t.txid for t in catalogue.records()] == [1] * 12)) >= 12
