@@ -25,7 +25,7 @@ from tenantsync.storage import open_storage
 
 from .dbutil import app_db, dump, wait_for, write_rows
 from .test_bad_input import _env, one_line_error, tenantsync
-from .test_server import call, free_port
+from .test_server import _up, call, free_port
 
 
 def cli_env(home: Path) -> dict:
@@ -216,6 +216,8 @@ def test_3_a_mark_left_by_a_dead_process_is_undone_at_start_up(tmp_path):
     try:
         base = f"http://127.0.0.1:{port}"
         assert wait_for(lambda: catalogue.get("c.db").state is TenantState.archived, 30)
+        # The mark is undone before the API listens: wait for it to answer.
+        assert wait_for(lambda: _up(base), 30)
         code, answer = call(base + "/tenants/c.db/hydrate", "POST", b"{}")
         assert code == 200 and answer["restored"] is True
     finally:
