@@ -738,6 +738,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
     if a.mode == "embedded" and dict(a.weight).get("host-down"):
         p.error("host-down needs --mode celery: automatic failover needs a catalogue the hosts share")
     a.seed = a.seed if a.seed is not None else random.randrange(1 << 31)

@@ -328,6 +328,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
     a.seed = a.seed if a.seed is not None else random.randrange(1 << 31)
     campaign = Campaign(a)
     try:

@@ -602,6 +602,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
     if a.quick:
         a.size_mb, a.updates, a.every, a.big_mb = 20, 10_000, 100, 200
     if LITESTREAM is None and not a.no_litestream:

@@ -951,6 +951,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep databases, replicas and logs")
     p.add_argument("--json", help="also write all raw results here")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
     q = a.quick
     a.seconds = a.seconds or (4 if q else 20)
     a.lag_seconds = a.lag_seconds or (8 if q else 30)

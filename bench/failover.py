@@ -144,6 +144,8 @@ def main() -> None:
     p.add_argument("--ttl", default="5s", help="the hosts' lease-ttl")
     p.add_argument("--json")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
     ttl_s = load_config(None, env={"TENANTSYNC_LEASE_TTL": a.ttl}).lease_ttl.total_seconds()
     weed = seaweed.weed_binary()
     if weed is None:

@@ -830,6 +830,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", help="write the raw results here (after every section)")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
     q = a.quick
     a.only = set(a.only.split(","))
     a.tenants = [int(x) for x in (a.tenants or ("100" if q else "1000,10000")).split(",")]

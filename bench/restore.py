@@ -101,6 +101,10 @@ def main() -> None:
     p.add_argument("--compare", metavar="CHECKOUT", help="also time `tenantsync restore` by the code in another "
                    "checkout (an earlier commit) in every round, on tenantsync's replica")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
+    if a.compare:
+        installed.compile_sources(a.compare)
     bench = core.Bench(argparse.Namespace(workdir=a.workdir or tempfile.mkdtemp(prefix="tenantsync-restore-bench-"),
                                           keep=a.keep, quiet=a.quiet))
     t0 = time.monotonic()

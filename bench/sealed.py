@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--hydrations", type=int, default=50)
     p.add_argument("--json")
     a = p.parse_args()
+    import installed  # bench/installed.py
+    installed.compile_sources()  # tenantsync's bytecode, as pip would have left it
     os.environ["TENANTSYNC_KEYRING"] = json.dumps({"keys": {"bench": base64.b64encode(os.urandom(32)).decode()}})
     from tenantsync.ondemand import OnDemand
     from tenantsync.restore import restore
