@@ -2,9 +2,10 @@
 
 ``pip install`` compiles a package's ``.pyc`` files when it installs it. A checkout run with
 ``PYTHONDONTWRITEBYTECODE`` set (this machine sets it) never caches them, so every tenantsync
-process a benchmark starts would first compile each module it imports from source: 0.01-0.17 s
-more for a CLI restore of 336 MB here, paid again by each of its decoding workers and by each
-process of a fleet's start, a cost no user's installation has.
+process a benchmark starts would first compile each module it imports from source (a CLI
+restore, each of its decoding workers, each process of a fleet's start), a cost no user's
+installation has. The scripts import this inside ``main``: tests load some of them as modules
+without ``bench/`` on ``sys.path``.
 """
 
 from __future__ import annotations

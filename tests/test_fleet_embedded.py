@@ -143,7 +143,7 @@ def test_a_restart_syncs_only_the_tenants_written_while_the_fleet_was_stopped(tm
     write_rows(conns["t12.db"], 1)
 
     def written_shipped():
-        return all((catalogue.get(name) or None) and catalogue.get(name).txid == txid
+        return all((record := catalogue.get(name)) is not None and record.txid == txid
                    for name, txid in (("t03.db", 2), ("t07.db", 2), ("t12.db", 1)))
 
     assert set(run_until(written_shipped)) == {"t03.db", "t07.db", "t12.db"}
